@@ -1,0 +1,342 @@
+//! Checkpoints: one safetensors file holding the model's state dict (torchvision names),
+//! optional optimizer buffers (`optimizer.*`), and the run's metadata as JSON under the
+//! `gmpq` metadata key; plus a JSON sidecar for humans and scripts. Every file is written
+//! atomically (temp file, fsync, rename, fsync of the folder), so a crash never leaves a
+//! half-written checkpoint.
+
+use crate::data::Pipeline;
+use crate::model::ModelConfig;
+use safetensors::tensor::{Dtype, SafeTensors, View};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+pub const FORMAT_VERSION: u32 = 1;
+const META_KEY: &str = "gmpq";
+pub const OPTIMIZER_PREFIX: &str = "optimizer.";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid safetensors file: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{path}: has no gmpq metadata (use `gmpq import` for foreign weights)")]
+    NoMetadata { path: PathBuf },
+    #[error("{path}: tensor '{name}' has unsupported dtype {dtype}")]
+    Dtype {
+        path: PathBuf,
+        name: String,
+        dtype: String,
+    },
+    #[error("{path}: does not fit the model: {problems}")]
+    Mismatch { path: PathBuf, problems: String },
+    #[error("tensor error: {0}")]
+    Tch(#[from] tch::TchError),
+}
+
+type Result<T> = std::result::Result<T, CheckpointError>;
+
+/// Metrics of one finished epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_top1: f64,
+    pub test_loss: f64,
+    pub test_top1: f64,
+    pub test_top5: f64,
+    pub seconds: f64,
+    pub images_per_second: f64,
+}
+
+/// Everything about a checkpoint except its tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub format: u32,
+    pub model: ModelConfig,
+    /// The pipeline evaluation uses (resize/crop/normalise): `gmpq eval` needs nothing else.
+    pub eval_pipeline: Pipeline,
+    pub dataset: Option<String>,
+    /// Training settings (as JSON, owned by the `train` module).
+    pub train: Option<serde_json::Value>,
+    /// Number of completed epochs.
+    pub epoch: usize,
+    pub history: Vec<EpochMetrics>,
+    /// Where the weights came from, for imported checkpoints.
+    pub source: Option<String>,
+}
+
+/// A checkpoint in memory: metadata plus named CPU tensors.
+pub struct Checkpoint {
+    pub meta: CheckpointMeta,
+    pub tensors: BTreeMap<String, Tensor>,
+}
+
+struct RawTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl View for &RawTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+fn to_raw(t: &Tensor) -> Result<RawTensor> {
+    let t = t.to_device(tch::Device::Cpu).contiguous();
+    let dtype = match t.kind() {
+        Kind::Float => Dtype::F32,
+        Kind::Double => Dtype::F64,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Uint8 => Dtype::U8,
+        k => {
+            return Err(CheckpointError::Tch(tch::TchError::Convert(format!(
+                "cannot save tensor of kind {k:?}"
+            ))))
+        }
+    };
+    let numel = t.numel();
+    let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+    t.f_copy_data_u8(&mut bytes, numel)?;
+    Ok(RawTensor {
+        dtype,
+        shape: t.size().iter().map(|&d| d as usize).collect(),
+        bytes,
+    })
+}
+
+/// Writes `bytes` to `path` atomically: a temp file in the same folder, fsync, rename, and
+/// fsync of the folder so the rename itself is durable.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+impl Checkpoint {
+    /// Serialises to safetensors bytes (metadata under the `gmpq` key).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let raws: Vec<(String, RawTensor)> = self
+            .tensors
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), to_raw(t)?)))
+            .collect::<Result<_>>()?;
+        let meta_json = serde_json::to_string(&self.meta).map_err(|e| CheckpointError::Corrupt {
+            path: PathBuf::new(),
+            reason: e.to_string(),
+        })?;
+        let metadata: HashMap<String, String> = [(META_KEY.to_string(), meta_json)].into();
+        safetensors::tensor::serialize(raws.iter().map(|(n, r)| (n.as_str(), r)), &Some(metadata))
+            .map_err(|e| CheckpointError::Corrupt {
+                path: PathBuf::new(),
+                reason: format!("{e:?}"),
+            })
+    }
+
+    /// Saves `path` (safetensors) and `path.json` (sidecar metadata), both atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let io = |source| CheckpointError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        write_atomic(path, &self.to_bytes()?).map_err(io)?;
+        let sidecar = sidecar_path(path);
+        let json = serde_json::to_vec_pretty(&self.meta).map_err(|e| CheckpointError::Corrupt {
+            path: sidecar.clone(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&sidecar, &json).map_err(|source| CheckpointError::Io {
+            path: sidecar,
+            source,
+        })
+    }
+
+    /// Loads a gmpq checkpoint (tensors on the CPU).
+    pub fn load(path: &Path) -> Result<Self> {
+        let (meta, tensors) = read_safetensors(path)?;
+        let meta_json = meta.ok_or_else(|| CheckpointError::NoMetadata {
+            path: path.to_path_buf(),
+        })?;
+        let meta: CheckpointMeta =
+            serde_json::from_str(&meta_json).map_err(|e| CheckpointError::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!("metadata: {e}"),
+            })?;
+        Ok(Checkpoint { meta, tensors })
+    }
+
+    /// The model's state dict (everything but optimizer buffers).
+    pub fn model_tensors(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.tensors
+            .iter()
+            .filter(|(n, _)| !n.starts_with(OPTIMIZER_PREFIX))
+    }
+}
+
+/// `x.safetensors` → `x.json`.
+pub fn sidecar_path(path: &Path) -> PathBuf {
+    path.with_extension("json")
+}
+
+/// Reads any safetensors file: its `gmpq` metadata (if present) and its tensors.
+pub fn read_safetensors(path: &Path) -> Result<(Option<String>, BTreeMap<String, Tensor>)> {
+    let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let corrupt = |reason: String| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(format!("{e:?}")))?;
+    let meta = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(META_KEY).cloned());
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(format!("{e:?}")))?;
+    let mut tensors = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let kind = match view.dtype() {
+            Dtype::F32 => Kind::Float,
+            Dtype::F64 => Kind::Double,
+            Dtype::F16 => Kind::Half,
+            Dtype::BF16 => Kind::BFloat16,
+            Dtype::I64 => Kind::Int64,
+            Dtype::I32 => Kind::Int,
+            Dtype::U8 => Kind::Uint8,
+            d => {
+                return Err(CheckpointError::Dtype {
+                    path: path.to_path_buf(),
+                    name,
+                    dtype: format!("{d:?}"),
+                })
+            }
+        };
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind)?;
+        tensors.insert(name, t);
+    }
+    Ok((meta, tensors))
+}
+
+/// Copies `tensors` into the var store's variables by name. Every variable must be present
+/// with its shape; unexpected tensors are errors unless `allow_unexpected` (e.g. optimizer
+/// buffers or torchvision's `num_batches_tracked`) says otherwise. All problems are reported
+/// together, by name.
+pub fn load_into_var_store<'a>(
+    vs: &tch::nn::VarStore,
+    tensors: impl IntoIterator<Item = (&'a String, &'a Tensor)>,
+    path: &Path,
+    allow_unexpected: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let vars = vs.variables();
+    let given: BTreeMap<&String, &Tensor> = tensors.into_iter().collect();
+    let mut problems = Vec::new();
+    let mut missing: Vec<&String> = vars.keys().filter(|k| !given.contains_key(k)).collect();
+    missing.sort();
+    if !missing.is_empty() {
+        problems.push(format!(
+            "missing {}",
+            missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    let unexpected: Vec<&str> = given
+        .keys()
+        .filter(|k| !vars.contains_key(k.as_str()) && !allow_unexpected(k))
+        .map(|s| s.as_str())
+        .collect();
+    if !unexpected.is_empty() {
+        problems.push(format!("unexpected {}", unexpected.join(", ")));
+    }
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    for name in names {
+        if let Some(t) = given.get(name) {
+            let want = vars[name].size();
+            if t.size() != want {
+                problems.push(format!(
+                    "{name} has shape {:?}, expected {want:?}",
+                    t.size()
+                ));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(CheckpointError::Mismatch {
+            path: path.to_path_buf(),
+            problems: problems.join("; "),
+        });
+    }
+    tch::no_grad(|| -> Result<()> {
+        for (name, var) in vars.iter() {
+            let src = given[name];
+            let mut var = var.shallow_clone();
+            var.f_copy_(&src.to_kind(var.kind()).to_device(var.device()))?;
+        }
+        Ok(())
+    })
+}
+
+/// The model's state dict from a var store, sorted by name.
+pub fn var_store_tensors(vs: &tch::nn::VarStore) -> BTreeMap<String, Tensor> {
+    vs.variables()
+        .into_iter()
+        .map(|(n, t)| (n, t.detach().to_device(tch::Device::Cpu)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_leaves_no_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.bin");
+        write_atomic(&p, b"hello").unwrap();
+        write_atomic(&p, b"world").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"world");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

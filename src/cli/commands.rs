@@ -1,0 +1,219 @@
+//! One function per command; each turns arguments into library calls.
+
+use super::progress::TrainBars;
+use super::{BenchCommand, Cli, Command, EvalArgs, ImportArgs, SubsetArgs, TrainArgs};
+use anyhow::{bail, Context, Result};
+use gmpq::data::{stratified_subset, DatasetSpec, ImageSource, Split, SubsetSpec};
+use gmpq::model::{Arch, ModelConfig, Stem};
+use gmpq::train::{self, Augment, LrSchedule, TrainConfig, TrainJob};
+use std::sync::Arc;
+
+pub fn run(cli: Cli) -> Result<()> {
+    let threads = gmpq::runtime::set_threads(cli.engine.threads);
+    let device = gmpq::runtime::parse_device(&cli.engine.device).map_err(anyhow::Error::msg)?;
+    tracing::debug!("libtorch threads: {threads}, device: {device:?}");
+    match cli.command {
+        Command::Train(a) => train_cmd(a, device),
+        Command::Eval(a) => eval_cmd(a, device),
+        Command::Import(a) => import_cmd(a),
+        Command::Bench(BenchCommand::Train(a)) => {
+            let arch: Arch = a.model.parse()?;
+            let cfg = ModelConfig::new(arch, a.channels, a.classes, a.input_size);
+            let r = gmpq::bench::bench_train(&cfg, a.batch_size, a.warmup, a.steps, device)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{} batch {} input {:?} threads {}: {:.1} img/s (median step {:.4} s over {} steps)",
+                    r.model, r.batch_size, r.input, r.threads, r.images_per_second,
+                    r.median_step_seconds, r.steps
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn parse_spec(s: &str) -> Result<DatasetSpec> {
+    s.parse::<DatasetSpec>()
+        .with_context(|| format!("reading --data {s}"))
+}
+
+fn parse_schedule(s: &str) -> Result<LrSchedule> {
+    Ok(match s {
+        "cosine" => LrSchedule::Cosine,
+        "constant" => LrSchedule::Constant,
+        _ => match s.split(':').collect::<Vec<_>>().as_slice() {
+            ["step", e, g] => LrSchedule::Step {
+                step_epochs: e.parse().context("step epochs")?,
+                gamma: g.parse().context("step gamma")?,
+            },
+            _ => bail!("unknown schedule '{s}' (cosine, constant, step:EPOCHS:GAMMA)"),
+        },
+    })
+}
+
+fn subset_of(source: &dyn ImageSource, a: &SubsetArgs) -> Result<Vec<usize>> {
+    let spec = SubsetSpec {
+        limit: a.limit,
+        per_class: a.per_class,
+        seed: a.subset_seed,
+    };
+    Ok(stratified_subset(source, &spec)?)
+}
+
+fn train_cmd(a: TrainArgs, device: tch::Device) -> Result<()> {
+    let spec = parse_spec(&a.data)?;
+    let train_data = spec.load(Split::Train)?;
+    let test_spec = match &a.test_data {
+        Some(t) => parse_spec(t)?,
+        None => spec.clone(),
+    };
+    let test_data = test_spec.load(Split::Test)?;
+    if test_data.num_classes() != train_data.num_classes() {
+        bail!(
+            "train data has {} classes but test data has {}",
+            train_data.num_classes(),
+            test_data.num_classes()
+        );
+    }
+    let train_indices = subset_of(train_data.as_ref(), &a.subset)?;
+    let test_indices = stratified_subset(
+        test_data.as_ref(),
+        &SubsetSpec {
+            limit: a.test_limit,
+            per_class: None,
+            seed: a.subset.subset_seed,
+        },
+    )?;
+    let arch: Arch = a.model.parse()?;
+    let native = match train_data.native_shape() {
+        Some(s) => s,
+        None => {
+            let img = train_data.image(0)?;
+            [img.channels, img.height, img.width]
+        }
+    };
+    let input_size = a.input_size.unwrap_or(native[1]);
+    let channels = if a.rgb { 3 } else { native[0] };
+    let mut model = ModelConfig::new(arch, channels, train_data.num_classes(), input_size);
+    if let Some(stem) = &a.stem {
+        model.stem = stem.parse::<Stem>()?;
+    }
+    let config = TrainConfig {
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        lr: a.lr,
+        momentum: a.momentum,
+        weight_decay: a.weight_decay,
+        schedule: parse_schedule(&a.schedule)?,
+        augment: Augment {
+            crop_padding: a.crop_padding,
+            hflip: a.hflip,
+        },
+        seed: a.seed,
+    };
+    let dataset = format!(
+        "{spec} ({} train images{}; test {} images)",
+        train_indices.len(),
+        if a.subset.limit.is_some() || a.subset.per_class.is_some() {
+            format!(", subset seed {}", a.subset.subset_seed)
+        } else {
+            String::new()
+        },
+        test_indices.len()
+    );
+    tracing::info!(
+        "training {arch} ({} ch, {} px, {} classes) on {dataset} for {} epochs",
+        model.in_channels,
+        model.input_size,
+        model.num_classes,
+        config.epochs
+    );
+    let bars = TrainBars::new();
+    let meta = train::train(TrainJob {
+        model,
+        config,
+        train_data,
+        train_indices,
+        test_data,
+        test_indices,
+        dataset,
+        out_dir: a.out.clone(),
+        resume: a.resume,
+        device,
+        progress: &bars,
+    })?;
+    let last = meta.history.last().context("no epoch was run")?;
+    let ckpt = train::last_checkpoint(&a.out);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "checkpoint": ckpt,
+                "epochs": meta.epoch,
+                "final": last,
+                "seconds_per_epoch": meta.history.iter().map(|m| m.seconds).sum::<f64>() / meta.history.len() as f64,
+            }))?
+        );
+    } else {
+        println!(
+            "{}: epoch {}, test top-1 {:.2}%, top-5 {:.2}%",
+            ckpt.display(),
+            meta.epoch,
+            last.test_top1,
+            last.test_top5
+        );
+    }
+    Ok(())
+}
+
+fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
+    let spec = parse_spec(&a.data)?;
+    let split = match a.split.as_str() {
+        "train" => Split::Train,
+        "test" => Split::Test,
+        s => bail!("unknown split '{s}' (train, test)"),
+    };
+    let data = spec.load(split)?;
+    let (ck, _vs, net) = train::load_fp(&a.checkpoint, device)
+        .with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    if data.num_classes() > ck.meta.model.num_classes {
+        bail!(
+            "{} has {} classes but the model predicts {}",
+            spec,
+            data.num_classes(),
+            ck.meta.model.num_classes
+        );
+    }
+    let indices = subset_of(data.as_ref(), &a.subset)?;
+    let data: Arc<dyn ImageSource> = data;
+    let m = train::evaluate(&net, data, &indices, &ck.meta.eval_pipeline, a.batch_size, device)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+    } else {
+        println!(
+            "{} on {spec}: top-1 {:.2}%, top-5 {:.2}%, loss {:.4} ({} images)",
+            a.checkpoint.display(),
+            m.top1,
+            m.top5,
+            m.loss,
+            m.images
+        );
+    }
+    Ok(())
+}
+
+fn import_cmd(a: ImportArgs) -> Result<()> {
+    let arch: Arch = a.model.parse()?;
+    let mut cfg = ModelConfig::new(arch, 3, a.num_classes, a.input_size);
+    cfg.stem = a.stem.parse()?;
+    let ck = gmpq::import::import_torchvision(&a.weights, &cfg)
+        .with_context(|| format!("importing {}", a.weights.display()))?;
+    if let Some(dir) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    ck.save(&a.out)?;
+    println!("wrote {} ({} tensors)", a.out.display(), ck.tensors.len());
+    Ok(())
+}

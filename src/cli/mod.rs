@@ -1,0 +1,201 @@
+//! Argument parsing and command dispatch.
+
+mod commands;
+mod progress;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+pub use commands::run;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "gmpq",
+    version,
+    about = "Generalizable mixed-precision quantization for CNNs (libtorch engine)",
+    long_about = "gmpq trains, evaluates and (in later stages) quantizes CNNs.\n\n\
+        Datasets are given as KIND:PATH, e.g. idx:data/fashion-mnist, cifar10:cifar-10-batches-bin, \
+        cifar100:cifar-100-binary, cifar100-fine-only:file.bin, folder:imagenet, imagenet-folder:samples, \
+        or bundled:mnist / bundled:fashion-mnist for the subsets shipped with gmpq."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// More log output (-v: debug, -vv: trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// libtorch threads (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, global = true, default_value = "auto")]
+    pub device: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a full-precision network.
+    Train(TrainArgs),
+    /// Evaluate a checkpoint on a dataset (top-1/top-5).
+    Eval(EvalArgs),
+    /// Convert torchvision ResNet-18/50 weights (.safetensors state dict) to a gmpq checkpoint.
+    Import(ImportArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct SubsetArgs {
+    /// Use a stratified subset of this many images (proportional per class).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Use at most this many images per class.
+    #[arg(long)]
+    pub per_class: Option<usize>,
+    /// Seed of the subset draw.
+    #[arg(long, default_value_t = 0)]
+    pub subset_seed: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// resnet20, resnet32, resnet56, resnet18 or resnet50.
+    #[arg(long, default_value = "resnet20")]
+    pub model: String,
+    /// Training data, KIND:PATH (the test split of the same spec is evaluated each epoch).
+    #[arg(long, default_value = "bundled:fashion-mnist")]
+    pub data: String,
+    /// Separate evaluation data (default: the test split of --data).
+    #[arg(long)]
+    pub test_data: Option<String>,
+    /// Model input resolution (default: the data's own).
+    #[arg(long)]
+    pub input_size: Option<usize>,
+    /// Expand gray images to 3 channels.
+    #[arg(long)]
+    pub rgb: bool,
+    /// Stem of resnet18/50: cifar or imagenet (default: cifar below 64 px).
+    #[arg(long)]
+    pub stem: Option<String>,
+    #[arg(long, default_value_t = 30)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 0.1)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    #[arg(long = "wd", default_value_t = 5e-4)]
+    pub weight_decay: f64,
+    /// cosine, constant, or step:EPOCHS:GAMMA (e.g. step:10:0.1).
+    #[arg(long, default_value = "cosine")]
+    pub schedule: String,
+    /// Random-crop padding in pixels (0 disables random crops).
+    #[arg(long, default_value_t = 2)]
+    pub crop_padding: usize,
+    /// Random horizontal flips (not for digits).
+    #[arg(long)]
+    pub hflip: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub subset: SubsetArgs,
+    /// Evaluate on at most this many test images (stratified).
+    #[arg(long)]
+    pub test_limit: Option<usize>,
+    /// Output folder (checkpoint last.safetensors + last.json).
+    #[arg(long, default_value = "runs/train")]
+    pub out: PathBuf,
+    /// Continue from the last complete epoch in --out.
+    #[arg(long)]
+    pub resume: bool,
+    /// Print the final metrics as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// KIND:PATH of the data to evaluate on.
+    #[arg(long)]
+    pub data: String,
+    /// train or test.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    #[command(flatten)]
+    pub subset: SubsetArgs,
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// resnet18 or resnet50.
+    #[arg(long)]
+    pub model: String,
+    /// A .safetensors file with a torchvision state dict.
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Output checkpoint (.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 1000)]
+    pub num_classes: usize,
+    #[arg(long, default_value_t = 224)]
+    pub input_size: usize,
+    /// cifar or imagenet.
+    #[arg(long, default_value = "imagenet")]
+    pub stem: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Images/s of the full training step on synthetic data.
+    Train(BenchTrainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    #[arg(long, default_value = "resnet20")]
+    pub model: String,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 32)]
+    pub input_size: usize,
+    #[arg(long, default_value_t = 3)]
+    pub channels: usize,
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GMPQ_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

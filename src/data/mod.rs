@@ -1,0 +1,99 @@
+//! Image-classification data: readers for IDX, CIFAR binary and image folders, seeded
+//! transforms, stratified subsets and a parallel, prefetching batch loader.
+
+mod cifar;
+mod folder;
+mod idx;
+mod loader;
+mod source;
+mod spec;
+mod subset;
+mod transform;
+
+pub use cifar::{read_cifar, CifarLayout};
+pub use folder::{ClassIndex, ImageFolder};
+pub use idx::{read_idx, IdxArray};
+pub use loader::{Batch, DataLoader, LoaderConfig};
+pub use source::{ImageSource, ImageU8, InMemoryDataset};
+pub use spec::{DatasetSpec, Split};
+pub use subset::{stratified_subset, SubsetSpec};
+pub use transform::{Normalize, Pipeline, Transform};
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong reading data. Each variant names the file, so the CLI can
+/// print one line that tells the user what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: truncated: expected {expected} bytes of data, found {found}")]
+    Truncated {
+        path: PathBuf,
+        expected: usize,
+        found: usize,
+    },
+    #[error("{path}: wrong magic number 0x{found:08x} (expected 0x{expected:08x}: {what})")]
+    BadMagic {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+        what: &'static str,
+    },
+    #[error("{path}: corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("{path}: size {size} bytes is not a multiple of the {layout} record size ({record} bytes)")]
+    BadRecordSize {
+        path: PathBuf,
+        size: usize,
+        record: usize,
+        layout: &'static str,
+    },
+    #[error("{path}: label {label} at record {index} is out of range (expected < {num_classes})")]
+    LabelOutOfRange {
+        path: PathBuf,
+        index: usize,
+        label: i64,
+        num_classes: usize,
+    },
+    #[error("{path}: {images} images but {labels} labels")]
+    CountMismatch {
+        path: PathBuf,
+        images: usize,
+        labels: usize,
+    },
+    #[error("{path}: class folder is empty (no .jpg/.jpeg/.png files)")]
+    EmptyClass { path: PathBuf },
+    #[error("{path}: no class sub-folders")]
+    NoClasses { path: PathBuf },
+    #[error("{path}: unreadable image: {reason}")]
+    BadImage { path: PathBuf, reason: String },
+    #[error("{path}: not found (expected {what})")]
+    NotFound { path: PathBuf, what: String },
+    #[error("invalid dataset spec '{spec}': {reason}")]
+    BadSpec { spec: String, reason: String },
+    #[error("invalid subset: {0}")]
+    BadSubset(String),
+    #[error("image {index} of {what} has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        what: String,
+        index: usize,
+        found: [usize; 3],
+        expected: [usize; 3],
+    },
+}
+
+impl DataError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        DataError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, DataError>;

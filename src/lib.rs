@@ -1,0 +1,17 @@
+//! gmpq — generalizable mixed-precision quantization for CNNs, on libtorch.
+//!
+//! The crate is laid out as the pipeline: [`data`] → [`model`] → [`train`] (with
+//! [`checkpoint`] persistence) → [`import`] of foreign weights; [`runtime`] holds
+//! process-level engine settings. The `gmpq` binary is a thin CLI over this library.
+
+pub mod bench;
+pub mod checkpoint;
+pub mod data;
+pub mod import;
+pub mod model;
+pub mod runtime;
+pub mod train;
+
+pub use checkpoint::{Checkpoint, CheckpointError, CheckpointMeta};
+pub use data::{DataError, DatasetSpec};
+pub use model::{Arch, ModelConfig, ResNet, Stem};

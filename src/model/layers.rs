@@ -1,0 +1,101 @@
+//! Layer descriptions and the factory through which networks create their conv layers.
+//! Quantized networks plug in a different factory; the network code stays the same.
+
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module};
+use tch::Tensor;
+
+/// Geometry of one conv layer at the model's configured input size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvSpec {
+    pub name: String,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub groups: usize,
+    pub in_hw: [usize; 2],
+    pub out_hw: [usize; 2],
+    /// False for the full-precision stem (as in the paper); true for every other conv.
+    pub quantizable: bool,
+}
+
+impl ConvSpec {
+    /// `C_in · C_out · k² · H_out · W_out / groups` (METHOD.md).
+    pub fn macs(&self) -> u64 {
+        (self.in_channels * self.out_channels * self.kernel * self.kernel) as u64
+            * (self.out_hw[0] * self.out_hw[1]) as u64
+            / self.groups as u64
+    }
+    pub fn params(&self) -> u64 {
+        (self.in_channels / self.groups * self.out_channels * self.kernel * self.kernel) as u64
+    }
+}
+
+/// The final fully connected layer (always full precision).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LinearSpec {
+    pub name: String,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl LinearSpec {
+    pub fn macs(&self) -> u64 {
+        (self.in_features * self.out_features) as u64
+    }
+}
+
+/// A conv layer as the network sees it.
+pub trait ConvLayer: std::fmt::Debug + Send {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor;
+}
+
+/// Creates the conv layers of a network, one call per layer, with its full spec.
+pub trait LayerFactory {
+    fn conv(&self, path: nn::Path, spec: &ConvSpec) -> Box<dyn ConvLayer>;
+}
+
+/// Resolves a dotted layer name (`layer1.0.conv1`) to a var-store path.
+pub fn path_for<'a>(root: &nn::Path<'a>, name: &str) -> nn::Path<'a> {
+    name.split('.').fold(root.clone(), |p, part| p / part)
+}
+
+/// Plain full-precision convolutions (bias-free, as every conv here is followed by BN).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FullPrecisionConvs;
+
+#[derive(Debug)]
+struct FpConv(nn::Conv2D);
+
+impl ConvLayer for FpConv {
+    fn forward_t(&self, xs: &Tensor, _train: bool) -> Tensor {
+        self.0.forward(xs)
+    }
+}
+
+impl LayerFactory for FullPrecisionConvs {
+    fn conv(&self, path: nn::Path, spec: &ConvSpec) -> Box<dyn ConvLayer> {
+        let cfg = nn::ConvConfig {
+            stride: spec.stride as i64,
+            padding: spec.padding as i64,
+            groups: spec.groups as i64,
+            bias: false,
+            // torchvision's ResNet init: Kaiming normal, fan-out, ReLU gain.
+            ws_init: nn::Init::Kaiming {
+                dist: nn::init::NormalOrUniform::Normal,
+                fan: nn::init::FanInOut::FanOut,
+                non_linearity: nn::init::NonLinearity::ReLU,
+            },
+            ..Default::default()
+        };
+        Box::new(FpConv(nn::conv2d(
+            path,
+            spec.in_channels as i64,
+            spec.out_channels as i64,
+            spec.kernel as i64,
+            cfg,
+        )))
+    }
+}

@@ -1,0 +1,405 @@
+//! ResNets: CIFAR ResNet-20/32/56 (16/32/64 channels, 1×1-conv shortcuts) and ResNet-18/50
+//! with a CIFAR or ImageNet stem, named as in torchvision.
+
+use super::layers::{path_for, ConvLayer, ConvSpec, LayerFactory, LinearSpec};
+use super::{Arch, ModelConfig, ModelError, Stem};
+use tch::nn::{self, Module, ModuleT};
+use tch::Tensor;
+
+/// Batch norm initialised as PyTorch does (scale 1, shift 0); tch's default draws the scale
+/// uniformly from [0, 1], which slows training noticeably.
+fn batch_norm(path: nn::Path, channels: usize) -> nn::BatchNorm {
+    nn::batch_norm2d(
+        path,
+        channels as i64,
+        nn::BatchNormConfig {
+            ws_init: nn::Init::Const(1.0),
+            bs_init: nn::Init::Const(0.0),
+            ..Default::default()
+        },
+    )
+}
+
+#[derive(Debug)]
+struct ConvBn {
+    conv: Box<dyn ConvLayer>,
+    bn: nn::BatchNorm,
+}
+
+impl ConvBn {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.bn.forward_t(&self.conv.forward_t(xs, train), train)
+    }
+}
+
+#[derive(Debug)]
+enum Block {
+    Basic {
+        a: ConvBn,
+        b: ConvBn,
+        downsample: Option<ConvBn>,
+    },
+    Bottleneck {
+        a: ConvBn,
+        b: ConvBn,
+        c: ConvBn,
+        downsample: Option<ConvBn>,
+    },
+}
+
+impl Block {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        let (out, downsample) = match self {
+            Block::Basic { a, b, downsample } => {
+                let h = a.forward_t(xs, train).relu();
+                (b.forward_t(&h, train), downsample)
+            }
+            Block::Bottleneck {
+                a,
+                b,
+                c,
+                downsample,
+            } => {
+                let h = a.forward_t(xs, train).relu();
+                let h = b.forward_t(&h, train).relu();
+                (c.forward_t(&h, train), downsample)
+            }
+        };
+        let shortcut = match downsample {
+            Some(d) => d.forward_t(xs, train),
+            None => xs.shallow_clone(),
+        };
+        (out + shortcut).relu()
+    }
+}
+
+/// A ResNet whose conv layers come from a [`LayerFactory`].
+#[derive(Debug)]
+pub struct ResNet {
+    config: ModelConfig,
+    stem: ConvBn,
+    max_pool: bool,
+    blocks: Vec<Block>,
+    fc: nn::Linear,
+    convs: Vec<ConvSpec>,
+    fc_spec: LinearSpec,
+}
+
+/// Tracks the spatial size while the network is laid out, so every [`ConvSpec`] knows its
+/// input and output resolution.
+struct Builder<'a, 'f> {
+    root: nn::Path<'a>,
+    factory: &'f dyn LayerFactory,
+    hw: [usize; 2],
+    convs: Vec<ConvSpec>,
+}
+
+fn conv_out(size: usize, kernel: usize, stride: usize, padding: usize) -> usize {
+    (size + 2 * padding).saturating_sub(kernel) / stride + 1
+}
+
+impl Builder<'_, '_> {
+    /// Adds conv + BN named `conv_name`/`bn_name`; `advance` moves the tracked resolution.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_bn(
+        &mut self,
+        conv_name: &str,
+        bn_name: &str,
+        in_hw: [usize; 2],
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        quantizable: bool,
+    ) -> ConvBn {
+        let padding = kernel / 2;
+        let out_hw = in_hw.map(|s| conv_out(s, kernel, stride, padding));
+        let spec = ConvSpec {
+            name: conv_name.to_string(),
+            in_channels: c_in,
+            out_channels: c_out,
+            kernel,
+            stride,
+            padding,
+            groups: 1,
+            in_hw,
+            out_hw,
+            quantizable,
+        };
+        let conv = self.factory.conv(path_for(&self.root, conv_name), &spec);
+        self.convs.push(spec);
+        self.hw = out_hw;
+        ConvBn {
+            conv,
+            bn: batch_norm(path_for(&self.root, bn_name), c_out),
+        }
+    }
+
+    fn basic(&mut self, prefix: &str, c_in: usize, c_out: usize, stride: usize) -> Block {
+        let in_hw = self.hw;
+        let a = self.conv_bn(
+            &format!("{prefix}.conv1"),
+            &format!("{prefix}.bn1"),
+            in_hw,
+            c_in,
+            c_out,
+            3,
+            stride,
+            true,
+        );
+        let mid = self.hw;
+        let b = self.conv_bn(
+            &format!("{prefix}.conv2"),
+            &format!("{prefix}.bn2"),
+            mid,
+            c_out,
+            c_out,
+            3,
+            1,
+            true,
+        );
+        let out_hw = self.hw;
+        let downsample = (stride != 1 || c_in != c_out).then(|| {
+            self.conv_bn(
+                &format!("{prefix}.downsample.0"),
+                &format!("{prefix}.downsample.1"),
+                in_hw,
+                c_in,
+                c_out,
+                1,
+                stride,
+                true,
+            )
+        });
+        self.hw = out_hw;
+        Block::Basic { a, b, downsample }
+    }
+
+    fn bottleneck(&mut self, prefix: &str, c_in: usize, width: usize, stride: usize) -> Block {
+        let c_out = width * 4;
+        let in_hw = self.hw;
+        let p = |s: &str| format!("{prefix}.{s}");
+        let a = self.conv_bn(&p("conv1"), &p("bn1"), in_hw, c_in, width, 1, 1, true);
+        let hw = self.hw;
+        // torchvision (v1.5) puts the stride on the 3×3 conv.
+        let b = self.conv_bn(&p("conv2"), &p("bn2"), hw, width, width, 3, stride, true);
+        let hw = self.hw;
+        let c = self.conv_bn(&p("conv3"), &p("bn3"), hw, width, c_out, 1, 1, true);
+        let out_hw = self.hw;
+        let downsample = (stride != 1 || c_in != c_out).then(|| {
+            self.conv_bn(
+                &p("downsample.0"),
+                &p("downsample.1"),
+                in_hw,
+                c_in,
+                c_out,
+                1,
+                stride,
+                true,
+            )
+        });
+        self.hw = out_hw;
+        Block::Bottleneck {
+            a,
+            b,
+            c,
+            downsample,
+        }
+    }
+}
+
+impl ResNet {
+    /// Lays out the network under `root` with conv layers from `factory`.
+    pub fn new(
+        root: &nn::Path,
+        config: &ModelConfig,
+        factory: &dyn LayerFactory,
+    ) -> Result<Self, ModelError> {
+        if config.in_channels == 0 || config.num_classes == 0 {
+            return Err(ModelError::Invalid(
+                "input channels and class count must be positive".into(),
+            ));
+        }
+        let stem = if config.arch.is_cifar_resnet() {
+            Stem::Cifar
+        } else {
+            config.stem
+        };
+        let min_input = match stem {
+            Stem::Cifar => 8,
+            Stem::Imagenet => 32,
+        };
+        if config.input_size < min_input {
+            return Err(ModelError::InputTooSmall {
+                arch: config.arch.to_string(),
+                input: config.input_size,
+                min: min_input,
+            });
+        }
+        let mut b = Builder {
+            root: root.clone(),
+            factory,
+            hw: [config.input_size; 2],
+            convs: Vec::new(),
+        };
+        let (stem_width, stem_kernel, stem_stride) = match (config.arch.is_cifar_resnet(), stem) {
+            (true, _) => (16, 3, 1),
+            (false, Stem::Cifar) => (64, 3, 1),
+            (false, Stem::Imagenet) => (64, 7, 2),
+        };
+        let in_hw = b.hw;
+        let stem_layer = b.conv_bn(
+            "conv1",
+            "bn1",
+            in_hw,
+            config.in_channels,
+            stem_width,
+            stem_kernel,
+            stem_stride,
+            false,
+        );
+        let max_pool = stem == Stem::Imagenet;
+        if max_pool {
+            b.hw = b.hw.map(|s| conv_out(s, 3, 2, 1));
+        }
+        // (blocks per stage, stage widths, bottleneck?)
+        let (depths, widths, bottleneck): (Vec<usize>, Vec<usize>, bool) = match config.arch {
+            Arch::ResNet20 => (vec![3; 3], vec![16, 32, 64], false),
+            Arch::ResNet32 => (vec![5; 3], vec![16, 32, 64], false),
+            Arch::ResNet56 => (vec![9; 3], vec![16, 32, 64], false),
+            Arch::ResNet18 => (vec![2; 4], vec![64, 128, 256, 512], false),
+            Arch::ResNet50 => (vec![3, 4, 6, 3], vec![64, 128, 256, 512], true),
+        };
+        let mut blocks = Vec::new();
+        let mut c_in = stem_width;
+        for (stage, (&depth, &width)) in depths.iter().zip(&widths).enumerate() {
+            for i in 0..depth {
+                let stride = if stage > 0 && i == 0 { 2 } else { 1 };
+                let prefix = format!("layer{}.{i}", stage + 1);
+                if bottleneck {
+                    blocks.push(b.bottleneck(&prefix, c_in, width, stride));
+                    c_in = width * 4;
+                } else {
+                    blocks.push(b.basic(&prefix, c_in, width, stride));
+                    c_in = width;
+                }
+            }
+        }
+        let fc_spec = LinearSpec {
+            name: "fc".into(),
+            in_features: c_in,
+            out_features: config.num_classes,
+        };
+        let fc = nn::linear(
+            path_for(root, "fc"),
+            c_in as i64,
+            config.num_classes as i64,
+            Default::default(),
+        );
+        Ok(ResNet {
+            config: config.clone(),
+            stem: stem_layer,
+            max_pool,
+            blocks,
+            fc,
+            convs: b.convs,
+            fc_spec,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Every conv layer in forward order, stem first.
+    pub fn convs(&self) -> &[ConvSpec] {
+        &self.convs
+    }
+
+    pub fn fc_spec(&self) -> &LinearSpec {
+        &self.fc_spec
+    }
+
+    /// The last feature map (N×C×H×W), before global average pooling: where attribution is
+    /// taken.
+    pub fn features(&self, xs: &Tensor, train: bool) -> Tensor {
+        let mut h = self.stem.forward_t(xs, train).relu();
+        if self.max_pool {
+            h = h.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
+        }
+        for block in &self.blocks {
+            h = block.forward_t(&h, train);
+        }
+        h
+    }
+
+    /// Global average pool + linear head.
+    pub fn head(&self, features: &Tensor) -> Tensor {
+        self.fc
+            .forward(&features.mean_dim([2i64, 3].as_slice(), false, features.kind()))
+    }
+
+    /// The head's weight matrix (num_classes × C): the CAM weights.
+    pub fn fc_weight(&self) -> &Tensor {
+        &self.fc.ws
+    }
+}
+
+impl ModuleT for ResNet {
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.head(&self.features(xs, train))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::FullPrecisionConvs;
+
+    fn build(cfg: &ModelConfig) -> (nn::VarStore, ResNet) {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let net = ResNet::new(&vs.root(), cfg, &FullPrecisionConvs).unwrap();
+        (vs, net)
+    }
+
+    #[test]
+    fn resnet20_shapes_names_and_params() {
+        let (vs, net) = build(&ModelConfig::new(Arch::ResNet20, 3, 10, 32));
+        let out = net.forward_t(&Tensor::zeros([2, 3, 32, 32], tch::kind::FLOAT_CPU), false);
+        assert_eq!(out.size(), vec![2, 10]);
+        // 19 convs + 2 downsample convs = 21 conv layers, stem first and not quantizable.
+        assert_eq!(net.convs().len(), 21);
+        assert!(!net.convs()[0].quantizable);
+        assert!(net.convs().iter().any(|c| c.name == "layer2.0.downsample.0"));
+        let vars = vs.variables();
+        assert!(vars.contains_key("layer3.2.conv2.weight"));
+        assert!(vars.contains_key("layer2.0.downsample.1.running_mean"));
+        let bn = &vars["layer1.0.bn1.weight"];
+        assert_eq!(bn.min().double_value(&[]), 1.0);
+        // ResNet-20 without shortcut convs has 269,722 parameters (3→10); add the 2 1×1 convs + BN.
+        let n: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+        assert_eq!(n, 269_722 + 16 * 32 + 32 * 2 + 32 * 64 + 64 * 2);
+    }
+
+    #[test]
+    fn resnet18_imagenet_and_cifar_geometry() {
+        let (vs, net) = build(&ModelConfig::new(Arch::ResNet18, 3, 1000, 224));
+        let n: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+        assert_eq!(n, 11_689_512); // torchvision resnet18
+        assert_eq!(net.convs().last().unwrap().out_hw, [7, 7]);
+        let mut cfg = ModelConfig::new(Arch::ResNet18, 3, 10, 32);
+        cfg.stem = Stem::Cifar;
+        let (_, net) = build(&cfg);
+        let quantized: Vec<_> = net.convs().iter().filter(|c| c.quantizable).collect();
+        assert_eq!(quantized.len(), 19);
+        let macs: u64 = quantized.iter().map(|c| c.macs()).sum();
+        assert_eq!(macs, 553_648_128); // METHOD.md's worked number
+    }
+
+    #[test]
+    fn resnet50_param_count() {
+        let (vs, _) = build(&ModelConfig::new(Arch::ResNet50, 3, 1000, 224));
+        let n: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+        assert_eq!(n, 25_557_032); // torchvision resnet50
+    }
+}

@@ -1,0 +1,485 @@
+//! Full-precision training and evaluation: SGD with momentum and weight decay, cosine or step
+//! learning-rate schedules, top-1/top-5 evaluation every epoch, and atomic, resumable
+//! checkpoints.
+
+mod optim;
+
+pub use optim::Sgd;
+
+use crate::checkpoint::{
+    self, Checkpoint, CheckpointError, CheckpointMeta, EpochMetrics, OPTIMIZER_PREFIX,
+};
+use crate::data::{
+    DataError, DataLoader, ImageSource, LoaderConfig, Normalize, Pipeline, Transform,
+};
+use crate::model::{FullPrecisionConvs, ModelConfig, ModelError, ResNet};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+use tch::nn::{self, ModuleT};
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("loss became {value} at epoch {epoch}, batch {batch}: training diverged (try a lower --lr)")]
+    NonFiniteLoss { epoch: usize, batch: usize, value: f64 },
+    #[error("{dir} already holds a checkpoint: pass --resume to continue it, or choose another --out")]
+    WouldOverwrite { dir: PathBuf },
+    #[error("cannot resume {path}: {what} differs (checkpoint: {saved}, now: {now})")]
+    ResumeMismatch {
+        path: PathBuf,
+        what: &'static str,
+        saved: String,
+        now: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, TrainError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum LrSchedule {
+    /// Cosine decay from the base rate to 0 over all steps, updated every step.
+    Cosine,
+    /// Multiply by `gamma` every `step_epochs` epochs.
+    Step { step_epochs: usize, gamma: f64 },
+    Constant,
+}
+
+impl LrSchedule {
+    /// Learning rate at fractional epoch `t` (0 ≤ t < epochs).
+    pub fn lr(&self, base: f64, t: f64, epochs: usize) -> f64 {
+        match *self {
+            LrSchedule::Cosine => {
+                base * 0.5 * (1.0 + (std::f64::consts::PI * t / epochs.max(1) as f64).cos())
+            }
+            LrSchedule::Step { step_epochs, gamma } => {
+                base * gamma.powi((t.floor() as usize / step_epochs.max(1)) as i32)
+            }
+            LrSchedule::Constant => base,
+        }
+    }
+}
+
+/// Training-time augmentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Augment {
+    /// Random crop after zero-padding by this many pixels (0: no random crop).
+    pub crop_padding: usize,
+    pub hflip: bool,
+}
+
+/// Training hyper-parameters (saved with the checkpoint; a resumed run must match them).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub schedule: LrSchedule,
+    pub augment: Augment,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            epochs: 30,
+            batch_size: 128,
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            schedule: LrSchedule::Cosine,
+            augment: Augment {
+                crop_padding: 2,
+                hflip: false,
+            },
+            seed: 0,
+        }
+    }
+}
+
+/// The train and eval pipelines for images of shape `native` fed to a model of
+/// `input_size`, normalised with `normalize`.
+pub fn pipelines(
+    native: [usize; 3],
+    model: &ModelConfig,
+    augment: Augment,
+    normalize: Normalize,
+) -> (Pipeline, Pipeline) {
+    let mut common = Vec::new();
+    if native[0] == 1 && model.in_channels == 3 {
+        common.push(Transform::GrayToRgb);
+    }
+    let size = model.input_size;
+    if native[1] != size || native[2] != size {
+        common.push(Transform::Resize { size });
+        common.push(Transform::CenterCrop { size });
+    }
+    let mut train = common.clone();
+    if augment.crop_padding > 0 {
+        train.push(Transform::RandomCrop {
+            size,
+            padding: augment.crop_padding,
+        });
+    }
+    if augment.hflip {
+        train.push(Transform::RandomHorizontalFlip);
+    }
+    (
+        Pipeline {
+            transforms: train,
+            normalize: normalize.clone(),
+        },
+        Pipeline {
+            transforms: common,
+            normalize,
+        },
+    )
+}
+
+/// Per-channel mean and standard deviation of (up to 10,000 of) `indices`, in 0..1 units.
+pub fn channel_stats(source: &dyn ImageSource, indices: &[usize]) -> Result<Normalize> {
+    let step = (indices.len() / 10_000).max(1);
+    let mut sums: Vec<(f64, f64, f64)> = Vec::new();
+    for &i in indices.iter().step_by(step) {
+        let img = source.image(i)?;
+        if sums.is_empty() {
+            sums = vec![(0.0, 0.0, 0.0); img.channels];
+        }
+        let plane = img.height * img.width;
+        for (c, s) in sums.iter_mut().enumerate().take(img.channels) {
+            for &v in &img.data[c * plane..(c + 1) * plane] {
+                let x = v as f64 / 255.0;
+                s.0 += x;
+                s.1 += x * x;
+                s.2 += 1.0;
+            }
+        }
+    }
+    if sums.is_empty() {
+        return Err(TrainError::Invalid("cannot compute statistics of an empty dataset".into()));
+    }
+    let mean: Vec<f32> = sums.iter().map(|s| (s.0 / s.2) as f32).collect();
+    let std: Vec<f32> = sums
+        .iter()
+        .map(|s| ((s.1 / s.2 - (s.0 / s.2).powi(2)).max(1e-12).sqrt()) as f32)
+        .collect();
+    Ok(Normalize { mean, std })
+}
+
+/// Builds a full-precision network and its var store on `device`.
+pub fn build_fp(config: &ModelConfig, device: Device) -> Result<(nn::VarStore, ResNet)> {
+    let vs = nn::VarStore::new(device);
+    let net = ResNet::new(&vs.root(), config, &FullPrecisionConvs)?;
+    Ok((vs, net))
+}
+
+/// Observes training; the CLI draws progress bars with it.
+pub trait Progress {
+    fn epoch_start(&self, _epoch: usize, _epochs: usize, _batches: usize) {}
+    fn batch(&self, _loss: f64, _lr: f64, _images_per_second: f64) {}
+    fn evaluating(&self) {}
+    fn epoch_end(&self, _m: &EpochMetrics) {}
+}
+
+/// A [`Progress`] that ignores everything.
+pub struct Silent;
+impl Progress for Silent {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    pub loss: f64,
+    pub top1: f64,
+    pub top5: f64,
+    pub images: usize,
+}
+
+/// Top-1/top-5 accuracy (in %) and mean cross-entropy of `model` on `indices` of `source`.
+pub fn evaluate(
+    model: &dyn ModuleT,
+    source: Arc<dyn ImageSource>,
+    indices: &[usize],
+    pipeline: &Pipeline,
+    batch_size: usize,
+    device: Device,
+) -> Result<EvalMetrics> {
+    let loader = DataLoader::new(
+        source,
+        indices,
+        Arc::new(pipeline.clone()),
+        LoaderConfig {
+            batch_size,
+            ..Default::default()
+        },
+        0,
+    )?;
+    let (mut loss, mut top1, mut top5, mut n) = (0.0, 0.0, 0.0, 0usize);
+    for batch in loader {
+        let batch = batch?;
+        let (x, y) = (batch.images.to_device(device), batch.labels.to_device(device));
+        let logits = tch::no_grad(|| model.forward_t(&x, false));
+        let b = y.size()[0] as usize;
+        loss += logits.cross_entropy_for_logits(&y).double_value(&[]) * b as f64;
+        let k = logits.size()[1].min(5);
+        let (_, top) = logits.topk(k, 1, true, true);
+        let hits = top.eq_tensor(&y.unsqueeze(1));
+        top1 += hits.narrow(1, 0, 1).sum(Kind::Float).double_value(&[]);
+        top5 += hits.sum(Kind::Float).double_value(&[]);
+        n += b;
+    }
+    let d = n.max(1) as f64;
+    Ok(EvalMetrics {
+        loss: loss / d,
+        top1: 100.0 * top1 / d,
+        top5: 100.0 * top5 / d,
+        images: n,
+    })
+}
+
+/// What a training run needs besides hyper-parameters.
+pub struct TrainJob<'a> {
+    pub model: ModelConfig,
+    pub config: TrainConfig,
+    pub train_data: Arc<dyn ImageSource>,
+    pub train_indices: Vec<usize>,
+    pub test_data: Arc<dyn ImageSource>,
+    pub test_indices: Vec<usize>,
+    pub dataset: String,
+    pub out_dir: PathBuf,
+    pub resume: bool,
+    pub device: Device,
+    pub progress: &'a dyn Progress,
+}
+
+/// The checkpoint a run keeps in its output folder.
+pub fn last_checkpoint(out_dir: &Path) -> PathBuf {
+    out_dir.join("last.safetensors")
+}
+
+fn check_same<T: PartialEq + std::fmt::Debug>(
+    path: &Path,
+    what: &'static str,
+    saved: &T,
+    now: &T,
+) -> Result<()> {
+    if saved != now {
+        return Err(TrainError::ResumeMismatch {
+            path: path.to_path_buf(),
+            what,
+            saved: format!("{saved:?}"),
+            now: format!("{now:?}"),
+        });
+    }
+    Ok(())
+}
+
+/// Trains (or resumes) a full-precision network; returns the final checkpoint's metadata.
+pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
+    let cfg = &job.config;
+    if cfg.epochs == 0 || cfg.batch_size == 0 {
+        return Err(TrainError::Invalid("epochs and batch size must be positive".into()));
+    }
+    if job.train_indices.len() < cfg.batch_size {
+        return Err(TrainError::Invalid(format!(
+            "the training set has {} images, fewer than one batch of {}",
+            job.train_indices.len(),
+            cfg.batch_size
+        )));
+    }
+    std::fs::create_dir_all(&job.out_dir).map_err(|source| TrainError::Io {
+        path: job.out_dir.clone(),
+        source,
+    })?;
+    let ckpt_path = last_checkpoint(&job.out_dir);
+    let (vs, net) = build_fp(&job.model, job.device)?;
+    let mut opt = Sgd::new(Sgd::trainable(&vs), cfg.momentum, cfg.weight_decay);
+    let train_json = serde_json::to_value(cfg).map_err(|e| TrainError::Invalid(e.to_string()))?;
+
+    let (mut history, start_epoch, normalize) = if ckpt_path.exists() {
+        if !job.resume {
+            return Err(TrainError::WouldOverwrite {
+                dir: job.out_dir.clone(),
+            });
+        }
+        let ck = Checkpoint::load(&ckpt_path)?;
+        check_same(&ckpt_path, "model", &ck.meta.model, &job.model)?;
+        let mut saved_cfg: TrainConfig = ck
+            .meta
+            .train
+            .clone()
+            .and_then(|v| serde_json::from_value(v).ok())
+            .ok_or_else(|| TrainError::Invalid(format!("{}: no training settings", ckpt_path.display())))?;
+        // More epochs may be asked for on resume; everything else must match.
+        saved_cfg.epochs = cfg.epochs;
+        check_same(&ckpt_path, "training settings", &saved_cfg, cfg)?;
+        check_same(&ckpt_path, "dataset", &ck.meta.dataset, &Some(job.dataset.clone()))?;
+        checkpoint::load_into_var_store(&vs, ck.model_tensors(), &ckpt_path, |_| false)?;
+        let buffers: BTreeMap<String, Tensor> = ck
+            .tensors
+            .iter()
+            .filter_map(|(n, t)| {
+                n.strip_prefix(OPTIMIZER_PREFIX)
+                    .and_then(|n| n.strip_prefix("momentum."))
+                    .map(|n| (n.to_string(), t.shallow_clone()))
+            })
+            .collect();
+        opt.load_state(buffers);
+        tracing::info!("resuming {} after epoch {}", ckpt_path.display(), ck.meta.epoch);
+        (ck.meta.history, ck.meta.epoch, ck.meta.eval_pipeline.normalize)
+    } else {
+        (Vec::new(), 0, channel_stats(job.train_data.as_ref(), &job.train_indices)?)
+    };
+    // Weight init and dropout-free ResNets use libtorch's RNG only at construction; seed it
+    // anyway so runs are repeatable.
+    tch::manual_seed(cfg.seed as i64);
+
+    let native = job
+        .train_data
+        .native_shape()
+        .unwrap_or([job.model.in_channels, job.model.input_size, job.model.input_size]);
+    let (train_pipe, eval_pipe) = pipelines(native, &job.model, cfg.augment, normalize);
+    let train_pipe = Arc::new(train_pipe);
+
+    let mut meta = CheckpointMeta {
+        format: checkpoint::FORMAT_VERSION,
+        model: job.model.clone(),
+        eval_pipeline: eval_pipe.clone(),
+        dataset: Some(job.dataset.clone()),
+        train: Some(train_json),
+        epoch: start_epoch,
+        history: history.clone(),
+        source: None,
+    };
+    let steps_per_epoch = job.train_indices.len() / cfg.batch_size;
+    for epoch in start_epoch..cfg.epochs {
+        let loader = DataLoader::new(
+            job.train_data.clone(),
+            &job.train_indices,
+            train_pipe.clone(),
+            LoaderConfig {
+                batch_size: cfg.batch_size,
+                shuffle: true,
+                drop_last: true,
+                seed: cfg.seed,
+                prefetch: 3,
+            },
+            epoch as u64,
+        )?;
+        job.progress.epoch_start(epoch + 1, cfg.epochs, loader.batches());
+        let started = Instant::now();
+        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0.0f64, 0usize);
+        let mut lr = cfg.lr;
+        for (b, batch) in loader.enumerate() {
+            let batch = batch?;
+            let (x, y) = (
+                batch.images.to_device(job.device),
+                batch.labels.to_device(job.device),
+            );
+            lr = cfg
+                .schedule
+                .lr(cfg.lr, epoch as f64 + b as f64 / steps_per_epoch as f64, cfg.epochs);
+            let logits = net.forward_t(&x, true);
+            let loss = logits.cross_entropy_for_logits(&y);
+            let loss_value = loss.double_value(&[]);
+            if !loss_value.is_finite() {
+                return Err(TrainError::NonFiniteLoss {
+                    epoch: epoch + 1,
+                    batch: b,
+                    value: loss_value,
+                });
+            }
+            opt.zero_grad();
+            loss.backward();
+            opt.step(lr);
+            let n = y.size()[0] as usize;
+            loss_sum += loss_value * n as f64;
+            correct += logits
+                .argmax(1, false)
+                .eq_tensor(&y)
+                .sum(Kind::Float)
+                .double_value(&[]);
+            seen += n;
+            job.progress
+                .batch(loss_value, lr, seen as f64 / started.elapsed().as_secs_f64());
+        }
+        let train_seconds = started.elapsed().as_secs_f64();
+        job.progress.evaluating();
+        let test = evaluate(
+            &net,
+            job.test_data.clone(),
+            &job.test_indices,
+            &eval_pipe,
+            256,
+            job.device,
+        )?;
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            lr,
+            train_loss: loss_sum / seen.max(1) as f64,
+            train_top1: 100.0 * correct / seen.max(1) as f64,
+            test_loss: test.loss,
+            test_top1: test.top1,
+            test_top5: test.top5,
+            seconds: started.elapsed().as_secs_f64(),
+            images_per_second: seen as f64 / train_seconds,
+        };
+        history.push(m.clone());
+        meta.epoch = epoch + 1;
+        meta.history = history.clone();
+        let mut tensors = checkpoint::var_store_tensors(&vs);
+        for (name, buf) in opt.state() {
+            tensors.insert(
+                format!("{OPTIMIZER_PREFIX}momentum.{name}"),
+                buf.to_device(Device::Cpu),
+            );
+        }
+        Checkpoint {
+            meta: meta.clone(),
+            tensors,
+        }
+        .save(&ckpt_path)?;
+        job.progress.epoch_end(&m);
+    }
+    Ok(meta)
+}
+
+/// Loads a checkpoint into a fresh full-precision network on `device`.
+pub fn load_fp(path: &Path, device: Device) -> Result<(Checkpoint, nn::VarStore, ResNet)> {
+    let ck = Checkpoint::load(path)?;
+    let (vs, net) = build_fp(&ck.meta.model, device)?;
+    checkpoint::load_into_var_store(&vs, ck.model_tensors(), path, |_| false)?;
+    Ok((ck, vs, net))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules() {
+        let c = LrSchedule::Cosine;
+        assert!((c.lr(0.1, 0.0, 10) - 0.1).abs() < 1e-12);
+        assert!((c.lr(0.1, 5.0, 10) - 0.05).abs() < 1e-12);
+        let s = LrSchedule::Step { step_epochs: 10, gamma: 0.1 };
+        assert!((s.lr(0.1, 9.9, 30) - 0.1).abs() < 1e-12);
+        assert!((s.lr(0.1, 10.0, 30) - 0.01).abs() < 1e-12);
+    }
+}
