@@ -28,7 +28,9 @@ pub fn bench_train(
     device: Device,
 ) -> Result<BenchResult, TrainError> {
     if steps == 0 || batch_size == 0 {
-        return Err(TrainError::Invalid("steps and batch size must be positive".into()));
+        return Err(TrainError::Invalid(
+            "steps and batch size must be positive".into(),
+        ));
     }
     tch::manual_seed(0);
     let (vs, net) = build_fp(config, device)?;
@@ -38,7 +40,11 @@ pub fn bench_train(
         [batch_size as i64, config.in_channels as i64, s, s],
         (Kind::Float, device),
     );
-    let y = Tensor::randint(config.num_classes as i64, [batch_size as i64], (Kind::Int64, device));
+    let y = Tensor::randint(
+        config.num_classes as i64,
+        [batch_size as i64],
+        (Kind::Int64, device),
+    );
     let mut times = Vec::with_capacity(steps);
     for i in 0..warmup + steps {
         let t = Instant::now();

@@ -154,6 +154,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     result
 }
 
+/// Removes temp files that an interrupted [`write_atomic`] into `dir` left behind.
+pub fn remove_stale_temps(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') && name.contains(".tmp-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
 impl Checkpoint {
     /// Serialises to safetensors bytes (metadata under the `gmpq` key).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
@@ -162,10 +174,11 @@ impl Checkpoint {
             .iter()
             .map(|(n, t)| Ok((n.clone(), to_raw(t)?)))
             .collect::<Result<_>>()?;
-        let meta_json = serde_json::to_string(&self.meta).map_err(|e| CheckpointError::Corrupt {
-            path: PathBuf::new(),
-            reason: e.to_string(),
-        })?;
+        let meta_json =
+            serde_json::to_string(&self.meta).map_err(|e| CheckpointError::Corrupt {
+                path: PathBuf::new(),
+                reason: e.to_string(),
+            })?;
         let metadata: HashMap<String, String> = [(META_KEY.to_string(), meta_json)].into();
         safetensors::tensor::serialize(raws.iter().map(|(n, r)| (n.as_str(), r)), &Some(metadata))
             .map_err(|e| CheckpointError::Corrupt {
@@ -278,7 +291,11 @@ pub fn load_into_var_store<'a>(
     if !missing.is_empty() {
         problems.push(format!(
             "missing {}",
-            missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            missing
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     let unexpected: Vec<&str> = given

@@ -17,10 +17,7 @@ pub fn imagenet_normalize() -> Normalize {
 /// Reads `weights` (a torchvision state dict in safetensors) into a gmpq checkpoint for a
 /// model of `config`. Missing, unexpected or mis-shaped tensors are all reported by name;
 /// torchvision's `num_batches_tracked` counters are ignored.
-pub fn import_torchvision(
-    weights: &Path,
-    config: &ModelConfig,
-) -> Result<Checkpoint, TrainError> {
+pub fn import_torchvision(weights: &Path, config: &ModelConfig) -> Result<Checkpoint, TrainError> {
     if !matches!(config.arch, Arch::ResNet18 | Arch::ResNet50) {
         return Err(TrainError::Invalid(format!(
             "import supports torchvision resnet18 and resnet50, not {}",

@@ -54,7 +54,9 @@ pub fn parse_device(name: &str) -> Result<tch::Device, String> {
         "cuda" => cuda(0),
         other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(i)) => cuda(i),
-            _ => Err(format!("unknown device '{other}' (cpu, cuda, cuda:N, auto)")),
+            _ => Err(format!(
+                "unknown device '{other}' (cpu, cuda, cuda:N, auto)"
+            )),
         },
     }
 }
@@ -65,7 +67,11 @@ fn cuda(i: usize) -> Result<tch::Device, String> {
     } else {
         Err(format!(
             "CUDA device {i} requested but {} CUDA device(s) are available",
-            if tch::Cuda::is_available() { tch::Cuda::device_count() } else { 0 }
+            if tch::Cuda::is_available() {
+                tch::Cuda::device_count()
+            } else {
+                0
+            }
         ))
     }
 }

@@ -1,7 +1,10 @@
 //! One function per command; each turns arguments into library calls.
 
 use super::progress::TrainBars;
-use super::{BenchCommand, Cli, Command, EvalArgs, ImportArgs, SubsetArgs, TrainArgs};
+use super::{
+    BenchCommand, Cli, Command, DemoArgs, EvalArgs, ImportArgs, SubsetArgs, SubsetCmdArgs,
+    TrainArgs,
+};
 use anyhow::{bail, Context, Result};
 use gmpq::data::{stratified_subset, DatasetSpec, ImageSource, Split, SubsetSpec};
 use gmpq::model::{Arch, ModelConfig, Stem};
@@ -16,6 +19,22 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(a) => train_cmd(a, device),
         Command::Eval(a) => eval_cmd(a, device),
         Command::Import(a) => import_cmd(a),
+        Command::Subset(a) => subset_cmd(a),
+        Command::Demo(a) => demo_cmd(a, device),
+        Command::Info => {
+            println!("gmpq {}", env!("CARGO_PKG_VERSION"));
+            println!("libtorch: 2.13.0 via tch 0.26.0");
+            println!("threads: {}", tch::get_num_threads());
+            println!(
+                "OMP_WAIT_POLICY: {}",
+                std::env::var(gmpq::runtime::OMP_WAIT_POLICY).unwrap_or_else(|_| "(unset)".into())
+            );
+            println!("cuda available: {}", tch::Cuda::is_available());
+            println!("cuda devices: {}", tch::Cuda::device_count());
+            println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
+            println!("device: {device:?}");
+            Ok(())
+        }
         Command::Bench(BenchCommand::Train(a)) => {
             let arch: Arch = a.model.parse()?;
             let cfg = ModelConfig::new(arch, a.channels, a.classes, a.input_size);
@@ -188,7 +207,14 @@ fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
     }
     let indices = subset_of(data.as_ref(), &a.subset)?;
     let data: Arc<dyn ImageSource> = data;
-    let m = train::evaluate(&net, data, &indices, &ck.meta.eval_pipeline, a.batch_size, device)?;
+    let m = train::evaluate(
+        &net,
+        data,
+        &indices,
+        &ck.meta.eval_pipeline,
+        a.batch_size,
+        device,
+    )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&m)?);
     } else {
@@ -215,5 +241,68 @@ fn import_cmd(a: ImportArgs) -> Result<()> {
     }
     ck.save(&a.out)?;
     println!("wrote {} ({} tensors)", a.out.display(), ck.tensors.len());
+    Ok(())
+}
+
+fn subset_cmd(a: SubsetCmdArgs) -> Result<()> {
+    let spec = parse_spec(&a.data)?;
+    for (split, n, prefix) in [
+        (Split::Train, a.train, "train"),
+        (Split::Test, a.test, "t10k"),
+    ] {
+        let data = spec.load_idx(split)?;
+        let idx = stratified_subset(
+            &data,
+            &SubsetSpec {
+                limit: Some(n),
+                per_class: None,
+                seed: a.seed,
+            },
+        )?;
+        gmpq::data::write_idx_split(&data, &idx, &a.out, prefix)?;
+        println!(
+            "{prefix}: {} of {} images → {}",
+            idx.len(),
+            data.len(),
+            a.out.display()
+        );
+    }
+    Ok(())
+}
+
+fn demo_cmd(a: DemoArgs, device: tch::Device) -> Result<()> {
+    let started = std::time::Instant::now();
+    let args = TrainArgs {
+        model: "resnet20".into(),
+        data: "bundled:fashion-mnist".into(),
+        test_data: None,
+        input_size: None,
+        rgb: false,
+        stem: None,
+        epochs: a.epochs,
+        batch_size: 128,
+        lr: 0.1,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+        schedule: "cosine".into(),
+        crop_padding: 2,
+        hflip: true,
+        seed: 0,
+        subset: SubsetArgs {
+            limit: None,
+            per_class: None,
+            subset_seed: 0,
+        },
+        test_limit: None,
+        out: a.out.clone(),
+        resume: true,
+        json: false,
+    };
+    train_cmd(args, device)?;
+    println!(
+        "demo finished in {:.0} s; evaluate again with: gmpq eval --checkpoint {} --data bundled:fashion-mnist",
+        started.elapsed().as_secs_f64(),
+        train::last_checkpoint(&a.out).display()
+    );
     Ok(())
 }

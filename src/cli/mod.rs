@@ -49,6 +49,39 @@ pub enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Write a stratified, seeded subset of an IDX dataset (both splits) as gzipped IDX.
+    Subset(SubsetCmdArgs),
+    /// Train and evaluate ResNet-20 on the bundled Fashion-MNIST subset (the README's main job).
+    Demo(DemoArgs),
+    /// Engine facts: versions, threads, OpenMP wait policy, CUDA.
+    Info,
+}
+
+#[derive(Debug, Args)]
+pub struct SubsetCmdArgs {
+    /// An IDX dataset, e.g. idx:../shared/datasets/mnist.
+    #[arg(long)]
+    pub data: String,
+    /// Training images to keep (stratified).
+    #[arg(long)]
+    pub train: usize,
+    /// Test images to keep (stratified).
+    #[arg(long)]
+    pub test: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Run folder (an interrupted demo resumes from it).
+    #[arg(long, default_value = "runs/demo")]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 15)]
+    pub epochs: usize,
 }
 
 #[derive(Debug, Args)]
@@ -197,5 +230,6 @@ pub fn init_logging(verbose: u8) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }

@@ -38,6 +38,25 @@ pub fn read_idx(path: &Path, expected_magic: u32) -> Result<IdxArray> {
     parse_idx(path, &bytes, expected_magic)
 }
 
+/// Writes a `u8` IDX file (gzip-compressed when `path` ends in `.gz`), atomically.
+pub fn write_idx(path: &Path, magic: u32, dims: &[usize], data: &[u8]) -> Result<()> {
+    use flate2::write::GzEncoder;
+    use std::io::Write;
+    let mut raw = magic.to_be_bytes().to_vec();
+    for &d in dims {
+        raw.extend_from_slice(&(d as u32).to_be_bytes());
+    }
+    raw.extend_from_slice(data);
+    let bytes = if path.extension().is_some_and(|e| e == "gz") {
+        let mut enc = GzEncoder::new(Vec::new(), flate2::Compression::best());
+        enc.write_all(&raw).map_err(|e| DataError::io(path, e))?;
+        enc.finish().map_err(|e| DataError::io(path, e))?
+    } else {
+        raw
+    };
+    crate::checkpoint::write_atomic(path, &bytes).map_err(|e| DataError::io(path, e))
+}
+
 fn parse_idx(path: &Path, bytes: &[u8], expected_magic: u32) -> Result<IdxArray> {
     let what = if expected_magic == IDX_IMAGES_MAGIC {
         "IDX u8 images"
@@ -130,7 +149,17 @@ mod tests {
     fn rejects_truncated_and_bad_magic() {
         let b = idx_bytes(IDX_IMAGES_MAGIC, &[2, 2, 2], &[1, 2, 3]);
         let e = parse_idx(Path::new("t.idx"), &b, IDX_IMAGES_MAGIC).unwrap_err();
-        assert!(matches!(e, DataError::Truncated { expected: 8, found: 3, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                DataError::Truncated {
+                    expected: 8,
+                    found: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let b = idx_bytes(IDX_LABELS_MAGIC, &[2], &[1, 2]);
         let e = parse_idx(Path::new("m.idx"), &b, IDX_IMAGES_MAGIC).unwrap_err();
         assert!(e.to_string().contains("m.idx"));

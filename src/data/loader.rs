@@ -79,7 +79,8 @@ impl DataLoader {
         let shape = pipeline.output_shape(input_shape);
         let mut order = indices.to_vec();
         if config.shuffle {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(sample_seed(config.seed, epoch, u64::MAX));
+            let mut rng =
+                rand::rngs::StdRng::seed_from_u64(sample_seed(config.seed, epoch, u64::MAX));
             order.shuffle(&mut rng);
         }
         let batch_size = config.batch_size;
@@ -88,7 +89,11 @@ impl DataLoader {
         } else {
             order.len().div_ceil(batch_size)
         };
-        let samples = if config.drop_last { batches * batch_size } else { order.len() };
+        let samples = if config.drop_last {
+            batches * batch_size
+        } else {
+            order.len()
+        };
         let (tx, rx) = sync_channel(config.prefetch.max(1));
         std::thread::Builder::new()
             .name("gmpq-loader".into())
@@ -110,20 +115,25 @@ impl DataLoader {
                             pipeline
                                 .apply_into(img, &mut rng, shape, out)
                                 .map_err(|e| match e {
-                                    DataError::ShapeMismatch { found, expected, .. } => {
-                                        DataError::ShapeMismatch {
-                                            what: source.describe(),
-                                            index: idx,
-                                            found,
-                                            expected,
-                                        }
-                                    }
+                                    DataError::ShapeMismatch {
+                                        found, expected, ..
+                                    } => DataError::ShapeMismatch {
+                                        what: source.describe(),
+                                        index: idx,
+                                        found,
+                                        expected,
+                                    },
                                     other => other,
                                 })
                         });
                     let item = built.map(|()| {
                         let labels: Vec<i64> = chunk.iter().map(|&i| source.label(i)).collect();
-                        let dims = [chunk.len() as i64, shape[0] as i64, shape[1] as i64, shape[2] as i64];
+                        let dims = [
+                            chunk.len() as i64,
+                            shape[0] as i64,
+                            shape[1] as i64,
+                            shape[2] as i64,
+                        ];
                         Batch {
                             images: Tensor::from_slice(&pixels).view(dims),
                             labels: Tensor::from_slice(&labels),
@@ -136,7 +146,11 @@ impl DataLoader {
                 }
             })
             .map_err(|e| DataError::io("<loader thread>", e))?;
-        Ok(Self { rx, batches, samples })
+        Ok(Self {
+            rx,
+            batches,
+            samples,
+        })
     }
 
     /// Number of batches this epoch will yield.
@@ -177,10 +191,21 @@ mod tests {
         let src = toy(10);
         let idx: Vec<usize> = (0..10).collect();
         let pipe = Arc::new(Pipeline {
-            transforms: vec![Transform::RandomCrop { size: 4, padding: 1 }, Transform::GrayToRgb],
+            transforms: vec![
+                Transform::RandomCrop {
+                    size: 4,
+                    padding: 1,
+                },
+                Transform::GrayToRgb,
+            ],
             normalize: Normalize::identity(3),
         });
-        let cfg = LoaderConfig { batch_size: 4, shuffle: true, seed: 3, ..Default::default() };
+        let cfg = LoaderConfig {
+            batch_size: 4,
+            shuffle: true,
+            seed: 3,
+            ..Default::default()
+        };
         let a: Vec<Batch> = DataLoader::new(src.clone(), &idx, pipe.clone(), cfg, 1)
             .unwrap()
             .map(|b| b.unwrap())
@@ -196,7 +221,17 @@ mod tests {
             assert!(x.images.equal(&y.images));
             assert!(x.labels.equal(&y.labels));
         }
-        let dropped = DataLoader::new(src, &idx, pipe, LoaderConfig { drop_last: true, ..cfg }, 1).unwrap();
+        let dropped = DataLoader::new(
+            src,
+            &idx,
+            pipe,
+            LoaderConfig {
+                drop_last: true,
+                ..cfg
+            },
+            1,
+        )
+        .unwrap();
         assert_eq!(dropped.batches(), 2);
     }
 }

@@ -12,10 +12,10 @@ mod transform;
 
 pub use cifar::{read_cifar, CifarLayout};
 pub use folder::{ClassIndex, ImageFolder};
-pub use idx::{read_idx, IdxArray};
+pub use idx::{read_idx, write_idx, IdxArray, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC};
 pub use loader::{Batch, DataLoader, LoaderConfig};
 pub use source::{ImageSource, ImageU8, InMemoryDataset};
-pub use spec::{DatasetSpec, Split};
+pub use spec::{bundled_data_dir, load_idx_pair, DatasetKind, DatasetSpec, Split};
 pub use subset::{stratified_subset, SubsetSpec};
 pub use transform::{Normalize, Pipeline, Transform};
 
@@ -46,7 +46,9 @@ pub enum DataError {
     },
     #[error("{path}: corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("{path}: size {size} bytes is not a multiple of the {layout} record size ({record} bytes)")]
+    #[error(
+        "{path}: size {size} bytes is not a multiple of the {layout} record size ({record} bytes)"
+    )]
     BadRecordSize {
         path: PathBuf,
         size: usize,
@@ -97,3 +99,35 @@ impl DataError {
 }
 
 pub type Result<T> = std::result::Result<T, DataError>;
+
+/// Writes `indices` of an in-memory gray dataset as a gzipped IDX pair
+/// (`{prefix}-images-idx3-ubyte.gz`, `{prefix}-labels-idx1-ubyte.gz`) in `dir`.
+pub fn write_idx_split(
+    data: &InMemoryDataset,
+    indices: &[usize],
+    dir: &std::path::Path,
+    prefix: &str,
+) -> Result<()> {
+    let [c, h, w] = data.shape;
+    if c != 1 {
+        return Err(DataError::BadSubset(format!(
+            "IDX output holds gray images; {} has {c} channels",
+            data.description
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
+    let sel = data.select(indices);
+    let labels: Vec<u8> = sel.labels.iter().map(|&l| l as u8).collect();
+    write_idx(
+        &dir.join(format!("{prefix}-images-idx3-ubyte.gz")),
+        IDX_IMAGES_MAGIC,
+        &[indices.len(), h, w],
+        &sel.pixels,
+    )?;
+    write_idx(
+        &dir.join(format!("{prefix}-labels-idx1-ubyte.gz")),
+        IDX_LABELS_MAGIC,
+        &[indices.len()],
+        &labels,
+    )
+}

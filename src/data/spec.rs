@@ -165,6 +165,20 @@ pub fn load_idx_pair(images: &Path, labels: &Path) -> Result<InMemoryDataset> {
 }
 
 impl DatasetSpec {
+    /// Reads one split of an IDX dataset into memory.
+    pub fn load_idx(&self, split: Split) -> Result<InMemoryDataset> {
+        if self.kind != DatasetKind::Idx {
+            return Err(DataError::BadSpec {
+                spec: self.to_string(),
+                reason: "expected an IDX dataset".into(),
+            });
+        }
+        let pre = split.idx_prefix();
+        let images = find_idx(&self.path, &format!("{pre}-images-idx3-ubyte"))?;
+        let labels = find_idx(&self.path, &format!("{pre}-labels-idx1-ubyte"))?;
+        load_idx_pair(&images, &labels)
+    }
+
     /// Opens one split of the dataset.
     pub fn load(&self, split: Split) -> Result<Arc<dyn ImageSource>> {
         let p = &self.path;
@@ -175,12 +189,7 @@ impl DatasetSpec {
             });
         }
         match self.kind {
-            DatasetKind::Idx => {
-                let pre = split.idx_prefix();
-                let images = find_idx(p, &format!("{pre}-images-idx3-ubyte"))?;
-                let labels = find_idx(p, &format!("{pre}-labels-idx1-ubyte"))?;
-                Ok(Arc::new(load_idx_pair(&images, &labels)?))
-            }
+            DatasetKind::Idx => Ok(Arc::new(self.load_idx(split)?)),
             DatasetKind::Cifar(layout) => {
                 let files: Vec<PathBuf> = if p.is_file() {
                     vec![p.clone()]

@@ -96,9 +96,23 @@ mod tests {
     #[test]
     fn stratified_limit_is_proportional_and_seeded() {
         // 60 of class 0, 30 of class 1, 10 of class 2.
-        let labels: Vec<i64> = (0..100).map(|i| if i < 60 { 0 } else if i < 90 { 1 } else { 2 }).collect();
+        let labels: Vec<i64> = (0..100)
+            .map(|i| {
+                if i < 60 {
+                    0
+                } else if i < 90 {
+                    1
+                } else {
+                    2
+                }
+            })
+            .collect();
         let d = toy(labels);
-        let spec = SubsetSpec { limit: Some(10), per_class: None, seed: 7 };
+        let spec = SubsetSpec {
+            limit: Some(10),
+            per_class: None,
+            seed: 7,
+        };
         let s = stratified_subset(&d, &spec).unwrap();
         let count = |c| s.iter().filter(|&&i| d.labels[i] == c).count();
         assert_eq!((count(0), count(1), count(2)), (6, 3, 1));
@@ -111,8 +125,24 @@ mod tests {
     fn per_class_caps_and_too_large_limit_errors() {
         let labels: Vec<i64> = (0..30).map(|i| i % 3).collect();
         let d = toy(labels);
-        let s = stratified_subset(&d, &SubsetSpec { limit: None, per_class: Some(2), seed: 0 }).unwrap();
+        let s = stratified_subset(
+            &d,
+            &SubsetSpec {
+                limit: None,
+                per_class: Some(2),
+                seed: 0,
+            },
+        )
+        .unwrap();
         assert_eq!(s.len(), 6);
-        assert!(stratified_subset(&d, &SubsetSpec { limit: Some(31), per_class: None, seed: 0 }).is_err());
+        assert!(stratified_subset(
+            &d,
+            &SubsetSpec {
+                limit: Some(31),
+                per_class: None,
+                seed: 0
+            }
+        )
+        .is_err());
     }
 }

@@ -218,18 +218,29 @@ mod tests {
         let img = ramp(1, 4, 4);
         let f = Transform::RandomHorizontalFlip;
         // Over many draws both outcomes appear, and a flip mirrors each row.
-        let outs: Vec<ImageU8> = (0..20).map(|_| f.apply(img.clone(), &mut rng).unwrap()).collect();
+        let outs: Vec<ImageU8> = (0..20)
+            .map(|_| f.apply(img.clone(), &mut rng).unwrap())
+            .collect();
         assert!(outs.iter().any(|o| o == &img));
         let flipped = outs.iter().find(|o| *o != &img).unwrap();
         assert_eq!(flipped.at(0, 0, 0), img.at(0, 0, 3));
-        let cc = Transform::CenterCrop { size: 2 }.apply(img.clone(), &mut rng).unwrap();
+        let cc = Transform::CenterCrop { size: 2 }
+            .apply(img.clone(), &mut rng)
+            .unwrap();
         assert_eq!(cc.data, vec![5, 6, 9, 10]);
-        let rc = Transform::RandomCrop { size: 4, padding: 2 }.apply(img.clone(), &mut rng).unwrap();
+        let rc = Transform::RandomCrop {
+            size: 4,
+            padding: 2,
+        }
+        .apply(img.clone(), &mut rng)
+        .unwrap();
         assert_eq!((rc.height, rc.width), (4, 4));
         let rgb = Transform::GrayToRgb.apply(img.clone(), &mut rng).unwrap();
         assert_eq!(rgb.channels, 3);
         assert_eq!(rgb.at(2, 1, 1), img.at(0, 1, 1));
-        let r = Transform::Resize { size: 2 }.apply(ramp(3, 4, 8), &mut rng).unwrap();
+        let r = Transform::Resize { size: 2 }
+            .apply(ramp(3, 4, 8), &mut rng)
+            .unwrap();
         assert_eq!((r.channels, r.height, r.width), (3, 2, 4));
     }
 
@@ -237,11 +248,20 @@ mod tests {
     fn normalizes() {
         let p = Pipeline {
             transforms: vec![],
-            normalize: Normalize { mean: vec![0.5], std: vec![0.25] },
+            normalize: Normalize {
+                mean: vec![0.5],
+                std: vec![0.25],
+            },
         };
         let mut out = vec![0.0; 2];
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        p.apply_into(ImageU8::new(1, 1, 2, vec![0, 255]), &mut rng, [1, 1, 2], &mut out).unwrap();
+        p.apply_into(
+            ImageU8::new(1, 1, 2, vec![0, 255]),
+            &mut rng,
+            [1, 1, 2],
+            &mut out,
+        )
+        .unwrap();
         assert!((out[0] + 2.0).abs() < 1e-6 && (out[1] - 2.0).abs() < 1e-6);
     }
 }

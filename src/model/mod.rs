@@ -5,9 +5,7 @@
 mod layers;
 mod resnet;
 
-pub use layers::{
-    path_for, ConvLayer, ConvSpec, FullPrecisionConvs, LayerFactory, LinearSpec,
-};
+pub use layers::{path_for, ConvLayer, ConvSpec, FullPrecisionConvs, LayerFactory, LinearSpec};
 pub use resnet::ResNet;
 
 use serde::{Deserialize, Serialize};
@@ -17,7 +15,11 @@ pub enum ModelError {
     #[error("unknown model '{0}' (resnet20, resnet32, resnet56, resnet18, resnet50)")]
     UnknownArch(String),
     #[error("input size {input} is too small for {arch} (needs at least {min})")]
-    InputTooSmall { arch: String, input: usize, min: usize },
+    InputTooSmall {
+        arch: String,
+        input: usize,
+        min: usize,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -51,14 +53,16 @@ impl Arch {
 impl std::str::FromStr for Arch {
     type Err = ModelError;
     fn from_str(s: &str) -> Result<Self, ModelError> {
-        Ok(match s.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
-            "resnet20" => Arch::ResNet20,
-            "resnet32" => Arch::ResNet32,
-            "resnet56" => Arch::ResNet56,
-            "resnet18" => Arch::ResNet18,
-            "resnet50" => Arch::ResNet50,
-            _ => return Err(ModelError::UnknownArch(s.to_string())),
-        })
+        Ok(
+            match s.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
+                "resnet20" => Arch::ResNet20,
+                "resnet32" => Arch::ResNet32,
+                "resnet56" => Arch::ResNet56,
+                "resnet18" => Arch::ResNet18,
+                "resnet50" => Arch::ResNet50,
+                _ => return Err(ModelError::UnknownArch(s.to_string())),
+            },
+        )
     }
 }
 
@@ -82,7 +86,9 @@ impl std::str::FromStr for Stem {
         match s {
             "cifar" => Ok(Stem::Cifar),
             "imagenet" => Ok(Stem::Imagenet),
-            _ => Err(ModelError::Invalid(format!("unknown stem '{s}' (cifar, imagenet)"))),
+            _ => Err(ModelError::Invalid(format!(
+                "unknown stem '{s}' (cifar, imagenet)"
+            ))),
         }
     }
 }

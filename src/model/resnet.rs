@@ -370,21 +370,32 @@ mod tests {
         // 19 convs + 2 downsample convs = 21 conv layers, stem first and not quantizable.
         assert_eq!(net.convs().len(), 21);
         assert!(!net.convs()[0].quantizable);
-        assert!(net.convs().iter().any(|c| c.name == "layer2.0.downsample.0"));
+        assert!(net
+            .convs()
+            .iter()
+            .any(|c| c.name == "layer2.0.downsample.0"));
         let vars = vs.variables();
         assert!(vars.contains_key("layer3.2.conv2.weight"));
         assert!(vars.contains_key("layer2.0.downsample.1.running_mean"));
         let bn = &vars["layer1.0.bn1.weight"];
         assert_eq!(bn.min().double_value(&[]), 1.0);
         // ResNet-20 without shortcut convs has 269,722 parameters (3→10); add the 2 1×1 convs + BN.
-        let n: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+        let n: i64 = vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
         assert_eq!(n, 269_722 + 16 * 32 + 32 * 2 + 32 * 64 + 64 * 2);
     }
 
     #[test]
     fn resnet18_imagenet_and_cifar_geometry() {
         let (vs, net) = build(&ModelConfig::new(Arch::ResNet18, 3, 1000, 224));
-        let n: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+        let n: i64 = vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
         assert_eq!(n, 11_689_512); // torchvision resnet18
         assert_eq!(net.convs().last().unwrap().out_hw, [7, 7]);
         let mut cfg = ModelConfig::new(Arch::ResNet18, 3, 10, 32);
@@ -399,7 +410,11 @@ mod tests {
     #[test]
     fn resnet50_param_count() {
         let (vs, _) = build(&ModelConfig::new(Arch::ResNet50, 3, 1000, 224));
-        let n: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+        let n: i64 = vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
         assert_eq!(n, 25_557_032); // torchvision resnet50
     }
 }

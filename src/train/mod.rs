@@ -29,9 +29,17 @@ pub enum TrainError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
-    #[error("loss became {value} at epoch {epoch}, batch {batch}: training diverged (try a lower --lr)")]
-    NonFiniteLoss { epoch: usize, batch: usize, value: f64 },
-    #[error("{dir} already holds a checkpoint: pass --resume to continue it, or choose another --out")]
+    #[error(
+        "loss became {value} at epoch {epoch}, batch {batch}: training diverged (try a lower --lr)"
+    )]
+    NonFiniteLoss {
+        epoch: usize,
+        batch: usize,
+        value: f64,
+    },
+    #[error(
+        "{dir} already holds a checkpoint: pass --resume to continue it, or choose another --out"
+    )]
     WouldOverwrite { dir: PathBuf },
     #[error("cannot resume {path}: {what} differs (checkpoint: {saved}, now: {now})")]
     ResumeMismatch {
@@ -58,7 +66,10 @@ pub enum LrSchedule {
     /// Cosine decay from the base rate to 0 over all steps, updated every step.
     Cosine,
     /// Multiply by `gamma` every `step_epochs` epochs.
-    Step { step_epochs: usize, gamma: f64 },
+    Step {
+        step_epochs: usize,
+        gamma: f64,
+    },
     Constant,
 }
 
@@ -175,7 +186,9 @@ pub fn channel_stats(source: &dyn ImageSource, indices: &[usize]) -> Result<Norm
         }
     }
     if sums.is_empty() {
-        return Err(TrainError::Invalid("cannot compute statistics of an empty dataset".into()));
+        return Err(TrainError::Invalid(
+            "cannot compute statistics of an empty dataset".into(),
+        ));
     }
     let mean: Vec<f32> = sums.iter().map(|s| (s.0 / s.2) as f32).collect();
     let std: Vec<f32> = sums
@@ -234,7 +247,10 @@ pub fn evaluate(
     let (mut loss, mut top1, mut top5, mut n) = (0.0, 0.0, 0.0, 0usize);
     for batch in loader {
         let batch = batch?;
-        let (x, y) = (batch.images.to_device(device), batch.labels.to_device(device));
+        let (x, y) = (
+            batch.images.to_device(device),
+            batch.labels.to_device(device),
+        );
         let logits = tch::no_grad(|| model.forward_t(&x, false));
         let b = y.size()[0] as usize;
         loss += logits.cross_entropy_for_logits(&y).double_value(&[]) * b as f64;
@@ -295,7 +311,9 @@ fn check_same<T: PartialEq + std::fmt::Debug>(
 pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
     let cfg = &job.config;
     if cfg.epochs == 0 || cfg.batch_size == 0 {
-        return Err(TrainError::Invalid("epochs and batch size must be positive".into()));
+        return Err(TrainError::Invalid(
+            "epochs and batch size must be positive".into(),
+        ));
     }
     if job.train_indices.len() < cfg.batch_size {
         return Err(TrainError::Invalid(format!(
@@ -309,6 +327,7 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
         source,
     })?;
     let ckpt_path = last_checkpoint(&job.out_dir);
+    checkpoint::remove_stale_temps(&job.out_dir);
     let (vs, net) = build_fp(&job.model, job.device)?;
     let mut opt = Sgd::new(Sgd::trainable(&vs), cfg.momentum, cfg.weight_decay);
     let train_json = serde_json::to_value(cfg).map_err(|e| TrainError::Invalid(e.to_string()))?;
@@ -326,11 +345,18 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             .train
             .clone()
             .and_then(|v| serde_json::from_value(v).ok())
-            .ok_or_else(|| TrainError::Invalid(format!("{}: no training settings", ckpt_path.display())))?;
+            .ok_or_else(|| {
+                TrainError::Invalid(format!("{}: no training settings", ckpt_path.display()))
+            })?;
         // More epochs may be asked for on resume; everything else must match.
         saved_cfg.epochs = cfg.epochs;
         check_same(&ckpt_path, "training settings", &saved_cfg, cfg)?;
-        check_same(&ckpt_path, "dataset", &ck.meta.dataset, &Some(job.dataset.clone()))?;
+        check_same(
+            &ckpt_path,
+            "dataset",
+            &ck.meta.dataset,
+            &Some(job.dataset.clone()),
+        )?;
         checkpoint::load_into_var_store(&vs, ck.model_tensors(), &ckpt_path, |_| false)?;
         let buffers: BTreeMap<String, Tensor> = ck
             .tensors
@@ -342,19 +368,32 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             })
             .collect();
         opt.load_state(buffers);
-        tracing::info!("resuming {} after epoch {}", ckpt_path.display(), ck.meta.epoch);
-        (ck.meta.history, ck.meta.epoch, ck.meta.eval_pipeline.normalize)
+        tracing::info!(
+            "resuming {} after epoch {}",
+            ckpt_path.display(),
+            ck.meta.epoch
+        );
+        (
+            ck.meta.history,
+            ck.meta.epoch,
+            ck.meta.eval_pipeline.normalize,
+        )
     } else {
-        (Vec::new(), 0, channel_stats(job.train_data.as_ref(), &job.train_indices)?)
+        (
+            Vec::new(),
+            0,
+            channel_stats(job.train_data.as_ref(), &job.train_indices)?,
+        )
     };
     // Weight init and dropout-free ResNets use libtorch's RNG only at construction; seed it
     // anyway so runs are repeatable.
     tch::manual_seed(cfg.seed as i64);
 
-    let native = job
-        .train_data
-        .native_shape()
-        .unwrap_or([job.model.in_channels, job.model.input_size, job.model.input_size]);
+    let native = job.train_data.native_shape().unwrap_or([
+        job.model.in_channels,
+        job.model.input_size,
+        job.model.input_size,
+    ]);
     let (train_pipe, eval_pipe) = pipelines(native, &job.model, cfg.augment, normalize);
     let train_pipe = Arc::new(train_pipe);
 
@@ -383,7 +422,8 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             },
             epoch as u64,
         )?;
-        job.progress.epoch_start(epoch + 1, cfg.epochs, loader.batches());
+        job.progress
+            .epoch_start(epoch + 1, cfg.epochs, loader.batches());
         let started = Instant::now();
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0.0f64, 0usize);
         let mut lr = cfg.lr;
@@ -393,9 +433,11 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
                 batch.images.to_device(job.device),
                 batch.labels.to_device(job.device),
             );
-            lr = cfg
-                .schedule
-                .lr(cfg.lr, epoch as f64 + b as f64 / steps_per_epoch as f64, cfg.epochs);
+            lr = cfg.schedule.lr(
+                cfg.lr,
+                epoch as f64 + b as f64 / steps_per_epoch as f64,
+                cfg.epochs,
+            );
             let logits = net.forward_t(&x, true);
             let loss = logits.cross_entropy_for_logits(&y);
             let loss_value = loss.double_value(&[]);
@@ -417,8 +459,11 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
                 .sum(Kind::Float)
                 .double_value(&[]);
             seen += n;
-            job.progress
-                .batch(loss_value, lr, seen as f64 / started.elapsed().as_secs_f64());
+            job.progress.batch(
+                loss_value,
+                lr,
+                seen as f64 / started.elapsed().as_secs_f64(),
+            );
         }
         let train_seconds = started.elapsed().as_secs_f64();
         job.progress.evaluating();
@@ -478,7 +523,10 @@ mod tests {
         let c = LrSchedule::Cosine;
         assert!((c.lr(0.1, 0.0, 10) - 0.1).abs() < 1e-12);
         assert!((c.lr(0.1, 5.0, 10) - 0.05).abs() < 1e-12);
-        let s = LrSchedule::Step { step_epochs: 10, gamma: 0.1 };
+        let s = LrSchedule::Step {
+            step_epochs: 10,
+            gamma: 0.1,
+        };
         assert!((s.lr(0.1, 9.9, 30) - 0.1).abs() < 1e-12);
         assert!((s.lr(0.1, 10.0, 30) - 0.01).abs() < 1e-12);
     }

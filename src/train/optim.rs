@@ -118,7 +118,10 @@ mod tests {
         }
         let got: Vec<f32> = Vec::try_from(&p).unwrap();
         for i in 0..2 {
-            assert!((got[i] as f64 - expect[i]).abs() < 1e-6, "{got:?} vs {expect:?}");
+            assert!(
+                (got[i] as f64 - expect[i]).abs() < 1e-6,
+                "{got:?} vs {expect:?}"
+            );
         }
         assert!(opt.state().contains_key("p"));
     }

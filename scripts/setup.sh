@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what gmpq builds against, once: a virtualenv (.venv) holding the PyPI wheel
+# torch==2.13.0, whose libtorch tch 0.26 links to. Idempotent: a second run does nothing.
+# Override the location with GMPQ_VENV, the interpreter with GMPQ_PYTHON.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${GMPQ_VENV:-$root/.venv}"
+torch_version="2.13.0"
+
+have_torch() {
+  compgen -G "$venv/lib/python3*/site-packages/torch-${torch_version}.dist-info" >/dev/null
+}
+
+if have_torch; then
+  exit 0
+fi
+
+python="${GMPQ_PYTHON:-}"
+if [ -z "$python" ]; then
+  for candidate in python3.12 python3.11 python3.10 python3; do
+    if command -v "$candidate" >/dev/null 2>&1; then python="$candidate"; break; fi
+  done
+fi
+if [ -z "$python" ]; then
+  echo "gmpq setup: no python3 found; install Python 3.10+ (e.g. apt-get install python3 python3-venv)" >&2
+  exit 1
+fi
+if [ ! -x "$venv/bin/python" ]; then
+  echo "gmpq setup: creating virtualenv $venv with $($python --version 2>&1)" >&2
+  if ! "$python" -m venv "$venv"; then
+    echo "gmpq setup: '$python -m venv' failed; on Debian/Ubuntu install python3-venv" >&2
+    exit 1
+  fi
+fi
+echo "gmpq setup: installing torch==${torch_version} (libtorch for tch; about 4.5 GB with its CUDA libraries, once)" >&2
+"$venv/bin/python" -m pip install --disable-pip-version-check --quiet "torch==${torch_version}"
+have_torch || { echo "gmpq setup: torch ${torch_version} did not install into $venv" >&2; exit 1; }
+echo "gmpq setup: done" >&2

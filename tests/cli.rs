@@ -1,0 +1,114 @@
+//! End-to-end CLI behaviour on the bundled data.
+
+mod common;
+
+use common::{bundled, gmpq, run, stderr};
+
+#[test]
+fn train_then_eval_on_bundled_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let data = format!("idx:{}", bundled("mnist").display());
+    let o = run(&[
+        "train",
+        "--data",
+        &data,
+        "--limit",
+        "1000",
+        "--test-limit",
+        "500",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "50",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["epochs"], 2);
+    let top1 = v["final"]["test_top1"].as_f64().unwrap();
+    // Two short epochs on 1,000 digits already learn something (chance is 10%).
+    assert!(top1 > 50.0, "test top-1 {top1}");
+
+    let ckpt = out.join("last.safetensors");
+    assert!(out.join("last.json").is_file());
+    let o = run(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--data",
+        &data,
+        "--limit",
+        "500",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(m["images"], 500);
+    // The same 500 stratified test images as during training: the same accuracy.
+    assert!(
+        (m["top1"].as_f64().unwrap() - top1).abs() < 1e-9,
+        "{m} vs {top1}"
+    );
+    assert!(m["top5"].as_f64().unwrap() >= m["top1"].as_f64().unwrap());
+}
+
+#[test]
+fn eval_refuses_non_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("junk.safetensors");
+    std::fs::write(&f, b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ").unwrap();
+    let o = run(&[
+        "eval",
+        "--checkpoint",
+        f.to_str().unwrap(),
+        "--data",
+        "bundled:mnist",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("junk.safetensors"), "{}", stderr(&o));
+}
+
+#[test]
+fn omp_wait_policy_is_passive_unless_user_sets_it() {
+    let o = run(&["info"]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("OMP_WAIT_POLICY: PASSIVE"));
+    let o = gmpq()
+        .arg("info")
+        .env("OMP_WAIT_POLICY", "ACTIVE")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("OMP_WAIT_POLICY: ACTIVE"));
+    let o = run(&["--threads", "1", "info"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("threads: 1"));
+}
+
+#[test]
+fn help_lists_commands() {
+    let o = run(&["--help"]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    for cmd in ["train", "eval", "import", "bench", "demo", "subset"] {
+        assert!(text.contains(cmd), "--help lacks {cmd}");
+    }
+}
+
+#[test]
+fn bench_train_reports_throughput() {
+    let o = run(&[
+        "bench",
+        "train",
+        "--batch-size",
+        "8",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["images_per_second"].as_f64().unwrap() > 0.0);
+}

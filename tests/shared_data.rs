@@ -1,0 +1,106 @@
+//! Checks against the full datasets in ../shared/datasets (skipped, loudly, when absent),
+//! and of the subsets bundled in data/.
+
+mod common;
+
+use common::{bundled, shared_datasets};
+use gmpq::data::{DatasetSpec, ImageSource, Split};
+
+fn class_counts(d: &dyn ImageSource) -> Vec<usize> {
+    let mut c = vec![0; d.num_classes()];
+    for i in 0..d.len() {
+        c[d.label(i) as usize] += 1;
+    }
+    c
+}
+
+#[test]
+fn bundled_subsets_are_stratified() {
+    for name in ["mnist", "fashion-mnist"] {
+        let spec: DatasetSpec = format!("bundled:{name}").parse().unwrap();
+        assert_eq!(spec.path, bundled(name));
+        let train = spec.load(Split::Train).unwrap();
+        let test = spec.load(Split::Test).unwrap();
+        assert_eq!((train.len(), test.len()), (6000, 1000), "{name}");
+        assert_eq!(train.native_shape(), Some([1, 28, 28]));
+        let counts = class_counts(train.as_ref());
+        if name == "fashion-mnist" {
+            // Fashion-MNIST is balanced, so a stratified 10% is exactly 600 per class.
+            assert_eq!(counts, vec![600; 10]);
+        } else {
+            // MNIST's classes range from 9.0% (5) to 11.2% (1) of the full set.
+            assert!(
+                counts.iter().all(|&c| (530..=690).contains(&c)),
+                "{counts:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn full_fashion_mnist_and_mnist() {
+    let Some(root) = shared_datasets("full_fashion_mnist_and_mnist") else {
+        return;
+    };
+    for (name, per_class_equal) in [("fashion-mnist", true), ("mnist", false)] {
+        let spec: DatasetSpec = format!("idx:{}", root.join(name).display())
+            .parse()
+            .unwrap();
+        let train = spec.load(Split::Train).unwrap();
+        let test = spec.load(Split::Test).unwrap();
+        assert_eq!((train.len(), test.len()), (60_000, 10_000));
+        if per_class_equal {
+            assert_eq!(class_counts(train.as_ref()), vec![6000; 10]);
+        }
+    }
+}
+
+#[test]
+fn cifar_and_imagenet_samples() {
+    let Some(root) = shared_datasets("cifar_and_imagenet_samples") else {
+        return;
+    };
+    let c10: DatasetSpec = format!(
+        "cifar10:{}",
+        root.join("samples/cifar10/cifar10_first20_test.bin")
+            .display()
+    )
+    .parse()
+    .unwrap();
+    let d = c10.load(Split::Test).unwrap();
+    assert_eq!(d.len(), 20);
+    // CIFAR-10 test images 0..3 are cat, ship, ship, airplane.
+    assert_eq!(
+        (0..4).map(|i| d.label(i)).collect::<Vec<_>>(),
+        vec![3, 8, 8, 0]
+    );
+    let c100: DatasetSpec = format!(
+        "cifar100-fine-only:{}",
+        root.join("samples/cifar100/cifar100_first20_test.bin")
+            .display()
+    )
+    .parse()
+    .unwrap();
+    let d = c100.load(Split::Test).unwrap();
+    assert_eq!((d.len(), d.num_classes()), (20, 100));
+    // 20 one-label-byte records are not a whole number of two-label-byte records.
+    let wrong: DatasetSpec = format!(
+        "cifar100:{}",
+        root.join("samples/cifar100/cifar100_first20_test.bin")
+            .display()
+    )
+    .parse()
+    .unwrap();
+    assert!(wrong.load(Split::Test).is_err());
+    let inet: DatasetSpec = format!(
+        "imagenet-folder:{}",
+        root.join("samples/imagenet").display()
+    )
+    .parse()
+    .unwrap();
+    let d = inet.load(Split::Test).unwrap();
+    assert_eq!((d.len(), d.num_classes()), (20, 1000));
+    let img = d.image(0).unwrap();
+    assert_eq!(img.channels, 3);
+    assert!(img.height >= 224 && img.width >= 224);
+}
