@@ -1,14 +1,16 @@
 //! gmpq — generalizable mixed-precision quantization for CNNs, on libtorch.
 //!
-//! The crate is laid out as the pipeline: [`data`] → [`model`] → [`train`] (with
-//! [`checkpoint`] persistence) → [`import`] of foreign weights; [`runtime`] holds
-//! process-level engine settings. The `gmpq` binary is a thin CLI over this library.
+//! The crate is laid out as the pipeline: [`data`] → [`model`] → [`quant`] → [`train`] (with
+//! [`checkpoint`] persistence) → [`policy`] (bits per layer, BOPs, size); [`import`] reads
+//! foreign weights and [`runtime`] holds process-level engine settings. The `gmpq` binary is a thin CLI over this library.
 
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod import;
 pub mod model;
+pub mod policy;
+pub mod quant;
 pub mod runtime;
 pub mod train;
 

@@ -1,6 +1,7 @@
 //! Layer descriptions and the factory through which networks create their conv layers.
 //! Quantized networks plug in a different factory; the network code stays the same.
 
+use super::ModelError;
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::Tensor;
@@ -54,7 +55,8 @@ pub trait ConvLayer: std::fmt::Debug + Send {
 
 /// Creates the conv layers of a network, one call per layer, with its full spec.
 pub trait LayerFactory {
-    fn conv(&self, path: nn::Path, spec: &ConvSpec) -> Box<dyn ConvLayer>;
+    /// Fails when the factory has no way to build `spec` (e.g. a policy that lacks the layer).
+    fn conv(&self, path: nn::Path, spec: &ConvSpec) -> Result<Box<dyn ConvLayer>, ModelError>;
 }
 
 /// Resolves a dotted layer name (`layer1.0.conv1`) to a var-store path.
@@ -76,26 +78,31 @@ impl ConvLayer for FpConv {
 }
 
 impl LayerFactory for FullPrecisionConvs {
-    fn conv(&self, path: nn::Path, spec: &ConvSpec) -> Box<dyn ConvLayer> {
-        let cfg = nn::ConvConfig {
-            stride: spec.stride as i64,
-            padding: spec.padding as i64,
-            groups: spec.groups as i64,
-            bias: false,
-            // torchvision's ResNet init: Kaiming normal, fan-out, ReLU gain.
-            ws_init: nn::Init::Kaiming {
-                dist: nn::init::NormalOrUniform::Normal,
-                fan: nn::init::FanInOut::FanOut,
-                non_linearity: nn::init::NonLinearity::ReLU,
-            },
-            ..Default::default()
-        };
-        Box::new(FpConv(nn::conv2d(
-            path,
-            spec.in_channels as i64,
-            spec.out_channels as i64,
-            spec.kernel as i64,
-            cfg,
-        )))
+    fn conv(&self, path: nn::Path, spec: &ConvSpec) -> Result<Box<dyn ConvLayer>, ModelError> {
+        Ok(Box::new(FpConv(fp_conv(path, spec))))
     }
+}
+
+/// A bias-free conv with torchvision's ResNet init, registered at `path` as `weight`.
+pub fn fp_conv(path: nn::Path, spec: &ConvSpec) -> nn::Conv2D {
+    let cfg = nn::ConvConfig {
+        stride: spec.stride as i64,
+        padding: spec.padding as i64,
+        groups: spec.groups as i64,
+        bias: false,
+        // torchvision's ResNet init: Kaiming normal, fan-out, ReLU gain.
+        ws_init: nn::Init::Kaiming {
+            dist: nn::init::NormalOrUniform::Normal,
+            fan: nn::init::FanInOut::FanOut,
+            non_linearity: nn::init::NonLinearity::ReLU,
+        },
+        ..Default::default()
+    };
+    nn::conv2d(
+        path,
+        spec.in_channels as i64,
+        spec.out_channels as i64,
+        spec.kernel as i64,
+        cfg,
+    )
 }

@@ -5,7 +5,9 @@
 mod layers;
 mod resnet;
 
-pub use layers::{path_for, ConvLayer, ConvSpec, FullPrecisionConvs, LayerFactory, LinearSpec};
+pub use layers::{
+    fp_conv, path_for, ConvLayer, ConvSpec, FullPrecisionConvs, LayerFactory, LinearSpec,
+};
 pub use resnet::ResNet;
 
 use serde::{Deserialize, Serialize};

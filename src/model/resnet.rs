@@ -111,7 +111,7 @@ impl Builder<'_, '_> {
         kernel: usize,
         stride: usize,
         quantizable: bool,
-    ) -> ConvBn {
+    ) -> Result<ConvBn, ModelError> {
         let padding = kernel / 2;
         let out_hw = in_hw.map(|s| conv_out(s, kernel, stride, padding));
         let spec = ConvSpec {
@@ -126,16 +126,22 @@ impl Builder<'_, '_> {
             out_hw,
             quantizable,
         };
-        let conv = self.factory.conv(path_for(&self.root, conv_name), &spec);
+        let conv = self.factory.conv(path_for(&self.root, conv_name), &spec)?;
         self.convs.push(spec);
         self.hw = out_hw;
-        ConvBn {
+        Ok(ConvBn {
             conv,
             bn: batch_norm(path_for(&self.root, bn_name), c_out),
-        }
+        })
     }
 
-    fn basic(&mut self, prefix: &str, c_in: usize, c_out: usize, stride: usize) -> Block {
+    fn basic(
+        &mut self,
+        prefix: &str,
+        c_in: usize,
+        c_out: usize,
+        stride: usize,
+    ) -> Result<Block, ModelError> {
         let in_hw = self.hw;
         let a = self.conv_bn(
             &format!("{prefix}.conv1"),
@@ -146,7 +152,7 @@ impl Builder<'_, '_> {
             3,
             stride,
             true,
-        );
+        )?;
         let mid = self.hw;
         let b = self.conv_bn(
             &format!("{prefix}.conv2"),
@@ -157,10 +163,10 @@ impl Builder<'_, '_> {
             3,
             1,
             true,
-        );
+        )?;
         let out_hw = self.hw;
-        let downsample = (stride != 1 || c_in != c_out).then(|| {
-            self.conv_bn(
+        let downsample = if stride != 1 || c_in != c_out {
+            Some(self.conv_bn(
                 &format!("{prefix}.downsample.0"),
                 &format!("{prefix}.downsample.1"),
                 in_hw,
@@ -169,25 +175,33 @@ impl Builder<'_, '_> {
                 1,
                 stride,
                 true,
-            )
-        });
+            )?)
+        } else {
+            None
+        };
         self.hw = out_hw;
-        Block::Basic { a, b, downsample }
+        Ok(Block::Basic { a, b, downsample })
     }
 
-    fn bottleneck(&mut self, prefix: &str, c_in: usize, width: usize, stride: usize) -> Block {
+    fn bottleneck(
+        &mut self,
+        prefix: &str,
+        c_in: usize,
+        width: usize,
+        stride: usize,
+    ) -> Result<Block, ModelError> {
         let c_out = width * 4;
         let in_hw = self.hw;
         let p = |s: &str| format!("{prefix}.{s}");
-        let a = self.conv_bn(&p("conv1"), &p("bn1"), in_hw, c_in, width, 1, 1, true);
+        let a = self.conv_bn(&p("conv1"), &p("bn1"), in_hw, c_in, width, 1, 1, true)?;
         let hw = self.hw;
         // torchvision (v1.5) puts the stride on the 3×3 conv.
-        let b = self.conv_bn(&p("conv2"), &p("bn2"), hw, width, width, 3, stride, true);
+        let b = self.conv_bn(&p("conv2"), &p("bn2"), hw, width, width, 3, stride, true)?;
         let hw = self.hw;
-        let c = self.conv_bn(&p("conv3"), &p("bn3"), hw, width, c_out, 1, 1, true);
+        let c = self.conv_bn(&p("conv3"), &p("bn3"), hw, width, c_out, 1, 1, true)?;
         let out_hw = self.hw;
-        let downsample = (stride != 1 || c_in != c_out).then(|| {
-            self.conv_bn(
+        let downsample = if stride != 1 || c_in != c_out {
+            Some(self.conv_bn(
                 &p("downsample.0"),
                 &p("downsample.1"),
                 in_hw,
@@ -196,15 +210,17 @@ impl Builder<'_, '_> {
                 1,
                 stride,
                 true,
-            )
-        });
+            )?)
+        } else {
+            None
+        };
         self.hw = out_hw;
-        Block::Bottleneck {
+        Ok(Block::Bottleneck {
             a,
             b,
             c,
             downsample,
-        }
+        })
     }
 }
 
@@ -257,7 +273,7 @@ impl ResNet {
             stem_kernel,
             stem_stride,
             false,
-        );
+        )?;
         let max_pool = stem == Stem::Imagenet;
         if max_pool {
             b.hw = b.hw.map(|s| conv_out(s, 3, 2, 1));
@@ -277,10 +293,10 @@ impl ResNet {
                 let stride = if stage > 0 && i == 0 { 2 } else { 1 };
                 let prefix = format!("layer{}.{i}", stage + 1);
                 if bottleneck {
-                    blocks.push(b.bottleneck(&prefix, c_in, width, stride));
+                    blocks.push(b.bottleneck(&prefix, c_in, width, stride)?);
                     c_in = width * 4;
                 } else {
-                    blocks.push(b.basic(&prefix, c_in, width, stride));
+                    blocks.push(b.basic(&prefix, c_in, width, stride)?);
                     c_in = width;
                 }
             }

@@ -1,0 +1,303 @@
+//! Mixed-precision policies (a `(w_bits, a_bits)` per quantized layer), their validation
+//! against a model, and their cost: BOPs, model size and compression, as METHOD.md defines.
+
+use crate::model::{ConvSpec, LinearSpec, ModelConfig};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_CANDIDATES: [u32; 4] = [2, 3, 4, 6];
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a policy: {reason}")]
+    Parse { path: PathBuf, reason: String },
+    #[error("policy is for {policy} but the model is {model}")]
+    WrongModel { policy: String, model: String },
+    #[error("policy layer '{0}' does not exist in the model")]
+    UnknownLayer(String),
+    #[error("policy has no entry for layer '{0}'")]
+    MissingLayer(String),
+    #[error("policy lists layer '{0}' twice")]
+    DuplicateLayer(String),
+    #[error("layer '{layer}': {kind} bits {bits} not in the candidate set {set:?}")]
+    BitsNotCandidate {
+        layer: String,
+        kind: &'static str,
+        bits: u32,
+        set: Vec<u32>,
+    },
+    #[error("'{0}' is not a uniform policy name (like w4a4, w8a8, w2a3)")]
+    BadUniform(String),
+    #[error("invalid candidate set '{0}' (comma-separated bit widths in 2..16)")]
+    BadCandidates(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerBits {
+    pub name: String,
+    pub w_bits: u32,
+    pub a_bits: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidates {
+    pub weight: Vec<u32>,
+    pub activation: Vec<u32>,
+}
+
+/// Totals derived from a policy and model geometry (written for humans; recomputed on load).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyTotals {
+    /// Σ over quantized layers of MACs·b_w·b_a.
+    pub bops: u64,
+    /// Σ over all layers (stem, quantized, head) of MACs·32·32.
+    pub fp_bops: u64,
+    /// MACs·32·32 of the full-precision stem and head, which `bops` leaves out.
+    pub fp_layers_bops: u64,
+    pub compression: f64,
+    /// Σ params·b_w over quantized layers + 32-bit FP layers, in MB (10^6 bytes).
+    pub size_mb: f64,
+    pub fp_size_mb: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    pub model: String,
+    pub input_size: usize,
+    pub candidates: Candidates,
+    pub layers: Vec<LayerBits>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub totals: Option<PolicyTotals>,
+    /// Free-form provenance (search settings, cost), kept as written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<serde_json::Value>,
+}
+
+/// Parses `2,3,4,6`.
+pub fn parse_candidates(s: &str) -> Result<Vec<u32>, PolicyError> {
+    let v: Vec<u32> = s
+        .split(',')
+        .map(|t| t.trim().parse::<u32>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| PolicyError::BadCandidates(s.into()))?;
+    if v.is_empty() || v.iter().any(|b| !(2..=16).contains(b)) {
+        return Err(PolicyError::BadCandidates(s.into()));
+    }
+    let set: BTreeSet<u32> = v.into_iter().collect();
+    Ok(set.into_iter().collect())
+}
+
+/// Parses `w4a4` into `(4, 4)`.
+pub fn parse_uniform(name: &str) -> Result<(u32, u32), PolicyError> {
+    let bad = || PolicyError::BadUniform(name.into());
+    let rest = name.strip_prefix('w').ok_or_else(bad)?;
+    let (w, a) = rest.split_once('a').ok_or_else(bad)?;
+    let (w, a): (u32, u32) = (w.parse().map_err(|_| bad())?, a.parse().map_err(|_| bad())?);
+    if !(2..=16).contains(&w) || !(2..=16).contains(&a) {
+        return Err(bad());
+    }
+    Ok((w, a))
+}
+
+impl Policy {
+    /// The same bits for every quantized layer.
+    pub fn uniform(model: &ModelConfig, convs: &[ConvSpec], w_bits: u32, a_bits: u32) -> Self {
+        let layers = convs
+            .iter()
+            .filter(|c| c.quantizable)
+            .map(|c| LayerBits {
+                name: c.name.clone(),
+                w_bits,
+                a_bits,
+            })
+            .collect();
+        Policy {
+            model: model.arch.to_string(),
+            input_size: model.input_size,
+            candidates: Candidates {
+                weight: vec![w_bits],
+                activation: vec![a_bits],
+            },
+            layers,
+            totals: None,
+            meta: None,
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Self, PolicyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|e| PolicyError::Parse {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Writes the policy (with freshly computed totals) atomically as pretty JSON.
+    pub fn save(&self, path: &Path) -> Result<(), PolicyError> {
+        let json = serde_json::to_vec_pretty(self).map_err(|e| PolicyError::Parse {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        crate::checkpoint::write_atomic(path, &json).map_err(|source| PolicyError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Checks the policy against a model: same architecture, exactly its quantized layers,
+    /// bits within the candidate sets.
+    pub fn validate(&self, model: &ModelConfig, convs: &[ConvSpec]) -> Result<(), PolicyError> {
+        if self.model != model.arch.to_string() {
+            return Err(PolicyError::WrongModel {
+                policy: self.model.clone(),
+                model: model.arch.to_string(),
+            });
+        }
+        let quantized: BTreeSet<&str> = convs
+            .iter()
+            .filter(|c| c.quantizable)
+            .map(|c| c.name.as_str())
+            .collect();
+        let mut seen = BTreeSet::new();
+        for l in &self.layers {
+            if !quantized.contains(l.name.as_str()) {
+                return Err(PolicyError::UnknownLayer(l.name.clone()));
+            }
+            if !seen.insert(l.name.as_str()) {
+                return Err(PolicyError::DuplicateLayer(l.name.clone()));
+            }
+            for (kind, bits, set) in [
+                ("weight", l.w_bits, &self.candidates.weight),
+                ("activation", l.a_bits, &self.candidates.activation),
+            ] {
+                if !set.contains(&bits) {
+                    return Err(PolicyError::BitsNotCandidate {
+                        layer: l.name.clone(),
+                        kind,
+                        bits,
+                        set: set.clone(),
+                    });
+                }
+            }
+        }
+        if let Some(missing) = quantized.iter().find(|n| !seen.contains(*n)) {
+            return Err(PolicyError::MissingLayer(missing.to_string()));
+        }
+        Ok(())
+    }
+
+    pub fn bits_by_layer(&self) -> HashMap<String, (u32, u32)> {
+        self.layers
+            .iter()
+            .map(|l| (l.name.clone(), (l.w_bits, l.a_bits)))
+            .collect()
+    }
+
+    /// Per-layer cost rows and totals for this policy on `convs` + `fc`.
+    pub fn cost(&self, convs: &[ConvSpec], fc: &LinearSpec) -> (Vec<LayerCost>, PolicyTotals) {
+        let bits = self.bits_by_layer();
+        let rows: Vec<LayerCost> = convs
+            .iter()
+            .map(|c| LayerCost::conv(c, bits.get(&c.name).copied()))
+            .chain(std::iter::once(LayerCost::linear(fc)))
+            .collect();
+        let totals = totals_of(&rows);
+        (rows, totals)
+    }
+
+    /// Fills in `totals` for `convs` + `fc`.
+    pub fn with_totals(mut self, convs: &[ConvSpec], fc: &LinearSpec) -> Self {
+        self.totals = Some(self.cost(convs, fc).1);
+        self
+    }
+}
+
+/// One row of a BOPs table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerCost {
+    pub name: String,
+    /// e.g. `16x16x3x3 @32x32` (C_out × C_in/groups × k × k at the output resolution).
+    pub shape: String,
+    pub macs: u64,
+    pub params: u64,
+    /// `None` for full-precision layers.
+    pub w_bits: Option<u32>,
+    pub a_bits: Option<u32>,
+    /// MACs·b_w·b_a for quantized layers; MACs·32·32 for FP layers.
+    pub bops: u64,
+    pub size_bits: u64,
+}
+
+impl LayerCost {
+    fn conv(c: &ConvSpec, bits: Option<(u32, u32)>) -> Self {
+        let macs = c.macs();
+        let params = c.params();
+        let (wb, ab) = bits.unwrap_or((32, 32));
+        LayerCost {
+            name: c.name.clone(),
+            shape: format!(
+                "{}x{}x{}x{} @{}x{}",
+                c.out_channels,
+                c.in_channels / c.groups,
+                c.kernel,
+                c.kernel,
+                c.out_hw[0],
+                c.out_hw[1]
+            ),
+            macs,
+            params,
+            w_bits: bits.map(|b| b.0),
+            a_bits: bits.map(|b| b.1),
+            bops: macs * (wb * ab) as u64,
+            size_bits: params * wb as u64,
+        }
+    }
+
+    fn linear(fc: &LinearSpec) -> Self {
+        let params = (fc.in_features * fc.out_features + fc.out_features) as u64;
+        LayerCost {
+            name: fc.name.clone(),
+            shape: format!("{}x{}", fc.out_features, fc.in_features),
+            macs: fc.macs(),
+            params,
+            w_bits: None,
+            a_bits: None,
+            bops: fc.macs() * 1024,
+            size_bits: params * 32,
+        }
+    }
+
+    pub fn quantized(&self) -> bool {
+        self.w_bits.is_some()
+    }
+}
+
+fn totals_of(rows: &[LayerCost]) -> PolicyTotals {
+    let bops: u64 = rows.iter().filter(|r| r.quantized()).map(|r| r.bops).sum();
+    let fp_bops: u64 = rows.iter().map(|r| r.macs * 1024).sum();
+    let fp_layers_bops: u64 = rows.iter().filter(|r| !r.quantized()).map(|r| r.bops).sum();
+    let size_bits: u64 = rows.iter().map(|r| r.size_bits).sum();
+    let fp_size_bits: u64 = rows.iter().map(|r| r.params * 32).sum();
+    PolicyTotals {
+        bops,
+        fp_bops,
+        fp_layers_bops,
+        compression: if bops > 0 {
+            fp_bops as f64 / bops as f64
+        } else {
+            f64::INFINITY
+        },
+        size_mb: size_bits as f64 / 8e6,
+        fp_size_mb: fp_size_bits as f64 / 8e6,
+    }
+}

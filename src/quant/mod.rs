@@ -1,0 +1,15 @@
+//! Quantization: the reference's fake quantizers, fixed-policy and mixed-precision (supernet)
+//! conv layers, and calibration.
+
+mod calibrate;
+mod layers;
+mod quantizer;
+
+pub use calibrate::{kl_threshold, CalibrationMethod};
+pub use layers::{FixedPolicyConvs, QuantLayerHandle, SupernetConvs};
+pub use quantizer::{expected_bits, quantize_activation, quantize_weight, softmax_mix};
+
+/// Initial activation clip `r` (the reference's PACT init).
+pub const CLIP_INIT: f64 = 6.0;
+/// Initial architecture parameters α.
+pub const ALPHA_INIT: f64 = 0.01;

@@ -1,0 +1,58 @@
+//! The reference's fake quantizers, with straight-through estimators.
+//!
+//! Forward values are exactly the quantized values (`q.detach() + (x − x.detach())` adds an
+//! exact zero), and the gradient is the STE's: identity for weights, `∂x_c/∂x`, `∂x_c/∂r` for
+//! activations. Scales are computed with the same operations and precision as the PyTorch
+//! reference so the goldens match to float precision.
+
+use tch::{Kind, Tensor};
+
+/// Straight-through: the value of `q`, the gradient of `through`.
+fn straight_through(q: &Tensor, through: &Tensor) -> Tensor {
+    q.detach() + (through - through.detach())
+}
+
+/// Symmetric uniform weight quantizer: `s = T/(2^(b−1)−1)`, `q = round(clamp(w,−T,T)/s)·s`
+/// (round half to even). `threshold` is a scalar (per-tensor) or shaped `[C_out,1,1,1]`
+/// (per-channel). Gradient to `w`: identity.
+pub fn quantize_weight(w: &Tensor, threshold: &Tensor, bits: u32) -> Tensor {
+    let levels = ((1i64 << (bits - 1)) - 1) as f64;
+    let t = threshold.detach();
+    let s = &t / levels;
+    let neg = -&t;
+    let q = (w.clamp_tensor(Some(&neg), Some(&t)) / &s).round() * &s;
+    straight_through(&q, w)
+}
+
+/// Half-wave (unsigned) activation quantizer with learnable clip `r`:
+/// `x_c = 0.5·(|x| − |x − r| + r)`, `s = r/(2^b − 1)` taken as a constant,
+/// `q = round(x_c/s)·s`, STE from `q` to `x_c`.
+pub fn quantize_activation(x: &Tensor, clip: &Tensor, bits: u32) -> Tensor {
+    // The reference reads r with `.item()`: no gradient flows through the scale.
+    let r = clip.double_value(&[]);
+    let clipped = (x.abs() - (x - clip).abs() + clip) * 0.5;
+    let s = r / ((1i64 << bits) - 1) as f64;
+    let q = (&clipped / s).round() * s;
+    straight_through(&q, &clipped)
+}
+
+/// `Σ_i softmax(α)_i · f_i`, summed in branch order as the reference does.
+pub fn softmax_mix(alpha: &Tensor, branches: impl IntoIterator<Item = Tensor>) -> Tensor {
+    let weights = alpha.softmax(0, Kind::Float);
+    let mut acc: Option<Tensor> = None;
+    for (i, b) in branches.into_iter().enumerate() {
+        let term = b * weights.get(i as i64);
+        acc = Some(match acc {
+            None => term,
+            Some(a) => a + term,
+        });
+    }
+    acc.expect("at least one branch")
+}
+
+/// `E[b] = Σ softmax(α)_i · b_i`.
+pub fn expected_bits(alpha: &Tensor, bits: &[u32]) -> Tensor {
+    let b: Vec<f32> = bits.iter().map(|&b| b as f32).collect();
+    (alpha.softmax(0, Kind::Float) * Tensor::from_slice(&b).to_device(alpha.device()))
+        .sum(Kind::Float)
+}
