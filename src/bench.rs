@@ -2,7 +2,8 @@
 //! synthetic data, so the engine can be compared with PyTorch (`bench/pytorch_train.py`).
 
 use crate::model::ModelConfig;
-use crate::train::{build_fp, Sgd, TrainError};
+use crate::quant::{self, Precision};
+use crate::train::{Sgd, TrainError};
 use serde::Serialize;
 use std::time::Instant;
 use tch::nn::ModuleT;
@@ -11,6 +12,8 @@ use tch::{Device, Kind, Tensor};
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
     pub model: String,
+    /// `full`, or `supernet w{..} a{..}`.
+    pub precision: String,
     pub batch_size: usize,
     pub input: [usize; 3],
     pub threads: usize,
@@ -19,9 +22,11 @@ pub struct BenchResult {
     pub median_step_seconds: f64,
 }
 
-/// Times `steps` training steps after `warmup` untimed ones.
+/// Times `steps` training steps after `warmup` untimed ones. A supernet step updates the
+/// weights and α with two optimizers, as the search does.
 pub fn bench_train(
     config: &ModelConfig,
+    precision: Precision,
     batch_size: usize,
     warmup: usize,
     steps: usize,
@@ -33,8 +38,22 @@ pub fn bench_train(
         ));
     }
     tch::manual_seed(0);
-    let (vs, net) = build_fp(config, device)?;
-    let mut opt = Sgd::new(Sgd::trainable(&vs), 0.9, 5e-4);
+    let label = match &precision {
+        Precision::Full => "full".to_string(),
+        Precision::Fixed { .. } => "fixed policy".to_string(),
+        Precision::Supernet { candidates } => {
+            format!(
+                "supernet w{:?} a{:?}",
+                candidates.weight, candidates.activation
+            )
+        }
+    };
+    let network =
+        quant::build(config, precision, device).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let net = &network.net;
+    let mut opt = Sgd::new(network.weight_parameters(), 0.9, 5e-4);
+    let alphas = network.alpha_parameters();
+    let mut alpha_opt = (!alphas.is_empty()).then(|| Sgd::new(alphas, 0.9, 1e-4));
     let s = config.input_size as i64;
     let x = Tensor::randn(
         [batch_size as i64, config.in_channels as i64, s, s],
@@ -50,8 +69,14 @@ pub fn bench_train(
         let t = Instant::now();
         let loss = net.forward_t(&x, true).cross_entropy_for_logits(&y);
         opt.zero_grad();
+        if let Some(a) = alpha_opt.as_mut() {
+            a.zero_grad();
+        }
         loss.backward();
         opt.step(0.01);
+        if let Some(a) = alpha_opt.as_mut() {
+            a.step(0.01);
+        }
         // Synchronise (a no-op on the CPU, needed for CUDA timing).
         let _ = loss.double_value(&[]);
         if i >= warmup {
@@ -62,6 +87,7 @@ pub fn bench_train(
     times.sort_by(f64::total_cmp);
     Ok(BenchResult {
         model: config.arch.to_string(),
+        precision: label,
         batch_size,
         input: [config.in_channels, config.input_size, config.input_size],
         threads: tch::get_num_threads() as usize,

@@ -72,6 +72,12 @@ pub struct CheckpointMeta {
     pub history: Vec<EpochMetrics>,
     /// Where the weights came from, for imported checkpoints.
     pub source: Option<String>,
+    /// Full precision when absent; a fixed policy or a supernet otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<crate::quant::Precision>,
+    /// How the quantizers were calibrated, per layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<Vec<crate::quant::LayerCalibration>>,
 }
 
 /// A checkpoint in memory: metadata plus named CPU tensors.

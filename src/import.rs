@@ -47,6 +47,8 @@ pub fn import_torchvision(weights: &Path, config: &ModelConfig) -> Result<Checkp
             epoch: 0,
             history: Vec::new(),
             source: Some(format!("torchvision state dict {}", weights.display())),
+            precision: None,
+            calibration: None,
         },
         tensors: checkpoint::var_store_tensors(&vs),
     })

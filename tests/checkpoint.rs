@@ -21,6 +21,8 @@ fn meta(model: ModelConfig) -> CheckpointMeta {
         epoch: 0,
         history: vec![],
         source: None,
+        precision: None,
+        calibration: None,
     }
 }
 

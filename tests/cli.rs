@@ -53,6 +53,85 @@ fn train_then_eval_on_bundled_data() {
         "{m} vs {top1}"
     );
     assert!(m["top5"].as_f64().unwrap() >= m["top1"].as_f64().unwrap());
+
+    // Calibration-only W8A8 quantization barely moves accuracy; the saved checkpoint carries
+    // its policy, so `eval` and `bops` need nothing else.
+    let q = dir.path().join("w8a8.safetensors");
+    let o = run(&[
+        "quantize",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--uniform",
+        "w8a8",
+        "--calib-data",
+        &data,
+        "--calib-images",
+        "256",
+        "--eval-limit",
+        "500",
+        "--out",
+        q.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!((r["fp"]["top1"].as_f64().unwrap() - top1).abs() < 1e-9);
+    let drop = r["top1_drop"].as_f64().unwrap();
+    assert!(drop.abs() <= 2.0, "W8A8 drop {drop}");
+    let o = run(&[
+        "eval",
+        "--checkpoint",
+        q.to_str().unwrap(),
+        "--data",
+        &data,
+        "--limit",
+        "500",
+        "--json",
+    ]);
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!((m["top1"].as_f64().unwrap() - r["quantized"]["top1"].as_f64().unwrap()).abs() < 1e-9);
+    let o = run(&["bops", "--checkpoint", q.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let b: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(b["totals"], r["totals"]);
+    assert_eq!(b["layers"][1]["w_bits"], 8);
+
+    // A policy for another model is refused, naming the problem.
+    let pol = dir.path().join("r56.json");
+    std::fs::write(&pol, r#"{"model":"resnet56","input_size":28,"candidates":{"weight":[4],"activation":[4]},"layers":[]}"#).unwrap();
+    let o = run(&[
+        "quantize",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--policy",
+        pol.to_str().unwrap(),
+        "--calib-data",
+        &data,
+        "--out",
+        dir.path().join("x.safetensors").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("resnet56"), "{}", stderr(&o));
+}
+
+#[test]
+fn bops_prints_worked_numbers() {
+    let o = run(&[
+        "bops",
+        "--model",
+        "resnet18",
+        "--stem",
+        "cifar",
+        "--input",
+        "32",
+        "--uniform",
+        "w4a4",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("19 layers, 553648128 MACs"), "{text}");
+    assert!(text.contains("(8858.4 M)"), "{text}");
+    assert!(text.contains("full-precision layers (stem, head"), "{text}");
 }
 
 #[test]

@@ -2,12 +2,16 @@
 
 use super::progress::TrainBars;
 use super::{
-    BenchCommand, Cli, Command, DemoArgs, EvalArgs, ImportArgs, SubsetArgs, SubsetCmdArgs,
-    TrainArgs,
+    BenchCommand, BopsArgs, Cli, Command, DemoArgs, EvalArgs, ImportArgs, ModelArgs, PolicyChoice,
+    QuantizeArgs, SubsetArgs, SubsetCmdArgs, TrainArgs,
 };
 use anyhow::{bail, Context, Result};
+use gmpq::checkpoint::Checkpoint;
 use gmpq::data::{stratified_subset, DatasetSpec, ImageSource, Split, SubsetSpec};
+use gmpq::model::ResNet;
 use gmpq::model::{Arch, ModelConfig, Stem};
+use gmpq::policy::{parse_candidates, parse_uniform, Candidates, LayerCost, Policy, PolicyTotals};
+use gmpq::quant::{CalibrationMethod, Precision};
 use gmpq::train::{self, Augment, LrSchedule, TrainConfig, TrainJob};
 use std::sync::Arc;
 
@@ -20,6 +24,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => eval_cmd(a, device),
         Command::Import(a) => import_cmd(a),
         Command::Subset(a) => subset_cmd(a),
+        Command::Bops(a) => bops_cmd(a),
+        Command::Quantize(a) => quantize_cmd(a, device),
         Command::Demo(a) => demo_cmd(a, device),
         Command::Info => {
             println!("gmpq {}", env!("CARGO_PKG_VERSION"));
@@ -38,13 +44,24 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(BenchCommand::Train(a)) => {
             let arch: Arch = a.model.parse()?;
             let cfg = ModelConfig::new(arch, a.channels, a.classes, a.input_size);
-            let r = gmpq::bench::bench_train(&cfg, a.batch_size, a.warmup, a.steps, device)?;
+            let precision = if a.supernet {
+                Precision::Supernet {
+                    candidates: Candidates {
+                        weight: parse_candidates(&a.w_bits)?,
+                        activation: parse_candidates(&a.a_bits)?,
+                    },
+                }
+            } else {
+                Precision::Full
+            };
+            let r =
+                gmpq::bench::bench_train(&cfg, precision, a.batch_size, a.warmup, a.steps, device)?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 println!(
-                    "{} batch {} input {:?} threads {}: {:.1} img/s (median step {:.4} s over {} steps)",
-                    r.model, r.batch_size, r.input, r.threads, r.images_per_second,
+                    "{} ({}) batch {} input {:?} threads {}: {:.1} img/s (median step {:.4} s over {} steps)",
+                    r.model, r.precision, r.batch_size, r.input, r.threads, r.images_per_second,
                     r.median_step_seconds, r.steps
                 );
             }
@@ -195,8 +212,9 @@ fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
         s => bail!("unknown split '{s}' (train, test)"),
     };
     let data = spec.load(split)?;
-    let (ck, _vs, net) = train::load_fp(&a.checkpoint, device)
+    let (ck, network) = gmpq::quant::load(&a.checkpoint, device)
         .with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    let net = network.net;
     if data.num_classes() > ck.meta.model.num_classes {
         bail!(
             "{} has {} classes but the model predicts {}",
@@ -304,5 +322,232 @@ fn demo_cmd(a: DemoArgs, device: tch::Device) -> Result<()> {
         started.elapsed().as_secs_f64(),
         train::last_checkpoint(&a.out).display()
     );
+    Ok(())
+}
+
+/// Builds the spec-only view of a model (conv geometry and head) for BOPs tables.
+fn model_geometry(cfg: &ModelConfig) -> Result<ResNet> {
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    Ok(ResNet::new(
+        &vs.root(),
+        cfg,
+        &gmpq::model::FullPrecisionConvs,
+    )?)
+}
+
+fn model_config(a: &ModelArgs) -> Result<ModelConfig> {
+    let arch: Arch = a.model.parse()?;
+    let mut cfg = ModelConfig::new(arch, a.in_channels, a.classes, a.input_size);
+    if let Some(stem) = &a.stem {
+        cfg.stem = stem.parse::<Stem>()?;
+    }
+    Ok(cfg)
+}
+
+/// The policy chosen on the command line (file or uniform name), checked against the model.
+fn chosen_policy(choice: &PolicyChoice, cfg: &ModelConfig, net: &ResNet) -> Result<Option<Policy>> {
+    let policy = match (&choice.policy, &choice.uniform) {
+        (Some(path), _) => Policy::load(path)?,
+        (None, Some(name)) => {
+            let (w, a) = parse_uniform(name)?;
+            Policy::uniform(cfg, net.convs(), w, a)
+        }
+        (None, None) => return Ok(None),
+    };
+    policy
+        .validate(cfg, net.convs())
+        .with_context(|| "the policy does not fit the model".to_string())?;
+    Ok(Some(policy.with_totals(net.convs(), net.fc_spec())))
+}
+
+fn fmt_bits(b: Option<u32>) -> String {
+    b.map_or("fp32".into(), |b| b.to_string())
+}
+
+fn print_bops_table(rows: &[LayerCost], totals: &PolicyTotals) {
+    println!(
+        "{:<24} {:>22} {:>14} {:>10} {:>5} {:>5} {:>18} {:>10}",
+        "layer", "shape", "MACs", "params", "w", "a", "BOPs", "size KB"
+    );
+    for r in rows {
+        println!(
+            "{:<24} {:>22} {:>14} {:>10} {:>5} {:>5} {:>18} {:>10.2}",
+            r.name,
+            r.shape,
+            r.macs,
+            r.params,
+            fmt_bits(r.w_bits),
+            fmt_bits(r.a_bits),
+            r.bops,
+            r.size_bits as f64 / 8e3
+        );
+    }
+    let q_macs: u64 = rows.iter().filter(|r| r.quantized()).map(|r| r.macs).sum();
+    println!(
+        "quantized layers: {} layers, {} MACs, {:.4} G BOPs ({:.1} M)",
+        rows.iter().filter(|r| r.quantized()).count(),
+        q_macs,
+        totals.bops as f64 / 1e9,
+        totals.bops as f64 / 1e6
+    );
+    println!(
+        "full-precision layers (stem, head; not in the policy's BOPs): {:.4} G BOPs",
+        totals.fp_layers_bops as f64 / 1e9
+    );
+    println!(
+        "full-precision model: {:.4} G BOPs, {:.3} MB; compression {:.2}x; policy size {:.3} MB",
+        totals.fp_bops as f64 / 1e9,
+        totals.fp_size_mb,
+        totals.compression,
+        totals.size_mb
+    );
+}
+
+fn bops_cmd(a: BopsArgs) -> Result<()> {
+    let (cfg, policy) = if let Some(path) = &a.checkpoint {
+        let ck = Checkpoint::load(path)?;
+        let policy = match ck.meta.precision {
+            Some(Precision::Fixed { policy, .. }) => Some(policy),
+            _ => None,
+        };
+        (ck.meta.model, policy)
+    } else {
+        (model_config(&a.model)?, None)
+    };
+    let net = model_geometry(&cfg)?;
+    let policy = match policy {
+        Some(p) => Some(p),
+        None => chosen_policy(&a.policy, &cfg, &net)?,
+    };
+    // Without a policy, every quantized layer is shown at 32/32 bits.
+    let policy = policy.unwrap_or_else(|| Policy::uniform(&cfg, net.convs(), 32, 32));
+    let (rows, totals) = policy.cost(net.convs(), net.fc_spec());
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": cfg, "layers": rows, "totals": totals,
+            }))?
+        );
+    } else {
+        println!(
+            "{} ({} ch, {}x{} input, {} classes)",
+            cfg.arch, cfg.in_channels, cfg.input_size, cfg.input_size, cfg.num_classes
+        );
+        print_bops_table(&rows, &totals);
+    }
+    Ok(())
+}
+
+fn quantize_cmd(a: QuantizeArgs, device: tch::Device) -> Result<()> {
+    let (fp_ck, fp_net) = gmpq::quant::load(&a.checkpoint, device)
+        .with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    if fp_net.precision != Precision::Full {
+        bail!(
+            "{} is already quantized; give a full-precision checkpoint",
+            a.checkpoint.display()
+        );
+    }
+    let cfg = fp_ck.meta.model.clone();
+    let policy = chosen_policy(&a.policy, &cfg, &fp_net.net)?
+        .context("give --policy FILE or --uniform wXaY")?;
+    let method = match a.calibration.as_str() {
+        "kl" => CalibrationMethod::KlBelow5Bits,
+        "max" => CalibrationMethod::Max,
+        "reference" => CalibrationMethod::Reference,
+        m => bail!("unknown calibration '{m}' (kl, max, reference)"),
+    };
+    let q = gmpq::quant::build(
+        &cfg,
+        Precision::Fixed {
+            policy: policy.clone(),
+            per_channel: a.per_channel,
+        },
+        device,
+    )?;
+    q.load_fp_weights(&fp_ck, &a.checkpoint)?;
+
+    let calib_spec = parse_spec(&a.calib_data)?;
+    let calib_data = calib_spec.load(Split::Train)?;
+    let calib_idx = stratified_subset(
+        calib_data.as_ref(),
+        &SubsetSpec {
+            limit: Some(a.calib_images.min(calib_data.len())),
+            per_class: None,
+            seed: 0,
+        },
+    )?;
+    let loader = gmpq::data::DataLoader::new(
+        calib_data,
+        &calib_idx,
+        Arc::new(fp_ck.meta.eval_pipeline.clone()),
+        gmpq::data::LoaderConfig {
+            batch_size: 256,
+            ..Default::default()
+        },
+        0,
+    )?;
+    let batches: Vec<tch::Tensor> = loader
+        .map(|b| b.map(|b| b.images))
+        .collect::<std::result::Result<_, _>>()?;
+    let calibration = gmpq::quant::calibrate(&q, &batches, method)?;
+
+    let eval_spec = match &a.eval_data {
+        Some(s) => parse_spec(s)?,
+        None => calib_spec,
+    };
+    let test = eval_spec.load(Split::Test)?;
+    let test_idx = stratified_subset(
+        test.as_ref(),
+        &SubsetSpec {
+            limit: a.eval_limit,
+            per_class: None,
+            seed: 0,
+        },
+    )?;
+    let pipe = &fp_ck.meta.eval_pipeline;
+    let fp = train::evaluate(&fp_net.net, test.clone(), &test_idx, pipe, 256, device)?;
+    let qm = train::evaluate(&q.net, test, &test_idx, pipe, 256, device)?;
+    let totals = policy.totals.clone().context("policy totals")?;
+
+    let mut meta = fp_ck.meta.clone();
+    meta.precision = Some(q.precision.clone());
+    meta.calibration = Some(calibration);
+    meta.train = None;
+    meta.history = Vec::new();
+    meta.source = Some(format!("calibrated from {}", a.checkpoint.display()));
+    if let Some(dir) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    Checkpoint {
+        meta,
+        tensors: gmpq::checkpoint::var_store_tensors(&q.vs),
+    }
+    .save(&a.out)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "checkpoint": a.out, "fp": fp, "quantized": qm,
+                "top1_drop": fp.top1 - qm.top1, "totals": totals, "calibration": a.calibration,
+            }))?
+        );
+    } else {
+        println!(
+            "FP top-1 {:.2}% → quantized top-1 {:.2}% (drop {:.2} pt), top-5 {:.2}%, on {} images",
+            fp.top1,
+            qm.top1,
+            fp.top1 - qm.top1,
+            qm.top5,
+            qm.images
+        );
+        println!(
+            "policy: {:.4} G BOPs, compression {:.2}x, size {:.3} MB; saved {}",
+            totals.bops as f64 / 1e9,
+            totals.compression,
+            totals.size_mb,
+            a.out.display()
+        );
+    }
     Ok(())
 }

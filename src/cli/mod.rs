@@ -55,6 +55,85 @@ pub enum Command {
     Demo(DemoArgs),
     /// Engine facts: versions, threads, OpenMP wait policy, CUDA.
     Info,
+    /// Per-layer MACs, params, bits, BOPs and size of a model under a policy, with totals.
+    Bops(BopsArgs),
+    /// Quantize a full-precision checkpoint to a fixed policy by calibration alone (no
+    /// training), evaluate it next to the FP model, and save it.
+    Quantize(QuantizeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// resnet20, resnet32, resnet56, resnet18 or resnet50.
+    #[arg(long, default_value = "resnet20")]
+    pub model: String,
+    /// Square input resolution.
+    #[arg(long = "input", default_value_t = 32)]
+    pub input_size: usize,
+    #[arg(long, default_value_t = 3)]
+    pub in_channels: usize,
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    /// Stem of resnet18/50: cifar or imagenet (default: cifar below 64 px).
+    #[arg(long)]
+    pub stem: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[group(required = false, multiple = false)]
+pub struct PolicyChoice {
+    /// A policy JSON file.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// A uniform policy: w4a4, w8a8, w2a2, …
+    #[arg(long)]
+    pub uniform: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BopsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub policy: PolicyChoice,
+    /// Read model and policy from a quantized checkpoint instead.
+    #[arg(long, conflicts_with_all = ["policy", "uniform"])]
+    pub checkpoint: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct QuantizeArgs {
+    /// Full-precision checkpoint (from `gmpq train` or `gmpq import`).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[command(flatten)]
+    pub policy: PolicyChoice,
+    /// Data to calibrate on (its train split), KIND:PATH.
+    #[arg(long)]
+    pub calib_data: String,
+    /// Calibration images (a stratified subset of the train split).
+    #[arg(long, default_value_t = 1024)]
+    pub calib_images: usize,
+    /// kl (KL search below 5 bits, max above), max, or reference (KL below 5 bits, max
+    /// capped at 6 above: suits networks trained with clipped activations).
+    #[arg(long, default_value = "kl")]
+    pub calibration: String,
+    /// Per-output-channel weight thresholds (the reference is per tensor).
+    #[arg(long)]
+    pub per_channel: bool,
+    /// Data to evaluate on (its test split; default: --calib-data).
+    #[arg(long)]
+    pub eval_data: Option<String>,
+    /// Evaluate on at most this many test images (stratified).
+    #[arg(long)]
+    pub eval_limit: Option<usize>,
+    /// Where to save the quantized checkpoint.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -214,6 +293,15 @@ pub struct BenchTrainArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 30)]
     pub steps: usize,
+    /// Time the mixed-precision supernet step instead of the full-precision one.
+    #[arg(long)]
+    pub supernet: bool,
+    /// Supernet weight bit candidates.
+    #[arg(long, default_value = "2,3,4,6")]
+    pub w_bits: String,
+    /// Supernet activation bit candidates.
+    #[arg(long, default_value = "2,3,4,6")]
+    pub a_bits: String,
     #[arg(long)]
     pub json: bool,
 }

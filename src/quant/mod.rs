@@ -3,10 +3,12 @@
 
 mod calibrate;
 mod layers;
+mod network;
 mod quantizer;
 
 pub use calibrate::{kl_threshold, CalibrationMethod};
-pub use layers::{FixedPolicyConvs, QuantLayerHandle, SupernetConvs};
+pub use layers::{FixedPolicyConvs, Observe, QuantLayerHandle, SupernetConvs};
+pub use network::{build, calibrate, load, LayerCalibration, Network, Precision, QuantError};
 pub use quantizer::{expected_bits, quantize_activation, quantize_weight, softmax_mix};
 
 /// Initial activation clip `r` (the reference's PACT init).

@@ -406,6 +406,8 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
         epoch: start_epoch,
         history: history.clone(),
         source: None,
+        precision: None,
+        calibration: None,
     };
     let steps_per_epoch = job.train_indices.len() / cfg.batch_size;
     for epoch in start_epoch..cfg.epochs {
@@ -504,14 +506,6 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
         job.progress.epoch_end(&m);
     }
     Ok(meta)
-}
-
-/// Loads a checkpoint into a fresh full-precision network on `device`.
-pub fn load_fp(path: &Path, device: Device) -> Result<(Checkpoint, nn::VarStore, ResNet)> {
-    let ck = Checkpoint::load(path)?;
-    let (vs, net) = build_fp(&ck.meta.model, device)?;
-    checkpoint::load_into_var_store(&vs, ck.model_tensors(), path, |_| false)?;
-    Ok((ck, vs, net))
 }
 
 #[cfg(test)]

@@ -1,0 +1,354 @@
+//! Building, calibrating and loading networks at any precision: full precision, a fixed
+//! policy, or the mixed-precision supernet. The three share layer names, so weights and
+//! policies move between them by name.
+
+use super::calibrate::{kl_threshold, CalibrationMethod};
+use super::layers::{FixedPolicyConvs, Observe, QuantLayerHandle, SupernetConvs};
+use super::CLIP_INIT;
+use crate::checkpoint::{self, Checkpoint, CheckpointError};
+use crate::model::{FullPrecisionConvs, ModelConfig, ModelError, ResNet};
+use crate::policy::{Candidates, LayerBits, Policy, PolicyError};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
+use tch::nn::{self, ModuleT};
+use tch::{Device, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuantError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The numeric form of a network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Precision {
+    Full,
+    /// Fixed per-layer bits; `per_channel` weight thresholds (off by default, as the reference).
+    Fixed {
+        policy: Policy,
+        per_channel: bool,
+    },
+    /// The mixed-precision supernet over these candidate sets.
+    Supernet {
+        candidates: Candidates,
+    },
+}
+
+/// A built network: its variables, the module, and handles on its quantized layers.
+pub struct Network {
+    pub vs: nn::VarStore,
+    pub net: ResNet,
+    pub handles: Vec<Arc<QuantLayerHandle>>,
+    pub precision: Precision,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network")
+            .field("model", self.net.config())
+            .field("precision", &self.precision)
+            .finish()
+    }
+}
+
+/// Builds `config` at `precision` on `device` (fresh weights).
+pub fn build(
+    config: &ModelConfig,
+    precision: Precision,
+    device: Device,
+) -> Result<Network, QuantError> {
+    let vs = nn::VarStore::new(device);
+    let (net, handles) = match &precision {
+        Precision::Full => (
+            ResNet::new(&vs.root(), config, &FullPrecisionConvs)?,
+            Vec::new(),
+        ),
+        Precision::Fixed {
+            policy,
+            per_channel,
+        } => {
+            if policy.model != config.arch.to_string() {
+                return Err(PolicyError::WrongModel {
+                    policy: policy.model.clone(),
+                    model: config.arch.to_string(),
+                }
+                .into());
+            }
+            let factory = FixedPolicyConvs::new(policy.bits_by_layer(), *per_channel);
+            let net = ResNet::new(&vs.root(), config, &factory).map_err(|e| match e {
+                ModelError::Invalid(msg) if msg.starts_with("the policy has no bits") => {
+                    let layer = msg.split('\'').nth(1).unwrap_or_default().to_string();
+                    QuantError::Policy(PolicyError::MissingLayer(layer))
+                }
+                other => other.into(),
+            })?;
+            policy.validate(config, net.convs())?;
+            (net, factory.handles())
+        }
+        Precision::Supernet { candidates } => {
+            let factory =
+                SupernetConvs::new(candidates.weight.clone(), candidates.activation.clone())?;
+            let net = ResNet::new(&vs.root(), config, &factory)?;
+            (net, factory.handles())
+        }
+    };
+    Ok(Network {
+        vs,
+        net,
+        handles,
+        precision,
+    })
+}
+
+impl Network {
+    /// Copies a full-precision state dict into this network's shared variables (conv
+    /// kernels, batch norm, head). Quantizer state (thresholds, clips, α) keeps its init.
+    pub fn load_fp_weights(&self, ck: &Checkpoint, path: &Path) -> Result<(), QuantError> {
+        let vars = self.vs.variables();
+        let quantizer_state = |n: &str| {
+            [".weight_threshold", ".act_clip", ".alpha_w", ".alpha_a"]
+                .iter()
+                .any(|s| n.ends_with(s))
+        };
+        let fp: Vec<(&String, &Tensor)> = ck.model_tensors().collect();
+        // Every FP tensor must exist here; every non-quantizer variable must be given.
+        let wanted: std::collections::BTreeMap<&String, &Tensor> = fp.into_iter().collect();
+        let missing: Vec<&String> = vars
+            .keys()
+            .filter(|k| !quantizer_state(k) && !wanted.contains_key(k))
+            .collect();
+        if !missing.is_empty() {
+            return Err(CheckpointError::Mismatch {
+                path: path.to_path_buf(),
+                problems: format!(
+                    "missing {}",
+                    missing
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
+            .into());
+        }
+        tch::no_grad(|| -> Result<(), QuantError> {
+            for (name, t) in wanted {
+                let Some(var) = vars.get(name) else {
+                    return Err(CheckpointError::Mismatch {
+                        path: path.to_path_buf(),
+                        problems: format!("unexpected {name}"),
+                    }
+                    .into());
+                };
+                if var.size() != t.size() {
+                    return Err(CheckpointError::Mismatch {
+                        path: path.to_path_buf(),
+                        problems: format!(
+                            "{name} has shape {:?}, expected {:?}",
+                            t.size(),
+                            var.size()
+                        ),
+                    }
+                    .into());
+                }
+                var.shallow_clone().copy_(&t.to_device(var.device()));
+            }
+            Ok(())
+        })
+    }
+
+    /// The policy a supernet currently prefers: per layer `argmax α` for weights and
+    /// activations separately; ties go to the lowest bitwidth (the first candidate).
+    pub fn argmax_policy(&self) -> Result<Policy, QuantError> {
+        let Precision::Supernet { candidates } = &self.precision else {
+            return Err(QuantError::Invalid(
+                "only a supernet has α to take a policy from".into(),
+            ));
+        };
+        let vars = self.vs.variables();
+        let argmax = |name: &str, set: &[u32]| -> Result<u32, QuantError> {
+            let a = vars
+                .get(name)
+                .ok_or_else(|| QuantError::Invalid(format!("no variable {name}")))?;
+            let v: Vec<f32> = Vec::try_from(&a.detach().to_device(Device::Cpu))
+                .map_err(|e: tch::TchError| QuantError::Invalid(e.to_string()))?;
+            let mut best = 0;
+            for (i, x) in v.iter().enumerate() {
+                if *x > v[best] {
+                    best = i;
+                }
+            }
+            Ok(set[best])
+        };
+        let layers = self
+            .handles
+            .iter()
+            .map(|h| {
+                Ok(LayerBits {
+                    name: h.spec.name.clone(),
+                    w_bits: argmax(&format!("{}.alpha_w", h.spec.name), &candidates.weight)?,
+                    a_bits: argmax(&format!("{}.alpha_a", h.spec.name), &candidates.activation)?,
+                })
+            })
+            .collect::<Result<Vec<_>, QuantError>>()?;
+        let config = self.net.config();
+        Ok(Policy {
+            model: config.arch.to_string(),
+            input_size: config.input_size,
+            candidates: candidates.clone(),
+            layers,
+            totals: None,
+            meta: None,
+        }
+        .with_totals(self.net.convs(), self.net.fc_spec()))
+    }
+
+    /// Architecture parameters (α) by name, for the second optimizer.
+    pub fn alpha_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(n, _)| n.ends_with(".alpha_w") || n.ends_with(".alpha_a"))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Trainable parameters other than α (weights, BN, clips), for the first optimizer.
+    pub fn weight_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut v: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .filter(|(n, t)| {
+                t.requires_grad() && !n.ends_with(".alpha_w") && !n.ends_with(".alpha_a")
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
+
+/// What calibration chose for one layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerCalibration {
+    pub name: String,
+    pub a_bits: u32,
+    pub max: f64,
+    pub clip: f64,
+    pub method: String,
+}
+
+/// Calibrates a fixed-policy network from full-precision activations on `batches`:
+/// weight thresholds = `max|w|`; activation clips by `method` (see [`CalibrationMethod`]).
+pub fn calibrate(
+    network: &Network,
+    batches: &[Tensor],
+    method: CalibrationMethod,
+) -> Result<Vec<LayerCalibration>, QuantError> {
+    if batches.is_empty() {
+        return Err(QuantError::Invalid(
+            "calibration needs at least one batch".into(),
+        ));
+    }
+    let device = network.vs.device();
+    let run = |mode: &dyn Fn(&QuantLayerHandle) -> Observe| {
+        for h in &network.handles {
+            h.set_observe(mode(h));
+        }
+        tch::no_grad(|| {
+            for b in batches {
+                let _ = network.net.forward_t(&b.to_device(device), false);
+            }
+        });
+    };
+    run(&|_| Observe::Max);
+    let maxima: Vec<f64> = network
+        .handles
+        .iter()
+        .map(|h| h.take_observation().max)
+        .collect();
+    const BINS: usize = 2048;
+    let uses_kl = |h: &QuantLayerHandle| h.bits.is_some_and(|(_, a)| method.uses_kl(a));
+    let max_of: std::collections::HashMap<String, f64> = network
+        .handles
+        .iter()
+        .zip(&maxima)
+        .map(|(h, &m)| (h.spec.name.clone(), m))
+        .collect();
+    run(&|h| {
+        if uses_kl(h) {
+            Observe::Histogram {
+                max: max_of[&h.spec.name],
+                bins: BINS,
+            }
+        } else {
+            Observe::Off
+        }
+    });
+    let vars = network.vs.variables();
+    let mut out = Vec::new();
+    for (h, &max) in network.handles.iter().zip(&maxima) {
+        let a_bits = h.bits.map_or(0, |b| b.1);
+        let (clip, method) = if max <= 0.0 {
+            (CLIP_INIT, "init (input never positive)".to_string())
+        } else if uses_kl(h) {
+            let obs = h.take_observation();
+            (
+                kl_threshold(&obs.histogram, max, 1usize << a_bits),
+                "kl".to_string(),
+            )
+        } else {
+            let clip = method.clip_from_max(max);
+            let how = if clip < max {
+                "max (capped at 6)"
+            } else {
+                "max"
+            };
+            (clip, how.to_string())
+        };
+        h.set_observe(Observe::Off);
+        tch::no_grad(|| {
+            if let Some(c) = vars.get(&format!("{}.act_clip", h.spec.name)) {
+                let _ = c.shallow_clone().fill_(clip);
+            }
+            if let (Some(t), Some(w)) = (
+                vars.get(&format!("{}.weight_threshold", h.spec.name)),
+                vars.get(&format!("{}.weight", h.spec.name)),
+            ) {
+                let m = if t.dim() == 0 {
+                    w.abs().max()
+                } else {
+                    w.abs().amax([1i64, 2, 3].as_slice(), true)
+                };
+                t.shallow_clone().copy_(&m);
+            }
+        });
+        out.push(LayerCalibration {
+            name: h.spec.name.clone(),
+            a_bits,
+            max,
+            clip,
+            method,
+        });
+    }
+    Ok(out)
+}
+
+/// Loads any gmpq checkpoint (full precision, fixed policy or supernet) onto `device`.
+pub fn load(path: &Path, device: Device) -> Result<(Checkpoint, Network), QuantError> {
+    let ck = Checkpoint::load(path)?;
+    let precision = ck.meta.precision.clone().unwrap_or(Precision::Full);
+    let network = build(&ck.meta.model, precision, device)?;
+    checkpoint::load_into_var_store(&network.vs, ck.model_tensors(), path, |_| false)?;
+    Ok((ck, network))
+}
