@@ -280,19 +280,24 @@ pub fn read_safetensors(path: &Path) -> Result<(Option<String>, BTreeMap<String,
 }
 
 /// Copies `tensors` into the var store's variables by name. Every variable must be present
-/// with its shape; unexpected tensors are errors unless `allow_unexpected` (e.g. optimizer
-/// buffers or torchvision's `num_batches_tracked`) says otherwise. All problems are reported
-/// together, by name.
+/// with its shape unless `allow_missing` says it may keep its initial value (e.g. quantizer
+/// state when loading full-precision weights); unexpected tensors are errors unless
+/// `allow_unexpected` (e.g. torchvision's `num_batches_tracked`) says otherwise. All
+/// problems are reported together, by name.
 pub fn load_into_var_store<'a>(
     vs: &tch::nn::VarStore,
     tensors: impl IntoIterator<Item = (&'a String, &'a Tensor)>,
     path: &Path,
     allow_unexpected: impl Fn(&str) -> bool,
+    allow_missing: impl Fn(&str) -> bool,
 ) -> Result<()> {
     let vars = vs.variables();
     let given: BTreeMap<&String, &Tensor> = tensors.into_iter().collect();
     let mut problems = Vec::new();
-    let mut missing: Vec<&String> = vars.keys().filter(|k| !given.contains_key(k)).collect();
+    let mut missing: Vec<&String> = vars
+        .keys()
+        .filter(|k| !given.contains_key(k) && !allow_missing(k))
+        .collect();
     missing.sort();
     if !missing.is_empty() {
         problems.push(format!(
@@ -333,9 +338,10 @@ pub fn load_into_var_store<'a>(
     }
     tch::no_grad(|| -> Result<()> {
         for (name, var) in vars.iter() {
-            let src = given[name];
-            let mut var = var.shallow_clone();
-            var.f_copy_(&src.to_kind(var.kind()).to_device(var.device()))?;
+            if let Some(src) = given.get(name) {
+                let mut var = var.shallow_clone();
+                var.f_copy_(&src.to_kind(var.kind()).to_device(var.device()))?;
+            }
         }
         Ok(())
     })

@@ -26,9 +26,13 @@ pub fn import_torchvision(weights: &Path, config: &ModelConfig) -> Result<Checkp
     }
     let (_, tensors) = checkpoint::read_safetensors(weights)?;
     let (vs, _) = build_fp(config, tch::Device::Cpu)?;
-    checkpoint::load_into_var_store(&vs, tensors.iter(), weights, |n| {
-        n.ends_with("num_batches_tracked")
-    })?;
+    checkpoint::load_into_var_store(
+        &vs,
+        tensors.iter(),
+        weights,
+        |n| n.ends_with("num_batches_tracked"),
+        |_| false,
+    )?;
     let size = config.input_size;
     let resize = size * 256 / 224;
     Ok(Checkpoint {

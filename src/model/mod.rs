@@ -22,6 +22,8 @@ pub enum ModelError {
         input: usize,
         min: usize,
     },
+    #[error("no configuration (e.g. policy bits) for layer '{0}'")]
+    NoLayerConfig(String),
     #[error("{0}")]
     Invalid(String),
 }

@@ -135,6 +135,24 @@ impl Builder<'_, '_> {
         })
     }
 
+    /// The 1×1 conv + BN shortcut (`PREFIX.downsample.{0,1}`) when the shape changes.
+    fn shortcut(
+        &mut self,
+        prefix: &str,
+        in_hw: [usize; 2],
+        c_in: usize,
+        c_out: usize,
+        stride: usize,
+    ) -> Result<Option<ConvBn>, ModelError> {
+        if stride == 1 && c_in == c_out {
+            return Ok(None);
+        }
+        let conv = format!("{prefix}.downsample.0");
+        let bn = format!("{prefix}.downsample.1");
+        self.conv_bn(&conv, &bn, in_hw, c_in, c_out, 1, stride, true)
+            .map(Some)
+    }
+
     fn basic(
         &mut self,
         prefix: &str,
@@ -165,20 +183,7 @@ impl Builder<'_, '_> {
             true,
         )?;
         let out_hw = self.hw;
-        let downsample = if stride != 1 || c_in != c_out {
-            Some(self.conv_bn(
-                &format!("{prefix}.downsample.0"),
-                &format!("{prefix}.downsample.1"),
-                in_hw,
-                c_in,
-                c_out,
-                1,
-                stride,
-                true,
-            )?)
-        } else {
-            None
-        };
+        let downsample = self.shortcut(prefix, in_hw, c_in, c_out, stride)?;
         self.hw = out_hw;
         Ok(Block::Basic { a, b, downsample })
     }
@@ -200,20 +205,7 @@ impl Builder<'_, '_> {
         let hw = self.hw;
         let c = self.conv_bn(&p("conv3"), &p("bn3"), hw, width, c_out, 1, 1, true)?;
         let out_hw = self.hw;
-        let downsample = if stride != 1 || c_in != c_out {
-            Some(self.conv_bn(
-                &p("downsample.0"),
-                &p("downsample.1"),
-                in_hw,
-                c_in,
-                c_out,
-                1,
-                stride,
-                true,
-            )?)
-        } else {
-            None
-        };
+        let downsample = self.shortcut(prefix, in_hw, c_in, c_out, stride)?;
         self.hw = out_hw;
         Ok(Block::Bottleneck {
             a,

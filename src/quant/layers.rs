@@ -269,9 +269,10 @@ impl LayerFactory for FixedPolicyConvs {
         if !spec.quantizable {
             return Ok(Box::new(FpConv(fp_conv(path, spec))));
         }
-        let &(w_bits, a_bits) = self.bits.get(&spec.name).ok_or_else(|| {
-            ModelError::Invalid(format!("the policy has no bits for layer '{}'", spec.name))
-        })?;
+        let &(w_bits, a_bits) = self
+            .bits
+            .get(&spec.name)
+            .ok_or_else(|| ModelError::NoLayerConfig(spec.name.clone()))?;
         for b in [w_bits, a_bits] {
             if !(2..=16).contains(&b) {
                 return Err(ModelError::Invalid(format!(

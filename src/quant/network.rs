@@ -84,11 +84,8 @@ pub fn build(
             }
             let factory = FixedPolicyConvs::new(policy.bits_by_layer(), *per_channel);
             let net = ResNet::new(&vs.root(), config, &factory).map_err(|e| match e {
-                ModelError::Invalid(msg) if msg.starts_with("the policy has no bits") => {
-                    let layer = msg.split('\'').nth(1).unwrap_or_default().to_string();
-                    QuantError::Policy(PolicyError::MissingLayer(layer))
-                }
-                other => other.into(),
+                ModelError::NoLayerConfig(layer) => PolicyError::MissingLayer(layer).into(),
+                other => QuantError::from(other),
             })?;
             policy.validate(config, net.convs())?;
             (net, factory.handles())
@@ -112,57 +109,19 @@ impl Network {
     /// Copies a full-precision state dict into this network's shared variables (conv
     /// kernels, batch norm, head). Quantizer state (thresholds, clips, α) keeps its init.
     pub fn load_fp_weights(&self, ck: &Checkpoint, path: &Path) -> Result<(), QuantError> {
-        let vars = self.vs.variables();
         let quantizer_state = |n: &str| {
             [".weight_threshold", ".act_clip", ".alpha_w", ".alpha_a"]
                 .iter()
                 .any(|s| n.ends_with(s))
         };
-        let fp: Vec<(&String, &Tensor)> = ck.model_tensors().collect();
-        // Every FP tensor must exist here; every non-quantizer variable must be given.
-        let wanted: std::collections::BTreeMap<&String, &Tensor> = fp.into_iter().collect();
-        let missing: Vec<&String> = vars
-            .keys()
-            .filter(|k| !quantizer_state(k) && !wanted.contains_key(k))
-            .collect();
-        if !missing.is_empty() {
-            return Err(CheckpointError::Mismatch {
-                path: path.to_path_buf(),
-                problems: format!(
-                    "missing {}",
-                    missing
-                        .iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            }
-            .into());
-        }
-        tch::no_grad(|| -> Result<(), QuantError> {
-            for (name, t) in wanted {
-                let Some(var) = vars.get(name) else {
-                    return Err(CheckpointError::Mismatch {
-                        path: path.to_path_buf(),
-                        problems: format!("unexpected {name}"),
-                    }
-                    .into());
-                };
-                if var.size() != t.size() {
-                    return Err(CheckpointError::Mismatch {
-                        path: path.to_path_buf(),
-                        problems: format!(
-                            "{name} has shape {:?}, expected {:?}",
-                            t.size(),
-                            var.size()
-                        ),
-                    }
-                    .into());
-                }
-                var.shallow_clone().copy_(&t.to_device(var.device()));
-            }
-            Ok(())
-        })
+        checkpoint::load_into_var_store(
+            &self.vs,
+            ck.model_tensors(),
+            path,
+            |_| false,
+            quantizer_state,
+        )?;
+        Ok(())
     }
 
     /// The policy a supernet currently prefers: per layer `argmax α` for weights and
@@ -349,6 +308,6 @@ pub fn load(path: &Path, device: Device) -> Result<(Checkpoint, Network), QuantE
     let ck = Checkpoint::load(path)?;
     let precision = ck.meta.precision.clone().unwrap_or(Precision::Full);
     let network = build(&ck.meta.model, precision, device)?;
-    checkpoint::load_into_var_store(&network.vs, ck.model_tensors(), path, |_| false)?;
+    checkpoint::load_into_var_store(&network.vs, ck.model_tensors(), path, |_| false, |_| false)?;
     Ok((ck, network))
 }

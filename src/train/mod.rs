@@ -357,7 +357,7 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             &ck.meta.dataset,
             &Some(job.dataset.clone()),
         )?;
-        checkpoint::load_into_var_store(&vs, ck.model_tensors(), &ckpt_path, |_| false)?;
+        checkpoint::load_into_var_store(&vs, ck.model_tensors(), &ckpt_path, |_| false, |_| false)?;
         let buffers: BTreeMap<String, Tensor> = ck
             .tensors
             .iter()
