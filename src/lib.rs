@@ -4,6 +4,7 @@
 //! [`checkpoint`] persistence) → [`policy`] (bits per layer, BOPs, size); [`import`] reads
 //! foreign weights and [`runtime`] holds process-level engine settings. The `gmpq` binary is a thin CLI over this library.
 
+pub mod attribution;
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
@@ -11,7 +12,9 @@ pub mod import;
 pub mod model;
 pub mod policy;
 pub mod quant;
+pub mod report;
 pub mod runtime;
+pub mod search;
 pub mod train;
 
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointMeta};

@@ -26,6 +26,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Subset(a) => subset_cmd(a),
         Command::Bops(a) => bops_cmd(a),
         Command::Quantize(a) => quantize_cmd(a, device),
+        Command::Search(a) => super::search::search_cmd(a, device),
+        Command::Attribution(a) => super::search::attribution_cmd(a, device),
         Command::Demo(a) => demo_cmd(a, device),
         Command::Info => {
             println!("gmpq {}", env!("CARGO_PKG_VERSION"));

@@ -2,6 +2,7 @@
 
 mod commands;
 mod progress;
+mod search;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -60,6 +61,99 @@ pub enum Command {
     /// Quantize a full-precision checkpoint to a fixed policy by calibration alone (no
     /// training), evaluate it next to the FP model, and save it.
     Quantize(QuantizeArgs),
+    /// GMPQ search: find a per-layer bit policy on a small proxy dataset, guided by a
+    /// full-precision teacher's attribution, that meets a BOPs / compression / size budget.
+    Search(SearchArgs),
+    /// Render attribution (CAM) heatmaps of a checkpoint on some images.
+    Attribution(AttributionArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// Full-precision teacher checkpoint of the same architecture (from `gmpq train`).
+    #[arg(long)]
+    pub teacher: PathBuf,
+    /// Proxy data, KIND:PATH (its train split; a stratified subset with --limit).
+    #[arg(long)]
+    pub data: String,
+    #[command(flatten)]
+    pub subset: SubsetArgs,
+    /// Held-out proxy images (from the test split) for the argmax policy's accuracy.
+    #[arg(long, default_value_t = 500)]
+    pub val_images: usize,
+    /// Budget: policy BOPs at most this (e.g. 1.2e9, 1.2G, 800M).
+    #[arg(long, group = "budget")]
+    pub target_bops: Option<String>,
+    /// Budget: FP BOPs / policy BOPs at least this (64 ≈ 4-bit equivalent).
+    #[arg(long, group = "budget")]
+    pub target_compression: Option<f64>,
+    /// Budget: model size at most this many MB.
+    #[arg(long, group = "budget")]
+    pub target_size_mb: Option<f64>,
+    /// Several budgets in one run, as compression ratios (16,32,64) or BOPs (1.2G,600M);
+    /// they share the supernet warm-up.
+    #[arg(long, group = "budget", value_delimiter = ',')]
+    pub pareto: Vec<String>,
+    /// Weight of the attribution loss; 0 is the EdMIPS baseline.
+    #[arg(long, default_value_t = 20.0)]
+    pub attribution_weight: f64,
+    /// Fixed attribution exponent p (default: capacity-aware, 24·mean 1/(E[b_w]E[b_a])).
+    #[arg(long)]
+    pub p: Option<f64>,
+    /// Complexity weight cd (the starting λ when a budget is given).
+    #[arg(long, default_value_t = 3e-4)]
+    pub cd: f64,
+    /// Dual-ascent rate of λ per step.
+    #[arg(long, default_value_t = 0.05)]
+    pub dual_rate: f64,
+    #[arg(long, default_value = "2,3,4,6")]
+    pub w_bits: String,
+    #[arg(long, default_value = "2,3,4,6")]
+    pub a_bits: String,
+    #[arg(long, default_value_t = 25)]
+    pub epochs: usize,
+    /// Shared warm-up epochs of a --pareto run (default: epochs/3).
+    #[arg(long)]
+    pub warmup_epochs: Option<usize>,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 0.1)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub alpha_lr: f64,
+    /// Both learning rates ×0.1 every this many epochs.
+    #[arg(long, default_value_t = 10)]
+    pub step_epochs: usize,
+    /// cam (GAP → linear heads) or grad-cam (general, double backward).
+    #[arg(long, default_value = "cam")]
+    pub attribution: String,
+    #[arg(long)]
+    pub hflip: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Run folder (policy.json, search-log.jsonl, bits.svg, attribution.png).
+    #[arg(long, default_value = "runs/search")]
+    pub out: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AttributionArgs {
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// A second checkpoint to show beside the first (e.g. the FP teacher).
+    #[arg(long)]
+    pub compare: Option<PathBuf>,
+    /// Images: KIND:PATH (its test split).
+    #[arg(long)]
+    pub data: String,
+    /// How many images (a stratified subset).
+    #[arg(long, default_value_t = 6)]
+    pub count: usize,
+    /// Output PNG.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -1,0 +1,361 @@
+//! `gmpq search` and `gmpq attribution`.
+
+use super::{AttributionArgs, SearchArgs};
+use anyhow::{bail, Context, Result};
+use gmpq::data::{stratified_subset, DatasetSpec, ImageSource, Split, SubsetSpec};
+use gmpq::policy::{parse_candidates, Candidates};
+use gmpq::search::{
+    self, AttributionMethod, EpochLog, SearchConfig, SearchJob, SearchProgress, Target,
+};
+use gmpq::train::Augment;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+/// Parses `1.2G`, `800M`, `5e8` as a BOPs count.
+fn parse_bops(s: &str) -> Result<f64> {
+    let (num, mult) = match s.chars().last() {
+        Some('G' | 'g') => (&s[..s.len() - 1], 1e9),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1e6),
+        Some('K' | 'k') => (&s[..s.len() - 1], 1e3),
+        _ => (s, 1.0),
+    };
+    let v: f64 = num
+        .parse()
+        .with_context(|| format!("'{s}' is not a BOPs count"))?;
+    if v <= 0.0 {
+        bail!("BOPs target must be positive");
+    }
+    Ok(v * mult)
+}
+
+/// A Pareto point: a compression ratio (plain number) or a BOPs count (with G/M/K suffix).
+fn parse_pareto(s: &str) -> Result<Target> {
+    if s.ends_with(['G', 'g', 'M', 'm', 'K', 'k']) {
+        return Ok(Target::Bops(parse_bops(s)?));
+    }
+    let v: f64 = s
+        .parse()
+        .with_context(|| format!("'{s}' is neither a ratio nor BOPs"))?;
+    if v <= 1.0 {
+        bail!("compression target {v} must be above 1");
+    }
+    Ok(Target::Compression(v))
+}
+
+struct Bars {
+    bar: Mutex<Option<ProgressBar>>,
+}
+
+impl SearchProgress for Bars {
+    fn phase(&self, name: &str, epochs: usize, batches: usize) {
+        let bar = ProgressBar::new((epochs * batches) as u64);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed} < {eta})",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(name.to_string());
+        if let Ok(mut b) = self.bar.lock() {
+            if let Some(old) = b.replace(bar) {
+                old.finish_and_clear();
+            }
+        }
+    }
+    fn step(&self, ce: f64, attr: f64, expected_bops: f64) {
+        if let Ok(b) = self.bar.lock() {
+            if let Some(bar) = b.as_ref() {
+                bar.set_message(format!(
+                    "CE {ce:.3} attr {attr:.4} E[BOPs] {:.3}G",
+                    expected_bops / 1e9
+                ));
+                bar.inc(1);
+            }
+        }
+    }
+    fn epoch(&self, l: &EpochLog) {
+        let line = format!(
+            "epoch {:>3}: CE {:.4} L_attr {:.5} L_c {:.2} p {:.2} λ {:.2e} E[BOPs] {:.4}G argmax {:.4}G proxy top-1 {:.2}% rank corr {:.3} ({:.1}s)",
+            l.epoch, l.ce, l.attribution_loss, l.complexity_loss, l.p, l.lambda,
+            l.expected_bops / 1e9, l.argmax_bops / 1e9, l.argmax_proxy_top1, l.rank_correlation, l.seconds
+        );
+        match self.bar.lock().ok().and_then(|b| b.as_ref().cloned()) {
+            Some(bar) => bar.suspend(|| tracing::info!("{line}")),
+            None => tracing::info!("{line}"),
+        }
+    }
+}
+
+pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
+    let spec: DatasetSpec = a
+        .data
+        .parse()
+        .with_context(|| format!("reading --data {}", a.data))?;
+    let proxy_train = spec.load(Split::Train)?;
+    let train_indices = stratified_subset(
+        proxy_train.as_ref(),
+        &SubsetSpec {
+            limit: a.subset.limit,
+            per_class: a.subset.per_class,
+            seed: a.subset.subset_seed,
+        },
+    )?;
+    let proxy_test = spec.load(Split::Test)?;
+    let val_indices = stratified_subset(
+        proxy_test.as_ref(),
+        &SubsetSpec {
+            limit: Some(a.val_images.min(proxy_test.len())),
+            per_class: None,
+            seed: a.subset.subset_seed,
+        },
+    )?;
+    // One source for both: the loader takes indices into it.
+    let (proxy, val_indices) = merge_sources(proxy_train, proxy_test, val_indices)?;
+
+    let mut targets = Vec::new();
+    if let Some(b) = &a.target_bops {
+        targets.push(Target::Bops(parse_bops(b)?));
+    }
+    if let Some(c) = a.target_compression {
+        if c <= 1.0 {
+            bail!("--target-compression must be above 1");
+        }
+        targets.push(Target::Compression(c));
+    }
+    if let Some(s) = a.target_size_mb {
+        if s <= 0.0 {
+            bail!("--target-size-mb must be positive");
+        }
+        targets.push(Target::SizeMb(s));
+    }
+    for p in &a.pareto {
+        targets.push(parse_pareto(p)?);
+    }
+    let config = SearchConfig {
+        candidates: Candidates {
+            weight: parse_candidates(&a.w_bits)?,
+            activation: parse_candidates(&a.a_bits)?,
+        },
+        epochs: a.epochs,
+        warmup_epochs: if targets.len() > 1 {
+            a.warmup_epochs.unwrap_or(a.epochs / 3)
+        } else {
+            0
+        },
+        batch_size: a.batch_size,
+        lr: a.lr,
+        alpha_lr: a.alpha_lr,
+        step_epochs: a.step_epochs,
+        attribution_weight: a.attribution_weight,
+        p: a.p,
+        complexity_weight: a.cd,
+        dual_rate: a.dual_rate,
+        attribution: match a.attribution.as_str() {
+            "cam" => AttributionMethod::Cam,
+            "grad-cam" => AttributionMethod::GradCam,
+            m => bail!("unknown attribution '{m}' (cam, grad-cam)"),
+        },
+        augment: Augment {
+            crop_padding: 2,
+            hflip: a.hflip,
+        },
+        seed: a.seed,
+        ..Default::default()
+    };
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let command_line = std::env::args().collect::<Vec<_>>().join(" ");
+    let bars = Bars {
+        bar: Mutex::new(None),
+    };
+    let results = search::search(SearchJob {
+        teacher: a.teacher.clone(),
+        proxy,
+        train_indices: train_indices.clone(),
+        val_indices,
+        config: config.clone(),
+        targets: targets.clone(),
+        device,
+        progress: &bars,
+    })?;
+    if let Ok(mut b) = bars.bar.lock() {
+        if let Some(bar) = b.take() {
+            bar.finish_and_clear();
+        }
+    }
+    let single = results.len() == 1;
+    let mut log_file = std::fs::File::create(a.out.join("search-log.jsonl"))
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    let mut summary = Vec::new();
+    let teacher_ck = gmpq::checkpoint::Checkpoint::load(&a.teacher)?;
+    for r in &results {
+        let suffix = match (&r.target, single) {
+            (_, true) | (None, _) => String::new(),
+            (Some(t), false) => format!("-{t}"),
+        };
+        let mut policy = r.policy.clone();
+        let totals = policy.totals.clone().context("policy totals")?;
+        policy.meta = Some(serde_json::json!({
+            "method": if config.attribution_weight == 0.0 { "edmips" } else { "gmpq" },
+            "target": r.target,
+            "argmax_policy_bops": r.argmax.totals.as_ref().map(|t| t.bops),
+            "search": config,
+            "proxy": format!("{spec} ({} images, subset seed {})", train_indices.len(), a.subset.subset_seed),
+            "teacher": a.teacher,
+            "teacher_proxy_val_top1": r.teacher_val_top1,
+            "cost": { "wall_seconds": r.seconds, "images_processed": r.images },
+            "command": command_line,
+        }));
+        let path = a.out.join(format!("policy{suffix}.json"));
+        policy.save(&path)?;
+        for l in &r.log {
+            writeln!(log_file, "{}", serde_json::to_string(l)?)?;
+        }
+        gmpq::report::bit_allocation_svg(
+            &[(
+                if config.attribution_weight == 0.0 {
+                    "EdMIPS"
+                } else {
+                    "GMPQ"
+                },
+                &policy,
+            )],
+            &a.out.join(format!("bits{suffix}.svg")),
+        )?;
+        let [img, t, s] = &r.heatmaps;
+        gmpq::report::heatmaps_png(
+            img,
+            &teacher_ck.meta.eval_pipeline.normalize,
+            &[t, s],
+            &a.out.join(format!("attribution{suffix}.png")),
+        )?;
+        let last = r.log.last();
+        println!(
+            "{}: {:.4} G BOPs, compression {:.2}x, size {:.3} MB{}; proxy top-1 (argmax, before fine-tuning) {:.2}%, teacher {:.2}%; search {:.0} s, {} images",
+            path.display(),
+            totals.bops as f64 / 1e9,
+            totals.compression,
+            totals.size_mb,
+            r.target.map(|t| format!(" (target {t})")).unwrap_or_default(),
+            last.map_or(0.0, |l| l.argmax_proxy_top1),
+            r.teacher_val_top1,
+            r.seconds,
+            r.images
+        );
+        summary.push(serde_json::json!({"policy": path, "totals": totals, "target": r.target, "seconds": r.seconds, "images": r.images}));
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    Ok(())
+}
+
+/// Concatenates the train and test splits into one source so the search can address both
+/// with indices; returns it and the test indices shifted past the train images.
+fn merge_sources(
+    train: Arc<dyn ImageSource>,
+    test: Arc<dyn ImageSource>,
+    test_indices: Vec<usize>,
+) -> Result<(Arc<dyn ImageSource>, Vec<usize>)> {
+    let offset = train.len();
+    Ok((
+        Arc::new(Concat { a: train, b: test }),
+        test_indices.into_iter().map(|i| i + offset).collect(),
+    ))
+}
+
+struct Concat {
+    a: Arc<dyn ImageSource>,
+    b: Arc<dyn ImageSource>,
+}
+
+impl ImageSource for Concat {
+    fn len(&self) -> usize {
+        self.a.len() + self.b.len()
+    }
+    fn num_classes(&self) -> usize {
+        self.a.num_classes().max(self.b.num_classes())
+    }
+    fn label(&self, i: usize) -> i64 {
+        if i < self.a.len() {
+            self.a.label(i)
+        } else {
+            self.b.label(i - self.a.len())
+        }
+    }
+    fn image(&self, i: usize) -> gmpq::data::Result<gmpq::data::ImageU8> {
+        if i < self.a.len() {
+            self.a.image(i)
+        } else {
+            self.b.image(i - self.a.len())
+        }
+    }
+    fn describe(&self) -> String {
+        format!("{} + {}", self.a.describe(), self.b.describe())
+    }
+    fn native_shape(&self) -> Option<[usize; 3]> {
+        match (self.a.native_shape(), self.b.native_shape()) {
+            (Some(x), Some(y)) if x == y => Some(x),
+            _ => None,
+        }
+    }
+}
+
+pub fn attribution_cmd(a: AttributionArgs, device: tch::Device) -> Result<()> {
+    let spec: DatasetSpec = a
+        .data
+        .parse()
+        .with_context(|| format!("reading --data {}", a.data))?;
+    let data = spec.load(Split::Test)?;
+    let idx = stratified_subset(
+        data.as_ref(),
+        &SubsetSpec {
+            limit: Some(a.count.min(data.len())),
+            per_class: None,
+            seed: 0,
+        },
+    )?;
+    let mut nets = vec![gmpq::quant::load(&a.checkpoint, device)
+        .with_context(|| format!("loading {}", a.checkpoint.display()))?];
+    if let Some(c) = &a.compare {
+        nets.push(
+            gmpq::quant::load(c, device).with_context(|| format!("loading {}", c.display()))?,
+        );
+    }
+    let pipeline = nets[0].0.meta.eval_pipeline.clone();
+    let mut loader = gmpq::data::DataLoader::new(
+        data,
+        &idx,
+        Arc::new(pipeline.clone()),
+        gmpq::data::LoaderConfig {
+            batch_size: idx.len().max(1),
+            ..Default::default()
+        },
+        0,
+    )?;
+    let x = loader
+        .next()
+        .context("no images")??
+        .images
+        .to_device(device);
+    let maps: Vec<tch::Tensor> = nets
+        .iter()
+        .map(|(_, n)| {
+            tch::no_grad(|| {
+                let f = n.net.features(&x, false);
+                let logits = n.net.head(&f);
+                gmpq::attribution::cam(&f, n.net.fc_weight(), &gmpq::attribution::top1(&logits))
+            })
+        })
+        .collect();
+    let refs: Vec<&tch::Tensor> = maps.iter().collect();
+    gmpq::report::heatmaps_png(&x, &pipeline.normalize, &refs, &a.out)?;
+    println!(
+        "wrote {} ({} images × {} maps)",
+        a.out.display(),
+        idx.len(),
+        maps.len()
+    );
+    Ok(())
+}

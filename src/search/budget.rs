@@ -1,0 +1,232 @@
+//! Hard budgets: what a target means in BOPs or bytes, the dual-ascent weight that steers the
+//! search toward it, and the deterministic repair of an argmax policy that still overshoots.
+//! The algorithm is described in docs/SEARCH.md.
+
+use crate::model::{ConvSpec, LinearSpec};
+use crate::policy::{Candidates, Policy};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// A budget as the user states it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// Policy BOPs (quantized layers) at most this.
+    Bops(f64),
+    /// FP BOPs / policy BOPs at least this.
+    Compression(f64),
+    /// Model size (quantized kernels + FP layers) at most this many MB (10^6 bytes).
+    SizeMb(f64),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Bops(b) => write!(f, "bops-{:.4}G", b / 1e9),
+            Target::Compression(c) => write!(f, "compression-{c}x"),
+            Target::SizeMb(s) => write!(f, "size-{s}MB"),
+        }
+    }
+}
+
+/// The model geometry a budget is measured on.
+#[derive(Debug, Clone)]
+pub struct Geometry {
+    /// Quantized layers, in forward order.
+    pub layers: Vec<ConvSpec>,
+    pub fp_bops: f64,
+    /// Size in bits of the full-precision layers (stem, head).
+    pub fp_layer_bits: f64,
+}
+
+impl Geometry {
+    pub fn new(convs: &[ConvSpec], fc: &LinearSpec) -> Self {
+        let fp_macs: u64 = convs.iter().map(|c| c.macs()).sum::<u64>() + fc.macs();
+        let fp_layer_params: u64 = convs
+            .iter()
+            .filter(|c| !c.quantizable)
+            .map(|c| c.params())
+            .sum::<u64>()
+            + (fc.in_features * fc.out_features + fc.out_features) as u64;
+        Self {
+            layers: convs.iter().filter(|c| c.quantizable).cloned().collect(),
+            fp_bops: fp_macs as f64 * 1024.0,
+            fp_layer_bits: fp_layer_params as f64 * 32.0,
+        }
+    }
+
+    /// The budgeted quantity for per-layer (possibly expected) bits, in the target's units.
+    pub fn measure(&self, target: &Target, bits: &[(f64, f64)]) -> f64 {
+        match target {
+            Target::Bops(_) | Target::Compression(_) => self
+                .layers
+                .iter()
+                .zip(bits)
+                .map(|(l, (w, a))| l.macs() as f64 * w * a)
+                .sum(),
+            Target::SizeMb(_) => {
+                (self.fp_layer_bits
+                    + self
+                        .layers
+                        .iter()
+                        .zip(bits)
+                        .map(|(l, (w, _))| l.params() as f64 * w)
+                        .sum::<f64>())
+                    / 8e6
+            }
+        }
+    }
+
+    /// The limit the measure must not exceed.
+    pub fn limit(&self, target: &Target) -> f64 {
+        match *target {
+            Target::Bops(b) => b,
+            Target::Compression(c) => self.fp_bops / c,
+            Target::SizeMb(s) => s,
+        }
+    }
+}
+
+/// Dual ascent on the complexity weight: `λ ← λ·exp(η·(measure/limit − 1))`, so λ grows
+/// while the expected cost is over budget and shrinks while it is under.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct DualWeight {
+    pub lambda: f64,
+    pub rate: f64,
+}
+
+impl DualWeight {
+    pub fn update(&mut self, measure: f64, limit: f64) {
+        let ratio = (measure / limit - 1.0).clamp(-1.0, 1.0);
+        self.lambda = (self.lambda * (self.rate * ratio).exp()).clamp(1e-9, 1e3);
+    }
+}
+
+/// Per-layer architecture logits, to rank repair moves by how little the search preferred
+/// the bits given up.
+pub struct Preferences {
+    pub alpha_w: HashMap<String, Vec<f64>>,
+    pub alpha_a: HashMap<String, Vec<f64>>,
+}
+
+/// Lowers bits until the policy meets the budget, then raises bits while it still does, so
+/// the result is ≤ the limit and as close to it as single-step moves allow. Each move is the
+/// single step (one layer, weights or activations, to the neighbouring candidate) with the
+/// best ratio of α-preference to cost (α logit lost per unit saved going down; gained per
+/// unit added going up); ties go to the earlier layer. Deterministic.
+pub fn repair(policy: &mut Policy, geometry: &Geometry, target: &Target, prefs: &Preferences) {
+    let limit = geometry.limit(target);
+    let cands: Candidates = policy.candidates.clone();
+    let index: HashMap<String, usize> = policy
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.name.clone(), i))
+        .collect();
+    let bits_vec = |p: &Policy| -> Vec<(f64, f64)> {
+        geometry
+            .layers
+            .iter()
+            .map(|l| {
+                let b = &p.layers[index[&l.name]];
+                (b.w_bits as f64, b.a_bits as f64)
+            })
+            .collect()
+    };
+    let logit = |name: &str, weights: bool, bits: u32| -> f64 {
+        let (set, table) = if weights {
+            (&cands.weight, &prefs.alpha_w)
+        } else {
+            (&cands.activation, &prefs.alpha_a)
+        };
+        let i = set.iter().position(|&b| b == bits).unwrap_or(0);
+        table
+            .get(name)
+            .and_then(|v| v.get(i))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    // Moves one candidate step down (`down`) or up; returns (layer, weights?, new bits).
+    let moves = |p: &Policy, down: bool| -> Vec<(usize, bool, u32)> {
+        let mut out = Vec::new();
+        for (i, l) in p.layers.iter().enumerate() {
+            for (weights, bits, set) in [
+                (true, l.w_bits, &cands.weight),
+                (false, l.a_bits, &cands.activation),
+            ] {
+                let pos = set.iter().position(|&b| b == bits).unwrap_or(0);
+                let next = if down {
+                    pos.checked_sub(1).map(|j| set[j])
+                } else {
+                    set.get(pos + 1).copied()
+                };
+                if let Some(nb) = next {
+                    out.push((i, weights, nb));
+                }
+            }
+        }
+        out
+    };
+    let apply = |p: &mut Policy, (i, weights, nb): (usize, bool, u32)| {
+        if weights {
+            p.layers[i].w_bits = nb;
+        } else {
+            p.layers[i].a_bits = nb;
+        }
+    };
+    let mut current = geometry.measure(target, &bits_vec(policy));
+    while current > limit {
+        // Smallest loss of preference per unit of cost saved.
+        let mut best: Option<(f64, (usize, bool, u32), f64)> = None;
+        for m in moves(policy, true) {
+            let mut trial = policy.clone();
+            apply(&mut trial, m);
+            let after = geometry.measure(target, &bits_vec(&trial));
+            let saved = current - after;
+            if saved <= 0.0 {
+                continue;
+            }
+            let l = &policy.layers[m.0];
+            let old = if m.1 { l.w_bits } else { l.a_bits };
+            let lost = logit(&l.name, m.1, old) - logit(&l.name, m.1, m.2);
+            let score = lost / saved;
+            if best.as_ref().is_none_or(|b| score < b.0) {
+                best = Some((score, m, after));
+            }
+        }
+        match best {
+            Some((_, m, after)) => {
+                apply(policy, m);
+                current = after;
+            }
+            None => break, // everything at the lowest candidate
+        }
+    }
+    loop {
+        // Largest gain of preference per unit of cost added, among raises that still fit.
+        let mut best: Option<(f64, (usize, bool, u32), f64)> = None;
+        for m in moves(policy, false) {
+            let mut trial = policy.clone();
+            apply(&mut trial, m);
+            let after = geometry.measure(target, &bits_vec(&trial));
+            if after > limit {
+                continue;
+            }
+            let added = (after - current).max(f64::MIN_POSITIVE);
+            let l = &policy.layers[m.0];
+            let old = if m.1 { l.w_bits } else { l.a_bits };
+            let gained = logit(&l.name, m.1, m.2) - logit(&l.name, m.1, old);
+            let score = gained / added;
+            if best.as_ref().is_none_or(|b| score > b.0) {
+                best = Some((score, m, after));
+            }
+        }
+        match best {
+            Some((_, m, after)) => {
+                apply(policy, m);
+                current = after;
+            }
+            None => break,
+        }
+    }
+}

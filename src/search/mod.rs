@@ -1,0 +1,593 @@
+//! GMPQ search: a mixed-precision supernet trained on a small proxy dataset with
+//! `L = CE + aw·L_attr + λ·L_complexity`, guided by a frozen full-precision teacher's
+//! attribution, with λ adapted toward a hard budget (dual ascent) and the final argmax policy
+//! repaired to meet it. `aw = 0` is the EdMIPS baseline on the same code path.
+
+mod budget;
+
+pub use budget::{repair, DualWeight, Geometry, Preferences, Target};
+
+use crate::attribution::{self, capacity_aware_p};
+use crate::checkpoint::{self, Checkpoint};
+use crate::data::{DataLoader, ImageSource, LoaderConfig, Pipeline};
+use crate::policy::{Candidates, Policy};
+use crate::quant::{self, expected_bits, Network, Precision, QuantError};
+use crate::train::{evaluate, pipelines, Augment, Sgd, TrainError};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    #[error(transparent)]
+    Quant(#[from] QuantError),
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error("loss became {value} at epoch {epoch}: the search diverged (try a lower --lr)")]
+    NonFiniteLoss { epoch: usize, value: f64 },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, SearchError>;
+
+/// How the student's attribution is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttributionMethod {
+    /// `g_k = W_fc[c,k]` (exact for GAP → linear heads; no second backward).
+    Cam,
+    /// Gradient of the class logit w.r.t. the feature map, with `create_graph`.
+    GradCam,
+}
+
+/// Search hyper-parameters (saved into every policy the search writes).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchConfig {
+    pub candidates: Candidates,
+    pub epochs: usize,
+    /// Epochs of the shared warm-up (no complexity term) before per-target search in a
+    /// Pareto run; 0 for a single target.
+    pub warmup_epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub alpha_lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub alpha_weight_decay: f64,
+    /// Both learning rates ×0.1 every this many epochs.
+    pub step_epochs: usize,
+    pub attribution_weight: f64,
+    /// Fixed attribution exponent; `None`: the capacity-aware rule.
+    pub p: Option<f64>,
+    /// Complexity weight: fixed without a target, the starting λ with one.
+    pub complexity_weight: f64,
+    /// Dual-ascent rate of λ (per step).
+    pub dual_rate: f64,
+    pub attribution: AttributionMethod,
+    pub augment: Augment,
+    pub seed: u64,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        Self {
+            candidates: Candidates {
+                weight: crate::policy::DEFAULT_CANDIDATES.to_vec(),
+                activation: crate::policy::DEFAULT_CANDIDATES.to_vec(),
+            },
+            epochs: 25,
+            warmup_epochs: 0,
+            batch_size: 128,
+            lr: 0.1,
+            alpha_lr: 0.01,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            alpha_weight_decay: 1e-4,
+            step_epochs: 10,
+            attribution_weight: 20.0,
+            p: None,
+            complexity_weight: 3e-4,
+            dual_rate: 0.05,
+            attribution: AttributionMethod::Cam,
+            augment: Augment {
+                crop_padding: 2,
+                hflip: false,
+            },
+            seed: 0,
+        }
+    }
+}
+
+/// One line of the per-epoch search log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochLog {
+    pub target: Option<String>,
+    pub epoch: usize,
+    pub ce: f64,
+    pub attribution_loss: f64,
+    pub complexity_loss: f64,
+    pub p: f64,
+    pub lambda: f64,
+    pub expected_bops: f64,
+    pub argmax_bops: f64,
+    pub argmax_proxy_top1: f64,
+    pub rank_correlation: f64,
+    pub seconds: f64,
+    pub images: usize,
+}
+
+/// Observes the search (the CLI draws a progress bar).
+pub trait SearchProgress {
+    fn phase(&self, _name: &str, _epochs: usize, _batches_per_epoch: usize) {}
+    fn step(&self, _ce: f64, _attr: f64, _expected_bops: f64) {}
+    fn epoch(&self, _log: &EpochLog) {}
+}
+
+pub struct Quiet;
+impl SearchProgress for Quiet {}
+
+/// What a search needs besides its settings.
+pub struct SearchJob<'a> {
+    pub teacher: PathBuf,
+    pub proxy: Arc<dyn ImageSource>,
+    pub train_indices: Vec<usize>,
+    /// Held-out proxy images for the argmax policy's accuracy and the probe batch.
+    pub val_indices: Vec<usize>,
+    pub config: SearchConfig,
+    /// One target, several (Pareto), or none (the fixed complexity weight).
+    pub targets: Vec<Target>,
+    pub device: Device,
+    pub progress: &'a dyn SearchProgress,
+}
+
+/// The result for one target.
+pub struct SearchResult {
+    pub target: Option<Target>,
+    pub policy: Policy,
+    /// The argmax policy before repair.
+    pub argmax: Policy,
+    pub log: Vec<EpochLog>,
+    pub teacher_val_top1: f64,
+    pub seconds: f64,
+    pub images: usize,
+    /// Probe images with the teacher's and the final supernet's attribution maps.
+    pub heatmaps: [Tensor; 3],
+}
+
+/// Per-layer `(E[b_w], E[b_a])` tensors of a supernet, in forward order.
+fn expected_layer_bits(net: &Network, vars: &HashMap<String, Tensor>) -> Vec<(Tensor, Tensor)> {
+    let Precision::Supernet { candidates } = &net.precision else {
+        return Vec::new();
+    };
+    net.handles
+        .iter()
+        .map(|h| {
+            let n = &h.spec.name;
+            (
+                expected_bits(&vars[&format!("{n}.alpha_w")], &candidates.weight),
+                expected_bits(&vars[&format!("{n}.alpha_a")], &candidates.activation),
+            )
+        })
+        .collect()
+}
+
+fn alpha_table(net: &Network, suffix: &str) -> HashMap<String, Vec<f64>> {
+    let vars = net.vs.variables();
+    net.handles
+        .iter()
+        .filter_map(|h| {
+            let t = vars.get(&format!("{}.{suffix}", h.spec.name))?;
+            let v: Vec<f32> = Vec::try_from(&t.detach().to_device(Device::Cpu)).ok()?;
+            Some((h.spec.name.clone(), v.into_iter().map(f64::from).collect()))
+        })
+        .collect()
+}
+
+/// The supernet's current α as repair preferences.
+pub fn preferences(net: &Network) -> Preferences {
+    Preferences {
+        alpha_w: alpha_table(net, "alpha_w"),
+        alpha_a: alpha_table(net, "alpha_a"),
+    }
+}
+
+/// A fixed-policy network carrying the supernet's weights, batch norm and thresholds, and
+/// the clip of each layer's chosen activation branch.
+pub fn fixed_from_supernet(sn: &Network, policy: &Policy) -> Result<Network> {
+    let Precision::Supernet { candidates } = &sn.precision else {
+        return Err(SearchError::Invalid("not a supernet".into()));
+    };
+    let fixed = quant::build(
+        sn.net.config(),
+        Precision::Fixed {
+            policy: policy.clone(),
+            per_channel: false,
+        },
+        sn.vs.device(),
+    )?;
+    let src = sn.vs.variables();
+    let bits = policy.bits_by_layer();
+    tch::no_grad(|| {
+        for (name, var) in fixed.vs.variables() {
+            let value = match name.strip_suffix(".act_clip") {
+                Some(layer) => {
+                    let a = bits.get(layer).map_or(0, |b| b.1);
+                    let i = candidates
+                        .activation
+                        .iter()
+                        .position(|&b| b == a)
+                        .unwrap_or(0);
+                    src[&name].get(i as i64)
+                }
+                None => src[&name].shallow_clone(),
+            };
+            var.shallow_clone().copy_(&value);
+        }
+    });
+    Ok(fixed)
+}
+
+struct Teacher {
+    network: Network,
+    pipeline: Pipeline,
+}
+
+fn load_teacher(job: &SearchJob) -> Result<Teacher> {
+    let (ck, network) = quant::load(&job.teacher, job.device)?;
+    if network.precision != Precision::Full {
+        return Err(SearchError::Invalid(format!(
+            "{}: the teacher must be a full-precision checkpoint",
+            job.teacher.display()
+        )));
+    }
+    Ok(Teacher {
+        network,
+        pipeline: ck.meta.eval_pipeline,
+    })
+}
+
+/// A supernet initialised from the teacher's weights (same layer names).
+fn supernet_from(teacher_ck: &Checkpoint, job: &SearchJob) -> Result<Network> {
+    let sn = quant::build(
+        &teacher_ck.meta.model,
+        Precision::Supernet {
+            candidates: job.config.candidates.clone(),
+        },
+        job.device,
+    )?;
+    sn.load_fp_weights(teacher_ck, &job.teacher)?;
+    Ok(sn)
+}
+
+struct Phase<'a> {
+    name: String,
+    target: Option<Target>,
+    epochs: std::ops::Range<usize>,
+    lambda: DualWeight,
+    complexity: bool,
+    geometry: &'a Geometry,
+}
+
+/// Runs the search for every target. A Pareto run (several targets) shares
+/// `warmup_epochs` of supernet training without the complexity term.
+pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
+    let cfg = job.config.clone();
+    if cfg.epochs == 0 || cfg.batch_size == 0 {
+        return Err(SearchError::Invalid(
+            "epochs and batch size must be positive".into(),
+        ));
+    }
+    if job.train_indices.len() < cfg.batch_size {
+        return Err(SearchError::Invalid(format!(
+            "the proxy set has {} training images, fewer than one batch of {}",
+            job.train_indices.len(),
+            cfg.batch_size
+        )));
+    }
+    if cfg.warmup_epochs >= cfg.epochs && job.targets.len() > 1 {
+        return Err(SearchError::Invalid(
+            "warm-up must be shorter than the search".into(),
+        ));
+    }
+    tch::manual_seed(cfg.seed as i64);
+    let started = Instant::now();
+    let teacher_ck = Checkpoint::load(&job.teacher)?;
+    let teacher = load_teacher(&job)?;
+    let native = job.proxy.native_shape().unwrap_or([
+        teacher_ck.meta.model.in_channels,
+        teacher_ck.meta.model.input_size,
+        teacher_ck.meta.model.input_size,
+    ]);
+    let (train_pipe, _) = pipelines(
+        native,
+        &teacher_ck.meta.model,
+        cfg.augment,
+        teacher.pipeline.normalize.clone(),
+    );
+    let teacher_val = evaluate(
+        &teacher.network.net,
+        job.proxy.clone(),
+        &job.val_indices,
+        &teacher.pipeline,
+        256,
+        job.device,
+    )?;
+    let probe = probe_batch(&job, &teacher.pipeline)?;
+
+    let base = supernet_from(&teacher_ck, &job)?;
+    let geometry = Geometry::new(base.net.convs(), base.net.fc_spec());
+    let mut base = Some(base);
+    let ctx = Ctx {
+        job: &job,
+        cfg: &cfg,
+        teacher: &teacher,
+        train_pipe: Arc::new(train_pipe),
+        probe,
+    };
+    let mut images_shared = 0usize;
+    let mut shared_log = Vec::new();
+    let shared_state = if job.targets.len() > 1 && cfg.warmup_epochs > 0 {
+        let phase = Phase {
+            name: "warm-up".into(),
+            target: None,
+            epochs: 0..cfg.warmup_epochs,
+            lambda: DualWeight {
+                lambda: 0.0,
+                rate: 0.0,
+            },
+            complexity: false,
+            geometry: &geometry,
+        };
+        let warm = base
+            .as_ref()
+            .ok_or_else(|| SearchError::Invalid("no supernet".into()))?;
+        let (log, images) = ctx.run(warm, phase)?;
+        images_shared = images;
+        shared_log = log;
+        Some(checkpoint::var_store_tensors(&warm.vs))
+    } else {
+        None
+    };
+    let warm_secs = started.elapsed().as_secs_f64();
+    let targets: Vec<Option<Target>> = if job.targets.is_empty() {
+        vec![None]
+    } else {
+        job.targets.iter().copied().map(Some).collect()
+    };
+    let mut results = Vec::new();
+    for target in targets {
+        let t0 = Instant::now();
+        let sn = match (&shared_state, base.take()) {
+            (Some(state), _) => {
+                let sn = supernet_from(&teacher_ck, &job)?;
+                tch::no_grad(|| {
+                    for (name, var) in sn.vs.variables() {
+                        var.shallow_clone()
+                            .copy_(&state[&name].to_device(job.device));
+                    }
+                });
+                sn
+            }
+            // The first target of a run without warm-up trains the base supernet itself.
+            (None, Some(b)) => b,
+            (None, None) => supernet_from(&teacher_ck, &job)?,
+        };
+        let start = if shared_state.is_some() {
+            cfg.warmup_epochs
+        } else {
+            0
+        };
+        let phase = Phase {
+            name: target.map_or("search".to_string(), |t| format!("search {t}")),
+            target,
+            epochs: start..cfg.epochs,
+            lambda: DualWeight {
+                lambda: cfg.complexity_weight,
+                rate: if target.is_some() { cfg.dual_rate } else { 0.0 },
+            },
+            complexity: true,
+            geometry: &geometry,
+        };
+        let (mut log, images) = ctx.run(&sn, phase)?;
+        let argmax = sn.argmax_policy()?;
+        let mut policy = argmax.clone();
+        if let Some(t) = &target {
+            repair(&mut policy, &geometry, t, &preferences(&sn));
+        }
+        let policy = policy.with_totals(sn.net.convs(), sn.net.fc_spec());
+        let mut full_log = shared_log.clone();
+        full_log.append(&mut log);
+        let probe = ctx.probe.narrow(0, 0, ctx.probe.size()[0].min(6));
+        let (a_t, a_s, _) = tch::no_grad(|| ctx.maps(&sn, &probe, false));
+        results.push(SearchResult {
+            target,
+            policy,
+            argmax,
+            log: full_log,
+            teacher_val_top1: teacher_val.top1,
+            seconds: t0.elapsed().as_secs_f64() + warm_secs,
+            images: images + images_shared,
+            heatmaps: [probe, a_t, a_s],
+        });
+    }
+    Ok(results)
+}
+
+struct Ctx<'a> {
+    job: &'a SearchJob<'a>,
+    cfg: &'a SearchConfig,
+    teacher: &'a Teacher,
+    train_pipe: Arc<Pipeline>,
+    probe: Tensor,
+}
+
+fn probe_batch(job: &SearchJob, pipeline: &Pipeline) -> Result<Tensor> {
+    let n = job.val_indices.len().min(64);
+    let mut loader = DataLoader::new(
+        job.proxy.clone(),
+        &job.val_indices[..n],
+        Arc::new(pipeline.clone()),
+        LoaderConfig {
+            batch_size: n.max(1),
+            ..Default::default()
+        },
+        0,
+    )?;
+    match loader.next() {
+        Some(b) => Ok(b?.images.to_device(job.device)),
+        None => Err(SearchError::Invalid(
+            "the proxy validation set is empty".into(),
+        )),
+    }
+}
+
+impl Ctx<'_> {
+    /// Teacher and student attribution maps of `x` (student with gradient).
+    fn maps(&self, sn: &Network, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
+        let t = &self.teacher.network.net;
+        let a_t = tch::no_grad(|| {
+            let f = t.features(x, false);
+            let logits = t.head(&f);
+            attribution::cam(&f, t.fc_weight(), &attribution::top1(&logits))
+        });
+        let f_s = sn.net.features(x, train);
+        let logits = sn.net.head(&f_s);
+        let classes = attribution::top1(&logits);
+        let a_s = match self.cfg.attribution {
+            AttributionMethod::Cam => attribution::cam(&f_s, sn.net.fc_weight(), &classes),
+            AttributionMethod::GradCam => attribution::grad_cam(&f_s, &logits, &classes),
+        };
+        (a_t, a_s, logits)
+    }
+
+    fn run(&self, sn: &Network, mut phase: Phase) -> Result<(Vec<EpochLog>, usize)> {
+        let cfg = self.cfg;
+        let job = self.job;
+        let mut w_opt = Sgd::new(sn.weight_parameters(), cfg.momentum, cfg.weight_decay);
+        let mut a_opt = Sgd::new(sn.alpha_parameters(), cfg.momentum, cfg.alpha_weight_decay);
+        let vars = sn.vs.variables();
+        let macs: Vec<f64> = sn.handles.iter().map(|h| h.spec.macs() as f64).collect();
+        let macs0 = macs.first().copied().unwrap_or(1.0);
+        let steps = job.train_indices.len() / cfg.batch_size;
+        job.progress.phase(&phase.name, phase.epochs.len(), steps);
+        let mut logs = Vec::new();
+        let mut images = 0usize;
+        for epoch in phase.epochs.clone() {
+            let t0 = Instant::now();
+            let decay = 0.1f64.powi((epoch / cfg.step_epochs.max(1)) as i32);
+            let loader = DataLoader::new(
+                job.proxy.clone(),
+                &job.train_indices,
+                self.train_pipe.clone(),
+                LoaderConfig {
+                    batch_size: cfg.batch_size,
+                    shuffle: true,
+                    drop_last: true,
+                    seed: cfg.seed,
+                    prefetch: 3,
+                },
+                epoch as u64,
+            )?;
+            let (mut ce_sum, mut attr_sum, mut comp_sum, mut p_last, mut n) =
+                (0.0, 0.0, 0.0, 0.0, 0);
+            let mut expected = 0.0;
+            for batch in loader {
+                let batch = batch?;
+                let x = batch.images.to_device(job.device);
+                let y = batch.labels.to_device(job.device);
+                let (a_t, a_s, logits) = self.maps(sn, &x, true);
+                let ce = logits.cross_entropy_for_logits(&y);
+                let bits = expected_layer_bits(sn, &vars);
+                let bits_f: Vec<(f64, f64)> = bits
+                    .iter()
+                    .map(|(w, a)| (w.double_value(&[]), a.double_value(&[])))
+                    .collect();
+                // p follows the current α but is not itself optimised (no gradient through p).
+                let p = cfg.p.unwrap_or_else(|| capacity_aware_p(&bits_f));
+                let l_attr = if cfg.attribution_weight != 0.0 {
+                    attribution::attribution_loss(&a_t, &a_s, p)
+                } else {
+                    Tensor::zeros([], (Kind::Float, job.device))
+                };
+                let mut l_comp = Tensor::zeros([], (Kind::Float, job.device));
+                for ((w, a), m) in bits.iter().zip(&macs) {
+                    l_comp = l_comp + w * a * (m / macs0);
+                }
+                let mut loss = &ce + &l_attr * cfg.attribution_weight;
+                if phase.complexity {
+                    loss = loss + &l_comp * phase.lambda.lambda;
+                }
+                let loss_v = loss.double_value(&[]);
+                if !loss_v.is_finite() {
+                    return Err(SearchError::NonFiniteLoss {
+                        epoch: epoch + 1,
+                        value: loss_v,
+                    });
+                }
+                w_opt.zero_grad();
+                a_opt.zero_grad();
+                loss.backward();
+                w_opt.step(cfg.lr * decay);
+                a_opt.step(cfg.alpha_lr * decay);
+                expected = phase.geometry.measure(&Target::Bops(0.0), &bits_f);
+                if let (Some(t), true) = (&phase.target, phase.complexity) {
+                    let m = phase.geometry.measure(t, &bits_f);
+                    phase.lambda.update(m, phase.geometry.limit(t));
+                }
+                let (c, at) = (ce.double_value(&[]), l_attr.double_value(&[]));
+                ce_sum += c;
+                attr_sum += at;
+                comp_sum += l_comp.double_value(&[]);
+                p_last = p;
+                n += 1;
+                images += y.size()[0] as usize;
+                job.progress.step(c, at, expected);
+            }
+            let argmax = sn.argmax_policy()?;
+            let fixed = fixed_from_supernet(sn, &argmax)?;
+            let val = evaluate(
+                &fixed.net,
+                job.proxy.clone(),
+                &job.val_indices,
+                &self.teacher.pipeline,
+                256,
+                job.device,
+            )?;
+            let (a_t, a_s, _) = tch::no_grad(|| self.maps(sn, &self.probe, false));
+            let log = EpochLog {
+                target: phase.target.map(|t| t.to_string()),
+                epoch: epoch + 1,
+                ce: ce_sum / n.max(1) as f64,
+                attribution_loss: attr_sum / n.max(1) as f64,
+                complexity_loss: comp_sum / n.max(1) as f64,
+                p: p_last,
+                lambda: phase.lambda.lambda,
+                expected_bops: expected,
+                argmax_bops: argmax.totals.as_ref().map_or(0.0, |t| t.bops as f64),
+                argmax_proxy_top1: val.top1,
+                rank_correlation: attribution::spearman(&a_t, &a_s),
+                seconds: t0.elapsed().as_secs_f64(),
+                images,
+            };
+            job.progress.epoch(&log);
+            logs.push(log);
+        }
+        Ok((logs, images))
+    }
+}
