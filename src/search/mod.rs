@@ -170,8 +170,19 @@ pub struct SearchResult {
     pub heatmaps: [Tensor; 3],
 }
 
+/// `L_complexity = Σ_l MACs_l·E[b_a]_l·E[b_w]_l / MACs_0`, `MACs_0` the first quantized
+/// layer's MACs.
+pub fn complexity_loss(bits: &[(Tensor, Tensor)], macs: &[f64]) -> Tensor {
+    let macs0 = macs.first().copied().unwrap_or(1.0);
+    bits.iter()
+        .zip(macs)
+        .map(|((w, a), m)| w * a * (m / macs0))
+        .reduce(|x, y| x + y)
+        .unwrap_or_else(|| Tensor::zeros([], (Kind::Float, Device::Cpu)))
+}
+
 /// Per-layer `(E[b_w], E[b_a])` tensors of a supernet, in forward order.
-fn expected_layer_bits(net: &Network, vars: &HashMap<String, Tensor>) -> Vec<(Tensor, Tensor)> {
+pub fn expected_layer_bits(net: &Network, vars: &HashMap<String, Tensor>) -> Vec<(Tensor, Tensor)> {
     let Precision::Supernet { candidates } = &net.precision else {
         return Vec::new();
     };
@@ -483,7 +494,6 @@ impl Ctx<'_> {
         let mut a_opt = Sgd::new(sn.alpha_parameters(), cfg.momentum, cfg.alpha_weight_decay);
         let vars = sn.vs.variables();
         let macs: Vec<f64> = sn.handles.iter().map(|h| h.spec.macs() as f64).collect();
-        let macs0 = macs.first().copied().unwrap_or(1.0);
         let steps = job.train_indices.len() / cfg.batch_size;
         job.progress.phase(&phase.name, phase.epochs.len(), steps);
         let mut logs = Vec::new();
@@ -525,13 +535,10 @@ impl Ctx<'_> {
                 } else {
                     Tensor::zeros([], (Kind::Float, job.device))
                 };
-                let mut l_comp = Tensor::zeros([], (Kind::Float, job.device));
-                for ((w, a), m) in bits.iter().zip(&macs) {
-                    l_comp = l_comp + w * a * (m / macs0);
-                }
+                let l_comp = complexity_loss(&bits, &macs);
                 let mut loss = &ce + &l_attr * cfg.attribution_weight;
                 if phase.complexity {
-                    loss = loss + &l_comp * phase.lambda.lambda;
+                    loss += &l_comp * phase.lambda.lambda;
                 }
                 let loss_v = loss.double_value(&[]);
                 if !loss_v.is_finite() {

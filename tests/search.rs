@@ -1,0 +1,307 @@
+//! GMPQ search: attribution, loss terms, budgets, and the search end to end.
+
+mod common;
+
+use common::{bundled, run, stderr};
+use gmpq::attribution::{attribution_loss, cam, grad_cam, top1};
+use gmpq::checkpoint::{self, Checkpoint, CheckpointMeta};
+use gmpq::data::{Normalize, Pipeline};
+use gmpq::model::{Arch, ModelConfig};
+use gmpq::policy::{Candidates, Policy};
+use gmpq::quant::{self, Precision};
+use gmpq::search::{complexity_loss, expected_layer_bits, repair, Geometry, Preferences, Target};
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
+
+fn cfg() -> ModelConfig {
+    ModelConfig::new(Arch::ResNet20, 1, 10, 28)
+}
+
+fn supernet() -> quant::Network {
+    let c = Candidates {
+        weight: vec![2, 3, 4, 6],
+        activation: vec![2, 3, 4, 6],
+    };
+    quant::build(&cfg(), Precision::Supernet { candidates: c }, Device::Cpu).unwrap()
+}
+
+#[test]
+fn cam_equals_general_grad_cam_on_resnet() {
+    tch::manual_seed(0);
+    for precision in [Precision::Full, supernet().precision] {
+        let n = quant::build(&cfg(), precision, Device::Cpu).unwrap();
+        let x = Tensor::randn([6, 1, 28, 28], tch::kind::FLOAT_CPU);
+        let f = n.net.features(&x, false);
+        let logits = n.net.head(&f);
+        let c = top1(&logits);
+        let a = cam(&f, n.net.fc_weight(), &c);
+        let b = grad_cam(&f, &logits, &c);
+        assert_eq!(a.size(), vec![6, 7, 7]);
+        let diff = (&a - &b).abs().max().double_value(&[]);
+        let scale = a.abs().max().double_value(&[]).max(1e-6);
+        assert!(
+            diff <= 1e-5 * scale,
+            "CAM and Grad-CAM differ by {diff} (scale {scale})"
+        );
+        assert!(a.sum(Kind::Float).double_value(&[]) > 0.0, "empty maps");
+    }
+}
+
+#[test]
+fn complexity_loss_hand_worked() {
+    // Two layers with 100 and 50 MACs; α = 0 → E[b] = mean of the candidates.
+    let set = [2u32, 4];
+    let a0 = Tensor::zeros([2], tch::kind::FLOAT_CPU);
+    let e = gmpq::quant::expected_bits(&a0, &set); // 3
+    let bits = vec![
+        (e.shallow_clone(), e.shallow_clone()),
+        (e.shallow_clone(), e.shallow_clone()),
+    ];
+    let l = complexity_loss(&bits, &[100.0, 50.0]).double_value(&[]);
+    assert!((l - (9.0 + 9.0 * 0.5)).abs() < 1e-6, "{l}");
+    // Softmax([ln 3, 0]) = [0.75, 0.25] over {2, 4} → E[b] = 2.5.
+    let a1 = Tensor::from_slice(&[3f32.ln(), 0.0]);
+    assert!((gmpq::quant::expected_bits(&a1, &set).double_value(&[]) - 2.5).abs() < 1e-6);
+}
+
+#[test]
+fn alpha_gets_gradient_from_each_loss_term() {
+    tch::manual_seed(3);
+    let sn = supernet();
+    let teacher = quant::build(&cfg(), Precision::Full, Device::Cpu).unwrap();
+    let x = Tensor::randn([4, 1, 28, 28], tch::kind::FLOAT_CPU);
+    let y = Tensor::from_slice(&[1i64, 2, 3, 4]);
+    let vars = sn.vs.variables();
+    let macs: Vec<f64> = sn.handles.iter().map(|h| h.spec.macs() as f64).collect();
+    type LossFn<'a> = Box<dyn Fn() -> Tensor + 'a>;
+    let terms: [(&str, LossFn); 3] = [
+        ("CE", Box::new(|| sn.net.forward_t_ce(&x, &y))),
+        (
+            "L_attr",
+            Box::new(|| {
+                let ft = teacher.net.features(&x, false);
+                let at = cam(&ft, teacher.net.fc_weight(), &top1(&teacher.net.head(&ft)));
+                let fs = sn.net.features(&x, true);
+                let as_ = cam(&fs, sn.net.fc_weight(), &top1(&sn.net.head(&fs)));
+                attribution_loss(&at, &as_, 1.5)
+            }),
+        ),
+        (
+            "L_complexity",
+            Box::new(|| complexity_loss(&expected_layer_bits(&sn, &vars), &macs)),
+        ),
+    ];
+    for (name, loss) in terms.iter() {
+        for (_, a) in sn.alpha_parameters() {
+            let mut a = a;
+            a.zero_grad();
+        }
+        loss().backward();
+        let with_grad = sn
+            .alpha_parameters()
+            .iter()
+            .filter(|(_, a)| {
+                a.grad().defined() && a.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0
+            })
+            .count();
+        assert!(
+            with_grad >= 20,
+            "{name}: only {with_grad} of 40 α have gradient"
+        );
+    }
+}
+
+trait CeExt {
+    fn forward_t_ce(&self, x: &Tensor, y: &Tensor) -> Tensor;
+}
+impl CeExt for gmpq::model::ResNet {
+    fn forward_t_ce(&self, x: &Tensor, y: &Tensor) -> Tensor {
+        tch::nn::ModuleT::forward_t(self, x, true).cross_entropy_for_logits(y)
+    }
+}
+
+#[test]
+fn repair_meets_the_budget_and_fills_it() {
+    let n = quant::build(&cfg(), Precision::Full, Device::Cpu).unwrap();
+    let g = Geometry::new(n.net.convs(), n.net.fc_spec());
+    let mut p = Policy::uniform(&cfg(), n.net.convs(), 6, 6);
+    p.candidates = Candidates {
+        weight: vec![2, 3, 4, 6],
+        activation: vec![2, 3, 4, 6],
+    };
+    // The search preferred 6 bits everywhere but weakly on layer2.*.
+    let mut prefs = Preferences {
+        alpha_w: HashMap::new(),
+        alpha_a: HashMap::new(),
+    };
+    for l in &p.layers {
+        let v = if l.name.starts_with("layer2") {
+            vec![0.0, 0.0, 0.1, 0.2]
+        } else {
+            vec![0.0, 0.0, 0.5, 2.0]
+        };
+        prefs.alpha_w.insert(l.name.clone(), v.clone());
+        prefs.alpha_a.insert(l.name.clone(), v);
+    }
+    let target = Target::Compression(64.0);
+    let limit = g.limit(&target);
+    let mut a = p.clone();
+    repair(&mut a, &g, &target, &prefs);
+    let bits = |p: &Policy| {
+        p.layers
+            .iter()
+            .map(|l| (l.w_bits as f64, l.a_bits as f64))
+            .collect::<Vec<_>>()
+    };
+    let got = g.measure(&target, &bits(&a));
+    assert!(got <= limit, "{got} > {limit}");
+    // As close as single steps allow: no single raise still fits.
+    let smallest_step = g
+        .layers
+        .iter()
+        .map(|l| l.macs() as f64)
+        .fold(f64::MAX, f64::min)
+        * 2.0
+        * 2.0;
+    assert!(
+        limit - got < smallest_step * 6.0,
+        "left {} unused",
+        limit - got
+    );
+    // The weakly preferred layers gave up bits first.
+    let avg = |pre: &str| {
+        let v: Vec<f64> = a
+            .layers
+            .iter()
+            .filter(|l| l.name.starts_with(pre))
+            .map(|l| (l.w_bits * l.a_bits) as f64)
+            .collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    assert!(
+        avg("layer2") < avg("layer1"),
+        "{} vs {}",
+        avg("layer2"),
+        avg("layer1")
+    );
+    let mut b = p.clone();
+    repair(&mut b, &g, &target, &prefs);
+    assert_eq!(a, b, "repair must be deterministic");
+    let a_totals = a
+        .clone()
+        .with_totals(n.net.convs(), n.net.fc_spec())
+        .totals
+        .unwrap();
+    assert!(a_totals.compression >= 64.0);
+}
+
+fn fp_checkpoint(path: &std::path::Path, seed: i64) {
+    tch::manual_seed(seed);
+    let n = quant::build(&cfg(), Precision::Full, Device::Cpu).unwrap();
+    Checkpoint {
+        meta: CheckpointMeta {
+            format: checkpoint::FORMAT_VERSION,
+            model: cfg(),
+            eval_pipeline: Pipeline {
+                transforms: vec![],
+                normalize: Normalize {
+                    mean: vec![0.13],
+                    std: vec![0.3],
+                },
+            },
+            dataset: None,
+            train: None,
+            epoch: 0,
+            history: vec![],
+            source: None,
+            precision: None,
+            calibration: None,
+        },
+        tensors: checkpoint::var_store_tensors(&n.vs),
+    }
+    .save(path)
+    .unwrap();
+}
+
+fn search_args<'a>(teacher: &'a str, out: &'a str, aw: &'a str, p: &'a str) -> Vec<&'a str> {
+    vec![
+        "--threads",
+        "2",
+        "search",
+        "--teacher",
+        teacher,
+        "--data",
+        "bundled:mnist",
+        "--limit",
+        "256",
+        "--val-images",
+        "64",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--target-compression",
+        "64",
+        "--attribution-weight",
+        aw,
+        "--p",
+        p,
+        "--out",
+        out,
+        "--json",
+    ]
+}
+
+#[test]
+fn search_meets_target_and_aw0_ignores_attribution() {
+    let _ = bundled("mnist");
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("t.safetensors");
+    fp_checkpoint(&t, 1);
+    let t_s = t.to_str().unwrap().to_string();
+    // (attribution weight, p): with aw = 0 the exponent p — which only enters L_attr — must
+    // change nothing; with aw = 20 it must.
+    let runs = [("0", "1"), ("0", "6"), ("20", "1"), ("20", "6")];
+    let mut results = Vec::new();
+    for (i, (aw, p)) in runs.iter().enumerate() {
+        let o = dir.path().join(format!("o{i}"));
+        let out = run(&search_args(&t_s, o.to_str().unwrap(), aw, p));
+        assert!(out.status.success(), "{}", stderr(&out));
+        for f in [
+            "policy.json",
+            "search-log.jsonl",
+            "bits.svg",
+            "attribution.png",
+        ] {
+            assert!(o.join(f).is_file(), "{f} missing");
+        }
+        let policy = Policy::load(&o.join("policy.json")).unwrap();
+        let totals = policy.totals.clone().unwrap();
+        assert!(
+            totals.compression >= 64.0,
+            "target not met: {}",
+            totals.compression
+        );
+        assert!(
+            totals.compression < 64.0 * 1.1,
+            "far under the budget: {}",
+            totals.compression
+        );
+        let log: Vec<serde_json::Value> = std::fs::read_to_string(o.join("search-log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(log.len(), 2);
+        results.push((policy.layers, log));
+    }
+    assert_eq!(results[0].0, results[1].0, "aw = 0: p changed the policy");
+    assert_eq!(
+        results[0].1[1]["ce"], results[1].1[1]["ce"],
+        "aw = 0: p changed the training"
+    );
+    assert_ne!(
+        results[2].1[1]["ce"], results[3].1[1]["ce"],
+        "aw = 20: p had no effect"
+    );
+}
