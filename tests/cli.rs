@@ -96,6 +96,47 @@ fn train_then_eval_on_bundled_data() {
     assert_eq!(b["totals"], r["totals"]);
     assert_eq!(b["layers"][1]["w_bits"], 8);
 
+    // Quantization-aware fine-tuning from the FP checkpoint: the result carries its policy.
+    let ft = dir.path().join("ft");
+    let o = run(&[
+        "finetune",
+        "--init",
+        ckpt.to_str().unwrap(),
+        "--uniform",
+        "w4a4",
+        "--data",
+        &data,
+        "--limit",
+        "500",
+        "--test-limit",
+        "500",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "50",
+        "--out",
+        ft.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let f: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let o = run(&[
+        "eval",
+        "--checkpoint",
+        ft.join("last.safetensors").to_str().unwrap(),
+        "--data",
+        &data,
+        "--limit",
+        "500",
+        "--json",
+    ]);
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!((m["top1"].as_f64().unwrap() - f["final"]["test_top1"].as_f64().unwrap()).abs() < 1e-9);
+    let sidecar: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ft.join("last.json")).unwrap()).unwrap();
+    assert_eq!(sidecar["precision"]["policy"]["layers"][0]["w_bits"], 4);
+    assert_eq!(sidecar["calibration"].as_array().unwrap().len(), 20);
+
     // A policy for another model is refused, naming the problem.
     let pol = dir.path().join("r56.json");
     std::fs::write(&pol, r#"{"model":"resnet56","input_size":28,"candidates":{"weight":[4],"activation":[4]},"layers":[]}"#).unwrap();

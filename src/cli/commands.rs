@@ -2,8 +2,8 @@
 
 use super::progress::TrainBars;
 use super::{
-    BenchCommand, BopsArgs, Cli, Command, DemoArgs, EvalArgs, ImportArgs, ModelArgs, PolicyChoice,
-    QuantizeArgs, SubsetArgs, SubsetCmdArgs, TrainArgs,
+    BenchCommand, BopsArgs, Cli, Command, DemoArgs, EvalArgs, FinetuneArgs, ImportArgs, ModelArgs,
+    PolicyChoice, QuantizeArgs, SubsetArgs, SubsetCmdArgs, TrainArgs,
 };
 use anyhow::{bail, Context, Result};
 use gmpq::checkpoint::Checkpoint;
@@ -21,6 +21,7 @@ pub fn run(cli: Cli) -> Result<()> {
     tracing::debug!("libtorch threads: {threads}, device: {device:?}");
     match cli.command {
         Command::Train(a) => train_cmd(a, device),
+        Command::Finetune(a) => finetune_cmd(a, device),
         Command::Eval(a) => eval_cmd(a, device),
         Command::Import(a) => import_cmd(a),
         Command::Subset(a) => subset_cmd(a),
@@ -101,6 +102,47 @@ fn subset_of(source: &dyn ImageSource, a: &SubsetArgs) -> Result<Vec<usize>> {
 }
 
 fn train_cmd(a: TrainArgs, device: tch::Device) -> Result<()> {
+    run_training(a, device, None)
+}
+
+/// A fine-tuning run's extras: the FP checkpoint, its model, and the fixed policy.
+struct FinetuneSetup {
+    init: train::InitFrom,
+    model: ModelConfig,
+    precision: Precision,
+}
+
+fn finetune_cmd(a: FinetuneArgs, device: tch::Device) -> Result<()> {
+    let ck = Checkpoint::load(&a.init).with_context(|| format!("loading {}", a.init.display()))?;
+    let model = ck.meta.model.clone();
+    let geometry = model_geometry(&model)?;
+    let policy = chosen_policy(&a.policy, &model, &geometry)?
+        .context("give --policy FILE or --uniform wXaY")?;
+    let setup = FinetuneSetup {
+        init: train::InitFrom {
+            checkpoint: a.init.clone(),
+            calibration: parse_calibration(&a.calibration)?,
+            calibration_images: a.calib_images,
+        },
+        model,
+        precision: Precision::Fixed {
+            policy,
+            per_channel: a.per_channel,
+        },
+    };
+    run_training(a.train, device, Some(setup))
+}
+
+fn parse_calibration(s: &str) -> Result<CalibrationMethod> {
+    Ok(match s {
+        "kl" => CalibrationMethod::KlBelow5Bits,
+        "max" => CalibrationMethod::Max,
+        "reference" => CalibrationMethod::Reference,
+        m => bail!("unknown calibration '{m}' (kl, max, reference)"),
+    })
+}
+
+fn run_training(a: TrainArgs, device: tch::Device, finetune: Option<FinetuneSetup>) -> Result<()> {
     let spec = parse_spec(&a.data)?;
     let train_data = spec.load(Split::Train)?;
     let test_spec = match &a.test_data {
@@ -138,12 +180,30 @@ fn train_cmd(a: TrainArgs, device: tch::Device) -> Result<()> {
     if let Some(stem) = &a.stem {
         model.stem = stem.parse::<Stem>()?;
     }
+    let (precision, init) = match finetune {
+        Some(f) => {
+            if f.model.num_classes < train_data.num_classes() {
+                bail!(
+                    "{} predicts {} classes but the data has {}",
+                    f.init.checkpoint.display(),
+                    f.model.num_classes,
+                    train_data.num_classes()
+                );
+            }
+            model = f.model;
+            (f.precision, Some(f.init))
+        }
+        None => (Precision::Full, None),
+    };
+    let finetuning = init.is_some();
     let config = TrainConfig {
         epochs: a.epochs,
         batch_size: a.batch_size,
-        lr: a.lr,
+        lr: a.lr.unwrap_or(if finetuning { 0.01 } else { 0.1 }),
         momentum: a.momentum,
-        weight_decay: a.weight_decay,
+        weight_decay: a
+            .weight_decay
+            .unwrap_or(if finetuning { 4e-5 } else { 5e-4 }),
         schedule: parse_schedule(&a.schedule)?,
         augment: Augment {
             crop_padding: a.crop_padding,
@@ -181,6 +241,8 @@ fn train_cmd(a: TrainArgs, device: tch::Device) -> Result<()> {
         resume: a.resume,
         device,
         progress: &bars,
+        precision,
+        init,
     })?;
     let last = meta.history.last().context("no epoch was run")?;
     let ckpt = train::last_checkpoint(&a.out);
@@ -301,9 +363,9 @@ fn demo_cmd(a: DemoArgs, device: tch::Device) -> Result<()> {
         stem: None,
         epochs: a.epochs,
         batch_size: 128,
-        lr: 0.1,
+        lr: None,
         momentum: 0.9,
-        weight_decay: 5e-4,
+        weight_decay: None,
         schedule: "cosine".into(),
         crop_padding: 2,
         hflip: true,
@@ -453,12 +515,7 @@ fn quantize_cmd(a: QuantizeArgs, device: tch::Device) -> Result<()> {
     let cfg = fp_ck.meta.model.clone();
     let policy = chosen_policy(&a.policy, &cfg, &fp_net.net)?
         .context("give --policy FILE or --uniform wXaY")?;
-    let method = match a.calibration.as_str() {
-        "kl" => CalibrationMethod::KlBelow5Bits,
-        "max" => CalibrationMethod::Max,
-        "reference" => CalibrationMethod::Reference,
-        m => bail!("unknown calibration '{m}' (kl, max, reference)"),
-    };
+    let method = parse_calibration(&a.calibration)?;
     let q = gmpq::quant::build(
         &cfg,
         Precision::Fixed {

@@ -43,6 +43,9 @@ pub struct EngineArgs {
 pub enum Command {
     /// Train a full-precision network.
     Train(TrainArgs),
+    /// Quantization-aware fine-tuning: a fixed-policy network initialised from FP weights,
+    /// calibrated, then trained (the model comes from --init).
+    Finetune(FinetuneArgs),
     /// Evaluate a checkpoint on a dataset (top-1/top-5).
     Eval(EvalArgs),
     /// Convert torchvision ResNet-18/50 weights (.safetensors state dict) to a gmpq checkpoint.
@@ -294,12 +297,14 @@ pub struct TrainArgs {
     pub epochs: usize,
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = 0.1)]
-    pub lr: f64,
+    /// Learning rate [default: 0.1; finetune: 0.01].
+    #[arg(long)]
+    pub lr: Option<f64>,
     #[arg(long, default_value_t = 0.9)]
     pub momentum: f64,
-    #[arg(long = "wd", default_value_t = 5e-4)]
-    pub weight_decay: f64,
+    /// Weight decay [default: 5e-4; finetune: 4e-5].
+    #[arg(long = "wd")]
+    pub weight_decay: Option<f64>,
     /// cosine, constant, or step:EPOCHS:GAMMA (e.g. step:10:0.1).
     #[arg(long, default_value = "cosine")]
     pub schedule: String,
@@ -325,6 +330,26 @@ pub struct TrainArgs {
     /// Print the final metrics as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    /// Full-precision checkpoint to start from (from `gmpq train` or `gmpq import`).
+    #[arg(long)]
+    pub init: PathBuf,
+    #[command(flatten)]
+    pub policy: PolicyChoice,
+    /// kl (KL below 5 bits, max above), max, or reference (max capped at 6 above 4 bits).
+    #[arg(long, default_value = "kl")]
+    pub calibration: String,
+    /// Training images used to calibrate before fine-tuning.
+    #[arg(long, default_value_t = 1024)]
+    pub calib_images: usize,
+    /// Per-output-channel weight thresholds.
+    #[arg(long)]
+    pub per_channel: bool,
+    #[command(flatten)]
+    pub train: TrainArgs,
 }
 
 #[derive(Debug, Args)]

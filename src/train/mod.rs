@@ -13,6 +13,7 @@ use crate::data::{
     DataError, DataLoader, ImageSource, LoaderConfig, Normalize, Pipeline, Transform,
 };
 use crate::model::{FullPrecisionConvs, ModelConfig, ModelError, ResNet};
+use crate::quant::{self, CalibrationMethod, Precision, QuantError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,8 @@ pub enum TrainError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Quant(#[from] QuantError),
     #[error(
         "loss became {value} at epoch {epoch}, batch {batch}: training diverged (try a lower --lr)"
     )]
@@ -283,6 +286,51 @@ pub struct TrainJob<'a> {
     pub resume: bool,
     pub device: Device,
     pub progress: &'a dyn Progress,
+    /// Full precision, or a fixed policy (quantization-aware training / fine-tuning).
+    pub precision: Precision,
+    /// Start from these full-precision weights instead of a fresh init (fine-tuning).
+    pub init: Option<InitFrom>,
+}
+
+/// Where a fine-tuning run starts: FP weights, then calibration of the quantizers.
+#[derive(Debug, Clone)]
+pub struct InitFrom {
+    pub checkpoint: PathBuf,
+    pub calibration: CalibrationMethod,
+    /// Training images used to calibrate (stratified over the training indices).
+    pub calibration_images: usize,
+}
+
+/// Calibrates a freshly initialised quantized network on a stratified subset of the
+/// training images (no augmentation).
+fn calibrate_from(
+    network: &quant::Network,
+    job: &TrainJob,
+    init: &InitFrom,
+    eval_pipe: &Pipeline,
+) -> Result<Vec<quant::LayerCalibration>> {
+    let step = (job.train_indices.len() / init.calibration_images.max(1)).max(1);
+    let idx: Vec<usize> = job
+        .train_indices
+        .iter()
+        .step_by(step)
+        .take(init.calibration_images)
+        .copied()
+        .collect();
+    let loader = DataLoader::new(
+        job.train_data.clone(),
+        &idx,
+        Arc::new(eval_pipe.clone()),
+        LoaderConfig {
+            batch_size: 256,
+            ..Default::default()
+        },
+        0,
+    )?;
+    let batches: Vec<Tensor> = loader
+        .map(|b| b.map(|b| b.images))
+        .collect::<std::result::Result<_, _>>()?;
+    Ok(quant::calibrate(network, &batches, init.calibration)?)
 }
 
 /// The checkpoint a run keeps in its output folder.
@@ -307,7 +355,8 @@ fn check_same<T: PartialEq + std::fmt::Debug>(
     Ok(())
 }
 
-/// Trains (or resumes) a full-precision network; returns the final checkpoint's metadata.
+/// Trains (or resumes) a network at `job.precision` — from scratch, or fine-tuning from FP
+/// weights after calibrating its quantizers — and returns the final checkpoint's metadata.
 pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
     let cfg = &job.config;
     if cfg.epochs == 0 || cfg.batch_size == 0 {
@@ -328,11 +377,14 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
     })?;
     let ckpt_path = last_checkpoint(&job.out_dir);
     checkpoint::remove_stale_temps(&job.out_dir);
-    let (vs, net) = build_fp(&job.model, job.device)?;
-    let mut opt = Sgd::new(Sgd::trainable(&vs), cfg.momentum, cfg.weight_decay);
+    // Seed before the network is built: the weight init draws from libtorch's RNG.
+    tch::manual_seed(cfg.seed as i64);
+    let network = quant::build(&job.model, job.precision.clone(), job.device)?;
+    let (vs, net) = (&network.vs, &network.net);
+    let mut opt = Sgd::new(Sgd::trainable(vs), cfg.momentum, cfg.weight_decay);
     let train_json = serde_json::to_value(cfg).map_err(|e| TrainError::Invalid(e.to_string()))?;
 
-    let (mut history, start_epoch, normalize) = if ckpt_path.exists() {
+    let (mut history, start_epoch, normalize, mut calibration) = if ckpt_path.exists() {
         if !job.resume {
             return Err(TrainError::WouldOverwrite {
                 dir: job.out_dir.clone(),
@@ -340,6 +392,8 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
         }
         let ck = Checkpoint::load(&ckpt_path)?;
         check_same(&ckpt_path, "model", &ck.meta.model, &job.model)?;
+        let saved_precision = ck.meta.precision.clone().unwrap_or(Precision::Full);
+        check_same(&ckpt_path, "precision", &saved_precision, &job.precision)?;
         let mut saved_cfg: TrainConfig = ck
             .meta
             .train
@@ -357,7 +411,7 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             &ck.meta.dataset,
             &Some(job.dataset.clone()),
         )?;
-        checkpoint::load_into_var_store(&vs, ck.model_tensors(), &ckpt_path, |_| false, |_| false)?;
+        checkpoint::load_into_var_store(vs, ck.model_tensors(), &ckpt_path, |_| false, |_| false)?;
         let buffers: BTreeMap<String, Tensor> = ck
             .tensors
             .iter()
@@ -377,17 +431,32 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             ck.meta.history,
             ck.meta.epoch,
             ck.meta.eval_pipeline.normalize,
+            ck.meta.calibration,
         )
+    } else if let Some(init) = &job.init {
+        let ck = Checkpoint::load(&init.checkpoint)?;
+        check_same(&init.checkpoint, "model", &ck.meta.model, &job.model)?;
+        if ck
+            .meta
+            .precision
+            .as_ref()
+            .is_some_and(|p| *p != Precision::Full)
+        {
+            return Err(TrainError::Invalid(format!(
+                "{}: fine-tuning starts from a full-precision checkpoint",
+                init.checkpoint.display()
+            )));
+        }
+        network.load_fp_weights(&ck, &init.checkpoint)?;
+        (Vec::new(), 0, ck.meta.eval_pipeline.normalize, None)
     } else {
         (
             Vec::new(),
             0,
             channel_stats(job.train_data.as_ref(), &job.train_indices)?,
+            None,
         )
     };
-    // Weight init and dropout-free ResNets use libtorch's RNG only at construction; seed it
-    // anyway so runs are repeatable.
-    tch::manual_seed(cfg.seed as i64);
 
     let native = job.train_data.native_shape().unwrap_or([
         job.model.in_channels,
@@ -396,6 +465,9 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
     ]);
     let (train_pipe, eval_pipe) = pipelines(native, &job.model, cfg.augment, normalize);
     let train_pipe = Arc::new(train_pipe);
+    if let (Some(init), 0, false) = (&job.init, start_epoch, network.handles.is_empty()) {
+        calibration = Some(calibrate_from(&network, &job, init, &eval_pipe)?);
+    }
 
     let mut meta = CheckpointMeta {
         format: checkpoint::FORMAT_VERSION,
@@ -405,9 +477,12 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
         train: Some(train_json),
         epoch: start_epoch,
         history: history.clone(),
-        source: None,
-        precision: None,
-        calibration: None,
+        source: job
+            .init
+            .as_ref()
+            .map(|i| format!("fine-tuned from {}", i.checkpoint.display())),
+        precision: (job.precision != Precision::Full).then(|| job.precision.clone()),
+        calibration,
     };
     let steps_per_epoch = job.train_indices.len() / cfg.batch_size;
     for epoch in start_epoch..cfg.epochs {
@@ -470,7 +545,7 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
         let train_seconds = started.elapsed().as_secs_f64();
         job.progress.evaluating();
         let test = evaluate(
-            &net,
+            net,
             job.test_data.clone(),
             &job.test_indices,
             &eval_pipe,
@@ -491,7 +566,7 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
         history.push(m.clone());
         meta.epoch = epoch + 1;
         meta.history = history.clone();
-        let mut tensors = checkpoint::var_store_tensors(&vs);
+        let mut tensors = checkpoint::var_store_tensors(vs);
         for (name, buf) in opt.state() {
             tensors.insert(
                 format!("{OPTIMIZER_PREFIX}momentum.{name}"),
