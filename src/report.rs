@@ -32,29 +32,22 @@ pub fn bit_allocation_svg(policies: &[(&str, &Policy)], path: &Path) -> Result<(
         .flat_map(|(_, p)| p.layers.iter().map(|l| l.w_bits.max(l.a_bits)))
         .max()
         .unwrap_or(8);
-    let root = SVGBackend::new(path, (width, 420)).into_drawing_area();
+    let root = SVGBackend::new(path, (width, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| werr(path, e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption("bits per layer", ("sans-serif", 18))
         .margin(10)
-        .x_label_area_size(110)
+        .x_label_area_size(130)
         .y_label_area_size(40)
-        .build_cartesian_2d(0.0..layers as f64, 0.0..(max_bits + 1) as f64)
+        .build_cartesian_2d(0.0..layers as f64, 0.0..(max_bits + 3) as f64)
         .map_err(|e| werr(path, e))?;
-    let names: Vec<String> = first.layers.iter().map(|l| l.name.clone()).collect();
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_labels(layers)
-        .x_label_formatter(&|x| {
-            let i = x.floor() as usize;
-            names.get(i).cloned().unwrap_or_default()
-        })
-        .x_label_style(
-            ("sans-serif", 10)
-                .into_font()
-                .transform(FontTransform::Rotate90),
-        )
+        .x_labels(0)
+        .y_labels((max_bits + 4) as usize)
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .light_line_style(WHITE)
         .y_desc("bits")
         .draw()
         .map_err(|e| werr(path, e))?;
@@ -62,9 +55,9 @@ pub fn bit_allocation_svg(policies: &[(&str, &Policy)], path: &Path) -> Result<(
     let bar = 0.8 / groups as f64;
     let colours = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
     for (pi, (label, p)) in policies.iter().enumerate() {
-        for (kind, k) in [("w", 0usize), ("a", 1)] {
+        for (kind, k) in [("weights", 0usize), ("activations", 1)] {
             let slot = pi * 2 + k;
-            let colour = colours[slot % colours.len()].mix(if k == 0 { 0.9 } else { 0.5 });
+            let colour = colours[(pi * 2) % colours.len()].mix(if k == 0 { 0.9 } else { 0.45 });
             chart
                 .draw_series(p.layers.iter().enumerate().map(|(i, l)| {
                     let b = if k == 0 { l.w_bits } else { l.a_bits } as f64;
@@ -80,10 +73,21 @@ pub fn bit_allocation_svg(policies: &[(&str, &Policy)], path: &Path) -> Result<(
     }
     chart
         .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .draw()
         .map_err(|e| werr(path, e))?;
+    // One rotated name under every layer's bar group.
+    let style = ("sans-serif", 11)
+        .into_font()
+        .transform(FontTransform::Rotate90)
+        .color(&BLACK);
+    for (i, l) in first.layers.iter().enumerate() {
+        let (x, y) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
+        root.draw(&Text::new(l.name.clone(), (x - 6, y + 6), style.clone()))
+            .map_err(|e| werr(path, e))?;
+    }
     root.present().map_err(|e| werr(path, e))
 }
 

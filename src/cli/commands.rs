@@ -486,6 +486,9 @@ fn bops_cmd(a: BopsArgs) -> Result<()> {
     // Without a policy, every quantized layer is shown at 32/32 bits.
     let policy = policy.unwrap_or_else(|| Policy::uniform(&cfg, net.convs(), 32, 32));
     let (rows, totals) = policy.cost(net.convs(), net.fc_spec());
+    if let Some(chart) = &a.chart {
+        gmpq::report::bit_allocation_svg(&[("policy", &policy)], chart)?;
+    }
     if a.json {
         println!(
             "{}",

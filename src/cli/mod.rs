@@ -196,6 +196,9 @@ pub struct BopsArgs {
     /// Read model and policy from a quantized checkpoint instead.
     #[arg(long, conflicts_with_all = ["policy", "uniform"])]
     pub checkpoint: Option<PathBuf>,
+    /// Also draw the per-layer bit allocation as an SVG chart.
+    #[arg(long)]
+    pub chart: Option<PathBuf>,
     #[arg(long)]
     pub json: bool,
 }
