@@ -126,6 +126,8 @@ pub struct EpochLog {
     pub lambda: f64,
     pub expected_bops: f64,
     pub argmax_bops: f64,
+    /// Top-1 on held-out proxy images of the argmax policy's network (supernet weights,
+    /// batch norm re-estimated on 30 training batches, no fine-tuning).
     pub argmax_proxy_top1: f64,
     pub rank_correlation: f64,
     pub seconds: f64,
@@ -469,6 +471,46 @@ fn probe_batch(job: &SearchJob, pipeline: &Pipeline) -> Result<Tensor> {
 }
 
 impl Ctx<'_> {
+    /// Re-estimates a fixed network's batch-norm statistics on training batches: the
+    /// supernet's statistics describe its softmax-mixed inputs, not one branch's, and make
+    /// the argmax network look far worse than it is.
+    fn recalibrate_batch_norm(&self, fixed: &Network, epoch: usize) -> Result<()> {
+        // Momentum 0.1: after 30 batches the supernet's statistics weigh 0.9^30 ≈ 4%.
+        const BATCHES: usize = 30;
+        let job = self.job;
+        let mut done = 0;
+        let mut round = 0u64;
+        while done < BATCHES {
+            let loader = DataLoader::new(
+                job.proxy.clone(),
+                &job.train_indices,
+                self.train_pipe.clone(),
+                LoaderConfig {
+                    batch_size: self.cfg.batch_size,
+                    shuffle: true,
+                    drop_last: true,
+                    seed: self.cfg.seed ^ 0xB4,
+                    prefetch: 2,
+                },
+                (epoch as u64) << 8 | round,
+            )?;
+            let before = done;
+            tch::no_grad(|| -> Result<()> {
+                for batch in loader.take(BATCHES - done) {
+                    let x = batch?.images.to_device(job.device);
+                    let _ = tch::nn::ModuleT::forward_t(&fixed.net, &x, true);
+                    done += 1;
+                }
+                Ok(())
+            })?;
+            if done == before {
+                break;
+            }
+            round += 1;
+        }
+        Ok(())
+    }
+
     /// Teacher and student attribution maps of `x` (student with gradient).
     fn maps(&self, sn: &Network, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
         let t = &self.teacher.network.net;
@@ -568,6 +610,7 @@ impl Ctx<'_> {
             }
             let argmax = sn.argmax_policy()?;
             let fixed = fixed_from_supernet(sn, &argmax)?;
+            self.recalibrate_batch_norm(&fixed, epoch)?;
             let val = evaluate(
                 &fixed.net,
                 job.proxy.clone(),
