@@ -17,12 +17,15 @@ fi
 
 python="${GMPQ_PYTHON:-}"
 if [ -z "$python" ]; then
-  for candidate in python3.12 python3.11 python3.10 python3; do
-    if command -v "$candidate" >/dev/null 2>&1; then python="$candidate"; break; fi
+  # Run each candidate: a pyenv shim can exist for a version that is not selected.
+  for candidate in python3 python3.12 python3.11 python3.10; do
+    if "$candidate" -c 'import sys, venv; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1; then
+      python="$candidate"; break
+    fi
   done
 fi
 if [ -z "$python" ]; then
-  echo "gmpq setup: no python3 found; install Python 3.10+ (e.g. apt-get install python3 python3-venv)" >&2
+  echo "gmpq setup: no working Python 3.10+ with venv found; install one (e.g. apt-get install python3 python3-venv) or set GMPQ_PYTHON" >&2
   exit 1
 fi
 if [ ! -x "$venv/bin/python" ]; then
