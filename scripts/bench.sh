@@ -1,26 +1,39 @@
 #!/usr/bin/env bash
 # Training-step throughput, gmpq vs PyTorch, same machine, same run (docs/PERFORMANCE.md).
-# Quiet: the two engines alternate, ROUNDS times each. Contended: one busy process (a spin
-# loop) runs beside gmpq, with OpenMP waiting passively (gmpq's default) and actively.
+# Quiet: the engines alternate, ROUNDS times each (gmpq with its default passive OpenMP
+# waiting and with active waiting; PyTorch as shipped, and with its optimizer's multi-tensor
+# `foreach` path and set-to-None gradients off, which is what gmpq's per-tensor SGD does).
+# Contended: a second 2-thread training runs beside gmpq, which waits passively (default),
+# actively, or with a short spin.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/env.sh"
 cd "$root"
 cargo build --release --quiet --bin gmpq
 rounds="${ROUNDS:-3}"
-threads="${THREADS:-$(nproc)}"
 gmpq="$root/target/release/gmpq"
-echo "# quiet machine, ResNet-20, batch 64, 3x32x32, $threads threads"
+ips() { python -c 'import json,sys; print(round(json.load(sys.stdin)["images_per_second"],1))'; }
+noforeach="$(mktemp)"
+trap 'rm -f "$noforeach"' EXIT
+sed -e 's/weight_decay=5e-4)/weight_decay=5e-4, foreach=False)/' \
+    -e 's/opt.zero_grad()/opt.zero_grad(set_to_none=False)/' bench/pytorch_train.py > "$noforeach"
+echo "# quiet machine, ResNet-20, batch 64, 3x32x32, 2 threads, img/s"
 for r in $(seq "$rounds"); do
-  echo "gmpq    round $r: $("$gmpq" --threads "$threads" bench train --batch-size 64 --steps 30 --json | python -c 'import json,sys; print(round(json.load(sys.stdin)["images_per_second"],1))') img/s"
-  echo "pytorch round $r: $(python bench/pytorch_train.py --threads "$threads" --batch-size 64 --steps 30 | python -c 'import json,sys; print(round(json.load(sys.stdin)["images_per_second"],1))') img/s"
+  echo "round $r: gmpq $("$gmpq" --threads 2 bench train --batch-size 64 --steps 30 --json | ips)" \
+       "| gmpq active $(OMP_WAIT_POLICY=ACTIVE "$gmpq" --threads 2 bench train --batch-size 64 --steps 30 --json | ips)" \
+       "| pytorch $(python bench/pytorch_train.py --threads 2 --batch-size 64 --steps 30 2>/dev/null | ips)" \
+       "| pytorch without foreach $(python "$noforeach" --threads 2 --batch-size 64 --steps 30 2>/dev/null | ips)"
 done
-echo "# contended: one other busy process"
-bash -c 'while :; do :; done' &
-spin=$!
-trap 'kill $spin 2>/dev/null' EXIT
-sleep 1
-for r in $(seq "$rounds"); do
-  echo "gmpq PASSIVE (default) round $r: $("$gmpq" --threads "$threads" bench train --batch-size 64 --steps 30 --json | python -c 'import json,sys; print(round(json.load(sys.stdin)["images_per_second"],1))') img/s"
-  echo "gmpq ACTIVE            round $r: $(OMP_WAIT_POLICY=ACTIVE "$gmpq" --threads "$threads" bench train --batch-size 64 --steps 10 --warmup 2 --json | python -c 'import json,sys; print(round(json.load(sys.stdin)["images_per_second"],1))') img/s"
+echo "# contended: a second 2-thread training (OMP active) runs beside gmpq, img/s"
+for mode in "default (passive)" "OMP_WAIT_POLICY=ACTIVE" "GOMP_SPINCOUNT=10000"; do
+  OMP_WAIT_POLICY=ACTIVE "$gmpq" --threads 2 bench train --steps 1000 --json > /dev/null 2>&1 &
+  other=$!
+  sleep 3
+  if [ "$mode" = "default (passive)" ]; then
+    v=$("$gmpq" --threads 2 bench train --steps 15 --warmup 2 --json | ips)
+  else
+    v=$(env "$mode" "$gmpq" --threads 2 bench train --steps 15 --warmup 2 --json | ips)
+  fi
+  kill "$other" 2>/dev/null; wait "$other" 2>/dev/null || true
+  echo "$mode: $v"
 done

@@ -2,36 +2,52 @@
 
 use std::ffi::OsString;
 
-/// The environment variable OpenMP reads (once, when libtorch loads) for its wait policy.
+/// The environment variables OpenMP (libgomp, which the torch wheel ships) reads for how its
+/// idle workers wait. It reads them once, when libtorch loads, before `main` runs.
 pub const OMP_WAIT_POLICY: &str = "OMP_WAIT_POLICY";
+pub const GOMP_SPINCOUNT: &str = "GOMP_SPINCOUNT";
 
-/// Whether the process should re-execute itself with `OMP_WAIT_POLICY=PASSIVE`.
+/// The wait policy gmpq sets when the user has chosen none.
 ///
-/// libtorch's OpenMP workers spin while they wait by default; on a shared machine that
-/// collapses throughput (measured: 450 → 19 img/s with one other busy process). The runtime
-/// reads the policy before `main` runs, so setting the variable from inside is too late: the
-/// binary sets it and re-executes itself, unless the user has chosen a policy.
-pub fn needs_passive_reexec(current: Option<OsString>) -> bool {
-    current.is_none()
+/// libtorch's workers spin for a long time by default, which collapses throughput when
+/// another process wants the cores; passive workers sleep at once. Measured on this 2-core
+/// machine (ResNet-20 training step, batch 64, docs/PERFORMANCE.md): beside a second 2-thread
+/// training, passive 185–216 img/s vs active 136–168; quiet, passive costs a wake-up per
+/// parallel region (455–483 img/s vs active 614–622). A short spin (`GOMP_SPINCOUNT=10000`)
+/// was as fast as active when quiet but swung between 138 and 223 img/s under contention, so
+/// passive stays the default; users who own the machine can set either variable.
+pub const DEFAULT_POLICY: &str = "PASSIVE";
+
+/// The variable and value to set before re-executing, or `None` when the user has chosen a
+/// wait policy or spin count themselves.
+pub fn wait_setting_to_apply(
+    policy: Option<OsString>,
+    spincount: Option<OsString>,
+) -> Option<(&'static str, &'static str)> {
+    (policy.is_none() && spincount.is_none()).then_some((OMP_WAIT_POLICY, DEFAULT_POLICY))
 }
 
-/// Re-executes the current binary with `OMP_WAIT_POLICY=PASSIVE` when the user has not set a
-/// policy. Returns only if no re-exec was needed or it failed (then we just run as we are).
+/// Re-executes the current binary with `OMP_WAIT_POLICY=PASSIVE` (see [`DEFAULT_POLICY`])
+/// when the user has not configured OpenMP's waiting. Returns only if no re-exec was needed or it
+/// failed (then we just run as we are).
 #[cfg(unix)]
 pub fn ensure_passive_omp() {
     use std::os::unix::process::CommandExt;
-    if !needs_passive_reexec(std::env::var_os(OMP_WAIT_POLICY)) {
+    let Some((var, value)) = wait_setting_to_apply(
+        std::env::var_os(OMP_WAIT_POLICY),
+        std::env::var_os(GOMP_SPINCOUNT),
+    ) else {
         return;
-    }
+    };
     let Ok(exe) = std::env::current_exe() else {
         return;
     };
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let err = std::process::Command::new(exe)
         .args(args)
-        .env(OMP_WAIT_POLICY, "PASSIVE")
+        .env(var, value)
         .exec();
-    tracing::warn!("could not re-exec with OMP_WAIT_POLICY=PASSIVE: {err}");
+    tracing::warn!("could not re-exec with {var}={value}: {err}");
 }
 
 #[cfg(not(unix))]

@@ -192,16 +192,33 @@ fn eval_refuses_non_checkpoint() {
 }
 
 #[test]
-fn omp_wait_policy_is_passive_unless_user_sets_it() {
+fn omp_waits_passively_unless_user_configures_it() {
     let o = run(&["info"]);
     assert!(o.status.success());
-    assert!(String::from_utf8_lossy(&o.stdout).contains("OMP_WAIT_POLICY: PASSIVE"));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(text.contains("OMP_WAIT_POLICY: PASSIVE"), "{text}");
+    assert!(text.contains("GOMP_SPINCOUNT: (unset)"), "{text}");
+    // A user's own choice is left alone.
     let o = gmpq()
         .arg("info")
         .env("OMP_WAIT_POLICY", "ACTIVE")
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&o.stdout).contains("OMP_WAIT_POLICY: ACTIVE"));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        text.contains("OMP_WAIT_POLICY: ACTIVE") && text.contains("GOMP_SPINCOUNT: (unset)"),
+        "{text}"
+    );
+    let o = gmpq()
+        .arg("info")
+        .env("GOMP_SPINCOUNT", "500")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        text.contains("GOMP_SPINCOUNT: 500") && text.contains("OMP_WAIT_POLICY: (unset)"),
+        "{text}"
+    );
     let o = run(&["--threads", "1", "info"]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("threads: 1"));
 }

@@ -34,10 +34,13 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("gmpq {}", env!("CARGO_PKG_VERSION"));
             println!("libtorch: 2.13.0 via tch 0.26.0");
             println!("threads: {}", tch::get_num_threads());
-            println!(
-                "OMP_WAIT_POLICY: {}",
-                std::env::var(gmpq::runtime::OMP_WAIT_POLICY).unwrap_or_else(|_| "(unset)".into())
-            );
+            for var in [
+                gmpq::runtime::OMP_WAIT_POLICY,
+                gmpq::runtime::GOMP_SPINCOUNT,
+            ] {
+                let value = std::env::var(var).unwrap_or_else(|_| "(unset)".into());
+                println!("{var}: {value}");
+            }
             println!("cuda available: {}", tch::Cuda::is_available());
             println!("cuda devices: {}", tch::Cuda::device_count());
             println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
