@@ -301,18 +301,13 @@ struct Phase<'a> {
 /// `warmup_epochs` of supernet training without the complexity term.
 pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
     let cfg = job.config.clone();
-    if cfg.epochs == 0 || cfg.batch_size == 0 {
-        return Err(SearchError::Invalid(
-            "epochs and batch size must be positive".into(),
-        ));
-    }
-    if job.train_indices.len() < cfg.batch_size {
-        return Err(SearchError::Invalid(format!(
-            "the proxy set has {} training images, fewer than one batch of {}",
-            job.train_indices.len(),
-            cfg.batch_size
-        )));
-    }
+    crate::train::check_run_size(
+        cfg.epochs,
+        cfg.batch_size,
+        job.train_indices.len(),
+        "proxy set",
+    )
+    .map_err(SearchError::Invalid)?;
     if cfg.warmup_epochs >= cfg.epochs && job.targets.len() > 1 {
         return Err(SearchError::Invalid(
             "warm-up must be shorter than the search".into(),

@@ -355,22 +355,35 @@ fn check_same<T: PartialEq + std::fmt::Debug>(
     Ok(())
 }
 
+/// Checks that a run has epochs, a batch size, and at least one full batch of `images`.
+pub fn check_run_size(
+    epochs: usize,
+    batch_size: usize,
+    images: usize,
+    what: &str,
+) -> std::result::Result<(), String> {
+    if epochs == 0 || batch_size == 0 {
+        return Err("epochs and batch size must be positive".into());
+    }
+    if images < batch_size {
+        return Err(format!(
+            "the {what} has {images} images, fewer than one batch of {batch_size}"
+        ));
+    }
+    Ok(())
+}
+
 /// Trains (or resumes) a network at `job.precision` — from scratch, or fine-tuning from FP
 /// weights after calibrating its quantizers — and returns the final checkpoint's metadata.
 pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
     let cfg = &job.config;
-    if cfg.epochs == 0 || cfg.batch_size == 0 {
-        return Err(TrainError::Invalid(
-            "epochs and batch size must be positive".into(),
-        ));
-    }
-    if job.train_indices.len() < cfg.batch_size {
-        return Err(TrainError::Invalid(format!(
-            "the training set has {} images, fewer than one batch of {}",
-            job.train_indices.len(),
-            cfg.batch_size
-        )));
-    }
+    check_run_size(
+        cfg.epochs,
+        cfg.batch_size,
+        job.train_indices.len(),
+        "training set",
+    )
+    .map_err(TrainError::Invalid)?;
     std::fs::create_dir_all(&job.out_dir).map_err(|source| TrainError::Io {
         path: job.out_dir.clone(),
         source,
