@@ -80,6 +80,24 @@ pub struct CheckpointMeta {
     pub calibration: Option<Vec<crate::quant::LayerCalibration>>,
 }
 
+impl CheckpointMeta {
+    /// Metadata of a model with nothing else known yet (no training, no quantization).
+    pub fn new(model: ModelConfig, eval_pipeline: Pipeline) -> Self {
+        Self {
+            format: FORMAT_VERSION,
+            model,
+            eval_pipeline,
+            dataset: None,
+            train: None,
+            epoch: 0,
+            history: Vec::new(),
+            source: None,
+            precision: None,
+            calibration: None,
+        }
+    }
+}
+
 /// A checkpoint in memory: metadata plus named CPU tensors.
 pub struct Checkpoint {
     pub meta: CheckpointMeta,

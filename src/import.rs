@@ -35,25 +35,17 @@ pub fn import_torchvision(weights: &Path, config: &ModelConfig) -> Result<Checkp
     )?;
     let size = config.input_size;
     let resize = size * 256 / 224;
+    let pipeline = Pipeline {
+        transforms: vec![
+            Transform::Resize { size: resize },
+            Transform::CenterCrop { size },
+        ],
+        normalize: imagenet_normalize(),
+    };
+    let mut meta = CheckpointMeta::new(config.clone(), pipeline);
+    meta.source = Some(format!("torchvision state dict {}", weights.display()));
     Ok(Checkpoint {
-        meta: CheckpointMeta {
-            format: checkpoint::FORMAT_VERSION,
-            model: config.clone(),
-            eval_pipeline: Pipeline {
-                transforms: vec![
-                    Transform::Resize { size: resize },
-                    Transform::CenterCrop { size },
-                ],
-                normalize: imagenet_normalize(),
-            },
-            dataset: None,
-            train: None,
-            epoch: 0,
-            history: Vec::new(),
-            source: Some(format!("torchvision state dict {}", weights.display())),
-            precision: None,
-            calibration: None,
-        },
+        meta,
         tensors: checkpoint::var_store_tensors(&vs),
     })
 }

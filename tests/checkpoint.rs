@@ -9,21 +9,11 @@ use std::collections::BTreeMap;
 use tch::{Device, Tensor};
 
 fn meta(model: ModelConfig) -> CheckpointMeta {
-    CheckpointMeta {
-        format: checkpoint::FORMAT_VERSION,
-        model,
-        eval_pipeline: Pipeline {
-            transforms: vec![],
-            normalize: Normalize::identity(3),
-        },
-        dataset: None,
-        train: None,
-        epoch: 0,
-        history: vec![],
-        source: None,
-        precision: None,
-        calibration: None,
-    }
+    let pipeline = Pipeline {
+        transforms: vec![],
+        normalize: Normalize::identity(3),
+    };
+    CheckpointMeta::new(model, pipeline)
 }
 
 #[test]

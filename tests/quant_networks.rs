@@ -240,21 +240,13 @@ fn quantized_checkpoint_round_trips_and_per_channel_thresholds() {
     )
     .unwrap();
     let fp_ck = Checkpoint {
-        meta: gmpq::checkpoint::CheckpointMeta {
-            format: checkpoint::FORMAT_VERSION,
-            model: cfg.clone(),
-            eval_pipeline: gmpq::data::Pipeline {
+        meta: gmpq::checkpoint::CheckpointMeta::new(
+            cfg.clone(),
+            gmpq::data::Pipeline {
                 transforms: vec![],
                 normalize: gmpq::data::Normalize::identity(1),
             },
-            dataset: None,
-            train: None,
-            epoch: 0,
-            history: vec![],
-            source: None,
-            precision: None,
-            calibration: None,
-        },
+        ),
         tensors: checkpoint::var_store_tensors(&fp.vs),
     };
     q.load_fp_weights(&fp_ck, std::path::Path::new("fp"))

@@ -199,24 +199,16 @@ fn fp_checkpoint(path: &std::path::Path, seed: i64) {
     tch::manual_seed(seed);
     let n = quant::build(&cfg(), Precision::Full, Device::Cpu).unwrap();
     Checkpoint {
-        meta: CheckpointMeta {
-            format: checkpoint::FORMAT_VERSION,
-            model: cfg(),
-            eval_pipeline: Pipeline {
+        meta: CheckpointMeta::new(
+            cfg(),
+            Pipeline {
                 transforms: vec![],
                 normalize: Normalize {
                     mean: vec![0.13],
                     std: vec![0.3],
                 },
             },
-            dataset: None,
-            train: None,
-            epoch: 0,
-            history: vec![],
-            source: None,
-            precision: None,
-            calibration: None,
-        },
+        ),
         tensors: checkpoint::var_store_tensors(&n.vs),
     }
     .save(path)
