@@ -32,6 +32,19 @@ impl Default for LoaderConfig {
     }
 }
 
+impl LoaderConfig {
+    /// Shuffled, full batches only, three batches prefetched: what every training loop uses.
+    pub fn training(batch_size: usize, seed: u64) -> Self {
+        Self {
+            batch_size,
+            shuffle: true,
+            drop_last: true,
+            seed,
+            prefetch: 3,
+        }
+    }
+}
+
 /// A batch: images `[N, C, H, W]` (f32) and labels `[N]` (i64), on the CPU.
 #[derive(Debug)]
 pub struct Batch {

@@ -480,13 +480,7 @@ impl Ctx<'_> {
                 job.proxy.clone(),
                 &job.train_indices,
                 self.train_pipe.clone(),
-                LoaderConfig {
-                    batch_size: self.cfg.batch_size,
-                    shuffle: true,
-                    drop_last: true,
-                    seed: self.cfg.seed ^ 0xB4,
-                    prefetch: 2,
-                },
+                LoaderConfig::training(self.cfg.batch_size, self.cfg.seed ^ 0xB4),
                 (epoch as u64) << 8 | round,
             )?;
             let before = done;
@@ -542,13 +536,7 @@ impl Ctx<'_> {
                 job.proxy.clone(),
                 &job.train_indices,
                 self.train_pipe.clone(),
-                LoaderConfig {
-                    batch_size: cfg.batch_size,
-                    shuffle: true,
-                    drop_last: true,
-                    seed: cfg.seed,
-                    prefetch: 3,
-                },
+                LoaderConfig::training(cfg.batch_size, cfg.seed),
                 epoch as u64,
             )?;
             let (mut ce_sum, mut attr_sum, mut comp_sum, mut p_last, mut n) =

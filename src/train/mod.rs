@@ -503,13 +503,7 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             job.train_data.clone(),
             &job.train_indices,
             train_pipe.clone(),
-            LoaderConfig {
-                batch_size: cfg.batch_size,
-                shuffle: true,
-                drop_last: true,
-                seed: cfg.seed,
-                prefetch: 3,
-            },
+            LoaderConfig::training(cfg.batch_size, cfg.seed),
             epoch as u64,
         )?;
         job.progress
