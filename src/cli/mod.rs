@@ -14,7 +14,9 @@ pub use commands::run;
     name = "gmpq",
     version,
     about = "Generalizable mixed-precision quantization for CNNs (libtorch engine)",
-    long_about = "gmpq trains, evaluates and (in later stages) quantizes CNNs.\n\n\
+    long_about = "gmpq finds mixed-precision quantization policies for CNNs (GMPQ): it trains full-precision \
+        teachers, searches per-layer weight/activation bitwidths on a small proxy dataset under a BOPs, \
+        compression or size budget, and calibrates or fine-tunes the quantized network.\n\n\
         Datasets are given as KIND:PATH, e.g. idx:data/fashion-mnist, cifar10:cifar-10-batches-bin, \
         cifar100:cifar-100-binary, cifar100-fine-only:file.bin, folder:imagenet, imagenet-folder:samples, \
         or bundled:mnist / bundled:fashion-mnist for the subsets shipped with gmpq."
@@ -278,7 +280,7 @@ pub struct SubsetArgs {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// resnet20, resnet32, resnet56, resnet18 or resnet50.
+    /// resnet20, resnet32, resnet56, resnet18 or resnet50 (finetune takes the model from --init).
     #[arg(long, default_value = "resnet20")]
     pub model: String,
     /// Training data, KIND:PATH (the test split of the same spec is evaluated each epoch).
