@@ -2,7 +2,7 @@
 
 use super::{AttributionArgs, SearchArgs};
 use anyhow::{bail, Context, Result};
-use gmpq::data::{stratified_subset, DatasetSpec, ImageSource, Split, SubsetSpec};
+use gmpq::data::{stratified_subset, ConcatDataset, DatasetSpec, ImageSource, Split, SubsetSpec};
 use gmpq::policy::{parse_candidates, Candidates};
 use gmpq::search::{
     self, AttributionMethod, EpochLog, SearchConfig, SearchJob, SearchProgress, Target,
@@ -111,8 +111,10 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
             seed: a.subset.subset_seed,
         },
     )?;
-    // One source for both: the loader takes indices into it.
-    let (proxy, val_indices) = merge_sources(proxy_train, proxy_test, val_indices)?;
+    // One source for both: the loader takes indices into it; test images come after train.
+    let offset = proxy_train.len();
+    let proxy: Arc<dyn ImageSource> = Arc::new(ConcatDataset::new(proxy_train, proxy_test));
+    let val_indices: Vec<usize> = val_indices.into_iter().map(|i| i + offset).collect();
 
     let mut targets = Vec::new();
     if let Some(b) = &a.target_bops {
@@ -249,57 +251,6 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
     Ok(())
-}
-
-/// Concatenates the train and test splits into one source so the search can address both
-/// with indices; returns it and the test indices shifted past the train images.
-fn merge_sources(
-    train: Arc<dyn ImageSource>,
-    test: Arc<dyn ImageSource>,
-    test_indices: Vec<usize>,
-) -> Result<(Arc<dyn ImageSource>, Vec<usize>)> {
-    let offset = train.len();
-    Ok((
-        Arc::new(Concat { a: train, b: test }),
-        test_indices.into_iter().map(|i| i + offset).collect(),
-    ))
-}
-
-struct Concat {
-    a: Arc<dyn ImageSource>,
-    b: Arc<dyn ImageSource>,
-}
-
-impl ImageSource for Concat {
-    fn len(&self) -> usize {
-        self.a.len() + self.b.len()
-    }
-    fn num_classes(&self) -> usize {
-        self.a.num_classes().max(self.b.num_classes())
-    }
-    fn label(&self, i: usize) -> i64 {
-        if i < self.a.len() {
-            self.a.label(i)
-        } else {
-            self.b.label(i - self.a.len())
-        }
-    }
-    fn image(&self, i: usize) -> gmpq::data::Result<gmpq::data::ImageU8> {
-        if i < self.a.len() {
-            self.a.image(i)
-        } else {
-            self.b.image(i - self.a.len())
-        }
-    }
-    fn describe(&self) -> String {
-        format!("{} + {}", self.a.describe(), self.b.describe())
-    }
-    fn native_shape(&self) -> Option<[usize; 3]> {
-        match (self.a.native_shape(), self.b.native_shape()) {
-            (Some(x), Some(y)) if x == y => Some(x),
-            _ => None,
-        }
-    }
 }
 
 pub fn attribution_cmd(a: AttributionArgs, device: tch::Device) -> Result<()> {

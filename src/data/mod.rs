@@ -14,7 +14,7 @@ pub use cifar::{read_cifar, CifarLayout};
 pub use folder::{ClassIndex, ImageFolder};
 pub use idx::{read_idx, write_idx, IdxArray, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC};
 pub use loader::{Batch, DataLoader, LoaderConfig};
-pub use source::{ImageSource, ImageU8, InMemoryDataset};
+pub use source::{ConcatDataset, ImageSource, ImageU8, InMemoryDataset};
 pub use spec::{bundled_data_dir, load_idx_pair, DatasetKind, DatasetSpec, Split};
 pub use subset::{stratified_subset, SubsetSpec};
 pub use transform::{Normalize, Pipeline, Transform};

@@ -1,6 +1,7 @@
 //! The sample-level view of a dataset that the loader and transforms work on.
 
 use super::Result;
+use std::sync::Arc;
 
 /// One decoded image, `u8` in CHW layout (channels, height, width).
 #[derive(Debug, Clone, PartialEq)]
@@ -102,5 +103,73 @@ impl ImageSource for InMemoryDataset {
     }
     fn native_shape(&self) -> Option<[usize; 3]> {
         Some(self.shape)
+    }
+}
+
+/// Two sources one after the other: index `i < a.len()` reads `a`, the rest read `b`.
+pub struct ConcatDataset {
+    a: Arc<dyn ImageSource>,
+    b: Arc<dyn ImageSource>,
+}
+
+impl ConcatDataset {
+    pub fn new(a: Arc<dyn ImageSource>, b: Arc<dyn ImageSource>) -> Self {
+        Self { a, b }
+    }
+}
+
+impl ImageSource for ConcatDataset {
+    fn len(&self) -> usize {
+        self.a.len() + self.b.len()
+    }
+    fn num_classes(&self) -> usize {
+        self.a.num_classes().max(self.b.num_classes())
+    }
+    fn label(&self, i: usize) -> i64 {
+        if i < self.a.len() {
+            self.a.label(i)
+        } else {
+            self.b.label(i - self.a.len())
+        }
+    }
+    fn image(&self, i: usize) -> Result<ImageU8> {
+        if i < self.a.len() {
+            self.a.image(i)
+        } else {
+            self.b.image(i - self.a.len())
+        }
+    }
+    fn describe(&self) -> String {
+        format!("{} + {}", self.a.describe(), self.b.describe())
+    }
+    fn native_shape(&self) -> Option<[usize; 3]> {
+        match (self.a.native_shape(), self.b.native_shape()) {
+            (Some(x), Some(y)) if x == y => Some(x),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn toy(label: i64, n: usize) -> Arc<dyn ImageSource> {
+        Arc::new(InMemoryDataset {
+            shape: [1, 1, 1],
+            pixels: (0..n as u8).collect(),
+            labels: vec![label; n],
+            num_classes: 10,
+            description: format!("toy{label}"),
+        })
+    }
+
+    #[test]
+    fn concat_reads_second_source_after_first() {
+        let c = ConcatDataset::new(toy(1, 3), toy(2, 2));
+        assert_eq!(c.len(), 5);
+        assert_eq!((c.label(2), c.label(3)), (1, 2));
+        assert_eq!(c.image(4).unwrap().data, vec![1]);
+        assert_eq!(c.native_shape(), Some([1, 1, 1]));
     }
 }
