@@ -268,6 +268,7 @@ fn search_meets_target_and_aw0_ignores_attribution() {
             assert!(o.join(f).is_file(), "{f} missing");
         }
         let policy = Policy::load(&o.join("policy.json")).unwrap();
+        std::fs::copy(o.join("policy.json"), o.join("policy.before")).unwrap();
         let totals = policy.totals.clone().unwrap();
         assert!(
             totals.compression >= 64.0,
@@ -286,6 +287,16 @@ fn search_meets_target_and_aw0_ignores_attribution() {
             .collect();
         assert_eq!(log.len(), 2);
         results.push((policy.layers, log));
+        if i == 0 {
+            // Re-running finds the policy written and keeps it instead of searching again.
+            let again = run(&search_args(&t_s, o.to_str().unwrap(), aw, p));
+            assert!(again.status.success(), "{}", stderr(&again));
+            assert!(String::from_utf8_lossy(&again.stdout).contains("exists, kept"));
+            assert_eq!(
+                Policy::load(&o.join("policy.json")).unwrap(),
+                policy_before(&o)
+            );
+        }
     }
     assert_eq!(results[0].0, results[1].0, "aw = 0: p changed the policy");
     assert_eq!(
@@ -296,4 +307,8 @@ fn search_meets_target_and_aw0_ignores_attribution() {
         results[2].1[1]["ce"], results[3].1[1]["ce"],
         "aw = 20: p had no effect"
     );
+}
+
+fn policy_before(dir: &std::path::Path) -> Policy {
+    Policy::load(&dir.join("policy.before")).unwrap()
 }

@@ -171,13 +171,39 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
     let bars = Bars {
         bar: Mutex::new(None),
     };
+    // Policies already written by an interrupted run of the same command are kept, and only
+    // the missing targets are searched again.
+    let single = targets.len() <= 1;
+    let suffix_of = |t: &Option<Target>| match (t, single) {
+        (_, true) | (None, _) => String::new(),
+        (Some(t), false) => format!("-{t}"),
+    };
+    let mut remaining = Vec::new();
+    for t in &targets {
+        let path = a.out.join(format!("policy{}.json", suffix_of(&Some(*t))));
+        if path.is_file() {
+            println!(
+                "{}: exists, kept (delete it to search this target again)",
+                path.display()
+            );
+        } else {
+            remaining.push(*t);
+        }
+    }
+    if !targets.is_empty() && remaining.is_empty() {
+        return Ok(());
+    }
+    let mut config = config;
+    if remaining.len() <= 1 {
+        config.warmup_epochs = 0;
+    }
     let results = search::search(SearchJob {
         teacher: a.teacher.clone(),
         proxy,
         train_indices: train_indices.clone(),
         val_indices,
         config: config.clone(),
-        targets: targets.clone(),
+        targets: remaining,
         device,
         progress: &bars,
     })?;
@@ -186,16 +212,15 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
             bar.finish_and_clear();
         }
     }
-    let single = results.len() == 1;
-    let mut log_file = std::fs::File::create(a.out.join("search-log.jsonl"))
+    let mut log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(a.out.join("search-log.jsonl"))
         .with_context(|| format!("writing {}", a.out.display()))?;
     let mut summary = Vec::new();
     let teacher_ck = gmpq::checkpoint::Checkpoint::load(&a.teacher)?;
     for r in &results {
-        let suffix = match (&r.target, single) {
-            (_, true) | (None, _) => String::new(),
-            (Some(t), false) => format!("-{t}"),
-        };
+        let suffix = suffix_of(&r.target);
         let mut policy = r.policy.clone();
         let totals = policy.totals.clone().context("policy totals")?;
         policy.meta = Some(serde_json::json!({
