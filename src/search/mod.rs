@@ -261,7 +261,8 @@ struct Teacher {
     pipeline: Pipeline,
 }
 
-fn load_teacher(job: &SearchJob) -> Result<Teacher> {
+/// Reads the teacher checkpoint once: its tensors seed the supernets, its network attributes.
+fn load_teacher(job: &SearchJob) -> Result<(Checkpoint, Teacher)> {
     let (ck, network) = quant::load(&job.teacher, job.device)?;
     if network.precision != Precision::Full {
         return Err(SearchError::Invalid(format!(
@@ -269,10 +270,8 @@ fn load_teacher(job: &SearchJob) -> Result<Teacher> {
             job.teacher.display()
         )));
     }
-    Ok(Teacher {
-        network,
-        pipeline: ck.meta.eval_pipeline,
-    })
+    let pipeline = ck.meta.eval_pipeline.clone();
+    Ok((ck, Teacher { network, pipeline }))
 }
 
 /// A supernet initialised from the teacher's weights (same layer names).
@@ -315,8 +314,7 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
     }
     tch::manual_seed(cfg.seed as i64);
     let started = Instant::now();
-    let teacher_ck = Checkpoint::load(&job.teacher)?;
-    let teacher = load_teacher(&job)?;
+    let (teacher_ck, teacher) = load_teacher(&job)?;
     let native = job.proxy.native_shape().unwrap_or([
         teacher_ck.meta.model.in_channels,
         teacher_ck.meta.model.input_size,
