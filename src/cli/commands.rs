@@ -76,7 +76,7 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn parse_spec(s: &str) -> Result<DatasetSpec> {
+pub(super) fn parse_spec(s: &str) -> Result<DatasetSpec> {
     s.parse::<DatasetSpec>()
         .with_context(|| format!("reading --data {s}"))
 }
@@ -163,11 +163,7 @@ fn run_training(a: TrainArgs, device: tch::Device, finetune: Option<FinetuneSetu
     let train_indices = subset_of(train_data.as_ref(), &a.subset)?;
     let test_indices = stratified_subset(
         test_data.as_ref(),
-        &SubsetSpec {
-            limit: a.test_limit,
-            per_class: None,
-            seed: a.subset.subset_seed,
-        },
+        &SubsetSpec::limited(a.test_limit, a.subset.subset_seed),
     )?;
     let arch: Arch = a.model.parse()?;
     let native = match train_data.native_shape() {
@@ -336,14 +332,7 @@ fn subset_cmd(a: SubsetCmdArgs) -> Result<()> {
         (Split::Test, a.test, "t10k"),
     ] {
         let data = spec.load_idx(split)?;
-        let idx = stratified_subset(
-            &data,
-            &SubsetSpec {
-                limit: Some(n),
-                per_class: None,
-                seed: a.seed,
-            },
-        )?;
+        let idx = stratified_subset(&data, &SubsetSpec::limited(Some(n), a.seed))?;
         gmpq::data::write_idx_split(&data, &idx, &a.out, prefix)?;
         println!(
             "{prefix}: {} of {} images → {}",
@@ -394,12 +383,7 @@ fn demo_cmd(a: DemoArgs, device: tch::Device) -> Result<()> {
 
 /// Builds the spec-only view of a model (conv geometry and head) for BOPs tables.
 fn model_geometry(cfg: &ModelConfig) -> Result<ResNet> {
-    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
-    Ok(ResNet::new(
-        &vs.root(),
-        cfg,
-        &gmpq::model::FullPrecisionConvs,
-    )?)
+    Ok(train::build_fp(cfg, tch::Device::Cpu)?.1)
 }
 
 fn model_config(a: &ModelArgs) -> Result<ModelConfig> {
@@ -536,11 +520,7 @@ fn quantize_cmd(a: QuantizeArgs, device: tch::Device) -> Result<()> {
     let calib_data = calib_spec.load(Split::Train)?;
     let calib_idx = stratified_subset(
         calib_data.as_ref(),
-        &SubsetSpec {
-            limit: Some(a.calib_images.min(calib_data.len())),
-            per_class: None,
-            seed: 0,
-        },
+        &SubsetSpec::limited(Some(a.calib_images.min(calib_data.len())), 0),
     )?;
     let loader = gmpq::data::DataLoader::new(
         calib_data,
@@ -562,14 +542,7 @@ fn quantize_cmd(a: QuantizeArgs, device: tch::Device) -> Result<()> {
         None => calib_spec,
     };
     let test = eval_spec.load(Split::Test)?;
-    let test_idx = stratified_subset(
-        test.as_ref(),
-        &SubsetSpec {
-            limit: a.eval_limit,
-            per_class: None,
-            seed: 0,
-        },
-    )?;
+    let test_idx = stratified_subset(test.as_ref(), &SubsetSpec::limited(a.eval_limit, 0))?;
     let pipe = &fp_ck.meta.eval_pipeline;
     let fp = train::evaluate(&fp_net.net, test.clone(), &test_idx, pipe, 256, device)?;
     let qm = train::evaluate(&q.net, test, &test_idx, pipe, 256, device)?;

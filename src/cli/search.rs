@@ -2,7 +2,7 @@
 
 use super::{AttributionArgs, SearchArgs};
 use anyhow::{bail, Context, Result};
-use gmpq::data::{stratified_subset, ConcatDataset, DatasetSpec, ImageSource, Split, SubsetSpec};
+use gmpq::data::{stratified_subset, ConcatDataset, ImageSource, Split, SubsetSpec};
 use gmpq::policy::{parse_candidates, Candidates};
 use gmpq::search::{
     self, AttributionMethod, EpochLog, SearchConfig, SearchJob, SearchProgress, Target,
@@ -89,10 +89,7 @@ impl SearchProgress for Bars {
 }
 
 pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
-    let spec: DatasetSpec = a
-        .data
-        .parse()
-        .with_context(|| format!("reading --data {}", a.data))?;
+    let spec = super::commands::parse_spec(&a.data)?;
     let proxy_train = spec.load(Split::Train)?;
     let train_indices = stratified_subset(
         proxy_train.as_ref(),
@@ -105,11 +102,10 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
     let proxy_test = spec.load(Split::Test)?;
     let val_indices = stratified_subset(
         proxy_test.as_ref(),
-        &SubsetSpec {
-            limit: Some(a.val_images.min(proxy_test.len())),
-            per_class: None,
-            seed: a.subset.subset_seed,
-        },
+        &SubsetSpec::limited(
+            Some(a.val_images.min(proxy_test.len())),
+            a.subset.subset_seed,
+        ),
     )?;
     // One source for both: the loader takes indices into it; test images come after train.
     let offset = proxy_train.len();
@@ -279,18 +275,11 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
 }
 
 pub fn attribution_cmd(a: AttributionArgs, device: tch::Device) -> Result<()> {
-    let spec: DatasetSpec = a
-        .data
-        .parse()
-        .with_context(|| format!("reading --data {}", a.data))?;
+    let spec = super::commands::parse_spec(&a.data)?;
     let data = spec.load(Split::Test)?;
     let idx = stratified_subset(
         data.as_ref(),
-        &SubsetSpec {
-            limit: Some(a.count.min(data.len())),
-            per_class: None,
-            seed: 0,
-        },
+        &SubsetSpec::limited(Some(a.count.min(data.len())), 0),
     )?;
     let mut nets = vec![gmpq::quant::load(&a.checkpoint, device)
         .with_context(|| format!("loading {}", a.checkpoint.display()))?];

@@ -16,6 +16,15 @@ pub struct SubsetSpec {
 }
 
 impl SubsetSpec {
+    /// At most `limit` images in all (`None`: everything), stratified, drawn with `seed`.
+    pub fn limited(limit: Option<usize>, seed: u64) -> Self {
+        Self {
+            limit,
+            per_class: None,
+            seed,
+        }
+    }
+
     pub fn is_full(&self) -> bool {
         self.limit.is_none() && self.per_class.is_none()
     }

@@ -12,7 +12,7 @@ use crate::checkpoint::{
 use crate::data::{
     DataError, DataLoader, ImageSource, LoaderConfig, Normalize, Pipeline, Transform,
 };
-use crate::model::{FullPrecisionConvs, ModelConfig, ModelError, ResNet};
+use crate::model::{ModelConfig, ModelError, ResNet};
 use crate::quant::{self, CalibrationMethod, Precision, QuantError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -203,9 +203,8 @@ pub fn channel_stats(source: &dyn ImageSource, indices: &[usize]) -> Result<Norm
 
 /// Builds a full-precision network and its var store on `device`.
 pub fn build_fp(config: &ModelConfig, device: Device) -> Result<(nn::VarStore, ResNet)> {
-    let vs = nn::VarStore::new(device);
-    let net = ResNet::new(&vs.root(), config, &FullPrecisionConvs)?;
-    Ok((vs, net))
+    let network = quant::build(config, Precision::Full, device)?;
+    Ok((network.vs, network.net))
 }
 
 /// Observes training; the CLI draws progress bars with it.
