@@ -1,4 +1,5 @@
-//! Importing torchvision-named ResNet-18/50 weights from a `.safetensors` state dict.
+//! Importing pretrained weights from a `.safetensors` state dict: torchvision ResNet-18/50 and
+//! MobileNetV2, and EfficientNet-Lite0 in efficientnet_pytorch's names.
 
 use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta};
 use crate::data::{Normalize, Pipeline, Transform};
@@ -14,13 +15,42 @@ pub fn imagenet_normalize() -> Normalize {
     }
 }
 
-/// Reads `weights` (a torchvision state dict in safetensors) into a gmpq checkpoint for a
-/// model of `config`. Missing, unexpected or mis-shaped tensors are all reported by name;
-/// torchvision's `num_batches_tracked` counters are ignored.
-pub fn import_torchvision(weights: &Path, config: &ModelConfig) -> Result<Checkpoint, TrainError> {
-    if !matches!(config.arch, Arch::ResNet18 | Arch::ResNet50) {
+/// EfficientNet-Lite's input scaling: `(x − 127)/128` on 0..255 pixels, i.e. on [0, 1]
+/// pixels a mean of 127/255 and a std of 128/255.
+pub fn efficientnet_lite_normalize() -> Normalize {
+    Normalize {
+        mean: vec![127.0 / 255.0; 3],
+        std: vec![128.0 / 255.0; 3],
+    }
+}
+
+/// The evaluation pipeline a pretrained network expects: resize the short side, centre-crop.
+fn pretrained_pipeline(config: &ModelConfig) -> Pipeline {
+    let size = config.input_size;
+    let (resize, normalize) = match config.arch {
+        Arch::EfficientNetLite0 => (size, efficientnet_lite_normalize()),
+        _ => (size * 256 / 224, imagenet_normalize()),
+    };
+    Pipeline {
+        transforms: vec![
+            Transform::Resize { size: resize },
+            Transform::CenterCrop { size },
+        ],
+        normalize,
+    }
+}
+
+/// Reads `weights` (a state dict in safetensors) into a gmpq checkpoint for a model of
+/// `config`: torchvision ResNet-18/50 or MobileNetV2, or efficientnet_pytorch's
+/// EfficientNet-Lite0. Missing, unexpected or mis-shaped tensors are all reported by name;
+/// `num_batches_tracked` counters are ignored.
+pub fn import_pretrained(weights: &Path, config: &ModelConfig) -> Result<Checkpoint, TrainError> {
+    if !matches!(
+        config.arch,
+        Arch::ResNet18 | Arch::ResNet50 | Arch::MobileNetV2 | Arch::EfficientNetLite0
+    ) {
         return Err(TrainError::Invalid(format!(
-            "import supports torchvision resnet18 and resnet50, not {}",
+            "import supports resnet18, resnet50, mobilenetv2 and efficientnet-lite0, not {}",
             config.arch
         )));
     }
@@ -33,17 +63,8 @@ pub fn import_torchvision(weights: &Path, config: &ModelConfig) -> Result<Checkp
         |n| n.ends_with("num_batches_tracked"),
         |_| false,
     )?;
-    let size = config.input_size;
-    let resize = size * 256 / 224;
-    let pipeline = Pipeline {
-        transforms: vec![
-            Transform::Resize { size: resize },
-            Transform::CenterCrop { size },
-        ],
-        normalize: imagenet_normalize(),
-    };
-    let mut meta = CheckpointMeta::new(config.clone(), pipeline);
-    meta.source = Some(format!("torchvision state dict {}", weights.display()));
+    let mut meta = CheckpointMeta::new(config.clone(), pretrained_pipeline(config));
+    meta.source = Some(format!("pretrained state dict {}", weights.display()));
     Ok(Checkpoint {
         meta,
         tensors: checkpoint::var_store_tensors(&vs),

@@ -1,7 +1,8 @@
 //! gmpq — generalizable mixed-precision quantization for CNNs, on libtorch.
 //!
 //! The crate is laid out as the pipeline: [`data`] → [`model`] → [`quant`] → [`train`] (with
-//! [`checkpoint`] persistence) → [`policy`] (bits per layer, BOPs, size); [`import`] reads
+//! [`checkpoint`] persistence) → [`policy`] (bits per layer, BOPs, size) → [`search`] →
+//! [`report`]; [`pipeline`] lays out a whole run; [`import`] reads
 //! foreign weights and [`runtime`] holds process-level engine settings. The `gmpq` binary is a thin CLI over this library.
 
 pub mod attribution;
@@ -10,6 +11,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod import;
 pub mod model;
+pub mod pipeline;
 pub mod policy;
 pub mod quant;
 pub mod report;
@@ -19,4 +21,4 @@ pub mod train;
 
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointMeta};
 pub use data::{DataError, DatasetSpec};
-pub use model::{Arch, ModelConfig, ResNet, Stem};
+pub use model::{Arch, Model, ModelConfig, ResNet, Stem};

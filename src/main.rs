@@ -5,6 +5,11 @@ mod cli;
 use clap::Parser;
 
 fn main() {
+    // `gmpq … | head` should end quietly, as other CLI tools do, not panic on a closed pipe.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     // Before libtorch's OpenMP runtime initialises: make idle workers sleep, not spin.
     gmpq::runtime::ensure_passive_omp();
     let args = cli::Cli::parse();

@@ -2,7 +2,7 @@
 
 use gmpq::checkpoint::{self, Checkpoint, CheckpointMeta};
 use gmpq::data::{Normalize, Pipeline};
-use gmpq::import::{import_torchvision, mismatch_text};
+use gmpq::import::{import_pretrained, mismatch_text};
 use gmpq::model::{Arch, ModelConfig};
 use gmpq::train::build_fp;
 use std::collections::BTreeMap;
@@ -71,7 +71,7 @@ fn import_reports_missing_unexpected_and_misshaped_by_name() {
         .map(|(k, v)| (k.clone(), v.shallow_clone()))
         .collect();
     Tensor::write_safetensors(&named, &good).unwrap();
-    let ck = import_torchvision(&good, &cfg).unwrap();
+    let ck = import_pretrained(&good, &cfg).unwrap();
     assert!(ck.tensors["layer4.1.conv2.weight"].equal(&sd["layer4.1.conv2.weight"]));
 
     sd.remove("layer3.0.downsample.0.weight");
@@ -86,7 +86,7 @@ fn import_reports_missing_unexpected_and_misshaped_by_name() {
         .map(|(k, v)| (k.clone(), v.shallow_clone()))
         .collect();
     Tensor::write_safetensors(&named, &bad).unwrap();
-    let e = import_torchvision(&bad, &cfg).err().unwrap();
+    let e = import_pretrained(&bad, &cfg).err().unwrap();
     let text = mismatch_text(&e).expect("a mismatch error");
     assert!(
         text.contains("missing layer3.0.downsample.0.weight"),
@@ -98,4 +98,39 @@ fn import_reports_missing_unexpected_and_misshaped_by_name() {
         "{text}"
     );
     assert!(e.to_string().contains("bad.safetensors"));
+}
+
+/// The same for the depthwise networks' layouts: a missing depthwise kernel and a mis-shaped
+/// expand conv of EfficientNet-Lite0 (efficientnet_pytorch names) are named.
+#[test]
+fn efficientnet_lite0_import_names_missing_and_misshaped_tensors() {
+    let cfg = ModelConfig::new(Arch::EfficientNetLite0, 3, 1000, 224);
+    let (vs, _) = build_fp(&cfg, Device::Cpu).unwrap();
+    let mut sd: BTreeMap<String, Tensor> = checkpoint::var_store_tensors(&vs);
+    assert!(sd.contains_key("_blocks.15._project_conv.weight"));
+    assert!(sd.contains_key("_fc.bias"));
+    sd.remove("_blocks.3._depthwise_conv.weight");
+    sd.insert(
+        "_blocks.5._expand_conv.weight".into(),
+        Tensor::zeros([144, 24, 3, 3], tch::kind::FLOAT_CPU),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("lite0.safetensors");
+    let named: Vec<(String, Tensor)> = sd
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect();
+    Tensor::write_safetensors(&named, &bad).unwrap();
+    let e = import_pretrained(&bad, &cfg).err().unwrap();
+    let text = mismatch_text(&e).expect("a mismatch error");
+    assert!(
+        text.contains("missing _blocks.3._depthwise_conv.weight"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "_blocks.5._expand_conv.weight has shape [144, 24, 3, 3], expected [240, 40, 1, 1]"
+        ),
+        "{text}"
+    );
 }

@@ -300,3 +300,64 @@ fn quantized_checkpoint_round_trips_and_per_channel_thresholds() {
     let fp_out = tch::no_grad(|| fp.net.forward_t(&x, false));
     assert!(!fp_out.allclose(&out, 1e-6, 1e-6, false));
 }
+
+/// Depthwise convs: MACs and params divide by `groups` (METHOD.md), worked by hand for
+/// MobileNetV2's `features.2.conv.1.0` (96 channels, 3×3, stride 2, 112 → 56 px).
+#[test]
+fn depthwise_bops_use_groups() {
+    let cfg = ModelConfig::new(Arch::MobileNetV2, 3, 1000, 224);
+    let n = geometry(&cfg);
+    let p = Policy::uniform(&cfg, n.net.convs(), 4, 4);
+    let (rows, t) = p.cost(n.net.convs(), n.net.fc_spec());
+    let dw = rows
+        .iter()
+        .find(|r| r.name == "features.2.conv.1.0")
+        .unwrap();
+    assert_eq!(dw.macs, 96 * 9 * 56 * 56); // = 96·96·9·56·56 / 96
+    assert_eq!(dw.params, 96 * 9);
+    assert_eq!(dw.bops, 96 * 9 * 56 * 56 * 16);
+    assert_eq!(dw.size_bits, 96 * 9 * 4);
+    // The whole network: torchvision's MobileNetV2 has ~300 M MACs at 224 px.
+    let macs: u64 = rows.iter().map(|r| r.macs).sum();
+    assert_eq!(macs, 300_774_272);
+    assert_eq!(t.fp_bops, macs * 1024);
+    // 52 convs: the stem stays full precision, the other 51 are in the policy.
+    assert_eq!(p.layers.len(), 51);
+}
+
+/// A fixed-policy MobileNetV2 (CIFAR variant): the convs after a linear bottleneck get a
+/// signed activation quantizer, so negative inputs survive; calibration and the forward pass
+/// give finite outputs.
+#[test]
+fn mobilenet_v2_fixed_policy_signed_inputs() {
+    let cfg = ModelConfig::new(Arch::MobileNetV2, 1, 10, 28);
+    let fp = geometry(&cfg);
+    let signed: Vec<&str> = fp
+        .net
+        .convs()
+        .iter()
+        .filter(|c| c.signed_input)
+        .map(|c| c.name.as_str())
+        .collect();
+    assert!(signed.contains(&"features.2.conv.0.0"), "{signed:?}");
+    assert!(signed.contains(&"features.18.0"), "{signed:?}");
+    assert!(!signed.contains(&"features.2.conv.1.0"), "{signed:?}");
+    let policy = Policy::uniform(&cfg, fp.net.convs(), 4, 4);
+    let q = quant::build(
+        &cfg,
+        Precision::Fixed {
+            policy,
+            per_channel: true,
+        },
+        Device::Cpu,
+    )
+    .unwrap();
+    tch::manual_seed(0);
+    let x = Tensor::randn([4, 1, 28, 28], tch::kind::FLOAT_CPU);
+    let cal = quant::calibrate(&q, &[x.shallow_clone()], quant::CalibrationMethod::Max).unwrap();
+    assert_eq!(cal.len(), 51);
+    assert!(cal.iter().all(|c| c.clip > 0.0 && c.clip.is_finite()));
+    let y = q.net.forward_t(&x, false);
+    assert_eq!(y.size(), vec![4, 10]);
+    assert!(y.isfinite().all().int64_value(&[]) == 1);
+}

@@ -114,7 +114,7 @@ fn alpha_gets_gradient_from_each_loss_term() {
 trait CeExt {
     fn forward_t_ce(&self, x: &Tensor, y: &Tensor) -> Tensor;
 }
-impl CeExt for gmpq::model::ResNet {
+impl CeExt for gmpq::model::Model {
     fn forward_t_ce(&self, x: &Tensor, y: &Tensor) -> Tensor {
         tch::nn::ModuleT::forward_t(self, x, true).cross_entropy_for_logits(y)
     }

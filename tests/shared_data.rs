@@ -104,3 +104,70 @@ fn cifar_and_imagenet_samples() {
     assert_eq!(img.channels, 3);
     assert!(img.height >= 224 && img.width >= 224);
 }
+
+/// EfficientNet-Lite0's ImageNet weights, imported and run in full precision on the 20
+/// ImageNet samples: 17/20 top-1 and 20/20 top-5 (what the weights' README says), and the
+/// W8A8 calibrated network agrees with its FP self on at least 18 of them.
+#[test]
+fn efficientnet_lite0_on_imagenet_samples() {
+    let Some(root) = shared_datasets("efficientnet_lite0_on_imagenet_samples") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("lite0.safetensors");
+    let weights = root.join("weights/efficientnet-lite0.safetensors");
+    let data = format!(
+        "imagenet-folder:{}",
+        root.join("samples/imagenet").display()
+    );
+    let o = common::run(&[
+        "import",
+        "--model",
+        "efficientnet-lite0",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--out",
+        ck.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let o = common::run(&[
+        "eval",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--data",
+        &data,
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let m: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(m["images"], 20);
+    assert_eq!(
+        m["top1"].as_f64().unwrap(),
+        85.0,
+        "17/20 top-1 expected: {m}"
+    );
+    assert_eq!(
+        m["top5"].as_f64().unwrap(),
+        100.0,
+        "20/20 top-5 expected: {m}"
+    );
+
+    let q = dir.path().join("lite0-w8a8.safetensors");
+    let o = common::run(&[
+        "quantize",
+        "--checkpoint",
+        ck.to_str().unwrap(),
+        "--uniform",
+        "w8a8",
+        "--calib-data",
+        &data,
+        "--calib-images",
+        "20",
+        "--out",
+        q.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(r["top1_agreement"].as_u64().unwrap() >= 18, "{r}");
+}

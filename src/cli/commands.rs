@@ -2,13 +2,13 @@
 
 use super::progress::TrainBars;
 use super::{
-    BenchCommand, BopsArgs, Cli, Command, DemoArgs, EvalArgs, FinetuneArgs, ImportArgs, ModelArgs,
+    BenchCommand, BopsArgs, Cli, Command, EvalArgs, FinetuneArgs, ImportArgs, ModelArgs,
     PolicyChoice, QuantizeArgs, SubsetArgs, SubsetCmdArgs, TrainArgs,
 };
 use anyhow::{bail, Context, Result};
 use gmpq::checkpoint::Checkpoint;
 use gmpq::data::{stratified_subset, DatasetSpec, ImageSource, Split, SubsetSpec};
-use gmpq::model::ResNet;
+use gmpq::model::Model;
 use gmpq::model::{Arch, ModelConfig, Stem};
 use gmpq::policy::{parse_candidates, parse_uniform, Candidates, LayerCost, Policy, PolicyTotals};
 use gmpq::quant::{CalibrationMethod, Precision};
@@ -19,7 +19,12 @@ pub fn run(cli: Cli) -> Result<()> {
     let threads = gmpq::runtime::set_threads(cli.engine.threads);
     let device = gmpq::runtime::parse_device(&cli.engine.device).map_err(anyhow::Error::msg)?;
     tracing::debug!("libtorch threads: {threads}, device: {device:?}");
-    match cli.command {
+    dispatch(cli.command, device)
+}
+
+/// Runs one parsed command (the pipeline runs its stages through here too).
+pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
+    match command {
         Command::Train(a) => train_cmd(a, device),
         Command::Finetune(a) => finetune_cmd(a, device),
         Command::Eval(a) => eval_cmd(a, device),
@@ -29,7 +34,14 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Quantize(a) => quantize_cmd(a, device),
         Command::Search(a) => super::search::search_cmd(a, device),
         Command::Attribution(a) => super::search::attribution_cmd(a, device),
-        Command::Demo(a) => demo_cmd(a, device),
+        Command::Demo(a) => super::pipeline::demo_cmd(a, device),
+        Command::Pipeline(a) => super::pipeline::pipeline_cmd(a, device),
+        Command::Report(a) => {
+            let page = gmpq::report::write_run_report(&a.run_dir)
+                .with_context(|| format!("writing the report of {}", a.run_dir.display()))?;
+            println!("{}", page.display());
+            Ok(())
+        }
         Command::Info => {
             println!("gmpq {}", env!("CARGO_PKG_VERSION"));
             println!("libtorch: 2.13.0 via tch 0.26.0");
@@ -179,6 +191,7 @@ fn run_training(a: TrainArgs, device: tch::Device, finetune: Option<FinetuneSetu
     if let Some(stem) = &a.stem {
         model.stem = stem.parse::<Stem>()?;
     }
+    model.width = a.width;
     let (precision, init) = match finetune {
         Some(f) => {
             if f.model.num_classes < train_data.num_classes() {
@@ -315,7 +328,7 @@ fn import_cmd(a: ImportArgs) -> Result<()> {
     let arch: Arch = a.model.parse()?;
     let mut cfg = ModelConfig::new(arch, 3, a.num_classes, a.input_size);
     cfg.stem = a.stem.parse()?;
-    let ck = gmpq::import::import_torchvision(&a.weights, &cfg)
+    let ck = gmpq::import::import_pretrained(&a.weights, &cfg)
         .with_context(|| format!("importing {}", a.weights.display()))?;
     if let Some(dir) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -344,45 +357,8 @@ fn subset_cmd(a: SubsetCmdArgs) -> Result<()> {
     Ok(())
 }
 
-fn demo_cmd(a: DemoArgs, device: tch::Device) -> Result<()> {
-    let started = std::time::Instant::now();
-    let args = TrainArgs {
-        model: "resnet20".into(),
-        data: "bundled:fashion-mnist".into(),
-        test_data: None,
-        input_size: None,
-        rgb: false,
-        stem: None,
-        epochs: a.epochs,
-        batch_size: 128,
-        lr: None,
-        momentum: 0.9,
-        weight_decay: None,
-        schedule: "cosine".into(),
-        crop_padding: 2,
-        hflip: true,
-        seed: 0,
-        subset: SubsetArgs {
-            limit: None,
-            per_class: None,
-            subset_seed: 0,
-        },
-        test_limit: None,
-        out: a.out.clone(),
-        resume: true,
-        json: false,
-    };
-    train_cmd(args, device)?;
-    println!(
-        "demo finished in {:.0} s; evaluate again with: gmpq eval --checkpoint {} --data bundled:fashion-mnist",
-        started.elapsed().as_secs_f64(),
-        train::last_checkpoint(&a.out).display()
-    );
-    Ok(())
-}
-
 /// Builds the spec-only view of a model (conv geometry and head) for BOPs tables.
-fn model_geometry(cfg: &ModelConfig) -> Result<ResNet> {
+pub(super) fn model_geometry(cfg: &ModelConfig) -> Result<Model> {
     Ok(train::build_fp(cfg, tch::Device::Cpu)?.1)
 }
 
@@ -392,11 +368,12 @@ fn model_config(a: &ModelArgs) -> Result<ModelConfig> {
     if let Some(stem) = &a.stem {
         cfg.stem = stem.parse::<Stem>()?;
     }
+    cfg.width = a.width;
     Ok(cfg)
 }
 
 /// The policy chosen on the command line (file or uniform name), checked against the model.
-fn chosen_policy(choice: &PolicyChoice, cfg: &ModelConfig, net: &ResNet) -> Result<Option<Policy>> {
+fn chosen_policy(choice: &PolicyChoice, cfg: &ModelConfig, net: &Model) -> Result<Option<Policy>> {
     let policy = match (&choice.policy, &choice.uniform) {
         (Some(path), _) => Policy::load(path)?,
         (None, Some(name)) => {
@@ -545,7 +522,10 @@ fn quantize_cmd(a: QuantizeArgs, device: tch::Device) -> Result<()> {
     let test_idx = stratified_subset(test.as_ref(), &SubsetSpec::limited(a.eval_limit, 0))?;
     let pipe = &fp_ck.meta.eval_pipeline;
     let fp = train::evaluate(&fp_net.net, test.clone(), &test_idx, pipe, 256, device)?;
-    let qm = train::evaluate(&q.net, test, &test_idx, pipe, 256, device)?;
+    let qm = train::evaluate(&q.net, test.clone(), &test_idx, pipe, 256, device)?;
+    let fp_pred = train::predict(&fp_net.net, test.clone(), &test_idx, pipe, 256, device)?;
+    let q_pred = train::predict(&q.net, test, &test_idx, pipe, 256, device)?;
+    let agree = fp_pred.iter().zip(&q_pred).filter(|(a, b)| a == b).count();
     let totals = policy.totals.clone().context("policy totals")?;
 
     let mut meta = fp_ck.meta.clone();
@@ -567,6 +547,7 @@ fn quantize_cmd(a: QuantizeArgs, device: tch::Device) -> Result<()> {
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "checkpoint": a.out, "fp": fp, "quantized": qm,
+                "top1_agreement": agree, "images": q_pred.len(),
                 "top1_drop": fp.top1 - qm.top1, "totals": totals, "calibration": a.calibration,
             }))?
         );
@@ -578,6 +559,10 @@ fn quantize_cmd(a: QuantizeArgs, device: tch::Device) -> Result<()> {
             fp.top1 - qm.top1,
             qm.top5,
             qm.images
+        );
+        println!(
+            "top-1 agreement with the FP model: {agree}/{} images",
+            q_pred.len()
         );
         println!(
             "policy: {:.4} G BOPs, compression {:.2}x, size {:.3} MB; saved {}",

@@ -1,6 +1,7 @@
 //! Argument parsing and command dispatch.
 
 mod commands;
+mod pipeline;
 mod progress;
 mod search;
 
@@ -50,15 +51,24 @@ pub enum Command {
     Finetune(FinetuneArgs),
     /// Evaluate a checkpoint on a dataset (top-1/top-5).
     Eval(EvalArgs),
-    /// Convert torchvision ResNet-18/50 weights (.safetensors state dict) to a gmpq checkpoint.
+    /// Convert pretrained weights (.safetensors state dict) to a gmpq checkpoint: torchvision
+    /// ResNet-18/50 or MobileNetV2, efficientnet_pytorch EfficientNet-Lite0.
     Import(ImportArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
     /// Write a stratified, seeded subset of an IDX dataset (both splits) as gzipped IDX.
     Subset(SubsetCmdArgs),
-    /// Train and evaluate ResNet-20 on the bundled Fashion-MNIST subset (the README's main job).
+    /// The whole method on the bundled Fashion-MNIST subset in a few minutes: teachers, GMPQ
+    /// search on a 1,000-image proxy, fine-tuning, the uniform and EdMIPS baselines, a report
+    /// (the README's main job).
     Demo(DemoArgs),
+    /// The whole method into one run folder: FP teacher on the proxy → search → FP teacher on
+    /// the target → fine-tune with the policy → evaluate → report. Finished stages are skipped,
+    /// so an interrupted pipeline resumes; --baseline adds comparison arms.
+    Pipeline(PipelineArgs),
+    /// Write the HTML report of a pipeline run folder (report.html, charts in report/).
+    Report(ReportArgs),
     /// Engine facts: versions, threads, OpenMP wait policy, CUDA.
     Info,
     /// Per-layer MACs, params, bits, BOPs and size of a model under a policy, with totals.
@@ -163,7 +173,7 @@ pub struct AttributionArgs {
 
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// resnet20, resnet32, resnet56, resnet18 or resnet50.
+    /// resnet20, resnet32, resnet56, resnet18, resnet50, mobilenetv2 or efficientnet-lite0.
     #[arg(long, default_value = "resnet20")]
     pub model: String,
     /// Square input resolution.
@@ -173,9 +183,12 @@ pub struct ModelArgs {
     pub in_channels: usize,
     #[arg(long, default_value_t = 10)]
     pub classes: usize,
-    /// Stem of resnet18/50: cifar or imagenet (default: cifar below 64 px).
+    /// Stem of resnet18/50 and mobilenetv2: cifar or imagenet (default: cifar below 64 px).
     #[arg(long)]
     pub stem: Option<String>,
+    /// Width multiplier of mobilenetv2.
+    #[arg(long, default_value_t = 1.0)]
+    pub width: f64,
 }
 
 #[derive(Debug, Args)]
@@ -261,8 +274,99 @@ pub struct DemoArgs {
     /// Run folder (an interrupted demo resumes from it).
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 15)]
-    pub epochs: usize,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// A run folder written by `gmpq pipeline` or `gmpq demo`.
+    pub run_dir: PathBuf,
+}
+
+/// Settings of a pipeline run. Everything but the arms, the output folder and `--json` is
+/// recorded in the run's pipeline.json and must not change when the run is resumed.
+#[derive(Debug, Clone, Args, serde::Serialize)]
+pub struct PipelineArgs {
+    /// resnet20, resnet32, resnet56, resnet18, resnet50 or mobilenetv2.
+    #[arg(long, default_value = "resnet20")]
+    pub model: String,
+    /// Proxy data for the search, KIND:PATH[:N]; N keeps a stratified subset of N training
+    /// images (e.g. idx:../shared/datasets/fashion-mnist:2000).
+    #[arg(long)]
+    pub proxy: String,
+    /// Target data, KIND:PATH: the target teacher and the fine-tuned networks train on its
+    /// train split; results are on its test split.
+    #[arg(long)]
+    pub target: String,
+    /// Train on a stratified subset of this many target images.
+    #[arg(long)]
+    pub target_limit: Option<usize>,
+    /// Evaluate on at most this many target test images (stratified).
+    #[arg(long)]
+    pub target_test_limit: Option<usize>,
+    /// Budget: FP BOPs / policy BOPs at least this (64 ≈ 4-bit equivalent; the default
+    /// when no budget is given).
+    #[arg(long, group = "budget")]
+    pub target_compression: Option<f64>,
+    /// Budget: policy BOPs at most this (e.g. 1.2G, 800M).
+    #[arg(long, group = "budget")]
+    pub target_bops: Option<String>,
+    /// Budget: model size at most this many MB.
+    #[arg(long, group = "budget")]
+    pub target_size_mb: Option<f64>,
+    /// An FP teacher for the search (instead of training one on the proxy).
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
+    /// An FP network to fine-tune from (instead of training one on the target).
+    #[arg(long)]
+    pub target_teacher: Option<PathBuf>,
+    /// Comparison arms under the same budget and recipe: edmips (the search without the
+    /// attribution term), uniform (the best uniform policy within the budget). Comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(skip)]
+    pub baseline: Vec<String>,
+    /// Epochs of the proxy teacher.
+    #[arg(long, default_value_t = 30)]
+    pub teacher_epochs: usize,
+    /// Epochs of the target teacher.
+    #[arg(long, default_value_t = 30)]
+    pub target_teacher_epochs: usize,
+    #[arg(long, default_value_t = 25)]
+    pub search_epochs: usize,
+    /// Search learning rates ×0.1 every this many epochs.
+    #[arg(long, default_value_t = 10)]
+    pub search_step_epochs: usize,
+    #[arg(long, default_value_t = 10)]
+    pub finetune_epochs: usize,
+    /// Fine-tuning learning rate (default 0.01).
+    #[arg(long)]
+    pub finetune_lr: Option<f64>,
+    /// Weight of the attribution loss in the GMPQ arm.
+    #[arg(long, default_value_t = 20.0)]
+    pub attribution_weight: f64,
+    #[arg(long, default_value = "2,3,4,6")]
+    pub w_bits: String,
+    #[arg(long, default_value = "2,3,4,6")]
+    pub a_bits: String,
+    /// Random horizontal flips in training and search (not for digits).
+    #[arg(long)]
+    pub hflip: bool,
+    /// Seed of training, search and fine-tuning (the proxy subset has its own).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Seed of the proxy subset draw.
+    #[arg(long, default_value_t = 0)]
+    pub subset_seed: u64,
+    /// Run folder.
+    #[arg(long, default_value = "runs/pipeline")]
+    #[serde(skip)]
+    pub out: PathBuf,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    #[serde(skip)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -280,7 +384,8 @@ pub struct SubsetArgs {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// resnet20, resnet32, resnet56, resnet18 or resnet50 (finetune takes the model from --init).
+    /// resnet20, resnet32, resnet56, resnet18, resnet50, mobilenetv2 or efficientnet-lite0
+    /// (finetune takes the model from --init).
     #[arg(long, default_value = "resnet20")]
     pub model: String,
     /// Training data, KIND:PATH (the test split of the same spec is evaluated each epoch).
@@ -295,9 +400,12 @@ pub struct TrainArgs {
     /// Expand gray images to 3 channels.
     #[arg(long)]
     pub rgb: bool,
-    /// Stem of resnet18/50: cifar or imagenet (default: cifar below 64 px).
+    /// Stem of resnet18/50 and mobilenetv2: cifar or imagenet (default: cifar below 64 px).
     #[arg(long)]
     pub stem: Option<String>,
+    /// Width multiplier of mobilenetv2.
+    #[arg(long, default_value_t = 1.0)]
+    pub width: f64,
     #[arg(long, default_value_t = 30)]
     pub epochs: usize,
     #[arg(long, default_value_t = 128)]
@@ -377,10 +485,10 @@ pub struct EvalArgs {
 
 #[derive(Debug, Args)]
 pub struct ImportArgs {
-    /// resnet18 or resnet50.
+    /// resnet18, resnet50, mobilenetv2 or efficientnet-lite0.
     #[arg(long)]
     pub model: String,
-    /// A .safetensors file with a torchvision state dict.
+    /// A .safetensors file with the state dict.
     #[arg(long)]
     pub weights: PathBuf,
     /// Output checkpoint (.safetensors).

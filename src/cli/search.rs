@@ -13,7 +13,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 
 /// Parses `1.2G`, `800M`, `5e8` as a BOPs count.
-fn parse_bops(s: &str) -> Result<f64> {
+pub(super) fn parse_bops(s: &str) -> Result<f64> {
     let (num, mult) = match s.chars().last() {
         Some('G' | 'g') => (&s[..s.len() - 1], 1e9),
         Some('M' | 'm') => (&s[..s.len() - 1], 1e6),
@@ -275,20 +275,43 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
 }
 
 pub fn attribution_cmd(a: AttributionArgs, device: tch::Device) -> Result<()> {
-    let spec = super::commands::parse_spec(&a.data)?;
+    let mut checkpoints = vec![a.checkpoint.clone()];
+    checkpoints.extend(a.compare.clone());
+    let n = attribution_grid(&checkpoints, &a.data, a.count, &a.out, device)?;
+    println!(
+        "wrote {} ({n} images × {} maps)",
+        a.out.display(),
+        checkpoints.len()
+    );
+    Ok(())
+}
+
+/// Writes a PNG grid of CAM heatmaps: one row per test image of `data` (stratified), one
+/// column per checkpoint after the image itself. Returns the number of images.
+pub fn attribution_grid(
+    checkpoints: &[std::path::PathBuf],
+    data: &str,
+    count: usize,
+    out: &std::path::Path,
+    device: tch::Device,
+) -> Result<usize> {
+    let spec = super::commands::parse_spec(data)?;
     let data = spec.load(Split::Test)?;
     let idx = stratified_subset(
         data.as_ref(),
-        &SubsetSpec::limited(Some(a.count.min(data.len())), 0),
+        &SubsetSpec::limited(Some(count.min(data.len())), 0),
     )?;
-    let mut nets = vec![gmpq::quant::load(&a.checkpoint, device)
-        .with_context(|| format!("loading {}", a.checkpoint.display()))?];
-    if let Some(c) = &a.compare {
-        nets.push(
-            gmpq::quant::load(c, device).with_context(|| format!("loading {}", c.display()))?,
-        );
-    }
-    let pipeline = nets[0].0.meta.eval_pipeline.clone();
+    let nets = checkpoints
+        .iter()
+        .map(|c| gmpq::quant::load(c, device).with_context(|| format!("loading {}", c.display())))
+        .collect::<Result<Vec<_>>>()?;
+    let pipeline = nets
+        .first()
+        .context("no checkpoint")?
+        .0
+        .meta
+        .eval_pipeline
+        .clone();
     let mut loader = gmpq::data::DataLoader::new(
         data,
         &idx,
@@ -315,12 +338,6 @@ pub fn attribution_cmd(a: AttributionArgs, device: tch::Device) -> Result<()> {
         })
         .collect();
     let refs: Vec<&tch::Tensor> = maps.iter().collect();
-    gmpq::report::heatmaps_png(&x, &pipeline.normalize, &refs, &a.out)?;
-    println!(
-        "wrote {} ({} images × {} maps)",
-        a.out.display(),
-        idx.len(),
-        maps.len()
-    );
-    Ok(())
+    gmpq::report::heatmaps_png(&x, &pipeline.normalize, &refs, out)?;
+    Ok(idx.len())
 }

@@ -20,6 +20,10 @@ pub struct ConvSpec {
     pub out_hw: [usize; 2],
     /// False for the full-precision stem (as in the paper); true for every other conv.
     pub quantizable: bool,
+    /// The input can be negative (it follows a linear bottleneck, not a ReLU), so its
+    /// activation quantizer must be signed.
+    #[serde(default)]
+    pub signed_input: bool,
 }
 
 impl ConvSpec {

@@ -8,13 +8,14 @@ use tch::Tensor;
 
 /// Batch norm initialised as PyTorch does (scale 1, shift 0); tch's default draws the scale
 /// uniformly from [0, 1], which slows training noticeably.
-fn batch_norm(path: nn::Path, channels: usize) -> nn::BatchNorm {
+pub(super) fn batch_norm(path: nn::Path, channels: usize, eps: f64) -> nn::BatchNorm {
     nn::batch_norm2d(
         path,
         channels as i64,
         nn::BatchNormConfig {
             ws_init: nn::Init::Const(1.0),
             bs_init: nn::Init::Const(0.0),
+            eps,
             ..Default::default()
         },
     )
@@ -94,7 +95,7 @@ struct Builder<'a, 'f> {
     convs: Vec<ConvSpec>,
 }
 
-fn conv_out(size: usize, kernel: usize, stride: usize, padding: usize) -> usize {
+pub(super) fn conv_out(size: usize, kernel: usize, stride: usize, padding: usize) -> usize {
     (size + 2 * padding).saturating_sub(kernel) / stride + 1
 }
 
@@ -125,13 +126,14 @@ impl Builder<'_, '_> {
             in_hw,
             out_hw,
             quantizable,
+            signed_input: false,
         };
         let conv = self.factory.conv(path_for(&self.root, conv_name), &spec)?;
         self.convs.push(spec);
         self.hw = out_hw;
         Ok(ConvBn {
             conv,
-            bn: batch_norm(path_for(&self.root, bn_name), c_out),
+            bn: batch_norm(path_for(&self.root, bn_name), c_out, 1e-5),
         })
     }
 
@@ -277,6 +279,12 @@ impl ResNet {
             Arch::ResNet56 => (vec![9; 3], vec![16, 32, 64], false),
             Arch::ResNet18 => (vec![2; 4], vec![64, 128, 256, 512], false),
             Arch::ResNet50 => (vec![3, 4, 6, 3], vec![64, 128, 256, 512], true),
+            Arch::MobileNetV2 | Arch::EfficientNetLite0 => {
+                return Err(ModelError::Invalid(format!(
+                    "{} is not a ResNet",
+                    config.arch
+                )))
+            }
         };
         let mut blocks = Vec::new();
         let mut c_in = stem_width;

@@ -5,7 +5,9 @@
 //! first forward pass; saved), `NAME.act_clip` (learnable `r`), and for the supernet
 //! `NAME.alpha_w` / `NAME.alpha_a`. Supernet and fixed-policy nets thus share layer names.
 
-use super::quantizer::{quantize_activation, quantize_weight, softmax_mix};
+use super::quantizer::{
+    quantize_activation, quantize_activation_signed, quantize_weight, softmax_mix,
+};
 use super::{ALPHA_INIT, CLIP_INIT};
 use crate::model::{fp_conv, ConvLayer, ConvSpec, LayerFactory, ModelError};
 use std::cell::RefCell;
@@ -74,7 +76,12 @@ impl QuantLayerHandle {
         match mode {
             Observe::Off => return false,
             Observe::Max => {
-                let m = xs.max().double_value(&[]);
+                let m = if self.spec.signed_input {
+                    xs.abs().max()
+                } else {
+                    xs.max()
+                }
+                .double_value(&[]);
                 obs.max = obs.max.max(m);
             }
             Observe::Histogram { max, bins } => {
@@ -87,7 +94,9 @@ impl QuantLayerHandle {
                     // spike in bin 0 pulls the KL search toward tiny thresholds (measured: a
                     // 4-bit clip of 0.09 for inputs reaching 7.5). `max` was measured on the
                     // same batches, so nothing lies above it.
+                    // A signed input's clip bounds |x|.
                     let x = xs.detach().flatten(0, -1);
+                    let x = if self.spec.signed_input { x.abs() } else { x };
                     let x = x.masked_select(&x.gt(0.0));
                     let idx = (x.clamp(0.0, max) * (bins as f64 / max))
                         .floor()
@@ -106,6 +115,9 @@ impl QuantLayerHandle {
         true
     }
 }
+
+/// The smallest weight threshold: keeps the scale of an all-zero kernel (or channel) positive.
+pub(crate) const MIN_THRESHOLD: f64 = 1e-12;
 
 /// The tensors a quantized conv computes with (shallow clones of var-store variables).
 #[derive(Debug)]
@@ -141,14 +153,27 @@ impl QuantCore {
         }
         tch::no_grad(|| {
             let w = self.weight.abs();
+            // An all-zero channel (depthwise layers have them) would give a zero scale and
+            // NaNs; any positive threshold quantizes it to zero exactly.
             let t = if self.weight_threshold.dim() == 0 {
                 w.max()
             } else {
                 w.amax([1i64, 2, 3].as_slice(), true)
-            };
+            }
+            .clamp_min(MIN_THRESHOLD);
             let mut dst = self.weight_threshold.shallow_clone();
             dst.copy_(&t);
         });
+    }
+
+    /// The input's activation quantizer: half-wave after a ReLU, signed after a linear
+    /// bottleneck.
+    fn quantize_input(&self, xs: &Tensor, clip: &Tensor, bits: u32) -> Tensor {
+        if self.spec.signed_input {
+            quantize_activation_signed(xs, clip, bits)
+        } else {
+            quantize_activation(xs, clip, bits)
+        }
     }
 
     fn conv(&self, x: &Tensor, w: &Tensor) -> Tensor {
@@ -191,7 +216,7 @@ impl ConvLayer for QuantConv {
             return c.conv(xs, &c.weight);
         }
         c.ensure_threshold();
-        let xq = quantize_activation(xs, &c.act_clip, self.a_bits);
+        let xq = c.quantize_input(xs, &c.act_clip, self.a_bits);
         let wq = quantize_weight(&c.weight, &c.weight_threshold, self.w_bits);
         c.conv(&xq, &wq)
     }
@@ -220,7 +245,7 @@ impl ConvLayer for MixedConv {
             self.a_bits
                 .iter()
                 .enumerate()
-                .map(|(i, &b)| quantize_activation(xs, &c.act_clip.get(i as i64), b)),
+                .map(|(i, &b)| c.quantize_input(xs, &c.act_clip.get(i as i64), b)),
         );
         let w_mix = softmax_mix(
             &self.alpha_w,

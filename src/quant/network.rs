@@ -6,7 +6,7 @@ use super::calibrate::{kl_threshold, CalibrationMethod};
 use super::layers::{FixedPolicyConvs, Observe, QuantLayerHandle, SupernetConvs};
 use super::CLIP_INIT;
 use crate::checkpoint::{self, Checkpoint, CheckpointError};
-use crate::model::{FullPrecisionConvs, ModelConfig, ModelError, ResNet};
+use crate::model::{FullPrecisionConvs, Model, ModelConfig, ModelError};
 use crate::policy::{Candidates, LayerBits, Policy, PolicyError};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -45,7 +45,7 @@ pub enum Precision {
 /// A built network: its variables, the module, and handles on its quantized layers.
 pub struct Network {
     pub vs: nn::VarStore,
-    pub net: ResNet,
+    pub net: Model,
     pub handles: Vec<Arc<QuantLayerHandle>>,
     pub precision: Precision,
 }
@@ -68,7 +68,7 @@ pub fn build(
     let vs = nn::VarStore::new(device);
     let (net, handles) = match &precision {
         Precision::Full => (
-            ResNet::new(&vs.root(), config, &FullPrecisionConvs)?,
+            Model::new(&vs.root(), config, &FullPrecisionConvs)?,
             Vec::new(),
         ),
         Precision::Fixed {
@@ -83,7 +83,7 @@ pub fn build(
                 .into());
             }
             let factory = FixedPolicyConvs::new(policy.bits_by_layer(), *per_channel);
-            let net = ResNet::new(&vs.root(), config, &factory).map_err(|e| match e {
+            let net = Model::new(&vs.root(), config, &factory).map_err(|e| match e {
                 ModelError::NoLayerConfig(layer) => PolicyError::MissingLayer(layer).into(),
                 other => QuantError::from(other),
             })?;
@@ -93,7 +93,7 @@ pub fn build(
         Precision::Supernet { candidates } => {
             let factory =
                 SupernetConvs::new(candidates.weight.clone(), candidates.activation.clone())?;
-            let net = ResNet::new(&vs.root(), config, &factory)?;
+            let net = Model::new(&vs.root(), config, &factory)?;
             (net, factory.handles())
         }
     };
@@ -263,7 +263,12 @@ pub fn calibrate(
         } else if uses_kl(h) {
             let obs = h.take_observation();
             (
-                kl_threshold(&obs.histogram, max, 1usize << a_bits),
+                // Levels on the positive side: all of them, or half for a signed input.
+                kl_threshold(
+                    &obs.histogram,
+                    max,
+                    1usize << (a_bits - u32::from(h.spec.signed_input)),
+                ),
                 "kl".to_string(),
             )
         } else {
@@ -288,7 +293,8 @@ pub fn calibrate(
                     w.abs().max()
                 } else {
                     w.abs().amax([1i64, 2, 3].as_slice(), true)
-                };
+                }
+                .clamp_min(super::layers::MIN_THRESHOLD);
                 t.shallow_clone().copy_(&m);
             }
         });

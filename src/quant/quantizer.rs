@@ -36,6 +36,18 @@ pub fn quantize_activation(x: &Tensor, clip: &Tensor, bits: u32) -> Tensor {
     straight_through(&q, &clipped)
 }
 
+/// Signed activation quantizer for inputs that follow a linear layer (MobileNet's
+/// bottlenecks), the symmetric counterpart of [`quantize_activation`]:
+/// `x_c = 0.5·(|x + r| − |x − r|)` (= clamp(x, −r, r), with the PACT gradient to `r`),
+/// `s = r/(2^(b−1) − 1)`, `q = round(x_c/s)·s`, STE from `q` to `x_c`.
+pub fn quantize_activation_signed(x: &Tensor, clip: &Tensor, bits: u32) -> Tensor {
+    let r = clip.double_value(&[]);
+    let clipped = ((x + clip).abs() - (x - clip).abs()) * 0.5;
+    let s = r / ((1i64 << (bits - 1)) - 1) as f64;
+    let q = (&clipped / s).round() * s;
+    straight_through(&q, &clipped)
+}
+
 /// `Σ_i softmax(α)_i · f_i`, summed in branch order as the reference does.
 pub fn softmax_mix(alpha: &Tensor, branches: impl IntoIterator<Item = Tensor>) -> Tensor {
     let weights = alpha.softmax(0, Kind::Float);
@@ -55,4 +67,19 @@ pub fn expected_bits(alpha: &Tensor, bits: &[u32]) -> Tensor {
     let b: Vec<f32> = bits.iter().map(|&b| b as f32).collect();
     (alpha.softmax(0, Kind::Float) * Tensor::from_slice(&b).to_device(alpha.device()))
         .sum(Kind::Float)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signed_activation_levels_and_clip() {
+        let x = Tensor::from_slice(&[-7.0f32, -1.1, -0.2, 0.0, 0.74, 2.9, 9.0]);
+        let r = Tensor::from_slice(&[3.0f32]).squeeze();
+        // 3 bits signed: s = 3/3 = 1, levels −3..3.
+        let q = quantize_activation_signed(&x, &r, 3);
+        let v: Vec<f32> = Vec::try_from(&q).unwrap();
+        assert_eq!(v, vec![-3.0, -1.0, -0.0, 0.0, 1.0, 3.0, 3.0]);
+    }
 }

@@ -12,7 +12,7 @@ use crate::checkpoint::{
 use crate::data::{
     DataError, DataLoader, ImageSource, LoaderConfig, Normalize, Pipeline, Transform,
 };
-use crate::model::{ModelConfig, ModelError, ResNet};
+use crate::model::{Model, ModelConfig, ModelError};
 use crate::quant::{self, CalibrationMethod, Precision, QuantError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -202,7 +202,7 @@ pub fn channel_stats(source: &dyn ImageSource, indices: &[usize]) -> Result<Norm
 }
 
 /// Builds a full-precision network and its var store on `device`.
-pub fn build_fp(config: &ModelConfig, device: Device) -> Result<(nn::VarStore, ResNet)> {
+pub fn build_fp(config: &ModelConfig, device: Device) -> Result<(nn::VarStore, Model)> {
     let network = quant::build(config, Precision::Full, device)?;
     Ok((network.vs, network.net))
 }
@@ -270,6 +270,34 @@ pub fn evaluate(
         top5: 100.0 * top5 / d,
         images: n,
     })
+}
+
+/// The top-1 class `model` predicts for each of `indices`, in order.
+pub fn predict(
+    model: &dyn ModuleT,
+    source: Arc<dyn ImageSource>,
+    indices: &[usize],
+    pipeline: &Pipeline,
+    batch_size: usize,
+    device: Device,
+) -> Result<Vec<i64>> {
+    let loader = DataLoader::new(
+        source,
+        indices,
+        Arc::new(pipeline.clone()),
+        LoaderConfig {
+            batch_size,
+            ..Default::default()
+        },
+        0,
+    )?;
+    let mut out = Vec::with_capacity(indices.len());
+    for batch in loader {
+        let x = batch?.images.to_device(device);
+        let top = tch::no_grad(|| model.forward_t(&x, false)).argmax(1, false);
+        out.extend(Vec::<i64>::try_from(&top).map_err(|e| TrainError::Invalid(e.to_string()))?);
+    }
+    Ok(out)
 }
 
 /// What a training run needs besides hyper-parameters.

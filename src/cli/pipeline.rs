@@ -1,0 +1,538 @@
+//! `gmpq pipeline`, `gmpq demo`: the whole method as a sequence of ordinary gmpq commands,
+//! each recorded with its exact command line and skipped when its output already exists.
+
+use super::commands::{dispatch, model_geometry};
+use super::{Cli, DemoArgs, PipelineArgs};
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use gmpq::checkpoint::Checkpoint;
+use gmpq::pipeline::{
+    training_done, Arm, RunLayout, RunRecord, RunSummary, StageRecord, StageStatus, RECORD_FORMAT,
+};
+use gmpq::policy::{parse_candidates, Policy};
+use gmpq::search::{Geometry, Target};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Splits `KIND:PATH:N` into the dataset spec and the subset size.
+fn split_subset(s: &str) -> (String, Option<usize>) {
+    if let Some((head, tail)) = s.rsplit_once(':') {
+        if head.contains(':') && !tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit()) {
+            return (head.to_string(), tail.parse().ok());
+        }
+    }
+    (s.to_string(), None)
+}
+
+fn budget(a: &PipelineArgs) -> Result<Target> {
+    Ok(
+        match (&a.target_bops, a.target_compression, a.target_size_mb) {
+            (Some(b), _, _) => Target::Bops(super::search::parse_bops(b)?),
+            (_, _, Some(s)) if s > 0.0 => Target::SizeMb(s),
+            (_, _, Some(_)) => bail!("--target-size-mb must be positive"),
+            (_, Some(c), _) if c > 1.0 => Target::Compression(c),
+            (_, Some(_), _) => bail!("--target-compression must be above 1"),
+            (None, None, None) => Target::Compression(64.0),
+        },
+    )
+}
+
+/// The budget as the search command's flag.
+fn budget_flag(t: &Target) -> [String; 2] {
+    match *t {
+        Target::Bops(b) => ["--target-bops".into(), format!("{b}")],
+        Target::Compression(c) => ["--target-compression".into(), format!("{c}")],
+        Target::SizeMb(s) => ["--target-size-mb".into(), format!("{s}")],
+    }
+}
+
+/// Runs stages, keeping `pipeline.json` current after each.
+struct Runner {
+    layout: RunLayout,
+    record: RunRecord,
+    device: tch::Device,
+}
+
+impl Runner {
+    fn save(&self) -> Result<()> {
+        Ok(self.record.save(&self.layout.record())?)
+    }
+
+    /// Runs `argv` as a gmpq command unless `done` says the stage's output exists.
+    fn command(&mut self, name: &str, done: bool, argv: Vec<String>) -> Result<()> {
+        let mut full = vec!["gmpq".to_string()];
+        full.extend(argv);
+        let command = shell_words::join(&full);
+        if done {
+            println!("[{name}] output exists, skipped");
+            if self.record.stage(name).is_none() {
+                self.record.set_stage(StageRecord {
+                    name: name.into(),
+                    command,
+                    seconds: 0.0,
+                    status: StageStatus::Done,
+                });
+                self.save()?;
+            }
+            return Ok(());
+        }
+        println!("[{name}] {command}");
+        let cli = Cli::try_parse_from(&full)
+            .map_err(|e| anyhow::anyhow!("stage {name}: bad command line {command}: {e}"))?;
+        self.timed(name, command, |device| dispatch(cli.command, device))
+    }
+
+    /// Runs an in-process step and records its wall time.
+    fn timed(
+        &mut self,
+        name: &str,
+        command: String,
+        f: impl FnOnce(tch::Device) -> Result<()>,
+    ) -> Result<()> {
+        self.record.set_stage(StageRecord {
+            name: name.into(),
+            command: command.clone(),
+            seconds: 0.0,
+            status: StageStatus::Running,
+        });
+        self.save()?;
+        let started = Instant::now();
+        f(self.device).with_context(|| format!("stage {name} failed"))?;
+        self.record.set_stage(StageRecord {
+            name: name.into(),
+            command,
+            seconds: started.elapsed().as_secs_f64(),
+            status: StageStatus::Done,
+        });
+        self.save()
+    }
+}
+
+fn path_arg(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// Checks a given teacher: full precision and the pipeline's architecture.
+fn check_teacher(path: &Path, model: &str, what: &str) -> Result<()> {
+    let ck =
+        Checkpoint::load(path).with_context(|| format!("loading {what} {}", path.display()))?;
+    let arch: gmpq::model::Arch = model.parse()?;
+    if ck.meta.model.arch != arch {
+        bail!(
+            "{what} {} is a {} but --model is {arch}",
+            path.display(),
+            ck.meta.model.arch
+        );
+    }
+    if ck.meta.precision.is_some() {
+        bail!(
+            "{what} {} is quantized; give a full-precision checkpoint",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The uniform policy with the most BOPs that meets the budget (ties: more weight bits).
+fn best_uniform(teacher: &Path, candidates: &[u32], target: &Target) -> Result<Policy> {
+    let ck = Checkpoint::load(teacher)?;
+    let cfg = ck.meta.model;
+    let net = model_geometry(&cfg)?;
+    let geometry = Geometry::new(net.convs(), net.fc_spec());
+    let limit = geometry.limit(target);
+    let mut best: Option<(f64, u32, u32)> = None;
+    for &w in candidates {
+        for &a in candidates {
+            let bits = vec![(w as f64, a as f64); geometry.layers.len()];
+            let cost = geometry.measure(target, &bits);
+            let score = geometry.measure(&Target::Compression(1.0), &bits);
+            if cost <= limit * (1.0 + 1e-9)
+                && best.is_none_or(|(s, bw, _)| score > s || (score == s && w > bw))
+            {
+                best = Some((score, w, a));
+            }
+        }
+    }
+    let (_, w, a) = best.with_context(|| {
+        format!("no uniform policy with bits in {candidates:?} meets the budget {target}")
+    })?;
+    let mut policy =
+        Policy::uniform(&cfg, net.convs(), w, a).with_totals(net.convs(), net.fc_spec());
+    policy.meta = Some(serde_json::json!({
+        "method": "uniform",
+        "target": target,
+        "cost": { "wall_seconds": 0.0, "images_processed": 0 },
+    }));
+    Ok(policy)
+}
+
+pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
+    let started = Instant::now();
+    let layout = RunLayout::new(&a.out);
+    let target = budget(&a)?;
+    let mut arms = vec![Arm::Gmpq];
+    for b in &a.baseline {
+        let arm: Arm = b.parse().map_err(anyhow::Error::msg)?;
+        if arm == Arm::Gmpq {
+            bail!("--baseline takes edmips or uniform (gmpq is always run)");
+        }
+        if !arms.contains(&arm) {
+            arms.push(arm);
+        }
+    }
+    let (proxy, proxy_limit) = split_subset(&a.proxy);
+    super::commands::parse_spec(&proxy)?;
+    super::commands::parse_spec(&a.target)?;
+    let candidates = {
+        let mut c = parse_candidates(&a.w_bits)?;
+        c.retain(|b| parse_candidates(&a.a_bits).is_ok_and(|a| a.contains(b)));
+        c
+    };
+    if let Some(t) = &a.teacher {
+        check_teacher(t, &a.model, "--teacher")?;
+    }
+    if let Some(t) = &a.target_teacher {
+        check_teacher(t, &a.model, "--target-teacher")?;
+    }
+
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let settings = serde_json::to_value(&a)?;
+    let command = shell_words::join(std::env::args());
+    let record = match RunRecord::load(&layout.record())? {
+        Some(mut r) => {
+            r.check_settings(&a.out, &settings)?;
+            for arm in &arms {
+                if !r.arms.contains(arm) {
+                    r.arms.push(*arm);
+                }
+            }
+            r.command = command;
+            r
+        }
+        None => {
+            if std::fs::read_dir(&a.out)?.next().is_some() {
+                bail!(
+                    "{} is not empty and holds no {}: choose another --out",
+                    a.out.display(),
+                    gmpq::pipeline::RECORD_FILE
+                );
+            }
+            RunRecord {
+                format: RECORD_FORMAT,
+                command,
+                settings,
+                arms: arms.clone(),
+                stages: Vec::new(),
+            }
+        }
+    };
+    let all_arms = record.arms.clone();
+    let mut run = Runner {
+        layout: layout.clone(),
+        record,
+        device,
+    };
+    run.save()?;
+
+    let mut common: Vec<String> = Vec::new();
+    if a.hflip {
+        common.push("--hflip".into());
+    }
+    common.extend(["--seed".into(), a.seed.to_string()]);
+    let proxy_subset: Vec<String> = match proxy_limit {
+        Some(n) => vec![
+            "--limit".into(),
+            n.to_string(),
+            "--subset-seed".into(),
+            a.subset_seed.to_string(),
+        ],
+        None => vec![],
+    };
+    let mut target_subset: Vec<String> = Vec::new();
+    if let Some(n) = a.target_limit {
+        target_subset.extend(["--limit".into(), n.to_string()]);
+    }
+    if let Some(n) = a.target_test_limit {
+        target_subset.extend(["--test-limit".into(), n.to_string()]);
+    }
+
+    // 1. FP teacher on the proxy.
+    let proxy_teacher = match &a.teacher {
+        Some(t) => t.clone(),
+        None => {
+            let dir = layout.proxy_teacher();
+            let mut argv: Vec<String> = vec![
+                "train".into(),
+                "--model".into(),
+                a.model.clone(),
+                "--data".into(),
+                proxy.clone(),
+                "--epochs".into(),
+                a.teacher_epochs.to_string(),
+                "--test-limit".into(),
+                "1000".into(),
+                "--out".into(),
+                path_arg(&dir),
+                "--resume".into(),
+            ];
+            argv.extend(proxy_subset.iter().cloned());
+            argv.extend(common.iter().cloned());
+            run.command(
+                "teacher-proxy",
+                training_done(&dir, a.teacher_epochs)?,
+                argv,
+            )?;
+            gmpq::train::last_checkpoint(&dir)
+        }
+    };
+
+    // 2. Searches on the proxy (and the uniform arm's policy).
+    for &arm in &all_arms {
+        let policy = layout.policy(arm);
+        let name = format!("search-{}", arm.name());
+        if arm == Arm::Uniform {
+            let done = policy.exists();
+            if done {
+                println!("[{name}] output exists, skipped");
+            } else {
+                let teacher = proxy_teacher.clone();
+                let cands = candidates.clone();
+                let dir = layout.search(arm);
+                let label = name.clone();
+                run.timed(&name, String::new(), move |_| {
+                    let p = best_uniform(&teacher, &cands, &target)?;
+                    std::fs::create_dir_all(&dir)?;
+                    p.save(&policy)?;
+                    let t = p.totals.clone().context("totals")?;
+                    println!(
+                        "[{label}] uniform w{}a{}: {:.4} G BOPs, compression {:.2}x, size {:.3} MB",
+                        p.layers.first().map_or(0, |l| l.w_bits),
+                        p.layers.first().map_or(0, |l| l.a_bits),
+                        t.bops as f64 / 1e9,
+                        t.compression,
+                        t.size_mb
+                    );
+                    gmpq::report::bit_allocation_svg(&[("uniform", &p)], &dir.join("bits.svg"))?;
+                    Ok(())
+                })?;
+            }
+            continue;
+        }
+        let weight = if arm == Arm::Edmips {
+            0.0
+        } else {
+            a.attribution_weight
+        };
+        let mut argv: Vec<String> = vec![
+            "search".into(),
+            "--teacher".into(),
+            path_arg(&proxy_teacher),
+            "--data".into(),
+            proxy.clone(),
+        ];
+        argv.extend(budget_flag(&target));
+        argv.extend([
+            "--attribution-weight".into(),
+            weight.to_string(),
+            "--epochs".into(),
+            a.search_epochs.to_string(),
+            "--step-epochs".into(),
+            a.search_step_epochs.to_string(),
+            "--w-bits".into(),
+            a.w_bits.clone(),
+            "--a-bits".into(),
+            a.a_bits.clone(),
+            "--out".into(),
+            path_arg(&layout.search(arm)),
+        ]);
+        argv.extend(proxy_subset.iter().cloned());
+        argv.extend(common.iter().cloned());
+        run.command(&name, policy.exists(), argv)?;
+    }
+
+    // 3. FP teacher on the target.
+    let target_teacher = match &a.target_teacher {
+        Some(t) => t.clone(),
+        None => {
+            let dir = layout.target_teacher();
+            let mut argv: Vec<String> = vec![
+                "train".into(),
+                "--model".into(),
+                a.model.clone(),
+                "--data".into(),
+                a.target.clone(),
+                "--epochs".into(),
+                a.target_teacher_epochs.to_string(),
+                "--out".into(),
+                path_arg(&dir),
+                "--resume".into(),
+            ];
+            argv.extend(target_subset.iter().cloned());
+            argv.extend(common.iter().cloned());
+            run.command(
+                "teacher-target",
+                training_done(&dir, a.target_teacher_epochs)?,
+                argv,
+            )?;
+            gmpq::train::last_checkpoint(&dir)
+        }
+    };
+
+    // 4. Fine-tune every arm's policy on the target (evaluated on its test split each epoch).
+    let mut finetuned = Vec::new();
+    for &arm in &all_arms {
+        let dir = layout.finetune(arm);
+        let mut argv: Vec<String> = vec![
+            "finetune".into(),
+            "--init".into(),
+            path_arg(&target_teacher),
+            "--policy".into(),
+            path_arg(&layout.policy(arm)),
+            "--data".into(),
+            a.target.clone(),
+            "--epochs".into(),
+            a.finetune_epochs.to_string(),
+            "--out".into(),
+            path_arg(&dir),
+            "--resume".into(),
+        ];
+        if let Some(lr) = a.finetune_lr {
+            argv.extend(["--lr".into(), lr.to_string()]);
+        }
+        argv.extend(target_subset.iter().cloned());
+        argv.extend(common.iter().cloned());
+        let name = format!("finetune-{}", arm.name());
+        run.command(&name, training_done(&dir, a.finetune_epochs)?, argv)?;
+        finetuned.push(gmpq::train::last_checkpoint(&dir));
+    }
+
+    // 5. Attribution of teacher and students on target images, summary, report.
+    let mut maps = vec![target_teacher.clone()];
+    maps.extend(finetuned);
+    let target_spec = a.target.clone();
+    let out_png = layout.target_attribution();
+    run.timed("attribution", String::new(), |device| {
+        super::search::attribution_grid(&maps, &target_spec, 6, &out_png, device).map(|_| ())
+    })?;
+    let summary = RunSummary::collect(&layout, &all_arms)?;
+    gmpq::checkpoint::write_atomic(&layout.summary(), &serde_json::to_vec_pretty(&summary)?)
+        .with_context(|| format!("writing {}", layout.summary().display()))?;
+    let page = gmpq::report::write_run_report(&a.out)?;
+    print_summary(
+        &summary,
+        &page,
+        &layout,
+        started.elapsed().as_secs_f64(),
+        a.json,
+    )
+}
+
+fn print_summary(
+    s: &RunSummary,
+    page: &Path,
+    layout: &RunLayout,
+    seconds: f64,
+    json: bool,
+) -> Result<()> {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "summary": s, "report": page, "seconds": seconds,
+            }))?
+        );
+        return Ok(());
+    }
+    let pct = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.2}%"));
+    println!();
+    println!(
+        "{:<10} {:>12} {:>12} {:>10} {:>12} {:>10}",
+        "arm", "BOPs (G)", "compression", "size MB", "search", "top-1"
+    );
+    println!(
+        "{:<10} {:>12} {:>12} {:>10} {:>12} {:>10}",
+        "FP",
+        s.fp_bops.map_or("—".into(), |b| format!("{:.4}", b / 1e9)),
+        "1.00x",
+        s.fp_size_mb.map_or("—".into(), |v| format!("{v:.3}")),
+        "—",
+        pct(s.fp_top1)
+    );
+    for a in &s.arms {
+        println!(
+            "{:<10} {:>12} {:>12} {:>10} {:>12} {:>10}",
+            a.arm.label(),
+            a.bops.map_or("—".into(), |b| format!("{:.4}", b / 1e9)),
+            a.compression.map_or("—".into(), |c| format!("{c:.2}x")),
+            a.size_mb.map_or("—".into(), |v| format!("{v:.3}")),
+            a.search_seconds.map_or("—".into(), |v| format!("{v:.0} s")),
+            pct(a.top1)
+        );
+    }
+    println!(
+        "\nreport: {}\nrun folder: {} (this pass took {:.0} s; stage times in {})",
+        page.display(),
+        layout.dir.display(),
+        seconds,
+        layout.record().display()
+    );
+    Ok(())
+}
+
+/// The demo's settings: the method end to end on the bundled Fashion-MNIST subset, sized to
+/// finish in minutes on two cores.
+pub fn demo_args(out: PathBuf, json: bool) -> PipelineArgs {
+    PipelineArgs {
+        model: "resnet20".into(),
+        proxy: "bundled:fashion-mnist:1000".into(),
+        target: "bundled:fashion-mnist".into(),
+        target_limit: None,
+        target_test_limit: None,
+        target_compression: Some(64.0),
+        target_bops: None,
+        target_size_mb: None,
+        teacher: None,
+        target_teacher: None,
+        baseline: vec!["uniform".into(), "edmips".into()],
+        teacher_epochs: 15,
+        target_teacher_epochs: 12,
+        search_epochs: 8,
+        search_step_epochs: 4,
+        finetune_epochs: 3,
+        finetune_lr: None,
+        attribution_weight: 20.0,
+        w_bits: "2,3,4,6".into(),
+        a_bits: "2,3,4,6".into(),
+        hflip: true,
+        seed: 0,
+        subset_seed: 0,
+        out,
+        json,
+    }
+}
+
+pub fn demo_cmd(a: DemoArgs, device: tch::Device) -> Result<()> {
+    pipeline_cmd(demo_args(a.out, a.json), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_subset_suffix() {
+        assert_eq!(
+            split_subset("idx:data/fmnist:2000"),
+            ("idx:data/fmnist".into(), Some(2000))
+        );
+        assert_eq!(
+            split_subset("idx:data/fmnist"),
+            ("idx:data/fmnist".into(), None)
+        );
+        assert_eq!(
+            split_subset("bundled:fashion-mnist:1000"),
+            ("bundled:fashion-mnist".into(), Some(1000))
+        );
+        assert_eq!(split_subset("folder:a:b"), ("folder:a:b".into(), None));
+    }
+}

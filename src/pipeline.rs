@@ -1,0 +1,373 @@
+//! The run directory of a whole GMPQ pipeline (teacher → search → fine-tune → report): where
+//! each stage writes, and the record of what ran, so an interrupted pipeline resumes stage by
+//! stage and the report can show the exact commands.
+
+use crate::checkpoint::{self, CheckpointMeta};
+use crate::policy::{Policy, PolicyError};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const RECORD_FILE: &str = "pipeline.json";
+pub const RECORD_FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("{path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(
+        "{dir} holds a pipeline run with different settings ({fields}); use another --out, or \
+         delete the folder to start again"
+    )]
+    SettingsChanged { dir: PathBuf, fields: String },
+}
+
+pub type Result<T> = std::result::Result<T, PipelineError>;
+
+/// One arm of a run: how its policy is found. All arms share the teachers, the budget and
+/// the fine-tuning recipe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Arm {
+    /// GMPQ search on the proxy (attribution rank preservation).
+    Gmpq,
+    /// The same search without the attribution term.
+    Edmips,
+    /// The uniform policy with the most BOPs within the budget (no search).
+    Uniform,
+}
+
+impl Arm {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arm::Gmpq => "gmpq",
+            Arm::Edmips => "edmips",
+            Arm::Uniform => "uniform",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Arm::Gmpq => "GMPQ",
+            Arm::Edmips => "EdMIPS",
+            Arm::Uniform => "uniform",
+        }
+    }
+}
+
+impl std::str::FromStr for Arm {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "gmpq" => Ok(Arm::Gmpq),
+            "edmips" => Ok(Arm::Edmips),
+            "uniform" => Ok(Arm::Uniform),
+            _ => Err(format!("unknown arm '{s}' (gmpq, edmips, uniform)")),
+        }
+    }
+}
+
+/// Where every stage of a run writes, relative to the run directory.
+#[derive(Debug, Clone)]
+pub struct RunLayout {
+    pub dir: PathBuf,
+}
+
+impl RunLayout {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+    pub fn record(&self) -> PathBuf {
+        self.dir.join(RECORD_FILE)
+    }
+    /// Full-precision teacher trained on the proxy data (guides the search).
+    pub fn proxy_teacher(&self) -> PathBuf {
+        self.dir.join("teacher-proxy")
+    }
+    /// Full-precision teacher trained on the target data (initialises fine-tuning).
+    pub fn target_teacher(&self) -> PathBuf {
+        self.dir.join("teacher-target")
+    }
+    pub fn search(&self, arm: Arm) -> PathBuf {
+        self.dir.join(format!("search-{}", arm.name()))
+    }
+    pub fn policy(&self, arm: Arm) -> PathBuf {
+        self.search(arm).join("policy.json")
+    }
+    pub fn finetune(&self, arm: Arm) -> PathBuf {
+        self.dir.join(format!("finetune-{}", arm.name()))
+    }
+    /// Teacher and fine-tuned students' attribution maps on target test images.
+    pub fn target_attribution(&self) -> PathBuf {
+        self.dir.join("attribution-target.png")
+    }
+    pub fn summary(&self) -> PathBuf {
+        self.dir.join("summary.json")
+    }
+    pub fn report(&self) -> PathBuf {
+        self.dir.join("report.html")
+    }
+    /// Chart files the report embeds.
+    pub fn report_assets(&self) -> PathBuf {
+        self.dir.join("report")
+    }
+}
+
+/// How one stage went the last time the pipeline passed it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub name: String,
+    /// The exact `gmpq …` command line the stage ran (empty for in-process steps).
+    pub command: String,
+    /// Wall seconds of the run that produced the output (kept when a later pass skips it).
+    pub seconds: f64,
+    pub status: StageStatus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageStatus {
+    Running,
+    Done,
+}
+
+/// `pipeline.json`: the settings a run was started with and its stages.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub format: u32,
+    /// The pipeline's own command line, as last run.
+    pub command: String,
+    /// Settings that must not change within one run directory (arms may be added).
+    pub settings: serde_json::Value,
+    pub arms: Vec<Arm>,
+    pub stages: Vec<StageRecord>,
+}
+
+impl RunRecord {
+    pub fn load(path: &Path) -> Result<Option<Self>> {
+        if !path.exists() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(path).map_err(|e| PipelineError::Read {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| PipelineError::Read {
+                path: path.into(),
+                reason: format!("not a pipeline record: {e}"),
+            })
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| PipelineError::Read {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+        checkpoint::write_atomic(path, &bytes).map_err(|source| PipelineError::Write {
+            path: path.into(),
+            source,
+        })
+    }
+
+    /// Refuses to continue a run whose settings differ from `settings`, naming the fields.
+    pub fn check_settings(&self, dir: &Path, settings: &serde_json::Value) -> Result<()> {
+        if &self.settings == settings {
+            return Ok(());
+        }
+        let empty = serde_json::Map::new();
+        let (old, new) = (
+            self.settings.as_object().unwrap_or(&empty),
+            settings.as_object().unwrap_or(&empty),
+        );
+        let mut fields: Vec<String> = old
+            .iter()
+            .filter(|(k, v)| new.get(*k) != Some(*v))
+            .map(|(k, v)| {
+                let now = new.get(k).map_or("absent".into(), |n| n.to_string());
+                format!("{k}: was {v}, now {now}")
+            })
+            .collect();
+        fields.extend(
+            new.keys()
+                .filter(|k| !old.contains_key(*k))
+                .map(|k| format!("{k}: new")),
+        );
+        Err(PipelineError::SettingsChanged {
+            dir: dir.into(),
+            fields: fields.join("; "),
+        })
+    }
+
+    pub fn stage(&self, name: &str) -> Option<&StageRecord> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// Inserts or replaces the record of a stage, keeping first-run order.
+    pub fn set_stage(&mut self, record: StageRecord) {
+        match self.stages.iter_mut().find(|s| s.name == record.name) {
+            Some(s) => *s = record,
+            None => self.stages.push(record),
+        }
+    }
+}
+
+/// The metadata of a training run's last checkpoint (its JSON sidecar), if it exists.
+pub fn training_meta(run_dir: &Path) -> Result<Option<CheckpointMeta>> {
+    let path = checkpoint::sidecar_path(&crate::train::last_checkpoint(run_dir));
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| PipelineError::Read {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| PipelineError::Read {
+            path,
+            reason: format!("not a checkpoint sidecar: {e}"),
+        })
+}
+
+/// Whether a training run has completed `epochs` epochs.
+pub fn training_done(run_dir: &Path, epochs: usize) -> Result<bool> {
+    Ok(training_meta(run_dir)?.is_some_and(|m| m.epoch >= epochs))
+}
+
+/// One arm's results, as far as the run has got.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArmSummary {
+    pub arm: Arm,
+    pub policy: Option<PathBuf>,
+    pub bops: Option<f64>,
+    pub compression: Option<f64>,
+    pub size_mb: Option<f64>,
+    /// Search wall time and images processed (0 for the uniform arm).
+    pub search_seconds: Option<f64>,
+    pub search_images: Option<u64>,
+    pub finetune_epochs: usize,
+    pub top1: Option<f64>,
+    pub top5: Option<f64>,
+}
+
+/// The headline numbers of a run: every arm next to the full-precision target teacher.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub fp_top1: Option<f64>,
+    pub fp_top5: Option<f64>,
+    pub fp_bops: Option<f64>,
+    pub fp_size_mb: Option<f64>,
+    pub arms: Vec<ArmSummary>,
+}
+
+impl RunSummary {
+    /// Reads whatever outputs exist in the run directory.
+    pub fn collect(layout: &RunLayout, arms: &[Arm]) -> Result<Self> {
+        let teacher = training_meta(&layout.target_teacher())?;
+        let last = teacher.as_ref().and_then(|m| m.history.last());
+        let mut summary = RunSummary {
+            fp_top1: last.map(|m| m.test_top1),
+            fp_top5: last.map(|m| m.test_top5),
+            fp_bops: None,
+            fp_size_mb: None,
+            arms: Vec::new(),
+        };
+        for &arm in arms {
+            let path = layout.policy(arm);
+            let policy = if path.exists() {
+                Some(Policy::load(&path)?)
+            } else {
+                None
+            };
+            let totals = policy.as_ref().and_then(|p| p.totals.clone());
+            if let Some(t) = &totals {
+                summary.fp_bops = Some(t.fp_bops as f64);
+                summary.fp_size_mb = Some(t.fp_size_mb);
+            }
+            let cost = policy
+                .as_ref()
+                .and_then(|p| p.meta.as_ref())
+                .and_then(|m| m.get("cost"));
+            let ft = training_meta(&layout.finetune(arm))?;
+            let ft_last = ft.as_ref().and_then(|m| m.history.last());
+            summary.arms.push(ArmSummary {
+                arm,
+                policy: policy.is_some().then_some(path),
+                bops: totals.as_ref().map(|t| t.bops as f64),
+                compression: totals.as_ref().map(|t| t.compression),
+                size_mb: totals.as_ref().map(|t| t.size_mb),
+                search_seconds: cost
+                    .and_then(|c| c.get("wall_seconds"))
+                    .and_then(|v| v.as_f64()),
+                search_images: cost
+                    .and_then(|c| c.get("images_processed"))
+                    .and_then(|v| v.as_u64()),
+                finetune_epochs: ft.as_ref().map_or(0, |m| m.epoch),
+                top1: ft_last.map(|m| m.test_top1),
+                top5: ft_last.map(|m| m.test_top5),
+            });
+        }
+        Ok(summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_change_names_the_fields() {
+        let rec = RunRecord {
+            format: RECORD_FORMAT,
+            command: String::new(),
+            settings: serde_json::json!({"model": "resnet20", "finetune_epochs": 3}),
+            arms: vec![Arm::Gmpq],
+            stages: vec![],
+        };
+        let dir = Path::new("runs/x");
+        assert!(rec.check_settings(dir, &rec.settings.clone()).is_ok());
+        let err = rec
+            .check_settings(
+                dir,
+                &serde_json::json!({"model": "resnet32", "finetune_epochs": 3}),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model: was \"resnet20\", now \"resnet32\""),
+            "{err}"
+        );
+        assert!(!err.contains("finetune_epochs"), "{err}");
+    }
+
+    #[test]
+    fn stages_are_replaced_in_place() {
+        let mut rec = RunRecord {
+            format: RECORD_FORMAT,
+            command: String::new(),
+            settings: serde_json::Value::Null,
+            arms: vec![],
+            stages: vec![],
+        };
+        for (name, s) in [("a", 1.0), ("b", 2.0), ("a", 3.0)] {
+            rec.set_stage(StageRecord {
+                name: name.into(),
+                command: String::new(),
+                seconds: s,
+                status: StageStatus::Done,
+            });
+        }
+        assert_eq!(rec.stages.len(), 2);
+        assert_eq!(rec.stage("a").map(|s| s.seconds), Some(3.0));
+        assert_eq!(rec.stages[0].name, "a");
+    }
+}

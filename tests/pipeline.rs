@@ -1,0 +1,265 @@
+//! `gmpq pipeline`: killed in each stage, it resumes without redoing finished stages; it
+//! refuses changed settings and mismatched teachers/policies; `gmpq report` renders the run.
+
+mod common;
+
+use common::{bundled, gmpq, run, stderr};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+fn pipeline_args(out: &Path) -> Vec<String> {
+    let fmnist = format!("idx:{}", bundled("fashion-mnist").display());
+    [
+        "--threads",
+        "1",
+        "pipeline",
+        "--proxy",
+        &format!("{fmnist}:300"),
+        "--target",
+        &fmnist,
+        "--target-limit",
+        "512",
+        "--target-test-limit",
+        "200",
+        "--baseline",
+        "uniform",
+        "--teacher-epochs",
+        "3",
+        "--target-teacher-epochs",
+        "3",
+        "--search-epochs",
+        "2",
+        "--finetune-epochs",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn record(out: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(out.join("pipeline.json")).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn stage_status(out: &Path, stage: &str) -> Option<String> {
+    let rec = record(out)?;
+    rec["stages"]
+        .as_array()?
+        .iter()
+        .find(|s| s["name"] == stage)
+        .and_then(|s| s["status"].as_str().map(String::from))
+}
+
+/// The file each stage leaves behind when it is done.
+fn outputs(out: &Path) -> Vec<(&'static str, PathBuf)> {
+    vec![
+        ("teacher-proxy", out.join("teacher-proxy/last.safetensors")),
+        ("search-gmpq", out.join("search-gmpq/policy.json")),
+        ("search-uniform", out.join("search-uniform/policy.json")),
+        (
+            "teacher-target",
+            out.join("teacher-target/last.safetensors"),
+        ),
+        ("finetune-gmpq", out.join("finetune-gmpq/last.safetensors")),
+        (
+            "finetune-uniform",
+            out.join("finetune-uniform/last.safetensors"),
+        ),
+    ]
+}
+
+fn finished_outputs(out: &Path) -> BTreeMap<&'static str, SystemTime> {
+    outputs(out)
+        .into_iter()
+        .filter(|(stage, _)| stage_status(out, stage).as_deref() == Some("done"))
+        .filter_map(|(stage, p)| Some((stage, std::fs::metadata(p).ok()?.modified().ok()?)))
+        .collect()
+}
+
+#[test]
+fn pipeline_killed_in_each_stage_resumes_without_redoing_finished_stages() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let args = pipeline_args(&out);
+    // Finished outputs and their modification times, as seen at each kill.
+    let mut seen: BTreeMap<&'static str, SystemTime> = BTreeMap::new();
+    for stage in [
+        "teacher-proxy",
+        "search-gmpq",
+        "teacher-target",
+        "finetune-gmpq",
+        "finetune-uniform",
+    ] {
+        let mut child = gmpq()
+            .args(&args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while stage_status(&out, stage).as_deref() != Some("running") {
+            assert!(Instant::now() < deadline, "stage {stage} never started");
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("pipeline exited ({status}) before stage {stage} started");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(400));
+        child.kill().unwrap(); // SIGKILL, mid-stage
+        child.wait().unwrap();
+        let now = finished_outputs(&out);
+        for (s, t) in &seen {
+            assert_eq!(now.get(s), Some(t), "finished stage {s} was redone");
+        }
+        assert!(
+            !now.contains_key(stage),
+            "stage {stage} finished before the kill; the test did not interrupt it"
+        );
+        seen = now;
+    }
+    let o = gmpq().args(&args).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    for s in [
+        "teacher-proxy",
+        "search-gmpq",
+        "teacher-target",
+        "finetune-gmpq",
+    ] {
+        assert!(
+            stdout.contains(&format!("[{s}] output exists, skipped")),
+            "{s} not skipped:\n{stdout}"
+        );
+    }
+    let now = finished_outputs(&out);
+    for (s, t) in &seen {
+        assert_eq!(now.get(s), Some(t), "finished stage {s} was redone");
+    }
+    assert_eq!(now.len(), outputs(&out).len(), "not every stage finished");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    for arm in summary["arms"].as_array().unwrap() {
+        assert!(arm["top1"].as_f64().is_some(), "no accuracy: {arm}");
+        assert!(
+            arm["compression"].as_f64().unwrap() >= 64.0 * 0.999,
+            "{arm}"
+        );
+    }
+
+    // The report embeds its charts and heatmaps.
+    let o = run(&["report", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    for needle in [
+        "<svg",
+        "data:image/png;base64,",
+        "GMPQ",
+        "uniform",
+        "gmpq search --teacher",
+        "gmpq finetune --init",
+    ] {
+        assert!(html.contains(needle), "report lacks {needle}");
+    }
+
+    // Changed settings are refused, naming the setting.
+    let mut changed = args.clone();
+    let i = changed
+        .iter()
+        .position(|a| a == "--finetune-epochs")
+        .unwrap();
+    changed[i + 1] = "5".into();
+    let o = gmpq().args(&changed).output().unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("finetune_epochs: was 2, now 5"),
+        "{}",
+        stderr(&o)
+    );
+
+    // A teacher of another architecture is refused.
+    let teacher = out.join("teacher-proxy/last.safetensors");
+    let o = run(&[
+        "pipeline",
+        "--model",
+        "resnet32",
+        "--proxy",
+        "bundled:fashion-mnist:300",
+        "--target",
+        "bundled:fashion-mnist",
+        "--teacher",
+        teacher.to_str().unwrap(),
+        "--out",
+        dir.path().join("other").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("is a resnet20 but --model is resnet32"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Fine-tuning with a policy for another model is refused.
+    let policy: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("search-gmpq/policy.json")).unwrap(),
+    )
+    .unwrap();
+    let mut other = policy.clone();
+    other["model"] = "resnet32".into();
+    let other_path = dir.path().join("resnet32-policy.json");
+    std::fs::write(&other_path, other.to_string()).unwrap();
+    let init = out.join("teacher-target/last.safetensors");
+    let o = run(&[
+        "finetune",
+        "--init",
+        init.to_str().unwrap(),
+        "--policy",
+        other_path.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--out",
+        dir.path().join("ft-other").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("resnet32") && err.contains("resnet20"),
+        "unclear error: {err}"
+    );
+
+    // Resuming a fine-tuned checkpoint with another policy is refused.
+    let o = run(&[
+        "finetune",
+        "--init",
+        init.to_str().unwrap(),
+        "--uniform",
+        "w2a2",
+        "--data",
+        &format!("idx:{}", bundled("fashion-mnist").display()),
+        "--limit",
+        "512",
+        "--test-limit",
+        "200",
+        "--epochs",
+        "3",
+        "--out",
+        out.join("finetune-gmpq").to_str().unwrap(),
+        "--resume",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("precision differs"), "{}", stderr(&o));
+}
+
+#[test]
+fn report_of_a_folder_that_is_not_a_run_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = run(&["report", dir.path().to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("is this a `gmpq pipeline` run directory?"),
+        "{}",
+        stderr(&o)
+    );
+}
