@@ -17,6 +17,7 @@ pub mod quant;
 pub mod report;
 pub mod runtime;
 pub mod search;
+pub mod study;
 pub mod train;
 
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointMeta};

@@ -34,7 +34,7 @@ pub type Result<T> = std::result::Result<T, PipelineError>;
 /// One arm of a run: how its policy is found. All arms share the teachers, the budget and
 /// the fine-tuning recipe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "kebab-case")]
 pub enum Arm {
     /// GMPQ search on the proxy (attribution rank preservation).
     Gmpq,
@@ -42,6 +42,11 @@ pub enum Arm {
     Edmips,
     /// The uniform policy with the most BOPs within the budget (no search).
     Uniform,
+    /// The search without the attribution term, run on the target data itself: the
+    /// conventional, expensive route.
+    EdmipsTarget,
+    /// Per-layer bits drawn at random, cost within 2 % under the budget (seeded by the run).
+    Random,
 }
 
 impl Arm {
@@ -50,6 +55,8 @@ impl Arm {
             Arm::Gmpq => "gmpq",
             Arm::Edmips => "edmips",
             Arm::Uniform => "uniform",
+            Arm::EdmipsTarget => "edmips-target",
+            Arm::Random => "random",
         }
     }
 
@@ -58,7 +65,14 @@ impl Arm {
             Arm::Gmpq => "GMPQ",
             Arm::Edmips => "EdMIPS",
             Arm::Uniform => "uniform",
+            Arm::EdmipsTarget => "EdMIPS on target",
+            Arm::Random => "random",
         }
+    }
+
+    /// Arms whose policy comes from a search (with a log and heatmaps).
+    pub fn searched(self) -> bool {
+        matches!(self, Arm::Gmpq | Arm::Edmips | Arm::EdmipsTarget)
     }
 }
 
@@ -69,7 +83,11 @@ impl std::str::FromStr for Arm {
             "gmpq" => Ok(Arm::Gmpq),
             "edmips" => Ok(Arm::Edmips),
             "uniform" => Ok(Arm::Uniform),
-            _ => Err(format!("unknown arm '{s}' (gmpq, edmips, uniform)")),
+            "edmips-target" => Ok(Arm::EdmipsTarget),
+            "random" => Ok(Arm::Random),
+            _ => Err(format!(
+                "unknown arm '{s}' (gmpq, edmips, uniform, edmips-target, random)"
+            )),
         }
     }
 }
@@ -94,6 +112,21 @@ impl RunLayout {
     /// Full-precision teacher trained on the target data (initialises fine-tuning).
     pub fn target_teacher(&self) -> PathBuf {
         self.dir.join("teacher-target")
+    }
+
+    /// The training folder of the target teacher this run used: its own, or the folder of
+    /// the `--target-teacher` checkpoint it was given (as recorded in `pipeline.json`).
+    pub fn used_target_teacher(&self) -> PathBuf {
+        RunRecord::load(&self.record())
+            .ok()
+            .flatten()
+            .and_then(|r| {
+                r.settings
+                    .get("target_teacher")
+                    .and_then(|v| v.as_str())
+                    .map(|p| Path::new(p).parent().unwrap_or(Path::new(".")).to_path_buf())
+            })
+            .unwrap_or_else(|| self.target_teacher())
     }
     pub fn search(&self, arm: Arm) -> PathBuf {
         self.dir.join(format!("search-{}", arm.name()))
@@ -272,7 +305,7 @@ pub struct RunSummary {
 impl RunSummary {
     /// Reads whatever outputs exist in the run directory.
     pub fn collect(layout: &RunLayout, arms: &[Arm]) -> Result<Self> {
-        let teacher = training_meta(&layout.target_teacher())?;
+        let teacher = training_meta(&layout.used_target_teacher())?;
         let last = teacher.as_ref().and_then(|m| m.history.last());
         let mut summary = RunSummary {
             fp_top1: last.map(|m| m.test_top1),

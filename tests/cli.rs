@@ -227,7 +227,10 @@ fn omp_waits_passively_unless_user_configures_it() {
 fn help_lists_commands() {
     let o = run(&["--help"]);
     let text = String::from_utf8_lossy(&o.stdout);
-    for cmd in ["train", "eval", "import", "bench", "demo", "subset"] {
+    for cmd in [
+        "train", "finetune", "eval", "import", "bench", "demo", "subset", "pipeline", "report",
+        "search", "quantize", "bops",
+    ] {
         assert!(text.contains(cmd), "--help lacks {cmd}");
     }
 }

@@ -4,6 +4,7 @@ mod commands;
 mod pipeline;
 mod progress;
 mod search;
+mod study;
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -69,6 +70,10 @@ pub enum Command {
     Pipeline(PipelineArgs),
     /// Write the HTML report of a pipeline run folder (report.html, charts in report/).
     Report(ReportArgs),
+    /// The generalisation study: shared teachers, one pipeline per (proxy → target pair,
+    /// budget, seed) with every arm, and one results table (results.csv, results.json,
+    /// study.html). Resumes after an interruption.
+    Study(StudyArgs),
     /// Engine facts: versions, threads, OpenMP wait policy, CUDA.
     Info,
     /// Per-layer MACs, params, bits, BOPs and size of a model under a policy, with totals.
@@ -280,6 +285,15 @@ pub struct DemoArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct StudyArgs {
+    /// The study's JSON configuration (e.g. studies/fmnist.json).
+    pub config: PathBuf,
+    /// Study folder (teachers, one folder per run, results).
+    #[arg(long, default_value = "runs/study")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub struct ReportArgs {
     /// A run folder written by `gmpq pipeline` or `gmpq demo`.
     pub run_dir: PathBuf,
@@ -322,8 +336,10 @@ pub struct PipelineArgs {
     /// An FP network to fine-tune from (instead of training one on the target).
     #[arg(long)]
     pub target_teacher: Option<PathBuf>,
-    /// Comparison arms under the same budget and recipe: edmips (the search without the
-    /// attribution term), uniform (the best uniform policy within the budget). Comma-separated.
+    /// Comparison arms under the same budget and recipe, comma-separated: edmips (the search
+    /// without the attribution term), uniform (the best uniform policy within the budget),
+    /// edmips-target (EdMIPS searched on the target data), random (random bits within 2 %
+    /// under the budget, drawn with --seed).
     #[arg(long, value_delimiter = ',')]
     #[serde(skip)]
     pub baseline: Vec<String>,
@@ -335,6 +351,10 @@ pub struct PipelineArgs {
     pub target_teacher_epochs: usize,
     #[arg(long, default_value_t = 25)]
     pub search_epochs: usize,
+    /// Epochs of the edmips-target search (default: --search-epochs).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_search_epochs: Option<usize>,
     /// Search learning rates ×0.1 every this many epochs.
     #[arg(long, default_value_t = 10)]
     pub search_step_epochs: usize,
@@ -353,6 +373,10 @@ pub struct PipelineArgs {
     /// Random horizontal flips in training and search (not for digits).
     #[arg(long)]
     pub hflip: bool,
+    /// Flips on the proxy side (proxy teacher, proxy searches): default --hflip.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy_hflip: Option<bool>,
     /// Seed of training, search and fine-tuning (the proxy subset has its own).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Splits `KIND:PATH:N` into the dataset spec and the subset size.
-fn split_subset(s: &str) -> (String, Option<usize>) {
+pub(super) fn split_subset(s: &str) -> (String, Option<usize>) {
     if let Some((head, tail)) = s.rsplit_once(':') {
         if head.contains(':') && !tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit()) {
             return (head.to_string(), tail.parse().ok());
@@ -166,6 +166,70 @@ fn best_uniform(teacher: &Path, candidates: &[u32], target: &Target) -> Result<P
     Ok(policy)
 }
 
+/// A random policy within 2 % under the budget, drawn with `seed` (the study's baseline).
+fn random_within(
+    teacher: &Path,
+    w_bits: Vec<u32>,
+    a_bits: Vec<u32>,
+    target: &Target,
+    seed: u64,
+) -> Result<Policy> {
+    let ck = Checkpoint::load(teacher)?;
+    let cfg = ck.meta.model;
+    let net = model_geometry(&cfg)?;
+    let geometry = Geometry::new(net.convs(), net.fc_spec());
+    let mut template = Policy::uniform(&cfg, net.convs(), w_bits[0], a_bits[0]);
+    template.candidates = gmpq::policy::Candidates {
+        weight: w_bits,
+        activation: a_bits,
+    };
+    let mut policy =
+        gmpq::search::random_policy(&template, &geometry, target, 0.02, seed, 1_000_000)
+            .with_context(|| {
+                format!("no random policy within 2 % under the budget {target} in 10^6 draws")
+            })?
+            .with_totals(net.convs(), net.fc_spec());
+    policy.meta = Some(serde_json::json!({
+        "method": "random",
+        "target": target,
+        "seed": seed,
+        "cost": { "wall_seconds": 0.0, "images_processed": 0 },
+    }));
+    Ok(policy)
+}
+
+/// The search command line shared by the searched arms (without output and data subset).
+fn search_argv(
+    a: &PipelineArgs,
+    teacher: &Path,
+    data: &str,
+    target: &Target,
+    weight: f64,
+    epochs: usize,
+) -> Vec<String> {
+    let mut argv: Vec<String> = vec![
+        "search".into(),
+        "--teacher".into(),
+        path_arg(teacher),
+        "--data".into(),
+        data.to_string(),
+    ];
+    argv.extend(budget_flag(target));
+    argv.extend([
+        "--attribution-weight".into(),
+        weight.to_string(),
+        "--epochs".into(),
+        epochs.to_string(),
+        "--step-epochs".into(),
+        a.search_step_epochs.to_string(),
+        "--w-bits".into(),
+        a.w_bits.clone(),
+        "--a-bits".into(),
+        a.a_bits.clone(),
+    ]);
+    argv
+}
+
 pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
     let started = Instant::now();
     let layout = RunLayout::new(&a.out);
@@ -239,6 +303,11 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
         common.push("--hflip".into());
     }
     common.extend(["--seed".into(), a.seed.to_string()]);
+    // The proxy may be data that must not be flipped (digits) while the target is flipped.
+    let mut proxy_common: Vec<String> = vec!["--seed".into(), a.seed.to_string()];
+    if a.proxy_hflip.unwrap_or(a.hflip) {
+        proxy_common.push("--hflip".into());
+    }
     let proxy_subset: Vec<String> = match proxy_limit {
         Some(n) => vec![
             "--limit".into(),
@@ -276,7 +345,7 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
                 "--resume".into(),
             ];
             argv.extend(proxy_subset.iter().cloned());
-            argv.extend(common.iter().cloned());
+            argv.extend(proxy_common.iter().cloned());
             run.command(
                 "teacher-proxy",
                 training_done(&dir, a.teacher_epochs)?,
@@ -286,36 +355,40 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
         }
     };
 
-    // 2. Searches on the proxy (and the uniform arm's policy).
-    for &arm in &all_arms {
+    // 2. Policies that need no target teacher: searches on the proxy, uniform, random.
+    for &arm in all_arms.iter().filter(|a| **a != Arm::EdmipsTarget) {
         let policy = layout.policy(arm);
         let name = format!("search-{}", arm.name());
-        if arm == Arm::Uniform {
-            let done = policy.exists();
-            if done {
+        if !arm.searched() {
+            if policy.exists() {
                 println!("[{name}] output exists, skipped");
-            } else {
-                let teacher = proxy_teacher.clone();
-                let cands = candidates.clone();
-                let dir = layout.search(arm);
-                let label = name.clone();
-                run.timed(&name, String::new(), move |_| {
-                    let p = best_uniform(&teacher, &cands, &target)?;
-                    std::fs::create_dir_all(&dir)?;
-                    p.save(&policy)?;
-                    let t = p.totals.clone().context("totals")?;
-                    println!(
-                        "[{label}] uniform w{}a{}: {:.4} G BOPs, compression {:.2}x, size {:.3} MB",
-                        p.layers.first().map_or(0, |l| l.w_bits),
-                        p.layers.first().map_or(0, |l| l.a_bits),
-                        t.bops as f64 / 1e9,
-                        t.compression,
-                        t.size_mb
-                    );
-                    gmpq::report::bit_allocation_svg(&[("uniform", &p)], &dir.join("bits.svg"))?;
-                    Ok(())
-                })?;
+                continue;
             }
+            let (teacher, cands, dir, label) = (
+                proxy_teacher.clone(),
+                candidates.clone(),
+                layout.search(arm),
+                name.clone(),
+            );
+            let (w_bits, a_bits) = (parse_candidates(&a.w_bits)?, parse_candidates(&a.a_bits)?);
+            let seed = a.seed;
+            run.timed(&name, String::new(), move |_| {
+                let p = match arm {
+                    Arm::Random => random_within(&teacher, w_bits, a_bits, &target, seed)?,
+                    _ => best_uniform(&teacher, &cands, &target)?,
+                };
+                std::fs::create_dir_all(&dir)?;
+                p.save(&policy)?;
+                let t = p.totals.clone().context("totals")?;
+                println!(
+                    "[{label}] {:.4} G BOPs, compression {:.2}x, size {:.3} MB",
+                    t.bops as f64 / 1e9,
+                    t.compression,
+                    t.size_mb
+                );
+                gmpq::report::bit_allocation_svg(&[(arm.label(), &p)], &dir.join("bits.svg"))?;
+                Ok(())
+            })?;
             continue;
         }
         let weight = if arm == Arm::Edmips {
@@ -323,30 +396,10 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
         } else {
             a.attribution_weight
         };
-        let mut argv: Vec<String> = vec![
-            "search".into(),
-            "--teacher".into(),
-            path_arg(&proxy_teacher),
-            "--data".into(),
-            proxy.clone(),
-        ];
-        argv.extend(budget_flag(&target));
-        argv.extend([
-            "--attribution-weight".into(),
-            weight.to_string(),
-            "--epochs".into(),
-            a.search_epochs.to_string(),
-            "--step-epochs".into(),
-            a.search_step_epochs.to_string(),
-            "--w-bits".into(),
-            a.w_bits.clone(),
-            "--a-bits".into(),
-            a.a_bits.clone(),
-            "--out".into(),
-            path_arg(&layout.search(arm)),
-        ]);
+        let mut argv = search_argv(&a, &proxy_teacher, &proxy, &target, weight, a.search_epochs);
+        argv.extend(["--out".into(), path_arg(&layout.search(arm))]);
         argv.extend(proxy_subset.iter().cloned());
-        argv.extend(common.iter().cloned());
+        argv.extend(proxy_common.iter().cloned());
         run.command(&name, policy.exists(), argv)?;
     }
 
@@ -377,6 +430,19 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
             gmpq::train::last_checkpoint(&dir)
         }
     };
+
+    // The conventional route: EdMIPS searched on the target itself, guided by its teacher.
+    if all_arms.contains(&Arm::EdmipsTarget) {
+        let arm = Arm::EdmipsTarget;
+        let epochs = a.target_search_epochs.unwrap_or(a.search_epochs);
+        let mut argv = search_argv(&a, &target_teacher, &a.target, &target, 0.0, epochs);
+        argv.extend(["--out".into(), path_arg(&layout.search(arm))]);
+        if let Some(n) = a.target_limit {
+            argv.extend(["--limit".into(), n.to_string()]);
+        }
+        argv.extend(common.iter().cloned());
+        run.command("search-edmips-target", layout.policy(arm).exists(), argv)?;
+    }
 
     // 4. Fine-tune every arm's policy on the target (evaluated on its test split each epoch).
     let mut finetuned = Vec::new();
@@ -446,11 +512,11 @@ fn print_summary(
     let pct = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.2}%"));
     println!();
     println!(
-        "{:<10} {:>12} {:>12} {:>10} {:>12} {:>10}",
+        "{:<18} {:>10} {:>12} {:>10} {:>10} {:>9}",
         "arm", "BOPs (G)", "compression", "size MB", "search", "top-1"
     );
     println!(
-        "{:<10} {:>12} {:>12} {:>10} {:>12} {:>10}",
+        "{:<18} {:>10} {:>12} {:>10} {:>10} {:>9}",
         "FP",
         s.fp_bops.map_or("—".into(), |b| format!("{:.4}", b / 1e9)),
         "1.00x",
@@ -460,7 +526,7 @@ fn print_summary(
     );
     for a in &s.arms {
         println!(
-            "{:<10} {:>12} {:>12} {:>10} {:>12} {:>10}",
+            "{:<18} {:>10} {:>12} {:>10} {:>10} {:>9}",
             a.arm.label(),
             a.bops.map_or("—".into(), |b| format!("{:.4}", b / 1e9)),
             a.compression.map_or("—".into(), |c| format!("{c:.2}x")),
@@ -497,7 +563,9 @@ pub fn demo_args(out: PathBuf, json: bool) -> PipelineArgs {
         teacher_epochs: 15,
         target_teacher_epochs: 12,
         search_epochs: 8,
+        target_search_epochs: None,
         search_step_epochs: 4,
+        proxy_hflip: None,
         finetune_epochs: 3,
         finetune_lr: None,
         attribution_weight: 20.0,

@@ -68,7 +68,7 @@ fn figure(body: &str, caption: &str) -> String {
 /// (label, training run) pairs whose per-epoch history the curves show.
 fn training_runs(layout: &RunLayout, arms: &[Arm]) -> Vec<(String, CheckpointMeta)> {
     let mut runs = Vec::new();
-    if let Ok(Some(m)) = training_meta(&layout.target_teacher()) {
+    if let Ok(Some(m)) = training_meta(&layout.used_target_teacher()) {
         runs.push(("FP teacher (target)".to_string(), m));
     }
     for &arm in arms {
@@ -216,7 +216,7 @@ pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, ReportError> {
     // Search curves.
     let searches: Vec<(Arm, Vec<EpochLog>)> = arms
         .iter()
-        .filter(|a| **a != Arm::Uniform)
+        .filter(|a| a.searched())
         .map(|&a| (a, search_log(&layout.search(a))))
         .filter(|(_, l)| !l.is_empty())
         .collect();

@@ -230,3 +230,47 @@ pub fn repair(policy: &mut Policy, geometry: &Geometry, target: &Target, prefs: 
         }
     }
 }
+
+/// A random policy whose cost lies in `[(1 − tolerance)·limit, limit]`: per-layer bits drawn
+/// uniformly from the candidates (the study's random baseline), by rejection, seeded.
+/// `None` when no draw within `max_draws` lands in the window.
+pub fn random_policy(
+    template: &Policy,
+    geometry: &Geometry,
+    target: &Target,
+    tolerance: f64,
+    seed: u64,
+    max_draws: usize,
+) -> Option<Policy> {
+    use rand::{Rng, SeedableRng};
+    let limit = geometry.limit(target);
+    let index: HashMap<&str, usize> = template
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.name.as_str(), i))
+        .collect();
+    let order: Vec<usize> = geometry
+        .layers
+        .iter()
+        .filter_map(|l| index.get(l.name.as_str()).copied())
+        .collect();
+    let (w_set, a_set) = (&template.candidates.weight, &template.candidates.activation);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for _ in 0..max_draws {
+        let mut p = template.clone();
+        for l in &mut p.layers {
+            l.w_bits = w_set[rng.gen_range(0..w_set.len())];
+            l.a_bits = a_set[rng.gen_range(0..a_set.len())];
+        }
+        let bits: Vec<(f64, f64)> = order
+            .iter()
+            .map(|&i| (p.layers[i].w_bits as f64, p.layers[i].a_bits as f64))
+            .collect();
+        let cost = geometry.measure(target, &bits);
+        if cost <= limit && cost >= (1.0 - tolerance) * limit {
+            return Some(p);
+        }
+    }
+    None
+}

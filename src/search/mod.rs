@@ -5,7 +5,7 @@
 
 mod budget;
 
-pub use budget::{repair, DualWeight, Geometry, Preferences, Target};
+pub use budget::{random_policy, repair, DualWeight, Geometry, Preferences, Target};
 
 use crate::attribution::{self, capacity_aware_p};
 use crate::checkpoint::{self, Checkpoint};

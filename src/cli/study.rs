@@ -1,0 +1,169 @@
+//! `gmpq study CONFIG`: shared teachers, then one pipeline per (pair, budget, seed), then the
+//! results table. Every step resumes, so an interrupted study continues where it stopped.
+
+use super::commands::dispatch;
+use super::pipeline::pipeline_cmd;
+use super::{Cli, PipelineArgs, StudyArgs};
+use anyhow::{Context, Result};
+use clap::Parser;
+use gmpq::pipeline::{training_done, Arm, RunLayout};
+use gmpq::study::{self, StudyConfig, TeacherConfig};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// Trains (or resumes, or skips) a shared FP teacher; returns its checkpoint.
+fn teacher(model: &str, t: &TeacherConfig, dir: &Path, device: tch::Device) -> Result<PathBuf> {
+    let ck = gmpq::train::last_checkpoint(dir);
+    if training_done(dir, t.epochs)? {
+        println!("[study] teacher {} done, skipped", dir.display());
+        return Ok(ck);
+    }
+    let (data, limit) = super::pipeline::split_subset(&t.data);
+    let mut argv: Vec<String> = vec![
+        "gmpq".into(),
+        "train".into(),
+        "--model".into(),
+        model.into(),
+        "--data".into(),
+        data,
+        "--epochs".into(),
+        t.epochs.to_string(),
+        "--out".into(),
+        dir.display().to_string(),
+        "--resume".into(),
+    ];
+    if let Some(n) = limit {
+        argv.extend(["--limit".into(), n.to_string()]);
+    }
+    if t.hflip {
+        argv.push("--hflip".into());
+    }
+    println!("[study] {}", shell_words::join(&argv));
+    dispatch(Cli::try_parse_from(&argv)?.command, device)?;
+    Ok(ck)
+}
+
+pub fn study_cmd(a: StudyArgs, device: tch::Device) -> Result<()> {
+    let config = StudyConfig::load(&a.config)?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    // The config a study started with stays beside its results.
+    let saved = a.out.join("study.json");
+    match std::fs::read_to_string(&saved) {
+        Ok(text) => {
+            let old: StudyConfig = serde_json::from_str(&text)
+                .with_context(|| format!("reading {}", saved.display()))?;
+            if old != config {
+                anyhow::bail!(
+                    "{} was started with another configuration ({}); use another --out",
+                    a.out.display(),
+                    saved.display()
+                );
+            }
+        }
+        Err(_) => gmpq::checkpoint::write_atomic(&saved, &serde_json::to_vec_pretty(&config)?)?,
+    }
+    let target_teacher = teacher(
+        &config.model,
+        &config.target,
+        &a.out.join("teacher-target"),
+        device,
+    )?;
+    let runs = config.runs(&a.out);
+    let baselines: Vec<String> = config
+        .arms
+        .iter()
+        .filter(|a| **a != Arm::Gmpq)
+        .map(|a| a.name().to_string())
+        .collect();
+    for (i, r) in runs.iter().enumerate() {
+        let pair = config
+            .pairs
+            .iter()
+            .find(|p| p.name == r.pair)
+            .context("pair")?;
+        let proxy_teacher = teacher(
+            &config.model,
+            &pair.proxy,
+            &a.out.join(format!("teacher-{}", pair.name)),
+            device,
+        )?;
+        println!(
+            "[study] run {}/{}: {} at compression {}, seed {} → {}",
+            i + 1,
+            runs.len(),
+            r.pair,
+            r.compression,
+            r.seed,
+            r.dir.display()
+        );
+        let args = PipelineArgs {
+            model: config.model.clone(),
+            proxy: pair.proxy.data.clone(),
+            target: config.target.data.clone(),
+            target_compression: Some(r.compression),
+            teacher: Some(proxy_teacher),
+            target_teacher: Some(target_teacher.clone()),
+            baseline: baselines.clone(),
+            search_epochs: config.search_epochs,
+            target_search_epochs: Some(config.target_search_epochs),
+            search_step_epochs: (config.search_epochs * 2 / 5).max(1),
+            finetune_epochs: config.finetune_epochs,
+            hflip: config.hflip,
+            proxy_hflip: Some(pair.proxy.hflip),
+            seed: r.seed,
+            ..super::pipeline::demo_args(r.dir.clone(), false)
+        };
+        pipeline_cmd(args, device)?;
+        write_tables(&config, &a.out, &runs)?;
+    }
+    let page = write_tables(&config, &a.out, &runs)?;
+    println!("[study] results: {}", page.display());
+    Ok(())
+}
+
+/// Writes results.csv/json and a small HTML page linking every run's report.
+fn write_tables(config: &StudyConfig, out: &Path, runs: &[study::StudyRun]) -> Result<PathBuf> {
+    let rows = study::collect(runs, &config.arms)?;
+    let stats = study::aggregate(&rows);
+    study::write_results(out, &rows, &stats)?;
+    let mut page = String::from(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>gmpq study</title>\
+         <style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}\
+         td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body><h1>gmpq study</h1>\
+         <table><tr><th>pair</th><th>budget</th><th>arm</th><th>seeds</th><th>top-1 mean ± std</th>\
+         <th>BOPs (G)</th><th>size (MB)</th><th>search s</th><th>search images</th></tr>",
+    );
+    for s in &stats {
+        let _ = write!(
+            page,
+            "<tr><td>{}</td><td>{}×</td><td>{}</td><td>{}</td><td>{:.2} ± {:.2}</td><td>{:.4}</td><td>{:.3}</td><td>{:.0}</td><td>{:.0}</td></tr>",
+            s.pair,
+            s.compression_target,
+            s.arm.label(),
+            s.seeds,
+            s.top1_mean,
+            s.top1_std,
+            s.bops_mean / 1e9,
+            s.size_mb_mean,
+            s.search_seconds_mean,
+            s.search_images_mean
+        );
+    }
+    page.push_str("</table><h2>Runs</h2><ul>");
+    for r in runs {
+        let report = RunLayout::new(&r.dir).report();
+        if report.exists() {
+            let rel = report.strip_prefix(out).unwrap_or(&report);
+            let _ = write!(
+                page,
+                "<li><a href=\"{}\">{}</a></li>",
+                rel.display(),
+                rel.display()
+            );
+        }
+    }
+    page.push_str("</ul></body></html>\n");
+    let path = out.join("study.html");
+    gmpq::checkpoint::write_atomic(&path, page.as_bytes())?;
+    Ok(path)
+}

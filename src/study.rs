@@ -1,0 +1,297 @@
+//! The generalisation study: several (proxy → target) pairs, budgets and seeds, every arm of
+//! each run at the same budget and fine-tuning recipe, aggregated into one results table.
+
+use crate::pipeline::{Arm, PipelineError, RunLayout, RunSummary};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StudyError {
+    #[error("{path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    #[error("{path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A full-precision teacher the study trains once and shares between runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TeacherConfig {
+    /// KIND:PATH[:N] of the data it trains on.
+    pub data: String,
+    pub epochs: usize,
+    #[serde(default)]
+    pub hflip: bool,
+}
+
+/// One (proxy → target) pair and the budgets it is searched at.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PairConfig {
+    pub name: String,
+    /// The proxy teacher (its data is the search's proxy).
+    pub proxy: TeacherConfig,
+    /// Compression budgets, each with its number of seeds.
+    pub budgets: Vec<BudgetConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BudgetConfig {
+    pub compression: f64,
+    pub seeds: usize,
+}
+
+/// `gmpq study CONFIG`: what to run. Every run gets the same target teacher, arms and recipe.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudyConfig {
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// The target teacher; its data (without a subset) is the target.
+    pub target: TeacherConfig,
+    pub pairs: Vec<PairConfig>,
+    pub arms: Vec<Arm>,
+    pub search_epochs: usize,
+    /// Epochs of the EdMIPS search on the full target.
+    pub target_search_epochs: usize,
+    pub finetune_epochs: usize,
+    /// Fine-tuning data augmentation (the target's).
+    #[serde(default)]
+    pub hflip: bool,
+}
+
+fn default_model() -> String {
+    "resnet20".into()
+}
+
+impl StudyConfig {
+    pub fn load(path: &Path) -> Result<Self, StudyError> {
+        let err = |reason: String| StudyError::Config {
+            path: path.into(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let c: StudyConfig = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        if c.pairs.is_empty() || c.arms.is_empty() {
+            return Err(err("needs at least one pair and one arm".into()));
+        }
+        if c.pairs.iter().any(|p| {
+            p.budgets
+                .iter()
+                .any(|b| b.seeds == 0 || b.compression <= 1.0)
+        }) {
+            return Err(err(
+                "every budget needs a compression above 1 and at least one seed".into(),
+            ));
+        }
+        Ok(c)
+    }
+
+    /// Every run of the study: (pair, budget, seed) and its folder under `out`.
+    pub fn runs(&self, out: &Path) -> Vec<StudyRun> {
+        let mut runs = Vec::new();
+        for p in &self.pairs {
+            for b in &p.budgets {
+                for seed in 0..b.seeds as u64 {
+                    runs.push(StudyRun {
+                        pair: p.name.clone(),
+                        compression: b.compression,
+                        seed,
+                        dir: out.join(format!("{}-c{}-seed{seed}", p.name, b.compression)),
+                    });
+                }
+            }
+        }
+        runs
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudyRun {
+    pub pair: String,
+    pub compression: f64,
+    pub seed: u64,
+    pub dir: PathBuf,
+}
+
+/// One row of the results table: one arm of one run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResultRow {
+    pub pair: String,
+    pub compression_target: f64,
+    pub seed: u64,
+    pub arm: Arm,
+    pub top1: Option<f64>,
+    pub bops: Option<f64>,
+    pub size_mb: Option<f64>,
+    pub compression: Option<f64>,
+    pub search_seconds: Option<f64>,
+    pub search_images: Option<u64>,
+    pub fp_top1: Option<f64>,
+}
+
+/// Mean and sample standard deviation of an arm over seeds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArmStats {
+    pub pair: String,
+    pub compression_target: f64,
+    pub arm: Arm,
+    pub seeds: usize,
+    pub top1_mean: f64,
+    pub top1_std: f64,
+    pub bops_mean: f64,
+    pub size_mb_mean: f64,
+    pub search_seconds_mean: f64,
+    pub search_images_mean: f64,
+}
+
+pub fn mean_std(v: &[f64]) -> (f64, f64) {
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let m = v.iter().sum::<f64>() / v.len() as f64;
+    if v.len() < 2 {
+        return (m, 0.0);
+    }
+    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64;
+    (m, var.sqrt())
+}
+
+/// Reads every run's outputs (as far as they got) into rows.
+pub fn collect(runs: &[StudyRun], arms: &[Arm]) -> Result<Vec<ResultRow>, StudyError> {
+    let mut rows = Vec::new();
+    for r in runs {
+        let s = RunSummary::collect(&RunLayout::new(&r.dir), arms)?;
+        for a in s.arms {
+            rows.push(ResultRow {
+                pair: r.pair.clone(),
+                compression_target: r.compression,
+                seed: r.seed,
+                arm: a.arm,
+                top1: a.top1.filter(|_| a.finetune_epochs > 0),
+                bops: a.bops,
+                size_mb: a.size_mb,
+                compression: a.compression,
+                search_seconds: a.search_seconds,
+                search_images: a.search_images,
+                fp_top1: s.fp_top1,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// Aggregates finished rows (those with an accuracy) per (pair, budget, arm).
+pub fn aggregate(rows: &[ResultRow]) -> Vec<ArmStats> {
+    let mut groups: BTreeMap<(String, String, Arm), Vec<&ResultRow>> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r.top1.is_some()) {
+        groups
+            .entry((
+                r.pair.clone(),
+                format!("{:012.3}", r.compression_target),
+                r.arm,
+            ))
+            .or_default()
+            .push(r);
+    }
+    groups
+        .into_values()
+        .map(|g| {
+            let f = |k: fn(&ResultRow) -> Option<f64>| -> Vec<f64> {
+                g.iter().filter_map(|r| k(r)).collect()
+            };
+            let (top1_mean, top1_std) = mean_std(&f(|r| r.top1));
+            ArmStats {
+                pair: g[0].pair.clone(),
+                compression_target: g[0].compression_target,
+                arm: g[0].arm,
+                seeds: g.len(),
+                top1_mean,
+                top1_std,
+                bops_mean: mean_std(&f(|r| r.bops)).0,
+                size_mb_mean: mean_std(&f(|r| r.size_mb)).0,
+                search_seconds_mean: mean_std(&f(|r| r.search_seconds)).0,
+                search_images_mean: mean_std(&f(|r| r.search_images.map(|n| n as f64))).0,
+            }
+        })
+        .collect()
+}
+
+/// Writes `results.csv` (one row per arm and run) and `results.json` (rows and aggregates).
+pub fn write_results(out: &Path, rows: &[ResultRow], stats: &[ArmStats]) -> Result<(), StudyError> {
+    let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v}"));
+    let mut csv = String::from(
+        "pair,compression_target,seed,arm,top1,fp_top1,bops,compression,size_mb,search_seconds,search_images\n",
+    );
+    for r in rows {
+        csv.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{},{},{}\n",
+            r.pair,
+            r.compression_target,
+            r.seed,
+            r.arm.name(),
+            opt(r.top1),
+            opt(r.fp_top1),
+            opt(r.bops),
+            opt(r.compression),
+            opt(r.size_mb),
+            opt(r.search_seconds),
+            r.search_images.map_or(String::new(), |n| n.to_string()),
+        ));
+    }
+    let write = |name: &str, bytes: &[u8]| {
+        let path = out.join(name);
+        crate::checkpoint::write_atomic(&path, bytes)
+            .map_err(|source| StudyError::Write { path, source })
+    };
+    write("results.csv", csv.as_bytes())?;
+    let json = serde_json::to_vec_pretty(&serde_json::json!({"rows": rows, "arms": stats}))
+        .unwrap_or_default();
+    write("results.json", &json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mean_and_sample_std() {
+        let (m, s) = mean_std(&[93.0, 94.0, 95.0]);
+        assert!((m - 94.0).abs() < 1e-12);
+        assert!((s - 1.0).abs() < 1e-12);
+        assert_eq!(mean_std(&[5.0]), (5.0, 0.0));
+    }
+
+    #[test]
+    fn aggregate_groups_by_pair_budget_arm_and_skips_unfinished() {
+        let row = |seed, arm, top1| ResultRow {
+            pair: "a".into(),
+            compression_target: 64.0,
+            seed,
+            arm,
+            top1,
+            bops: Some(1.0),
+            size_mb: Some(0.1),
+            compression: Some(64.0),
+            search_seconds: Some(10.0),
+            search_images: Some(100),
+            fp_top1: Some(95.0),
+        };
+        let rows = vec![
+            row(0, Arm::Gmpq, Some(93.0)),
+            row(1, Arm::Gmpq, Some(95.0)),
+            row(2, Arm::Gmpq, None),
+            row(0, Arm::Edmips, Some(92.0)),
+        ];
+        let s = aggregate(&rows);
+        assert_eq!(s.len(), 2);
+        let g = s.iter().find(|s| s.arm == Arm::Gmpq).unwrap();
+        assert_eq!(g.seeds, 2);
+        assert!((g.top1_mean - 94.0).abs() < 1e-12);
+        assert!((g.top1_std - 2f64.sqrt()).abs() < 1e-12);
+    }
+}
