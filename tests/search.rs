@@ -9,7 +9,9 @@ use gmpq::data::{Normalize, Pipeline};
 use gmpq::model::{Arch, ModelConfig};
 use gmpq::policy::{Candidates, Policy};
 use gmpq::quant::{self, Precision};
-use gmpq::search::{complexity_loss, expected_layer_bits, repair, Geometry, Preferences, Target};
+use gmpq::search::{
+    complexity_loss, expected_layer_bits, random_policy, repair, Geometry, Preferences, Target,
+};
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
@@ -311,4 +313,34 @@ fn search_meets_target_and_aw0_ignores_attribution() {
 
 fn policy_before(dir: &std::path::Path) -> Policy {
     Policy::load(&dir.join("policy.before")).unwrap()
+}
+
+#[test]
+fn random_policies_sit_just_under_the_budget_and_follow_the_seed() {
+    let n = quant::build(&cfg(), Precision::Full, Device::Cpu).unwrap();
+    let g = Geometry::new(n.net.convs(), n.net.fc_spec());
+    let mut t = Policy::uniform(&cfg(), n.net.convs(), 2, 2);
+    t.candidates = Candidates {
+        weight: vec![2, 3, 4, 6],
+        activation: vec![2, 3, 4, 6],
+    };
+    let target = Target::Compression(64.0);
+    let limit = g.limit(&target);
+    let bits = |p: &Policy| {
+        p.layers
+            .iter()
+            .map(|l| (l.w_bits as f64, l.a_bits as f64))
+            .collect::<Vec<_>>()
+    };
+    let a = random_policy(&t, &g, &target, 0.02, 7, 1_000_000).expect("a draw in the window");
+    let cost = g.measure(&target, &bits(&a));
+    assert!(cost <= limit && cost >= 0.98 * limit, "{cost} vs {limit}");
+    let again = random_policy(&t, &g, &target, 0.02, 7, 1_000_000).unwrap();
+    assert_eq!(a.layers, again.layers, "same seed, same policy");
+    let other = random_policy(&t, &g, &target, 0.02, 8, 1_000_000).unwrap();
+    assert_ne!(a.layers, other.layers, "another seed, another policy");
+    // Not uniform: the draw mixes bits.
+    assert!(a.layers.iter().any(|l| l.w_bits != a.layers[0].w_bits));
+    // An impossible window gives None rather than a policy over budget.
+    assert!(random_policy(&t, &g, &Target::Compression(1e9), 0.02, 7, 1000).is_none());
 }
