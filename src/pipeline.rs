@@ -124,7 +124,12 @@ impl RunLayout {
                 r.settings
                     .get("target_teacher")
                     .and_then(|v| v.as_str())
-                    .map(|p| Path::new(p).parent().unwrap_or(Path::new(".")).to_path_buf())
+                    .map(|p| {
+                        Path::new(p)
+                            .parent()
+                            .unwrap_or(Path::new("."))
+                            .to_path_buf()
+                    })
             })
             .unwrap_or_else(|| self.target_teacher())
     }
