@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Training-step throughput, gmpq vs PyTorch, same machine, same run (docs/PERFORMANCE.md).
-# Quiet: the engines alternate, ROUNDS times each (gmpq with its default passive OpenMP
-# waiting and with active waiting; PyTorch as shipped, and with its optimizer's multi-tensor
-# `foreach` path and set-to-None gradients off, which is what gmpq's per-tensor SGD does).
-# Contended: a second 2-thread training runs beside gmpq, which waits passively (default),
-# actively, or with a short spin.
+# Quiet: the engines alternate, ROUNDS times each (gmpq with its default OpenMP spin count of
+# 10,000 and with passive waiting; PyTorch as shipped, and with its optimizer's multi-tensor
+# `foreach` path and set-to-None gradients off).
+# Contended: a second 2-thread training runs beside gmpq, which spins 10,000 times (default),
+# waits passively, or waits actively.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/env.sh"
@@ -20,16 +20,16 @@ sed -e 's/weight_decay=5e-4)/weight_decay=5e-4, foreach=False)/' \
 echo "# quiet machine, ResNet-20, batch 64, 3x32x32, 2 threads, img/s"
 for r in $(seq "$rounds"); do
   echo "round $r: gmpq $("$gmpq" --threads 2 bench train --batch-size 64 --steps 30 --json | ips)" \
-       "| gmpq active $(OMP_WAIT_POLICY=ACTIVE "$gmpq" --threads 2 bench train --batch-size 64 --steps 30 --json | ips)" \
+       "| gmpq passive $(OMP_WAIT_POLICY=PASSIVE "$gmpq" --threads 2 bench train --batch-size 64 --steps 30 --json | ips)" \
        "| pytorch $(python bench/pytorch_train.py --threads 2 --batch-size 64 --steps 30 2>/dev/null | ips)" \
        "| pytorch without foreach $(python "$noforeach" --threads 2 --batch-size 64 --steps 30 2>/dev/null | ips)"
 done
 echo "# contended: a second 2-thread training (OMP active) runs beside gmpq, img/s"
-for mode in "default (passive)" "OMP_WAIT_POLICY=ACTIVE" "GOMP_SPINCOUNT=10000"; do
+for mode in "default (GOMP_SPINCOUNT=10000)" "OMP_WAIT_POLICY=PASSIVE" "OMP_WAIT_POLICY=ACTIVE"; do
   OMP_WAIT_POLICY=ACTIVE "$gmpq" --threads 2 bench train --steps 1000 --json > /dev/null 2>&1 &
   other=$!
   sleep 3
-  if [ "$mode" = "default (passive)" ]; then
+  if [ "$mode" = "default (GOMP_SPINCOUNT=10000)" ]; then
     v=$("$gmpq" --threads 2 bench train --steps 15 --warmup 2 --json | ips)
   else
     v=$(env "$mode" "$gmpq" --threads 2 bench train --steps 15 --warmup 2 --json | ips)

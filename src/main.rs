@@ -10,8 +10,8 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    // Before libtorch's OpenMP runtime initialises: make idle workers sleep, not spin.
-    gmpq::runtime::ensure_passive_omp();
+    // Before libtorch's OpenMP runtime initialises: bound how long idle workers spin.
+    gmpq::runtime::ensure_bounded_omp_spinning();
     let args = cli::Cli::parse();
     cli::init_logging(args.verbose);
     if let Err(err) = cli::run(args) {

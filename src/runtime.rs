@@ -7,16 +7,17 @@ use std::ffi::OsString;
 pub const OMP_WAIT_POLICY: &str = "OMP_WAIT_POLICY";
 pub const GOMP_SPINCOUNT: &str = "GOMP_SPINCOUNT";
 
-/// The wait policy gmpq sets when the user has chosen none.
+/// The OpenMP spin count gmpq sets when the user has chosen no wait policy or spin count.
 ///
-/// libtorch's workers spin for a long time by default, which collapses throughput when
-/// another process wants the cores; passive workers sleep at once. Measured on this 2-core
-/// machine (ResNet-20 training step, batch 64, docs/PERFORMANCE.md): beside a second 2-thread
-/// training, passive 185–216 img/s vs active 136–168; quiet, passive costs a wake-up per
-/// parallel region (455–483 img/s vs active 614–622). A short spin (`GOMP_SPINCOUNT=10000`)
-/// was as fast as active when quiet but swung between 138 and 223 img/s under contention, so
-/// passive stays the default; users who own the machine can set either variable.
-pub const DEFAULT_POLICY: &str = "PASSIVE";
+/// libgomp's default lets idle workers spin for ~300,000 iterations, which collapses
+/// throughput when another process wants the cores (the issue measured 450 → 19 img/s);
+/// passive waiting (0 spins) never collapses but costs a wake-up per parallel region on a
+/// quiet machine. Measured on this 2-core machine (ResNet-20 training step, batch 64,
+/// `scripts/omp-sweep.sh` and `scripts/bench.sh`, docs/PERFORMANCE.md): 10,000 spins ran at
+/// 669–859 img/s quiet against 571–716 passive and 749–796 for PyTorch, and beside a second
+/// 2-thread training at 152–317 img/s (mean 261) against 202–304 passive (mean 246) and
+/// 110–120 active; 30,000 spins fell to 77 img/s there.
+pub const DEFAULT_SPINCOUNT: &str = "10000";
 
 /// The variable and value to set before re-executing, or `None` when the user has chosen a
 /// wait policy or spin count themselves.
@@ -24,14 +25,14 @@ pub fn wait_setting_to_apply(
     policy: Option<OsString>,
     spincount: Option<OsString>,
 ) -> Option<(&'static str, &'static str)> {
-    (policy.is_none() && spincount.is_none()).then_some((OMP_WAIT_POLICY, DEFAULT_POLICY))
+    (policy.is_none() && spincount.is_none()).then_some((GOMP_SPINCOUNT, DEFAULT_SPINCOUNT))
 }
 
-/// Re-executes the current binary with `OMP_WAIT_POLICY=PASSIVE` (see [`DEFAULT_POLICY`])
+/// Re-executes the current binary with `GOMP_SPINCOUNT` set (see [`DEFAULT_SPINCOUNT`])
 /// when the user has not configured OpenMP's waiting. Returns only if no re-exec was needed or it
 /// failed (then we just run as we are).
 #[cfg(unix)]
-pub fn ensure_passive_omp() {
+pub fn ensure_bounded_omp_spinning() {
     use std::os::unix::process::CommandExt;
     let Some((var, value)) = wait_setting_to_apply(
         std::env::var_os(OMP_WAIT_POLICY),
@@ -51,7 +52,7 @@ pub fn ensure_passive_omp() {
 }
 
 #[cfg(not(unix))]
-pub fn ensure_passive_omp() {}
+pub fn ensure_bounded_omp_spinning() {}
 
 /// Sets libtorch's intra-op thread count; `None` means all cores.
 pub fn set_threads(threads: Option<usize>) -> usize {

@@ -192,12 +192,12 @@ fn eval_refuses_non_checkpoint() {
 }
 
 #[test]
-fn omp_waits_passively_unless_user_configures_it() {
+fn omp_spinning_is_bounded_unless_user_configures_it() {
     let o = run(&["info"]);
     assert!(o.status.success());
     let text = String::from_utf8_lossy(&o.stdout).into_owned();
-    assert!(text.contains("OMP_WAIT_POLICY: PASSIVE"), "{text}");
-    assert!(text.contains("GOMP_SPINCOUNT: (unset)"), "{text}");
+    assert!(text.contains("OMP_WAIT_POLICY: (unset)"), "{text}");
+    assert!(text.contains("GOMP_SPINCOUNT: 10000"), "{text}");
     // A user's own choice is left alone.
     let o = gmpq()
         .arg("info")
