@@ -134,3 +134,33 @@ fn efficientnet_lite0_import_names_missing_and_misshaped_tensors() {
         "{text}"
     );
 }
+
+/// A torchvision-named MobileNetV2 state dict (our init, torchvision's names and shapes, BN
+/// counters included) imports; its depthwise kernels keep their [C, 1, 3, 3] shape.
+#[test]
+fn mobilenet_v2_imports_torchvision_names() {
+    let cfg = ModelConfig::new(Arch::MobileNetV2, 3, 1000, 224);
+    let (vs, _) = build_fp(&cfg, Device::Cpu).unwrap();
+    let mut sd: BTreeMap<String, Tensor> = checkpoint::var_store_tensors(&vs);
+    for name in [
+        "features.0.0.weight",
+        "features.18.0.weight",
+        "classifier.1.bias",
+    ] {
+        assert!(sd.contains_key(name), "{name}");
+    }
+    assert_eq!(sd["features.2.conv.1.0.weight"].size(), vec![96, 1, 3, 3]);
+    sd.insert(
+        "features.0.1.num_batches_tracked".into(),
+        Tensor::from(0i64),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mbv2.safetensors");
+    let named: Vec<(String, Tensor)> = sd
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect();
+    Tensor::write_safetensors(&named, &path).unwrap();
+    let ck = import_pretrained(&path, &cfg).unwrap();
+    assert!(ck.tensors["features.17.conv.1.0.weight"].equal(&sd["features.17.conv.1.0.weight"]));
+}
