@@ -198,6 +198,24 @@ fn random_within(
     Ok(policy)
 }
 
+/// A resumable full-precision training into `dir`.
+fn train_argv(model: &str, data: &str, epochs: usize, dir: &Path) -> Vec<String> {
+    [
+        "train",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--epochs",
+        &epochs.to_string(),
+        "--out",
+        &path_arg(dir),
+        "--resume",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// The search command line shared by the searched arms (without output and data subset).
 fn search_argv(
     a: &PipelineArgs,
@@ -330,20 +348,8 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
         Some(t) => t.clone(),
         None => {
             let dir = layout.proxy_teacher();
-            let mut argv: Vec<String> = vec![
-                "train".into(),
-                "--model".into(),
-                a.model.clone(),
-                "--data".into(),
-                proxy.clone(),
-                "--epochs".into(),
-                a.teacher_epochs.to_string(),
-                "--test-limit".into(),
-                "1000".into(),
-                "--out".into(),
-                path_arg(&dir),
-                "--resume".into(),
-            ];
+            let mut argv = train_argv(&a.model, &proxy, a.teacher_epochs, &dir);
+            argv.extend(["--test-limit".into(), "1000".into()]);
             argv.extend(proxy_subset.iter().cloned());
             argv.extend(proxy_common.iter().cloned());
             run.command(
@@ -408,18 +414,7 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
         Some(t) => t.clone(),
         None => {
             let dir = layout.target_teacher();
-            let mut argv: Vec<String> = vec![
-                "train".into(),
-                "--model".into(),
-                a.model.clone(),
-                "--data".into(),
-                a.target.clone(),
-                "--epochs".into(),
-                a.target_teacher_epochs.to_string(),
-                "--out".into(),
-                path_arg(&dir),
-                "--resume".into(),
-            ];
+            let mut argv = train_argv(&a.model, &a.target, a.target_teacher_epochs, &dir);
             argv.extend(target_subset.iter().cloned());
             argv.extend(common.iter().cloned());
             run.command(

@@ -110,3 +110,9 @@ pub fn fp_conv(path: nn::Path, spec: &ConvSpec) -> nn::Conv2D {
         cfg,
     )
 }
+
+/// Global average pooling then the linear classifier: the head every network here ends in
+/// (and why CAM applies to all of them).
+pub fn gap_linear(fc: &nn::Linear, features: &Tensor) -> Tensor {
+    fc.forward(&features.mean_dim([2i64, 3].as_slice(), false, features.kind()))
+}

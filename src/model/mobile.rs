@@ -5,7 +5,7 @@
 use super::layers::{path_for, ConvLayer, ConvSpec, LayerFactory, LinearSpec};
 use super::resnet::{batch_norm, conv_out};
 use super::{Arch, ModelConfig, ModelError, Stem};
-use tch::nn::{self, Module, ModuleT};
+use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
 /// Conv + BN, with TF "SAME" zero padding `[left, right, top, bottom]` applied before the conv
@@ -457,8 +457,7 @@ impl MobileNet {
 
     /// Global average pool + linear (the reference's dropout before it is left out).
     pub fn head(&self, features: &Tensor) -> Tensor {
-        self.fc
-            .forward(&features.mean_dim([2i64, 3].as_slice(), false, features.kind()))
+        super::layers::gap_linear(&self.fc, features)
     }
 
     pub fn fc_weight(&self) -> &Tensor {

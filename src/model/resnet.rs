@@ -3,7 +3,7 @@
 
 use super::layers::{path_for, ConvLayer, ConvSpec, LayerFactory, LinearSpec};
 use super::{Arch, ModelConfig, ModelError, Stem};
-use tch::nn::{self, Module, ModuleT};
+use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
 /// Batch norm initialised as PyTorch does (scale 1, shift 0); tch's default draws the scale
@@ -351,8 +351,7 @@ impl ResNet {
 
     /// Global average pool + linear head.
     pub fn head(&self, features: &Tensor) -> Tensor {
-        self.fc
-            .forward(&features.mean_dim([2i64, 3].as_slice(), false, features.kind()))
+        super::layers::gap_linear(&self.fc, features)
     }
 
     /// The head's weight matrix (num_classes × C): the CAM weights.

@@ -227,6 +227,25 @@ pub struct EvalMetrics {
     pub images: usize,
 }
 
+/// Batches of `indices` in order, with the evaluation pipeline (no augmentation).
+fn eval_loader(
+    source: Arc<dyn ImageSource>,
+    indices: &[usize],
+    pipeline: &Pipeline,
+    batch_size: usize,
+) -> Result<DataLoader> {
+    Ok(DataLoader::new(
+        source,
+        indices,
+        Arc::new(pipeline.clone()),
+        LoaderConfig {
+            batch_size,
+            ..Default::default()
+        },
+        0,
+    )?)
+}
+
 /// Top-1/top-5 accuracy (in %) and mean cross-entropy of `model` on `indices` of `source`.
 pub fn evaluate(
     model: &dyn ModuleT,
@@ -236,16 +255,7 @@ pub fn evaluate(
     batch_size: usize,
     device: Device,
 ) -> Result<EvalMetrics> {
-    let loader = DataLoader::new(
-        source,
-        indices,
-        Arc::new(pipeline.clone()),
-        LoaderConfig {
-            batch_size,
-            ..Default::default()
-        },
-        0,
-    )?;
+    let loader = eval_loader(source, indices, pipeline, batch_size)?;
     let (mut loss, mut top1, mut top5, mut n) = (0.0, 0.0, 0.0, 0usize);
     for batch in loader {
         let batch = batch?;
@@ -281,16 +291,7 @@ pub fn predict(
     batch_size: usize,
     device: Device,
 ) -> Result<Vec<i64>> {
-    let loader = DataLoader::new(
-        source,
-        indices,
-        Arc::new(pipeline.clone()),
-        LoaderConfig {
-            batch_size,
-            ..Default::default()
-        },
-        0,
-    )?;
+    let loader = eval_loader(source, indices, pipeline, batch_size)?;
     let mut out = Vec::with_capacity(indices.len());
     for batch in loader {
         let x = batch?.images.to_device(device);
