@@ -66,11 +66,7 @@ fn import_reports_missing_unexpected_and_misshaped_by_name() {
     sd.insert("bn1.num_batches_tracked".into(), Tensor::from(0i64));
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.safetensors");
-    let named: Vec<(String, Tensor)> = sd
-        .iter()
-        .map(|(k, v)| (k.clone(), v.shallow_clone()))
-        .collect();
-    Tensor::write_safetensors(&named, &good).unwrap();
+    write_state_dict(&sd, &good);
     let ck = import_pretrained(&good, &cfg).unwrap();
     assert!(ck.tensors["layer4.1.conv2.weight"].equal(&sd["layer4.1.conv2.weight"]));
 
@@ -81,11 +77,7 @@ fn import_reports_missing_unexpected_and_misshaped_by_name() {
         Tensor::zeros([10, 512], tch::kind::FLOAT_CPU),
     );
     let bad = dir.path().join("bad.safetensors");
-    let named: Vec<(String, Tensor)> = sd
-        .iter()
-        .map(|(k, v)| (k.clone(), v.shallow_clone()))
-        .collect();
-    Tensor::write_safetensors(&named, &bad).unwrap();
+    write_state_dict(&sd, &bad);
     let e = import_pretrained(&bad, &cfg).err().unwrap();
     let text = mismatch_text(&e).expect("a mismatch error");
     assert!(
@@ -116,11 +108,7 @@ fn efficientnet_lite0_import_names_missing_and_misshaped_tensors() {
     );
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("lite0.safetensors");
-    let named: Vec<(String, Tensor)> = sd
-        .iter()
-        .map(|(k, v)| (k.clone(), v.shallow_clone()))
-        .collect();
-    Tensor::write_safetensors(&named, &bad).unwrap();
+    write_state_dict(&sd, &bad);
     let e = import_pretrained(&bad, &cfg).err().unwrap();
     let text = mismatch_text(&e).expect("a mismatch error");
     assert!(
@@ -156,11 +144,16 @@ fn mobilenet_v2_imports_torchvision_names() {
     );
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mbv2.safetensors");
+    write_state_dict(&sd, &path);
+    let ck = import_pretrained(&path, &cfg).unwrap();
+    assert!(ck.tensors["features.17.conv.1.0.weight"].equal(&sd["features.17.conv.1.0.weight"]));
+}
+
+/// Writes a state dict as safetensors, as a PyTorch export would.
+fn write_state_dict(sd: &BTreeMap<String, Tensor>, path: &std::path::Path) {
     let named: Vec<(String, Tensor)> = sd
         .iter()
         .map(|(k, v)| (k.clone(), v.shallow_clone()))
         .collect();
-    Tensor::write_safetensors(&named, &path).unwrap();
-    let ck = import_pretrained(&path, &cfg).unwrap();
-    assert!(ck.tensors["features.17.conv.1.0.weight"].equal(&sd["features.17.conv.1.0.weight"]));
+    Tensor::write_safetensors(&named, path).unwrap();
 }
