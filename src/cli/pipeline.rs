@@ -134,11 +134,16 @@ fn check_teacher(path: &Path, model: &str, what: &str) -> Result<()> {
 }
 
 /// The uniform policy with the most BOPs that meets the budget (ties: more weight bits).
-fn best_uniform(teacher: &Path, candidates: &[u32], target: &Target) -> Result<Policy> {
-    let ck = Checkpoint::load(teacher)?;
-    let cfg = ck.meta.model;
+/// The model of a teacher checkpoint, its layer geometry and its budget geometry.
+fn teacher_geometry(teacher: &Path) -> Result<(gmpq::ModelConfig, gmpq::Model, Geometry)> {
+    let cfg = Checkpoint::load(teacher)?.meta.model;
     let net = model_geometry(&cfg)?;
     let geometry = Geometry::new(net.convs(), net.fc_spec());
+    Ok((cfg, net, geometry))
+}
+
+fn best_uniform(teacher: &Path, candidates: &[u32], target: &Target) -> Result<Policy> {
+    let (cfg, net, geometry) = teacher_geometry(teacher)?;
     let limit = geometry.limit(target);
     let mut best: Option<(f64, u32, u32)> = None;
     for &w in candidates {
@@ -174,10 +179,7 @@ fn random_within(
     target: &Target,
     seed: u64,
 ) -> Result<Policy> {
-    let ck = Checkpoint::load(teacher)?;
-    let cfg = ck.meta.model;
-    let net = model_geometry(&cfg)?;
-    let geometry = Geometry::new(net.convs(), net.fc_spec());
+    let (cfg, net, geometry) = teacher_geometry(teacher)?;
     let mut template = Policy::uniform(&cfg, net.convs(), w_bits[0], a_bits[0]);
     template.candidates = gmpq::policy::Candidates {
         weight: w_bits,
@@ -199,7 +201,7 @@ fn random_within(
 }
 
 /// A resumable full-precision training into `dir`.
-fn train_argv(model: &str, data: &str, epochs: usize, dir: &Path) -> Vec<String> {
+pub(super) fn train_argv(model: &str, data: &str, epochs: usize, dir: &Path) -> Vec<String> {
     [
         "train",
         "--model",

@@ -19,19 +19,8 @@ fn teacher(model: &str, t: &TeacherConfig, dir: &Path, device: tch::Device) -> R
         return Ok(ck);
     }
     let (data, limit) = super::pipeline::split_subset(&t.data);
-    let mut argv: Vec<String> = vec![
-        "gmpq".into(),
-        "train".into(),
-        "--model".into(),
-        model.into(),
-        "--data".into(),
-        data,
-        "--epochs".into(),
-        t.epochs.to_string(),
-        "--out".into(),
-        dir.display().to_string(),
-        "--resume".into(),
-    ];
+    let mut argv = vec!["gmpq".to_string()];
+    argv.extend(super::pipeline::train_argv(model, &data, t.epochs, dir));
     if let Some(n) = limit {
         argv.extend(["--limit".into(), n.to_string()]);
     }
