@@ -54,7 +54,8 @@ fn main() -> Result<()> {
     )?
     .map(|b| b.map(|b| b.images))
     .collect::<std::result::Result<_, _>>()?;
-    let fp_pred = gmpq::train::predict(&fp.net, source.clone(), &idx, &pipe, 64, device)?;
+    let (_, fp_pred) =
+        gmpq::train::evaluate_with_predictions(&fp.net, source.clone(), &idx, &pipe, 64, device)?;
     for unsigned in [false, true] {
         let vs = nn::VarStore::new(device);
         let factory = FixedPolicyConvs::new(policy.bits_by_layer(), per_channel);
@@ -74,7 +75,14 @@ fn main() -> Result<()> {
         };
         q.load_fp_weights(&fp_ck, std::path::Path::new(ckpt))?;
         quant::calibrate(&q, &batches, CalibrationMethod::KlBelow5Bits)?;
-        let pred = gmpq::train::predict(&q.net, source.clone(), &idx, &pipe, 64, device)?;
+        let (_, pred) = gmpq::train::evaluate_with_predictions(
+            &q.net,
+            source.clone(),
+            &idx,
+            &pipe,
+            64,
+            device,
+        )?;
         let agree = pred.iter().zip(&fp_pred).filter(|(a, b)| a == b).count();
         let correct = pred
             .iter()

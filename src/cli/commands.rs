@@ -522,10 +522,10 @@ fn quantize_cmd(a: QuantizeArgs, device: tch::Device) -> Result<()> {
     let test = eval_spec.load(Split::Test)?;
     let test_idx = stratified_subset(test.as_ref(), &SubsetSpec::limited(a.eval_limit, 0))?;
     let pipe = &fp_ck.meta.eval_pipeline;
-    let fp = train::evaluate(&fp_net.net, test.clone(), &test_idx, pipe, 256, device)?;
-    let qm = train::evaluate(&q.net, test.clone(), &test_idx, pipe, 256, device)?;
-    let fp_pred = train::predict(&fp_net.net, test.clone(), &test_idx, pipe, 256, device)?;
-    let q_pred = train::predict(&q.net, test, &test_idx, pipe, 256, device)?;
+    let (fp, fp_pred) =
+        train::evaluate_with_predictions(&fp_net.net, test.clone(), &test_idx, pipe, 256, device)?;
+    let (qm, q_pred) =
+        train::evaluate_with_predictions(&q.net, test, &test_idx, pipe, 256, device)?;
     let agree = fp_pred.iter().zip(&q_pred).filter(|(a, b)| a == b).count();
     let totals = policy.totals.clone().context("policy totals")?;
 

@@ -255,8 +255,22 @@ pub fn evaluate(
     batch_size: usize,
     device: Device,
 ) -> Result<EvalMetrics> {
+    Ok(evaluate_with_predictions(model, source, indices, pipeline, batch_size, device)?.0)
+}
+
+/// [`evaluate`], plus the top-1 class predicted for each of `indices`, in order, from the
+/// same pass over the data.
+pub fn evaluate_with_predictions(
+    model: &dyn ModuleT,
+    source: Arc<dyn ImageSource>,
+    indices: &[usize],
+    pipeline: &Pipeline,
+    batch_size: usize,
+    device: Device,
+) -> Result<(EvalMetrics, Vec<i64>)> {
     let loader = eval_loader(source, indices, pipeline, batch_size)?;
     let (mut loss, mut top1, mut top5, mut n) = (0.0, 0.0, 0.0, 0usize);
+    let mut predictions = Vec::with_capacity(indices.len());
     for batch in loader {
         let batch = batch?;
         let (x, y) = (
@@ -268,37 +282,25 @@ pub fn evaluate(
         loss += logits.cross_entropy_for_logits(&y).double_value(&[]) * b as f64;
         let k = logits.size()[1].min(5);
         let (_, top) = logits.topk(k, 1, true, true);
+        predictions.extend(
+            Vec::<i64>::try_from(&top.select(1, 0))
+                .map_err(|e| TrainError::Invalid(e.to_string()))?,
+        );
         let hits = top.eq_tensor(&y.unsqueeze(1));
         top1 += hits.narrow(1, 0, 1).sum(Kind::Float).double_value(&[]);
         top5 += hits.sum(Kind::Float).double_value(&[]);
         n += b;
     }
     let d = n.max(1) as f64;
-    Ok(EvalMetrics {
-        loss: loss / d,
-        top1: 100.0 * top1 / d,
-        top5: 100.0 * top5 / d,
-        images: n,
-    })
-}
-
-/// The top-1 class `model` predicts for each of `indices`, in order.
-pub fn predict(
-    model: &dyn ModuleT,
-    source: Arc<dyn ImageSource>,
-    indices: &[usize],
-    pipeline: &Pipeline,
-    batch_size: usize,
-    device: Device,
-) -> Result<Vec<i64>> {
-    let loader = eval_loader(source, indices, pipeline, batch_size)?;
-    let mut out = Vec::with_capacity(indices.len());
-    for batch in loader {
-        let x = batch?.images.to_device(device);
-        let top = tch::no_grad(|| model.forward_t(&x, false)).argmax(1, false);
-        out.extend(Vec::<i64>::try_from(&top).map_err(|e| TrainError::Invalid(e.to_string()))?);
-    }
-    Ok(out)
+    Ok((
+        EvalMetrics {
+            loss: loss / d,
+            top1: 100.0 * top1 / d,
+            top5: 100.0 * top5 / d,
+            images: n,
+        },
+        predictions,
+    ))
 }
 
 /// What a training run needs besides hyper-parameters.
