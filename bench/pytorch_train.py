@@ -61,13 +61,22 @@ def main():
     ap.add_argument("--input-size", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="model and input in torch.channels_last (gmpq's training layout)",
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     net = ResNet20().train()
+    if a.channels_last:
+        net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     x = torch.randn(a.batch_size, 3, a.input_size, a.input_size)
     y = torch.randint(0, 10, (a.batch_size,))
+    if a.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     times = []
     for i in range(a.warmup + a.steps):
         t = time.perf_counter()
@@ -83,6 +92,7 @@ def main():
         "engine": f"pytorch {torch.__version__}",
         "batch_size": a.batch_size,
         "threads": torch.get_num_threads(),
+        "param_layout": "channels-last" if a.channels_last else "contiguous",
         "steps": a.steps,
         "images_per_second": a.steps * a.batch_size / sum(times),
         "median_step_seconds": times[len(times) // 2],

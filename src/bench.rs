@@ -3,7 +3,7 @@
 
 use crate::model::ModelConfig;
 use crate::quant::{self, Precision};
-use crate::train::{Sgd, TrainError};
+use crate::train::{ParamLayout, Sgd, TrainError};
 use serde::Serialize;
 use std::time::Instant;
 use tch::nn::ModuleT;
@@ -17,6 +17,8 @@ pub struct BenchResult {
     pub batch_size: usize,
     pub input: [usize; 3],
     pub threads: usize,
+    /// Memory layout of the convolution weights (see [`ParamLayout`]).
+    pub param_layout: String,
     pub steps: usize,
     pub images_per_second: f64,
     pub median_step_seconds: f64,
@@ -30,6 +32,7 @@ pub fn bench_train(
     batch_size: usize,
     warmup: usize,
     steps: usize,
+    layout: ParamLayout,
     device: Device,
 ) -> Result<BenchResult, TrainError> {
     if steps == 0 || batch_size == 0 {
@@ -51,9 +54,9 @@ pub fn bench_train(
     let network =
         quant::build(config, precision, device).map_err(|e| TrainError::Invalid(e.to_string()))?;
     let net = &network.net;
-    let mut opt = Sgd::new(network.weight_parameters(), 0.9, 5e-4);
+    let mut opt = Sgd::with_layout(network.weight_parameters(), 0.9, 5e-4, layout);
     let alphas = network.alpha_parameters();
-    let mut alpha_opt = (!alphas.is_empty()).then(|| Sgd::new(alphas, 0.9, 1e-4));
+    let mut alpha_opt = (!alphas.is_empty()).then(|| Sgd::with_layout(alphas, 0.9, 1e-4, layout));
     let s = config.input_size as i64;
     let x = Tensor::randn(
         [batch_size as i64, config.in_channels as i64, s, s],
@@ -91,6 +94,7 @@ pub fn bench_train(
         batch_size,
         input: [config.in_channels, config.input_size, config.input_size],
         threads: tch::get_num_threads() as usize,
+        param_layout: layout.to_string(),
         steps,
         images_per_second: (steps * batch_size) as f64 / total,
         median_step_seconds: times[times.len() / 2],

@@ -2,6 +2,7 @@
 //! each run at the same budget and fine-tuning recipe, aggregated into one results table.
 
 use crate::pipeline::{Arm, PipelineError, RunLayout, RunSummary};
+use crate::policy::{Policy, PolicyError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,8 @@ pub enum StudyError {
     Config { path: PathBuf, reason: String },
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
     #[error("{path}: {source}")]
     Write {
         path: PathBuf,
@@ -221,6 +224,66 @@ pub fn aggregate(rows: &[ResultRow]) -> Vec<ArmStats> {
         .collect()
 }
 
+/// Mean weight and activation bits per layer of one arm, over the runs of a (pair, budget)
+/// group whose search has written its policy.
+#[derive(Debug, Clone, Serialize)]
+pub struct MeanBits {
+    pub pair: String,
+    pub compression_target: f64,
+    pub arm: Arm,
+    pub runs: usize,
+    pub layers: Vec<String>,
+    pub w_bits: Vec<f64>,
+    pub a_bits: Vec<f64>,
+}
+
+/// [`MeanBits`] of every arm in `arms`, grouped as [`aggregate`] groups (pair, budget, arm).
+pub fn mean_bits(runs: &[StudyRun], arms: &[Arm]) -> Result<Vec<MeanBits>, StudyError> {
+    let mut groups: BTreeMap<(String, String, Arm), MeanBits> = BTreeMap::new();
+    for r in runs {
+        for &arm in arms {
+            let path = RunLayout::new(&r.dir).policy(arm);
+            if !path.exists() {
+                continue;
+            }
+            let p = Policy::load(&path)?;
+            let names: Vec<String> = p.layers.iter().map(|l| l.name.clone()).collect();
+            let key = (r.pair.clone(), format!("{:012.3}", r.compression), arm);
+            let g = groups.entry(key).or_insert_with(|| MeanBits {
+                pair: r.pair.clone(),
+                compression_target: r.compression,
+                arm,
+                runs: 0,
+                w_bits: vec![0.0; names.len()],
+                a_bits: vec![0.0; names.len()],
+                layers: names.clone(),
+            });
+            if g.layers != names {
+                return Err(StudyError::Config {
+                    path,
+                    reason: "its layers differ from the same arm's policy in another run".into(),
+                });
+            }
+            for (i, l) in p.layers.iter().enumerate() {
+                g.w_bits[i] += l.w_bits as f64;
+                g.a_bits[i] += l.a_bits as f64;
+            }
+            g.runs += 1;
+        }
+    }
+    Ok(groups
+        .into_values()
+        .map(|mut g| {
+            let n = g.runs as f64;
+            g.w_bits
+                .iter_mut()
+                .chain(&mut g.a_bits)
+                .for_each(|b| *b /= n);
+            g
+        })
+        .collect())
+}
+
 /// Writes `results.csv` (one row per arm and run) and `results.json` (rows and aggregates).
 pub fn write_results(out: &Path, rows: &[ResultRow], stats: &[ArmStats]) -> Result<(), StudyError> {
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v}"));
@@ -293,5 +356,54 @@ mod tests {
         assert_eq!(g.seeds, 2);
         assert!((g.top1_mean - 94.0).abs() < 1e-12);
         assert!((g.top1_std - 2f64.sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn mean_bits_averages_each_arms_policies_over_seeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = |w: [u32; 2], a: [u32; 2]| Policy {
+            model: "resnet20".into(),
+            input_size: 28,
+            candidates: crate::policy::Candidates {
+                weight: vec![2, 3, 4, 6],
+                activation: vec![2, 3, 4, 6],
+            },
+            layers: ["layer1.0.conv1", "layer1.0.conv2"]
+                .iter()
+                .zip(w.iter().zip(a))
+                .map(|(n, (&w_bits, a_bits))| crate::policy::LayerBits {
+                    name: n.to_string(),
+                    w_bits,
+                    a_bits,
+                })
+                .collect(),
+            totals: None,
+            meta: None,
+        };
+        let runs: Vec<StudyRun> = (0..3)
+            .map(|seed| StudyRun {
+                pair: "a".into(),
+                compression: 64.0,
+                seed,
+                dir: dir.path().join(format!("run{seed}")),
+            })
+            .collect();
+        // GMPQ in all three runs, EdMIPS only in the first (the others did not search yet).
+        for (r, w) in runs.iter().zip([[2, 4], [3, 4], [4, 6]]) {
+            let path = RunLayout::new(&r.dir).policy(Arm::Gmpq);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            policy(w, [4, 2]).save(&path).unwrap();
+        }
+        let path = RunLayout::new(&runs[0].dir).policy(Arm::Edmips);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        policy([6, 6], [3, 3]).save(&path).unwrap();
+        let m = mean_bits(&runs, &[Arm::Gmpq, Arm::Edmips]).unwrap();
+        let g = m.iter().find(|m| m.arm == Arm::Gmpq).unwrap();
+        assert_eq!(
+            (g.runs, g.w_bits.clone(), g.a_bits.clone()),
+            (3, vec![3.0, 14.0 / 3.0], vec![4.0, 2.0])
+        );
+        let e = m.iter().find(|m| m.arm == Arm::Edmips).unwrap();
+        assert_eq!((e.runs, e.w_bits.clone()), (1, vec![6.0, 6.0]));
     }
 }

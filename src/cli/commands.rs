@@ -73,15 +73,23 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
             } else {
                 Precision::Full
             };
-            let r =
-                gmpq::bench::bench_train(&cfg, precision, a.batch_size, a.warmup, a.steps, device)?;
+            let layout = a.param_layout.parse().map_err(anyhow::Error::msg)?;
+            let r = gmpq::bench::bench_train(
+                &cfg,
+                precision,
+                a.batch_size,
+                a.warmup,
+                a.steps,
+                layout,
+                device,
+            )?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 println!(
-                    "{} ({}) batch {} input {:?} threads {}: {:.1} img/s (median step {:.4} s over {} steps)",
-                    r.model, r.precision, r.batch_size, r.input, r.threads, r.images_per_second,
-                    r.median_step_seconds, r.steps
+                    "{} ({}, {}) batch {} input {:?} threads {}: {:.1} img/s (median step {:.4} s over {} steps)",
+                    r.model, r.precision, r.param_layout, r.batch_size, r.input, r.threads,
+                    r.images_per_second, r.median_step_seconds, r.steps
                 );
             }
             Ok(())

@@ -291,6 +291,10 @@ pub struct StudyArgs {
     /// Study folder (teachers, one folder per run, results).
     #[arg(long, default_value = "runs/study")]
     pub out: PathBuf,
+    /// Only rewrite results.csv/json and study.html from the runs on disk (safe beside a
+    /// running study); train and search nothing.
+    #[arg(long)]
+    pub tables_only: bool,
 }
 
 #[derive(Debug, Args)]
@@ -558,6 +562,10 @@ pub struct BenchTrainArgs {
     /// Supernet activation bit candidates.
     #[arg(long, default_value = "2,3,4,6")]
     pub a_bits: String,
+    /// Memory layout of the convolution weights: channels-last (what training uses) or
+    /// contiguous (PyTorch's default), to measure the difference.
+    #[arg(long, default_value = "channels-last", value_parser = ["channels-last", "contiguous"])]
+    pub param_layout: String,
     #[arg(long)]
     pub json: bool,
 }

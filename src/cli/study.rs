@@ -7,6 +7,7 @@ use super::{Cli, PipelineArgs, StudyArgs};
 use anyhow::{Context, Result};
 use clap::Parser;
 use gmpq::pipeline::{training_done, Arm, RunLayout};
+use gmpq::report::Bars;
 use gmpq::study::{self, StudyConfig, TeacherConfig};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -49,7 +50,15 @@ pub fn study_cmd(a: StudyArgs, device: tch::Device) -> Result<()> {
                 );
             }
         }
+        Err(_) if a.tables_only => {
+            anyhow::bail!("{} holds no study (no study.json)", a.out.display())
+        }
         Err(_) => gmpq::checkpoint::write_atomic(&saved, &serde_json::to_vec_pretty(&config)?)?,
+    }
+    if a.tables_only {
+        let page = write_tables(&config, &a.out, &config.runs(&a.out))?;
+        println!("[study] results: {}", page.display());
+        return Ok(());
     }
     let target_teacher = teacher(
         &config.model,
@@ -110,6 +119,61 @@ pub fn study_cmd(a: StudyArgs, device: tch::Device) -> Result<()> {
     Ok(())
 }
 
+/// Mean bits per layer of the searched arms, side by side, one weights and one activations
+/// chart per (pair, budget), appended to the page.
+fn bits_charts(
+    config: &StudyConfig,
+    out: &Path,
+    runs: &[study::StudyRun],
+    page: &mut String,
+) -> Result<()> {
+    let searched: Vec<Arm> = [Arm::Gmpq, Arm::Edmips, Arm::EdmipsTarget]
+        .into_iter()
+        .filter(|a| config.arms.contains(a))
+        .collect();
+    let means = study::mean_bits(runs, &searched)?;
+    let mut groups: Vec<(String, f64)> = means
+        .iter()
+        .map(|m| (m.pair.clone(), m.compression_target))
+        .collect();
+    groups.dedup();
+    if !groups.is_empty() {
+        page.push_str("<h2>Bits per layer (mean over seeds)</h2>");
+    }
+    for (pair, budget) in groups {
+        let _ = write!(page, "<h3>{pair}, {budget}×</h3><div>");
+        let group: Vec<&study::MeanBits> = means
+            .iter()
+            .filter(|m| m.pair == pair && m.compression_target == budget)
+            .collect();
+        for (kind, short) in [("weight", "w"), ("activation", "a")] {
+            let bars: Vec<Bars> = group
+                .iter()
+                .map(|m| Bars {
+                    label: format!("{} ({} runs)", m.arm.label(), m.runs),
+                    values: if short == "w" { &m.w_bits } else { &m.a_bits }.clone(),
+                    colour: match m.arm {
+                        Arm::Gmpq => (0, 90, 200, 0.85),
+                        Arm::Edmips => (210, 40, 40, 0.85),
+                        _ => (40, 160, 60, 0.85),
+                    },
+                })
+                .collect();
+            let name = format!("bits-{pair}-c{budget}-{short}.svg");
+            gmpq::report::grouped_bars_svg(
+                &format!("{kind} bits per layer"),
+                "bits",
+                &group[0].layers,
+                &bars,
+                &out.join(&name),
+            )?;
+            let _ = write!(page, "<img src=\"{name}\" style=\"max-width:100%\">");
+        }
+        page.push_str("</div>");
+    }
+    Ok(())
+}
+
 /// Writes results.csv/json and a small HTML page linking every run's report.
 fn write_tables(config: &StudyConfig, out: &Path, runs: &[study::StudyRun]) -> Result<PathBuf> {
     let rows = study::collect(runs, &config.arms)?;
@@ -138,7 +202,9 @@ fn write_tables(config: &StudyConfig, out: &Path, runs: &[study::StudyRun]) -> R
             s.search_images_mean
         );
     }
-    page.push_str("</table><h2>Runs</h2><ul>");
+    page.push_str("</table>");
+    bits_charts(config, out, runs, &mut page)?;
+    page.push_str("<h2>Runs</h2><ul>");
     for r in runs {
         let report = RunLayout::new(&r.dir).report();
         if report.exists() {

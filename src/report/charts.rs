@@ -8,56 +8,89 @@ use tch::{Kind, Tensor};
 
 use super::{werr, ReportError};
 
+/// One set of bars in [`grouped_bars_svg`]: a value per layer.
+pub struct Bars {
+    pub label: String,
+    pub values: Vec<f64>,
+    /// Red, green, blue and opacity.
+    pub colour: (u8, u8, u8, f64),
+}
+
+fn rgba(c: RGBColor, alpha: f64) -> (u8, u8, u8, f64) {
+    (c.0, c.1, c.2, alpha)
+}
+
 /// Grouped bars of weight and activation bits per quantized layer.
 pub fn bit_allocation_svg(policies: &[(&str, &Policy)], path: &Path) -> Result<(), ReportError> {
     let Some((_, first)) = policies.first() else {
         return Ok(());
     };
-    let layers = first.layers.len().max(1);
-    let width = (160 + layers * 36 * policies.len().max(1)).max(640) as u32;
-    let max_bits = policies
+    let names: Vec<String> = first.layers.iter().map(|l| l.name.clone()).collect();
+    let colours = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    let mut bars = Vec::new();
+    for (pi, (label, p)) in policies.iter().enumerate() {
+        let colour = colours[(pi * 2) % colours.len()];
+        bars.push(Bars {
+            label: format!("{label} weights"),
+            values: p.layers.iter().map(|l| l.w_bits as f64).collect(),
+            colour: rgba(colour, 0.9),
+        });
+        bars.push(Bars {
+            label: format!("{label} activations"),
+            values: p.layers.iter().map(|l| l.a_bits as f64).collect(),
+            colour: rgba(colour, 0.45),
+        });
+    }
+    grouped_bars_svg("bits per layer", "bits", &names, &bars, path)
+}
+
+/// One group of bars per layer (one bar per [`Bars`]), layer names rotated underneath.
+pub fn grouped_bars_svg(
+    caption: &str,
+    y_desc: &str,
+    layers: &[String],
+    bars: &[Bars],
+    path: &Path,
+) -> Result<(), ReportError> {
+    let n_layers = layers.len().max(1);
+    let width = (160 + n_layers * 18 * bars.len().max(1)).max(640) as u32;
+    let max = bars
         .iter()
-        .flat_map(|(_, p)| p.layers.iter().map(|l| l.w_bits.max(l.a_bits)))
-        .max()
-        .unwrap_or(8);
+        .flat_map(|b| b.values.iter().copied())
+        .fold(0.0f64, f64::max)
+        .ceil()
+        .max(1.0);
     let root = SVGBackend::new(path, (width, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| werr(path, e))?;
     let mut chart = ChartBuilder::on(&root)
-        .caption("bits per layer", ("sans-serif", 18))
+        .caption(caption, ("sans-serif", 18))
         .margin(10)
         .x_label_area_size(130)
         .y_label_area_size(40)
-        .build_cartesian_2d(0.0..layers as f64, 0.0..(max_bits + 3) as f64)
+        .build_cartesian_2d(0.0..n_layers as f64, 0.0..max + 3.0)
         .map_err(|e| werr(path, e))?;
     chart
         .configure_mesh()
         .disable_x_mesh()
         .x_labels(0)
-        .y_labels((max_bits + 4) as usize)
+        .y_labels(max as usize + 4)
         .y_label_formatter(&|y| format!("{y:.0}"))
         .light_line_style(WHITE)
-        .y_desc("bits")
+        .y_desc(y_desc)
         .draw()
         .map_err(|e| werr(path, e))?;
-    let groups = policies.len() * 2;
-    let bar = 0.8 / groups as f64;
-    let colours = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
-    for (pi, (label, p)) in policies.iter().enumerate() {
-        for (kind, k) in [("weights", 0usize), ("activations", 1)] {
-            let slot = pi * 2 + k;
-            let colour = colours[(pi * 2) % colours.len()].mix(if k == 0 { 0.9 } else { 0.45 });
-            chart
-                .draw_series(p.layers.iter().enumerate().map(|(i, l)| {
-                    let b = if k == 0 { l.w_bits } else { l.a_bits } as f64;
-                    let x0 = i as f64 + 0.1 + slot as f64 * bar;
-                    Rectangle::new([(x0, 0.0), (x0 + bar, b)], colour.filled())
-                }))
-                .map_err(|e| werr(path, e))?
-                .label(format!("{label} {kind}"))
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled())
-                });
-        }
+    let width = 0.8 / bars.len().max(1) as f64;
+    for (slot, b) in bars.iter().enumerate() {
+        let (r, g, bl, alpha) = b.colour;
+        let colour = RGBColor(r, g, bl).mix(alpha);
+        chart
+            .draw_series(b.values.iter().enumerate().map(|(i, &v)| {
+                let x0 = i as f64 + 0.1 + slot as f64 * width;
+                Rectangle::new([(x0, 0.0), (x0 + width, v)], colour.filled())
+            }))
+            .map_err(|e| werr(path, e))?
+            .label(b.label.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled()));
     }
     chart
         .configure_series_labels()
@@ -66,14 +99,13 @@ pub fn bit_allocation_svg(policies: &[(&str, &Policy)], path: &Path) -> Result<(
         .border_style(BLACK)
         .draw()
         .map_err(|e| werr(path, e))?;
-    // One rotated name under every layer's bar group.
     let style = ("sans-serif", 11)
         .into_font()
         .transform(FontTransform::Rotate90)
         .color(&BLACK);
-    for (i, l) in first.layers.iter().enumerate() {
+    for (i, name) in layers.iter().enumerate() {
         let (x, y) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
-        root.draw(&Text::new(l.name.clone(), (x - 6, y + 6), style.clone()))
+        root.draw(&Text::new(name.clone(), (x - 6, y + 6), style.clone()))
             .map_err(|e| werr(path, e))?;
     }
     root.present().map_err(|e| werr(path, e))

@@ -5,7 +5,8 @@ mod charts;
 mod html;
 
 pub use charts::{
-    accuracy_vs_bops_svg, bit_allocation_svg, heatmaps_png, line_chart_svg, CostPoint, Series,
+    accuracy_vs_bops_svg, bit_allocation_svg, grouped_bars_svg, heatmaps_png, line_chart_svg, Bars,
+    CostPoint, Series,
 };
 pub use html::write_run_report;
 

@@ -4,7 +4,7 @@
 
 mod optim;
 
-pub use optim::Sgd;
+pub use optim::{ParamLayout, Sgd};
 
 use crate::checkpoint::{
     self, Checkpoint, CheckpointError, CheckpointMeta, EpochMetrics, OPTIMIZER_PREFIX,
