@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Training-step throughput, gmpq vs PyTorch, same machine, same run (docs/PERFORMANCE.md).
-# Quiet: the engines alternate, ROUNDS times each (gmpq with its default OpenMP spin count of
-# 10,000 and with passive waiting; PyTorch as shipped, and with its optimizer's multi-tensor
-# `foreach` path and set-to-None gradients off).
+# Quiet: the engines alternate, ROUNDS times each: gmpq as shipped (channels-last conv weights,
+# OpenMP spin count 10,000) and with contiguous weights; PyTorch as shipped, with the model and
+# input in channels_last, and with its optimizer's multi-tensor `foreach` path and set-to-None
+# gradients off.
 # Contended: a second 2-thread training runs beside gmpq, which spins 10,000 times (default),
 # waits passively, or waits actively.
 set -euo pipefail
@@ -20,8 +21,9 @@ sed -e 's/weight_decay=5e-4)/weight_decay=5e-4, foreach=False)/' \
 echo "# quiet machine, ResNet-20, batch 64, 3x32x32, 2 threads, img/s"
 for r in $(seq "$rounds"); do
   echo "round $r: gmpq $("$gmpq" --threads 2 bench train --batch-size 64 --steps 30 --json | ips)" \
-       "| gmpq passive $(OMP_WAIT_POLICY=PASSIVE "$gmpq" --threads 2 bench train --batch-size 64 --steps 30 --json | ips)" \
+       "| gmpq contiguous $("$gmpq" --threads 2 bench train --batch-size 64 --steps 30 --param-layout contiguous --json | ips)" \
        "| pytorch $(python bench/pytorch_train.py --threads 2 --batch-size 64 --steps 30 2>/dev/null | ips)" \
+       "| pytorch channels_last $(python bench/pytorch_train.py --threads 2 --batch-size 64 --steps 30 --channels-last 2>/dev/null | ips)" \
        "| pytorch without foreach $(python "$noforeach" --threads 2 --batch-size 64 --steps 30 2>/dev/null | ips)"
 done
 echo "# contended: a second 2-thread training (OMP active) runs beside gmpq, img/s"

@@ -178,6 +178,13 @@ fn pipeline_killed_in_each_stage_resumes_without_redoing_finished_stages() {
         "{}",
         stderr(&o)
     );
+    // So is a fixed attribution exponent on a run that used the capacity rule (an unset --p is
+    // not recorded, so runs from before the option existed still resume).
+    let mut with_p = args.clone();
+    with_p.extend(["--p".into(), "3".into()]);
+    let o = gmpq().args(&with_p).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("p: new"), "{}", stderr(&o));
 
     // A teacher of another architecture is refused.
     let teacher = out.join("teacher-proxy/last.safetensors");

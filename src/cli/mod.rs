@@ -370,6 +370,10 @@ pub struct PipelineArgs {
     /// Weight of the attribution loss in the GMPQ arm.
     #[arg(long, default_value_t = 20.0)]
     pub attribution_weight: f64,
+    /// Fixed attribution exponent p of the GMPQ arm (default: the capacity-aware rule).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p: Option<f64>,
     #[arg(long, default_value = "2,3,4,6")]
     pub w_bits: String,
     #[arg(long, default_value = "2,3,4,6")]

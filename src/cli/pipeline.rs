@@ -406,6 +406,9 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
         };
         let mut argv = search_argv(&a, &proxy_teacher, &proxy, &target, weight, a.search_epochs);
         argv.extend(["--out".into(), path_arg(&layout.search(arm))]);
+        if let (Arm::Gmpq, Some(p)) = (arm, a.p) {
+            argv.extend(["--p".into(), p.to_string()]);
+        }
         argv.extend(proxy_subset.iter().cloned());
         argv.extend(proxy_common.iter().cloned());
         run.command(&name, policy.exists(), argv)?;
@@ -566,6 +569,7 @@ pub fn demo_args(out: PathBuf, json: bool) -> PipelineArgs {
         finetune_epochs: 3,
         finetune_lr: None,
         attribution_weight: 20.0,
+        p: None,
         w_bits: "2,3,4,6".into(),
         a_bits: "2,3,4,6".into(),
         hflip: true,

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The investigation behind docs/RESULTS.md: what the attribution term does in the study's
+# MNIST-2k → Fashion-MNIST pair at 64×. Only the GMPQ arm is run, seed-matched with the study
+# (same teachers, proxy subset, budget, search and fine-tuning recipe), changing one thing:
+#   aw80  attribution weight 80 (the study uses 20; 0 is its EdMIPS arm)
+#   p3    a fixed attribution exponent p = 3 (the reference script's default) instead of the
+#         capacity-aware rule
+# Needs the study's teachers (gmpq study studies/fmnist.json). Rerun to resume.
+#   THREADS=1 SEEDS="0 1 2" scripts/ablation.sh
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$root/scripts/env.sh"
+cd "$root"
+study="${STUDY:-runs/study}"
+out="${OUT:-runs/ablation}"
+data="${DATA:-../shared/datasets}"
+for f in "$study/teacher-mnist-to-fmnist/last.safetensors" "$study/teacher-target/last.safetensors"; do
+  [ -f "$f" ] || { echo "ablation: $f is missing; run the study first" >&2; exit 1; }
+done
+cargo build --release --quiet --bin gmpq
+for seed in ${SEEDS:-0 1 2}; do
+  for variant in "aw80:--attribution-weight 80" "p3:--p 3"; do
+    name="${variant%%:*}"
+    # shellcheck disable=SC2086 # the variant's flags are meant to split
+    target/release/gmpq --threads "${THREADS:-2}" pipeline --model resnet20 \
+      --proxy "idx:$data/mnist:2000" --proxy-hflip false \
+      --target "idx:$data/fashion-mnist" --hflip \
+      --teacher "$study/teacher-mnist-to-fmnist/last.safetensors" \
+      --target-teacher "$study/teacher-target/last.safetensors" \
+      --target-compression 64 --search-epochs 25 --search-step-epochs 10 \
+      --finetune-epochs 3 --seed "$seed" ${variant#*:} \
+      --out "$out/$name-seed$seed"
+  done
+done
+for s in "$out"/*/summary.json; do
+  python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); a=[x for x in d["arms"] if x["arm"]=="gmpq"][0]; print(sys.argv[1], a.get("top1"), a.get("bops"))' "$s"
+done
