@@ -151,6 +151,69 @@ fn to_raw(t: &Tensor) -> Result<RawTensor> {
 
 /// Writes `bytes` to `path` atomically: a temp file in the same folder, fsync, rename, and
 /// fsync of the folder so the rename itself is durable.
+/// An exclusive lock on an output folder (`DIR/.gmpq.lock`), held while one process writes
+/// there: two processes resuming the same run would otherwise interleave checkpoints and
+/// delete each other's temp files. The OS drops it when the process dies, so a killed run
+/// never leaves a stale lock behind.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "{dir} is in use by another gmpq process{holder}; wait for it or choose another folder"
+    )]
+    Busy { dir: PathBuf, holder: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl DirLock {
+    /// Locks `dir` (created if missing) without waiting.
+    pub fn acquire(dir: &Path) -> std::result::Result<Self, LockError> {
+        let path = dir.join(".gmpq.lock");
+        let io = |source| LockError::Io {
+            path: path.clone(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let pid = std::fs::read_to_string(&path).unwrap_or_default();
+                let pid = pid.trim();
+                return Err(LockError::Busy {
+                    dir: dir.into(),
+                    holder: if pid.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (pid {pid})")
+                    },
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        // The holder's pid, for the message another process gets.
+        file.set_len(0).map_err(io)?;
+        file.write_all(std::process::id().to_string().as_bytes())
+            .map_err(io)?;
+        Ok(Self { _file: file })
+    }
+}
+
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path
         .parent()
@@ -385,5 +448,20 @@ mod tests {
         write_atomic(&p, b"world").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"world");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_locked_folder_is_refused_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let held = DirLock::acquire(&run).unwrap();
+        let err = DirLock::acquire(&run).unwrap_err().to_string();
+        assert!(
+            err.contains("in use by another gmpq process")
+                && err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
+        drop(held);
+        DirLock::acquire(&run).unwrap();
     }
 }

@@ -252,3 +252,78 @@ fn bench_train_reports_throughput() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["images_per_second"].as_f64().unwrap() > 0.0);
 }
+
+/// A second process on a folder that a running training holds is refused by name; the lock
+/// goes with the process, so once it is killed the folder resumes.
+#[test]
+fn a_folder_in_use_is_refused_and_freed_when_its_process_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let data = format!("idx:{}", bundled("mnist").display());
+    let args = [
+        "--threads",
+        "1",
+        "train",
+        "--data",
+        &data,
+        "--limit",
+        "2000",
+        "--test-limit",
+        "200",
+        "--epochs",
+        "50",
+        "--out",
+        out.to_str().unwrap(),
+        "--resume",
+    ];
+    let mut first = gmpq().args(args).spawn().unwrap();
+    let lock = out.join(".gmpq.lock");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(&lock).unwrap_or_default().trim() != first.id().to_string() {
+        assert!(std::time::Instant::now() < deadline, "no lock appeared");
+        assert!(first.try_wait().unwrap().is_none(), "training ended early");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let o = run(&args);
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("in use by another gmpq process") && err.contains(&first.id().to_string()),
+        "{err}"
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let mut resumed = args.to_vec();
+    let epochs = resumed.iter().position(|a| *a == "--epochs").unwrap();
+    resumed[epochs + 1] = "1";
+    let o = run(&resumed);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn study_refuses_an_unknown_pair_and_tables_of_no_study() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("study.json");
+    std::fs::write(
+        &config,
+        r#"{"target": {"data": "idx:x", "epochs": 1},
+            "pairs": [{"name": "a-to-b", "proxy": {"data": "idx:y:100", "epochs": 1},
+                       "budgets": [{"compression": 64, "seeds": 1}]}],
+            "arms": ["gmpq"], "search_epochs": 1, "target_search_epochs": 1,
+            "finetune_epochs": 1}"#,
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let (c, o) = (config.to_str().unwrap(), out.to_str().unwrap());
+    let r = run(&["study", c, "--out", o, "--pair", "b-to-c"]);
+    assert!(!r.status.success());
+    assert!(
+        stderr(&r).contains("no such pair (a-to-b)"),
+        "{}",
+        stderr(&r)
+    );
+    let r = run(&["study", c, "--out", o, "--tables-only"]);
+    assert!(!r.status.success());
+    assert!(stderr(&r).contains("holds no study"), "{}", stderr(&r));
+    assert!(!out.exists(), "a refused study left a folder behind");
+}

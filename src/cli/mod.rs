@@ -291,6 +291,10 @@ pub struct StudyArgs {
     /// Study folder (teachers, one folder per run, results).
     #[arg(long, default_value = "runs/study")]
     pub out: PathBuf,
+    /// Run only these pairs (comma-separated names from CONFIG), e.g. to run two pairs in
+    /// two processes; the tables still cover every run on disk.
+    #[arg(long, value_delimiter = ',')]
+    pub pair: Vec<String>,
     /// Only rewrite results.csv/json and study.html from the runs on disk (safe beside a
     /// running study); train and search nothing.
     #[arg(long)]

@@ -280,6 +280,7 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
     }
 
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let _lock = gmpq::checkpoint::DirLock::acquire(&a.out)?;
     let settings = serde_json::to_value(&a)?;
     let command = shell_words::join(std::env::args());
     let record = match RunRecord::load(&layout.record())? {

@@ -163,6 +163,7 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
         ..Default::default()
     };
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let _lock = gmpq::checkpoint::DirLock::acquire(&a.out)?;
     let command_line = std::env::args().collect::<Vec<_>>().join(" ");
     let bars = Bars {
         bar: Mutex::new(None),

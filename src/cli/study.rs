@@ -35,9 +35,24 @@ fn teacher(model: &str, t: &TeacherConfig, dir: &Path, device: tch::Device) -> R
 
 pub fn study_cmd(a: StudyArgs, device: tch::Device) -> Result<()> {
     let config = StudyConfig::load(&a.config)?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    if let Some(unknown) = a
+        .pair
+        .iter()
+        .find(|n| !config.pairs.iter().any(|p| &p.name == *n))
+    {
+        let known: Vec<&str> = config.pairs.iter().map(|p| p.name.as_str()).collect();
+        anyhow::bail!(
+            "--pair {unknown}: {} has no such pair ({})",
+            a.config.display(),
+            known.join(", ")
+        );
+    }
     // The config a study started with stays beside its results.
     let saved = a.out.join("study.json");
+    if a.tables_only && !saved.exists() {
+        anyhow::bail!("{} holds no study (no study.json)", a.out.display());
+    }
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     match std::fs::read_to_string(&saved) {
         Ok(text) => {
             let old: StudyConfig = serde_json::from_str(&text)
@@ -49,9 +64,6 @@ pub fn study_cmd(a: StudyArgs, device: tch::Device) -> Result<()> {
                     saved.display()
                 );
             }
-        }
-        Err(_) if a.tables_only => {
-            anyhow::bail!("{} holds no study (no study.json)", a.out.display())
         }
         Err(_) => gmpq::checkpoint::write_atomic(&saved, &serde_json::to_vec_pretty(&config)?)?,
     }
@@ -74,6 +86,9 @@ pub fn study_cmd(a: StudyArgs, device: tch::Device) -> Result<()> {
         .map(|a| a.name().to_string())
         .collect();
     for (i, r) in runs.iter().enumerate() {
+        if !a.pair.is_empty() && !a.pair.contains(&r.pair) {
+            continue;
+        }
         let pair = config
             .pairs
             .iter()

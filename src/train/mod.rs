@@ -31,6 +31,8 @@ pub enum TrainError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
+    Lock(#[from] checkpoint::LockError),
+    #[error(transparent)]
     Quant(#[from] QuantError),
     #[error(
         "loss became {value} at epoch {epoch}, batch {batch}: training diverged (try a lower --lr)"
@@ -418,6 +420,7 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
         path: job.out_dir.clone(),
         source,
     })?;
+    let _lock = checkpoint::DirLock::acquire(&job.out_dir)?;
     let ckpt_path = last_checkpoint(&job.out_dir);
     checkpoint::remove_stale_temps(&job.out_dir);
     // Seed before the network is built: the weight init draws from libtorch's RNG.
