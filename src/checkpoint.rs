@@ -155,6 +155,9 @@ fn to_raw(t: &Tensor) -> Result<RawTensor> {
 /// there: two processes resuming the same run would otherwise interleave checkpoints and
 /// delete each other's temp files. The OS drops it when the process dies, so a killed run
 /// never leaves a stale lock behind.
+/// The name of [`DirLock`]'s file inside the folder it locks.
+pub const LOCK_FILE: &str = ".gmpq.lock";
+
 #[derive(Debug)]
 pub struct DirLock {
     _file: std::fs::File,
@@ -177,7 +180,7 @@ pub enum LockError {
 impl DirLock {
     /// Locks `dir` (created if missing) without waiting.
     pub fn acquire(dir: &Path) -> std::result::Result<Self, LockError> {
-        let path = dir.join(".gmpq.lock");
+        let path = dir.join(LOCK_FILE);
         let io = |source| LockError::Io {
             path: path.clone(),
             source,

@@ -295,7 +295,8 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
             r
         }
         None => {
-            if std::fs::read_dir(&a.out)?.next().is_some() {
+            let mut entries = std::fs::read_dir(&a.out)?.flatten();
+            if entries.any(|e| e.file_name() != gmpq::checkpoint::LOCK_FILE) {
                 bail!(
                     "{} is not empty and holds no {}: choose another --out",
                     a.out.display(),
