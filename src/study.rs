@@ -164,8 +164,14 @@ pub fn mean_std(v: &[f64]) -> (f64, f64) {
     (m, var.sqrt())
 }
 
-/// Reads every run's outputs (as far as they got) into rows.
-pub fn collect(runs: &[StudyRun], arms: &[Arm]) -> Result<Vec<ResultRow>, StudyError> {
+/// Reads every run's outputs (as far as they got) into rows. An arm has an accuracy only
+/// once its fine-tuning has run all `finetune_epochs`: a half-trained network's accuracy
+/// must not enter the means.
+pub fn collect(
+    runs: &[StudyRun],
+    arms: &[Arm],
+    finetune_epochs: usize,
+) -> Result<Vec<ResultRow>, StudyError> {
     let mut rows = Vec::new();
     for r in runs {
         let s = RunSummary::collect(&RunLayout::new(&r.dir), arms)?;
@@ -175,7 +181,9 @@ pub fn collect(runs: &[StudyRun], arms: &[Arm]) -> Result<Vec<ResultRow>, StudyE
                 compression_target: r.compression,
                 seed: r.seed,
                 arm: a.arm,
-                top1: a.top1.filter(|_| a.finetune_epochs > 0),
+                top1: a
+                    .top1
+                    .filter(|_| a.finetune_epochs >= finetune_epochs.max(1)),
                 bops: a.bops,
                 size_mb: a.size_mb,
                 compression: a.compression,
@@ -405,5 +413,52 @@ mod tests {
         );
         let e = m.iter().find(|m| m.arm == Arm::Edmips).unwrap();
         assert_eq!((e.runs, e.w_bits.clone()), (1, vec![6.0, 6.0]));
+    }
+
+    /// An arm whose fine-tuning stopped after 2 of 3 epochs has no accuracy in the table.
+    #[test]
+    fn collect_leaves_out_unfinished_fine_tuning() {
+        use crate::checkpoint::{CheckpointMeta, EpochMetrics};
+        let dir = tempfile::tempdir().unwrap();
+        let run = StudyRun {
+            pair: "a".into(),
+            compression: 64.0,
+            seed: 0,
+            dir: dir.path().join("run"),
+        };
+        let layout = RunLayout::new(&run.dir);
+        for (arm, epochs) in [(Arm::Gmpq, 3), (Arm::Edmips, 2)] {
+            let model = crate::model::ModelConfig::new(crate::model::Arch::ResNet20, 1, 10, 28);
+            let mut meta = CheckpointMeta::new(
+                model,
+                crate::data::Pipeline {
+                    transforms: vec![],
+                    normalize: crate::data::Normalize::identity(1),
+                },
+            );
+            meta.epoch = epochs;
+            meta.history = (1..=epochs)
+                .map(|epoch| EpochMetrics {
+                    epoch,
+                    lr: 0.01,
+                    train_loss: 0.1,
+                    train_top1: 95.0,
+                    test_loss: 0.2,
+                    test_top1: 90.0 + epoch as f64,
+                    test_top5: 99.0,
+                    seconds: 1.0,
+                    images_per_second: 1.0,
+                })
+                .collect();
+            let sidecar = crate::checkpoint::sidecar_path(&crate::train::last_checkpoint(
+                &layout.finetune(arm),
+            ));
+            std::fs::create_dir_all(sidecar.parent().unwrap()).unwrap();
+            std::fs::write(&sidecar, serde_json::to_vec(&meta).unwrap()).unwrap();
+        }
+        let rows = collect(&[run], &[Arm::Gmpq, Arm::Edmips], 3).unwrap();
+        let top1 = |arm| rows.iter().find(|r| r.arm == arm).unwrap().top1;
+        assert_eq!(top1(Arm::Gmpq), Some(93.0));
+        assert_eq!(top1(Arm::Edmips), None);
     }
 }

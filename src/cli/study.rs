@@ -191,7 +191,7 @@ fn bits_charts(
 
 /// Writes results.csv/json and a small HTML page linking every run's report.
 fn write_tables(config: &StudyConfig, out: &Path, runs: &[study::StudyRun]) -> Result<PathBuf> {
-    let rows = study::collect(runs, &config.arms)?;
+    let rows = study::collect(runs, &config.arms, config.finetune_epochs)?;
     let stats = study::aggregate(&rows);
     study::write_results(out, &rows, &stats)?;
     let mut page = String::from(
