@@ -3,6 +3,7 @@
 # MNIST-2k → Fashion-MNIST pair at 64×. Only the GMPQ arm is run, seed-matched with the study
 # (same teachers, proxy subset, budget, search and fine-tuning recipe), changing one thing:
 #   aw80  attribution weight 80 (the study uses 20; 0 is its EdMIPS arm)
+#   aw200 attribution weight 200
 #   p3    a fixed attribution exponent p = 3 (the reference script's default) instead of the
 #         capacity-aware rule
 # Needs the study's teachers (gmpq study studies/fmnist.json). Rerun to resume.
@@ -19,7 +20,7 @@ for f in "$study/teacher-mnist-to-fmnist/last.safetensors" "$study/teacher-targe
 done
 cargo build --release --quiet --bin gmpq
 for seed in ${SEEDS:-0 1 2}; do
-  for variant in "aw80:--attribution-weight 80" "p3:--p 3"; do
+  for variant in "aw80:--attribution-weight 80" "p3:--p 3" "aw200:--attribution-weight 200"; do
     name="${variant%%:*}"
     # shellcheck disable=SC2086 # the variant's flags are meant to split
     target/release/gmpq --threads "${THREADS:-2}" pipeline --model resnet20 \
@@ -32,6 +33,4 @@ for seed in ${SEEDS:-0 1 2}; do
       --out "$out/$name-seed$seed"
   done
 done
-for s in "$out"/*/summary.json; do
-  python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); a=[x for x in d["arms"] if x["arm"]=="gmpq"][0]; print(sys.argv[1], a.get("top1"), a.get("bops"))' "$s"
-done
+python3 scripts/study-tables.py "$study" "$out"
