@@ -256,25 +256,29 @@ pub fn remove_stale_temps(dir: &Path) {
     }
 }
 
+/// Safetensors bytes of `tensors`, with `meta_json` under the `gmpq` metadata key.
+pub fn tensors_to_bytes(tensors: &BTreeMap<String, Tensor>, meta_json: String) -> Result<Vec<u8>> {
+    let raws: Vec<(String, RawTensor)> = tensors
+        .iter()
+        .map(|(n, t)| Ok((n.clone(), to_raw(t)?)))
+        .collect::<Result<_>>()?;
+    let metadata: HashMap<String, String> = [(META_KEY.to_string(), meta_json)].into();
+    safetensors::tensor::serialize(raws.iter().map(|(n, r)| (n.as_str(), r)), &Some(metadata))
+        .map_err(|e| CheckpointError::Corrupt {
+            path: PathBuf::new(),
+            reason: format!("{e:?}"),
+        })
+}
+
 impl Checkpoint {
     /// Serialises to safetensors bytes (metadata under the `gmpq` key).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let raws: Vec<(String, RawTensor)> = self
-            .tensors
-            .iter()
-            .map(|(n, t)| Ok((n.clone(), to_raw(t)?)))
-            .collect::<Result<_>>()?;
         let meta_json =
             serde_json::to_string(&self.meta).map_err(|e| CheckpointError::Corrupt {
                 path: PathBuf::new(),
                 reason: e.to_string(),
             })?;
-        let metadata: HashMap<String, String> = [(META_KEY.to_string(), meta_json)].into();
-        safetensors::tensor::serialize(raws.iter().map(|(n, r)| (n.as_str(), r)), &Some(metadata))
-            .map_err(|e| CheckpointError::Corrupt {
-                path: PathBuf::new(),
-                reason: format!("{e:?}"),
-            })
+        tensors_to_bytes(&self.tensors, meta_json)
     }
 
     /// Saves `path` (safetensors) and `path.json` (sidecar metadata), both atomically.

@@ -251,7 +251,10 @@ fn bench_train_reports_throughput() {
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["images_per_second"].as_f64().unwrap() > 0.0);
-    assert_eq!(v["param_layout"], "channels-last", "the default training layout");
+    assert_eq!(
+        v["param_layout"], "channels-last",
+        "the default training layout"
+    );
     let o = run(&[
         "bench",
         "train",

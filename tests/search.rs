@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{bundled, run, stderr};
+use common::{bundled, gmpq, run, stderr};
 use gmpq::attribution::{attribution_loss, cam, grad_cam, top1};
 use gmpq::checkpoint::{self, Checkpoint, CheckpointMeta};
 use gmpq::data::{Normalize, Pipeline};
@@ -343,4 +343,87 @@ fn random_policies_sit_just_under_the_budget_and_follow_the_seed() {
     assert!(a.layers.iter().any(|l| l.w_bits != a.layers[0].w_bits));
     // An impossible window gives None rather than a policy over budget.
     assert!(random_policy(&t, &g, &Target::Compression(1e9), 0.02, 7, 1000).is_none());
+}
+
+/// A search SIGKILLed after some epochs resumes from its last snapshot and ends exactly where
+/// an uninterrupted search ends: same per-epoch log, same policy; the snapshots are removed.
+#[test]
+fn killed_search_resumes_to_the_same_policy() {
+    let _ = bundled("mnist");
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("t.safetensors");
+    fp_checkpoint(&t, 2);
+    let t_s = t.to_str().unwrap().to_string();
+    let args = |out: &std::path::Path| -> Vec<String> {
+        let mut a: Vec<String> = search_args(&t_s, out.to_str().unwrap(), "20", "3")
+            .into_iter()
+            .map(String::from)
+            .collect();
+        let e = a.iter().position(|x| x == "--epochs").unwrap();
+        a[e + 1] = "3".into();
+        a
+    };
+    let full = dir.path().join("full");
+    let o = gmpq().args(args(&full)).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let resumed = dir.path().join("resumed");
+    let snapshot = resumed.join("search-state-search-compression-64x.safetensors");
+    let mut child = gmpq()
+        .args(args(&resumed))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while !snapshot.exists() {
+        assert!(std::time::Instant::now() < deadline, "no snapshot appeared");
+        assert!(child.try_wait().unwrap().is_none(), "search ended early");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL, after at least one epoch
+    child.wait().unwrap();
+    assert!(
+        !resumed.join("policy.json").exists(),
+        "the search finished before the kill; the test did not interrupt it"
+    );
+    let o = gmpq()
+        .env("GMPQ_LOG", "info")
+        .args(args(&resumed))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    // It continued (a fresh start would reach the same numbers, deterministically).
+    assert!(
+        stderr(&o).contains("resuming after epoch"),
+        "{}",
+        stderr(&o)
+    );
+    let log = |d: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(d.join("search-log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (a, b) = (log(&full), log(&resumed));
+    assert_eq!(b.len(), 3, "every epoch logged once");
+    for (x, y) in a.iter().zip(&b) {
+        for k in [
+            "epoch",
+            "ce",
+            "attribution_loss",
+            "lambda",
+            "argmax_bops",
+            "images",
+        ] {
+            assert_eq!(
+                x[k], y[k],
+                "epoch {}: {k} differs after resuming",
+                x["epoch"]
+            );
+        }
+    }
+    let layers = |d: &std::path::Path| Policy::load(&d.join("policy.json")).unwrap().layers;
+    assert_eq!(layers(&full), layers(&resumed));
+    assert!(!snapshot.exists(), "snapshot left behind");
 }

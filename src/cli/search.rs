@@ -203,6 +203,7 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
         targets: remaining,
         device,
         progress: &bars,
+        state_dir: Some(a.out.clone()),
     })?;
     if let Ok(mut b) = bars.bar.lock() {
         if let Some(bar) = b.take() {
@@ -269,6 +270,8 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
         );
         summary.push(serde_json::json!({"policy": path, "totals": totals, "target": r.target, "seconds": r.seconds, "images": r.images}));
     }
+    // Every policy is on disk: the per-epoch snapshots have done their job.
+    search::remove_snapshots(&a.out);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }

@@ -4,8 +4,10 @@
 //! repaired to meet it. `aw = 0` is the EdMIPS baseline on the same code path.
 
 mod budget;
+mod state;
 
 pub use budget::{random_policy, repair, DualWeight, Geometry, Preferences, Target};
+pub use state::remove_snapshots;
 
 use crate::attribution::{self, capacity_aware_p};
 use crate::checkpoint::{self, Checkpoint};
@@ -156,6 +158,9 @@ pub struct SearchJob<'a> {
     pub targets: Vec<Target>,
     pub device: Device,
     pub progress: &'a dyn SearchProgress,
+    /// Where each phase snapshots itself after every epoch and resumes from
+    /// (`search-state-*.safetensors`); `None`: no snapshots.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// The result for one target.
@@ -287,6 +292,13 @@ fn supernet_from(teacher_ck: &Checkpoint, job: &SearchJob) -> Result<Network> {
     Ok(sn)
 }
 
+/// What a phase produced; `resumed_seconds` is the wall time spent before an interruption.
+struct PhaseRun {
+    logs: Vec<EpochLog>,
+    images: usize,
+    resumed_seconds: f64,
+}
+
 struct Phase<'a> {
     name: String,
     target: Option<Target>,
@@ -348,6 +360,7 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
     };
     let mut images_shared = 0usize;
     let mut shared_log = Vec::new();
+    let mut warm_resumed = 0.0;
     let shared_state = if job.targets.len() > 1 && cfg.warmup_epochs > 0 {
         let phase = Phase {
             name: "warm-up".into(),
@@ -363,14 +376,15 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
         let warm = base
             .as_ref()
             .ok_or_else(|| SearchError::Invalid("no supernet".into()))?;
-        let (log, images) = ctx.run(warm, phase)?;
-        images_shared = images;
-        shared_log = log;
+        let run = ctx.run(warm, phase)?;
+        images_shared = run.images;
+        shared_log = run.logs;
+        warm_resumed = run.resumed_seconds;
         Some(checkpoint::var_store_tensors(&warm.vs))
     } else {
         None
     };
-    let warm_secs = started.elapsed().as_secs_f64();
+    let warm_secs = started.elapsed().as_secs_f64() + warm_resumed;
     let targets: Vec<Option<Target>> = if job.targets.is_empty() {
         vec![None]
     } else {
@@ -410,7 +424,11 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
             complexity: true,
             geometry: &geometry,
         };
-        let (mut log, images) = ctx.run(&sn, phase)?;
+        let PhaseRun {
+            logs: mut log,
+            images,
+            resumed_seconds,
+        } = ctx.run(&sn, phase)?;
         let argmax = sn.argmax_policy()?;
         let mut policy = argmax.clone();
         if let Some(t) = &target {
@@ -427,7 +445,7 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
             argmax,
             log: full_log,
             teacher_val_top1: teacher_val.top1,
-            seconds: t0.elapsed().as_secs_f64() + warm_secs,
+            seconds: t0.elapsed().as_secs_f64() + resumed_seconds + warm_secs,
             images: images + images_shared,
             heatmaps: [probe, a_t, a_s],
         });
@@ -516,18 +534,38 @@ impl Ctx<'_> {
         (a_t, a_s, logits)
     }
 
-    fn run(&self, sn: &Network, mut phase: Phase) -> Result<(Vec<EpochLog>, usize)> {
+    fn run(&self, sn: &Network, mut phase: Phase) -> Result<PhaseRun> {
         let cfg = self.cfg;
         let job = self.job;
         let mut w_opt = Sgd::new(sn.weight_parameters(), cfg.momentum, cfg.weight_decay);
         let mut a_opt = Sgd::new(sn.alpha_parameters(), cfg.momentum, cfg.alpha_weight_decay);
+        let snapshot = job.state_dir.as_ref().map(|d| state::path(d, &phase.name));
+        let mut logs = Vec::new();
+        let mut images = 0usize;
+        let mut resumed_seconds = 0.0;
+        let mut first = phase.epochs.start;
+        if let Some(path) = &snapshot {
+            if let Some(st) = state::load(path, cfg, &phase.name, &sn.vs, &mut w_opt, &mut a_opt)? {
+                tracing::info!(
+                    "{}: resuming after epoch {} ({})",
+                    phase.name,
+                    st.epochs_done,
+                    path.display()
+                );
+                first = st.epochs_done.clamp(phase.epochs.start, phase.epochs.end);
+                phase.lambda.lambda = st.lambda;
+                logs = st.logs;
+                images = st.images;
+                resumed_seconds = st.seconds;
+            }
+        }
+        let phase_started = Instant::now();
         let vars = sn.vs.variables();
         let macs: Vec<f64> = sn.handles.iter().map(|h| h.spec.macs() as f64).collect();
         let steps = job.train_indices.len() / cfg.batch_size;
-        job.progress.phase(&phase.name, phase.epochs.len(), steps);
-        let mut logs = Vec::new();
-        let mut images = 0usize;
-        for epoch in phase.epochs.clone() {
+        job.progress
+            .phase(&phase.name, phase.epochs.end - first, steps);
+        for epoch in first..phase.epochs.end {
             let t0 = Instant::now();
             let decay = 0.1f64.powi((epoch / cfg.step_epochs.max(1)) as i32);
             let loader = DataLoader::new(
@@ -618,7 +656,23 @@ impl Ctx<'_> {
             };
             job.progress.epoch(&log);
             logs.push(log);
+            if let Some(path) = &snapshot {
+                let st = state::PhaseState {
+                    config: cfg.clone(),
+                    phase: phase.name.clone(),
+                    epochs_done: epoch + 1,
+                    lambda: phase.lambda.lambda,
+                    logs: logs.clone(),
+                    images,
+                    seconds: resumed_seconds + phase_started.elapsed().as_secs_f64(),
+                };
+                state::save(path, &st, &sn.vs, &w_opt, &a_opt)?;
+            }
         }
-        Ok((logs, images))
+        Ok(PhaseRun {
+            logs,
+            images,
+            resumed_seconds,
+        })
     }
 }
