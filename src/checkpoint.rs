@@ -149,15 +149,13 @@ fn to_raw(t: &Tensor) -> Result<RawTensor> {
     })
 }
 
-/// Writes `bytes` to `path` atomically: a temp file in the same folder, fsync, rename, and
-/// fsync of the folder so the rename itself is durable.
+/// The name of [`DirLock`]'s file inside the folder it locks.
+pub const LOCK_FILE: &str = ".gmpq.lock";
+
 /// An exclusive lock on an output folder (`DIR/.gmpq.lock`), held while one process writes
 /// there: two processes resuming the same run would otherwise interleave checkpoints and
 /// delete each other's temp files. The OS drops it when the process dies, so a killed run
 /// never leaves a stale lock behind.
-/// The name of [`DirLock`]'s file inside the folder it locks.
-pub const LOCK_FILE: &str = ".gmpq.lock";
-
 #[derive(Debug)]
 pub struct DirLock {
     _file: std::fs::File,
@@ -217,6 +215,8 @@ impl DirLock {
     }
 }
 
+/// Writes `bytes` to `path` atomically: a temp file in the same folder, fsync, rename, and
+/// fsync of the folder so the rename itself is durable.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path
         .parent()

@@ -196,16 +196,18 @@ pub fn collect(
     Ok(rows)
 }
 
+/// The (pair, budget, arm) a row or policy is aggregated under; the budget formatted so that
+/// it sorts numerically and compares exactly.
+fn group_key(pair: &str, compression: f64, arm: Arm) -> (String, String, Arm) {
+    (pair.to_string(), format!("{compression:012.3}"), arm)
+}
+
 /// Aggregates finished rows (those with an accuracy) per (pair, budget, arm).
 pub fn aggregate(rows: &[ResultRow]) -> Vec<ArmStats> {
     let mut groups: BTreeMap<(String, String, Arm), Vec<&ResultRow>> = BTreeMap::new();
     for r in rows.iter().filter(|r| r.top1.is_some()) {
         groups
-            .entry((
-                r.pair.clone(),
-                format!("{:012.3}", r.compression_target),
-                r.arm,
-            ))
+            .entry(group_key(&r.pair, r.compression_target, r.arm))
             .or_default()
             .push(r);
     }
@@ -256,16 +258,17 @@ pub fn mean_bits(runs: &[StudyRun], arms: &[Arm]) -> Result<Vec<MeanBits>, Study
             }
             let p = Policy::load(&path)?;
             let names: Vec<String> = p.layers.iter().map(|l| l.name.clone()).collect();
-            let key = (r.pair.clone(), format!("{:012.3}", r.compression), arm);
-            let g = groups.entry(key).or_insert_with(|| MeanBits {
-                pair: r.pair.clone(),
-                compression_target: r.compression,
-                arm,
-                runs: 0,
-                w_bits: vec![0.0; names.len()],
-                a_bits: vec![0.0; names.len()],
-                layers: names.clone(),
-            });
+            let g = groups
+                .entry(group_key(&r.pair, r.compression, arm))
+                .or_insert_with(|| MeanBits {
+                    pair: r.pair.clone(),
+                    compression_target: r.compression,
+                    arm,
+                    runs: 0,
+                    w_bits: vec![0.0; names.len()],
+                    a_bits: vec![0.0; names.len()],
+                    layers: names.clone(),
+                });
             if g.layers != names {
                 return Err(StudyError::Config {
                     path,

@@ -11,6 +11,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
+/// Name prefixes of the snapshot's three parts: supernet variables, weight-optimizer and
+/// α-optimizer momentum.
+const PARTS: [&str; 3] = ["net/", "w_opt/", "a_opt/"];
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct PhaseState {
     pub config: SearchConfig,
@@ -53,11 +57,11 @@ pub(super) fn save(
     a_opt: &Sgd,
 ) -> Result<()> {
     let mut tensors = BTreeMap::new();
-    for (prefix, map) in [
-        ("net/", var_store_tensors(vs)),
-        ("w_opt/", w_opt.state()),
-        ("a_opt/", a_opt.state()),
-    ] {
+    for (prefix, map) in
+        PARTS
+            .into_iter()
+            .zip([var_store_tensors(vs), w_opt.state(), a_opt.state()])
+    {
         for (name, t) in map {
             tensors.insert(format!("{prefix}{name}"), t.detach());
         }
@@ -99,13 +103,15 @@ pub(super) fn load(
     if state.config != *config || state.phase != phase {
         return ignore("written by a search with other settings");
     }
-    let take = |prefix: &str| -> BTreeMap<String, Tensor> {
-        tensors
-            .iter()
-            .filter_map(|(k, t)| k.strip_prefix(prefix).map(|n| (n.to_string(), t.copy())))
-            .collect()
-    };
-    let net = take("net/");
+    let [mut net, mut w_state, mut a_state]: [BTreeMap<String, Tensor>; 3] = Default::default();
+    for (k, t) in tensors {
+        for (prefix, part) in PARTS.iter().zip([&mut net, &mut w_state, &mut a_state]) {
+            if let Some(name) = k.strip_prefix(prefix) {
+                part.insert(name.to_string(), t);
+                break;
+            }
+        }
+    }
     let vars = vs.variables();
     if vars.len() != net.len()
         || vars
@@ -120,7 +126,7 @@ pub(super) fn load(
                 .copy_(&net[name].to_device(var.device()));
         }
     });
-    w_opt.load_state(take("w_opt/"));
-    a_opt.load_state(take("a_opt/"));
+    w_opt.load_state(w_state);
+    a_opt.load_state(a_state);
     Ok(Some(state))
 }
