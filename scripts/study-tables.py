@@ -26,6 +26,21 @@ def fmt(v, digits=2):
     return "—" if v is None else f"{v:.{digits}f}"
 
 
+def paired(res, pair, budget):
+    """GMPQ minus each other arm, seed by seed (results.json's gmpq_paired)."""
+    lines = []
+    diffs = [d for d in res.get("gmpq_paired", []) if d["pair"] == pair and d["compression_target"] == budget]
+    for d in sorted(diffs, key=lambda d: list(LABEL).index(d["against"])):
+        cells = ", ".join(f"{s}: {v:+.2f}" for s, v in d["per_seed"])
+        n = len(d["per_seed"])
+        lines.append(f"| {LABEL[d['against']]} | {d['mean']:+.2f} | {d['gmpq_ahead']} of {n} | {cells} |")
+    if lines:
+        print(f"\nGMPQ minus each arm, paired by seed ({pair}, {budget:g}×):\n")
+        print("| against | mean difference | GMPQ ahead | per seed |")
+        print("|---|---|---|---|")
+        print("\n".join(lines))
+
+
 def main():
     study = pathlib.Path(sys.argv[1])
     res = json.loads((study / "results.json").read_text())
@@ -44,12 +59,14 @@ def main():
         print("|---" * (len(seeds) + 7) + "|")
         for a in sorted(arms, key=lambda a: list(LABEL).index(a["arm"])):
             cells = [fmt(per_seed[(pair, budget, a["arm"])].get(s)) for s in seeds]
+            spread = f" ± {a['top1_std']:.2f}" if a["seeds"] > 1 else ""
             print(
-                f"| {LABEL[a['arm']]} | {a['seeds']} | {a['top1_mean']:.2f} ± {a['top1_std']:.2f} | "
+                f"| {LABEL[a['arm']]} | {a['seeds']} | {a['top1_mean']:.2f}{spread} | "
                 + " | ".join(cells)
                 + f" | {a['bops_mean'] / 1e9:.4f} | {a['size_mb_mean']:.3f} | "
                 f"{a['search_images_mean']:.0f} | {a['search_seconds_mean']:.0f} |"
             )
+        paired(res, pair, budget)
     if len(sys.argv) > 2:
         ablation = pathlib.Path(sys.argv[2])
         variants = defaultdict(dict)

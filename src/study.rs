@@ -234,6 +234,60 @@ pub fn aggregate(rows: &[ResultRow]) -> Vec<ArmStats> {
         .collect()
 }
 
+/// GMPQ against another arm of the same (pair, budget), seed by seed: the claim is about
+/// this paired difference, and pairing removes the spread that the shared teacher, search seed
+/// and fine-tuning seed put into both arms.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PairedDifference {
+    pub pair: String,
+    pub compression_target: f64,
+    pub against: Arm,
+    /// (seed, GMPQ top-1 − the other arm's top-1), over the seeds where both finished.
+    pub per_seed: Vec<(u64, f64)>,
+    pub mean: f64,
+    /// Seeds where GMPQ is strictly ahead.
+    pub gmpq_ahead: usize,
+}
+
+/// [`PairedDifference`]s of GMPQ against every other arm, from finished rows.
+pub fn paired_differences(rows: &[ResultRow]) -> Vec<PairedDifference> {
+    // (pair, budget, arm) → (budget, seed → top-1)
+    type Finished = BTreeMap<(String, String, Arm), (f64, BTreeMap<u64, f64>)>;
+    let mut top1 = Finished::new();
+    for r in rows {
+        if let Some(t) = r.top1 {
+            top1.entry(group_key(&r.pair, r.compression_target, r.arm))
+                .or_insert_with(|| (r.compression_target, BTreeMap::new()))
+                .1
+                .insert(r.seed, t);
+        }
+    }
+    let mut out = Vec::new();
+    for ((pair, budget, arm), (compression_target, other)) in &top1 {
+        let gmpq = match top1.get(&(pair.clone(), budget.clone(), Arm::Gmpq)) {
+            Some((_, g)) if *arm != Arm::Gmpq => g,
+            _ => continue,
+        };
+        let per_seed: Vec<(u64, f64)> = other
+            .iter()
+            .filter_map(|(seed, t)| gmpq.get(seed).map(|g| (*seed, g - t)))
+            .collect();
+        if per_seed.is_empty() {
+            continue;
+        }
+        let diffs: Vec<f64> = per_seed.iter().map(|(_, d)| *d).collect();
+        out.push(PairedDifference {
+            pair: pair.clone(),
+            compression_target: *compression_target,
+            against: *arm,
+            mean: mean_std(&diffs).0,
+            gmpq_ahead: diffs.iter().filter(|d| **d > 0.0).count(),
+            per_seed,
+        });
+    }
+    out
+}
+
 /// Mean weight and activation bits per layer of one arm, over the runs of a (pair, budget)
 /// group whose search has written its policy.
 #[derive(Debug, Clone, Serialize)]
@@ -323,8 +377,11 @@ pub fn write_results(out: &Path, rows: &[ResultRow], stats: &[ArmStats]) -> Resu
             .map_err(|source| StudyError::Write { path, source })
     };
     write("results.csv", csv.as_bytes())?;
-    let json = serde_json::to_vec_pretty(&serde_json::json!({"rows": rows, "arms": stats}))
-        .unwrap_or_default();
+    let paired = paired_differences(rows);
+    let json = serde_json::to_vec_pretty(
+        &serde_json::json!({"rows": rows, "arms": stats, "gmpq_paired": paired}),
+    )
+    .unwrap_or_default();
     write("results.json", &json)
 }
 
@@ -367,6 +424,40 @@ mod tests {
         assert_eq!(g.seeds, 2);
         assert!((g.top1_mean - 94.0).abs() < 1e-12);
         assert!((g.top1_std - 2f64.sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn paired_differences_use_only_seeds_where_both_arms_finished() {
+        let row = |seed, arm, top1| ResultRow {
+            pair: "a".into(),
+            compression_target: 64.0,
+            seed,
+            arm,
+            top1,
+            bops: None,
+            size_mb: None,
+            compression: None,
+            search_seconds: None,
+            search_images: None,
+            fp_top1: None,
+        };
+        let rows = vec![
+            row(0, Arm::Gmpq, Some(94.0)),
+            row(1, Arm::Gmpq, Some(93.0)),
+            row(2, Arm::Gmpq, Some(95.0)),
+            row(0, Arm::Edmips, Some(93.5)),
+            row(1, Arm::Edmips, Some(93.5)),
+            row(2, Arm::Edmips, None),
+            row(3, Arm::Edmips, Some(90.0)),
+            row(0, Arm::Uniform, Some(94.0)),
+        ];
+        let p = paired_differences(&rows);
+        assert_eq!(p.len(), 2);
+        let e = p.iter().find(|d| d.against == Arm::Edmips).unwrap();
+        assert_eq!(e.per_seed, vec![(0, 0.5), (1, -0.5)]);
+        assert_eq!((e.mean, e.gmpq_ahead, e.compression_target), (0.0, 1, 64.0));
+        let u = p.iter().find(|d| d.against == Arm::Uniform).unwrap();
+        assert_eq!((u.per_seed.clone(), u.gmpq_ahead), (vec![(0, 0.0)], 0));
     }
 
     #[test]

@@ -347,3 +347,45 @@ fn study_refuses_an_unknown_pair_and_tables_of_no_study() {
     assert!(stderr(&r).contains("holds no study"), "{}", stderr(&r));
     assert!(!out.exists(), "a refused study left a folder behind");
 }
+
+#[test]
+fn study_skips_a_run_another_process_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let fmnist = format!("idx:{}", bundled("fashion-mnist").display());
+    let config = dir.path().join("study.json");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"target": {{"data": "{fmnist}:256", "epochs": 1}},
+                "pairs": [{{"name": "a-to-b", "proxy": {{"data": "{fmnist}:128", "epochs": 1}},
+                            "budgets": [{{"compression": 64, "seeds": 1}}]}}],
+                "arms": ["gmpq"], "search_epochs": 1, "target_search_epochs": 1,
+                "finetune_epochs": 1}}"#
+        ),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    let run_dir = out.join("a-to-b-c64-seed0");
+    // This test process stands in for a second study working on the run.
+    let held = gmpq::checkpoint::DirLock::acquire(&run_dir).unwrap();
+    let (c, o) = (config.to_str().unwrap(), out.to_str().unwrap());
+    let r = run(&["--threads", "1", "study", c, "--out", o]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    let stdout = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        stdout.contains("in use by another gmpq process") && stdout.contains("skipping this run"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("1 run(s) belonged to another process"),
+        "{stdout}"
+    );
+    assert!(out.join("results.csv").exists());
+    let entries: Vec<_> = std::fs::read_dir(&run_dir).unwrap().flatten().collect();
+    assert_eq!(
+        entries.len(),
+        1,
+        "the skipped run was written to: {entries:?}"
+    );
+    drop(held);
+}

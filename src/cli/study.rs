@@ -85,6 +85,8 @@ pub fn study_cmd(a: StudyArgs, device: tch::Device) -> Result<()> {
         .filter(|a| **a != Arm::Gmpq)
         .map(|a| a.name().to_string())
         .collect();
+    // Runs another study process is working on (same --out): it owns them, this one moves on.
+    let mut held = Vec::new();
     for (i, r) in runs.iter().enumerate() {
         if !a.pair.is_empty() && !a.pair.contains(&r.pair) {
             continue;
@@ -126,12 +128,36 @@ pub fn study_cmd(a: StudyArgs, device: tch::Device) -> Result<()> {
             seed: r.seed,
             ..super::pipeline::demo_args(r.dir.clone(), false)
         };
-        pipeline_cmd(args, device)?;
+        match pipeline_cmd(args, device) {
+            Ok(()) => {}
+            Err(e) if held_by_another_process(&e, &r.dir) => {
+                println!("[study] {e}: skipping this run");
+                held.push(r.dir.display().to_string());
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
         write_tables(&config, &a.out, &runs)?;
     }
     let page = write_tables(&config, &a.out, &runs)?;
     println!("[study] results: {}", page.display());
+    if !held.is_empty() {
+        println!(
+            "[study] {} run(s) belonged to another process: {}. When it ends, run the study again (or with --tables-only) for complete tables.",
+            held.len(),
+            held.join(", ")
+        );
+    }
     Ok(())
+}
+
+/// Whether `e` is the lock on a run folder that another gmpq process holds, which lets several
+/// study processes share one `--out`, each taking the runs the others are not working on.
+fn held_by_another_process(e: &anyhow::Error, run_dir: &Path) -> bool {
+    matches!(
+        e.downcast_ref::<gmpq::checkpoint::LockError>(),
+        Some(gmpq::checkpoint::LockError::Busy { dir, .. }) if dir == run_dir
+    )
 }
 
 /// Mean bits per layer of the searched arms, side by side, one weights and one activations
@@ -218,6 +244,32 @@ fn write_tables(config: &StudyConfig, out: &Path, runs: &[study::StudyRun]) -> R
         );
     }
     page.push_str("</table>");
+    let paired = study::paired_differences(&rows);
+    if !paired.is_empty() {
+        page.push_str(
+            "<h2>GMPQ minus each arm, paired by seed</h2><table><tr><th>pair</th><th>budget</th>\
+             <th>against</th><th>mean difference</th><th>GMPQ ahead</th><th>per seed</th></tr>",
+        );
+        for d in &paired {
+            let seeds: Vec<String> = d
+                .per_seed
+                .iter()
+                .map(|(s, v)| format!("{s}: {v:+.2}"))
+                .collect();
+            let _ = write!(
+                page,
+                "<tr><td>{}</td><td>{}×</td><td>{}</td><td>{:+.2}</td><td>{} of {}</td><td>{}</td></tr>",
+                d.pair,
+                d.compression_target,
+                d.against.label(),
+                d.mean,
+                d.gmpq_ahead,
+                d.per_seed.len(),
+                seeds.join(", ")
+            );
+        }
+        page.push_str("</table>");
+    }
     bits_charts(config, out, runs, &mut page)?;
     page.push_str("<h2>Runs</h2><ul>");
     for r in runs {
