@@ -6,8 +6,9 @@
 #   aw200 attribution weight 200
 #   p3    a fixed attribution exponent p = 3 (the reference script's default) instead of the
 #         capacity-aware rule
-# Needs the study's teachers (gmpq study studies/fmnist.json). Rerun to resume.
-#   THREADS=1 SEEDS="0 1 2" scripts/ablation.sh
+# Needs the study's teachers (gmpq study studies/fmnist.json). Rerun to resume. VARIANTS and
+# SEEDS pick a part, e.g. for two workers on disjoint seeds:
+#   THREADS=1 SEEDS="0 1" VARIANTS="aw200" scripts/ablation.sh
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/env.sh"
@@ -18,12 +19,15 @@ data="${DATA:-../shared/datasets}"
 for f in "$study/teacher-mnist-to-fmnist/last.safetensors" "$study/teacher-target/last.safetensors"; do
   [ -f "$f" ] || { echo "ablation: $f is missing; run the study first" >&2; exit 1; }
 done
-cargo build --release --quiet --bin gmpq
+# GMPQ=PATH runs a prebuilt binary (e.g. a copy, while the tree is being edited).
+gmpq="${GMPQ:-target/release/gmpq}"
+[ -n "${GMPQ:-}" ] || cargo build --release --quiet --bin gmpq
 for seed in ${SEEDS:-0 1 2}; do
   for variant in "aw80:--attribution-weight 80" "p3:--p 3" "aw200:--attribution-weight 200"; do
     name="${variant%%:*}"
+    case " ${VARIANTS:-aw80 p3 aw200} " in *" $name "*) ;; *) continue ;; esac
     # shellcheck disable=SC2086 # the variant's flags are meant to split
-    target/release/gmpq --threads "${THREADS:-2}" pipeline --model resnet20 \
+    "$gmpq" --threads "${THREADS:-2}" pipeline --model resnet20 \
       --proxy "idx:$data/mnist:2000" --proxy-hflip false \
       --target "idx:$data/fashion-mnist" --hflip \
       --teacher "$study/teacher-mnist-to-fmnist/last.safetensors" \

@@ -167,6 +167,9 @@ pub struct StageRecord {
     /// Wall seconds of the run that produced the output (kept when a later pass skips it).
     pub seconds: f64,
     pub status: StageStatus,
+    /// Where the output was copied from instead of being computed (see [`reusable_training`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reused_from: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -276,6 +279,78 @@ pub fn training_meta(run_dir: &Path) -> Result<Option<CheckpointMeta>> {
         })
 }
 
+/// A finished training stage in another run folder that is the very computation `layout` is
+/// about to run: the stage `stage` is done there with the same command line once each run's
+/// own paths are put in (`command_for`), and its policy file is byte-identical to ours. Used
+/// for arms that do not depend on the proxy (uniform, random) when runs of a study differ only
+/// in the proxy: their fine-tunings are the same, and are copied rather than run again.
+pub fn reusable_training(
+    layout: &RunLayout,
+    others: &[PathBuf],
+    arm: Arm,
+    stage: &str,
+    epochs: usize,
+    command_for: impl Fn(&RunLayout) -> String,
+) -> Result<Option<StageRecord>> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|e| PipelineError::Read {
+            path: path.into(),
+            reason: e.to_string(),
+        })
+    };
+    let ours = read(&layout.policy(arm))?;
+    for other in others.iter().filter(|o| **o != layout.dir) {
+        let theirs = RunLayout::new(other);
+        if !training_done(&theirs.finetune(arm), epochs)? || !theirs.policy(arm).exists() {
+            continue;
+        }
+        let Some(record) = RunRecord::load(&theirs.record())? else {
+            continue;
+        };
+        let Some(done) = record
+            .stage(stage)
+            .filter(|s| s.status == StageStatus::Done && s.command == command_for(&theirs))
+        else {
+            continue;
+        };
+        if read(&theirs.policy(arm))? == ours {
+            return Ok(Some(StageRecord {
+                reused_from: Some(theirs.finetune(arm)),
+                ..done.clone()
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// Copies a finished training folder's files into `to` (each atomically, the JSON sidecars
+/// last, so that [`training_done`] turns true only once the checkpoint is in place).
+pub fn copy_training(from: &Path, to: &Path) -> Result<()> {
+    let io = |path: &Path, e: std::io::Error| PipelineError::Write {
+        path: path.into(),
+        source: e,
+    };
+    std::fs::create_dir_all(to).map_err(|e| io(to, e))?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(from)
+        .map_err(|e| io(from, e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.is_file()
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .collect();
+    files.sort_by_key(|p| p.extension().is_some_and(|e| e == "json"));
+    for f in files {
+        let bytes = std::fs::read(&f).map_err(|e| io(&f, e))?;
+        let dest = to.join(f.file_name().unwrap_or_default());
+        checkpoint::write_atomic(&dest, &bytes).map_err(|e| io(&dest, e))?;
+    }
+    Ok(())
+}
+
 /// Whether a training run has completed `epochs` epochs.
 pub fn training_done(run_dir: &Path, epochs: usize) -> Result<bool> {
     Ok(training_meta(run_dir)?.is_some_and(|m| m.epoch >= epochs))
@@ -358,6 +433,43 @@ impl RunSummary {
     }
 }
 
+/// Writes the sidecar of a training that ran `epochs` epochs (test top-1 90 + epoch), as a
+/// finished or interrupted run leaves it, without training anything.
+#[cfg(test)]
+pub(crate) fn write_finished_training(dir: &Path, epochs: usize) {
+    use crate::checkpoint::EpochMetrics;
+    let model = crate::model::ModelConfig::new(crate::model::Arch::ResNet20, 1, 10, 28);
+    let mut meta = CheckpointMeta::new(
+        model,
+        crate::data::Pipeline {
+            transforms: vec![],
+            normalize: crate::data::Normalize::identity(1),
+        },
+    );
+    meta.epoch = epochs;
+    meta.history = (1..=epochs)
+        .map(|epoch| EpochMetrics {
+            epoch,
+            lr: 0.01,
+            train_loss: 0.1,
+            train_top1: 95.0,
+            test_loss: 0.2,
+            test_top1: 90.0 + epoch as f64,
+            test_top5: 99.0,
+            seconds: 1.0,
+            images_per_second: 1.0,
+        })
+        .collect();
+    let checkpoint = crate::train::last_checkpoint(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(&checkpoint, b"weights").unwrap();
+    std::fs::write(
+        checkpoint::sidecar_path(&checkpoint),
+        serde_json::to_vec(&meta).unwrap(),
+    )
+    .unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,6 +499,72 @@ mod tests {
         assert!(!err.contains("finetune_epochs"), "{err}");
     }
 
+    /// Run `name` with a uniform policy (`policy` bytes) whose fine-tuning finished `epochs`
+    /// epochs, recorded with the command `gmpq finetune --out DIR/finetune-uniform`.
+    fn run_with_finetune(root: &Path, name: &str, policy: &[u8], epochs: usize) -> RunLayout {
+        let layout = RunLayout::new(root.join(name));
+        std::fs::create_dir_all(layout.search(Arm::Uniform)).unwrap();
+        std::fs::write(layout.policy(Arm::Uniform), policy).unwrap();
+        if epochs > 0 {
+            write_finished_training(&layout.finetune(Arm::Uniform), epochs);
+        }
+        let mut rec = RunRecord {
+            format: RECORD_FORMAT,
+            command: String::new(),
+            settings: serde_json::Value::Null,
+            arms: vec![Arm::Uniform],
+            stages: vec![],
+        };
+        rec.set_stage(StageRecord {
+            name: "finetune-uniform".into(),
+            command: command(&layout),
+            seconds: 42.0,
+            status: StageStatus::Done,
+            reused_from: None,
+        });
+        rec.save(&layout.record()).unwrap();
+        layout
+    }
+
+    fn command(l: &RunLayout) -> String {
+        format!("gmpq finetune --out {}", l.finetune(Arm::Uniform).display())
+    }
+
+    #[test]
+    fn a_finished_identical_training_elsewhere_is_found_and_copied() {
+        let root = tempfile::tempdir().unwrap();
+        let ours = run_with_finetune(root.path(), "ours", b"w4a4", 0);
+        let unfinished = run_with_finetune(root.path(), "unfinished", b"w4a4", 2);
+        let other_policy = run_with_finetune(root.path(), "other-policy", b"w3a3", 3);
+        let same = run_with_finetune(root.path(), "same", b"w4a4", 3);
+        let find = |others: &[&RunLayout], command_for: &dyn Fn(&RunLayout) -> String| {
+            let dirs: Vec<PathBuf> = others.iter().map(|l| l.dir.clone()).collect();
+            reusable_training(
+                &ours,
+                &dirs,
+                Arm::Uniform,
+                "finetune-uniform",
+                3,
+                command_for,
+            )
+            .unwrap()
+        };
+        assert_eq!(find(&[&ours, &unfinished, &other_policy], &command), None);
+        let found = find(&[&unfinished, &other_policy, &same], &command).unwrap();
+        assert_eq!(found.reused_from, Some(same.finetune(Arm::Uniform)));
+        assert_eq!((found.seconds, found.command), (42.0, command(&same)));
+        // Another recipe (here: another seed) is another computation.
+        let seed1 = |l: &RunLayout| format!("{} --seed 1", command(l));
+        assert_eq!(find(&[&same], &seed1), None);
+
+        copy_training(&same.finetune(Arm::Uniform), &ours.finetune(Arm::Uniform)).unwrap();
+        assert!(training_done(&ours.finetune(Arm::Uniform), 3).unwrap());
+        assert_eq!(
+            std::fs::read(crate::train::last_checkpoint(&ours.finetune(Arm::Uniform))).unwrap(),
+            b"weights"
+        );
+    }
+
     #[test]
     fn stages_are_replaced_in_place() {
         let mut rec = RunRecord {
@@ -402,6 +580,7 @@ mod tests {
                 command: String::new(),
                 seconds: s,
                 status: StageStatus::Done,
+                reused_from: None,
             });
         }
         assert_eq!(rec.stages.len(), 2);

@@ -512,7 +512,6 @@ mod tests {
     /// An arm whose fine-tuning stopped after 2 of 3 epochs has no accuracy in the table.
     #[test]
     fn collect_leaves_out_unfinished_fine_tuning() {
-        use crate::checkpoint::{CheckpointMeta, EpochMetrics};
         let dir = tempfile::tempdir().unwrap();
         let run = StudyRun {
             pair: "a".into(),
@@ -522,33 +521,7 @@ mod tests {
         };
         let layout = RunLayout::new(&run.dir);
         for (arm, epochs) in [(Arm::Gmpq, 3), (Arm::Edmips, 2)] {
-            let model = crate::model::ModelConfig::new(crate::model::Arch::ResNet20, 1, 10, 28);
-            let mut meta = CheckpointMeta::new(
-                model,
-                crate::data::Pipeline {
-                    transforms: vec![],
-                    normalize: crate::data::Normalize::identity(1),
-                },
-            );
-            meta.epoch = epochs;
-            meta.history = (1..=epochs)
-                .map(|epoch| EpochMetrics {
-                    epoch,
-                    lr: 0.01,
-                    train_loss: 0.1,
-                    train_top1: 95.0,
-                    test_loss: 0.2,
-                    test_top1: 90.0 + epoch as f64,
-                    test_top5: 99.0,
-                    seconds: 1.0,
-                    images_per_second: 1.0,
-                })
-                .collect();
-            let sidecar = crate::checkpoint::sidecar_path(&crate::train::last_checkpoint(
-                &layout.finetune(arm),
-            ));
-            std::fs::create_dir_all(sidecar.parent().unwrap()).unwrap();
-            std::fs::write(&sidecar, serde_json::to_vec(&meta).unwrap()).unwrap();
+            crate::pipeline::write_finished_training(&layout.finetune(arm), epochs);
         }
         let rows = collect(&[run], &[Arm::Gmpq, Arm::Edmips], 3).unwrap();
         let top1 = |arm| rows.iter().find(|r| r.arm == arm).unwrap().top1;

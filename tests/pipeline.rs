@@ -257,6 +257,50 @@ fn pipeline_killed_in_each_stage_resumes_without_redoing_finished_stages() {
     ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("precision differs"), "{}", stderr(&o));
+
+    // A second run with the same teachers and budget: its uniform policy and fine-tuning
+    // command are the first run's, so the fine-tuning is copied; GMPQ's policy records its own
+    // search folder, so it is fine-tuned afresh.
+    let twin = dir.path().join("twin");
+    let mut twin_args = pipeline_args(&twin);
+    twin_args.extend(
+        [
+            "--teacher",
+            teacher.to_str().unwrap(),
+            "--target-teacher",
+            init.to_str().unwrap(),
+            "--reuse-finetunes-from",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    let o = gmpq().args(&twin_args).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("[finetune-uniform] the same fine-tuning (command and policy) finished in"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("[finetune-gmpq] gmpq finetune"), "{stdout}");
+    let weights =
+        |run: &Path| std::fs::read(run.join("finetune-uniform/last.safetensors")).unwrap();
+    assert_eq!(weights(&twin), weights(&out));
+    let stage = record(&twin).unwrap()["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "finetune-uniform")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        stage["reused_from"],
+        out.join("finetune-uniform").to_str().unwrap()
+    );
+    let html = std::fs::read_to_string(twin.join("report.html")).unwrap();
+    assert!(
+        html.contains("copied from"),
+        "report does not say the stage was copied"
+    );
 }
 
 #[test]

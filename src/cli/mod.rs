@@ -399,6 +399,12 @@ pub struct PipelineArgs {
     #[arg(long, default_value = "runs/pipeline")]
     #[serde(skip)]
     pub out: PathBuf,
+    /// Another run folder (repeatable) whose finished fine-tunings may be copied: one with the
+    /// same command (same teacher, data, recipe and seed) and a byte-identical policy is the
+    /// same computation, so it is copied instead of run again (pipeline.json says so).
+    #[arg(long, value_name = "RUN_DIR")]
+    #[serde(skip)]
+    pub reuse_finetunes_from: Vec<PathBuf>,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     #[serde(skip)]

@@ -60,9 +60,8 @@ impl Runner {
 
     /// Runs `argv` as a gmpq command unless `done` says the stage's output exists.
     fn command(&mut self, name: &str, done: bool, argv: Vec<String>) -> Result<()> {
-        let mut full = vec!["gmpq".to_string()];
-        full.extend(argv);
-        let command = shell_words::join(&full);
+        let command = command_line(&argv);
+        let full: Vec<String> = std::iter::once("gmpq".to_string()).chain(argv).collect();
         if done {
             println!("[{name}] output exists, skipped");
             if self.record.stage(name).is_none() {
@@ -71,6 +70,7 @@ impl Runner {
                     command,
                     seconds: 0.0,
                     status: StageStatus::Done,
+                    reused_from: None,
                 });
                 self.save()?;
             }
@@ -94,6 +94,7 @@ impl Runner {
             command: command.clone(),
             seconds: 0.0,
             status: StageStatus::Running,
+            reused_from: None,
         });
         self.save()?;
         let started = Instant::now();
@@ -103,9 +104,15 @@ impl Runner {
             command,
             seconds: started.elapsed().as_secs_f64(),
             status: StageStatus::Done,
+            reused_from: None,
         });
         self.save()
     }
+}
+
+/// The `gmpq …` command line of a stage's arguments, as pipeline.json records it.
+fn command_line(argv: &[String]) -> String {
+    shell_words::join(std::iter::once("gmpq").chain(argv.iter().map(String::as_str)))
 }
 
 fn path_arg(p: &Path) -> String {
@@ -448,20 +455,19 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
 
     // 4. Fine-tune every arm's policy on the target (evaluated on its test split each epoch).
     let mut finetuned = Vec::new();
-    for &arm in &all_arms {
-        let dir = layout.finetune(arm);
+    let finetune_argv = |l: &RunLayout, arm: Arm| {
         let mut argv: Vec<String> = vec![
             "finetune".into(),
             "--init".into(),
             path_arg(&target_teacher),
             "--policy".into(),
-            path_arg(&layout.policy(arm)),
+            path_arg(&l.policy(arm)),
             "--data".into(),
             a.target.clone(),
             "--epochs".into(),
             a.finetune_epochs.to_string(),
             "--out".into(),
-            path_arg(&dir),
+            path_arg(&l.finetune(arm)),
             "--resume".into(),
         ];
         if let Some(lr) = a.finetune_lr {
@@ -469,8 +475,38 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
         }
         argv.extend(target_subset.iter().cloned());
         argv.extend(common.iter().cloned());
+        argv
+    };
+    for &arm in &all_arms {
+        let dir = layout.finetune(arm);
         let name = format!("finetune-{}", arm.name());
-        run.command(&name, training_done(&dir, a.finetune_epochs)?, argv)?;
+        let done = training_done(&dir, a.finetune_epochs)?;
+        let reusable = match done || a.reuse_finetunes_from.is_empty() {
+            true => None,
+            false => gmpq::pipeline::reusable_training(
+                &layout,
+                &a.reuse_finetunes_from,
+                arm,
+                &name,
+                a.finetune_epochs,
+                |l| command_line(&finetune_argv(l, arm)),
+            )?,
+        };
+        if let Some(stage) = reusable {
+            let from = stage.reused_from.clone().unwrap_or_default();
+            println!(
+                "[{name}] the same fine-tuning (command and policy) finished in {}: copied",
+                from.display()
+            );
+            gmpq::pipeline::copy_training(&from, &dir)?;
+            run.record.set_stage(StageRecord {
+                command: command_line(&finetune_argv(&layout, arm)),
+                ..stage
+            });
+            run.save()?;
+        } else {
+            run.command(&name, done, finetune_argv(&layout, arm))?;
+        }
         finetuned.push(gmpq::train::last_checkpoint(&dir));
     }
 
@@ -579,6 +615,7 @@ pub fn demo_args(out: PathBuf, json: bool) -> PipelineArgs {
         subset_seed: 0,
         out,
         json,
+        reuse_finetunes_from: Vec::new(),
     }
 }
 

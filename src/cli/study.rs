@@ -126,6 +126,13 @@ pub fn study_cmd(a: StudyArgs, device: tch::Device) -> Result<()> {
             hflip: config.hflip,
             proxy_hflip: Some(pair.proxy.hflip),
             seed: r.seed,
+            // Proxy-independent arms (uniform, random) of another pair at this budget and seed
+            // are the same fine-tuning.
+            reuse_finetunes_from: runs
+                .iter()
+                .filter(|o| o.seed == r.seed && o.dir != r.dir)
+                .map(|o| o.dir.clone())
+                .collect(),
             ..super::pipeline::demo_args(r.dir.clone(), false)
         };
         match pipeline_cmd(args, device) {

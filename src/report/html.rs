@@ -292,7 +292,7 @@ pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, ReportError> {
     for s in &record.stages {
         let _ = writeln!(
             page,
-            "<tr><td>{}</td><td>{:.0} s{}</td><td style=\"text-align:left\"><code>{}</code></td></tr>",
+            "<tr><td>{}</td><td>{:.0} s{}</td><td style=\"text-align:left\"><code>{}</code>{}</td></tr>",
             esc(&s.name),
             s.seconds,
             if s.status == crate::pipeline::StageStatus::Running {
@@ -300,7 +300,11 @@ pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, ReportError> {
             } else {
                 ""
             },
-            esc(&s.command)
+            esc(&s.command),
+            s.reused_from.as_ref().map_or(String::new(), |from| format!(
+                "<br>copied from <code>{}</code>, where the same command ran on the same policy",
+                esc(&from.display().to_string())
+            ))
         );
     }
     let _ = write!(
