@@ -12,7 +12,6 @@ use gmpq::quant::{self, Precision};
 use gmpq::search::{
     complexity_loss, expected_layer_bits, random_policy, repair, Geometry, Preferences, Target,
 };
-use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
 fn cfg() -> ModelConfig {
@@ -133,8 +132,8 @@ fn repair_meets_the_budget_and_fills_it() {
     };
     // The search preferred 6 bits everywhere but weakly on layer2.*.
     let mut prefs = Preferences {
-        alpha_w: HashMap::new(),
-        alpha_a: HashMap::new(),
+        alpha_w: Default::default(),
+        alpha_a: Default::default(),
     };
     for l in &p.layers {
         let v = if l.name.starts_with("layer2") {
@@ -271,6 +270,43 @@ fn search_meets_target_and_aw0_ignores_attribution() {
         }
         let policy = Policy::load(&o.join("policy.json")).unwrap();
         std::fs::copy(o.join("policy.json"), o.join("policy.before")).unwrap();
+        // The final α is kept, per layer and candidate, and repairing it again gives the policy.
+        let meta = policy.meta.clone().unwrap();
+        let alpha: Preferences = serde_json::from_value(meta["alpha"].clone()).unwrap();
+        for l in &policy.layers {
+            assert_eq!(alpha.alpha_w[&l.name].len(), 4, "{}", l.name);
+            assert_eq!(alpha.alpha_a[&l.name].len(), 4, "{}", l.name);
+        }
+        let mut argmax = policy.clone();
+        for l in &mut argmax.layers {
+            let best = |v: &Vec<f64>| {
+                // ties to the lowest bitwidth, as the search extracts
+                let i = (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b });
+                [2, 3, 4, 6][i]
+            };
+            l.w_bits = best(&alpha.alpha_w[&l.name]);
+            l.a_bits = best(&alpha.alpha_a[&l.name]);
+        }
+        let n = quant::build(&cfg(), Precision::Full, Device::Cpu).unwrap();
+        let g = Geometry::new(n.net.convs(), n.net.fc_spec());
+        let bits = |p: &Policy| -> Vec<(f64, f64)> {
+            g.layers
+                .iter()
+                .map(|gl| {
+                    let l = p.layers.iter().find(|l| l.name == gl.name).unwrap();
+                    (l.w_bits as f64, l.a_bits as f64)
+                })
+                .collect()
+        };
+        assert_eq!(
+            g.measure(&Target::Bops(1.0), &bits(&argmax)),
+            meta["argmax_policy_bops"].as_f64().unwrap()
+        );
+        repair(&mut argmax, &g, &Target::Compression(64.0), &alpha);
+        assert_eq!(
+            argmax.layers, policy.layers,
+            "α does not reproduce the policy"
+        );
         let totals = policy.totals.clone().unwrap();
         assert!(
             totals.compression >= 64.0,

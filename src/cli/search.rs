@@ -225,6 +225,7 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
             "method": if config.attribution_weight == 0.0 { "edmips" } else { "gmpq" },
             "target": r.target,
             "argmax_policy_bops": r.argmax.totals.as_ref().map(|t| t.bops),
+            "alpha": r.alpha,
             "search": config,
             "proxy": format!("{spec} ({} images, subset seed {})", train_indices.len(), a.subset.subset_seed),
             "teacher": a.teacher,

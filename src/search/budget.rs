@@ -5,7 +5,7 @@
 use crate::model::{ConvSpec, LinearSpec};
 use crate::policy::{Candidates, Policy};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// A budget as the user states it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -103,10 +103,14 @@ impl DualWeight {
 }
 
 /// Per-layer architecture logits, to rank repair moves by how little the search preferred
-/// the bits given up.
+/// the bits given up. Saved in a searched policy's `meta.alpha` (in candidate order), so
+/// another extraction rule can be tried on a finished search without running it again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Preferences {
-    pub alpha_w: HashMap<String, Vec<f64>>,
-    pub alpha_a: HashMap<String, Vec<f64>>,
+    #[serde(rename = "weight")]
+    pub alpha_w: BTreeMap<String, Vec<f64>>,
+    #[serde(rename = "activation")]
+    pub alpha_a: BTreeMap<String, Vec<f64>>,
 }
 
 /// Lowers bits until the policy meets the budget, then raises bits while it still does, so

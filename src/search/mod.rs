@@ -16,7 +16,7 @@ use crate::policy::{Candidates, Policy};
 use crate::quant::{self, expected_bits, Network, Precision, QuantError};
 use crate::train::{evaluate, pipelines, Augment, Sgd, TrainError};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -169,6 +169,8 @@ pub struct SearchResult {
     pub policy: Policy,
     /// The argmax policy before repair.
     pub argmax: Policy,
+    /// The final α, from which the argmax and the repair were taken.
+    pub alpha: Preferences,
     pub log: Vec<EpochLog>,
     pub teacher_val_top1: f64,
     pub seconds: f64,
@@ -205,7 +207,7 @@ pub fn expected_layer_bits(net: &Network, vars: &HashMap<String, Tensor>) -> Vec
         .collect()
 }
 
-fn alpha_table(net: &Network, suffix: &str) -> HashMap<String, Vec<f64>> {
+fn alpha_table(net: &Network, suffix: &str) -> BTreeMap<String, Vec<f64>> {
     let vars = net.vs.variables();
     net.handles
         .iter()
@@ -431,8 +433,9 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
         } = ctx.run(&sn, phase)?;
         let argmax = sn.argmax_policy()?;
         let mut policy = argmax.clone();
+        let alpha = preferences(&sn);
         if let Some(t) = &target {
-            repair(&mut policy, &geometry, t, &preferences(&sn));
+            repair(&mut policy, &geometry, t, &alpha);
         }
         let policy = policy.with_totals(sn.net.convs(), sn.net.fc_spec());
         let mut full_log = shared_log.clone();
@@ -443,6 +446,7 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
             target,
             policy,
             argmax,
+            alpha,
             log: full_log,
             teacher_val_top1: teacher_val.top1,
             seconds: t0.elapsed().as_secs_f64() + resumed_seconds + warm_secs,
