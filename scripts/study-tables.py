@@ -77,13 +77,28 @@ def main():
             if arm.get("top1") is not None and arm["finetune_epochs"] >= record["settings"]["finetune_epochs"]:
                 variants[name][int(seed)] = arm["top1"]
         print("\n### Ablation (GMPQ arm, mnist-to-fmnist, 64×, seed-matched)\n")
-        print("| variant | seeds | top-1 mean ± std | per seed |")
-        print("|---|---|---|---|")
-        for name, by_seed in sorted(variants.items()):
+        print("| variant | seeds | top-1 mean ± std | per seed | minus aw 20 (study GMPQ), paired |")
+        print("|---|---|---|---|---|")
+        key = ("mnist-to-fmnist", 64.0)
+        reference = per_seed[key + ("gmpq",)]
+        rows = [("aw 0 (study EdMIPS)", per_seed[key + ("edmips",)]), ("aw 20 (study GMPQ)", reference)]
+        order = ["aw80", "aw200", "p3", "n8000"]
+        rows += sorted(variants.items(), key=lambda kv: (order + [kv[0]]).index(kv[0]))
+        for name, by_seed in rows:
+            if not by_seed:
+                continue
             v = list(by_seed.values())
-            sd = stdev(v) if len(v) > 1 else 0.0
+            spread = f" ± {stdev(v):.2f}" if len(v) > 1 else ""
             cells = ", ".join(f"{s}: {t:.2f}" for s, t in sorted(by_seed.items()))
-            print(f"| {name} | {len(v)} | {mean(v):.2f} ± {sd:.2f} | {cells} |")
+            diffs = {s: t - reference[s] for s, t in sorted(by_seed.items()) if s in reference}
+            vs_gmpq = (
+                "—"
+                if by_seed is reference or not diffs
+                else f"{mean(diffs.values()):+.2f} ("
+                + ", ".join(f"{s}: {d:+.2f}" for s, d in diffs.items())
+                + ")"
+            )
+            print(f"| {name} | {len(v)} | {mean(v):.2f}{spread} | {cells} | {vs_gmpq} |")
 
 
 if __name__ == "__main__":
