@@ -481,16 +481,17 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
         let dir = layout.finetune(arm);
         let name = format!("finetune-{}", arm.name());
         let done = training_done(&dir, a.finetune_epochs)?;
-        let reusable = match done || a.reuse_finetunes_from.is_empty() {
-            true => None,
-            false => gmpq::pipeline::reusable_training(
+        let reusable = if done || a.reuse_finetunes_from.is_empty() {
+            None
+        } else {
+            gmpq::pipeline::reusable_training(
                 &layout,
                 &a.reuse_finetunes_from,
                 arm,
                 &name,
                 a.finetune_epochs,
                 |l| command_line(&finetune_argv(l, arm)),
-            )?,
+            )?
         };
         if let Some(stage) = reusable {
             let from = stage.reused_from.clone().unwrap_or_default();
