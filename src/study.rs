@@ -397,9 +397,9 @@ mod tests {
         assert_eq!(mean_std(&[5.0]), (5.0, 0.0));
     }
 
-    #[test]
-    fn aggregate_groups_by_pair_budget_arm_and_skips_unfinished() {
-        let row = |seed, arm, top1| ResultRow {
+    /// A row of pair "a" at 64×.
+    fn row(seed: u64, arm: Arm, top1: Option<f64>) -> ResultRow {
+        ResultRow {
             pair: "a".into(),
             compression_target: 64.0,
             seed,
@@ -411,7 +411,11 @@ mod tests {
             search_seconds: Some(10.0),
             search_images: Some(100),
             fp_top1: Some(95.0),
-        };
+        }
+    }
+
+    #[test]
+    fn aggregate_groups_by_pair_budget_arm_and_skips_unfinished() {
         let rows = vec![
             row(0, Arm::Gmpq, Some(93.0)),
             row(1, Arm::Gmpq, Some(95.0)),
@@ -428,19 +432,6 @@ mod tests {
 
     #[test]
     fn paired_differences_use_only_seeds_where_both_arms_finished() {
-        let row = |seed, arm, top1| ResultRow {
-            pair: "a".into(),
-            compression_target: 64.0,
-            seed,
-            arm,
-            top1,
-            bops: None,
-            size_mb: None,
-            compression: None,
-            search_seconds: None,
-            search_images: None,
-            fp_top1: None,
-        };
         let rows = vec![
             row(0, Arm::Gmpq, Some(94.0)),
             row(1, Arm::Gmpq, Some(93.0)),
