@@ -349,8 +349,14 @@ pub fn mean_bits(runs: &[StudyRun], arms: &[Arm]) -> Result<Vec<MeanBits>, Study
         .collect())
 }
 
-/// Writes `results.csv` (one row per arm and run) and `results.json` (rows and aggregates).
-pub fn write_results(out: &Path, rows: &[ResultRow], stats: &[ArmStats]) -> Result<(), StudyError> {
+/// Writes `results.csv` (one row per arm and run) and `results.json` (rows, aggregates and
+/// GMPQ's paired differences).
+pub fn write_results(
+    out: &Path,
+    rows: &[ResultRow],
+    stats: &[ArmStats],
+    paired: &[PairedDifference],
+) -> Result<(), StudyError> {
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v}"));
     let mut csv = String::from(
         "pair,compression_target,seed,arm,top1,fp_top1,bops,compression,size_mb,search_seconds,search_images\n",
@@ -377,7 +383,6 @@ pub fn write_results(out: &Path, rows: &[ResultRow], stats: &[ArmStats]) -> Resu
             .map_err(|source| StudyError::Write { path, source })
     };
     write("results.csv", csv.as_bytes())?;
-    let paired = paired_differences(rows);
     let json = serde_json::to_vec_pretty(
         &serde_json::json!({"rows": rows, "arms": stats, "gmpq_paired": paired}),
     )

@@ -226,7 +226,8 @@ fn bits_charts(
 fn write_tables(config: &StudyConfig, out: &Path, runs: &[study::StudyRun]) -> Result<PathBuf> {
     let rows = study::collect(runs, &config.arms, config.finetune_epochs)?;
     let stats = study::aggregate(&rows);
-    study::write_results(out, &rows, &stats)?;
+    let paired = study::paired_differences(&rows);
+    study::write_results(out, &rows, &stats, &paired)?;
     let mut page = String::from(
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>gmpq study</title>\
          <style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}\
@@ -251,7 +252,6 @@ fn write_tables(config: &StudyConfig, out: &Path, runs: &[study::StudyRun]) -> R
         );
     }
     page.push_str("</table>");
-    let paired = study::paired_differences(&rows);
     if !paired.is_empty() {
         page.push_str(
             "<h2>GMPQ minus each arm, paired by seed</h2><table><tr><th>pair</th><th>budget</th>\
