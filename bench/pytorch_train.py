@@ -4,7 +4,13 @@ CIFAR ResNet-20 with 1x1-conv shortcuts (the layout gmpq builds), float32, synth
 full training step (forward, cross-entropy, backward, SGD momentum 0.9 / wd 5e-4), timed over
 `--steps` after `--warmup` untimed steps. Prints one JSON line.
 
+With `--policy FILE` (a gmpq policy for resnet20, e.g. bench/resnet20-mixed.json) the
+quantized convolutions use the reference GMPQ quantizers written the authors' way (half-wave
+PACT activation quantizer, symmetric weight quantizer with a threshold fixed at the first
+call, straight-through estimators): the QAT step `gmpq bench train --policy FILE` times.
+
     .venv/bin/python bench/pytorch_train.py --threads 2 --batch-size 64
+    .venv/bin/python bench/pytorch_train.py --threads 2 --batch-size 64 --policy bench/resnet20-mixed.json
 """
 import argparse
 import json
@@ -33,6 +39,46 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         sc = x if self.downsample is None else self.downsample(x)
         return F.relu(out + sc)
+
+
+class QuantConv(nn.Module):
+    """The reference's quantized conv: activation and weight fake quantizers with STEs."""
+
+    def __init__(self, conv, w_bits, a_bits):
+        super().__init__()
+        self.conv = conv
+        self.w_bits, self.a_bits = w_bits, a_bits
+        self.register_buffer("weight_range", torch.zeros(()))
+        self.act_range = nn.Parameter(torch.tensor(6.0))
+
+    def forward(self, x):
+        r = self.act_range
+        ori = 0.5 * (x.abs() - (x - r).abs() + r)
+        s = r.item() / (2 ** self.a_bits - 1)
+        q = (ori / s).round() * s
+        xq = q.detach() + ori - ori.detach()
+        w = self.conv.weight
+        if self.weight_range.item() <= 0:
+            with torch.no_grad():
+                self.weight_range.copy_(w.abs().max())
+        t = self.weight_range
+        sw = t / (2 ** (self.w_bits - 1) - 1)
+        wq = (torch.max(torch.min(w, t), -t) / sw).round() * sw
+        wq = wq.detach() + w - w.detach()
+        return F.conv2d(xq, wq, None, self.conv.stride, self.conv.padding)
+
+
+def quantize(net, policy_path):
+    """Wraps the policy's layers (gmpq names: layerS.I.conv1 → blocks.3(S−1)+I.conv1)."""
+    with open(policy_path) as f:
+        policy = json.load(f)
+    for layer in policy["layers"]:
+        stage, block, rest = layer["name"].split(".", 2)
+        path = f"blocks.{3 * (int(stage[5:]) - 1) + int(block)}.{rest}"
+        parent_path, _, attr = path.rpartition(".")
+        parent = net.get_submodule(parent_path)
+        setattr(parent, attr, QuantConv(getattr(parent, attr), layer["w_bits"], layer["a_bits"]))
+    return net
 
 
 class ResNet20(nn.Module):
@@ -66,10 +112,13 @@ def main():
         action="store_true",
         help="model and input in torch.channels_last (gmpq's training layout)",
     )
+    ap.add_argument("--policy", help="a gmpq policy JSON for resnet20: time the QAT step")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     net = ResNet20().train()
+    if a.policy:
+        net = quantize(net, a.policy)
     if a.channels_last:
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -93,6 +142,7 @@ def main():
         "batch_size": a.batch_size,
         "threads": torch.get_num_threads(),
         "param_layout": "channels-last" if a.channels_last else "contiguous",
+        "precision": f"fixed policy {a.policy}" if a.policy else "full",
         "steps": a.steps,
         "images_per_second": a.steps * a.batch_size / sum(times),
         "median_step_seconds": times[len(times) // 2],

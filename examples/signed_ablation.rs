@@ -72,6 +72,7 @@ fn main() -> Result<()> {
                 policy: policy.clone(),
                 per_channel,
             },
+            temperature: Default::default(),
         };
         q.load_fp_weights(&fp_ck, std::path::Path::new(ckpt))?;
         quant::calibrate(&q, &batches, CalibrationMethod::KlBelow5Bits)?;

@@ -26,6 +26,23 @@ for r in $(seq "$rounds"); do
        "| pytorch channels_last $(python bench/pytorch_train.py --threads 2 --batch-size 64 --steps 30 --channels-last 2>/dev/null | ips)" \
        "| pytorch without foreach $(python "$noforeach" --threads 2 --batch-size 64 --steps 30 2>/dev/null | ips)"
 done
+echo "# quiet machine, quantization-aware training step (ResNet-20, batch 64, 3x32x32, 2 threads,"
+echo "# the mixed 2/3/4/6-bit policy bench/resnet20-mixed.json), img/s; the FP step beside it"
+policy="$root/bench/resnet20-mixed.json"
+for r in $(seq "$rounds"); do
+  echo "round $r: gmpq fp $("$gmpq" --threads 2 bench train --batch-size 64 --steps 30 --json | ips)" \
+       "| gmpq qat fused $("$gmpq" --threads 2 bench train --batch-size 64 --steps 30 --policy "$policy" --json | ips)" \
+       "| gmpq qat reference $("$gmpq" --threads 2 --quant-kernels reference bench train --batch-size 64 --steps 30 --policy "$policy" --json | ips)" \
+       "| pytorch fp $(python bench/pytorch_train.py --threads 2 --batch-size 64 --steps 30 2>/dev/null | ips)" \
+       "| pytorch qat $(python bench/pytorch_train.py --threads 2 --batch-size 64 --steps 30 --policy "$policy" 2>/dev/null | ips)"
+done
+echo "# the full GMPQ search step (ResNet-18 CIFAR stem, supernet {2,3,4,6}, batch 32, 2 threads), s"
+secs() { python -c 'import json,sys; print(round(json.load(sys.stdin)["median_step_seconds"],3))'; }
+for r in $(seq "$rounds"); do
+  echo "round $r: fused $("$gmpq" --threads 2 bench search-step --json | secs)" \
+       "| reference $("$gmpq" --threads 2 --quant-kernels reference bench search-step --json | secs)" \
+       "| FP training step of the same network $("$gmpq" --threads 2 bench train --model resnet18 --batch-size 32 --steps 10 --json | secs)"
+done
 echo "# contended: a second 2-thread training (OMP active) runs beside gmpq, img/s"
 for mode in "default (GOMP_SPINCOUNT=10000)" "OMP_WAIT_POLICY=PASSIVE" "OMP_WAIT_POLICY=ACTIVE"; do
   OMP_WAIT_POLICY=ACTIVE "$gmpq" --threads 2 bench train --steps 1000 --json > /dev/null 2>&1 &

@@ -1,8 +1,11 @@
-//! Throughput of the full training step (forward, cross-entropy, backward, SGD update) on
-//! synthetic data, so the engine can be compared with PyTorch (`bench/pytorch_train.py`).
+//! Throughput of the full training step (forward, cross-entropy, backward, SGD update) at
+//! full precision, under a fixed quantization policy (QAT) or as the supernet, and of the
+//! full GMPQ search step, on synthetic data, so the engine can be compared with PyTorch
+//! (`bench/pytorch_train.py`, `bench/pytorch_qat.py`).
 
 use crate::model::ModelConfig;
 use crate::quant::{self, Precision};
+use crate::search::{AlphaOpt, SearchConfig, SearchStep};
 use crate::train::{ParamLayout, Sgd, TrainError};
 use serde::Serialize;
 use std::time::Instant;
@@ -19,6 +22,8 @@ pub struct BenchResult {
     pub threads: usize,
     /// Memory layout of the convolution weights (see [`ParamLayout`]).
     pub param_layout: String,
+    /// Quantizer implementation (`fused` or `reference`, see `quant::QuantKernels`).
+    pub kernels: String,
     pub steps: usize,
     pub images_per_second: f64,
     pub median_step_seconds: f64,
@@ -43,7 +48,16 @@ pub fn bench_train(
     tch::manual_seed(0);
     let label = match &precision {
         Precision::Full => "full".to_string(),
-        Precision::Fixed { .. } => "fixed policy".to_string(),
+        Precision::Fixed { policy, .. } => {
+            let mut bits: Vec<u32> = policy
+                .layers
+                .iter()
+                .flat_map(|l| [l.w_bits, l.a_bits])
+                .collect();
+            bits.sort_unstable();
+            bits.dedup();
+            format!("fixed policy, bits {bits:?}")
+        }
         Precision::Supernet { candidates } => {
             format!(
                 "supernet w{:?} a{:?}",
@@ -57,19 +71,8 @@ pub fn bench_train(
     let mut opt = Sgd::with_layout(network.weight_parameters(), 0.9, 5e-4, layout);
     let alphas = network.alpha_parameters();
     let mut alpha_opt = (!alphas.is_empty()).then(|| Sgd::with_layout(alphas, 0.9, 1e-4, layout));
-    let s = config.input_size as i64;
-    let x = Tensor::randn(
-        [batch_size as i64, config.in_channels as i64, s, s],
-        (Kind::Float, device),
-    );
-    let y = Tensor::randint(
-        config.num_classes as i64,
-        [batch_size as i64],
-        (Kind::Int64, device),
-    );
-    let mut times = Vec::with_capacity(steps);
-    for i in 0..warmup + steps {
-        let t = Instant::now();
+    let (x, y) = synthetic_batch(config, batch_size, device);
+    let times = time_steps(warmup, steps, || {
         let loss = net.forward_t(&x, true).cross_entropy_for_logits(&y);
         opt.zero_grad();
         if let Some(a) = alpha_opt.as_mut() {
@@ -82,21 +85,127 @@ pub fn bench_train(
         }
         // Synchronise (a no-op on the CPU, needed for CUDA timing).
         let _ = loss.double_value(&[]);
+        Ok(())
+    })?;
+    Ok(result(config, label, batch_size, layout, times))
+}
+
+/// Times the full GMPQ search step (`search::SearchStep`): the frozen FP teacher's CAM, the
+/// supernet's forward with its CAM, `CE + aw·L_attr + λ·L_complexity`, backward, and both
+/// optimizers, with the default search settings.
+pub fn bench_search_step(
+    config: &ModelConfig,
+    candidates: crate::policy::Candidates,
+    batch_size: usize,
+    warmup: usize,
+    steps: usize,
+    device: Device,
+) -> Result<BenchResult, TrainError> {
+    if steps == 0 || batch_size == 0 {
+        return Err(TrainError::Invalid(
+            "steps and batch size must be positive".into(),
+        ));
+    }
+    tch::manual_seed(0);
+    let invalid = |e: quant::QuantError| TrainError::Invalid(e.to_string());
+    let teacher = quant::build(config, Precision::Full, device).map_err(invalid)?;
+    teacher.use_channels_last_weights();
+    let label = format!(
+        "search step, supernet w{:?} a{:?}",
+        candidates.weight, candidates.activation
+    );
+    let sn = quant::build(config, Precision::Supernet { candidates }, device).map_err(invalid)?;
+    let search = SearchConfig::default();
+    let mut w_opt = Sgd::new(sn.weight_parameters(), search.momentum, search.weight_decay);
+    let mut a_opt = AlphaOpt::new(&search, sn.alpha_parameters());
+    let macs: Vec<f64> = sn.handles.iter().map(|h| h.spec.macs() as f64).collect();
+    let vars = sn.vs.variables();
+    let (x, y) = synthetic_batch(config, batch_size, device);
+    let mut step = SearchStep {
+        supernet: &sn,
+        teacher: &teacher.net,
+        config: &search,
+        weight_opt: &mut w_opt,
+        alpha_opt: &mut a_opt,
+        macs: &macs,
+        vars: &vars,
+    };
+    let times = time_steps(warmup, steps, || {
+        step.run(
+            &x,
+            &y,
+            Some(search.complexity_weight),
+            search.lr,
+            Some(search.alpha_lr),
+            0,
+        )
+        .map(|_| ())
+        .map_err(|e| TrainError::Invalid(e.to_string()))
+    })?;
+    Ok(result(
+        config,
+        label,
+        batch_size,
+        ParamLayout::default(),
+        times,
+    ))
+}
+
+fn synthetic_batch(config: &ModelConfig, batch_size: usize, device: Device) -> (Tensor, Tensor) {
+    let s = config.input_size as i64;
+    let x = Tensor::randn(
+        [batch_size as i64, config.in_channels as i64, s, s],
+        (Kind::Float, device),
+    );
+    let y = Tensor::randint(
+        config.num_classes as i64,
+        [batch_size as i64],
+        (Kind::Int64, device),
+    );
+    (x, y)
+}
+
+/// Wall time of each of `steps` calls of `step` after `warmup` untimed ones.
+fn time_steps(
+    warmup: usize,
+    steps: usize,
+    mut step: impl FnMut() -> Result<(), TrainError>,
+) -> Result<Vec<f64>, TrainError> {
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let t = Instant::now();
+        step()?;
         if i >= warmup {
             times.push(t.elapsed().as_secs_f64());
         }
     }
+    Ok(times)
+}
+
+fn result(
+    config: &ModelConfig,
+    precision: String,
+    batch_size: usize,
+    layout: ParamLayout,
+    mut times: Vec<f64>,
+) -> BenchResult {
+    let steps = times.len();
     let total: f64 = times.iter().sum();
     times.sort_by(f64::total_cmp);
-    Ok(BenchResult {
+    BenchResult {
         model: config.arch.to_string(),
-        precision: label,
+        precision,
         batch_size,
         input: [config.in_channels, config.input_size, config.input_size],
         threads: tch::get_num_threads() as usize,
         param_layout: layout.to_string(),
+        kernels: match quant::kernels() {
+            quant::QuantKernels::Fused => "fused",
+            quant::QuantKernels::Reference => "reference",
+        }
+        .to_string(),
         steps,
         images_per_second: (steps * batch_size) as f64 / total,
         median_step_seconds: times[times.len() / 2],
-    })
+    }
 }

@@ -1,11 +1,13 @@
 //! The reference implementation's quantizer outputs and gradients
-//! (`../shared/docs/goldens/quantizers.json`, copied to `tests/goldens/`), reproduced to 1e-6.
+//! (`../shared/docs/goldens/quantizers.json`, copied to `tests/goldens/`), reproduced to 1e-6
+//! by both implementations: the fused CPU kernels and the libtorch op composition.
 
-use gmpq::quant::{quantize_activation, quantize_weight, softmax_mix};
+use gmpq::quant::{quantize_activation_mix_with, quantize_weight_mix_with, QuantKernels};
 use serde_json::Value;
 use tch::{Kind, Tensor};
 
 const TOL: f64 = 1e-6;
+const KERNELS: [QuantKernels; 2] = [QuantKernels::Fused, QuantKernels::Reference];
 
 fn goldens() -> Value {
     let p = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/goldens/quantizers.json");
@@ -38,6 +40,12 @@ fn input(g: &Value, name: &str) -> Tensor {
 
 #[test]
 fn weight_quantizer_matches_reference() {
+    for k in KERNELS {
+        weight_quantizer_case(k);
+    }
+}
+
+fn weight_quantizer_case(k: QuantKernels) {
     let g = goldens();
     let up = input(&g, "g_up");
     let mut checked = 0;
@@ -54,17 +62,17 @@ fn weight_quantizer_matches_reference() {
                 assert!(
                     (t.double_value(&[]) - case[gname]["threshold"].as_f64().unwrap()).abs() < TOL
                 );
-                let q = quantize_weight(&w, &t, bits);
+                let q = quantize_weight_mix_with(k, &w, &t, None, &[bits]);
                 assert_close(
                     &q,
                     &case[gname]["out"],
-                    &format!("weight {xname} b{bits} {gname} out"),
+                    &format!("{k:?} weight {xname} b{bits} {gname} out"),
                 );
                 (&q * &upstream).sum(Kind::Float).backward();
                 assert_close(
                     &w.grad(),
                     &case[gname]["grad_x"],
-                    &format!("weight {xname} b{bits} {gname} grad"),
+                    &format!("{k:?} weight {xname} b{bits} {gname} grad"),
                 );
                 checked += 1;
             }
@@ -75,6 +83,14 @@ fn weight_quantizer_matches_reference() {
 
 #[test]
 fn weight_threshold_stays_frozen_after_first_call() {
+    for k in KERNELS {
+        threshold_case(k);
+    }
+}
+
+fn threshold_case(k: QuantKernels) {
+    let quantize_weight =
+        |w: &Tensor, t: &Tensor, b: u32| quantize_weight_mix_with(k, w, t, None, &[b]);
     let g = goldens();
     let x = input(&g, "x_rand");
     let up = input(&g, "g_up");
@@ -100,6 +116,12 @@ fn weight_threshold_stays_frozen_after_first_call() {
 
 #[test]
 fn activation_quantizer_matches_reference() {
+    for k in KERNELS {
+        activation_case(k);
+    }
+}
+
+fn activation_case(k: QuantKernels) {
     let g = goldens();
     let up = input(&g, "g_up");
     let mut checked = 0;
@@ -113,8 +135,8 @@ fn activation_quantizer_matches_reference() {
                 ] {
                     let x = input(&g, xname).set_requires_grad(true);
                     let clip = Tensor::from(r).set_requires_grad(true);
-                    let q = quantize_activation(&x, &clip, bits);
-                    let what = format!("activation {xname} b{bits} r{r} {gname}");
+                    let q = quantize_activation_mix_with(k, &x, &clip, None, &[bits], false);
+                    let what = format!("{k:?} activation {xname} b{bits} r{r} {gname}");
                     assert_close(&q, &case[gname]["out"], &format!("{what} out"));
                     (&q * &upstream).sum(Kind::Float).backward();
                     assert_close(&x.grad(), &case[gname]["grad_x"], &format!("{what} grad_x"));
@@ -134,6 +156,12 @@ fn activation_quantizer_matches_reference() {
 
 #[test]
 fn softmax_mixed_branches_match_reference() {
+    for k in KERNELS {
+        mix_case(k);
+    }
+}
+
+fn mix_case(k: QuantKernels) {
     let g = goldens();
     let up = input(&g, "g_up");
     for name in ["activ_init_0.01", "activ_custom"] {
@@ -147,16 +175,11 @@ fn softmax_mixed_branches_match_reference() {
         let alpha = Tensor::from_slice(&vec_of(&case["alpha"])).set_requires_grad(true);
         assert_close(&alpha.softmax(0, Kind::Float), &case["softmax"], "softmax");
         let x = input(&g, "x_rand").set_requires_grad(true);
-        let clips: Vec<Tensor> = bits
-            .iter()
-            .map(|_| Tensor::from(6.0f32).set_requires_grad(true))
-            .collect();
-        let out = softmax_mix(
-            &alpha,
-            bits.iter()
-                .zip(&clips)
-                .map(|(&b, c)| quantize_activation(&x, c, b)),
-        );
+        let clips =
+            Tensor::full([bits.len() as i64], 6.0, tch::kind::FLOAT_CPU).set_requires_grad(true);
+        let pi = alpha.softmax(0, Kind::Float);
+        let out = quantize_activation_mix_with(k, &x, &clips, Some(&pi), &bits, false);
+        let name = format!("{k:?} {name}");
         assert_close(&out, &case["out"], &format!("{name} out"));
         (&out * &up).sum(Kind::Float).backward();
         assert_close(&x.grad(), &case["grad_x"], &format!("{name} grad_x"));
@@ -165,9 +188,8 @@ fn softmax_mixed_branches_match_reference() {
             &case["grad_alpha"],
             &format!("{name} grad_alpha"),
         );
-        let gr: Vec<Tensor> = clips.iter().map(|c| c.grad()).collect();
         assert_close(
-            &Tensor::stack(&gr, 0),
+            &clips.grad(),
             &case["grad_ranges"],
             &format!("{name} grad_ranges"),
         );
@@ -189,7 +211,9 @@ fn softmax_mixed_branches_match_reference() {
                 "threshold {i}"
             );
         }
-        let w_mix = softmax_mix(&alpha, bits.iter().map(|&b| quantize_weight(&w, &t, b)));
+        let pi = alpha.softmax(0, Kind::Float);
+        let w_mix = quantize_weight_mix_with(k, &w, &t, Some(&pi), &bits);
+        let name = format!("{k:?} {name}");
         assert_close(&w_mix, &case["w_mix"], &format!("{name} w_mix"));
         // As a 1×1 conv over 16 input channels: a ones input sums the mixed kernel, one-hot
         // inputs read it back element by element.

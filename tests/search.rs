@@ -10,7 +10,8 @@ use gmpq::model::{Arch, ModelConfig};
 use gmpq::policy::{Candidates, Policy};
 use gmpq::quant::{self, Precision};
 use gmpq::search::{
-    complexity_loss, expected_layer_bits, random_policy, repair, Geometry, Preferences, Target,
+    complexity_loss, expected_layer_bits, random_policy, repair, ExtractionRule, Geometry,
+    Preferences, Target,
 };
 use tch::{Device, Kind, Tensor};
 
@@ -134,6 +135,7 @@ fn repair_meets_the_budget_and_fills_it() {
     let mut prefs = Preferences {
         alpha_w: Default::default(),
         alpha_a: Default::default(),
+        temperature: 1.0,
     };
     for l in &p.layers {
         let v = if l.name.starts_with("layer2") {
@@ -302,11 +304,59 @@ fn search_meets_target_and_aw0_ignores_attribution() {
             g.measure(&Target::Bops(1.0), &bits(&argmax)),
             meta["argmax_policy_bops"].as_f64().unwrap()
         );
-        repair(&mut argmax, &g, &Target::Compression(64.0), &alpha);
+        // The search's extraction rule (recorded; the reference recipe's argmax + repair),
+        // taken again from the saved α.
+        let rule: ExtractionRule = serde_json::from_value(meta["search"]["extraction"].clone())
+            .expect("meta.search.extraction");
+        assert_eq!(rule, ExtractionRule::ArgmaxRepair);
+        let again = rule
+            .strategy()
+            .extract(&policy, &g, Some(&Target::Compression(64.0)), &alpha)
+            .unwrap();
         assert_eq!(
-            argmax.layers, policy.layers,
+            again.layers, policy.layers,
             "α does not reproduce the policy"
         );
+        if i == 0 {
+            // `gmpq extract` on the run gives back the search's own policy, and another rule
+            // or budget from the same α without searching again.
+            let out = run(&["extract", o.to_str().unwrap(), "--json"]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let p = Policy::load(std::path::Path::new(v["policy"].as_str().unwrap())).unwrap();
+            assert_eq!(
+                p.layers, policy.layers,
+                "gmpq extract differs from the search"
+            );
+            let out = run(&[
+                "extract",
+                o.to_str().unwrap(),
+                "--rule",
+                "argmax-repair",
+                "--target-compression",
+                "128",
+                "--json",
+            ]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            let p = Policy::load(std::path::Path::new(v["policy"].as_str().unwrap())).unwrap();
+            let mut want = argmax.clone();
+            repair(&mut want, &g, &Target::Compression(128.0), &alpha);
+            assert_eq!(p.layers, want.layers, "argmax-repair at 128x");
+            assert!(p.totals.unwrap().compression >= 128.0);
+            let out = run(&[
+                "extract",
+                o.to_str().unwrap(),
+                "--target-compression",
+                "100000",
+            ]);
+            assert!(!out.status.success());
+            assert!(
+                stderr(&out).contains("cannot be met"),
+                "infeasible budget: {}",
+                stderr(&out)
+            );
+        }
         let totals = policy.totals.clone().unwrap();
         assert!(
             totals.compression >= 64.0,
@@ -462,4 +512,104 @@ fn killed_search_resumes_to_the_same_policy() {
     let layers = |d: &std::path::Path| Policy::load(&d.join("policy.json")).unwrap().layers;
     assert_eq!(layers(&full), layers(&resumed));
     assert!(!snapshot.exists(), "snapshot left behind");
+}
+
+/// An unreachable budget is refused before any training, naming the cheapest cost.
+#[test]
+fn infeasible_search_budget_fails_before_training() {
+    let _ = bundled("mnist");
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("t.safetensors");
+    fp_checkpoint(&t, 1);
+    let o = dir.path().join("o");
+    let mut args = search_args(t.to_str().unwrap(), o.to_str().unwrap(), "20", "1");
+    let i = args
+        .iter()
+        .position(|a| *a == "--target-compression")
+        .unwrap();
+    args[i + 1] = "100000";
+    let out = run(&args);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("cannot be met") && err.contains("w2a2") && err.contains("compression"),
+        "{err}"
+    );
+    assert!(
+        !o.join("search-log.jsonl").exists(),
+        "no epoch may run for an infeasible budget"
+    );
+}
+
+/// The equality budget lets λ change sign: an expected cost under the budget drives λ below
+/// zero (pulling the cost up), one over it drives λ up; the upper bound only shrinks toward 0.
+#[test]
+fn equality_budget_turns_lambda_negative_under_budget() {
+    use gmpq::search::{BudgetMode, DualWeight};
+    let mut eq = DualWeight {
+        lambda: 3e-4,
+        rate: 1.0,
+        mode: BudgetMode::Equality,
+        scale: 3e-4,
+    };
+    let mut ub = DualWeight {
+        mode: BudgetMode::UpperBound,
+        rate: 0.05,
+        ..eq
+    };
+    for _ in 0..20 {
+        eq.update(0.8, 1.0);
+        ub.update(0.8, 1.0);
+    }
+    assert!(eq.lambda < 0.0, "equality: {}", eq.lambda);
+    assert!(
+        ub.lambda > 0.0 && ub.lambda < 3e-4,
+        "upper bound: {}",
+        ub.lambda
+    );
+    for _ in 0..40 {
+        eq.update(1.2, 1.0);
+    }
+    assert!(eq.lambda > 0.0, "equality over budget: {}", eq.lambda);
+}
+
+#[test]
+fn temperature_schedule_is_geometric_between_its_ends() {
+    let t = gmpq::search::TemperatureSchedule {
+        start: 1.0,
+        end: 0.25,
+    };
+    assert_eq!(t.at(0, 5), 1.0);
+    assert!((t.at(2, 5) - 0.5).abs() < 1e-12);
+    assert!((t.at(4, 5) - 0.25).abs() < 1e-12);
+    assert_eq!(t.at(9, 5), t.at(4, 5));
+}
+
+/// `--recipe scarce` runs end to end and records every setting it chose in the policy.
+#[test]
+fn scarce_recipe_records_its_settings_and_meets_the_budget() {
+    let _ = bundled("mnist");
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("t.safetensors");
+    fp_checkpoint(&t, 1);
+    let o = dir.path().join("o");
+    let mut args = search_args(t.to_str().unwrap(), o.to_str().unwrap(), "20", "1");
+    let i = args.iter().position(|a| *a == "--epochs").unwrap();
+    args[i + 1] = "5";
+    args.extend(["--recipe", "scarce"]);
+    let out = run(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let policy = Policy::load(&o.join("policy.json")).unwrap();
+    let meta = policy.meta.clone().unwrap();
+    let s = &meta["search"];
+    assert_eq!(s["recipe"], "scarce");
+    assert_eq!(s["alpha_optimizer"], "adam");
+    assert_eq!(s["budget_mode"], "equality");
+    assert_eq!(s["extraction"], "knapsack");
+    assert_eq!(s["alpha_frozen_epochs"], 1);
+    assert_eq!(s["temperature"]["end"], 0.2);
+    assert_eq!(meta["threads"], 2);
+    assert!((meta["alpha"]["temperature"].as_f64().unwrap() - 0.2).abs() < 1e-9);
+    let totals = policy.totals.unwrap();
+    assert!(totals.compression >= 64.0, "{}", totals.compression);
 }

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 pub fn run(cli: Cli) -> Result<()> {
     let threads = gmpq::runtime::set_threads(cli.engine.threads);
+    gmpq::quant::set_kernels(cli.engine.quant_kernels.into());
     let device = gmpq::runtime::parse_device(&cli.engine.device).map_err(anyhow::Error::msg)?;
     tracing::debug!("libtorch threads: {threads}, device: {device:?}");
     dispatch(cli.command, device)
@@ -33,6 +34,7 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
         Command::Bops(a) => bops_cmd(a),
         Command::Quantize(a) => quantize_cmd(a, device),
         Command::Search(a) => super::search::search_cmd(a, device),
+        Command::Extract(a) => super::search::extract_cmd(a),
         Command::Attribution(a) => super::search::attribution_cmd(a, device),
         Command::Demo(a) => super::pipeline::demo_cmd(a, device),
         Command::Pipeline(a) => super::pipeline::pipeline_cmd(a, device),
@@ -63,12 +65,29 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
         Command::Bench(BenchCommand::Train(a)) => {
             let arch: Arch = a.model.parse()?;
             let cfg = ModelConfig::new(arch, a.channels, a.classes, a.input_size);
+            let policy = match (&a.policy, &a.uniform) {
+                (Some(path), _) => Some(Policy::load(path)?),
+                (None, Some(u)) => {
+                    let (w, act) = parse_uniform(u)?;
+                    let convs = gmpq::quant::build(&cfg, Precision::Full, tch::Device::Cpu)?
+                        .net
+                        .convs()
+                        .to_vec();
+                    Some(Policy::uniform(&cfg, &convs, w, act))
+                }
+                (None, None) => None,
+            };
             let precision = if a.supernet {
                 Precision::Supernet {
                     candidates: Candidates {
                         weight: parse_candidates(&a.w_bits)?,
                         activation: parse_candidates(&a.a_bits)?,
                     },
+                }
+            } else if let Some(policy) = policy {
+                Precision::Fixed {
+                    policy,
+                    per_channel: false,
                 }
             } else {
                 Precision::Full
@@ -86,15 +105,40 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
-                println!(
-                    "{} ({}, {}) batch {} input {:?} threads {}: {:.1} img/s (median step {:.4} s over {} steps)",
-                    r.model, r.precision, r.param_layout, r.batch_size, r.input, r.threads,
-                    r.images_per_second, r.median_step_seconds, r.steps
-                );
+                print_bench(&r);
+            }
+            Ok(())
+        }
+        Command::Bench(BenchCommand::SearchStep(a)) => {
+            let arch: Arch = a.model.parse()?;
+            let cfg = ModelConfig::new(arch, a.channels, a.classes, a.input_size);
+            let r = gmpq::bench::bench_search_step(
+                &cfg,
+                Candidates {
+                    weight: parse_candidates(&a.w_bits)?,
+                    activation: parse_candidates(&a.a_bits)?,
+                },
+                a.batch_size,
+                a.warmup,
+                a.steps,
+                device,
+            )?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print_bench(&r);
             }
             Ok(())
         }
     }
+}
+
+fn print_bench(r: &gmpq::bench::BenchResult) {
+    println!(
+        "{} ({}, {}, {} quantizers) batch {} input {:?} threads {}: {:.1} img/s (median step {:.4} s over {} steps)",
+        r.model, r.precision, r.param_layout, r.kernels, r.batch_size, r.input, r.threads,
+        r.images_per_second, r.median_step_seconds, r.steps
+    );
 }
 
 pub(super) fn parse_spec(s: &str) -> Result<DatasetSpec> {

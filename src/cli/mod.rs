@@ -41,6 +41,10 @@ pub struct EngineArgs {
     /// cpu, cuda, cuda:N or auto.
     #[arg(long, global = true, default_value = "auto")]
     pub device: String,
+    /// Quantizer implementation: fused one-pass CPU kernels, or the reference's arithmetic
+    /// composed from libtorch ops (same values; for comparison and benchmarks).
+    #[arg(long, global = true, value_enum, default_value = "fused")]
+    pub quant_kernels: KernelsArg,
 }
 
 #[derive(Debug, Subcommand)]
@@ -84,8 +88,97 @@ pub enum Command {
     /// GMPQ search: find a per-layer bit policy on a small proxy dataset, guided by a
     /// full-precision teacher's attribution, that meets a BOPs / compression / size budget.
     Search(SearchArgs),
+    /// Take a policy again from a finished search's saved α, under another rule or budget,
+    /// without searching again.
+    Extract(ExtractArgs),
     /// Render attribution (CAM) heatmaps of a checkpoint on some images.
     Attribution(AttributionArgs),
+}
+
+/// Search recipes (see `gmpq::search::Recipe`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum RecipeArg {
+    Reference,
+    Scarce,
+}
+
+impl From<RecipeArg> for gmpq::search::Recipe {
+    fn from(r: RecipeArg) -> Self {
+        match r {
+            RecipeArg::Reference => Self::Reference,
+            RecipeArg::Scarce => Self::Scarce,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum AlphaOptimizerArg {
+    Sgd,
+    Adam,
+}
+
+impl From<AlphaOptimizerArg> for gmpq::search::AlphaOptimizer {
+    fn from(a: AlphaOptimizerArg) -> Self {
+        match a {
+            AlphaOptimizerArg::Sgd => Self::Sgd,
+            AlphaOptimizerArg::Adam => Self::Adam,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum BudgetModeArg {
+    UpperBound,
+    Equality,
+}
+
+impl From<BudgetModeArg> for gmpq::search::BudgetMode {
+    fn from(b: BudgetModeArg) -> Self {
+        match b {
+            BudgetModeArg::UpperBound => Self::UpperBound,
+            BudgetModeArg::Equality => Self::Equality,
+        }
+    }
+}
+
+/// The extraction rules (see `gmpq::search::ExtractionRule`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ExtractionArg {
+    Knapsack,
+    ArgmaxRepair,
+}
+
+impl From<ExtractionArg> for gmpq::search::ExtractionRule {
+    fn from(e: ExtractionArg) -> Self {
+        match e {
+            ExtractionArg::Knapsack => Self::Knapsack,
+            ExtractionArg::ArgmaxRepair => Self::ArgmaxRepair,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ExtractArgs {
+    /// A search run folder (its policy.json) or a searched policy file.
+    pub run: PathBuf,
+    /// The extraction rule (default: the one the search used).
+    #[arg(long, value_enum)]
+    pub rule: Option<ExtractionArg>,
+    /// Budget: policy BOPs at most this (e.g. 1.2e9, 1.2G, 800M). Default: the search's own.
+    #[arg(long, group = "budget")]
+    pub target_bops: Option<String>,
+    /// Budget: FP BOPs / policy BOPs at least this.
+    #[arg(long, group = "budget")]
+    pub target_compression: Option<f64>,
+    /// Budget: model size at most this many MB.
+    #[arg(long, group = "budget")]
+    pub target_size_mb: Option<f64>,
+    /// Where to write the policy (default: RUN/policy-RULE-TARGET.json).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print the policy's totals as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -123,9 +216,9 @@ pub struct SearchArgs {
     /// Complexity weight cd (the starting λ when a budget is given).
     #[arg(long, default_value_t = 3e-4)]
     pub cd: f64,
-    /// Dual-ascent rate of λ per step.
-    #[arg(long, default_value_t = 0.05)]
-    pub dual_rate: f64,
+    /// Dual-ascent rate of λ per step (default: the recipe's; reference 0.05).
+    #[arg(long)]
+    pub dual_rate: Option<f64>,
     #[arg(long, default_value = "2,3,4,6")]
     pub w_bits: String,
     #[arg(long, default_value = "2,3,4,6")]
@@ -139,14 +232,39 @@ pub struct SearchArgs {
     pub batch_size: usize,
     #[arg(long, default_value_t = 0.1)]
     pub lr: f64,
-    #[arg(long, default_value_t = 0.01)]
-    pub alpha_lr: f64,
+    /// α learning rate (default: the recipe's; reference 0.01).
+    #[arg(long)]
+    pub alpha_lr: Option<f64>,
+    /// Preset α dynamics, recorded in the policy's meta: reference (the authors' recipe) or
+    /// scarce (experimental: Adam for α, α frozen for the first 20 % of the epochs, the
+    /// budget as an equality target, temperature 1 → 0.2, knapsack extraction). The flags
+    /// below override single settings.
+    #[arg(long, value_enum, default_value = "reference")]
+    pub recipe: RecipeArg,
+    /// α optimizer (default: the recipe's).
+    #[arg(long, value_enum)]
+    pub alpha_optimizer: Option<AlphaOptimizerArg>,
+    /// Epochs with α frozen (weights only) at the start (default: the recipe's).
+    #[arg(long)]
+    pub alpha_frozen_epochs: Option<usize>,
+    /// The budget as an upper bound or an equality target (default: the recipe's).
+    #[arg(long, value_enum)]
+    pub budget_mode: Option<BudgetModeArg>,
+    /// Softmax temperature START:END over the search, geometric (default: the recipe's;
+    /// reference 1:1).
+    #[arg(long)]
+    pub temperature: Option<String>,
     /// Both learning rates ×0.1 every this many epochs.
     #[arg(long, default_value_t = 10)]
     pub step_epochs: usize,
     /// cam (GAP → linear heads) or grad-cam (general, double backward).
     #[arg(long, default_value = "cam")]
     pub attribution: String,
+    /// How the policy is taken from the final α under the budget: knapsack (exact, maximises
+    /// Σ log softmax(α/T) within the budget) or argmax-repair (argmax, then greedy repair).
+    /// Default: the recipe's (reference: argmax-repair).
+    #[arg(long, value_enum)]
+    pub extraction: Option<ExtractionArg>,
     #[arg(long)]
     pub hflip: bool,
     #[arg(long, default_value_t = 0)]
@@ -547,8 +665,57 @@ pub struct ImportArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
-    /// Images/s of the full training step on synthetic data.
+    /// Images/s of the full training step on synthetic data: full precision, a fixed
+    /// quantization policy (--policy, --uniform: the QAT step) or the supernet (--supernet).
     Train(BenchTrainArgs),
+    /// Seconds of one full GMPQ search step on synthetic data: teacher and supernet forward,
+    /// attribution, CE + attribution + complexity loss, backward, weight and α updates.
+    SearchStep(BenchSearchStepArgs),
+}
+
+/// Which quantizer implementation to time.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum KernelsArg {
+    /// One-pass fused CPU kernels (the default).
+    Fused,
+    /// The reference's arithmetic composed from libtorch ops.
+    Reference,
+}
+
+impl From<KernelsArg> for gmpq::quant::QuantKernels {
+    fn from(k: KernelsArg) -> Self {
+        match k {
+            KernelsArg::Fused => Self::Fused,
+            KernelsArg::Reference => Self::Reference,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct BenchSearchStepArgs {
+    #[arg(long, default_value = "resnet18")]
+    pub model: String,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 32)]
+    pub input_size: usize,
+    #[arg(long, default_value_t = 3)]
+    pub channels: usize,
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    /// Supernet weight bit candidates.
+    #[arg(long, default_value = "2,3,4,6")]
+    pub w_bits: String,
+    /// Supernet activation bit candidates.
+    #[arg(long, default_value = "2,3,4,6")]
+    pub a_bits: String,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -568,8 +735,15 @@ pub struct BenchTrainArgs {
     #[arg(long, default_value_t = 30)]
     pub steps: usize,
     /// Time the mixed-precision supernet step instead of the full-precision one.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["policy", "uniform"])]
     pub supernet: bool,
+    /// Time the quantization-aware training step under this policy file (e.g.
+    /// bench/resnet20-mixed.json, every layer cycling through 2/3/4/6 bits).
+    #[arg(long, conflicts_with = "uniform")]
+    pub policy: Option<PathBuf>,
+    /// Time the quantization-aware training step under a uniform policy: w4a4, w2a2, …
+    #[arg(long)]
+    pub uniform: Option<String>,
     /// Supernet weight bit candidates.
     #[arg(long, default_value = "2,3,4,6")]
     pub w_bits: String,

@@ -1,6 +1,6 @@
 //! `gmpq search` and `gmpq attribution`.
 
-use super::{AttributionArgs, SearchArgs};
+use super::{AttributionArgs, ExtractArgs, SearchArgs};
 use anyhow::{bail, Context, Result};
 use gmpq::data::{stratified_subset, ConcatDataset, ImageSource, Split, SubsetSpec};
 use gmpq::policy::{parse_candidates, Candidates};
@@ -144,12 +144,10 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
         },
         batch_size: a.batch_size,
         lr: a.lr,
-        alpha_lr: a.alpha_lr,
         step_epochs: a.step_epochs,
         attribution_weight: a.attribution_weight,
         p: a.p,
         complexity_weight: a.cd,
-        dual_rate: a.dual_rate,
         attribution: match a.attribution.as_str() {
             "cam" => AttributionMethod::Cam,
             "grad-cam" => AttributionMethod::GradCam,
@@ -162,6 +160,43 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
         seed: a.seed,
         ..Default::default()
     };
+    let mut config = config;
+    gmpq::search::Recipe::from(a.recipe).apply(&mut config);
+    if let Some(v) = a.alpha_lr {
+        config.alpha_lr = v;
+    }
+    if let Some(v) = a.dual_rate {
+        config.dual_rate = v;
+    }
+    if let Some(v) = a.alpha_optimizer {
+        config.alpha_optimizer = v.into();
+    }
+    if let Some(v) = a.alpha_frozen_epochs {
+        config.alpha_frozen_epochs = v;
+    }
+    if let Some(v) = a.budget_mode {
+        config.budget_mode = v.into();
+    }
+    if let Some(t) = &a.temperature {
+        let (start, end) = t
+            .split_once(':')
+            .and_then(|(s, e)| Some((s.parse::<f64>().ok()?, e.parse::<f64>().ok()?)))
+            .filter(|(s, e)| *s > 0.0 && *e > 0.0)
+            .with_context(|| {
+                format!("--temperature {t}: expected START:END, both positive (e.g. 1:0.2)")
+            })?;
+        config.temperature = gmpq::search::TemperatureSchedule { start, end };
+    }
+    if let Some(v) = a.extraction {
+        config.extraction = v.into();
+    }
+    if config.alpha_frozen_epochs >= config.epochs {
+        bail!(
+            "--alpha-frozen-epochs {} leaves α no epoch to move in a {}-epoch search",
+            config.alpha_frozen_epochs,
+            config.epochs
+        );
+    }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let _lock = gmpq::checkpoint::DirLock::acquire(&a.out)?;
     let command_line = std::env::args().collect::<Vec<_>>().join(" ");
@@ -190,7 +225,6 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
     if !targets.is_empty() && remaining.is_empty() {
         return Ok(());
     }
-    let mut config = config;
     if remaining.len() <= 1 {
         config.warmup_epochs = 0;
     }
@@ -229,6 +263,8 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
             "search": config,
             "proxy": format!("{spec} ({} images, subset seed {})", train_indices.len(), a.subset.subset_seed),
             "teacher": a.teacher,
+            "model_config": teacher_ck.meta.model,
+            "threads": tch::get_num_threads(),
             "teacher_proxy_val_top1": r.teacher_val_top1,
             "cost": { "wall_seconds": r.seconds, "images_processed": r.images },
             "command": command_line,
@@ -275,6 +311,91 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
     search::remove_snapshots(&a.out);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    Ok(())
+}
+
+/// `gmpq extract`: a policy from a finished search's saved α, by another rule or budget.
+pub fn extract_cmd(a: ExtractArgs) -> Result<()> {
+    let path = if a.run.is_dir() {
+        a.run.join("policy.json")
+    } else {
+        a.run.clone()
+    };
+    let searched = gmpq::policy::Policy::load(&path)?;
+    let meta = searched
+        .meta
+        .clone()
+        .with_context(|| format!("{}: no meta (not a gmpq search policy)", path.display()))?;
+    // The geometry: recorded by gmpq search since this version; else the teacher's checkpoint.
+    let model: gmpq::model::ModelConfig = match meta.get("model_config") {
+        Some(m) if !m.is_null() => serde_json::from_value(m.clone())
+            .with_context(|| format!("{}: malformed meta.model_config", path.display()))?,
+        _ => {
+            let teacher = meta["teacher"].as_str().with_context(|| {
+                format!("{}: no meta.model_config or meta.teacher", path.display())
+            })?;
+            gmpq::checkpoint::Checkpoint::load(std::path::Path::new(teacher))
+                .with_context(|| {
+                    format!(
+                        "{}: reading the search's teacher for the model geometry",
+                        path.display()
+                    )
+                })?
+                .meta
+                .model
+        }
+    };
+    let target = if let Some(b) = &a.target_bops {
+        Some(Target::Bops(parse_bops(b)?))
+    } else if let Some(c) = a.target_compression {
+        if c <= 1.0 {
+            bail!("--target-compression must be above 1");
+        }
+        Some(Target::Compression(c))
+    } else if let Some(s) = a.target_size_mb {
+        if s <= 0.0 {
+            bail!("--target-size-mb must be positive");
+        }
+        Some(Target::SizeMb(s))
+    } else {
+        None
+    };
+    // Policies written before the rule was recorded were extracted by argmax + repair.
+    let rule: gmpq::search::ExtractionRule = match a.rule {
+        Some(r) => r.into(),
+        None => serde_json::from_value(meta["search"]["extraction"].clone())
+            .unwrap_or(gmpq::search::ExtractionRule::ArgmaxRepair),
+    };
+    let policy = search::re_extract(&searched, &model, rule, target)?;
+    let target_name = policy
+        .meta
+        .as_ref()
+        .and_then(|m| serde_json::from_value::<Option<Target>>(m["target"].clone()).ok())
+        .flatten()
+        .map_or("none".to_string(), |t| t.to_string());
+    let out = a.out.clone().unwrap_or_else(|| {
+        path.parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join(format!("policy-{rule}-{target_name}.json"))
+    });
+    policy.save(&out)?;
+    let totals = policy.totals.clone().context("policy totals")?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "policy": out, "rule": rule.to_string(), "target": target_name, "totals": totals,
+            }))?
+        );
+    } else {
+        println!(
+            "{}: {rule} under {target_name}: {:.4} G BOPs, compression {:.2}x, size {:.3} MB",
+            out.display(),
+            totals.bops as f64 / 1e9,
+            totals.compression,
+            totals.size_mb
+        );
     }
     Ok(())
 }

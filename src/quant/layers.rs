@@ -5,13 +5,12 @@
 //! first forward pass; saved), `NAME.act_clip` (learnable `r`), and for the supernet
 //! `NAME.alpha_w` / `NAME.alpha_a`. Supernet and fixed-policy nets thus share layer names.
 
-use super::quantizer::{
-    quantize_activation, quantize_activation_signed, quantize_weight, softmax_mix,
-};
+use super::fused::{quantize_activation_mix, quantize_weight_mix};
 use super::{ALPHA_INIT, CLIP_INIT};
 use crate::model::{fp_conv, ConvLayer, ConvSpec, LayerFactory, ModelError};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
@@ -116,6 +115,36 @@ impl QuantLayerHandle {
     }
 }
 
+/// The softmax temperature T of a supernet's mixtures (`softmax(α/T)`), shared by all its
+/// layers and set by the search each step; 1 is the reference's plain softmax.
+#[derive(Debug, Clone)]
+pub struct Temperature(Arc<AtomicU64>);
+
+impl Default for Temperature {
+    fn default() -> Self {
+        Self(Arc::new(AtomicU64::new(1f64.to_bits())))
+    }
+}
+
+impl Temperature {
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+    /// Sets T (clamped to at least 1e-3, where the mixture is one-hot for any α gap).
+    pub fn set(&self, t: f64) {
+        self.0.store(t.max(1e-3).to_bits(), Ordering::Relaxed);
+    }
+    /// `softmax(α/T)`; exactly `softmax(α)` at T = 1.
+    pub fn softmax(&self, alpha: &Tensor) -> Tensor {
+        let t = self.get();
+        if t == 1.0 {
+            alpha.softmax(0, Kind::Float)
+        } else {
+            (alpha / t).softmax(0, Kind::Float)
+        }
+    }
+}
+
 /// The smallest weight threshold: keeps the scale of an all-zero kernel (or channel) positive.
 pub(crate) const MIN_THRESHOLD: f64 = 1e-12;
 
@@ -126,6 +155,9 @@ struct QuantCore {
     weight: Tensor,
     weight_threshold: Tensor,
     act_clip: Tensor,
+    /// Set once the threshold is known to be positive: checking it reads the tensor (a
+    /// device sync), so it is done until it first succeeds, not on every forward pass.
+    threshold_ready: Cell<bool>,
 }
 
 impl QuantCore {
@@ -142,13 +174,18 @@ impl QuantCore {
             weight: conv.ws,
             weight_threshold: path.zeros_no_train("weight_threshold", &threshold_shape),
             act_clip: path.var("act_clip", &clip_shape, nn::Init::Const(CLIP_INIT)),
+            threshold_ready: Cell::new(false),
         }
     }
 
     /// Sets the weight threshold to `max|w|` (per tensor or per output channel) on the first
     /// forward pass; afterwards it stays fixed (and is saved with the checkpoint).
     fn ensure_threshold(&self) {
+        if self.threshold_ready.get() {
+            return;
+        }
         if self.weight_threshold.min().double_value(&[]) > 0.0 {
+            self.threshold_ready.set(true);
             return;
         }
         tch::no_grad(|| {
@@ -164,16 +201,13 @@ impl QuantCore {
             let mut dst = self.weight_threshold.shallow_clone();
             dst.copy_(&t);
         });
+        self.threshold_ready.set(true);
     }
 
-    /// The input's activation quantizer: half-wave after a ReLU, signed after a linear
-    /// bottleneck.
-    fn quantize_input(&self, xs: &Tensor, clip: &Tensor, bits: u32) -> Tensor {
-        if self.spec.signed_input {
-            quantize_activation_signed(xs, clip, bits)
-        } else {
-            quantize_activation(xs, clip, bits)
-        }
+    /// The input's activation quantizer (half-wave after a ReLU, signed after a linear
+    /// bottleneck) over `bits`, mixed by `mix` when there are several.
+    fn quantize_input(&self, xs: &Tensor, mix: Option<&Tensor>, bits: &[u32]) -> Tensor {
+        quantize_activation_mix(xs, &self.act_clip, mix, bits, self.spec.signed_input)
     }
 
     fn conv(&self, x: &Tensor, w: &Tensor) -> Tensor {
@@ -216,8 +250,8 @@ impl ConvLayer for QuantConv {
             return c.conv(xs, &c.weight);
         }
         c.ensure_threshold();
-        let xq = c.quantize_input(xs, &c.act_clip, self.a_bits);
-        let wq = quantize_weight(&c.weight, &c.weight_threshold, self.w_bits);
+        let xq = c.quantize_input(xs, None, &[self.a_bits]);
+        let wq = quantize_weight_mix(&c.weight, &c.weight_threshold, None, &[self.w_bits]);
         c.conv(&xq, &wq)
     }
 }
@@ -231,6 +265,7 @@ struct MixedConv {
     a_bits: Vec<u32>,
     alpha_w: Tensor,
     alpha_a: Tensor,
+    temperature: Temperature,
 }
 
 impl ConvLayer for MixedConv {
@@ -240,19 +275,10 @@ impl ConvLayer for MixedConv {
             return c.conv(xs, &c.weight);
         }
         c.ensure_threshold();
-        let x_mix = softmax_mix(
-            &self.alpha_a,
-            self.a_bits
-                .iter()
-                .enumerate()
-                .map(|(i, &b)| c.quantize_input(xs, &c.act_clip.get(i as i64), b)),
-        );
-        let w_mix = softmax_mix(
-            &self.alpha_w,
-            self.w_bits
-                .iter()
-                .map(|&b| quantize_weight(&c.weight, &c.weight_threshold, b)),
-        );
+        let pi_a = self.temperature.softmax(&self.alpha_a);
+        let pi_w = self.temperature.softmax(&self.alpha_w);
+        let x_mix = c.quantize_input(xs, Some(&pi_a), &self.a_bits);
+        let w_mix = quantize_weight_mix(&c.weight, &c.weight_threshold, Some(&pi_w), &self.w_bits);
         c.conv(&x_mix, &w_mix)
     }
 }
@@ -324,6 +350,7 @@ pub struct SupernetConvs {
     w_bits: Vec<u32>,
     a_bits: Vec<u32>,
     handles: RefCell<Vec<Arc<QuantLayerHandle>>>,
+    temperature: Temperature,
 }
 
 impl SupernetConvs {
@@ -339,10 +366,15 @@ impl SupernetConvs {
             w_bits,
             a_bits,
             handles: RefCell::new(Vec::new()),
+            temperature: Temperature::default(),
         })
     }
     pub fn handles(&self) -> Vec<Arc<QuantLayerHandle>> {
         self.handles.borrow().clone()
+    }
+    /// The temperature every layer built here mixes with.
+    pub fn temperature(&self) -> Temperature {
+        self.temperature.clone()
     }
 }
 
@@ -371,6 +403,7 @@ impl LayerFactory for SupernetConvs {
             a_bits: self.a_bits.clone(),
             alpha_w,
             alpha_a,
+            temperature: self.temperature.clone(),
         }))
     }
 }

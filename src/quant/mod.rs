@@ -2,15 +2,22 @@
 //! conv layers, and calibration.
 
 mod calibrate;
+mod fused;
 mod layers;
 mod network;
 mod quantizer;
 
 pub use calibrate::{kl_threshold, CalibrationMethod};
-pub use layers::{FixedPolicyConvs, Observe, QuantLayerHandle, SupernetConvs};
+pub use fused::{
+    fused_quantize_activation, fused_quantize_weight, kernels, quantize_activation_mix,
+    quantize_activation_mix_with, quantize_weight_mix, quantize_weight_mix_with, set_kernels,
+    QuantKernels,
+};
+pub use layers::{FixedPolicyConvs, Observe, QuantLayerHandle, SupernetConvs, Temperature};
 pub use network::{build, calibrate, load, LayerCalibration, Network, Precision, QuantError};
 pub use quantizer::{
-    expected_bits, quantize_activation, quantize_activation_signed, quantize_weight, softmax_mix,
+    expected_bits, expected_bits_from, quantize_activation, quantize_activation_signed,
+    quantize_weight, softmax_mix,
 };
 
 /// Initial activation clip `r` (the reference's PACT init).

@@ -3,7 +3,7 @@
 //! policies move between them by name.
 
 use super::calibrate::{kl_threshold, CalibrationMethod};
-use super::layers::{FixedPolicyConvs, Observe, QuantLayerHandle, SupernetConvs};
+use super::layers::{FixedPolicyConvs, Observe, QuantLayerHandle, SupernetConvs, Temperature};
 use super::CLIP_INIT;
 use crate::checkpoint::{self, Checkpoint, CheckpointError};
 use crate::model::{FullPrecisionConvs, Model, ModelConfig, ModelError};
@@ -48,6 +48,8 @@ pub struct Network {
     pub net: Model,
     pub handles: Vec<Arc<QuantLayerHandle>>,
     pub precision: Precision,
+    /// The supernet's softmax temperature (1 and unused for other precisions).
+    pub temperature: Temperature,
 }
 
 impl std::fmt::Debug for Network {
@@ -66,6 +68,7 @@ pub fn build(
     device: Device,
 ) -> Result<Network, QuantError> {
     let vs = nn::VarStore::new(device);
+    let mut temperature = Temperature::default();
     let (net, handles) = match &precision {
         Precision::Full => (
             Model::new(&vs.root(), config, &FullPrecisionConvs)?,
@@ -94,6 +97,7 @@ pub fn build(
             let factory =
                 SupernetConvs::new(candidates.weight.clone(), candidates.activation.clone())?;
             let net = Model::new(&vs.root(), config, &factory)?;
+            temperature = factory.temperature();
             (net, factory.handles())
         }
     };
@@ -102,10 +106,25 @@ pub fn build(
         net,
         handles,
         precision,
+        temperature,
     })
 }
 
 impl Network {
+    /// Stores every convolution kernel channels-last (NHWC order, NCHW shape) for a network
+    /// that only runs forward, such as the search's frozen teacher: oneDNN then convolves
+    /// without reordering (training gets the same layout from its optimizer's flat buffers).
+    pub fn use_channels_last_weights(&self) {
+        tch::no_grad(|| {
+            for (_, mut var) in self.vs.variables() {
+                if var.dim() == 4 {
+                    let nhwc = var.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+                    var.set_data(&nhwc);
+                }
+            }
+        });
+    }
+
     /// Copies a full-precision state dict into this network's shared variables (conv
     /// kernels, batch norm, head). Quantizer state (thresholds, clips, α) keeps its init.
     pub fn load_fp_weights(&self, ck: &Checkpoint, path: &Path) -> Result<(), QuantError> {

@@ -64,9 +64,13 @@ pub fn softmax_mix(alpha: &Tensor, branches: impl IntoIterator<Item = Tensor>) -
 
 /// `E[b] = Σ softmax(α)_i · b_i`.
 pub fn expected_bits(alpha: &Tensor, bits: &[u32]) -> Tensor {
+    expected_bits_from(&alpha.softmax(0, Kind::Float), bits)
+}
+
+/// `E[b] = Σ π_i · b_i` for mixture weights `π` (e.g. a tempered softmax).
+pub fn expected_bits_from(pi: &Tensor, bits: &[u32]) -> Tensor {
     let b: Vec<f32> = bits.iter().map(|&b| b as f32).collect();
-    (alpha.softmax(0, Kind::Float) * Tensor::from_slice(&b).to_device(alpha.device()))
-        .sum(Kind::Float)
+    (pi * Tensor::from_slice(&b).to_device(pi.device())).sum(Kind::Float)
 }
 
 #[cfg(test)]

@@ -55,25 +55,33 @@ impl Geometry {
         }
     }
 
-    /// The budgeted quantity for per-layer (possibly expected) bits, in the target's units.
+    /// The budgeted quantity for per-layer (possibly expected) bits, in the target's units:
+    /// [`Self::fixed_cost`] plus every layer's [`Self::layer_cost`].
     pub fn measure(&self, target: &Target, bits: &[(f64, f64)]) -> f64 {
-        match target {
-            Target::Bops(_) | Target::Compression(_) => self
+        self.fixed_cost(target)
+            + self
                 .layers
                 .iter()
                 .zip(bits)
-                .map(|(l, (w, a))| l.macs() as f64 * w * a)
-                .sum(),
-            Target::SizeMb(_) => {
-                (self.fp_layer_bits
-                    + self
-                        .layers
-                        .iter()
-                        .zip(bits)
-                        .map(|(l, (w, _))| l.params() as f64 * w)
-                        .sum::<f64>())
-                    / 8e6
-            }
+                .map(|(l, &(w, a))| self.layer_cost(target, l, w, a))
+                .sum::<f64>()
+    }
+
+    /// One quantized layer's share of the budgeted quantity at `(w, a)` bits: its BOPs
+    /// (MACs·w·a) for BOPs and compression budgets, its kernel's MB for size budgets.
+    pub fn layer_cost(&self, target: &Target, layer: &ConvSpec, w: f64, a: f64) -> f64 {
+        match target {
+            Target::Bops(_) | Target::Compression(_) => layer.macs() as f64 * w * a,
+            Target::SizeMb(_) => layer.params() as f64 * w / 8e6,
+        }
+    }
+
+    /// The part of the budgeted quantity no policy changes: the FP layers' size (MB) for
+    /// size budgets; nothing for BOPs (they count quantized layers only).
+    pub fn fixed_cost(&self, target: &Target) -> f64 {
+        match target {
+            Target::Bops(_) | Target::Compression(_) => 0.0,
+            Target::SizeMb(_) => self.fp_layer_bits / 8e6,
         }
     }
 
@@ -87,18 +95,45 @@ impl Geometry {
     }
 }
 
-/// Dual ascent on the complexity weight: `λ ← λ·exp(η·(measure/limit − 1))`, so λ grows
-/// while the expected cost is over budget and shrinks while it is under.
+/// How the budget acts on the search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BudgetMode {
+    /// An upper bound (the reference-style default): λ > 0 only pushes the expected cost
+    /// down, and decays while the cost is under budget.
+    #[default]
+    UpperBound,
+    /// An equality target: λ may turn negative, pulling the expected cost up to the budget
+    /// when it is under, so the search spends the budget and the losses decide where.
+    Equality,
+}
+
+/// The complexity weight λ, adapted toward the budget every step.
+///
+/// - [`BudgetMode::UpperBound`]: `λ ← λ·exp(η·clamp(M/limit − 1, ±1))`, λ ∈ [1e-9, 1e3].
+/// - [`BudgetMode::Equality`]: `λ ← λ + η·scale·clamp(M/limit − 1, ±1)`, |λ| ≤ 1e3·scale,
+///   with `scale` the starting weight, so λ changes sign when the cost crosses the budget.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct DualWeight {
     pub lambda: f64,
     pub rate: f64,
+    #[serde(default)]
+    pub mode: BudgetMode,
+    /// The additive step unit of the equality mode (the starting λ).
+    #[serde(default)]
+    pub scale: f64,
 }
 
 impl DualWeight {
     pub fn update(&mut self, measure: f64, limit: f64) {
         let ratio = (measure / limit - 1.0).clamp(-1.0, 1.0);
-        self.lambda = (self.lambda * (self.rate * ratio).exp()).clamp(1e-9, 1e3);
+        self.lambda = match self.mode {
+            BudgetMode::UpperBound => (self.lambda * (self.rate * ratio).exp()).clamp(1e-9, 1e3),
+            BudgetMode::Equality => {
+                let bound = 1e3 * self.scale.abs();
+                (self.lambda + self.rate * self.scale.abs() * ratio).clamp(-bound, bound)
+            }
+        };
     }
 }
 
@@ -111,6 +146,13 @@ pub struct Preferences {
     pub alpha_w: BTreeMap<String, Vec<f64>>,
     #[serde(rename = "activation")]
     pub alpha_a: BTreeMap<String, Vec<f64>>,
+    /// The softmax temperature at the end of the search: π = softmax(α/T).
+    #[serde(default = "unit_temperature")]
+    pub temperature: f64,
+}
+
+fn unit_temperature() -> f64 {
+    1.0
 }
 
 /// Lowers bits until the policy meets the budget, then raises bits while it still does, so

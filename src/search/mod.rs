@@ -1,20 +1,26 @@
 //! GMPQ search: a mixed-precision supernet trained on a small proxy dataset with
 //! `L = CE + aw·L_attr + λ·L_complexity`, guided by a frozen full-precision teacher's
-//! attribution, with λ adapted toward a hard budget (dual ascent) and the final argmax policy
-//! repaired to meet it. `aw = 0` is the EdMIPS baseline on the same code path.
+//! attribution, with λ adapted toward a hard budget (dual ascent) and the policy extracted from
+//! the final α under that budget (`extract`: the exact knapsack, or argmax + repair).
+//! `aw = 0` is the EdMIPS baseline on the same code path.
 
 mod budget;
+mod extract;
 mod state;
 
-pub use budget::{random_policy, repair, DualWeight, Geometry, Preferences, Target};
+pub use budget::{random_policy, repair, BudgetMode, DualWeight, Geometry, Preferences, Target};
+pub use extract::{
+    argmax_policy, check_feasible, solve as solve_knapsack, ArgmaxRepair, Choice, Extraction,
+    ExtractionError, ExtractionRule, Item, Knapsack,
+};
 pub use state::remove_snapshots;
 
 use crate::attribution::{self, capacity_aware_p};
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::{DataLoader, ImageSource, LoaderConfig, Pipeline};
 use crate::policy::{Candidates, Policy};
-use crate::quant::{self, expected_bits, Network, Precision, QuantError};
-use crate::train::{evaluate, pipelines, Augment, Sgd, TrainError};
+use crate::quant::{self, expected_bits_from, Network, Precision, QuantError};
+use crate::train::{evaluate, pipelines, Adam, Augment, Sgd, TrainError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -34,6 +40,8 @@ pub enum SearchError {
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
+    #[error(transparent)]
+    Extraction(#[from] ExtractionError),
     #[error("loss became {value} at epoch {epoch}: the search diverged (try a lower --lr)")]
     NonFiniteLoss { epoch: usize, value: f64 },
     #[error("{0}")]
@@ -56,6 +64,147 @@ pub enum AttributionMethod {
     Cam,
     /// Gradient of the class logit w.r.t. the feature map, with `create_graph`.
     GradCam,
+}
+
+/// The optimizer of the architecture parameters α.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum AlphaOptimizer {
+    /// SGD with the search's momentum (the reference).
+    #[default]
+    Sgd,
+    /// Adam, β = (0.5, 0.999), as DARTS-style searches train α.
+    Adam,
+}
+
+/// The softmax temperature over the search: `start` at the first epoch, `end` at the last,
+/// geometric in between. (1, 1) is the reference's plain softmax.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TemperatureSchedule {
+    pub start: f64,
+    pub end: f64,
+}
+
+impl Default for TemperatureSchedule {
+    fn default() -> Self {
+        Self {
+            start: 1.0,
+            end: 1.0,
+        }
+    }
+}
+
+impl TemperatureSchedule {
+    /// T during `epoch` (0-based) of `epochs`.
+    pub fn at(&self, epoch: usize, epochs: usize) -> f64 {
+        if epochs <= 1 || self.start == self.end {
+            return self.end;
+        }
+        let f = epoch.min(epochs - 1) as f64 / (epochs - 1) as f64;
+        self.start * (self.end / self.start).powf(f)
+    }
+}
+
+/// Named sets of search settings (`--recipe`), each recorded in full in the policy's meta.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Recipe {
+    /// The reference implementation's α dynamics: SGD at lr 0.01 with the weights' step
+    /// decay, an upper-bound budget, plain softmax, argmax + repair extraction (the faithful
+    /// reproduction and the ablation baseline).
+    #[default]
+    Reference,
+    /// Experimental (not yet chosen by the low-bit study): α that move on small proxies.
+    /// Adam for α at lr 3e-3 without decay or weight decay, α frozen for the first 20 % of
+    /// the epochs, the budget as an equality target, the temperature annealed 1 → 0.2, and
+    /// the exact knapsack extraction.
+    Scarce,
+}
+
+impl Recipe {
+    /// Sets this recipe's levers in `cfg` (other settings stay).
+    pub fn apply(self, cfg: &mut SearchConfig) {
+        cfg.recipe = self;
+        match self {
+            Recipe::Reference => {
+                cfg.alpha_optimizer = AlphaOptimizer::Sgd;
+                cfg.alpha_lr = 0.01;
+                cfg.alpha_weight_decay = 1e-4;
+                cfg.alpha_lr_decay = true;
+                cfg.alpha_frozen_epochs = 0;
+                cfg.budget_mode = BudgetMode::UpperBound;
+                cfg.dual_rate = 0.05;
+                cfg.temperature = TemperatureSchedule::default();
+                cfg.extraction = ExtractionRule::ArgmaxRepair;
+            }
+            Recipe::Scarce => {
+                cfg.alpha_optimizer = AlphaOptimizer::Adam;
+                cfg.alpha_lr = 3e-3;
+                cfg.alpha_weight_decay = 0.0;
+                cfg.alpha_lr_decay = false;
+                cfg.alpha_frozen_epochs = cfg.epochs / 5;
+                cfg.budget_mode = BudgetMode::Equality;
+                cfg.dual_rate = 1.0;
+                cfg.temperature = TemperatureSchedule {
+                    start: 1.0,
+                    end: 0.2,
+                };
+                cfg.extraction = ExtractionRule::Knapsack;
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Recipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Recipe::Reference => "reference",
+            Recipe::Scarce => "scarce",
+        })
+    }
+}
+
+/// The α optimizer a search runs with.
+pub enum AlphaOpt {
+    Sgd(Sgd),
+    Adam(Adam),
+}
+
+impl AlphaOpt {
+    pub fn new(cfg: &SearchConfig, alphas: Vec<(String, Tensor)>) -> Self {
+        match cfg.alpha_optimizer {
+            AlphaOptimizer::Sgd => {
+                Self::Sgd(Sgd::new(alphas, cfg.momentum, cfg.alpha_weight_decay))
+            }
+            AlphaOptimizer::Adam => {
+                Self::Adam(Adam::new(alphas, 0.5, 0.999, cfg.alpha_weight_decay))
+            }
+        }
+    }
+    pub fn zero_grad(&mut self) {
+        match self {
+            Self::Sgd(o) => o.zero_grad(),
+            Self::Adam(o) => o.zero_grad(),
+        }
+    }
+    pub fn step(&mut self, lr: f64) {
+        match self {
+            Self::Sgd(o) => o.step(lr),
+            Self::Adam(o) => o.step(lr),
+        }
+    }
+    pub fn state(&self) -> BTreeMap<String, Tensor> {
+        match self {
+            Self::Sgd(o) => o.state(),
+            Self::Adam(o) => o.state(),
+        }
+    }
+    pub fn load_state(&mut self, state: BTreeMap<String, Tensor>) {
+        match self {
+            Self::Sgd(o) => o.load_state(state),
+            Self::Adam(o) => o.load_state(state),
+        }
+    }
 }
 
 /// Search hyper-parameters (saved into every policy the search writes).
@@ -84,6 +233,28 @@ pub struct SearchConfig {
     pub attribution: AttributionMethod,
     pub augment: Augment,
     pub seed: u64,
+    /// How the policy is taken from the final α under the budget.
+    #[serde(default)]
+    pub extraction: ExtractionRule,
+    /// The preset these settings started from (`--recipe`).
+    #[serde(default)]
+    pub recipe: Recipe,
+    #[serde(default)]
+    pub alpha_optimizer: AlphaOptimizer,
+    /// Whether α's learning rate follows the weights' ×0.1 step decay.
+    #[serde(default = "yes")]
+    pub alpha_lr_decay: bool,
+    /// Epochs at the start with α frozen (weights only) before α starts moving.
+    #[serde(default)]
+    pub alpha_frozen_epochs: usize,
+    #[serde(default)]
+    pub budget_mode: BudgetMode,
+    #[serde(default)]
+    pub temperature: TemperatureSchedule,
+}
+
+fn yes() -> bool {
+    true
 }
 
 impl Default for SearchConfig {
@@ -112,6 +283,13 @@ impl Default for SearchConfig {
                 hflip: false,
             },
             seed: 0,
+            extraction: ExtractionRule::ArgmaxRepair,
+            recipe: Recipe::Reference,
+            alpha_optimizer: AlphaOptimizer::Sgd,
+            alpha_lr_decay: true,
+            alpha_frozen_epochs: 0,
+            budget_mode: BudgetMode::UpperBound,
+            temperature: TemperatureSchedule::default(),
         }
     }
 }
@@ -179,6 +357,41 @@ pub struct SearchResult {
     pub heatmaps: [Tensor; 3],
 }
 
+/// Takes a policy again from a searched policy's saved α (`meta.alpha`) with `rule` under
+/// `target` (default: the search's own, `meta.target`), on `model`'s geometry. The result
+/// carries fresh totals and its provenance in `meta.extraction`.
+pub fn re_extract(
+    searched: &Policy,
+    model: &crate::model::ModelConfig,
+    rule: ExtractionRule,
+    target: Option<Target>,
+) -> Result<Policy> {
+    let meta = searched.meta.as_ref().ok_or_else(|| {
+        SearchError::Invalid("the policy has no meta: it was not written by gmpq search".into())
+    })?;
+    let alpha: Preferences = serde_json::from_value(meta["alpha"].clone()).map_err(|e| {
+        SearchError::Invalid(format!(
+            "the policy's meta.alpha is missing or malformed ({e}): only policies written by gmpq search keep their α"
+        ))
+    })?;
+    let target = match target {
+        Some(t) => Some(t),
+        None => serde_json::from_value::<Option<Target>>(meta["target"].clone()).unwrap_or(None),
+    };
+    let fp = quant::build(model, Precision::Full, Device::Cpu)?;
+    searched.validate(model, fp.net.convs())?;
+    let geometry = Geometry::new(fp.net.convs(), fp.net.fc_spec());
+    let mut policy = rule
+        .strategy()
+        .extract(searched, &geometry, target.as_ref(), &alpha)?
+        .with_totals(fp.net.convs(), fp.net.fc_spec());
+    let mut new_meta = meta.clone();
+    new_meta["target"] = serde_json::to_value(target).unwrap_or_default();
+    new_meta["extraction"] = serde_json::json!({ "rule": rule.to_string(), "from": "saved alpha" });
+    policy.meta = Some(new_meta);
+    Ok(policy)
+}
+
 /// `L_complexity = Σ_l MACs_l·E[b_a]_l·E[b_w]_l / MACs_0`, `MACs_0` the first quantized
 /// layer's MACs.
 pub fn complexity_loss(bits: &[(Tensor, Tensor)], macs: &[f64]) -> Tensor {
@@ -199,9 +412,16 @@ pub fn expected_layer_bits(net: &Network, vars: &HashMap<String, Tensor>) -> Vec
         .iter()
         .map(|h| {
             let n = &h.spec.name;
+            let t = &net.temperature;
             (
-                expected_bits(&vars[&format!("{n}.alpha_w")], &candidates.weight),
-                expected_bits(&vars[&format!("{n}.alpha_a")], &candidates.activation),
+                expected_bits_from(
+                    &t.softmax(&vars[&format!("{n}.alpha_w")]),
+                    &candidates.weight,
+                ),
+                expected_bits_from(
+                    &t.softmax(&vars[&format!("{n}.alpha_a")]),
+                    &candidates.activation,
+                ),
             )
         })
         .collect()
@@ -224,6 +444,7 @@ pub fn preferences(net: &Network) -> Preferences {
     Preferences {
         alpha_w: alpha_table(net, "alpha_w"),
         alpha_a: alpha_table(net, "alpha_a"),
+        temperature: net.temperature.get(),
     }
 }
 
@@ -277,6 +498,7 @@ fn load_teacher(job: &SearchJob) -> Result<(Checkpoint, Teacher)> {
             job.teacher.display()
         )));
     }
+    network.use_channels_last_weights();
     let pipeline = ck.meta.eval_pipeline.clone();
     Ok((ck, Teacher { network, pipeline }))
 }
@@ -329,6 +551,14 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
     tch::manual_seed(cfg.seed as i64);
     let started = Instant::now();
     let (teacher_ck, teacher) = load_teacher(&job)?;
+    // An unreachable budget fails here, before any training.
+    {
+        let fp = quant::build(&teacher_ck.meta.model, Precision::Full, Device::Cpu)?;
+        let geometry = Geometry::new(fp.net.convs(), fp.net.fc_spec());
+        for t in &job.targets {
+            check_feasible(&geometry, t, &cfg.candidates)?;
+        }
+    }
     let native = job.proxy.native_shape().unwrap_or([
         teacher_ck.meta.model.in_channels,
         teacher_ck.meta.model.input_size,
@@ -371,6 +601,8 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
             lambda: DualWeight {
                 lambda: 0.0,
                 rate: 0.0,
+                mode: cfg.budget_mode,
+                scale: 0.0,
             },
             complexity: false,
             geometry: &geometry,
@@ -422,6 +654,8 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
             lambda: DualWeight {
                 lambda: cfg.complexity_weight,
                 rate: if target.is_some() { cfg.dual_rate } else { 0.0 },
+                mode: cfg.budget_mode,
+                scale: cfg.complexity_weight,
             },
             complexity: true,
             geometry: &geometry,
@@ -432,12 +666,12 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
             resumed_seconds,
         } = ctx.run(&sn, phase)?;
         let argmax = sn.argmax_policy()?;
-        let mut policy = argmax.clone();
         let alpha = preferences(&sn);
-        if let Some(t) = &target {
-            repair(&mut policy, &geometry, t, &alpha);
-        }
-        let policy = policy.with_totals(sn.net.convs(), sn.net.fc_spec());
+        let policy = cfg
+            .extraction
+            .strategy()
+            .extract(&argmax, &geometry, target.as_ref(), &alpha)?
+            .with_totals(sn.net.convs(), sn.net.fc_spec());
         let mut full_log = shared_log.clone();
         full_log.append(&mut log);
         let probe = ctx.probe.narrow(0, 0, ctx.probe.size()[0].min(6));
@@ -455,6 +689,113 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
         });
     }
     Ok(results)
+}
+
+/// Teacher and student attribution maps of `x` (student with gradient), and the student's
+/// logits.
+fn attribution_maps(
+    teacher: &crate::model::Model,
+    sn: &Network,
+    method: AttributionMethod,
+    x: &Tensor,
+    train: bool,
+) -> (Tensor, Tensor, Tensor) {
+    let a_t = tch::no_grad(|| {
+        let f = teacher.features(x, false);
+        let logits = teacher.head(&f);
+        attribution::cam(&f, teacher.fc_weight(), &attribution::top1(&logits))
+    });
+    let f_s = sn.net.features(x, train);
+    let logits = sn.net.head(&f_s);
+    let classes = attribution::top1(&logits);
+    let a_s = match method {
+        AttributionMethod::Cam => attribution::cam(&f_s, sn.net.fc_weight(), &classes),
+        AttributionMethod::GradCam => attribution::grad_cam(&f_s, &logits, &classes),
+    };
+    (a_t, a_s, logits)
+}
+
+/// What one search step measured.
+#[derive(Debug, Clone)]
+pub struct StepOutcome {
+    pub ce: f64,
+    pub attribution_loss: f64,
+    pub complexity_loss: f64,
+    pub p: f64,
+    /// Per-layer `(E[b_w], E[b_a])` before the update.
+    pub expected_bits: Vec<(f64, f64)>,
+}
+
+/// The supernet, its teacher and the two optimizers of one search step.
+pub struct SearchStep<'a> {
+    pub supernet: &'a Network,
+    pub teacher: &'a crate::model::Model,
+    pub config: &'a SearchConfig,
+    pub weight_opt: &'a mut Sgd,
+    pub alpha_opt: &'a mut AlphaOpt,
+    /// Per-layer MACs of the quantized layers, in forward order.
+    pub macs: &'a [f64],
+    /// The supernet's variables by name.
+    pub vars: &'a HashMap<String, Tensor>,
+}
+
+impl SearchStep<'_> {
+    /// One step of `L = CE + aw·L_attr (+ λ·L_complexity)`: forward through teacher and
+    /// supernet, backward, and both optimizer updates. `lambda`: the complexity weight, or
+    /// `None` when the phase has no complexity term; `alpha_lr`: `None` while α is frozen.
+    /// `epoch` only labels a divergence.
+    pub fn run(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        lambda: Option<f64>,
+        lr: f64,
+        alpha_lr: Option<f64>,
+        epoch: usize,
+    ) -> Result<StepOutcome> {
+        let cfg = self.config;
+        let (a_t, a_s, logits) =
+            attribution_maps(self.teacher, self.supernet, cfg.attribution, x, true);
+        let ce = logits.cross_entropy_for_logits(y);
+        let bits = expected_layer_bits(self.supernet, self.vars);
+        let bits_f: Vec<(f64, f64)> = bits
+            .iter()
+            .map(|(w, a)| (w.double_value(&[]), a.double_value(&[])))
+            .collect();
+        // p follows the current α but is not itself optimised (no gradient through p).
+        let p = cfg.p.unwrap_or_else(|| capacity_aware_p(&bits_f));
+        let l_attr = if cfg.attribution_weight != 0.0 {
+            attribution::attribution_loss(&a_t, &a_s, p)
+        } else {
+            Tensor::zeros([], (Kind::Float, x.device()))
+        };
+        let l_comp = complexity_loss(&bits, self.macs);
+        let mut loss = &ce + &l_attr * cfg.attribution_weight;
+        if let Some(l) = lambda {
+            loss += &l_comp * l;
+        }
+        let loss_v = loss.double_value(&[]);
+        if !loss_v.is_finite() {
+            return Err(SearchError::NonFiniteLoss {
+                epoch,
+                value: loss_v,
+            });
+        }
+        self.weight_opt.zero_grad();
+        self.alpha_opt.zero_grad();
+        loss.backward();
+        self.weight_opt.step(lr);
+        if let Some(alpha_lr) = alpha_lr {
+            self.alpha_opt.step(alpha_lr);
+        }
+        Ok(StepOutcome {
+            ce: ce.double_value(&[]),
+            attribution_loss: l_attr.double_value(&[]),
+            complexity_loss: l_comp.double_value(&[]),
+            p,
+            expected_bits: bits_f,
+        })
+    }
 }
 
 struct Ctx<'a> {
@@ -522,27 +863,20 @@ impl Ctx<'_> {
 
     /// Teacher and student attribution maps of `x` (student with gradient).
     fn maps(&self, sn: &Network, x: &Tensor, train: bool) -> (Tensor, Tensor, Tensor) {
-        let t = &self.teacher.network.net;
-        let a_t = tch::no_grad(|| {
-            let f = t.features(x, false);
-            let logits = t.head(&f);
-            attribution::cam(&f, t.fc_weight(), &attribution::top1(&logits))
-        });
-        let f_s = sn.net.features(x, train);
-        let logits = sn.net.head(&f_s);
-        let classes = attribution::top1(&logits);
-        let a_s = match self.cfg.attribution {
-            AttributionMethod::Cam => attribution::cam(&f_s, sn.net.fc_weight(), &classes),
-            AttributionMethod::GradCam => attribution::grad_cam(&f_s, &logits, &classes),
-        };
-        (a_t, a_s, logits)
+        attribution_maps(
+            &self.teacher.network.net,
+            sn,
+            self.cfg.attribution,
+            x,
+            train,
+        )
     }
 
     fn run(&self, sn: &Network, mut phase: Phase) -> Result<PhaseRun> {
         let cfg = self.cfg;
         let job = self.job;
         let mut w_opt = Sgd::new(sn.weight_parameters(), cfg.momentum, cfg.weight_decay);
-        let mut a_opt = Sgd::new(sn.alpha_parameters(), cfg.momentum, cfg.alpha_weight_decay);
+        let mut a_opt = AlphaOpt::new(cfg, sn.alpha_parameters());
         let snapshot = job.state_dir.as_ref().map(|d| state::path(d, &phase.name));
         let mut logs = Vec::new();
         let mut images = 0usize;
@@ -572,6 +906,10 @@ impl Ctx<'_> {
         for epoch in first..phase.epochs.end {
             let t0 = Instant::now();
             let decay = 0.1f64.powi((epoch / cfg.step_epochs.max(1)) as i32);
+            sn.temperature.set(cfg.temperature.at(epoch, cfg.epochs));
+            let alpha_moves = epoch >= cfg.alpha_frozen_epochs;
+            let alpha_lr =
+                alpha_moves.then_some(cfg.alpha_lr * if cfg.alpha_lr_decay { decay } else { 1.0 });
             let loader = DataLoader::new(
                 job.proxy.clone(),
                 &job.train_indices,
@@ -586,47 +924,34 @@ impl Ctx<'_> {
                 let batch = batch?;
                 let x = batch.images.to_device(job.device);
                 let y = batch.labels.to_device(job.device);
-                let (a_t, a_s, logits) = self.maps(sn, &x, true);
-                let ce = logits.cross_entropy_for_logits(&y);
-                let bits = expected_layer_bits(sn, &vars);
-                let bits_f: Vec<(f64, f64)> = bits
-                    .iter()
-                    .map(|(w, a)| (w.double_value(&[]), a.double_value(&[])))
-                    .collect();
-                // p follows the current α but is not itself optimised (no gradient through p).
-                let p = cfg.p.unwrap_or_else(|| capacity_aware_p(&bits_f));
-                let l_attr = if cfg.attribution_weight != 0.0 {
-                    attribution::attribution_loss(&a_t, &a_s, p)
-                } else {
-                    Tensor::zeros([], (Kind::Float, job.device))
-                };
-                let l_comp = complexity_loss(&bits, &macs);
-                let mut loss = &ce + &l_attr * cfg.attribution_weight;
-                if phase.complexity {
-                    loss += &l_comp * phase.lambda.lambda;
+                let out = SearchStep {
+                    supernet: sn,
+                    teacher: &self.teacher.network.net,
+                    config: cfg,
+                    weight_opt: &mut w_opt,
+                    alpha_opt: &mut a_opt,
+                    macs: &macs,
+                    vars: &vars,
                 }
-                let loss_v = loss.double_value(&[]);
-                if !loss_v.is_finite() {
-                    return Err(SearchError::NonFiniteLoss {
-                        epoch: epoch + 1,
-                        value: loss_v,
-                    });
-                }
-                w_opt.zero_grad();
-                a_opt.zero_grad();
-                loss.backward();
-                w_opt.step(cfg.lr * decay);
-                a_opt.step(cfg.alpha_lr * decay);
+                .run(
+                    &x,
+                    &y,
+                    phase.complexity.then_some(phase.lambda.lambda),
+                    cfg.lr * decay,
+                    alpha_lr,
+                    epoch + 1,
+                )?;
+                let bits_f = out.expected_bits;
                 expected = phase.geometry.measure(&Target::Bops(0.0), &bits_f);
-                if let (Some(t), true) = (&phase.target, phase.complexity) {
+                if let (Some(t), true, true) = (&phase.target, phase.complexity, alpha_moves) {
                     let m = phase.geometry.measure(t, &bits_f);
                     phase.lambda.update(m, phase.geometry.limit(t));
                 }
-                let (c, at) = (ce.double_value(&[]), l_attr.double_value(&[]));
+                let (c, at) = (out.ce, out.attribution_loss);
                 ce_sum += c;
                 attr_sum += at;
-                comp_sum += l_comp.double_value(&[]);
-                p_last = p;
+                comp_sum += out.complexity_loss;
+                p_last = out.p;
                 n += 1;
                 images += y.size()[0] as usize;
                 job.progress.step(c, at, expected);

@@ -3,7 +3,7 @@
 //! instead of starting over. The data order of an epoch depends only on the seed and the
 //! epoch, so a resumed search sees the batches an uninterrupted one would.
 
-use super::{EpochLog, Result, SearchConfig};
+use super::{AlphaOpt, EpochLog, Result, SearchConfig};
 use crate::checkpoint::{read_safetensors, tensors_to_bytes, var_store_tensors, write_atomic};
 use crate::train::Sgd;
 use serde::{Deserialize, Serialize};
@@ -54,7 +54,7 @@ pub(super) fn save(
     state: &PhaseState,
     vs: &tch::nn::VarStore,
     w_opt: &Sgd,
-    a_opt: &Sgd,
+    a_opt: &AlphaOpt,
 ) -> Result<()> {
     let mut tensors = BTreeMap::new();
     for (prefix, map) in
@@ -84,7 +84,7 @@ pub(super) fn load(
     phase: &str,
     vs: &tch::nn::VarStore,
     w_opt: &mut Sgd,
-    a_opt: &mut Sgd,
+    a_opt: &mut AlphaOpt,
 ) -> Result<Option<PhaseState>> {
     if !path.exists() {
         return Ok(None);

@@ -4,7 +4,7 @@
 
 mod optim;
 
-pub use optim::{ParamLayout, Sgd};
+pub use optim::{Adam, ParamLayout, Sgd};
 
 use crate::checkpoint::{
     self, Checkpoint, CheckpointError, CheckpointMeta, EpochMetrics, OPTIMIZER_PREFIX,

@@ -336,3 +336,95 @@ mod tests {
         assert!(opt.state()["w"].allclose(m_c, 0.0, 0.0, false));
     }
 }
+
+/// Adam (PyTorch's formulation, L2 weight decay added to the gradient) for a handful of small
+/// tensors: the supernet's α, as DARTS-style searches train them. tch's own Adam optimizes a
+/// whole var store, which holds the weights too, so this one is written out.
+#[derive(Debug)]
+pub struct Adam {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    params: Vec<(String, Tensor)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    steps: i64,
+}
+
+impl Adam {
+    pub fn new(params: Vec<(String, Tensor)>, beta1: f64, beta2: f64, weight_decay: f64) -> Self {
+        let m = params.iter().map(|(_, p)| p.zeros_like()).collect();
+        let v = params.iter().map(|(_, p)| p.zeros_like()).collect();
+        Self {
+            beta1,
+            beta2,
+            eps: 1e-8,
+            weight_decay,
+            params,
+            m,
+            v,
+            steps: 0,
+        }
+    }
+
+    pub fn zero_grad(&mut self) {
+        for (_, p) in &mut self.params {
+            p.zero_grad();
+        }
+    }
+
+    pub fn step(&mut self, lr: f64) {
+        self.steps += 1;
+        let (b1, b2) = (self.beta1, self.beta2);
+        let c1 = 1.0 - b1.powi(self.steps as i32);
+        let c2 = 1.0 - b2.powi(self.steps as i32);
+        tch::no_grad(|| {
+            for (((_, p), m), v) in self.params.iter_mut().zip(&mut self.m).zip(&mut self.v) {
+                let g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let g = if self.weight_decay != 0.0 {
+                    &g + &*p * self.weight_decay
+                } else {
+                    g
+                };
+                let _ = m.g_mul_scalar_(b1).g_add_(&(&g * (1.0 - b1)));
+                let _ = v.g_mul_scalar_(b2).g_add_(&(g.square() * (1.0 - b2)));
+                let denom = (&*v / c2).sqrt() + self.eps;
+                let _ = p.g_sub_(&(&*m / denom * (lr / c1)));
+            }
+        });
+    }
+
+    /// First and second moments by `m/NAME`, `v/NAME`, and the step count as `steps`.
+    pub fn state(&self) -> BTreeMap<String, Tensor> {
+        let mut out = BTreeMap::new();
+        for (((name, _), m), v) in self.params.iter().zip(&self.m).zip(&self.v) {
+            out.insert(format!("m/{name}"), m.shallow_clone());
+            out.insert(format!("v/{name}"), v.shallow_clone());
+        }
+        out.insert("steps".into(), Tensor::from(self.steps));
+        out
+    }
+
+    /// Restores what [`Adam::state`] saved; missing or mis-shaped entries start at zero.
+    pub fn load_state(&mut self, state: BTreeMap<String, Tensor>) {
+        tch::no_grad(|| {
+            for (((name, p), m), v) in self.params.iter().zip(&mut self.m).zip(&mut self.v) {
+                for (key, dst) in [
+                    (format!("m/{name}"), &mut *m),
+                    (format!("v/{name}"), &mut *v),
+                ] {
+                    if let Some(t) = state.get(&key).filter(|t| t.size() == p.size()) {
+                        dst.copy_(&t.to_device(p.device()));
+                    }
+                }
+            }
+        });
+        if let Some(s) = state.get("steps") {
+            self.steps = s.int64_value(&[]);
+        }
+    }
+}
