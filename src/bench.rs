@@ -40,12 +40,7 @@ pub fn bench_train(
     layout: ParamLayout,
     device: Device,
 ) -> Result<BenchResult, TrainError> {
-    if steps == 0 || batch_size == 0 {
-        return Err(TrainError::Invalid(
-            "steps and batch size must be positive".into(),
-        ));
-    }
-    tch::manual_seed(0);
+    check_sizes(steps, batch_size)?;
     let label = match &precision {
         Precision::Full => "full".to_string(),
         Precision::Fixed { policy, .. } => {
@@ -101,12 +96,7 @@ pub fn bench_search_step(
     steps: usize,
     device: Device,
 ) -> Result<BenchResult, TrainError> {
-    if steps == 0 || batch_size == 0 {
-        return Err(TrainError::Invalid(
-            "steps and batch size must be positive".into(),
-        ));
-    }
-    tch::manual_seed(0);
+    check_sizes(steps, batch_size)?;
     let invalid = |e: quant::QuantError| TrainError::Invalid(e.to_string());
     let teacher = quant::build(config, Precision::Full, device).map_err(invalid)?;
     teacher.use_channels_last_weights();
@@ -149,6 +139,16 @@ pub fn bench_search_step(
         ParamLayout::default(),
         times,
     ))
+}
+
+fn check_sizes(steps: usize, batch_size: usize) -> Result<(), TrainError> {
+    if steps == 0 || batch_size == 0 {
+        return Err(TrainError::Invalid(
+            "steps and batch size must be positive".into(),
+        ));
+    }
+    tch::manual_seed(0);
+    Ok(())
 }
 
 fn synthetic_batch(config: &ModelConfig, batch_size: usize, device: Device) -> (Tensor, Tensor) {

@@ -102,12 +102,7 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
                 layout,
                 device,
             )?;
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                print_bench(&r);
-            }
-            Ok(())
+            print_bench(&r, a.json)
         }
         Command::Bench(BenchCommand::SearchStep(a)) => {
             let arch: Arch = a.model.parse()?;
@@ -123,22 +118,22 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
                 a.steps,
                 device,
             )?;
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                print_bench(&r);
-            }
-            Ok(())
+            print_bench(&r, a.json)
         }
     }
 }
 
-fn print_bench(r: &gmpq::bench::BenchResult) {
+fn print_bench(r: &gmpq::bench::BenchResult, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
     println!(
         "{} ({}, {}, {} quantizers) batch {} input {:?} threads {}: {:.1} img/s (median step {:.4} s over {} steps)",
         r.model, r.precision, r.param_layout, r.kernels, r.batch_size, r.input, r.threads,
         r.images_per_second, r.median_step_seconds, r.steps
     );
+    Ok(())
 }
 
 pub(super) fn parse_spec(s: &str) -> Result<DatasetSpec> {

@@ -9,7 +9,9 @@
 //! - [`QuantKernels::Reference`]: the reference's arithmetic composed from libtorch ops
 //!   ([`super::quantizer`]), used on other devices and dtypes, and selectable for comparison.
 
-use super::quantizer::{quantize_activation, quantize_activation_signed, quantize_weight};
+use super::quantizer::{
+    quantize_activation, quantize_activation_signed, quantize_weight, weighted_mix,
+};
 use std::sync::atomic::{AtomicU8, Ordering};
 use tch::{Device, Kind, Tensor};
 use torch_sys::C_tensor;
@@ -124,7 +126,7 @@ pub fn quantize_activation_mix_with(
     };
     match mix {
         None => one(clips, bits[0]),
-        Some(m) => softmax_weights_mix(
+        Some(m) => weighted_mix(
             m,
             bits.iter()
                 .enumerate()
@@ -160,7 +162,7 @@ pub fn quantize_weight_mix_with(
     }
     match mix {
         None => quantize_weight(w, threshold, bits[0]),
-        Some(m) => softmax_weights_mix(m, bits.iter().map(|&b| quantize_weight(w, threshold, b))),
+        Some(m) => weighted_mix(m, bits.iter().map(|&b| quantize_weight(w, threshold, b))),
     }
 }
 
@@ -207,17 +209,4 @@ pub fn fused_quantize_weight(
         )
     };
     take_result(ptr, "fused weight quantizer")
-}
-
-/// `Σ_i weights_i · f_i` in branch order, for weights already passed through softmax.
-fn softmax_weights_mix(weights: &Tensor, branches: impl IntoIterator<Item = Tensor>) -> Tensor {
-    let mut acc: Option<Tensor> = None;
-    for (i, b) in branches.into_iter().enumerate() {
-        let term = b * weights.get(i as i64);
-        acc = Some(match acc {
-            None => term,
-            Some(a) => a + term,
-        });
-    }
-    acc.unwrap_or_else(|| Tensor::zeros([], (Kind::Float, weights.device())))
 }

@@ -50,7 +50,11 @@ pub fn quantize_activation_signed(x: &Tensor, clip: &Tensor, bits: u32) -> Tenso
 
 /// `Σ_i softmax(α)_i · f_i`, summed in branch order as the reference does.
 pub fn softmax_mix(alpha: &Tensor, branches: impl IntoIterator<Item = Tensor>) -> Tensor {
-    let weights = alpha.softmax(0, Kind::Float);
+    weighted_mix(&alpha.softmax(0, Kind::Float), branches)
+}
+
+/// `Σ_i weights_i · f_i` in branch order (zero for no branches).
+pub fn weighted_mix(weights: &Tensor, branches: impl IntoIterator<Item = Tensor>) -> Tensor {
     let mut acc: Option<Tensor> = None;
     for (i, b) in branches.into_iter().enumerate() {
         let term = b * weights.get(i as i64);
@@ -59,7 +63,7 @@ pub fn softmax_mix(alpha: &Tensor, branches: impl IntoIterator<Item = Tensor>) -
             Some(a) => a + term,
         });
     }
-    acc.expect("at least one branch")
+    acc.unwrap_or_else(|| Tensor::zeros([], (Kind::Float, weights.device())))
 }
 
 /// `E[b] = Σ softmax(α)_i · b_i`.

@@ -10,6 +10,7 @@
 use super::budget::{repair, Geometry, Preferences, Target};
 use crate::policy::{Candidates, Policy};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// The extraction rules, by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -153,31 +154,19 @@ impl Extraction for Knapsack {
         };
         check_feasible(geometry, target, &template.candidates)?;
         let cands = &template.candidates;
-        let uniform = |n: usize| vec![0.0; n];
+        // log softmax(α/T) of one layer's table; equal preferences where α is missing.
+        let log_probs = |table: &BTreeMap<String, Vec<f64>>, name: &str, n: usize| {
+            let alpha = table.get(name).cloned().unwrap_or_else(|| vec![0.0; n]);
+            log_softmax(&alpha, prefs.temperature)
+        };
         // One item group per quantized layer, in geometry order: every (w, a) pair with its
         // cost (the layer's share of the budgeted quantity) and value (log-probabilities).
         let limit = geometry.limit(target);
         let mut groups = Vec::with_capacity(geometry.layers.len());
         let mut pairs = Vec::new();
         for layer in &geometry.layers {
-            let lw = log_softmax(
-                prefs
-                    .alpha_w
-                    .get(&layer.name)
-                    .cloned()
-                    .unwrap_or_else(|| uniform(cands.weight.len()))
-                    .as_slice(),
-                prefs.temperature,
-            );
-            let la = log_softmax(
-                prefs
-                    .alpha_a
-                    .get(&layer.name)
-                    .cloned()
-                    .unwrap_or_else(|| uniform(cands.activation.len()))
-                    .as_slice(),
-                prefs.temperature,
-            );
+            let lw = log_probs(&prefs.alpha_w, &layer.name, cands.weight.len());
+            let la = log_probs(&prefs.alpha_a, &layer.name, cands.activation.len());
             let mut items = Vec::new();
             let mut bits = Vec::new();
             for (i, &w) in cands.weight.iter().enumerate() {
