@@ -427,8 +427,21 @@ fn random_policies_sit_just_under_the_budget_and_follow_the_seed() {
     assert_ne!(a.layers, other.layers, "another seed, another policy");
     // Not uniform: the draw mixes bits.
     assert!(a.layers.iter().any(|l| l.w_bits != a.layers[0].w_bits));
-    // An impossible window gives None rather than a policy over budget.
+    // An infeasible budget gives None rather than a policy over budget.
     assert!(random_policy(&t, &g, &Target::Compression(1e9), 0.02, 7, 1000).is_none());
+    // Tight budgets, where uniform draws almost never land in the window, are walked to it:
+    // 171× (w3a2's grid point) and the cheapest feasible budget (every layer at w2a2).
+    let cheapest = g.measure(&Target::Bops(0.0), &vec![(2.0, 2.0); g.layers.len()]);
+    for target in [Target::Compression(171.0), Target::Bops(cheapest)] {
+        let limit = g.limit(&target);
+        for seed in 0..3 {
+            let p = random_policy(&t, &g, &target, 0.02, seed, 1000)
+                .unwrap_or_else(|| panic!("{target}: a feasible budget must get a policy"));
+            let cost = g.measure(&target, &bits(&p));
+            assert!(cost <= limit * (1.0 + 1e-12), "{target}: {cost} over {limit}");
+            assert!(cost >= 0.98 * limit, "{target}: {cost} far under {limit}");
+        }
+    }
 }
 
 /// A search SIGKILLed after some epochs resumes from its last snapshot and ends exactly where

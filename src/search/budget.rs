@@ -279,7 +279,13 @@ pub fn repair(policy: &mut Policy, geometry: &Geometry, target: &Target, prefs: 
 
 /// A random policy whose cost lies in `[(1 − tolerance)·limit, limit]`: per-layer bits drawn
 /// uniformly from the candidates (the study's random baseline), by rejection, seeded.
-/// `None` when no draw within `max_draws` lands in the window.
+///
+/// Tight budgets (a few grid points above the cheapest policy, e.g. 171× on ResNet-20) are
+/// rarely hit by uniform draws, so after `max_draws` misses the last draw is walked to the
+/// budget instead: random single-step lowerings (one layer's weight or activation bits, one
+/// candidate down) until it fits, then random single-step raises that still fit until the
+/// cost reaches the window or no raise fits. Any feasible budget thus gets a policy; `None`
+/// only when even every layer at the lowest candidates costs more than the limit.
 pub fn random_policy(
     template: &Policy,
     geometry: &Geometry,
@@ -302,21 +308,72 @@ pub fn random_policy(
         .filter_map(|l| index.get(l.name.as_str()).copied())
         .collect();
     let (w_set, a_set) = (&template.candidates.weight, &template.candidates.activation);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    for _ in 0..max_draws {
-        let mut p = template.clone();
-        for l in &mut p.layers {
-            l.w_bits = w_set[rng.gen_range(0..w_set.len())];
-            l.a_bits = a_set[rng.gen_range(0..a_set.len())];
-        }
+    let cost_of = |p: &Policy| -> f64 {
         let bits: Vec<(f64, f64)> = order
             .iter()
             .map(|&i| (p.layers[i].w_bits as f64, p.layers[i].a_bits as f64))
             .collect();
-        let cost = geometry.measure(target, &bits);
-        if cost <= limit && cost >= (1.0 - tolerance) * limit {
+        geometry.measure(target, &bits)
+    };
+    let in_window = |c: f64| c <= limit && c >= (1.0 - tolerance) * limit;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut p = template.clone();
+    for _ in 0..max_draws.max(1) {
+        for l in &mut p.layers {
+            l.w_bits = w_set[rng.gen_range(0..w_set.len())];
+            l.a_bits = a_set[rng.gen_range(0..a_set.len())];
+        }
+        if in_window(cost_of(&p)) {
             return Some(p);
         }
     }
-    None
+    // Single-step moves of the last draw: (layer, weights?, new bits).
+    let steps = |p: &Policy, down: bool| -> Vec<(usize, bool, u32)> {
+        let mut out = Vec::new();
+        for (i, l) in p.layers.iter().enumerate() {
+            for (weights, bits, set) in [(true, l.w_bits, w_set), (false, l.a_bits, a_set)] {
+                let pos = set.iter().position(|&b| b == bits).unwrap_or(0);
+                let next = if down {
+                    pos.checked_sub(1).map(|j| set[j])
+                } else {
+                    set.get(pos + 1).copied()
+                };
+                if let Some(b) = next {
+                    out.push((i, weights, b));
+                }
+            }
+        }
+        out
+    };
+    let apply = |p: &mut Policy, (i, weights, b): (usize, bool, u32)| {
+        if weights {
+            p.layers[i].w_bits = b;
+        } else {
+            p.layers[i].a_bits = b;
+        }
+    };
+    while cost_of(&p) > limit {
+        let down = steps(&p, true);
+        if down.is_empty() {
+            return None; // every layer at the lowest candidates, still over: infeasible
+        }
+        let m = down[rng.gen_range(0..down.len())];
+        apply(&mut p, m);
+    }
+    while cost_of(&p) < (1.0 - tolerance) * limit {
+        let fitting: Vec<_> = steps(&p, false)
+            .into_iter()
+            .filter(|&m| {
+                let mut trial = p.clone();
+                apply(&mut trial, m);
+                cost_of(&trial) <= limit
+            })
+            .collect();
+        if fitting.is_empty() {
+            break;
+        }
+        let m = fitting[rng.gen_range(0..fitting.len())];
+        apply(&mut p, m);
+    }
+    Some(p)
 }
