@@ -438,7 +438,10 @@ fn random_policies_sit_just_under_the_budget_and_follow_the_seed() {
             let p = random_policy(&t, &g, &target, 0.02, seed, 1000)
                 .unwrap_or_else(|| panic!("{target}: a feasible budget must get a policy"));
             let cost = g.measure(&target, &bits(&p));
-            assert!(cost <= limit * (1.0 + 1e-12), "{target}: {cost} over {limit}");
+            assert!(
+                cost <= limit * (1.0 + 1e-12),
+                "{target}: {cost} over {limit}"
+            );
             assert!(cost >= 0.98 * limit, "{target}: {cost} far under {limit}");
         }
     }
@@ -625,4 +628,76 @@ fn scarce_recipe_records_its_settings_and_meets_the_budget() {
     assert!((meta["alpha"]["temperature"].as_f64().unwrap() - 0.2).abs() < 1e-9);
     let totals = policy.totals.unwrap();
     assert!(totals.compression >= 64.0, "{}", totals.compression);
+}
+
+/// Hutchinson's estimator on a quadratic with a known Hessian: `L = ½·pᵀAp` over two
+/// parameter tensors, whose Hessian blocks have traces A₀₀+A₁₁+A₂₂ and A₃₃+A₄₄.
+#[test]
+fn hutchinson_trace_of_a_quadratic_is_within_5_percent() {
+    tch::manual_seed(0);
+    let a = Tensor::from_slice(&[
+        4.0f32, 0.5, -0.3, 0.2, 0.1, //
+        0.5, 3.0, 0.4, -0.2, 0.3, //
+        -0.3, 0.4, 2.0, 0.1, -0.1, //
+        0.2, -0.2, 0.1, 5.0, 0.6, //
+        0.1, 0.3, -0.1, 0.6, 1.5,
+    ])
+    .view([5, 5]);
+    let p1 = Tensor::from_slice(&[0.3f32, -1.0, 0.7]).set_requires_grad(true);
+    let p2 = Tensor::from_slice(&[1.2f32, -0.4]).set_requires_grad(true);
+    let p = Tensor::cat(&[&p1, &p2], 0);
+    let loss = p.dot(&a.mv(&p)) * 0.5;
+    let traces = gmpq::search::hawq::hutchinson_traces(&loss, &[p1, p2], 400);
+    for (got, want) in traces.iter().zip([9.0, 6.5]) {
+        assert!((got - want).abs() <= 0.05 * want, "trace {got} vs {want}");
+    }
+}
+
+/// `--method hawq`: sensitivities measured on the proxy, the knapsack under the budget.
+#[test]
+fn hawq_search_meets_the_budget_and_records_its_sensitivities() {
+    let _ = bundled("mnist");
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("t.safetensors");
+    fp_checkpoint(&t, 1);
+    let o = dir.path().join("o");
+    let out = run(&[
+        "--threads",
+        "2",
+        "search",
+        "--method",
+        "hawq",
+        "--teacher",
+        t.to_str().unwrap(),
+        "--data",
+        "bundled:mnist",
+        "--limit",
+        "256",
+        "--hawq-images",
+        "64",
+        "--hawq-samples",
+        "2",
+        "--target-compression",
+        "128",
+        "--out",
+        o.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json is JSON");
+    assert_eq!(v[0]["target"]["compression"], 128.0);
+    let policy = Policy::load(&o.join("policy.json")).unwrap();
+    let totals = policy.totals.clone().unwrap();
+    assert!(totals.compression >= 128.0, "{}", totals.compression);
+    let meta = policy.meta.unwrap();
+    assert_eq!(meta["method"], "hawq");
+    let s = &meta["hawq"]["sensitivities"];
+    for l in &policy.layers {
+        let w = s["weight"][&l.name].as_array().unwrap();
+        assert_eq!(w.len(), 4);
+        // Fewer bits, more weight perturbation: the sensitivity falls with the bitwidth.
+        let w: Vec<f64> = w.iter().map(|x| x.as_f64().unwrap()).collect();
+        assert!(w.windows(2).all(|p| p[0] >= p[1]), "{}: {w:?}", l.name);
+        assert_eq!(s["activation"][&l.name].as_array().unwrap().len(), 4);
+    }
 }

@@ -95,6 +95,12 @@ pub enum Command {
     Attribution(AttributionArgs),
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SearchMethodArg {
+    Gmpq,
+    Hawq,
+}
+
 /// Search recipes (see `gmpq::search::Recipe`).
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum RecipeArg {
@@ -235,6 +241,17 @@ pub struct SearchArgs {
     /// α learning rate (default: the recipe's; reference 0.01).
     #[arg(long)]
     pub alpha_lr: Option<f64>,
+    /// gmpq (the supernet search) or hawq (the practitioner's baseline: per-layer Hessian-trace
+    /// weight sensitivities and measured activation sensitivities of the FP teacher,
+    /// minimised under the budget by the exact knapsack; no supernet training).
+    #[arg(long, value_enum, default_value = "gmpq")]
+    pub method: SearchMethodArg,
+    /// hawq: proxy images the sensitivities are measured on (from the --limit subset).
+    #[arg(long, default_value_t = 512)]
+    pub hawq_images: usize,
+    /// hawq: Hutchinson probes per batch for the Hessian traces.
+    #[arg(long, default_value_t = 16)]
+    pub hawq_samples: usize,
     /// Preset α dynamics, recorded in the policy's meta: reference (the authors' recipe) or
     /// scarce (experimental: Adam for α, α frozen for the first 20 % of the epochs, the
     /// budget as an equality target, temperature 1 → 0.2, knapsack extraction). The flags

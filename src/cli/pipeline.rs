@@ -195,7 +195,9 @@ fn random_within(
     let mut policy =
         gmpq::search::random_policy(&template, &geometry, target, 0.02, seed, 1_000_000)
             .with_context(|| {
-                format!("no random policy fits the budget {target}: it is below the cheapest policy")
+                format!(
+                    "no random policy fits the budget {target}: it is below the cheapest policy"
+                )
             })?
             .with_totals(net.convs(), net.fc_spec());
     policy.meta = Some(serde_json::json!({

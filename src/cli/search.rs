@@ -199,6 +199,9 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let _lock = gmpq::checkpoint::DirLock::acquire(&a.out)?;
+    if a.method == super::SearchMethodArg::Hawq {
+        return hawq_cmd(&a, &config, proxy, &train_indices, &targets, device);
+    }
     let command_line = std::env::args().collect::<Vec<_>>().join(" ");
     let bars = Bars {
         bar: Mutex::new(None),
@@ -293,7 +296,8 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
             &a.out.join(format!("attribution{suffix}.png")),
         )?;
         let last = r.log.last();
-        println!(
+        if !a.json {
+            println!(
             "{}: {:.4} G BOPs, compression {:.2}x, size {:.3} MB{}; proxy top-1 (argmax, before fine-tuning) {:.2}%, teacher {:.2}%; search {:.0} s, {} images",
             path.display(),
             totals.bops as f64 / 1e9,
@@ -305,10 +309,79 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
             r.seconds,
             r.images
         );
+        }
         summary.push(serde_json::json!({"policy": path, "totals": totals, "target": r.target, "seconds": r.seconds, "images": r.images}));
     }
     // Every policy is on disk: the per-epoch snapshots have done their job.
     search::remove_snapshots(&a.out);
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    Ok(())
+}
+
+/// `gmpq search --method hawq`: sensitivities of the teacher, one knapsack policy per target.
+fn hawq_cmd(
+    a: &SearchArgs,
+    config: &SearchConfig,
+    proxy: Arc<dyn ImageSource>,
+    train_indices: &[usize],
+    targets: &[Target],
+    device: tch::Device,
+) -> Result<()> {
+    if targets.is_empty() {
+        bail!("--method hawq needs a budget (--target-compression, --target-bops, --target-size-mb or --pareto)");
+    }
+    let n = a.hawq_images.clamp(1, train_indices.len().max(1));
+    let hawq_cfg = gmpq::search::hawq::HawqConfig {
+        candidates: config.candidates.clone(),
+        samples: a.hawq_samples,
+    };
+    let r = gmpq::search::hawq::run(
+        &a.teacher,
+        proxy,
+        &train_indices[..n.min(train_indices.len())],
+        targets,
+        &hawq_cfg,
+        device,
+    )?;
+    let teacher_ck = gmpq::checkpoint::Checkpoint::load(&a.teacher)?;
+    let command_line = std::env::args().collect::<Vec<_>>().join(" ");
+    let single = targets.len() == 1;
+    let mut summary = Vec::new();
+    for (t, policy) in &r.policies {
+        let mut policy = policy.clone();
+        policy.meta = Some(serde_json::json!({
+            "method": "hawq",
+            "target": t,
+            "hawq": { "settings": hawq_cfg, "sensitivities": r.sensitivities },
+            "teacher": a.teacher,
+            "model_config": teacher_ck.meta.model,
+            "threads": tch::get_num_threads(),
+            "cost": { "wall_seconds": r.seconds, "images_processed": r.images },
+            "command": command_line,
+        }));
+        let suffix = if single {
+            String::new()
+        } else {
+            format!("-{t}")
+        };
+        let path = a.out.join(format!("policy{suffix}.json"));
+        policy.save(&path)?;
+        let totals = policy.totals.clone().context("policy totals")?;
+        if !a.json {
+            println!(
+            "{}: HAWQ under {t}: {:.4} G BOPs, compression {:.2}x, size {:.3} MB; analysis {:.0} s on {} images",
+            path.display(),
+            totals.bops as f64 / 1e9,
+            totals.compression,
+            totals.size_mb,
+            r.seconds,
+            r.images
+        );
+        }
+        summary.push(serde_json::json!({ "policy": path, "target": t, "totals": totals }));
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }

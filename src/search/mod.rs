@@ -6,6 +6,7 @@
 
 mod budget;
 mod extract;
+pub mod hawq;
 mod state;
 
 pub use budget::{random_policy, repair, BudgetMode, DualWeight, Geometry, Preferences, Target};
