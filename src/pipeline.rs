@@ -47,6 +47,9 @@ pub enum Arm {
     EdmipsTarget,
     /// Per-layer bits drawn at random, cost within 2 % under the budget (seeded by the run).
     Random,
+    /// HAWQ-style: the proxy teacher's Hessian-trace and measured activation sensitivities,
+    /// minimised under the budget by the knapsack (no supernet).
+    Hawq,
 }
 
 impl Arm {
@@ -57,6 +60,7 @@ impl Arm {
             Arm::Uniform => "uniform",
             Arm::EdmipsTarget => "edmips-target",
             Arm::Random => "random",
+            Arm::Hawq => "hawq",
         }
     }
 
@@ -67,6 +71,7 @@ impl Arm {
             Arm::Uniform => "uniform",
             Arm::EdmipsTarget => "EdMIPS on target",
             Arm::Random => "random",
+            Arm::Hawq => "HAWQ",
         }
     }
 
@@ -85,8 +90,9 @@ impl std::str::FromStr for Arm {
             "uniform" => Ok(Arm::Uniform),
             "edmips-target" => Ok(Arm::EdmipsTarget),
             "random" => Ok(Arm::Random),
+            "hawq" => Ok(Arm::Hawq),
             _ => Err(format!(
-                "unknown arm '{s}' (gmpq, edmips, uniform, edmips-target, random)"
+                "unknown arm '{s}' (gmpq, edmips, uniform, edmips-target, random, hawq)"
             )),
         }
     }

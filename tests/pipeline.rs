@@ -314,3 +314,34 @@ fn report_of_a_folder_that_is_not_a_run_is_refused() {
         stderr(&o)
     );
 }
+
+/// `--baseline hawq`: the HAWQ-style arm gets a policy under the budget from the proxy
+/// teacher's sensitivities, is fine-tuned like every arm, and appears in the report.
+#[test]
+fn pipeline_runs_the_hawq_arm() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let mut args = pipeline_args(&out);
+    let i = args.iter().position(|a| a == "--baseline").unwrap();
+    args[i + 1] = "hawq".into();
+    // One epoch of everything: this test is about the arm, not the training.
+    for flag in [
+        "--finetune-epochs",
+        "--teacher-epochs",
+        "--target-teacher-epochs",
+        "--search-epochs",
+    ] {
+        let i = args.iter().position(|a| a == flag).unwrap();
+        args[i + 1] = "1".into();
+    }
+    let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let p = gmpq::policy::Policy::load(&out.join("search-hawq").join("policy.json")).unwrap();
+    let meta = p.meta.clone().unwrap();
+    assert_eq!(meta["method"], "hawq");
+    assert!(meta["hawq"]["sensitivities"]["weight"].is_object());
+    assert!(p.totals.unwrap().compression >= 64.0);
+    assert!(out.join("finetune-hawq").join("last.safetensors").is_file());
+    let report = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(report.contains("HAWQ"), "the report names the arm");
+}

@@ -482,7 +482,8 @@ pub struct PipelineArgs {
     /// Comparison arms under the same budget and recipe, comma-separated: edmips (the search
     /// without the attribution term), uniform (the best uniform policy within the budget),
     /// edmips-target (EdMIPS searched on the target data), random (random bits within 2 %
-    /// under the budget, drawn with --seed).
+    /// under the budget, drawn with --seed), hawq (Hessian-trace and activation
+    /// sensitivities of the proxy teacher on 512 proxy images, minimised by the knapsack).
     #[arg(long, value_delimiter = ',')]
     #[serde(skip)]
     pub baseline: Vec<String>,

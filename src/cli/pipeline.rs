@@ -178,6 +178,47 @@ fn best_uniform(teacher: &Path, candidates: &[u32], target: &Target) -> Result<P
     Ok(policy)
 }
 
+/// The HAWQ-style policy of the proxy teacher on (up to 512 of) the proxy subset's images.
+fn hawq_on_proxy(
+    teacher: &Path,
+    w_bits: Vec<u32>,
+    a_bits: Vec<u32>,
+    target: &Target,
+    (proxy, limit, subset_seed): (String, Option<usize>, u64),
+    device: tch::Device,
+) -> Result<Policy> {
+    let source = super::commands::parse_spec(&proxy)?.load(gmpq::data::Split::Train)?;
+    let indices = gmpq::data::stratified_subset(
+        source.as_ref(),
+        &gmpq::data::SubsetSpec {
+            limit,
+            per_class: None,
+            seed: subset_seed,
+        },
+    )?;
+    let cfg = gmpq::search::hawq::HawqConfig {
+        candidates: gmpq::policy::Candidates {
+            weight: w_bits,
+            activation: a_bits,
+        },
+        samples: 16,
+    };
+    let n = indices.len().min(512);
+    let r = gmpq::search::hawq::run(teacher, source, &indices[..n], &[*target], &cfg, device)?;
+    let (_, mut policy) = r
+        .policies
+        .into_iter()
+        .next()
+        .context("HAWQ produced no policy")?;
+    policy.meta = Some(serde_json::json!({
+        "method": "hawq",
+        "target": target,
+        "hawq": { "settings": cfg, "sensitivities": r.sensitivities },
+        "cost": { "wall_seconds": r.seconds, "images_processed": r.images },
+    }));
+    Ok(policy)
+}
+
 /// A random policy within 2 % under the budget, drawn with `seed` (the study's baseline).
 fn random_within(
     teacher: &Path,
@@ -267,7 +308,7 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
     for b in &a.baseline {
         let arm: Arm = b.parse().map_err(anyhow::Error::msg)?;
         if arm == Arm::Gmpq {
-            bail!("--baseline takes edmips or uniform (gmpq is always run)");
+            bail!("--baseline takes edmips, uniform, random, edmips-target or hawq (gmpq is always run)");
         }
         if !arms.contains(&arm) {
             arms.push(arm);
@@ -391,9 +432,13 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
             );
             let (w_bits, a_bits) = (parse_candidates(&a.w_bits)?, parse_candidates(&a.a_bits)?);
             let seed = a.seed;
-            run.timed(&name, String::new(), move |_| {
+            let proxy_spec = (proxy.clone(), proxy_limit, a.subset_seed);
+            run.timed(&name, String::new(), move |device| {
                 let p = match arm {
                     Arm::Random => random_within(&teacher, w_bits, a_bits, &target, seed)?,
+                    Arm::Hawq => {
+                        hawq_on_proxy(&teacher, w_bits, a_bits, &target, proxy_spec, device)?
+                    }
                     _ => best_uniform(&teacher, &cands, &target)?,
                 };
                 std::fs::create_dir_all(&dir)?;
