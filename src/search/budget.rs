@@ -155,6 +155,40 @@ fn unit_temperature() -> f64 {
     1.0
 }
 
+/// One candidate step of one layer's weight (`weights`) or activation bits: (layer index,
+/// weights?, new bits).
+type Step = (usize, bool, u32);
+
+/// Every single step down (`down`) or up the candidate sets from `p`'s bits.
+fn single_steps(p: &Policy, down: bool) -> Vec<Step> {
+    let mut out = Vec::new();
+    for (i, l) in p.layers.iter().enumerate() {
+        for (weights, bits, set) in [
+            (true, l.w_bits, &p.candidates.weight),
+            (false, l.a_bits, &p.candidates.activation),
+        ] {
+            let pos = set.iter().position(|&b| b == bits).unwrap_or(0);
+            let next = if down {
+                pos.checked_sub(1).map(|j| set[j])
+            } else {
+                set.get(pos + 1).copied()
+            };
+            if let Some(b) = next {
+                out.push((i, weights, b));
+            }
+        }
+    }
+    out
+}
+
+fn apply_step(p: &mut Policy, (i, weights, b): Step) {
+    if weights {
+        p.layers[i].w_bits = b;
+    } else {
+        p.layers[i].a_bits = b;
+    }
+}
+
 /// Lowers bits until the policy meets the budget, then raises bits while it still does, so
 /// the result is ≤ the limit and as close to it as single-step moves allow. Each move is the
 /// single step (one layer, weights or activations, to the neighbouring candidate) with the
@@ -192,34 +226,8 @@ pub fn repair(policy: &mut Policy, geometry: &Geometry, target: &Target, prefs: 
             .copied()
             .unwrap_or(0.0)
     };
-    // Moves one candidate step down (`down`) or up; returns (layer, weights?, new bits).
-    let moves = |p: &Policy, down: bool| -> Vec<(usize, bool, u32)> {
-        let mut out = Vec::new();
-        for (i, l) in p.layers.iter().enumerate() {
-            for (weights, bits, set) in [
-                (true, l.w_bits, &cands.weight),
-                (false, l.a_bits, &cands.activation),
-            ] {
-                let pos = set.iter().position(|&b| b == bits).unwrap_or(0);
-                let next = if down {
-                    pos.checked_sub(1).map(|j| set[j])
-                } else {
-                    set.get(pos + 1).copied()
-                };
-                if let Some(nb) = next {
-                    out.push((i, weights, nb));
-                }
-            }
-        }
-        out
-    };
-    let apply = |p: &mut Policy, (i, weights, nb): (usize, bool, u32)| {
-        if weights {
-            p.layers[i].w_bits = nb;
-        } else {
-            p.layers[i].a_bits = nb;
-        }
-    };
+    let moves = single_steps;
+    let apply = apply_step;
     let mut current = geometry.measure(target, &bits_vec(policy));
     while current > limit {
         // Smallest loss of preference per unit of cost saved.
@@ -327,31 +335,7 @@ pub fn random_policy(
             return Some(p);
         }
     }
-    // Single-step moves of the last draw: (layer, weights?, new bits).
-    let steps = |p: &Policy, down: bool| -> Vec<(usize, bool, u32)> {
-        let mut out = Vec::new();
-        for (i, l) in p.layers.iter().enumerate() {
-            for (weights, bits, set) in [(true, l.w_bits, w_set), (false, l.a_bits, a_set)] {
-                let pos = set.iter().position(|&b| b == bits).unwrap_or(0);
-                let next = if down {
-                    pos.checked_sub(1).map(|j| set[j])
-                } else {
-                    set.get(pos + 1).copied()
-                };
-                if let Some(b) = next {
-                    out.push((i, weights, b));
-                }
-            }
-        }
-        out
-    };
-    let apply = |p: &mut Policy, (i, weights, b): (usize, bool, u32)| {
-        if weights {
-            p.layers[i].w_bits = b;
-        } else {
-            p.layers[i].a_bits = b;
-        }
-    };
+    let (steps, apply) = (single_steps, apply_step);
     while cost_of(&p) > limit {
         let down = steps(&p, true);
         if down.is_empty() {
