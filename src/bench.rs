@@ -40,7 +40,7 @@ pub fn bench_train(
     layout: ParamLayout,
     device: Device,
 ) -> Result<BenchResult, TrainError> {
-    check_sizes(steps, batch_size)?;
+    begin(steps, batch_size)?;
     let label = match &precision {
         Precision::Full => "full".to_string(),
         Precision::Fixed { policy, .. } => {
@@ -96,7 +96,7 @@ pub fn bench_search_step(
     steps: usize,
     device: Device,
 ) -> Result<BenchResult, TrainError> {
-    check_sizes(steps, batch_size)?;
+    begin(steps, batch_size)?;
     let invalid = |e: quant::QuantError| TrainError::Invalid(e.to_string());
     let teacher = quant::build(config, Precision::Full, device).map_err(invalid)?;
     teacher.use_channels_last_weights();
@@ -141,7 +141,8 @@ pub fn bench_search_step(
     ))
 }
 
-fn check_sizes(steps: usize, batch_size: usize) -> Result<(), TrainError> {
+/// Refuses empty runs, then seeds libtorch so every benchmark starts from the same weights.
+fn begin(steps: usize, batch_size: usize) -> Result<(), TrainError> {
     if steps == 0 || batch_size == 0 {
         return Err(TrainError::Invalid(
             "steps and batch size must be positive".into(),

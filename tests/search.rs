@@ -249,10 +249,7 @@ fn search_args<'a>(teacher: &'a str, out: &'a str, aw: &'a str, p: &'a str) -> V
 
 #[test]
 fn search_meets_target_and_aw0_ignores_attribution() {
-    let _ = bundled("mnist");
-    let dir = tempfile::tempdir().unwrap();
-    let t = dir.path().join("t.safetensors");
-    fp_checkpoint(&t, 1);
+    let (dir, t) = mnist_teacher(1);
     let t_s = t.to_str().unwrap().to_string();
     // (attribution weight, p): with aw = 0 the exponent p — which only enters L_attr — must
     // change nothing; with aw = 20 it must.
@@ -397,6 +394,16 @@ fn search_meets_target_and_aw0_ignores_attribution() {
     );
 }
 
+/// A temporary folder holding an FP teacher (`fp_checkpoint` with `seed`), the bundled MNIST
+/// subset in place for the searches.
+fn mnist_teacher(seed: i64) -> (tempfile::TempDir, std::path::PathBuf) {
+    let _ = bundled("mnist");
+    let dir = tempfile::tempdir().unwrap();
+    let t = dir.path().join("t.safetensors");
+    fp_checkpoint(&t, seed);
+    (dir, t)
+}
+
 fn policy_before(dir: &std::path::Path) -> Policy {
     Policy::load(&dir.join("policy.before")).unwrap()
 }
@@ -451,10 +458,7 @@ fn random_policies_sit_just_under_the_budget_and_follow_the_seed() {
 /// an uninterrupted search ends: same per-epoch log, same policy; the snapshots are removed.
 #[test]
 fn killed_search_resumes_to_the_same_policy() {
-    let _ = bundled("mnist");
-    let dir = tempfile::tempdir().unwrap();
-    let t = dir.path().join("t.safetensors");
-    fp_checkpoint(&t, 2);
+    let (dir, t) = mnist_teacher(2);
     let t_s = t.to_str().unwrap().to_string();
     let args = |out: &std::path::Path| -> Vec<String> {
         let mut a: Vec<String> = search_args(&t_s, out.to_str().unwrap(), "20", "3")
@@ -533,10 +537,7 @@ fn killed_search_resumes_to_the_same_policy() {
 /// An unreachable budget is refused before any training, naming the cheapest cost.
 #[test]
 fn infeasible_search_budget_fails_before_training() {
-    let _ = bundled("mnist");
-    let dir = tempfile::tempdir().unwrap();
-    let t = dir.path().join("t.safetensors");
-    fp_checkpoint(&t, 1);
+    let (dir, t) = mnist_teacher(1);
     let o = dir.path().join("o");
     let mut args = search_args(t.to_str().unwrap(), o.to_str().unwrap(), "20", "1");
     let i = args
@@ -604,10 +605,7 @@ fn temperature_schedule_is_geometric_between_its_ends() {
 /// `--recipe scarce` runs end to end and records every setting it chose in the policy.
 #[test]
 fn scarce_recipe_records_its_settings_and_meets_the_budget() {
-    let _ = bundled("mnist");
-    let dir = tempfile::tempdir().unwrap();
-    let t = dir.path().join("t.safetensors");
-    fp_checkpoint(&t, 1);
+    let (dir, t) = mnist_teacher(1);
     let o = dir.path().join("o");
     let mut args = search_args(t.to_str().unwrap(), o.to_str().unwrap(), "20", "1");
     let i = args.iter().position(|a| *a == "--epochs").unwrap();
@@ -656,10 +654,7 @@ fn hutchinson_trace_of_a_quadratic_is_within_5_percent() {
 /// `--method hawq`: sensitivities measured on the proxy, the knapsack under the budget.
 #[test]
 fn hawq_search_meets_the_budget_and_records_its_sensitivities() {
-    let _ = bundled("mnist");
-    let dir = tempfile::tempdir().unwrap();
-    let t = dir.path().join("t.safetensors");
-    fp_checkpoint(&t, 1);
+    let (dir, t) = mnist_teacher(1);
     let o = dir.path().join("o");
     let out = run(&[
         "--threads",

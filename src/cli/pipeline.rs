@@ -25,16 +25,12 @@ pub(super) fn split_subset(s: &str) -> (String, Option<usize>) {
 }
 
 fn budget(a: &PipelineArgs) -> Result<Target> {
-    Ok(
-        match (&a.target_bops, a.target_compression, a.target_size_mb) {
-            (Some(b), _, _) => Target::Bops(super::search::parse_bops(b)?),
-            (_, _, Some(s)) if s > 0.0 => Target::SizeMb(s),
-            (_, _, Some(_)) => bail!("--target-size-mb must be positive"),
-            (_, Some(c), _) if c > 1.0 => Target::Compression(c),
-            (_, Some(_), _) => bail!("--target-compression must be above 1"),
-            (None, None, None) => Target::Compression(64.0),
-        },
-    )
+    Ok(super::search::parse_target(
+        a.target_bops.as_deref(),
+        a.target_compression,
+        a.target_size_mb,
+    )?
+    .unwrap_or(Target::Compression(64.0)))
 }
 
 /// The budget as the search command's flag.

@@ -30,6 +30,23 @@ pub(super) fn parse_bops(s: &str) -> Result<f64> {
 }
 
 /// A Pareto point: a compression ratio (plain number) or a BOPs count (with G/M/K suffix).
+/// The budget of `--target-bops`, `--target-compression` or `--target-size-mb` (clap lets at
+/// most one through), checked; `None` when none is given.
+pub(super) fn parse_target(
+    bops: Option<&str>,
+    compression: Option<f64>,
+    size_mb: Option<f64>,
+) -> Result<Option<Target>> {
+    Ok(match (bops, compression, size_mb) {
+        (Some(b), _, _) => Some(Target::Bops(parse_bops(b)?)),
+        (_, Some(c), _) if c <= 1.0 => bail!("--target-compression must be above 1"),
+        (_, Some(c), _) => Some(Target::Compression(c)),
+        (_, _, Some(s)) if s <= 0.0 => bail!("--target-size-mb must be positive"),
+        (_, _, Some(s)) => Some(Target::SizeMb(s)),
+        (None, None, None) => None,
+    })
+}
+
 fn parse_pareto(s: &str) -> Result<Target> {
     if s.ends_with(['G', 'g', 'M', 'm', 'K', 'k']) {
         return Ok(Target::Bops(parse_bops(s)?));
@@ -112,22 +129,13 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
     let proxy: Arc<dyn ImageSource> = Arc::new(ConcatDataset::new(proxy_train, proxy_test));
     let val_indices: Vec<usize> = val_indices.into_iter().map(|i| i + offset).collect();
 
-    let mut targets = Vec::new();
-    if let Some(b) = &a.target_bops {
-        targets.push(Target::Bops(parse_bops(b)?));
-    }
-    if let Some(c) = a.target_compression {
-        if c <= 1.0 {
-            bail!("--target-compression must be above 1");
-        }
-        targets.push(Target::Compression(c));
-    }
-    if let Some(s) = a.target_size_mb {
-        if s <= 0.0 {
-            bail!("--target-size-mb must be positive");
-        }
-        targets.push(Target::SizeMb(s));
-    }
+    let mut targets: Vec<Target> = parse_target(
+        a.target_bops.as_deref(),
+        a.target_compression,
+        a.target_size_mb,
+    )?
+    .into_iter()
+    .collect();
     for p in &a.pareto {
         targets.push(parse_pareto(p)?);
     }
@@ -419,21 +427,11 @@ pub fn extract_cmd(a: ExtractArgs) -> Result<()> {
                 .model
         }
     };
-    let target = if let Some(b) = &a.target_bops {
-        Some(Target::Bops(parse_bops(b)?))
-    } else if let Some(c) = a.target_compression {
-        if c <= 1.0 {
-            bail!("--target-compression must be above 1");
-        }
-        Some(Target::Compression(c))
-    } else if let Some(s) = a.target_size_mb {
-        if s <= 0.0 {
-            bail!("--target-size-mb must be positive");
-        }
-        Some(Target::SizeMb(s))
-    } else {
-        None
-    };
+    let target = parse_target(
+        a.target_bops.as_deref(),
+        a.target_compression,
+        a.target_size_mb,
+    )?;
     // Policies written before the rule was recorded were extracted by argmax + repair.
     let rule: gmpq::search::ExtractionRule = match a.rule {
         Some(r) => r.into(),

@@ -8,9 +8,10 @@
 //!   reference-style extraction gmpq used before).
 
 use super::budget::{repair, Geometry, Preferences, Target};
+use crate::model::ConvSpec;
 use crate::policy::{Candidates, Policy};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// The extraction rules, by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -152,52 +153,76 @@ impl Extraction for Knapsack {
             // No budget: the knapsack's optimum is the per-layer argmax.
             return Ok(argmax_policy(template, prefs));
         };
-        check_feasible(geometry, target, &template.candidates)?;
-        let cands = &template.candidates;
         // log softmax(α/T) of one layer's table; equal preferences where α is missing.
         let log_probs = |table: &BTreeMap<String, Vec<f64>>, name: &str, n: usize| {
             let alpha = table.get(name).cloned().unwrap_or_else(|| vec![0.0; n]);
             log_softmax(&alpha, prefs.temperature)
         };
-        // One item group per quantized layer, in geometry order: every (w, a) pair with its
-        // cost (the layer's share of the budgeted quantity) and value (log-probabilities).
-        let limit = geometry.limit(target);
-        let mut groups = Vec::with_capacity(geometry.layers.len());
-        let mut pairs = Vec::new();
-        for layer in &geometry.layers {
-            let lw = log_probs(&prefs.alpha_w, &layer.name, cands.weight.len());
-            let la = log_probs(&prefs.alpha_a, &layer.name, cands.activation.len());
-            let mut items = Vec::new();
-            let mut bits = Vec::new();
-            for (i, &w) in cands.weight.iter().enumerate() {
-                for (j, &a) in cands.activation.iter().enumerate() {
-                    let cost = geometry.layer_cost(target, layer, w as f64, a as f64);
-                    let log_p =
-                        lw.get(i).copied().unwrap_or(0.0) + la.get(j).copied().unwrap_or(0.0);
-                    // Among equally preferred policies, the one that spends more of the budget:
-                    // a bonus far below any real difference in log-probability.
-                    let value = log_p + SPEND_TIE_BREAK * cost / limit;
-                    items.push(Item { cost, value });
-                    bits.push((w, a));
-                }
-            }
-            groups.push(items);
-            pairs.push(bits);
-        }
-        let budget = limit - geometry.fixed_cost(target);
-        let choice = solve(&groups, budget).ok_or_else(|| {
-            ExtractionError::Invalid(format!("no policy fits {target} (knapsack)"))
-        })?;
-        let mut policy = template.clone();
-        for ((layer, pick), bits) in geometry.layers.iter().zip(&choice.picks).zip(&pairs) {
-            let (w, a) = bits[*pick];
-            if let Some(l) = policy.layers.iter_mut().find(|l| l.name == layer.name) {
-                l.w_bits = w;
-                l.a_bits = a;
-            }
-        }
-        Ok(policy)
+        let cands = &template.candidates;
+        knapsack_policy(template, geometry, target, SPEND_TIE_BREAK, |layer| {
+            Ok((
+                log_probs(&prefs.alpha_w, &layer.name, cands.weight.len()),
+                log_probs(&prefs.alpha_a, &layer.name, cands.activation.len()),
+            ))
+        })
     }
+}
+
+/// The policy of greatest total value within `target` (the exact knapsack): one `(w, a)`
+/// pair per quantized layer, worth `values_w[i] + values_a[j]` for the candidates
+/// `weight[i]`, `activation[j]`, where `layer_values` gives a layer's two value lists. A
+/// bonus of `spend`·cost/limit, far below any real difference in value, makes equally
+/// valued policies spend more of the budget.
+pub(super) fn knapsack_policy(
+    template: &Policy,
+    geometry: &Geometry,
+    target: &Target,
+    spend: f64,
+    mut layer_values: impl FnMut(&ConvSpec) -> Result<(Vec<f64>, Vec<f64>), ExtractionError>,
+) -> Result<Policy, ExtractionError> {
+    check_feasible(geometry, target, &template.candidates)?;
+    let cands = &template.candidates;
+    let limit = geometry.limit(target);
+    // One item group per quantized layer, in geometry order: every (w, a) pair with its cost
+    // (the layer's share of the budgeted quantity) and value.
+    let mut groups = Vec::with_capacity(geometry.layers.len());
+    let mut pairs = Vec::with_capacity(geometry.layers.len());
+    for layer in &geometry.layers {
+        let (vw, va) = layer_values(layer)?;
+        let mut items = Vec::new();
+        let mut bits = Vec::new();
+        for (i, &w) in cands.weight.iter().enumerate() {
+            for (j, &a) in cands.activation.iter().enumerate() {
+                let cost = geometry.layer_cost(target, layer, w as f64, a as f64);
+                let value = vw.get(i).copied().unwrap_or(0.0) + va.get(j).copied().unwrap_or(0.0);
+                items.push(Item {
+                    cost,
+                    value: value + spend * cost / limit,
+                });
+                bits.push((w, a));
+            }
+        }
+        groups.push(items);
+        pairs.push(bits);
+    }
+    let budget = limit - geometry.fixed_cost(target);
+    let choice = solve(&groups, budget)
+        .ok_or_else(|| ExtractionError::Invalid(format!("no policy fits {target}")))?;
+    let by_name: HashMap<&str, (u32, u32)> = geometry
+        .layers
+        .iter()
+        .zip(&choice.picks)
+        .zip(&pairs)
+        .map(|((l, &k), b)| (l.name.as_str(), b[k]))
+        .collect();
+    let mut policy = template.clone();
+    for l in &mut policy.layers {
+        if let Some(&(w, a)) = by_name.get(l.name.as_str()) {
+            l.w_bits = w;
+            l.a_bits = a;
+        }
+    }
+    Ok(policy)
 }
 
 /// Refuses a budget below the all-minimum-bits policy, naming that cheapest cost.

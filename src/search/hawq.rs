@@ -14,7 +14,7 @@
 //! negative under the budget.
 
 use super::budget::{Geometry, Target};
-use super::extract::{check_feasible, solve, ExtractionError, Item};
+use super::extract::{check_feasible, knapsack_policy, ExtractionError};
 use super::{Result, SearchError};
 use crate::checkpoint::Checkpoint;
 use crate::policy::{Candidates, LayerBits, Policy};
@@ -269,13 +269,10 @@ pub fn hawq_policy(
     target: &Target,
     sens: &Sensitivities,
 ) -> std::result::Result<Policy, ExtractionError> {
-    check_feasible(geometry, target, &template.candidates)?;
-    let cands = &template.candidates;
-    let limit = geometry.limit(target);
     let missing = |n: &str| ExtractionError::Invalid(format!("no sensitivity for layer {n}"));
-    let mut groups = Vec::new();
-    let mut pairs = Vec::new();
-    for layer in &geometry.layers {
+    let negated = |v: &Vec<f64>| v.iter().map(|x| -x).collect::<Vec<f64>>();
+    // Equal sensitivity: spend more of the budget (a negligible bonus).
+    knapsack_policy(template, geometry, target, 1e-12, |layer| {
         let sw = sens
             .weight
             .get(&layer.name)
@@ -284,41 +281,8 @@ pub fn hawq_policy(
             .activation
             .get(&layer.name)
             .ok_or_else(|| missing(&layer.name))?;
-        let mut items = Vec::new();
-        let mut bits = Vec::new();
-        for (i, &w) in cands.weight.iter().enumerate() {
-            for (j, &a) in cands.activation.iter().enumerate() {
-                let cost = geometry.layer_cost(target, layer, w as f64, a as f64);
-                let omega = sw.get(i).copied().unwrap_or(0.0) + sa.get(j).copied().unwrap_or(0.0);
-                // Equal sensitivity: spend more of the budget (a negligible bonus).
-                items.push(Item {
-                    cost,
-                    value: -omega + 1e-12 * cost / limit,
-                });
-                bits.push((w, a));
-            }
-        }
-        groups.push(items);
-        pairs.push(bits);
-    }
-    let budget = limit - geometry.fixed_cost(target);
-    let choice = solve(&groups, budget)
-        .ok_or_else(|| ExtractionError::Invalid(format!("no policy fits {target}")))?;
-    let by_name: HashMap<&str, (u32, u32)> = geometry
-        .layers
-        .iter()
-        .zip(&choice.picks)
-        .zip(&pairs)
-        .map(|((l, &k), b)| (l.name.as_str(), b[k]))
-        .collect();
-    let mut policy = template.clone();
-    for l in &mut policy.layers {
-        if let Some(&(w, a)) = by_name.get(l.name.as_str()) {
-            l.w_bits = w;
-            l.a_bits = a;
-        }
-    }
-    Ok(policy)
+        Ok((negated(sw), negated(sa)))
+    })
 }
 
 /// What a HAWQ run produced.

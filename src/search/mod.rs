@@ -128,15 +128,17 @@ impl Recipe {
         cfg.recipe = self;
         match self {
             Recipe::Reference => {
-                cfg.alpha_optimizer = AlphaOptimizer::Sgd;
-                cfg.alpha_lr = 0.01;
-                cfg.alpha_weight_decay = 1e-4;
-                cfg.alpha_lr_decay = true;
-                cfg.alpha_frozen_epochs = 0;
-                cfg.budget_mode = BudgetMode::UpperBound;
-                cfg.dual_rate = 0.05;
-                cfg.temperature = TemperatureSchedule::default();
-                cfg.extraction = ExtractionRule::ArgmaxRepair;
+                // The reference's values are the config defaults, defined once there.
+                let d = SearchConfig::default();
+                cfg.alpha_optimizer = d.alpha_optimizer;
+                cfg.alpha_lr = d.alpha_lr;
+                cfg.alpha_weight_decay = d.alpha_weight_decay;
+                cfg.alpha_lr_decay = d.alpha_lr_decay;
+                cfg.alpha_frozen_epochs = d.alpha_frozen_epochs;
+                cfg.budget_mode = d.budget_mode;
+                cfg.dual_rate = d.dual_rate;
+                cfg.temperature = d.temperature;
+                cfg.extraction = d.extraction;
             }
             Recipe::Scarce => {
                 cfg.alpha_optimizer = AlphaOptimizer::Adam;
@@ -552,13 +554,11 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
     tch::manual_seed(cfg.seed as i64);
     let started = Instant::now();
     let (teacher_ck, teacher) = load_teacher(&job)?;
-    // An unreachable budget fails here, before any training.
-    {
-        let fp = quant::build(&teacher_ck.meta.model, Precision::Full, Device::Cpu)?;
-        let geometry = Geometry::new(fp.net.convs(), fp.net.fc_spec());
-        for t in &job.targets {
-            check_feasible(&geometry, t, &cfg.candidates)?;
-        }
+    // The teacher has the supernet's layers: its geometry measures every budget. An
+    // unreachable budget fails here, before any training.
+    let geometry = Geometry::new(teacher.network.net.convs(), teacher.network.net.fc_spec());
+    for t in &job.targets {
+        check_feasible(&geometry, t, &cfg.candidates)?;
     }
     let native = job.proxy.native_shape().unwrap_or([
         teacher_ck.meta.model.in_channels,
@@ -582,7 +582,6 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
     let probe = probe_batch(&job, &teacher.pipeline)?;
 
     let base = supernet_from(&teacher_ck, &job)?;
-    let geometry = Geometry::new(base.net.convs(), base.net.fc_spec());
     let mut base = Some(base);
     let ctx = Ctx {
         job: &job,
