@@ -20,6 +20,25 @@ fn main() {
     if lib_dir.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
     }
+    // The onnxruntime wheel in the same site-packages: its library's path is compiled in, so
+    // `ort` loads it without ORT_DYLIB_PATH (which still overrides it).
+    if let Some(capi) = lib_dir
+        .parent()
+        .and_then(|torch| torch.parent())
+        .map(|site| site.join("onnxruntime/capi"))
+    {
+        let found = std::fs::read_dir(&capi).ok().and_then(|entries| {
+            entries.filter_map(|e| e.ok().map(|e| e.path())).find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("libonnxruntime.so"))
+            })
+        });
+        if let Some(path) = found {
+            println!("cargo:rustc-env=GMPQ_ORT_DYLIB={}", path.display());
+        }
+        println!("cargo:rerun-if-changed={}", capi.display());
+    }
     // The wheel's layout: torch/lib beside torch/include.
     let include = lib_dir
         .parent()

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Training-step throughput, gmpq vs PyTorch, same machine, same run (docs/PERFORMANCE.md).
+# Training-step throughput, gmpq vs PyTorch, same machine, same run, and inference through
+# libtorch and ONNX Runtime (docs/PERFORMANCE.md).
 # Quiet: the engines alternate, ROUNDS times each: gmpq as shipped (channels-last conv weights,
 # OpenMP spin count 10,000) and with contiguous weights; PyTorch as shipped, with the model and
 # input in channels_last, and with its optimizer's multi-tensor `foreach` path and set-to-None
@@ -43,6 +44,11 @@ for r in $(seq "$rounds"); do
        "| reference $("$gmpq" --threads 2 --quant-kernels reference bench search-step --json | secs)" \
        "| FP training step of the same network $("$gmpq" --threads 2 bench train --model resnet18 --batch-size 32 --steps 10 --json | secs)"
 done
+echo "# inference (random weights): gmpq's FP32 libtorch network, its FP32 ONNX export and its QDQ"
+echo "# export (uniform w4a4) through ONNX Runtime, batch 1 and 64, 2 threads, img/s"
+"$gmpq" --threads 2 bench infer --model resnet20 --input-size 28 --channels 1
+"$gmpq" --threads 2 bench infer --model resnet18 --stem cifar --input-size 32 --channels 3 --steps 5 --warmup 1
+"$gmpq" --threads 2 bench infer --model mobilenetv2 --stem cifar --input-size 32 --channels 3 --steps 10
 echo "# contended: a second 2-thread training (OMP active) runs beside gmpq, img/s"
 for mode in "default (GOMP_SPINCOUNT=10000)" "OMP_WAIT_POLICY=PASSIVE" "OMP_WAIT_POLICY=ACTIVE"; do
   OMP_WAIT_POLICY=ACTIVE "$gmpq" --threads 2 bench train --steps 1000 --json > /dev/null 2>&1 &

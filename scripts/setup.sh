@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# Installs what gmpq builds against, once: a virtualenv (.venv) holding the PyPI wheel
-# torch==2.13.0, whose libtorch tch 0.26 links to. Idempotent: a second run does nothing.
+# Installs what gmpq builds against, once: a virtualenv (.venv) holding the PyPI wheels
+# torch==2.13.0, whose libtorch tch 0.26 links to, and onnxruntime==1.31.0, whose
+# libonnxruntime.so the `ort` crate loads at run time (`gmpq eval --onnx`, `gmpq bench
+# infer`). Idempotent: a second run does nothing.
 # Override the location with GMPQ_VENV, the interpreter with GMPQ_PYTHON.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${GMPQ_VENV:-$root/.venv}"
 torch_version="2.13.0"
+ort_version="1.31.0"
 
 have_torch() {
   compgen -G "$venv/lib/python3*/site-packages/torch-${torch_version}.dist-info" >/dev/null
 }
+have_ort() {
+  compgen -G "$venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.${ort_version}" >/dev/null
+}
 
-if have_torch; then
+if have_torch && have_ort; then
   exit 0
 fi
 
@@ -35,7 +41,15 @@ if [ ! -x "$venv/bin/python" ]; then
     exit 1
   fi
 fi
-echo "gmpq setup: installing torch==${torch_version} (libtorch for tch; about 4.5 GB with its CUDA libraries, once)" >&2
-"$venv/bin/python" -m pip install --disable-pip-version-check --quiet "torch==${torch_version}"
-have_torch || { echo "gmpq setup: torch ${torch_version} did not install into $venv" >&2; exit 1; }
+if ! have_torch; then
+  echo "gmpq setup: installing torch==${torch_version} (libtorch for tch; about 4.5 GB with its CUDA libraries, once)" >&2
+  "$venv/bin/python" -m pip install --disable-pip-version-check --quiet "torch==${torch_version}"
+  have_torch || { echo "gmpq setup: torch ${torch_version} did not install into $venv" >&2; exit 1; }
+fi
+if ! have_ort; then
+  # Only its shared library is used, so its Python dependencies are not installed.
+  echo "gmpq setup: installing onnxruntime==${ort_version} (libonnxruntime.so for ONNX inference)" >&2
+  "$venv/bin/python" -m pip install --disable-pip-version-check --quiet --no-deps "onnxruntime==${ort_version}"
+  have_ort || { echo "gmpq setup: onnxruntime ${ort_version} did not install into $venv" >&2; exit 1; }
+fi
 echo "gmpq setup: done" >&2

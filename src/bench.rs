@@ -5,7 +5,7 @@
 
 use crate::model::ModelConfig;
 use crate::quant::{self, Precision};
-use crate::search::{AlphaOpt, SearchConfig, SearchStep};
+use crate::search::{AlphaOpt, ComplexityTerm, SearchConfig, SearchStep};
 use crate::train::{ParamLayout, Sgd, TrainError};
 use serde::Serialize;
 use std::time::Instant;
@@ -124,7 +124,7 @@ pub fn bench_search_step(
         step.run(
             &x,
             &y,
-            Some(search.complexity_weight),
+            ComplexityTerm::Weighted(search.complexity_weight),
             search.lr,
             Some(search.alpha_lr),
             0,
@@ -209,4 +209,133 @@ fn result(
         images_per_second: (steps * batch_size) as f64 / total,
         median_step_seconds: times[times.len() / 2],
     }
+}
+
+/// Inference throughput of one engine on one batch size.
+#[derive(Debug, Clone, Serialize)]
+pub struct InferResult {
+    pub model: String,
+    pub input: [usize; 3],
+    /// `libtorch fp32`, `onnxruntime fp32` or `onnxruntime qdq`.
+    pub engine: String,
+    pub batch_size: usize,
+    pub threads: usize,
+    pub steps: usize,
+    pub images_per_second: f64,
+    pub median_batch_seconds: f64,
+}
+
+/// What [`bench_infer`] measured, with the op types ONNX Runtime's optimized QDQ graph runs
+/// (e.g. `QLinearConv` where it chose integer convolutions).
+#[derive(Debug, Clone, Serialize)]
+pub struct InferReport {
+    pub results: Vec<InferResult>,
+    pub qdq_optimized_ops: std::collections::BTreeMap<String, usize>,
+}
+
+/// Times inference of `config` (random weights; speed does not depend on their values)
+/// three ways: gmpq's FP32 libtorch network, its FP32 ONNX export and its QDQ export under
+/// `policy`, both through ONNX Runtime with `threads` intra-op threads.
+pub fn bench_infer(
+    config: &ModelConfig,
+    policy: crate::policy::Policy,
+    batch_sizes: &[usize],
+    warmup: usize,
+    steps: usize,
+    threads: usize,
+) -> Result<InferReport, TrainError> {
+    use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
+    use crate::engine::{OnnxModel, SessionOptions};
+    use crate::export::onnx::{self, OnnxOptions};
+    let invalid = |e: &dyn std::fmt::Display| TrainError::Invalid(e.to_string());
+    for &b in batch_sizes {
+        begin(steps, b)?;
+    }
+    let device = Device::Cpu;
+    let fp = quant::build(config, Precision::Full, device).map_err(|e| invalid(&e))?;
+    let fixed = quant::build(
+        config,
+        Precision::Fixed {
+            policy,
+            per_channel: false,
+        },
+        device,
+    )
+    .map_err(|e| invalid(&e))?;
+    let s = config.input_size as i64;
+    let probe = Tensor::rand([2, config.in_channels as i64, s, s], (Kind::Float, device));
+    // Sets the weight thresholds, as the first forward pass of fine-tuning does.
+    let _ = tch::no_grad(|| fixed.net.forward_t(&probe, false));
+    let checkpoint_of = |net: &quant::Network| {
+        let mut meta = CheckpointMeta::new(
+            config.clone(),
+            crate::data::Pipeline {
+                transforms: vec![],
+                normalize: crate::data::Normalize::identity(config.in_channels),
+            },
+        );
+        meta.precision = Some(net.precision.clone());
+        Checkpoint {
+            meta,
+            tensors: checkpoint::var_store_tensors(&net.vs),
+        }
+    };
+    let fp_onnx =
+        onnx::export(&checkpoint_of(&fp), &fp, OnnxOptions::default()).map_err(|e| invalid(&e))?;
+    let qdq_onnx = onnx::export(&checkpoint_of(&fixed), &fixed, OnnxOptions::default())
+        .map_err(|e| invalid(&e))?;
+    let dump = std::env::temp_dir().join(format!("gmpq-qdq-optimized-{}.onnx", std::process::id()));
+    let opts = SessionOptions {
+        threads,
+        optimized_model: None,
+    };
+    let mut fp_session = OnnxModel::from_bytes(&fp_onnx, &opts).map_err(|e| invalid(&e))?;
+    let mut qdq_session = OnnxModel::from_bytes(
+        &qdq_onnx,
+        &SessionOptions {
+            optimized_model: Some(dump.clone()),
+            ..opts.clone()
+        },
+    )
+    .map_err(|e| invalid(&e))?;
+    let qdq_optimized_ops = crate::engine::op_counts(&dump).map_err(|e| invalid(&e))?;
+    let _ = std::fs::remove_file(&dump);
+    let mut results = Vec::new();
+    for &batch in batch_sizes {
+        let x = Tensor::rand(
+            [batch as i64, config.in_channels as i64, s, s],
+            (Kind::Float, device),
+        );
+        let mut record = |engine: &str, times: Vec<f64>| {
+            let r = result(config, String::new(), batch, ParamLayout::default(), times);
+            results.push(InferResult {
+                model: r.model,
+                input: r.input,
+                engine: engine.into(),
+                batch_size: batch,
+                threads,
+                steps: r.steps,
+                images_per_second: r.images_per_second,
+                median_batch_seconds: r.median_step_seconds,
+            });
+        };
+        let times = time_steps(warmup, steps, || {
+            let _ = tch::no_grad(|| fp.net.forward_t(&x, false));
+            Ok(())
+        })?;
+        record("libtorch fp32", times);
+        for (engine, session) in [
+            ("onnxruntime fp32", &mut fp_session),
+            ("onnxruntime qdq", &mut qdq_session),
+        ] {
+            let times = time_steps(warmup, steps, || {
+                session.run(&x).map(|_| ()).map_err(|e| invalid(&e))
+            })?;
+            record(engine, times);
+        }
+    }
+    Ok(InferReport {
+        results,
+        qdq_optimized_ops,
+    })
 }

@@ -258,11 +258,21 @@ pub fn remove_stale_temps(dir: &Path) {
 
 /// Safetensors bytes of `tensors`, with `meta_json` under the `gmpq` metadata key.
 pub fn tensors_to_bytes(tensors: &BTreeMap<String, Tensor>, meta_json: String) -> Result<Vec<u8>> {
+    tensors_to_bytes_with(tensors, meta_json, HashMap::new())
+}
+
+/// [`tensors_to_bytes`] with more metadata entries beside `gmpq`.
+pub fn tensors_to_bytes_with(
+    tensors: &BTreeMap<String, Tensor>,
+    meta_json: String,
+    mut extra: HashMap<String, String>,
+) -> Result<Vec<u8>> {
     let raws: Vec<(String, RawTensor)> = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), to_raw(t)?)))
         .collect::<Result<_>>()?;
-    let metadata: HashMap<String, String> = [(META_KEY.to_string(), meta_json)].into();
+    extra.insert(META_KEY.to_string(), meta_json);
+    let metadata = extra;
     safetensors::tensor::serialize(raws.iter().map(|(n, r)| (n.as_str(), r)), &Some(metadata))
         .map_err(|e| CheckpointError::Corrupt {
             path: PathBuf::new(),
@@ -299,17 +309,24 @@ impl Checkpoint {
         })
     }
 
-    /// Loads a gmpq checkpoint (tensors on the CPU).
+    /// Loads a gmpq checkpoint (tensors on the CPU); a packed one
+    /// ([`crate::export::packed`]) is unpacked.
     pub fn load(path: &Path) -> Result<Self> {
-        let (meta, tensors) = read_safetensors(path)?;
-        let meta_json = meta.ok_or_else(|| CheckpointError::NoMetadata {
-            path: path.to_path_buf(),
-        })?;
+        let (mut metadata, tensors) = read_safetensors_all(path)?;
+        let meta_json = metadata
+            .remove(META_KEY)
+            .ok_or_else(|| CheckpointError::NoMetadata {
+                path: path.to_path_buf(),
+            })?;
         let meta: CheckpointMeta =
             serde_json::from_str(&meta_json).map_err(|e| CheckpointError::Corrupt {
                 path: path.to_path_buf(),
                 reason: format!("metadata: {e}"),
             })?;
+        let tensors = match metadata.get(crate::export::packed::PACKED_KEY) {
+            Some(header) => crate::export::packed::unpack(path, &meta, header, &tensors)?,
+            None => tensors,
+        };
         Ok(Checkpoint { meta, tensors })
     }
 
@@ -328,6 +345,14 @@ pub fn sidecar_path(path: &Path) -> PathBuf {
 
 /// Reads any safetensors file: its `gmpq` metadata (if present) and its tensors.
 pub fn read_safetensors(path: &Path) -> Result<(Option<String>, BTreeMap<String, Tensor>)> {
+    let (mut metadata, tensors) = read_safetensors_all(path)?;
+    Ok((metadata.remove(META_KEY), tensors))
+}
+
+/// Reads any safetensors file: all its metadata and its tensors.
+pub fn read_safetensors_all(
+    path: &Path,
+) -> Result<(HashMap<String, String>, BTreeMap<String, Tensor>)> {
     let bytes = std::fs::read(path).map_err(|source| CheckpointError::Io {
         path: path.to_path_buf(),
         source,
@@ -337,10 +362,7 @@ pub fn read_safetensors(path: &Path) -> Result<(Option<String>, BTreeMap<String,
         reason,
     };
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| corrupt(format!("{e:?}")))?;
-    let meta = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(META_KEY).cloned());
+    let meta = header.metadata().clone().unwrap_or_default();
     let st = SafeTensors::deserialize(&bytes).map_err(|e| corrupt(format!("{e:?}")))?;
     let mut tensors = BTreeMap::new();
     for (name, view) in st.tensors() {

@@ -9,6 +9,8 @@ pub mod attribution;
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod engine;
+pub mod export;
 pub mod import;
 pub mod model;
 pub mod pipeline;

@@ -237,6 +237,9 @@ fn search_args<'a>(teacher: &'a str, out: &'a str, aw: &'a str, p: &'a str) -> V
         "64",
         "--target-compression",
         "64",
+        // The faithful recipe: these tests pin its behaviour.
+        "--recipe",
+        "reference",
         "--attribution-weight",
         aw,
         "--p",
@@ -602,6 +605,38 @@ fn temperature_schedule_is_geometric_between_its_ends() {
     assert_eq!(t.at(9, 5), t.at(4, 5));
 }
 
+/// The budget penalty `μ·(E[cost]/limit − 1)²` pulls the expected bits down over budget and
+/// up under it, and its measure is the geometry's own.
+#[test]
+fn budget_penalty_pulls_toward_the_budget_from_both_sides() {
+    use gmpq::search::Geometry;
+    let g = quant::build(&cfg(), Precision::Full, Device::Cpu).unwrap();
+    let geometry = Geometry::new(g.net.convs(), g.net.fc_spec());
+    let n = geometry.layers.len();
+    let at = |b: f64| -> Vec<(f64, f64)> { vec![(b, b); n] };
+    let size_at = |b: f64| geometry.measure(&Target::SizeMb(1.0), &at(b));
+    let mid_size = (size_at(2.0) + size_at(6.0)) / 2.0;
+    for target in [Target::Compression(128.0), Target::SizeMb(mid_size)] {
+        let limit = geometry.limit(&target);
+        for (bits, over) in [(6.0, true), (2.0, false)] {
+            let measured = geometry.measure(&target, &at(bits));
+            assert_eq!(measured > limit, over, "{target}: {measured} vs {limit}");
+            let w = Tensor::from(bits as f32).set_requires_grad(true);
+            let a = Tensor::from(bits as f32).set_requires_grad(true);
+            let pairs: Vec<(Tensor, Tensor)> = (0..n)
+                .map(|_| (w.shallow_clone(), a.shallow_clone()))
+                .collect();
+            let m = geometry.measure_tensor(&target, &pairs);
+            assert!((m.double_value(&[]) - measured).abs() <= 1e-4 * measured.abs());
+            let penalty = (m / limit - 1.0).square() * 10.0;
+            penalty.backward();
+            let grad = w.grad().double_value(&[]);
+            // Gradient descent lowers the bits over budget and raises them under it.
+            assert_eq!(grad > 0.0, over, "{target} at {bits} bits: gradient {grad}");
+        }
+    }
+}
+
 /// `--recipe scarce` runs end to end and records every setting it chose in the policy.
 #[test]
 fn scarce_recipe_records_its_settings_and_meets_the_budget() {
@@ -610,7 +645,8 @@ fn scarce_recipe_records_its_settings_and_meets_the_budget() {
     let mut args = search_args(t.to_str().unwrap(), o.to_str().unwrap(), "20", "1");
     let i = args.iter().position(|a| *a == "--epochs").unwrap();
     args[i + 1] = "5";
-    args.extend(["--recipe", "scarce"]);
+    let r = args.iter().position(|a| *a == "--recipe").unwrap();
+    args[r + 1] = "scarce";
     let out = run(&args);
     assert!(out.status.success(), "{}", stderr(&out));
     let policy = Policy::load(&o.join("policy.json")).unwrap();
@@ -618,7 +654,9 @@ fn scarce_recipe_records_its_settings_and_meets_the_budget() {
     let s = &meta["search"];
     assert_eq!(s["recipe"], "scarce");
     assert_eq!(s["alpha_optimizer"], "adam");
-    assert_eq!(s["budget_mode"], "equality");
+    assert_eq!(s["budget_mode"], "penalty");
+    assert_eq!(s["budget_penalty"], 10.0);
+    assert_eq!(s["alpha_lr"], 0.03);
     assert_eq!(s["extraction"], "knapsack");
     assert_eq!(s["alpha_frozen_epochs"], 1);
     assert_eq!(s["temperature"]["end"], 0.2);

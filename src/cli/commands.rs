@@ -35,6 +35,7 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
         Command::Quantize(a) => quantize_cmd(a, device),
         Command::Search(a) => super::search::search_cmd(a, device),
         Command::Extract(a) => super::search::extract_cmd(a),
+        Command::Export(a) => super::deploy::export_cmd(a, device),
         Command::Attribution(a) => super::search::attribution_cmd(a, device),
         Command::Demo(a) => super::pipeline::demo_cmd(a, device),
         Command::Pipeline(a) => super::pipeline::pipeline_cmd(a, device),
@@ -60,6 +61,12 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
             println!("cuda devices: {}", tch::Cuda::device_count());
             println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
             println!("device: {device:?}");
+            match gmpq::engine::runtime_library()
+                .and_then(|lib| gmpq::engine::runtime_available().map(|_| lib))
+            {
+                Ok(lib) => println!("onnx runtime: {}", lib.display()),
+                Err(e) => println!("onnx runtime: unavailable ({e})"),
+            }
             Ok(())
         }
         Command::Bench(BenchCommand::Train(a)) => {
@@ -104,6 +111,7 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
             )?;
             print_bench(&r, a.json)
         }
+        Command::Bench(BenchCommand::Infer(a)) => super::deploy::bench_infer_cmd(a),
         Command::Bench(BenchCommand::SearchStep(a)) => {
             let arch: Arch = a.model.parse()?;
             let cfg = ModelConfig::new(arch, a.channels, a.classes, a.input_size);
@@ -336,37 +344,90 @@ fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
         s => bail!("unknown split '{s}' (train, test)"),
     };
     let data = spec.load(split)?;
-    let (ck, network) = gmpq::quant::load(&a.checkpoint, device)
-        .with_context(|| format!("loading {}", a.checkpoint.display()))?;
-    let net = network.net;
-    if data.num_classes() > ck.meta.model.num_classes {
-        bail!(
-            "{} has {} classes but the model predicts {}",
-            spec,
-            data.num_classes(),
-            ck.meta.model.num_classes
-        );
-    }
-    let indices = subset_of(data.as_ref(), &a.subset)?;
-    let data: Arc<dyn ImageSource> = data;
-    let m = train::evaluate(
-        &net,
-        data,
-        &indices,
-        &ck.meta.eval_pipeline,
-        a.batch_size,
-        device,
-    )?;
+    let session = || gmpq::engine::SessionOptions {
+        threads: tch::get_num_threads().max(1) as usize,
+        optimized_model: None,
+    };
+    let (label, m) = match (&a.checkpoint, &a.onnx) {
+        (Some(path), Some(onnx_path)) => {
+            let (ck, network) = gmpq::quant::load(path, tch::Device::Cpu)
+                .with_context(|| format!("loading {}", path.display()))?;
+            check_classes(&spec, data.as_ref(), ck.meta.model.num_classes)?;
+            let mut model = gmpq::engine::OnnxModel::open(onnx_path, &session())?;
+            let indices = subset_of(data.as_ref(), &a.subset)?;
+            let data: Arc<dyn ImageSource> = data;
+            let r = gmpq::engine::compare(
+                &mut model,
+                &network.net,
+                &ck.meta.eval_pipeline,
+                data,
+                &indices,
+                a.batch_size,
+            )?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{} vs {} (ONNX Runtime) on {spec}, {} images: top-1 {:.2}% vs {:.2}%, \
+                     same top-1 class on {:.2}%, largest logit difference {:.3e}",
+                    path.display(),
+                    onnx_path.display(),
+                    r.images,
+                    r.libtorch.top1,
+                    r.onnx.top1,
+                    r.top1_agreement,
+                    r.max_logit_difference
+                );
+            }
+            return Ok(());
+        }
+        (Some(path), None) => {
+            let (ck, network) = gmpq::quant::load(path, device)
+                .with_context(|| format!("loading {}", path.display()))?;
+            check_classes(&spec, data.as_ref(), ck.meta.model.num_classes)?;
+            let indices = subset_of(data.as_ref(), &a.subset)?;
+            let data: Arc<dyn ImageSource> = data;
+            let m = train::evaluate(
+                &network.net,
+                data,
+                &indices,
+                &ck.meta.eval_pipeline,
+                a.batch_size,
+                device,
+            )?;
+            (path.display().to_string(), m)
+        }
+        (None, Some(path)) => {
+            let mut model = gmpq::engine::OnnxModel::open(path, &session())?;
+            if let Some(cfg) = &model.model {
+                check_classes(&spec, data.as_ref(), cfg.num_classes)?;
+            }
+            let indices = subset_of(data.as_ref(), &a.subset)?;
+            let data: Arc<dyn ImageSource> = data;
+            let (m, _) = model.evaluate(data, &indices, a.batch_size)?;
+            (format!("{} (ONNX Runtime)", path.display()), m)
+        }
+        (None, None) => bail!("give --checkpoint or --onnx"),
+    };
     if a.json {
         println!("{}", serde_json::to_string_pretty(&m)?);
     } else {
         println!(
-            "{} on {spec}: top-1 {:.2}%, top-5 {:.2}%, loss {:.4} ({} images)",
-            a.checkpoint.display(),
-            m.top1,
-            m.top5,
-            m.loss,
-            m.images
+            "{label} on {spec}: top-1 {:.2}%, top-5 {:.2}%, loss {:.4} ({} images)",
+            m.top1, m.top5, m.loss, m.images
+        );
+    }
+    Ok(())
+}
+
+/// A dataset with more classes than the model predicts cannot be scored.
+fn check_classes(spec: &DatasetSpec, data: &dyn ImageSource, model_classes: usize) -> Result<()> {
+    if data.num_classes() > model_classes {
+        bail!(
+            "{} has {} classes but the model predicts {}",
+            spec,
+            data.num_classes(),
+            model_classes
         );
     }
     Ok(())

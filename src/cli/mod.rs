@@ -1,6 +1,7 @@
 //! Argument parsing and command dispatch.
 
 mod commands;
+mod deploy;
 mod pipeline;
 mod progress;
 mod search;
@@ -93,6 +94,34 @@ pub enum Command {
     Extract(ExtractArgs),
     /// Render attribution (CAM) heatmaps of a checkpoint on some images.
     Attribution(AttributionArgs),
+    /// Ship a fine-tuned checkpoint: an ONNX graph in QDQ form (integer inference in ONNX
+    /// Runtime; --fp for the float network) or a packed safetensors file whose kernels are
+    /// stored at their policy bitwidth.
+    Export(ExportArgs),
+}
+
+/// Export formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// ONNX (opset 21): QuantizeLinear/DequantizeLinear around every quantized conv.
+    Onnx,
+    /// safetensors with bit-packed kernels (`gmpq eval` and `gmpq export` read it).
+    Packed,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The fine-tuned (fixed-policy) checkpoint, or a packed one.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    #[arg(long, value_enum, default_value = "onnx")]
+    pub format: ExportFormat,
+    /// With --format onnx: the float network, quantizers left out (for comparison).
+    #[arg(long)]
+    pub fp: bool,
+    /// Output file (.onnx or .safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -136,6 +165,7 @@ impl From<AlphaOptimizerArg> for gmpq::search::AlphaOptimizer {
 pub enum BudgetModeArg {
     UpperBound,
     Equality,
+    Penalty,
 }
 
 impl From<BudgetModeArg> for gmpq::search::BudgetMode {
@@ -143,6 +173,7 @@ impl From<BudgetModeArg> for gmpq::search::BudgetMode {
         match b {
             BudgetModeArg::UpperBound => Self::UpperBound,
             BudgetModeArg::Equality => Self::Equality,
+            BudgetModeArg::Penalty => Self::Penalty,
         }
     }
 }
@@ -252,11 +283,12 @@ pub struct SearchArgs {
     /// hawq: Hutchinson probes per batch for the Hessian traces.
     #[arg(long, default_value_t = 16)]
     pub hawq_samples: usize,
-    /// Preset α dynamics, recorded in the policy's meta: reference (the authors' recipe) or
-    /// scarce (experimental: Adam for α, α frozen for the first 20 % of the epochs, the
-    /// budget as an equality target, temperature 1 → 0.2, knapsack extraction). The flags
-    /// below override single settings.
-    #[arg(long, value_enum, default_value = "reference")]
+    /// Preset α dynamics, recorded in the policy's meta: scarce (the default: Adam for α at
+    /// lr 0.03, α frozen for the first 20 % of the epochs, the budget held by the penalty
+    /// μ·(E[cost]/limit − 1)², temperature 1 → 0.2, knapsack extraction) or reference (the
+    /// authors' recipe, for reproduction and ablation; docs/SEARCH.md). The flags below
+    /// override single settings.
+    #[arg(long, value_enum, default_value = "scarce")]
     pub recipe: RecipeArg,
     /// α optimizer (default: the recipe's).
     #[arg(long, value_enum)]
@@ -264,9 +296,14 @@ pub struct SearchArgs {
     /// Epochs with α frozen (weights only) at the start (default: the recipe's).
     #[arg(long)]
     pub alpha_frozen_epochs: Option<usize>,
-    /// The budget as an upper bound or an equality target (default: the recipe's).
+    /// The budget as an upper bound (multiplicative dual), an equality target (additive
+    /// dual) or an equality held by the penalty μ·(E[cost]/limit − 1)² (default: the
+    /// recipe's).
     #[arg(long, value_enum)]
     pub budget_mode: Option<BudgetModeArg>,
+    /// μ of `--budget-mode penalty` (default: the recipe's).
+    #[arg(long)]
+    pub budget_penalty: Option<f64>,
     /// Softmax temperature START:END over the search, geometric (default: the recipe's;
     /// reference 1:1).
     #[arg(long)]
@@ -644,9 +681,15 @@ pub struct FinetuneArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("model").required(true).multiple(true).args(["checkpoint", "onnx"])))]
 pub struct EvalArgs {
+    /// A gmpq checkpoint (full precision, fine-tuned, or packed).
     #[arg(long)]
-    pub checkpoint: PathBuf,
+    pub checkpoint: Option<PathBuf>,
+    /// An ONNX model from `gmpq export`, run through ONNX Runtime. With --checkpoint too,
+    /// both run on the same batches and their agreement is reported.
+    #[arg(long)]
+    pub onnx: Option<PathBuf>,
     /// KIND:PATH of the data to evaluate on.
     #[arg(long)]
     pub data: String,
@@ -689,6 +732,37 @@ pub enum BenchCommand {
     /// Seconds of one full GMPQ search step on synthetic data: teacher and supernet forward,
     /// attribution, CE + attribution + complexity loss, backward, weight and α updates.
     SearchStep(BenchSearchStepArgs),
+    /// Inference images/s: gmpq's FP32 libtorch network, its FP32 ONNX export and its QDQ
+    /// export through ONNX Runtime (random weights), with the op types ONNX Runtime's
+    /// optimized QDQ graph runs (QLinearConv = integer convolutions).
+    Infer(BenchInferArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchInferArgs {
+    #[arg(long, default_value = "resnet20")]
+    pub model: String,
+    #[arg(long, default_value_t = 28)]
+    pub input_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub channels: usize,
+    #[arg(long, default_value_t = 10)]
+    pub classes: usize,
+    /// cifar or imagenet (ResNet-18/50, MobileNetV2).
+    #[arg(long)]
+    pub stem: Option<String>,
+    /// Batch sizes to time.
+    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    pub batch_sizes: Vec<usize>,
+    /// The QDQ model's policy (uniform).
+    #[arg(long, default_value = "w4a4")]
+    pub uniform: String,
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Which quantizer implementation to time.

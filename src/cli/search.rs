@@ -185,6 +185,13 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
     if let Some(v) = a.budget_mode {
         config.budget_mode = v.into();
     }
+    if let Some(v) = a.budget_penalty {
+        anyhow::ensure!(
+            v.is_finite() && v > 0.0,
+            "--budget-penalty {v}: must be a positive number"
+        );
+        config.budget_penalty = v;
+    }
     if let Some(t) = &a.temperature {
         let (start, end) = t
             .split_once(':')

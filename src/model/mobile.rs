@@ -2,6 +2,7 @@
 //! width multiplier, CIFAR or ImageNet stem) and EfficientNet-Lite0 (efficientnet_pytorch
 //! names, TensorFlow "SAME" padding, batch-norm eps 1e-3, no squeeze-and-excitation).
 
+use super::graph::{Graph, Op, Value};
 use super::layers::{path_for, ConvLayer, ConvSpec, LayerFactory, LinearSpec};
 use super::resnet::{batch_norm, conv_out};
 use super::{Arch, ModelConfig, ModelError, Stem};
@@ -12,8 +13,11 @@ use tch::Tensor;
 /// when it is asymmetric (EfficientNet's stride-2 layers).
 #[derive(Debug)]
 struct ConvBn {
+    /// The conv layer's name (its `ConvSpec::name`).
+    name: String,
     conv: Box<dyn ConvLayer>,
     bn: nn::BatchNorm,
+    bn_eps: f64,
     same_pad: Option<[i64; 4]>,
 }
 
@@ -26,6 +30,18 @@ impl ConvBn {
             None => self.conv.forward_t(xs, train),
         };
         self.bn.forward_t(&h, train)
+    }
+
+    fn graph(&self, g: &mut Graph, input: Value) -> Value {
+        let input = match self.same_pad {
+            Some(pads) => g.push(Op::Pad { input, pads }),
+            None => input,
+        };
+        let conv = g.push(Op::Conv {
+            input,
+            layer: self.name.clone(),
+        });
+        g.batch_norm(conv, &self.bn, self.bn_eps)
     }
 }
 
@@ -48,6 +64,23 @@ impl InvertedResidual {
         h = self.project.forward_t(&h, train);
         if self.residual {
             h + xs
+        } else {
+            h
+        }
+    }
+
+    /// [`Self::forward_t`] as graph operations (inference).
+    fn graph(&self, g: &mut Graph, input: Value) -> Value {
+        let mut h = input;
+        if let Some(e) = &self.expand {
+            let x = e.graph(g, h);
+            h = g.push(Op::Relu6 { input: x });
+        }
+        let x = self.depthwise.graph(g, h);
+        h = g.push(Op::Relu6 { input: x });
+        h = self.project.graph(g, h);
+        if self.residual {
+            g.push(Op::Add { a: h, b: input })
         } else {
             h
         }
@@ -182,8 +215,10 @@ impl Builder<'_, '_> {
         self.convs.push(spec);
         self.hw = out_hw;
         Ok(ConvBn {
+            name: d.conv.to_string(),
             conv,
             bn: batch_norm(path_for(&self.root, d.bn), d.c_out, self.bn_eps),
+            bn_eps: self.bn_eps,
             same_pad,
         })
     }
@@ -453,6 +488,20 @@ impl MobileNet {
             h = b.forward_t(&h, train);
         }
         self.head_conv.forward_t(&h, train).clamp(0.0, 6.0)
+    }
+
+    /// The inference forward pass as graph operations (see [`Graph`]).
+    pub fn graph(&self) -> Graph {
+        let mut g = Graph::default();
+        let x = self.stem.graph(&mut g, Graph::INPUT);
+        let mut h = g.push(Op::Relu6 { input: x });
+        for b in &self.blocks {
+            h = b.graph(&mut g, h);
+        }
+        let x = self.head_conv.graph(&mut g, h);
+        let h = g.push(Op::Relu6 { input: x });
+        g.linear(h, &self.fc);
+        g
     }
 
     /// Global average pool + linear (the reference's dropout before it is left out).

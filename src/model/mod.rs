@@ -2,6 +2,7 @@
 //! (`conv1`, `layer1.0.conv1`, `layer2.0.downsample.0`, …) and a [`ConvSpec`] describing its
 //! geometry, so quantization policies and BOPs can refer to layers by name.
 
+pub mod graph;
 mod layers;
 mod mobile;
 mod resnet;
@@ -176,6 +177,14 @@ impl Model {
             Ok(Model::Mobile(MobileNet::new(root, config, factory)?))
         } else {
             Ok(Model::ResNet(ResNet::new(root, config, factory)?))
+        }
+    }
+
+    /// The inference forward pass as graph operations, for exporters.
+    pub fn graph(&self) -> graph::Graph {
+        match self {
+            Model::ResNet(n) => n.graph(),
+            Model::Mobile(n) => n.graph(),
         }
     }
 

@@ -1,10 +1,14 @@
 //! ResNets: CIFAR ResNet-20/32/56 (16/32/64 channels, 1×1-conv shortcuts) and ResNet-18/50
 //! with a CIFAR or ImageNet stem, named as in torchvision.
 
+use super::graph::{Graph, Op, Value};
 use super::layers::{path_for, ConvLayer, ConvSpec, LayerFactory, LinearSpec};
 use super::{Arch, ModelConfig, ModelError, Stem};
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
+
+/// The ResNets' batch-norm epsilon (PyTorch's default).
+const BN_EPS: f64 = 1e-5;
 
 /// Batch norm initialised as PyTorch does (scale 1, shift 0); tch's default draws the scale
 /// uniformly from [0, 1], which slows training noticeably.
@@ -23,6 +27,8 @@ pub(super) fn batch_norm(path: nn::Path, channels: usize, eps: f64) -> nn::Batch
 
 #[derive(Debug)]
 struct ConvBn {
+    /// The conv layer's name (its `ConvSpec::name`).
+    name: String,
     conv: Box<dyn ConvLayer>,
     bn: nn::BatchNorm,
 }
@@ -30,6 +36,14 @@ struct ConvBn {
 impl ConvBn {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         self.bn.forward_t(&self.conv.forward_t(xs, train), train)
+    }
+
+    fn graph(&self, g: &mut Graph, input: Value) -> Value {
+        let conv = g.push(Op::Conv {
+            input,
+            layer: self.name.clone(),
+        });
+        g.batch_norm(conv, &self.bn, BN_EPS)
     }
 }
 
@@ -71,6 +85,38 @@ impl Block {
             None => xs.shallow_clone(),
         };
         (out + shortcut).relu()
+    }
+
+    /// [`Self::forward_t`] as graph operations (inference).
+    fn graph(&self, g: &mut Graph, input: Value) -> Value {
+        let (out, downsample) = match self {
+            Block::Basic { a, b, downsample } => {
+                let h = a.graph(g, input);
+                let h = g.push(Op::Relu { input: h });
+                (b.graph(g, h), downsample)
+            }
+            Block::Bottleneck {
+                a,
+                b,
+                c,
+                downsample,
+            } => {
+                let h = a.graph(g, input);
+                let h = g.push(Op::Relu { input: h });
+                let h = b.graph(g, h);
+                let h = g.push(Op::Relu { input: h });
+                (c.graph(g, h), downsample)
+            }
+        };
+        let shortcut = match downsample {
+            Some(d) => d.graph(g, input),
+            None => input,
+        };
+        let sum = g.push(Op::Add {
+            a: out,
+            b: shortcut,
+        });
+        g.push(Op::Relu { input: sum })
     }
 }
 
@@ -132,8 +178,9 @@ impl Builder<'_, '_> {
         self.convs.push(spec);
         self.hw = out_hw;
         Ok(ConvBn {
+            name: conv_name.to_string(),
             conv,
-            bn: batch_norm(path_for(&self.root, bn_name), c_out, 1e-5),
+            bn: batch_norm(path_for(&self.root, bn_name), c_out, BN_EPS),
         })
     }
 
@@ -347,6 +394,26 @@ impl ResNet {
             h = block.forward_t(&h, train);
         }
         h
+    }
+
+    /// The inference forward pass as graph operations (see [`Graph`]).
+    pub fn graph(&self) -> Graph {
+        let mut g = Graph::default();
+        let h = self.stem.graph(&mut g, Graph::INPUT);
+        let mut h = g.push(Op::Relu { input: h });
+        if self.max_pool {
+            h = g.push(Op::MaxPool {
+                input: h,
+                kernel: 3,
+                stride: 2,
+                padding: 1,
+            });
+        }
+        for block in &self.blocks {
+            h = block.graph(&mut g, h);
+        }
+        g.linear(h, &self.fc);
+        g
     }
 
     /// Global average pool + linear head.

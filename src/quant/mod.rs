@@ -13,6 +13,7 @@ pub use fused::{
     quantize_activation_mix_with, quantize_weight_mix, quantize_weight_mix_with, set_kernels,
     QuantKernels,
 };
+pub(crate) use layers::MIN_THRESHOLD;
 pub use layers::{FixedPolicyConvs, Observe, QuantLayerHandle, SupernetConvs, Temperature};
 pub use network::{build, calibrate, load, LayerCalibration, Network, Precision, QuantError};
 pub use quantizer::{

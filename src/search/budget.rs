@@ -6,6 +6,7 @@ use crate::model::{ConvSpec, LinearSpec};
 use crate::policy::{Candidates, Policy};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
+use tch::Tensor;
 
 /// A budget as the user states it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -70,9 +71,34 @@ impl Geometry {
     /// One quantized layer's share of the budgeted quantity at `(w, a)` bits: its BOPs
     /// (MACs·w·a) for BOPs and compression budgets, its kernel's MB for size budgets.
     pub fn layer_cost(&self, target: &Target, layer: &ConvSpec, w: f64, a: f64) -> f64 {
+        match Self::cost_factor(target, layer) {
+            (c, true) => c * w * a,
+            (c, false) => c * w,
+        }
+    }
+
+    /// A layer's cost is `factor·w·a` (`true`) or `factor·w` (`false`).
+    fn cost_factor(target: &Target, layer: &ConvSpec) -> (f64, bool) {
         match target {
-            Target::Bops(_) | Target::Compression(_) => layer.macs() as f64 * w * a,
-            Target::SizeMb(_) => layer.params() as f64 * w / 8e6,
+            Target::Bops(_) | Target::Compression(_) => (layer.macs() as f64, true),
+            Target::SizeMb(_) => (layer.params() as f64 / 8e6, false),
+        }
+    }
+
+    /// [`Self::measure`] of per-layer expected-bit tensors, differentiable in α.
+    pub fn measure_tensor(&self, target: &Target, bits: &[(Tensor, Tensor)]) -> Tensor {
+        let fixed = self.fixed_cost(target);
+        let terms =
+            self.layers
+                .iter()
+                .zip(bits)
+                .map(|(l, (w, a))| match Self::cost_factor(target, l) {
+                    (c, true) => w * a * c,
+                    (c, false) => w * c,
+                });
+        match terms.reduce(|x, y| x + y) {
+            Some(t) => t + fixed,
+            None => Tensor::from(fixed),
         }
     }
 
@@ -106,6 +132,11 @@ pub enum BudgetMode {
     /// An equality target: λ may turn negative, pulling the expected cost up to the budget
     /// when it is under, so the search spends the budget and the losses decide where.
     Equality,
+    /// An equality target held by a quadratic penalty `μ·(E[cost]/limit − 1)²` on the
+    /// relative deviation (μ = `budget_penalty`). Nothing is integrated, so an early
+    /// overshoot (the even mixture costs far more than a scarce budget) leaves no lag
+    /// behind it; the pull grows with the deviation in either direction.
+    Penalty,
 }
 
 /// The complexity weight λ, adapted toward the budget every step.
@@ -128,6 +159,8 @@ impl DualWeight {
     pub fn update(&mut self, measure: f64, limit: f64) {
         let ratio = (measure / limit - 1.0).clamp(-1.0, 1.0);
         self.lambda = match self.mode {
+            // The penalty weight is fixed: the deviation itself sets the pull.
+            BudgetMode::Penalty => self.lambda,
             BudgetMode::UpperBound => (self.lambda * (self.rate * ratio).exp()).clamp(1e-9, 1e3),
             BudgetMode::Equality => {
                 let bound = 1e3 * self.scale.abs();

@@ -115,10 +115,10 @@ pub enum Recipe {
     /// reproduction and the ablation baseline).
     #[default]
     Reference,
-    /// Experimental (not yet chosen by the low-bit study): α that move on small proxies.
-    /// Adam for α at lr 3e-3 without decay or weight decay, α frozen for the first 20 % of
-    /// the epochs, the budget as an equality target, the temperature annealed 1 → 0.2, and
-    /// the exact knapsack extraction.
+    /// α that move on small proxies and a budget that is spent: Adam for α at lr 0.03
+    /// without decay or weight decay, α frozen for the first 20 % of the epochs, the budget
+    /// as an equality held by the penalty `μ·(E[cost]/limit − 1)²` (μ = 10), the temperature
+    /// annealed 1 → 0.2, and the exact knapsack extraction (docs/SEARCH.md).
     Scarce,
 }
 
@@ -137,17 +137,20 @@ impl Recipe {
                 cfg.alpha_frozen_epochs = d.alpha_frozen_epochs;
                 cfg.budget_mode = d.budget_mode;
                 cfg.dual_rate = d.dual_rate;
+                cfg.budget_penalty = d.budget_penalty;
                 cfg.temperature = d.temperature;
                 cfg.extraction = d.extraction;
             }
             Recipe::Scarce => {
                 cfg.alpha_optimizer = AlphaOptimizer::Adam;
-                cfg.alpha_lr = 3e-3;
+                // ~375 α steps on a 2,000-image proxy: DARTS' 3e-4 over ~20k steps scaled
+                // to the step count (3e-3 moved α too slowly to follow the budget).
+                cfg.alpha_lr = 0.03;
                 cfg.alpha_weight_decay = 0.0;
                 cfg.alpha_lr_decay = false;
                 cfg.alpha_frozen_epochs = cfg.epochs / 5;
-                cfg.budget_mode = BudgetMode::Equality;
-                cfg.dual_rate = 1.0;
+                cfg.budget_mode = BudgetMode::Penalty;
+                cfg.budget_penalty = default_budget_penalty();
                 cfg.temperature = TemperatureSchedule {
                     start: 1.0,
                     end: 0.2,
@@ -254,6 +257,13 @@ pub struct SearchConfig {
     pub budget_mode: BudgetMode,
     #[serde(default)]
     pub temperature: TemperatureSchedule,
+    /// μ of [`BudgetMode::Penalty`]: the loss `μ·(E[cost]/limit − 1)²`.
+    #[serde(default = "default_budget_penalty")]
+    pub budget_penalty: f64,
+}
+
+fn default_budget_penalty() -> f64 {
+    10.0
 }
 
 fn yes() -> bool {
@@ -293,6 +303,7 @@ impl Default for SearchConfig {
             alpha_frozen_epochs: 0,
             budget_mode: BudgetMode::UpperBound,
             temperature: TemperatureSchedule::default(),
+            budget_penalty: default_budget_penalty(),
         }
     }
 }
@@ -535,6 +546,21 @@ struct Phase<'a> {
     geometry: &'a Geometry,
 }
 
+impl Phase<'_> {
+    /// This phase's complexity term at the current λ.
+    fn term(&self, cfg: &SearchConfig) -> ComplexityTerm<'_> {
+        match (self.complexity, self.target, cfg.budget_mode) {
+            (false, _, _) => ComplexityTerm::Off,
+            (true, Some(target), BudgetMode::Penalty) => ComplexityTerm::Penalty {
+                weight: cfg.budget_penalty,
+                geometry: self.geometry,
+                target,
+            },
+            (true, _, _) => ComplexityTerm::Weighted(self.lambda.lambda),
+        }
+    }
+}
+
 /// Runs the search for every target. A Pareto run (several targets) shares
 /// `warmup_epochs` of supernet training without the complexity term.
 pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
@@ -652,7 +678,11 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
             target,
             epochs: start..cfg.epochs,
             lambda: DualWeight {
-                lambda: cfg.complexity_weight,
+                // The log's λ column shows μ under the penalty (it stays fixed).
+                lambda: match (cfg.budget_mode, target) {
+                    (BudgetMode::Penalty, Some(_)) => cfg.budget_penalty,
+                    _ => cfg.complexity_weight,
+                },
                 rate: if target.is_some() { cfg.dual_rate } else { 0.0 },
                 mode: cfg.budget_mode,
                 scale: cfg.complexity_weight,
@@ -726,6 +756,21 @@ pub struct StepOutcome {
     pub expected_bits: Vec<(f64, f64)>,
 }
 
+/// The complexity term of one search step.
+#[derive(Debug, Clone, Copy)]
+pub enum ComplexityTerm<'g> {
+    /// No complexity term (a shared warm-up).
+    Off,
+    /// `λ·L_complexity`: the fixed weight, or the dual λ of a budgeted search.
+    Weighted(f64),
+    /// `μ·(E[cost]/limit − 1)²` ([`BudgetMode::Penalty`]).
+    Penalty {
+        weight: f64,
+        geometry: &'g Geometry,
+        target: Target,
+    },
+}
+
 /// The supernet, its teacher and the two optimizers of one search step.
 pub struct SearchStep<'a> {
     pub supernet: &'a Network,
@@ -740,15 +785,14 @@ pub struct SearchStep<'a> {
 }
 
 impl SearchStep<'_> {
-    /// One step of `L = CE + aw·L_attr (+ λ·L_complexity)`: forward through teacher and
-    /// supernet, backward, and both optimizer updates. `lambda`: the complexity weight, or
-    /// `None` when the phase has no complexity term; `alpha_lr`: `None` while α is frozen.
-    /// `epoch` only labels a divergence.
+    /// One step of `L = CE + aw·L_attr + complexity`: forward through teacher and
+    /// supernet, backward, and both optimizer updates. `alpha_lr`: `None` while α is
+    /// frozen. `epoch` only labels a divergence.
     pub fn run(
         &mut self,
         x: &Tensor,
         y: &Tensor,
-        lambda: Option<f64>,
+        complexity: ComplexityTerm,
         lr: f64,
         alpha_lr: Option<f64>,
         epoch: usize,
@@ -771,8 +815,18 @@ impl SearchStep<'_> {
         };
         let l_comp = complexity_loss(&bits, self.macs);
         let mut loss = &ce + &l_attr * cfg.attribution_weight;
-        if let Some(l) = lambda {
-            loss += &l_comp * l;
+        match complexity {
+            ComplexityTerm::Off => {}
+            ComplexityTerm::Weighted(l) => loss += &l_comp * l,
+            ComplexityTerm::Penalty {
+                weight,
+                geometry,
+                target,
+            } => {
+                let deviation =
+                    geometry.measure_tensor(&target, &bits) / geometry.limit(&target) - 1.0;
+                loss += deviation.square() * weight;
+            }
         }
         let loss_v = loss.double_value(&[]);
         if !loss_v.is_finite() {
@@ -936,7 +990,7 @@ impl Ctx<'_> {
                 .run(
                     &x,
                     &y,
-                    phase.complexity.then_some(phase.lambda.lambda),
+                    phase.term(cfg),
                     cfg.lr * decay,
                     alpha_lr,
                     epoch + 1,

@@ -270,16 +270,35 @@ pub fn evaluate_with_predictions(
     batch_size: usize,
     device: Device,
 ) -> Result<(EvalMetrics, Vec<i64>)> {
+    evaluate_by(
+        |x| {
+            Ok(tch::no_grad(|| {
+                model.forward_t(&x.to_device(device), false)
+            }))
+        },
+        source,
+        indices,
+        pipeline,
+        batch_size,
+    )
+}
+
+/// [`evaluate_with_predictions`] of any forward function from a CPU batch to logits (e.g. an
+/// ONNX Runtime session).
+pub fn evaluate_by(
+    mut forward: impl FnMut(&Tensor) -> Result<Tensor>,
+    source: Arc<dyn ImageSource>,
+    indices: &[usize],
+    pipeline: &Pipeline,
+    batch_size: usize,
+) -> Result<(EvalMetrics, Vec<i64>)> {
     let loader = eval_loader(source, indices, pipeline, batch_size)?;
     let (mut loss, mut top1, mut top5, mut n) = (0.0, 0.0, 0.0, 0usize);
     let mut predictions = Vec::with_capacity(indices.len());
     for batch in loader {
         let batch = batch?;
-        let (x, y) = (
-            batch.images.to_device(device),
-            batch.labels.to_device(device),
-        );
-        let logits = tch::no_grad(|| model.forward_t(&x, false));
+        let logits = forward(&batch.images)?;
+        let y = batch.labels.to_device(logits.device());
         let b = y.size()[0] as usize;
         loss += logits.cross_entropy_for_logits(&y).double_value(&[]) * b as f64;
         let k = logits.size()[1].min(5);

@@ -1,0 +1,127 @@
+//! `gmpq export`: ONNX (QDQ or float) and packed safetensors.
+
+use super::{ExportArgs, ExportFormat};
+use anyhow::{bail, Context, Result};
+use gmpq::export::{onnx, packed};
+use gmpq::quant::Precision;
+
+pub(super) fn export_cmd(a: ExportArgs, device: tch::Device) -> Result<()> {
+    if a.fp && a.format != ExportFormat::Onnx {
+        bail!("--fp applies to --format onnx only");
+    }
+    let (ck, network) = gmpq::quant::load(&a.checkpoint, tch::Device::Cpu)
+        .with_context(|| format!("loading {}", a.checkpoint.display()))?;
+    let _ = device; // Export reads tensors on the CPU whatever the device.
+    if let Some(dir) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match a.format {
+        ExportFormat::Onnx => {
+            let bytes = onnx::export(
+                &ck,
+                &network,
+                onnx::OnnxOptions {
+                    full_precision: a.fp,
+                },
+            )
+            .with_context(|| format!("exporting {}", a.checkpoint.display()))?;
+            gmpq::checkpoint::write_atomic(&a.out, &bytes)
+                .with_context(|| format!("writing {}", a.out.display()))?;
+            let kind = match (&network.precision, a.fp) {
+                (Precision::Fixed { .. }, false) => "QDQ",
+                _ => "float",
+            };
+            println!(
+                "wrote {} ({kind} ONNX, opset {}, {:.3} MB)",
+                a.out.display(),
+                onnx::OPSET,
+                bytes.len() as f64 / 1e6
+            );
+        }
+        ExportFormat::Packed => {
+            let size = packed::save(&ck, &a.out)
+                .with_context(|| format!("packing {}", a.checkpoint.display()))?;
+            let Some(Precision::Fixed { policy, .. }) = &ck.meta.precision else {
+                bail!("not a fixed-policy checkpoint");
+            };
+            let expected = policy_size_bytes(&network, policy);
+            println!(
+                "wrote {}: {:.4} MB on disk; policy size {:.4} MB + float parts {:.4} MB = {:.4} MB ({:+.1}%)",
+                a.out.display(),
+                size as f64 / 1e6,
+                expected.0 / 1e6,
+                expected.1 / 1e6,
+                (expected.0 + expected.1) / 1e6,
+                100.0 * (size as f64 / (expected.0 + expected.1) - 1.0)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The policy's model size in bytes (quantized kernels at their bits, the FP stem and head at
+/// 32 bits, as METHOD.md counts it) and the other float tensors' bytes (batch norm, clips,
+/// thresholds, biases).
+fn policy_size_bytes(network: &gmpq::quant::Network, policy: &gmpq::policy::Policy) -> (f64, f64) {
+    let size = policy
+        .cost(network.net.convs(), network.net.fc_spec())
+        .1
+        .size_mb
+        * 1e6;
+    let counted: std::collections::HashSet<String> = network
+        .net
+        .convs()
+        .iter()
+        .map(|c| format!("{}.weight", c.name))
+        .chain(["fc.weight".to_string(), "fc.bias".to_string()])
+        .collect();
+    let other: usize = network
+        .vs
+        .variables()
+        .iter()
+        .filter(|(n, _)| !counted.contains(*n))
+        .map(|(_, t)| t.numel() * 4)
+        .sum();
+    (size, other as f64)
+}
+
+pub(super) fn bench_infer_cmd(a: super::BenchInferArgs) -> Result<()> {
+    use gmpq::model::{Arch, ModelConfig, Stem};
+    let arch: Arch = a.model.parse()?;
+    let mut cfg = ModelConfig::new(arch, a.channels, a.classes, a.input_size);
+    if let Some(stem) = &a.stem {
+        cfg.stem = stem.parse::<Stem>()?;
+    }
+    let (w, act) = gmpq::policy::parse_uniform(&a.uniform)?;
+    let convs = gmpq::quant::build(&cfg, Precision::Full, tch::Device::Cpu)?
+        .net
+        .convs()
+        .to_vec();
+    let policy = gmpq::policy::Policy::uniform(&cfg, &convs, w, act);
+    let threads = tch::get_num_threads().max(1) as usize;
+    let report =
+        gmpq::bench::bench_infer(&cfg, policy, &a.batch_sizes, a.warmup, a.steps, threads)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    for r in &report.results {
+        println!(
+            "{} {:?} {:<17} batch {:>3} threads {}: {:>8.1} img/s (median batch {:.5} s)",
+            r.model,
+            r.input,
+            r.engine,
+            r.batch_size,
+            r.threads,
+            r.images_per_second,
+            r.median_batch_seconds
+        );
+    }
+    let ops: Vec<String> = report
+        .qdq_optimized_ops
+        .iter()
+        .map(|(k, v)| format!("{k}×{v}"))
+        .collect();
+    println!("ONNX Runtime's optimized QDQ graph: {}", ops.join(", "));
+    Ok(())
+}

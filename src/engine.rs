@@ -1,0 +1,277 @@
+//! Running exported models: ONNX Runtime, loaded at run time from the `onnxruntime` wheel
+//! that scripts/setup.sh installs (its path is compiled in by build.rs; `ORT_DYLIB_PATH`
+//! overrides it).
+
+use crate::data::{ImageSource, Normalize, Pipeline};
+use crate::export::onnx::{INPUT, META_MODEL, META_PREPROCESSING, OUTPUT};
+use crate::model::ModelConfig;
+use crate::train::{self, EvalMetrics, TrainError};
+use ort::session::{builder::GraphOptimizationLevel, Session};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use tch::Tensor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(
+        "ONNX Runtime is not installed: {0} (run scripts/setup.sh, which installs the \
+         onnxruntime wheel, or set ORT_DYLIB_PATH to libonnxruntime.so)"
+    )]
+    NoRuntime(String),
+    #[error("{path}: {reason}")]
+    Model { path: PathBuf, reason: String },
+    #[error("ONNX Runtime: {0}")]
+    Run(String),
+    #[error(transparent)]
+    Eval(#[from] TrainError),
+}
+
+/// Where libonnxruntime.so is: `ORT_DYLIB_PATH`, else the wheel's copy found at build time.
+pub fn runtime_library() -> Result<PathBuf, EngineError> {
+    let path = match std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => match option_env!("GMPQ_ORT_DYLIB") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                return Err(EngineError::NoRuntime(
+                    "no onnxruntime wheel was found when gmpq was built".into(),
+                ))
+            }
+        },
+    };
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(EngineError::NoRuntime(format!(
+            "{} does not exist",
+            path.display()
+        )))
+    }
+}
+
+static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = OnceLock::new();
+
+fn environment() -> Result<&'static ort::environment::Environment, EngineError> {
+    ENVIRONMENT
+        .get_or_init(|| {
+            let lib = runtime_library().map_err(|e| e.to_string())?;
+            ort::init_from(&lib)
+                .map_err(|e| format!("cannot load {}: {e}", lib.display()))?
+                .with_name("gmpq")
+                .build()
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| EngineError::NoRuntime(e.clone()))
+}
+
+/// Whether ONNX Runtime can be loaded (for tests that must say why they skip).
+pub fn runtime_available() -> Result<(), EngineError> {
+    environment().map(|_| ())
+}
+
+/// How a session is set up.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    /// Intra-op threads (0: ONNX Runtime's default).
+    pub threads: usize,
+    /// Write the optimized graph ONNX Runtime runs to this file (to see which kernels it
+    /// chose, e.g. QLinearConv).
+    pub optimized_model: Option<PathBuf>,
+}
+
+/// An ONNX model exported by gmpq, in an ONNX Runtime session.
+pub struct OnnxModel {
+    session: Session,
+    /// The evaluation pipeline before normalisation (which is in the graph).
+    pub preprocessing: Option<Pipeline>,
+    pub model: Option<ModelConfig>,
+}
+
+impl OnnxModel {
+    pub fn open(path: &Path, opts: &SessionOptions) -> Result<Self, EngineError> {
+        let bytes = std::fs::read(path).map_err(|e| EngineError::Model {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Self::from_bytes(&bytes, opts).map_err(|e| match e {
+            EngineError::Run(reason) => EngineError::Model {
+                path: path.to_path_buf(),
+                reason,
+            },
+            other => other,
+        })
+    }
+
+    pub fn from_bytes(bytes: &[u8], opts: &SessionOptions) -> Result<Self, EngineError> {
+        let env = environment()?;
+        let run = |e: ort::Error| EngineError::Run(e.to_string());
+        let built =
+            |e: ort::Error<ort::session::builder::SessionBuilder>| EngineError::Run(e.to_string());
+        let mut builder = Session::builder(env)
+            .map_err(run)?
+            .with_optimization_level(if std::env::var_os("GMPQ_ORT_NOOPT").is_some() {
+                GraphOptimizationLevel::Disable
+            } else {
+                GraphOptimizationLevel::Level3
+            })
+            .map_err(built)?;
+        if opts.threads > 0 {
+            builder = builder.with_intra_threads(opts.threads).map_err(built)?;
+        }
+        if let Some(p) = &opts.optimized_model {
+            builder = builder.with_optimized_model_path(p).map_err(built)?;
+        }
+        let session = builder.commit_from_memory(bytes).map_err(run)?;
+        let (preprocessing, model) = {
+            let meta = session.metadata().map_err(run)?;
+            let pre = meta
+                .custom(META_PREPROCESSING)
+                .and_then(|s| serde_json::from_str::<Pipeline>(&s).ok());
+            let model = meta
+                .custom(META_MODEL)
+                .and_then(|s| serde_json::from_str::<ModelConfig>(&s).ok());
+            (pre, model)
+        };
+        if session.inputs().first().map(|i| i.name()) != Some(INPUT) {
+            return Err(EngineError::Run(format!(
+                "the model's input is not '{INPUT}' (not exported by gmpq export?)"
+            )));
+        }
+        Ok(Self {
+            session,
+            preprocessing,
+            model,
+        })
+    }
+
+    /// Logits `N×classes` of a float batch `N×C×H×W` with pixel values in [0, 1].
+    pub fn run(&mut self, images: &Tensor) -> Result<Tensor, EngineError> {
+        let run = |e: ort::Error| EngineError::Run(e.to_string());
+        let shape = images.size();
+        let data =
+            Vec::<f32>::try_from(images.to_kind(tch::Kind::Float).contiguous().flatten(0, -1))
+                .map_err(|e| EngineError::Run(e.to_string()))?;
+        let input = ort::value::Tensor::from_array((shape.clone(), data)).map_err(run)?;
+        let outputs = self
+            .session
+            .run(ort::inputs![INPUT => input])
+            .map_err(run)?;
+        let (out_shape, logits) = outputs[OUTPUT].try_extract_tensor::<f32>().map_err(run)?;
+        let dims: Vec<i64> = out_shape.iter().copied().collect();
+        Ok(Tensor::from_slice(logits).reshape(dims))
+    }
+
+    /// Top-1/top-5 and the top-1 predictions on `indices` of `source`, preprocessed as the
+    /// model's metadata says (normalisation is in the graph).
+    pub fn evaluate(
+        &mut self,
+        source: Arc<dyn ImageSource>,
+        indices: &[usize],
+        batch_size: usize,
+    ) -> Result<(EvalMetrics, Vec<i64>), EngineError> {
+        let mut pipeline = self.preprocessing.clone().ok_or_else(|| {
+            EngineError::Run("the model has no gmpq.preprocessing metadata".into())
+        })?;
+        pipeline.normalize = Normalize::identity(pipeline.normalize.mean.len());
+        let result = train::evaluate_by(
+            |x| self.run(x).map_err(|e| TrainError::Invalid(e.to_string())),
+            source,
+            indices,
+            &pipeline,
+            batch_size,
+        )?;
+        Ok(result)
+    }
+}
+
+/// How closely an exported model follows the network it came from.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Agreement {
+    pub images: usize,
+    /// Images whose top-1 class is the same in both, in %.
+    pub top1_agreement: f64,
+    /// The largest |logit difference| over all images and classes.
+    pub max_logit_difference: f64,
+    /// The libtorch network's metrics and the exported model's.
+    pub libtorch: EvalMetrics,
+    pub onnx: EvalMetrics,
+}
+
+/// Runs `onnx` and `net` on the same preprocessed batches of `indices` (`pipeline`: the
+/// checkpoint's evaluation pipeline, whose normalisation the ONNX graph holds).
+pub fn compare(
+    onnx: &mut OnnxModel,
+    net: &dyn tch::nn::ModuleT,
+    pipeline: &Pipeline,
+    source: Arc<dyn ImageSource>,
+    indices: &[usize],
+    batch_size: usize,
+) -> Result<Agreement, EngineError> {
+    let norm = &pipeline.normalize;
+    let c = norm.mean.len() as i64;
+    let mean = Tensor::from_slice(&norm.mean).reshape([1, c, 1, 1]);
+    let std = Tensor::from_slice(&norm.std).reshape([1, c, 1, 1]);
+    let mut raw = pipeline.clone();
+    raw.normalize = Normalize::identity(norm.mean.len());
+    let mut torch_logits: Vec<Tensor> = Vec::new();
+    let mut max_diff = 0f64;
+    let (onnx_metrics, onnx_pred) = train::evaluate_by(
+        |x| {
+            let ours = tch::no_grad(|| net.forward_t(&((x - &mean) / &std), false));
+            let theirs = onnx
+                .run(x)
+                .map_err(|e| TrainError::Invalid(e.to_string()))?;
+            max_diff = max_diff.max((&ours - &theirs).abs().max().double_value(&[]));
+            torch_logits.push(ours);
+            Ok(theirs)
+        },
+        source.clone(),
+        indices,
+        &raw,
+        batch_size,
+    )?;
+    // The libtorch side's metrics from the logits it produced in the same pass.
+    let mut batches = torch_logits.into_iter();
+    let (torch_metrics, torch_pred) = train::evaluate_by(
+        |_| {
+            batches
+                .next()
+                .ok_or_else(|| TrainError::Invalid("batch count changed".into()))
+        },
+        source,
+        indices,
+        &raw,
+        batch_size,
+    )?;
+    let same = onnx_pred
+        .iter()
+        .zip(&torch_pred)
+        .filter(|(a, b)| a == b)
+        .count();
+    Ok(Agreement {
+        images: onnx_pred.len(),
+        top1_agreement: 100.0 * same as f64 / onnx_pred.len().max(1) as f64,
+        max_logit_difference: max_diff,
+        libtorch: torch_metrics,
+        onnx: onnx_metrics,
+    })
+}
+
+/// How many nodes of each op type an ONNX file holds (e.g. the optimized graph ONNX Runtime
+/// wrote with [`SessionOptions::optimized_model`]).
+pub fn op_counts(path: &Path) -> Result<std::collections::BTreeMap<String, usize>, EngineError> {
+    use onnx_protobuf::Message;
+    let model_err = |reason: String| EngineError::Model {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| model_err(e.to_string()))?;
+    let model = onnx_protobuf::ModelProto::parse_from_bytes(&bytes)
+        .map_err(|e| model_err(e.to_string()))?;
+    let mut counts = std::collections::BTreeMap::new();
+    for node in &model.graph.node {
+        *counts.entry(node.op_type.clone()).or_insert(0) += 1;
+    }
+    Ok(counts)
+}

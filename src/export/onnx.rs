@@ -1,0 +1,525 @@
+//! ONNX export in QDQ form: the fine-tuned fake-quantized network as a graph any ONNX runtime
+//! executes, computing the same function.
+//!
+//! - Input: the image as float32 NCHW, pixel values in [0, 1]; the checkpoint's normalisation
+//!   is the graph's first operation.
+//! - A quantized conv's input: `Clip(0, r)` (signed inputs: `Clip(−r, r)`), then
+//!   `QuantizeLinear`/`DequantizeLinear` with scale `r/(2^b − 1)` (signed: `r/(2^(b−1) − 1)`),
+//!   zero point 0, uint8 (signed: int8). The explicit clip puts values above `r` on `2^b − 1`,
+//!   not on 255.
+//! - Its kernel: int8 initializer in `±(2^(b−1) − 1)` and a `DequantizeLinear` with the
+//!   layer's scale `T/(2^(b−1) − 1)` (per channel along axis 0 for per-channel thresholds).
+//! - Batch norm is kept as `BatchNormalization` (ONNX Runtime folds it into the conv).
+//! - The FP stem and the classifier stay float, as in training.
+//!
+//! 8-bit containers are used for every bitwidth: ONNX Runtime's QDQ fusion and its integer
+//! conv kernels (QLinearConv) take 8-bit types; its 4-bit types are supported only for
+//! weight-only MatMul, which no layer here is.
+
+use super::ExportError;
+use crate::checkpoint::Checkpoint;
+use crate::model::graph::{Op, Value};
+use crate::model::ConvSpec;
+use crate::quant::{Network, Precision};
+use onnx_protobuf::{
+    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
+    AttributeProto, GraphProto, Message, ModelProto, NodeProto, OperatorSetIdProto,
+    StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+};
+use std::collections::HashMap;
+use tch::{Kind, Tensor};
+
+/// The ONNX opset of exported graphs (ONNX Runtime 1.31 runs it).
+pub const OPSET: i64 = 21;
+/// The IR version that goes with [`OPSET`].
+const IR_VERSION: i64 = 10;
+
+/// Metadata keys of an exported model.
+pub const META_POLICY: &str = "gmpq.policy";
+pub const META_MODEL: &str = "gmpq.model";
+pub const META_PREPROCESSING: &str = "gmpq.preprocessing";
+pub const META_VERSION: &str = "gmpq.version";
+pub const META_PRECISION: &str = "gmpq.precision";
+
+/// The graph's input and output names.
+pub const INPUT: &str = "image";
+pub const OUTPUT: &str = "logits";
+
+/// What to export.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OnnxOptions {
+    /// Export the network's float weights without quantizers (for comparison).
+    pub full_precision: bool,
+}
+
+/// One quantized layer's export parameters.
+struct LayerQuant {
+    w_bits: u32,
+    a_bits: u32,
+}
+
+/// Builds the ONNX model of `net` (loaded from `ck`).
+pub fn export(ck: &Checkpoint, net: &Network, opts: OnnxOptions) -> Result<Vec<u8>, ExportError> {
+    let (policy, quant) =
+        match (&net.precision, opts.full_precision) {
+            (Precision::Supernet { .. }, _) => return Err(ExportError::Unsupported(
+                "a supernet checkpoint cannot be exported: extract its policy and fine-tune it \
+                 (gmpq finetune), then export the fine-tuned checkpoint"
+                    .into(),
+            )),
+            (Precision::Fixed { policy, .. }, false) => {
+                let bits: HashMap<String, LayerQuant> = policy
+                    .layers
+                    .iter()
+                    .map(|l| {
+                        (
+                            l.name.clone(),
+                            LayerQuant {
+                                w_bits: l.w_bits,
+                                a_bits: l.a_bits,
+                            },
+                        )
+                    })
+                    .collect();
+                for l in &policy.layers {
+                    if l.w_bits > 8 || l.a_bits > 8 {
+                        return Err(ExportError::Unsupported(format!(
+                        "layer '{}' has w{}a{}: ONNX export supports at most 8 bits (int8/uint8); \
+                         use --fp for a float model",
+                        l.name, l.w_bits, l.a_bits
+                    )));
+                    }
+                }
+                (Some(policy.clone()), bits)
+            }
+            _ => (None, HashMap::new()),
+        };
+    let vars = net.vs.variables();
+    let var = |name: &str| -> Result<Tensor, ExportError> {
+        vars.get(name)
+            .map(|t| t.detach().to_device(tch::Device::Cpu))
+            .ok_or_else(|| ExportError::Unsupported(format!("the network has no tensor '{name}'")))
+    };
+    let specs: HashMap<&str, &ConvSpec> = net
+        .net
+        .convs()
+        .iter()
+        .map(|c| (c.name.as_str(), c))
+        .collect();
+    let cfg = net.net.config();
+    let graph = net.net.graph();
+    let mut b = Builder::default();
+
+    // Normalisation: (x − mean)/std, per channel.
+    let norm = &ck.meta.eval_pipeline.normalize;
+    let c = cfg.in_channels as i64;
+    if norm.mean.len() != cfg.in_channels || norm.std.len() != cfg.in_channels {
+        return Err(ExportError::Unsupported(format!(
+            "the checkpoint's normalisation has {} means for {} input channels",
+            norm.mean.len(),
+            cfg.in_channels
+        )));
+    }
+    let mean = b.constant_f32("norm.mean", &[1, c, 1, 1], &norm.mean);
+    let std = b.constant_f32("norm.std", &[1, c, 1, 1], &norm.std);
+    let centred = b.node("Sub", &[INPUT, &mean], vec![]);
+    let mut names: Vec<String> = vec![b.node("Div", &[&centred, &std], vec![])];
+
+    for op in &graph.ops {
+        let name_of = |v: Value| names[v].clone();
+        let out = match op {
+            Op::Pad { input, pads } => {
+                let [l, r, t, bt] = *pads;
+                let p = b.constant_i64("pads", &[8], &[0, 0, t, l, 0, 0, bt, r]);
+                b.node(
+                    "Pad",
+                    &[&name_of(*input), &p],
+                    vec![attr_str("mode", "constant")],
+                )
+            }
+            Op::Conv { input, layer } => {
+                let spec = specs.get(layer.as_str()).ok_or_else(|| {
+                    ExportError::Unsupported(format!("the network has no conv layer '{layer}'"))
+                })?;
+                let weight = var(&format!("{layer}.weight"))?;
+                let x = name_of(*input);
+                let (x, w) = match quant.get(layer.as_str()) {
+                    Some(q) if spec.quantizable => {
+                        let clip = var(&format!("{layer}.act_clip"))?;
+                        let threshold = var(&format!("{layer}.weight_threshold"))?;
+                        let x = b.activation_qdq(layer, &x, &clip, q.a_bits, spec.signed_input)?;
+                        let w = b.weight_qdq(layer, &weight, &threshold, q.w_bits)?;
+                        (x, w)
+                    }
+                    _ => (x, b.tensor_f32(&format!("{layer}.weight"), &weight)?),
+                };
+                let k = spec.kernel as i64;
+                let (s, p) = (spec.stride as i64, spec.padding as i64);
+                b.node(
+                    "Conv",
+                    &[&x, &w],
+                    vec![
+                        attr_ints("kernel_shape", &[k, k]),
+                        attr_ints("strides", &[s, s]),
+                        attr_ints("pads", &[p, p, p, p]),
+                        attr_ints("dilations", &[1, 1]),
+                        attr_int("group", spec.groups as i64),
+                    ],
+                )
+            }
+            Op::BatchNorm { input, params } => {
+                let scale = b.tensor_f32("bn.scale", &params.weight)?;
+                let bias = b.tensor_f32("bn.bias", &params.bias)?;
+                let mean = b.tensor_f32("bn.mean", &params.mean)?;
+                let var = b.tensor_f32("bn.var", &params.var)?;
+                b.node(
+                    "BatchNormalization",
+                    &[&name_of(*input), &scale, &bias, &mean, &var],
+                    vec![attr_float("epsilon", params.eps as f32)],
+                )
+            }
+            Op::Relu { input } => b.node("Relu", &[&name_of(*input)], vec![]),
+            Op::Relu6 { input } => {
+                let lo = b.scalar_f32("zero", 0.0);
+                let hi = b.scalar_f32("six", 6.0);
+                b.node("Clip", &[&name_of(*input), &lo, &hi], vec![])
+            }
+            Op::Add { a, b: other } => b.node("Add", &[&name_of(*a), &name_of(*other)], vec![]),
+            Op::MaxPool {
+                input,
+                kernel,
+                stride,
+                padding,
+            } => b.node(
+                "MaxPool",
+                &[&name_of(*input)],
+                vec![
+                    attr_ints("kernel_shape", &[*kernel, *kernel]),
+                    attr_ints("strides", &[*stride, *stride]),
+                    attr_ints("pads", &[*padding; 4]),
+                ],
+            ),
+            Op::GlobalAvgPool { input } => {
+                let pooled = b.node("GlobalAveragePool", &[&name_of(*input)], vec![]);
+                b.node("Flatten", &[&pooled], vec![attr_int("axis", 1)])
+            }
+            Op::Linear {
+                input,
+                weight,
+                bias,
+            } => {
+                let w = b.tensor_f32("fc.weight", weight)?;
+                let bias = b.tensor_f32("fc.bias", bias)?;
+                b.node(
+                    "Gemm",
+                    &[&name_of(*input), &w, &bias],
+                    vec![attr_int("transB", 1)],
+                )
+            }
+        };
+        names.push(out);
+    }
+    // The last value is the output: rename it.
+    if let Some(last) = b.graph.node.last_mut() {
+        last.output = vec![OUTPUT.to_string()];
+    }
+
+    let size = cfg.input_size as i64;
+    b.graph.name = format!("gmpq-{}", cfg.arch);
+    b.graph.input.push(value_info(
+        INPUT,
+        DataType::FLOAT,
+        &[
+            Dim::Param("batch"),
+            Dim::Value(c),
+            Dim::Value(size),
+            Dim::Value(size),
+        ],
+    ));
+    b.graph.output.push(value_info(
+        OUTPUT,
+        DataType::FLOAT,
+        &[Dim::Param("batch"), Dim::Value(cfg.num_classes as i64)],
+    ));
+
+    let mut model = ModelProto {
+        ir_version: IR_VERSION,
+        producer_name: "gmpq".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        doc_string:
+            "Input: float32 NCHW image with pixel values in [0, 1] (after the resize and \
+                     crop in gmpq.preprocessing); the normalisation is the graph's first operation."
+                .into(),
+        ..Default::default()
+    };
+    model.opset_import.push(OperatorSetIdProto {
+        domain: String::new(),
+        version: OPSET,
+        ..Default::default()
+    });
+    let mut meta = vec![
+        (META_VERSION, env!("CARGO_PKG_VERSION").to_string()),
+        (META_MODEL, json(cfg)),
+        (META_PREPROCESSING, json(&ck.meta.eval_pipeline)),
+        (
+            META_PRECISION,
+            if policy.is_some() { "qdq" } else { "fp32" }.to_string(),
+        ),
+    ];
+    if let Some(p) = &policy {
+        meta.push((META_POLICY, json(p)));
+    }
+    for (key, value) in meta {
+        model.metadata_props.push(StringStringEntryProto {
+            key: key.into(),
+            value,
+            ..Default::default()
+        });
+    }
+    model.graph = protobuf::MessageField::some(b.graph);
+    model
+        .write_to_bytes()
+        .map_err(|e| ExportError::Unsupported(format!("cannot encode the ONNX model: {e}")))
+}
+
+/// Serialises one of gmpq's own serde types for the metadata (cannot fail for them).
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+enum Dim {
+    Value(i64),
+    Param(&'static str),
+}
+
+fn value_info(name: &str, elem: DataType, dims: &[Dim]) -> ValueInfoProto {
+    let mut shape = TensorShapeProto::new();
+    for d in dims {
+        let mut dim = tensor_shape_proto::Dimension::new();
+        dim.value = Some(match d {
+            Dim::Value(v) => tensor_shape_proto::dimension::Value::DimValue(*v),
+            Dim::Param(p) => tensor_shape_proto::dimension::Value::DimParam(p.to_string()),
+        });
+        shape.dim.push(dim);
+    }
+    let mut tensor = type_proto::Tensor::new();
+    tensor.elem_type = elem as i32;
+    tensor.shape = protobuf::MessageField::some(shape);
+    let mut tp = TypeProto::new();
+    tp.value = Some(type_proto::Value::TensorType(tensor));
+    ValueInfoProto {
+        name: name.into(),
+        type_: protobuf::MessageField::some(tp),
+        ..Default::default()
+    }
+}
+
+fn attr(name: &str, kind: AttributeType) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        type_: kind.into(),
+        ..Default::default()
+    }
+}
+
+fn attr_int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        i: v,
+        ..attr(name, AttributeType::INT)
+    }
+}
+
+fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        ints: v.to_vec(),
+        ..attr(name, AttributeType::INTS)
+    }
+}
+
+fn attr_float(name: &str, v: f32) -> AttributeProto {
+    AttributeProto {
+        f: v,
+        ..attr(name, AttributeType::FLOAT)
+    }
+}
+
+fn attr_str(name: &str, v: &str) -> AttributeProto {
+    AttributeProto {
+        s: v.as_bytes().to_vec(),
+        ..attr(name, AttributeType::STRING)
+    }
+}
+
+/// Accumulates nodes and initializers with unique names.
+#[derive(Default)]
+struct Builder {
+    graph: GraphProto,
+    count: usize,
+}
+
+impl Builder {
+    fn fresh(&mut self, stem: &str) -> String {
+        self.count += 1;
+        format!("{stem}.{}", self.count)
+    }
+
+    fn node(&mut self, op: &str, inputs: &[&str], attributes: Vec<AttributeProto>) -> String {
+        let out = self.fresh(&op.to_ascii_lowercase());
+        self.graph.node.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.clone()],
+            name: out.clone(),
+            op_type: op.into(),
+            attribute: attributes,
+            ..Default::default()
+        });
+        out
+    }
+
+    fn initializer(&mut self, stem: &str, dims: &[i64], kind: DataType, raw: Vec<u8>) -> String {
+        let name = self.fresh(stem);
+        self.graph.initializer.push(TensorProto {
+            name: name.clone(),
+            dims: dims.to_vec(),
+            data_type: kind as i32,
+            raw_data: raw,
+            ..Default::default()
+        });
+        name
+    }
+
+    fn constant_f32(&mut self, stem: &str, dims: &[i64], v: &[f32]) -> String {
+        let raw = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.initializer(stem, dims, DataType::FLOAT, raw)
+    }
+
+    fn scalar_f32(&mut self, stem: &str, v: f32) -> String {
+        self.constant_f32(stem, &[], &[v])
+    }
+
+    fn constant_i64(&mut self, stem: &str, dims: &[i64], v: &[i64]) -> String {
+        let raw = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.initializer(stem, dims, DataType::INT64, raw)
+    }
+
+    fn tensor_f32(&mut self, stem: &str, t: &Tensor) -> Result<String, ExportError> {
+        let v = floats(t)?;
+        Ok(self.constant_f32(stem, &t.size(), &v))
+    }
+
+    /// `Clip → QuantizeLinear → DequantizeLinear` of a conv input (see the module docs).
+    fn activation_qdq(
+        &mut self,
+        layer: &str,
+        x: &str,
+        clip: &Tensor,
+        bits: u32,
+        signed: bool,
+    ) -> Result<String, ExportError> {
+        if clip.numel() != 1 {
+            return Err(ExportError::Unsupported(format!(
+                "layer '{layer}': {} activation clips (a supernet layer?)",
+                clip.numel()
+            )));
+        }
+        let r = clip.double_value(&[]);
+        if !(r.is_finite() && r > 0.0) {
+            return Err(ExportError::Unsupported(format!(
+                "layer '{layer}': activation clip {r} is not a positive number"
+            )));
+        }
+        // The quantizer's arithmetic: the scale is computed in double, used in float.
+        let (levels, lo, zero_kind) = if signed {
+            (((1i64 << (bits - 1)) - 1) as f64, -r, DataType::INT8)
+        } else {
+            (((1i64 << bits) - 1) as f64, 0.0, DataType::UINT8)
+        };
+        let scale = (r / levels) as f32;
+        let lo = self.scalar_f32(&format!("{layer}.clip_min"), lo as f32);
+        let hi = self.scalar_f32(&format!("{layer}.clip_max"), r as f32);
+        let clipped = self.node("Clip", &[x, &lo, &hi], vec![]);
+        let s = self.scalar_f32(&format!("{layer}.input_scale"), scale);
+        let zp = self.initializer(
+            &format!("{layer}.input_zero_point"),
+            &[],
+            zero_kind,
+            vec![0],
+        );
+        let q = self.node("QuantizeLinear", &[&clipped, &s, &zp], vec![]);
+        Ok(self.node("DequantizeLinear", &[&q, &s, &zp], vec![]))
+    }
+
+    /// The int8 kernel and its `DequantizeLinear` (see the module docs).
+    fn weight_qdq(
+        &mut self,
+        layer: &str,
+        w: &Tensor,
+        threshold: &Tensor,
+        bits: u32,
+    ) -> Result<String, ExportError> {
+        let (q, scale, _) = weight_integers(w, threshold, bits);
+        let raw: Vec<u8> = q.iter().map(|&v| v as u8).collect();
+        let qw = self.initializer(
+            &format!("{layer}.weight_int"),
+            &w.size(),
+            DataType::INT8,
+            raw,
+        );
+        let per_channel = scale.len() > 1;
+        let dims: Vec<i64> = if per_channel {
+            vec![scale.len() as i64]
+        } else {
+            vec![]
+        };
+        let s = self.constant_f32(&format!("{layer}.weight_scale"), &dims, &scale);
+        let zp = self.initializer(
+            &format!("{layer}.weight_zero_point"),
+            &dims,
+            DataType::INT8,
+            vec![0; scale.len()],
+        );
+        let attrs = if per_channel {
+            vec![attr_int("axis", 0)]
+        } else {
+            vec![]
+        };
+        Ok(self.node("DequantizeLinear", &[&qw, &s, &zp], attrs))
+    }
+}
+
+/// A float tensor's values (any layout), row-major.
+pub(crate) fn floats(t: &Tensor) -> Result<Vec<f32>, ExportError> {
+    Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().flatten(0, -1))
+        .map_err(|e| ExportError::Unsupported(format!("cannot read a tensor: {e}")))
+}
+
+/// The weight quantizer's integers `round(clamp(w, −T, T)/s)` and scales `s = T/(2^(b−1)−1)`
+/// (one per tensor, or one per output channel), computed with the quantizer's own float
+/// operations so `q·s` is its output exactly. An unset threshold (0) is `max|w|`, as the
+/// quantizer's first forward pass sets it.
+/// Also returns the threshold used.
+pub(crate) fn weight_integers(
+    w: &Tensor,
+    threshold: &Tensor,
+    bits: u32,
+) -> (Vec<i8>, Vec<f32>, Tensor) {
+    tch::no_grad(|| {
+        let w = w.to_kind(Kind::Float);
+        let unset = threshold.min().double_value(&[]) <= 0.0;
+        let t = if !unset {
+            threshold.to_kind(Kind::Float)
+        } else if threshold.dim() == 0 {
+            w.abs().max().clamp_min(crate::quant::MIN_THRESHOLD)
+        } else {
+            w.abs()
+                .amax([1i64, 2, 3].as_slice(), true)
+                .clamp_min(crate::quant::MIN_THRESHOLD)
+        };
+        let levels = ((1i64 << (bits - 1)) - 1) as f64;
+        let s = &t / levels;
+        let q = (w.clamp_tensor(Some(&-&t), Some(&t)) / &s).round();
+        let q: Vec<f32> = Vec::try_from(q.flatten(0, -1)).unwrap_or_default();
+        let s: Vec<f32> = Vec::try_from(s.flatten(0, -1)).unwrap_or_default();
+        (q.into_iter().map(|v| v as i8).collect(), s, t)
+    })
+}

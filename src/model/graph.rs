@@ -1,0 +1,118 @@
+//! A network's forward pass as a flat list of operations, for exporters (ONNX) that must
+//! rebuild the same function outside libtorch. Each network writes its own graph next to its
+//! `forward_t`, from the same layer structs, so the two cannot name different layers.
+
+use tch::Tensor;
+
+/// A value in the graph: 0 is the (normalised) input, `i + 1` is the output of `ops[i]`.
+pub type Value = usize;
+
+/// Inference-mode batch norm: `(x − mean)/√(var + eps)·weight + bias`.
+#[derive(Debug)]
+pub struct BatchNormParams {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub mean: Tensor,
+    pub var: Tensor,
+    pub eps: f64,
+}
+
+#[derive(Debug)]
+pub enum Op {
+    /// Zero padding `[left, right, top, bottom]` (TF "SAME" convs).
+    Pad {
+        input: Value,
+        pads: [i64; 4],
+    },
+    /// The conv layer of this name (its geometry is the network's `ConvSpec`; its kernel
+    /// and quantizer state are in the var store under the name).
+    Conv {
+        input: Value,
+        layer: String,
+    },
+    BatchNorm {
+        input: Value,
+        params: BatchNormParams,
+    },
+    Relu {
+        input: Value,
+    },
+    /// `clamp(x, 0, 6)`.
+    Relu6 {
+        input: Value,
+    },
+    Add {
+        a: Value,
+        b: Value,
+    },
+    MaxPool {
+        input: Value,
+        kernel: i64,
+        stride: i64,
+        padding: i64,
+    },
+    /// Global average pooling to `N×C`.
+    GlobalAvgPool {
+        input: Value,
+    },
+    /// `x·Wᵀ + b` on `N×C`.
+    Linear {
+        input: Value,
+        weight: Tensor,
+        bias: Tensor,
+    },
+}
+
+/// The forward pass; its output is the last op's value.
+#[derive(Debug, Default)]
+pub struct Graph {
+    pub ops: Vec<Op>,
+}
+
+impl Graph {
+    /// The input value.
+    pub const INPUT: Value = 0;
+
+    /// Appends `op`, returning its output value.
+    pub fn push(&mut self, op: Op) -> Value {
+        self.ops.push(op);
+        self.ops.len()
+    }
+
+    /// The network's output (its logits).
+    pub fn output(&self) -> Value {
+        self.ops.len()
+    }
+
+    /// `eps` as the layer was built with (tch keeps its config private).
+    pub fn batch_norm(&mut self, input: Value, bn: &tch::nn::BatchNorm, eps: f64) -> Value {
+        let one = |t: &Option<Tensor>, fill: f64| match t {
+            Some(t) => t.detach().copy(),
+            None => bn.running_mean.ones_like() * fill,
+        };
+        let params = BatchNormParams {
+            weight: one(&bn.ws, 1.0),
+            bias: one(&bn.bs, 0.0),
+            mean: bn.running_mean.detach().copy(),
+            var: bn.running_var.detach().copy(),
+            eps,
+        };
+        self.push(Op::BatchNorm { input, params })
+    }
+
+    pub fn linear(&mut self, input: Value, fc: &tch::nn::Linear) -> Value {
+        let pooled = self.push(Op::GlobalAvgPool { input });
+        let bias = match &fc.bs {
+            Some(b) => b.detach().copy(),
+            None => fc
+                .ws
+                .zeros_like()
+                .sum_dim_intlist(1i64, false, fc.ws.kind()),
+        };
+        self.push(Op::Linear {
+            input: pooled,
+            weight: fc.ws.detach().copy(),
+            bias,
+        })
+    }
+}
