@@ -159,6 +159,27 @@ pub const LOCK_FILE: &str = ".gmpq.lock";
 #[derive(Debug)]
 pub struct DirLock {
     _file: std::fs::File,
+    dir: PathBuf,
+    /// The folder held nothing when it was locked: if nothing was written to it, dropping
+    /// the lock removes it, so a command that fails early leaves no empty run folder.
+    was_empty: bool,
+}
+
+impl Drop for DirLock {
+    fn drop(&mut self) {
+        if !self.was_empty {
+            return;
+        }
+        let only_lock = std::fs::read_dir(&self.dir).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .all(|e| e.file_name() == std::ffi::OsStr::new(LOCK_FILE))
+        });
+        if only_lock {
+            let _ = std::fs::remove_file(self.dir.join(LOCK_FILE));
+            let _ = std::fs::remove_dir(&self.dir);
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +205,10 @@ impl DirLock {
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
+        let was_empty = std::fs::read_dir(dir)
+            .map_err(io)?
+            .flatten()
+            .all(|e| e.file_name() == std::ffi::OsStr::new(LOCK_FILE));
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -211,7 +236,11 @@ impl DirLock {
         file.set_len(0).map_err(io)?;
         file.write_all(std::process::id().to_string().as_bytes())
             .map_err(io)?;
-        Ok(Self { _file: file })
+        Ok(Self {
+            _file: file,
+            dir: dir.to_path_buf(),
+            was_empty,
+        })
     }
 }
 

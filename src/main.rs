@@ -15,8 +15,7 @@ fn main() {
     let args = cli::Cli::parse();
     cli::init_logging(args.verbose);
     if let Err(err) = cli::run(args) {
-        // One line: the error and its causes, outermost first.
-        eprintln!("error: {err:#}");
+        eprintln!("error: {}", cli::one_line(&err));
         std::process::exit(1);
     }
 }

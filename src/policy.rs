@@ -33,9 +33,9 @@ pub enum PolicyError {
         bits: u32,
         set: Vec<u32>,
     },
-    #[error("'{0}' is not a uniform policy name (like w4a4, w8a8, w2a3)")]
+    #[error("'{0}' is not a uniform policy name: wBITSaBITS with bits in 2..=16 (like w4a4, w8a8, w2a3)")]
     BadUniform(String),
-    #[error("invalid candidate set '{0}' (comma-separated bit widths in 2..16)")]
+    #[error("invalid candidate set '{0}' (comma-separated bit widths in 2..=16)")]
     BadCandidates(String),
 }
 
@@ -87,12 +87,15 @@ pub fn parse_candidates(s: &str) -> Result<Vec<u32>, PolicyError> {
         .map(|t| t.trim().parse::<u32>())
         .collect::<Result<_, _>>()
         .map_err(|_| PolicyError::BadCandidates(s.into()))?;
-    if v.is_empty() || v.iter().any(|b| !(2..=16).contains(b)) {
+    if v.is_empty() || v.iter().any(|b| !BIT_RANGE.contains(b)) {
         return Err(PolicyError::BadCandidates(s.into()));
     }
     let set: BTreeSet<u32> = v.into_iter().collect();
     Ok(set.into_iter().collect())
 }
+
+/// The bitwidths gmpq quantizes to (weights and activations).
+pub const BIT_RANGE: std::ops::RangeInclusive<u32> = 2..=16;
 
 /// Parses `w4a4` into `(4, 4)`.
 pub fn parse_uniform(name: &str) -> Result<(u32, u32), PolicyError> {
@@ -100,7 +103,7 @@ pub fn parse_uniform(name: &str) -> Result<(u32, u32), PolicyError> {
     let rest = name.strip_prefix('w').ok_or_else(bad)?;
     let (w, a) = rest.split_once('a').ok_or_else(bad)?;
     let (w, a): (u32, u32) = (w.parse().map_err(|_| bad())?, a.parse().map_err(|_| bad())?);
-    if !(2..=16).contains(&w) || !(2..=16).contains(&a) {
+    if !BIT_RANGE.contains(&w) || !BIT_RANGE.contains(&a) {
         return Err(bad());
     }
     Ok((w, a))

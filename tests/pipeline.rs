@@ -334,8 +334,21 @@ fn pipeline_runs_the_hawq_arm() {
         let i = args.iter().position(|a| a == flag).unwrap();
         args[i + 1] = "1".into();
     }
+    args.push("--json".into());
     let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", stderr(&o));
+    // --json: stdout is exactly one JSON document (stage lines and logs go to stderr).
+    let summary: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}",
+            String::from_utf8_lossy(&o.stdout)
+        )
+    });
+    assert!(summary["summary"]["arms"].is_array(), "{summary}");
+    assert!(
+        stderr(&o).contains("[search-hawq]"),
+        "stage lines on stderr"
+    );
     let p = gmpq::policy::Policy::load(&out.join("search-hawq").join("policy.json")).unwrap();
     let meta = p.meta.clone().unwrap();
     assert_eq!(meta["method"], "hawq");

@@ -16,6 +16,16 @@ use gmpq::train::{self, Augment, LrSchedule, TrainConfig, TrainJob};
 use std::sync::Arc;
 
 pub fn run(cli: Cli) -> Result<()> {
+    if let (Some(n), Ok(cores)) = (cli.engine.threads, std::thread::available_parallelism()) {
+        if n > cores.get() {
+            tracing::warn!(
+                "--threads {n} is more than the {} cores here: the threads will share cores, \
+                 which is slower than --threads {}",
+                cores.get(),
+                cores.get()
+            );
+        }
+    }
     let threads = gmpq::runtime::set_threads(cli.engine.threads);
     gmpq::quant::set_kernels(cli.engine.quant_kernels.into());
     let device = gmpq::runtime::parse_device(&cli.engine.device).map_err(anyhow::Error::msg)?;
@@ -145,8 +155,22 @@ fn print_bench(r: &gmpq::bench::BenchResult, json: bool) -> Result<()> {
 }
 
 pub(super) fn parse_spec(s: &str) -> Result<DatasetSpec> {
+    parse_spec_flag("--data", s)
+}
+
+/// Parses the KIND:PATH given to `flag`, naming the flag in the error.
+pub(super) fn parse_spec_flag(flag: &str, s: &str) -> Result<DatasetSpec> {
     s.parse::<DatasetSpec>()
-        .with_context(|| format!("reading --data {s}"))
+        .with_context(|| format!("{flag} {s}"))
+}
+
+/// Parses and opens both splits of the data given to `flag`, before any work starts.
+pub(super) fn check_data(flag: &str, s: &str) -> Result<DatasetSpec> {
+    let spec = parse_spec_flag(flag, s)?;
+    for split in [Split::Train, Split::Test] {
+        spec.load(split).with_context(|| format!("{flag} {s}"))?;
+    }
+    Ok(spec)
 }
 
 fn parse_schedule(s: &str) -> Result<LrSchedule> {
@@ -217,7 +241,7 @@ fn run_training(a: TrainArgs, device: tch::Device, finetune: Option<FinetuneSetu
     let spec = parse_spec(&a.data)?;
     let train_data = spec.load(Split::Train)?;
     let test_spec = match &a.test_data {
-        Some(t) => parse_spec(t)?,
+        Some(t) => parse_spec_flag("--test-data", t)?,
         None => spec.clone(),
     };
     let test_data = test_spec.load(Split::Test)?;
@@ -338,10 +362,15 @@ fn run_training(a: TrainArgs, device: tch::Device, finetune: Option<FinetuneSetu
 
 fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
     let spec = parse_spec(&a.data)?;
-    let split = match a.split.as_str() {
-        "train" => Split::Train,
-        "test" => Split::Test,
-        s => bail!("unknown split '{s}' (train, test)"),
+    let split = match (a.split.as_str(), spec.kind) {
+        ("train", _) => Split::Train,
+        ("test", _) => Split::Test,
+        // Image folders keep their test images in val/.
+        ("val", gmpq::data::DatasetKind::Folder | gmpq::data::DatasetKind::ImagenetFolder) => {
+            Split::Test
+        }
+        ("val", _) => bail!("{spec} has train and test splits (val is for image folders)"),
+        (s, _) => bail!("unknown split '{s}' (train, test; val for image folders)"),
     };
     let data = spec.load(split)?;
     let session = || gmpq::engine::SessionOptions {
@@ -353,6 +382,7 @@ fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
             let (ck, network) = gmpq::quant::load(path, tch::Device::Cpu)
                 .with_context(|| format!("loading {}", path.display()))?;
             check_classes(&spec, data.as_ref(), ck.meta.model.num_classes)?;
+            check_input(&spec, data.as_ref(), &ck.meta.eval_pipeline, &ck.meta.model)?;
             let mut model = gmpq::engine::OnnxModel::open(onnx_path, &session())?;
             let indices = subset_of(data.as_ref(), &a.subset)?;
             let data: Arc<dyn ImageSource> = data;
@@ -385,6 +415,7 @@ fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
             let (ck, network) = gmpq::quant::load(path, device)
                 .with_context(|| format!("loading {}", path.display()))?;
             check_classes(&spec, data.as_ref(), ck.meta.model.num_classes)?;
+            check_input(&spec, data.as_ref(), &ck.meta.eval_pipeline, &ck.meta.model)?;
             let indices = subset_of(data.as_ref(), &a.subset)?;
             let data: Arc<dyn ImageSource> = data;
             let m = train::evaluate(
@@ -399,8 +430,9 @@ fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
         }
         (None, Some(path)) => {
             let mut model = gmpq::engine::OnnxModel::open(path, &session())?;
-            if let Some(cfg) = &model.model {
+            if let (Some(cfg), Some(pre)) = (&model.model, &model.preprocessing) {
                 check_classes(&spec, data.as_ref(), cfg.num_classes)?;
+                check_input(&spec, data.as_ref(), pre, cfg)?;
             }
             let indices = subset_of(data.as_ref(), &a.subset)?;
             let data: Arc<dyn ImageSource> = data;
@@ -420,23 +452,48 @@ fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
     Ok(())
 }
 
-/// A dataset with more classes than the model predicts cannot be scored.
+/// A dataset whose label space is not the model's gives a meaningless accuracy: refuse it.
 fn check_classes(spec: &DatasetSpec, data: &dyn ImageSource, model_classes: usize) -> Result<()> {
-    if data.num_classes() > model_classes {
+    if data.num_classes() != model_classes {
+        let hint = if spec.to_string().starts_with("folder:") {
+            " (folders named by class index, as ImageNet's: use imagenet-folder:PATH)"
+        } else {
+            ""
+        };
         bail!(
-            "{} has {} classes but the model predicts {}",
-            spec,
+            "{spec} has {} classes but the model predicts {model_classes}: their labels cannot match{hint}",
             data.num_classes(),
-            model_classes
         );
     }
     Ok(())
 }
 
+/// Images of `data` after `pipeline` must be the model's input: names both shapes.
+pub(super) fn check_input(
+    spec: &DatasetSpec,
+    data: &dyn ImageSource,
+    pipeline: &gmpq::data::Pipeline,
+    model: &ModelConfig,
+) -> Result<()> {
+    match train::input_mismatch(data, pipeline, model) {
+        Some(problem) => bail!("{spec} {problem}"),
+        None => Ok(()),
+    }
+}
+
 fn import_cmd(a: ImportArgs) -> Result<()> {
     let arch: Arch = a.model.parse()?;
-    let mut cfg = ModelConfig::new(arch, 3, a.num_classes, a.input_size);
-    cfg.stem = a.stem.parse()?;
+    if arch == Arch::EfficientNetLite0 {
+        // Its weights fix both: TF "SAME" padding is laid out for 224 px and its stem.
+        if a.input_size.is_some_and(|s| s != 224) {
+            bail!("--input-size does not apply to efficientnet-lite0 (its weights are for 224 px)");
+        }
+        if a.stem.is_some() {
+            bail!("--stem does not apply to efficientnet-lite0 (it has one stem)");
+        }
+    }
+    let mut cfg = ModelConfig::new(arch, 3, a.num_classes, a.input_size.unwrap_or(224));
+    cfg.stem = a.stem.as_deref().unwrap_or("imagenet").parse()?;
     let ck = gmpq::import::import_pretrained(&a.weights, &cfg)
         .with_context(|| format!("importing {}", a.weights.display()))?;
     if let Some(dir) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -475,7 +532,13 @@ fn model_config(a: &ModelArgs) -> Result<ModelConfig> {
     let arch: Arch = a.model.parse()?;
     let mut cfg = ModelConfig::new(arch, a.in_channels, a.classes, a.input_size);
     if let Some(stem) = &a.stem {
+        if arch.is_cifar_resnet() || arch == Arch::EfficientNetLite0 {
+            bail!("--stem applies to resnet18, resnet50 and mobilenetv2; {arch} has one stem");
+        }
         cfg.stem = stem.parse::<Stem>()?;
+    }
+    if a.width != 1.0 && arch != Arch::MobileNetV2 {
+        bail!("--width applies to mobilenetv2 only");
     }
     cfg.width = a.width;
     Ok(cfg)
@@ -548,6 +611,21 @@ fn bops_cmd(a: BopsArgs) -> Result<()> {
             _ => None,
         };
         (ck.meta.model, policy)
+    } else if let Some(path) = &a.policy.policy {
+        // A policy file names its model and input size (and, from a search, the whole
+        // model config): its costs are measured on that geometry, not on --model/--input.
+        let policy = Policy::load(path)?;
+        let cfg = match policy.meta.as_ref().and_then(|m| m.get("model_config")) {
+            Some(v) => serde_json::from_value::<ModelConfig>(v.clone())
+                .with_context(|| format!("{}: malformed meta.model_config", path.display()))?,
+            None => {
+                let mut cfg = model_config(&a.model)?;
+                cfg.arch = policy.model.parse()?;
+                cfg.input_size = policy.input_size;
+                cfg
+            }
+        };
+        (cfg, None)
     } else {
         (model_config(&a.model)?, None)
     };
@@ -560,7 +638,18 @@ fn bops_cmd(a: BopsArgs) -> Result<()> {
     let policy = policy.unwrap_or_else(|| Policy::uniform(&cfg, net.convs(), 32, 32));
     let (rows, totals) = policy.cost(net.convs(), net.fc_spec());
     if let Some(chart) = &a.chart {
-        gmpq::report::bit_allocation_svg(&[("policy", &policy)], chart)?;
+        if let Some(dir) = chart
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty() && !d.is_dir())
+        {
+            bail!(
+                "--chart {}: the folder {} does not exist",
+                chart.display(),
+                dir.display()
+            );
+        }
+        gmpq::report::bit_allocation_svg(&[("policy", &policy)], chart)
+            .with_context(|| format!("writing the chart {}", chart.display()))?;
     }
     if a.json {
         println!(
@@ -602,7 +691,7 @@ fn quantize_cmd(a: QuantizeArgs, device: tch::Device) -> Result<()> {
     )?;
     q.load_fp_weights(&fp_ck, &a.checkpoint)?;
 
-    let calib_spec = parse_spec(&a.calib_data)?;
+    let calib_spec = parse_spec_flag("--calib-data", &a.calib_data)?;
     let calib_data = calib_spec.load(Split::Train)?;
     let calib_idx = stratified_subset(
         calib_data.as_ref(),
@@ -624,7 +713,7 @@ fn quantize_cmd(a: QuantizeArgs, device: tch::Device) -> Result<()> {
     let calibration = gmpq::quant::calibrate(&q, &batches, method)?;
 
     let eval_spec = match &a.eval_data {
-        Some(s) => parse_spec(s)?,
+        Some(s) => parse_spec_flag("--eval-data", s)?,
         None => calib_spec,
     };
     let test = eval_spec.load(Split::Test)?;

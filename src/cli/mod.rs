@@ -1,6 +1,55 @@
 //! Argument parsing and command dispatch.
 
 mod commands;
+
+/// While alive, whatever is written to stdout (stage lines, the nested commands' output)
+/// goes to stderr, so a `--json` command prints exactly one JSON document on stdout.
+pub(crate) struct StdoutToStderr {
+    saved: libc::c_int,
+}
+
+impl StdoutToStderr {
+    pub(crate) fn new() -> Option<Self> {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        // SAFETY: plain descriptor duplication on the process's own stdout/stderr.
+        let saved = unsafe { libc::dup(1) };
+        if saved < 0 || unsafe { libc::dup2(2, 1) } < 0 {
+            return None;
+        }
+        Some(Self { saved })
+    }
+}
+
+impl Drop for StdoutToStderr {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        // SAFETY: restores the descriptor saved in `new`.
+        unsafe {
+            libc::dup2(self.saved, 1);
+            libc::close(self.saved);
+        }
+    }
+}
+
+/// The error and its causes on one line, outermost first, leaving out a cause whose text the
+/// line already ends with (a typed error that shows its source, e.g. `PATH: OS error`, and
+/// the same OS error as its cause).
+pub fn one_line(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.ends_with(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
+}
 mod deploy;
 mod pipeline;
 mod progress;
@@ -717,11 +766,12 @@ pub struct ImportArgs {
     pub out: PathBuf,
     #[arg(long, default_value_t = 1000)]
     pub num_classes: usize,
-    #[arg(long, default_value_t = 224)]
-    pub input_size: usize,
-    /// cifar or imagenet.
-    #[arg(long, default_value = "imagenet")]
-    pub stem: String,
+    /// Square input resolution (default 224; efficientnet-lite0: 224 only).
+    #[arg(long)]
+    pub input_size: Option<usize>,
+    /// cifar or imagenet (default imagenet; not for efficientnet-lite0).
+    #[arg(long)]
+    pub stem: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

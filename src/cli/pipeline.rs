@@ -183,7 +183,8 @@ fn hawq_on_proxy(
     (proxy, limit, subset_seed): (String, Option<usize>, u64),
     device: tch::Device,
 ) -> Result<Policy> {
-    let source = super::commands::parse_spec(&proxy)?.load(gmpq::data::Split::Train)?;
+    let source =
+        super::commands::parse_spec_flag("--proxy", &proxy)?.load(gmpq::data::Split::Train)?;
     let indices = gmpq::data::stratified_subset(
         source.as_ref(),
         &gmpq::data::SubsetSpec {
@@ -298,6 +299,12 @@ fn search_argv(
 
 pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
     let started = Instant::now();
+    // --json: the summary is the only thing on stdout.
+    let quiet = if a.json {
+        super::StdoutToStderr::new()
+    } else {
+        None
+    };
     let layout = RunLayout::new(&a.out);
     let target = budget(&a)?;
     let mut arms = vec![Arm::Gmpq];
@@ -310,9 +317,10 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
             arms.push(arm);
         }
     }
+    // Every input is checked before stage 1 (nothing is created for a run that cannot start).
     let (proxy, proxy_limit) = split_subset(&a.proxy);
-    super::commands::parse_spec(&proxy)?;
-    super::commands::parse_spec(&a.target)?;
+    super::commands::check_data("--proxy", &proxy)?;
+    super::commands::check_data("--target", &a.target)?;
     let candidates = {
         let mut c = parse_candidates(&a.w_bits)?;
         c.retain(|b| parse_candidates(&a.a_bits).is_ok_and(|a| a.contains(b)));
@@ -566,6 +574,7 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
     gmpq::checkpoint::write_atomic(&layout.summary(), &serde_json::to_vec_pretty(&summary)?)
         .with_context(|| format!("writing {}", layout.summary().display()))?;
     let page = gmpq::report::write_run_report(&a.out)?;
+    drop(quiet);
     print_summary(
         &summary,
         &page,

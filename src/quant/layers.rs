@@ -325,9 +325,9 @@ impl LayerFactory for FixedPolicyConvs {
             .get(&spec.name)
             .ok_or_else(|| ModelError::NoLayerConfig(spec.name.clone()))?;
         for b in [w_bits, a_bits] {
-            if !(2..=16).contains(&b) {
+            if !crate::policy::BIT_RANGE.contains(&b) {
                 return Err(ModelError::Invalid(format!(
-                    "layer '{}': {b} bits is outside the supported 2..16",
+                    "layer '{}': {b} bits is outside the supported 2..=16",
                     spec.name
                 )));
             }
@@ -356,9 +356,9 @@ pub struct SupernetConvs {
 impl SupernetConvs {
     pub fn new(w_bits: Vec<u32>, a_bits: Vec<u32>) -> Result<Self, ModelError> {
         for set in [&w_bits, &a_bits] {
-            if set.is_empty() || set.iter().any(|b| !(2..=16).contains(b)) {
+            if set.is_empty() || set.iter().any(|b| !crate::policy::BIT_RANGE.contains(b)) {
                 return Err(ModelError::Invalid(format!(
-                    "candidate bit set {set:?} must be non-empty, within 2..16"
+                    "candidate bit set {set:?} must be non-empty, within 2..=16"
                 )));
             }
         }

@@ -163,7 +163,7 @@ pub fn sensitivities(
         input_size: teacher.meta.model.input_size,
         candidates: Candidates {
             weight: vec![16],
-            activation: (2..=16).collect(),
+            activation: crate::policy::BIT_RANGE.collect(),
         },
         layers: quantized
             .iter()

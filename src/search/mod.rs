@@ -586,6 +586,15 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
     for t in &job.targets {
         check_feasible(&geometry, t, &cfg.candidates)?;
     }
+    if let Some(problem) = crate::train::input_mismatch(
+        job.proxy.as_ref(),
+        &teacher.pipeline,
+        &teacher_ck.meta.model,
+    ) {
+        return Err(SearchError::Invalid(format!(
+            "the proxy data {problem}: the teacher does not fit it"
+        )));
+    }
     let native = job.proxy.native_shape().unwrap_or([
         teacher_ck.meta.model.in_channels,
         teacher_ck.meta.model.input_size,

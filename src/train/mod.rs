@@ -248,6 +248,25 @@ fn eval_loader(
     )?)
 }
 
+/// Why `source`'s images, after `pipeline`, are not `model`'s input (`None` when they are,
+/// or when the images have no common shape): both shapes, channels × height × width.
+pub fn input_mismatch(
+    source: &dyn ImageSource,
+    pipeline: &Pipeline,
+    model: &ModelConfig,
+) -> Option<String> {
+    let native = source.native_shape()?;
+    let out = pipeline.output_shape(native);
+    let want = [model.in_channels, model.input_size, model.input_size];
+    (out != want || pipeline.normalize.mean.len() != model.in_channels).then(|| {
+        format!(
+            "has {}×{}×{} images ({}×{}×{} after the model's preprocessing), but the model takes \
+             {}×{}×{} (channels × height × width)",
+            native[0], native[1], native[2], out[0], out[1], out[2], want[0], want[1], want[2]
+        )
+    })
+}
+
 /// Top-1/top-5 accuracy (in %) and mean cross-entropy of `model` on `indices` of `source`.
 pub fn evaluate(
     model: &dyn ModuleT,

@@ -1,0 +1,259 @@
+//! Inputs are checked before any work starts, and errors name the real problem (issue:
+//! no silent wrong answers). One test per case of the issue's table.
+
+mod common;
+
+use common::{bundled, run, stderr};
+use gmpq::checkpoint::{self, Checkpoint, CheckpointMeta};
+use gmpq::data::{Normalize, Pipeline};
+use gmpq::model::{Arch, ModelConfig};
+use gmpq::quant::{self, Precision};
+use std::path::Path;
+
+/// A full-precision checkpoint of `cfg` (fresh weights) at `path`.
+fn checkpoint(cfg: &ModelConfig, path: &Path) {
+    let net = quant::build(cfg, Precision::Full, tch::Device::Cpu).unwrap();
+    Checkpoint {
+        meta: CheckpointMeta::new(
+            cfg.clone(),
+            Pipeline {
+                transforms: vec![],
+                normalize: Normalize::identity(cfg.in_channels),
+            },
+        ),
+        tensors: checkpoint::var_store_tensors(&net.vs),
+    }
+    .save(path)
+    .unwrap();
+}
+
+/// A CIFAR-10 binary with `n` records.
+fn cifar10(path: &Path, n: usize) {
+    let mut b = Vec::new();
+    for i in 0..n {
+        b.push((i % 10) as u8);
+        b.extend(std::iter::repeat_n((i * 7 % 256) as u8, 3072));
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+fn fails_with(args: &[&str], needles: &[&str]) -> String {
+    let o = run(args);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    let e = stderr(&o);
+    for n in needles {
+        assert!(e.contains(n), "{args:?}: '{n}' not in: {e}");
+    }
+    assert_eq!(e.trim().lines().count(), 1, "one line: {e}");
+    e
+}
+
+#[test]
+fn bit_names_state_the_valid_range() {
+    for u in ["w1a1", "w32a32"] {
+        fails_with(
+            &["bops", "--model", "resnet20", "--uniform", u],
+            &["2..=16", u],
+        );
+    }
+}
+
+#[test]
+fn a_missing_file_is_reported_once() {
+    let e = fails_with(
+        &[
+            "eval",
+            "--checkpoint",
+            "/nonexistent/x.safetensors",
+            "--data",
+            "bundled:mnist",
+        ],
+        &["/nonexistent/x.safetensors", "No such file"],
+    );
+    assert_eq!(e.matches("No such file").count(), 1, "{e}");
+}
+
+#[test]
+fn a_chart_into_a_missing_folder_names_the_folder() {
+    fails_with(
+        &[
+            "bops",
+            "--model",
+            "resnet20",
+            "--uniform",
+            "w4a4",
+            "--chart",
+            "/nonexistent/x.svg",
+        ],
+        &["--chart", "/nonexistent", "does not exist"],
+    );
+}
+
+#[test]
+fn model_flags_that_do_not_apply_are_refused() {
+    fails_with(
+        &["bops", "--model", "resnet20", "--stem", "imagenet"],
+        &["--stem", "resnet20"],
+    );
+    fails_with(
+        &["bops", "--model", "resnet18", "--width", "0.5"],
+        &["--width", "mobilenetv2"],
+    );
+    for extra in [["--input-size", "32"], ["--stem", "cifar"]] {
+        let mut args = vec![
+            "import",
+            "--model",
+            "efficientnet-lite0",
+            "--weights",
+            "w",
+            "--out",
+            "o",
+        ];
+        args.extend(extra);
+        fails_with(&args, &[extra[0], "efficientnet-lite0"]);
+    }
+}
+
+#[test]
+fn pipeline_checks_its_inputs_before_creating_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let o = out.to_str().unwrap();
+    let e = fails_with(
+        &[
+            "pipeline",
+            "--proxy",
+            "bogus:x",
+            "--target",
+            "bundled:mnist",
+            "--out",
+            o,
+        ],
+        &["--proxy bogus:x"],
+    );
+    assert!(!e.contains("--data"), "{e}");
+    fails_with(
+        &[
+            "pipeline",
+            "--proxy",
+            "bundled:mnist",
+            "--target",
+            "idx:/nonexistent",
+            "--out",
+            o,
+        ],
+        &["--target idx:/nonexistent", "not found"],
+    );
+    assert!(!out.exists(), "a run that cannot start leaves no folder");
+}
+
+#[test]
+fn eval_names_shape_and_class_mismatches() {
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("fmnist.safetensors");
+    checkpoint(&ModelConfig::new(Arch::ResNet20, 1, 10, 28), &ck);
+    let bin = dir.path().join("c.bin");
+    cifar10(&bin, 40);
+    let data = format!("cifar10:{}", bin.display());
+    fails_with(
+        &[
+            "eval",
+            "--checkpoint",
+            ck.to_str().unwrap(),
+            "--data",
+            &data,
+        ],
+        &["3×32×32", "1×28×28"],
+    );
+    // 1000 classes cannot be scored against 10 labels.
+    let big = dir.path().join("big.safetensors");
+    checkpoint(&ModelConfig::new(Arch::ResNet20, 1, 1000, 28), &big);
+    fails_with(
+        &[
+            "eval",
+            "--checkpoint",
+            big.to_str().unwrap(),
+            "--data",
+            "bundled:mnist",
+        ],
+        &["10 classes", "1000"],
+    );
+    // A failed search leaves no run folder behind (only its lock would be in it).
+    let out = dir.path().join("search");
+    fails_with(
+        &[
+            "search",
+            "--teacher",
+            ck.to_str().unwrap(),
+            "--data",
+            &data,
+            "--limit",
+            "16",
+            "--batch-size",
+            "4",
+            "--val-images",
+            "4",
+            "--epochs",
+            "1",
+            "--target-compression",
+            "64",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &["3×32×32", "1×28×28"],
+    );
+    assert!(!out.exists(), "{} left behind", out.display());
+}
+
+#[test]
+fn bops_measures_a_policy_on_its_own_geometry() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ModelConfig::new(Arch::ResNet20, 1, 10, 28);
+    let g = quant::build(&cfg, Precision::Full, tch::Device::Cpu).unwrap();
+    let p = gmpq::policy::Policy::uniform(&cfg, g.net.convs(), 4, 2)
+        .with_totals(g.net.convs(), g.net.fc_spec());
+    let path = dir.path().join("p.json");
+    p.save(&path).unwrap();
+    // bops' default --input is 32; the policy says 28.
+    let o = run(&[
+        "bops",
+        "--policy",
+        path.to_str().unwrap(),
+        "--in-channels",
+        "1",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let c = v["totals"]["compression"].as_f64().unwrap();
+    assert!((c - p.totals.unwrap().compression).abs() < 1e-9, "{c}");
+    assert_eq!(v["model"]["input_size"], 28);
+}
+
+#[test]
+fn too_many_threads_get_a_warning() {
+    let o = common::gmpq()
+        .env("GMPQ_LOG", "warn")
+        .args(["--threads", "999", "info"])
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert!(stderr(&o).contains("more than the"), "{}", stderr(&o));
+}
+
+#[test]
+fn folder_datasets_accept_the_val_split_and_idx_refuses_it() {
+    let data = format!("idx:{}", bundled("mnist").display());
+    fails_with(
+        &[
+            "eval",
+            "--checkpoint",
+            "x.safetensors",
+            "--data",
+            &data,
+            "--split",
+            "val",
+        ],
+        &["val is for image folders"],
+    );
+}
