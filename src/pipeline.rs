@@ -366,7 +366,11 @@ pub fn training_done(run_dir: &Path, epochs: usize) -> Result<bool> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ArmSummary {
     pub arm: Arm,
+    /// The policy file (absolute path).
     pub policy: Option<PathBuf>,
+    /// The fine-tuned checkpoint (absolute path), once fine-tuning has finished an epoch.
+    #[serde(default)]
+    pub checkpoint: Option<PathBuf>,
     pub bops: Option<f64>,
     pub compression: Option<f64>,
     pub size_mb: Option<f64>,
@@ -378,9 +382,29 @@ pub struct ArmSummary {
     pub top5: Option<f64>,
 }
 
+fn summary_units() -> String {
+    "top1/top5: % of the target test images; bops: bit operations of the quantized layers; \
+     size_mb: 10^6 bytes; search_seconds: wall time"
+        .into()
+}
+
+/// An absolute form of `p` (as given when it cannot be resolved).
+fn absolute(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
 /// The headline numbers of a run: every arm next to the full-precision target teacher.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunSummary {
+    /// The model every arm fine-tunes (the target teacher's).
+    #[serde(default)]
+    pub model: Option<crate::model::ModelConfig>,
+    /// The target data the accuracies are measured on.
+    #[serde(default)]
+    pub target_data: Option<String>,
+    /// Units of the numbers below.
+    #[serde(default = "summary_units")]
+    pub units: String,
     pub fp_top1: Option<f64>,
     pub fp_top5: Option<f64>,
     pub fp_bops: Option<f64>,
@@ -394,6 +418,9 @@ impl RunSummary {
         let teacher = training_meta(&layout.used_target_teacher())?;
         let last = teacher.as_ref().and_then(|m| m.history.last());
         let mut summary = RunSummary {
+            model: teacher.as_ref().map(|m| m.model.clone()),
+            target_data: teacher.as_ref().and_then(|m| m.dataset.clone()),
+            units: summary_units(),
             fp_top1: last.map(|m| m.test_top1),
             fp_top5: last.map(|m| m.test_top5),
             fp_bops: None,
@@ -420,7 +447,10 @@ impl RunSummary {
             let ft_last = ft.as_ref().and_then(|m| m.history.last());
             summary.arms.push(ArmSummary {
                 arm,
-                policy: policy.is_some().then_some(path),
+                policy: policy.is_some().then(|| absolute(&path)),
+                checkpoint: ft
+                    .is_some()
+                    .then(|| absolute(&crate::train::last_checkpoint(&layout.finetune(arm)))),
                 bops: totals.as_ref().map(|t| t.bops as f64),
                 compression: totals.as_ref().map(|t| t.compression),
                 size_mb: totals.as_ref().map(|t| t.size_mb),

@@ -67,12 +67,50 @@ pub struct PolicyTotals {
     pub fp_size_mb: f64,
 }
 
+/// The policy file format version (`format` in policy.json).
+pub const POLICY_FORMAT: u32 = 2;
+
+fn policy_format_v1() -> u32 {
+    1
+}
+
+/// How the bits of a policy are used (METHOD.md's quantizers), recorded in every policy file
+/// so it can be read without gmpq's source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuantizerScheme {
+    pub weight: String,
+    pub activation: String,
+}
+
+impl Default for QuantizerScheme {
+    fn default() -> Self {
+        Self {
+            weight: "symmetric uniform, per tensor (per output channel with --per-channel): \
+                     T = max|w|, s = T/(2^(b-1)-1), q = round(clamp(w,-T,T)/s)·s"
+                .into(),
+            activation: "unsigned uniform on the conv input with a learned clip r: \
+                         s = r/(2^b-1), q = round(clamp(x,0,r)/s)·s (signed inputs after \
+                         linear bottlenecks: clamp(x,-r,r), s = r/(2^(b-1)-1))"
+                .into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Policy {
+    /// File format version (1 for files written before it was recorded).
+    #[serde(default = "policy_format_v1")]
+    pub format: u32,
     pub model: String,
     pub input_size: usize,
     pub candidates: Candidates,
     pub layers: Vec<LayerBits>,
+    /// The layers that stay full precision (32-bit stem and classifier), filled in with the
+    /// totals.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fp_layers: Vec<String>,
+    #[serde(default)]
+    pub quantizer: QuantizerScheme,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub totals: Option<PolicyTotals>,
     /// Free-form provenance (search settings, cost), kept as written.
@@ -122,6 +160,9 @@ impl Policy {
             })
             .collect();
         Policy {
+            format: POLICY_FORMAT,
+            fp_layers: Vec::new(),
+            quantizer: Default::default(),
             model: model.arch.to_string(),
             input_size: model.input_size,
             candidates: Candidates {
@@ -221,6 +262,12 @@ impl Policy {
     /// Fills in `totals` for `convs` + `fc`.
     pub fn with_totals(mut self, convs: &[ConvSpec], fc: &LinearSpec) -> Self {
         self.totals = Some(self.cost(convs, fc).1);
+        self.fp_layers = convs
+            .iter()
+            .filter(|c| !c.quantizable)
+            .map(|c| c.name.clone())
+            .chain(std::iter::once(fc.name.clone()))
+            .collect();
         self
     }
 }

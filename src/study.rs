@@ -460,6 +460,9 @@ mod tests {
     fn mean_bits_averages_each_arms_policies_over_seeds() {
         let dir = tempfile::tempdir().unwrap();
         let policy = |w: [u32; 2], a: [u32; 2]| Policy {
+            format: crate::policy::POLICY_FORMAT,
+            fp_layers: Vec::new(),
+            quantizer: Default::default(),
             model: "resnet20".into(),
             input_size: 28,
             candidates: crate::policy::Candidates {

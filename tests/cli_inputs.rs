@@ -219,7 +219,7 @@ fn bops_measures_a_policy_on_its_own_geometry() {
         "bops",
         "--policy",
         path.to_str().unwrap(),
-        "--in-channels",
+        "--channels",
         "1",
         "--json",
     ]);
@@ -256,4 +256,65 @@ fn folder_datasets_accept_the_val_split_and_idx_refuses_it() {
         ],
         &["val is for image folders"],
     );
+}
+
+/// Every `--flag` that `gmpq CMD --help` shows, for every command and bench subcommand.
+fn visible_flags() -> Vec<(String, String)> {
+    let help = |args: &[&str]| {
+        let o = run(args);
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let commands = |text: &str| -> Vec<String> {
+        text.split("Commands:")
+            .nth(1)
+            .unwrap_or("")
+            .split("Options:")
+            .next()
+            .unwrap_or("")
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .filter(|c| c != "help")
+            .collect()
+    };
+    let mut out = Vec::new();
+    let mut push_flags = |cmd: &str, text: &str| {
+        for word in text.split(|c: char| c.is_whitespace() || c == ',' || c == '=') {
+            if let Some(flag) = word.strip_prefix("--") {
+                let flag = flag.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+                if !flag.is_empty() && flag.chars().all(|c| c.is_ascii_lowercase() || c == '-') {
+                    out.push((cmd.to_string(), flag.to_string()));
+                }
+            }
+        }
+    };
+    for cmd in commands(&help(&["--help"])) {
+        let text = help(&[&cmd, "--help"]);
+        if cmd == "bench" {
+            for sub in commands(&text) {
+                push_flags(&format!("bench {sub}"), &help(&["bench", &sub, "--help"]));
+            }
+        } else {
+            push_flags(&cmd, &text);
+        }
+    }
+    out
+}
+
+#[test]
+fn no_two_commands_spell_the_same_option_differently() {
+    let flags = visible_flags();
+    assert!(flags.len() > 100, "parsed only {} flags", flags.len());
+    // Synonyms: one spelling per group may be shown (others stay as hidden aliases).
+    for group in [
+        ["input-size", "input"],
+        ["channels", "in-channels"],
+        ["classes", "num-classes"],
+    ] {
+        let used: std::collections::BTreeSet<&str> = flags
+            .iter()
+            .filter(|(_, f)| group.contains(&f.as_str()))
+            .map(|(_, f)| f.as_str())
+            .collect();
+        assert!(used.len() <= 1, "{group:?} spelled {used:?}");
+    }
 }

@@ -104,6 +104,7 @@ fn random_prefs(p: &Policy, seed: u64, spread: f64) -> Preferences {
             .collect()
     };
     Preferences {
+        bits: None,
         alpha_w: table(),
         alpha_a: table(),
         temperature: 1.0,

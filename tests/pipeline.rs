@@ -345,6 +345,29 @@ fn pipeline_runs_the_hawq_arm() {
         )
     });
     assert!(summary["summary"]["arms"].is_array(), "{summary}");
+    // The summary names the model, the data and every file, with absolute paths.
+    let s = &summary["summary"];
+    assert_eq!(s["model"]["arch"], "resnet20", "{s}");
+    assert!(
+        s["target_data"].is_string() && s["units"].is_string(),
+        "{s}"
+    );
+    for arm in s["arms"].as_array().unwrap() {
+        for key in ["policy", "checkpoint"] {
+            let p = arm[key]
+                .as_str()
+                .unwrap_or_else(|| panic!("{key} missing: {arm}"));
+            assert!(
+                std::path::Path::new(p).is_absolute() && std::path::Path::new(p).exists(),
+                "{p}"
+            );
+        }
+    }
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("pipeline.json")).unwrap()).unwrap();
+    for stage in record["stages"].as_array().unwrap() {
+        assert!(!stage["command"].as_str().unwrap().is_empty(), "{stage}");
+    }
     assert!(
         stderr(&o).contains("[search-hawq]"),
         "stage lines on stderr"

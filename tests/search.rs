@@ -133,6 +133,7 @@ fn repair_meets_the_budget_and_fills_it() {
     };
     // The search preferred 6 bits everywhere but weakly on layer2.*.
     let mut prefs = Preferences {
+        bits: None,
         alpha_w: Default::default(),
         alpha_a: Default::default(),
         temperature: 1.0,
@@ -662,6 +663,17 @@ fn scarce_recipe_records_its_settings_and_meets_the_budget() {
     assert_eq!(s["temperature"]["end"], 0.2);
     assert_eq!(meta["threads"], 2);
     assert!((meta["alpha"]["temperature"].as_f64().unwrap() - 0.2).abs() < 1e-9);
+    // Self-describing: the format, the FP layers, the quantizers, and which bits each α is.
+    assert_eq!(policy.format, gmpq::policy::POLICY_FORMAT);
+    assert_eq!(
+        policy.fp_layers,
+        vec!["conv1".to_string(), "fc".to_string()]
+    );
+    assert!(policy.quantizer.activation.contains("clip"));
+    assert_eq!(
+        meta["alpha"]["bits"]["weight"],
+        serde_json::json!([2, 3, 4, 6])
+    );
     let totals = policy.totals.unwrap();
     assert!(totals.compression >= 64.0, "{}", totals.compression);
 }

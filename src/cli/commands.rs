@@ -492,7 +492,7 @@ fn import_cmd(a: ImportArgs) -> Result<()> {
             bail!("--stem does not apply to efficientnet-lite0 (it has one stem)");
         }
     }
-    let mut cfg = ModelConfig::new(arch, 3, a.num_classes, a.input_size.unwrap_or(224));
+    let mut cfg = ModelConfig::new(arch, 3, a.classes, a.input_size.unwrap_or(224));
     cfg.stem = a.stem.as_deref().unwrap_or("imagenet").parse()?;
     let ck = gmpq::import::import_pretrained(&a.weights, &cfg)
         .with_context(|| format!("importing {}", a.weights.display()))?;
@@ -530,7 +530,7 @@ pub(super) fn model_geometry(cfg: &ModelConfig) -> Result<Model> {
 
 fn model_config(a: &ModelArgs) -> Result<ModelConfig> {
     let arch: Arch = a.model.parse()?;
-    let mut cfg = ModelConfig::new(arch, a.in_channels, a.classes, a.input_size);
+    let mut cfg = ModelConfig::new(arch, a.channels, a.classes, a.input_size);
     if let Some(stem) = &a.stem {
         if arch.is_cifar_resnet() || arch == Arch::EfficientNetLite0 {
             bail!("--stem applies to resnet18, resnet50 and mobilenetv2; {arch} has one stem");

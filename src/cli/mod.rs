@@ -403,10 +403,12 @@ pub struct ModelArgs {
     #[arg(long, default_value = "resnet20")]
     pub model: String,
     /// Square input resolution.
-    #[arg(long = "input", default_value_t = 32)]
+    #[arg(long, alias = "input", default_value_t = 32)]
     pub input_size: usize,
-    #[arg(long, default_value_t = 3)]
-    pub in_channels: usize,
+    /// Input channels.
+    #[arg(long, alias = "in-channels", default_value_t = 3)]
+    pub channels: usize,
+    /// Classes the model predicts.
     #[arg(long, default_value_t = 10)]
     pub classes: usize,
     /// Stem of resnet18/50 and mobilenetv2: cifar or imagenet (default: cifar below 64 px).
@@ -764,8 +766,9 @@ pub struct ImportArgs {
     /// Output checkpoint (.safetensors).
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value_t = 1000)]
-    pub num_classes: usize,
+    /// Classes the model predicts.
+    #[arg(long, alias = "num-classes", default_value_t = 1000)]
+    pub classes: usize,
     /// Square input resolution (default 224; efficientnet-lite0: 224 only).
     #[arg(long)]
     pub input_size: Option<usize>,

@@ -320,7 +320,7 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
     // Every input is checked before stage 1 (nothing is created for a run that cannot start).
     let (proxy, proxy_limit) = split_subset(&a.proxy);
     super::commands::check_data("--proxy", &proxy)?;
-    super::commands::check_data("--target", &a.target)?;
+    super::commands::check_data("--target", &split_subset(&a.target).0)?;
     let candidates = {
         let mut c = parse_candidates(&a.w_bits)?;
         c.retain(|b| parse_candidates(&a.a_bits).is_ok_and(|a| a.contains(b)));
@@ -437,7 +437,43 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
             let (w_bits, a_bits) = (parse_candidates(&a.w_bits)?, parse_candidates(&a.a_bits)?);
             let seed = a.seed;
             let proxy_spec = (proxy.clone(), proxy_limit, a.subset_seed);
-            run.timed(&name, String::new(), move |device| {
+            // What the in-process step does, for the record (these arms have no command of
+            // their own, except HAWQ's equivalent `gmpq search --method hawq`).
+            let what = match arm {
+                Arm::Random => format!(
+                    "(in gmpq) a random policy within 2 % under {target}, bits {} / {}, seed {seed}",
+                    a.w_bits, a.a_bits
+                ),
+                Arm::Hawq => {
+                    let mut argv = vec![
+                        "search".to_string(),
+                        "--method".into(),
+                        "hawq".into(),
+                        "--teacher".into(),
+                        path_arg(&teacher),
+                        "--data".into(),
+                        proxy.clone(),
+                        "--subset-seed".into(),
+                        a.subset_seed.to_string(),
+                        "--w-bits".into(),
+                        a.w_bits.clone(),
+                        "--a-bits".into(),
+                        a.a_bits.clone(),
+                        "--out".into(),
+                        path_arg(&dir),
+                    ];
+                    if let Some(n) = proxy_limit {
+                        argv.extend(["--limit".into(), n.to_string()]);
+                    }
+                    argv.extend(budget_flag(&target));
+                    command_line(&argv)
+                }
+                _ => format!(
+                    "(in gmpq) the uniform policy with the most BOPs within {target} over the \
+                     common candidates {cands:?}"
+                ),
+            };
+            run.timed(&name, what, move |device| {
                 let p = match arm {
                     Arm::Random => random_within(&teacher, w_bits, a_bits, &target, seed)?,
                     Arm::Hawq => {
@@ -567,7 +603,13 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
     maps.extend(finetuned);
     let target_spec = a.target.clone();
     let out_png = layout.target_attribution();
-    run.timed("attribution", String::new(), |device| {
+    let what = format!(
+        "(in gmpq) CAM heatmaps of the target teacher and every fine-tuned arm on 6 test \
+         images of {} → {}",
+        a.target,
+        out_png.display()
+    );
+    run.timed("attribution", what, |device| {
         super::search::attribution_grid(&maps, &target_spec, 6, &out_png, device).map(|_| ())
     })?;
     let summary = RunSummary::collect(&layout, &all_arms)?;

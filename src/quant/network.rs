@@ -29,6 +29,7 @@ pub enum QuantError {
 /// The numeric form of a network.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
+#[allow(clippy::large_enum_variant)] // one per network: boxing the policy would buy nothing
 pub enum Precision {
     Full,
     /// Fixed per-layer bits; `per_channel` weight thresholds (off by default, as the reference).
@@ -179,6 +180,9 @@ impl Network {
             .collect::<Result<Vec<_>, QuantError>>()?;
         let config = self.net.config();
         Ok(Policy {
+            format: crate::policy::POLICY_FORMAT,
+            fp_layers: Vec::new(),
+            quantizer: Default::default(),
             model: config.arch.to_string(),
             input_size: config.input_size,
             candidates: candidates.clone(),

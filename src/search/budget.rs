@@ -182,6 +182,9 @@ pub struct Preferences {
     /// The softmax temperature at the end of the search: π = softmax(α/T).
     #[serde(default = "unit_temperature")]
     pub temperature: f64,
+    /// The bits each position of the α vectors stands for (weight, activation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits: Option<Candidates>,
 }
 
 fn unit_temperature() -> f64 {

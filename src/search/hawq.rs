@@ -159,6 +159,9 @@ pub fn sensitivities(
     // at 16 bits observes every layer's input once (maximum, then a histogram for the KL
     // clip); each (layer, bits) network copies its weights and takes its clips from there.
     let uniform16 = |a_of: &dyn Fn(&str) -> u32| Policy {
+        format: crate::policy::POLICY_FORMAT,
+        fp_layers: Vec::new(),
+        quantizer: Default::default(),
         model: teacher.meta.model.arch.to_string(),
         input_size: teacher.meta.model.input_size,
         candidates: Candidates {

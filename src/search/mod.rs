@@ -459,6 +459,10 @@ pub fn preferences(net: &Network) -> Preferences {
         alpha_w: alpha_table(net, "alpha_w"),
         alpha_a: alpha_table(net, "alpha_a"),
         temperature: net.temperature.get(),
+        bits: match &net.precision {
+            Precision::Supernet { candidates } => Some(candidates.clone()),
+            _ => None,
+        },
     }
 }
 
