@@ -5,4 +5,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$root/scripts/env.sh"
 cd "$root"
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "SKIPPED: the report's browser test (no chromium; apt-get install chromium, as .ci/run does)" >&2
+fi
 cargo test --release "$@"

@@ -380,4 +380,41 @@ fn pipeline_runs_the_hawq_arm() {
     assert!(out.join("finetune-hawq").join("last.safetensors").is_file());
     let report = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(report.contains("HAWQ"), "the report names the arm");
+
+    // The report in a real browser: no console errors, every chart and heatmap drawn with a
+    // size, and the results table holding the run's numbers.
+    if let Some(browser) = common::chromium("pipeline_runs_the_hawq_arm (browser)") {
+        let seen = common::render(&browser, &out.join("report.html"));
+        assert_eq!(
+            seen["errors"],
+            serde_json::json!([]),
+            "console errors: {seen}"
+        );
+        let images = seen["images"].as_array().unwrap();
+        let svgs = seen["svgs"].as_array().unwrap();
+        assert!(!images.is_empty() && svgs.len() >= 3, "{seen}");
+        for img in images {
+            assert!(
+                img["natural"].as_u64().unwrap() > 0,
+                "image not decoded: {img}"
+            );
+            assert!(
+                img["size"][0].as_u64().unwrap() > 0 && img["size"][1].as_u64().unwrap() > 0,
+                "{img}"
+            );
+        }
+        for svg in svgs {
+            assert!(
+                svg[0].as_u64().unwrap() > 0 && svg[1].as_u64().unwrap() > 0,
+                "zero-size chart: {seen}"
+            );
+        }
+        let tables = seen["tables"].as_array().unwrap();
+        let results = tables[0].as_str().unwrap();
+        for arm in s["arms"].as_array().unwrap() {
+            let top1 = format!("{:.2}", arm["top1"].as_f64().unwrap());
+            assert!(results.contains(&top1), "table lacks {top1}: {results}");
+        }
+        assert!(results.contains("HAWQ"), "{results}");
+    }
 }

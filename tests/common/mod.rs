@@ -41,3 +41,69 @@ pub fn bundled(name: &str) -> PathBuf {
         .join("data")
         .join(name)
 }
+
+/// Chromium for the browser tests (Debian's `chromium`, installed by .ci/run), if present.
+pub fn chromium(test: &str) -> Option<PathBuf> {
+    let found = ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .map(|n| PathBuf::from("/usr/bin").join(n))
+        .find(|p| p.is_file());
+    if found.is_none() {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: chromium not found (apt-get install chromium; .ci/run does)"
+        );
+    }
+    found
+}
+
+/// Renders `page` headless in `browser` and returns what a script measured after load: the
+/// console errors, every image's and SVG chart's rendered size, and the tables' text.
+pub fn render(browser: &std::path::Path, page: &std::path::Path) -> serde_json::Value {
+    let html = std::fs::read_to_string(page).unwrap();
+    let probe_head = r#"<script>window.__errors=[];
+addEventListener('error',e=>__errors.push(String(e.message||e.target&&e.target.src||'error')),true);
+const __ce=console.error;console.error=(...a)=>{__errors.push(a.join(' '));__ce(...a)};</script>"#;
+    let probe_tail = r#"<script>addEventListener('load',()=>{
+const size=e=>{const r=e.getBoundingClientRect();return [Math.round(r.width),Math.round(r.height)]};
+const out={errors:__errors,
+ images:[...document.images].map(i=>({alt:i.alt,natural:i.naturalWidth,size:size(i)})),
+ svgs:[...document.querySelectorAll('svg')].filter(s=>!s.parentElement.closest('svg')).map(s=>size(s)),
+ tables:[...document.querySelectorAll('table')].map(t=>t.innerText)};
+const pre=document.createElement('pre');pre.id='gmpq-check';pre.textContent=JSON.stringify(out);
+document.body.appendChild(pre);});</script>"#;
+    let probed = html
+        .replacen("<head>", &format!("<head>{probe_head}"), 1)
+        .replacen("</body>", &format!("{probe_tail}</body>"), 1);
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("page.html");
+    std::fs::write(&copy, probed).unwrap();
+    let o = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("file://{}", copy.display()))
+        .output()
+        .expect("chromium failed to start");
+    let dom = String::from_utf8_lossy(&o.stdout);
+    let start = dom.find("<pre id=\"gmpq-check\">").unwrap_or_else(|| {
+        panic!(
+            "the probe did not run; chromium said: {}",
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
+    let rest = &dom[start + "<pre id=\"gmpq-check\">".len()..];
+    let json = &rest[..rest.find("</pre>").unwrap()];
+    let json = json
+        .replace("&quot;", "\"")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&");
+    serde_json::from_str(&json).unwrap()
+}
