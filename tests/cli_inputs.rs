@@ -304,11 +304,40 @@ fn visible_flags() -> Vec<(String, String)> {
 fn no_two_commands_spell_the_same_option_differently() {
     let flags = visible_flags();
     assert!(flags.len() > 100, "parsed only {} flags", flags.len());
+    // Options with a fixed set of values list them (clap value enums).
+    for (cmd, flag) in [
+        ("eval", "split"),
+        ("search", "attribution"),
+        ("quantize", "calibration"),
+    ] {
+        let o = run(&[cmd, &format!("--{flag}"), "bogus"]);
+        let e = stderr(&o);
+        assert!(e.contains("possible values"), "{cmd} --{flag}: {e}");
+    }
+    // finetune's model is --init's.
+    let o = run(&[
+        "finetune",
+        "--init",
+        "x",
+        "--uniform",
+        "w4a4",
+        "--model",
+        "resnet20",
+    ]);
+    assert!(
+        stderr(&o).contains("--model does not apply to finetune"),
+        "{}",
+        stderr(&o)
+    );
     // Synonyms: one spelling per group may be shown (others stay as hidden aliases).
     for group in [
         ["input-size", "input"],
         ["channels", "in-channels"],
         ["classes", "num-classes"],
+        ["limit", "count"],
+        ["test-limit", "eval-limit"],
+        ["calib-limit", "calib-images"],
+        ["val-limit", "val-images"],
     ] {
         let used: std::collections::BTreeSet<&str> = flags
             .iter()

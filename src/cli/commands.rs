@@ -3,7 +3,7 @@
 use super::progress::TrainBars;
 use super::{
     BenchCommand, BopsArgs, Cli, Command, EvalArgs, FinetuneArgs, ImportArgs, ModelArgs,
-    PolicyChoice, QuantizeArgs, SubsetArgs, SubsetCmdArgs, TrainArgs,
+    PolicyChoice, QuantizeArgs, SplitArg, SubsetArgs, SubsetCmdArgs, TrainArgs,
 };
 use anyhow::{bail, Context, Result};
 use gmpq::checkpoint::Checkpoint;
@@ -207,7 +207,11 @@ struct FinetuneSetup {
     precision: Precision,
 }
 
-fn finetune_cmd(a: FinetuneArgs, device: tch::Device) -> Result<()> {
+fn finetune_cmd(mut a: FinetuneArgs, device: tch::Device) -> Result<()> {
+    if a.train.model.is_some() {
+        bail!("--model does not apply to finetune: the model is --init's");
+    }
+    a.train.out.get_or_insert_with(|| "runs/finetune".into());
     let ck = Checkpoint::load(&a.init).with_context(|| format!("loading {}", a.init.display()))?;
     let model = ck.meta.model.clone();
     let geometry = model_geometry(&model)?;
@@ -216,7 +220,7 @@ fn finetune_cmd(a: FinetuneArgs, device: tch::Device) -> Result<()> {
     let setup = FinetuneSetup {
         init: train::InitFrom {
             checkpoint: a.init.clone(),
-            calibration: parse_calibration(&a.calibration)?,
+            calibration: a.calibration.into(),
             calibration_images: a.calib_images,
         },
         model,
@@ -228,16 +232,8 @@ fn finetune_cmd(a: FinetuneArgs, device: tch::Device) -> Result<()> {
     run_training(a.train, device, Some(setup))
 }
 
-fn parse_calibration(s: &str) -> Result<CalibrationMethod> {
-    Ok(match s {
-        "kl" => CalibrationMethod::KlBelow5Bits,
-        "max" => CalibrationMethod::Max,
-        "reference" => CalibrationMethod::Reference,
-        m => bail!("unknown calibration '{m}' (kl, max, reference)"),
-    })
-}
-
 fn run_training(a: TrainArgs, device: tch::Device, finetune: Option<FinetuneSetup>) -> Result<()> {
+    let out = a.out.clone().unwrap_or_else(|| "runs/train".into());
     let spec = parse_spec(&a.data)?;
     let train_data = spec.load(Split::Train)?;
     let test_spec = match &a.test_data {
@@ -257,7 +253,7 @@ fn run_training(a: TrainArgs, device: tch::Device, finetune: Option<FinetuneSetu
         test_data.as_ref(),
         &SubsetSpec::limited(a.test_limit, a.subset.subset_seed),
     )?;
-    let arch: Arch = a.model.parse()?;
+    let arch: Arch = a.model.as_deref().unwrap_or("resnet20").parse()?;
     let native = match train_data.native_shape() {
         Some(s) => s,
         None => {
@@ -329,7 +325,7 @@ fn run_training(a: TrainArgs, device: tch::Device, finetune: Option<FinetuneSetu
         test_data,
         test_indices,
         dataset,
-        out_dir: a.out.clone(),
+        out_dir: out.clone(),
         resume: a.resume,
         device,
         progress: &bars,
@@ -337,7 +333,7 @@ fn run_training(a: TrainArgs, device: tch::Device, finetune: Option<FinetuneSetu
         init,
     })?;
     let last = meta.history.last().context("no epoch was run")?;
-    let ckpt = train::last_checkpoint(&a.out);
+    let ckpt = train::last_checkpoint(&out);
     if a.json {
         println!(
             "{}",
@@ -362,15 +358,15 @@ fn run_training(a: TrainArgs, device: tch::Device, finetune: Option<FinetuneSetu
 
 fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
     let spec = parse_spec(&a.data)?;
-    let split = match (a.split.as_str(), spec.kind) {
-        ("train", _) => Split::Train,
-        ("test", _) => Split::Test,
+    let split = match (a.split, spec.kind) {
+        (SplitArg::Train, _) => Split::Train,
+        (SplitArg::Test, _) => Split::Test,
         // Image folders keep their test images in val/.
-        ("val", gmpq::data::DatasetKind::Folder | gmpq::data::DatasetKind::ImagenetFolder) => {
-            Split::Test
-        }
-        ("val", _) => bail!("{spec} has train and test splits (val is for image folders)"),
-        (s, _) => bail!("unknown split '{s}' (train, test; val for image folders)"),
+        (
+            SplitArg::Val,
+            gmpq::data::DatasetKind::Folder | gmpq::data::DatasetKind::ImagenetFolder,
+        ) => Split::Test,
+        (SplitArg::Val, _) => bail!("{spec} has train and test splits (val is for image folders)"),
     };
     let data = spec.load(split)?;
     let session = || gmpq::engine::SessionOptions {
@@ -680,7 +676,7 @@ fn quantize_cmd(a: QuantizeArgs, device: tch::Device) -> Result<()> {
     let cfg = fp_ck.meta.model.clone();
     let policy = chosen_policy(&a.policy, &cfg, &fp_net.net)?
         .context("give --policy FILE or --uniform wXaY")?;
-    let method = parse_calibration(&a.calibration)?;
+    let method: CalibrationMethod = a.calibration.into();
     let q = gmpq::quant::build(
         &cfg,
         Precision::Fixed {
@@ -746,7 +742,7 @@ fn quantize_cmd(a: QuantizeArgs, device: tch::Device) -> Result<()> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "checkpoint": a.out, "fp": fp, "quantized": qm,
                 "top1_agreement": agree, "images": q_pred.len(),
-                "top1_drop": fp.top1 - qm.top1, "totals": totals, "calibration": a.calibration,
+                "top1_drop": fp.top1 - qm.top1, "totals": totals, "calibration": method,
             }))?
         );
     } else {

@@ -227,6 +227,65 @@ impl From<BudgetModeArg> for gmpq::search::BudgetMode {
     }
 }
 
+/// The search defaults, defined once in the library (`SearchConfig::default()`).
+fn search_defaults() -> gmpq::search::SearchConfig {
+    gmpq::search::SearchConfig::default()
+}
+
+/// The default bit candidates as a flag value (`2,3,4,6`).
+fn default_bits() -> String {
+    gmpq::policy::DEFAULT_CANDIDATES
+        .iter()
+        .map(|b| b.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Attribution methods (see `gmpq::search::AttributionMethod`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum AttributionArg {
+    Cam,
+    GradCam,
+}
+
+impl From<AttributionArg> for gmpq::search::AttributionMethod {
+    fn from(a: AttributionArg) -> Self {
+        match a {
+            AttributionArg::Cam => Self::Cam,
+            AttributionArg::GradCam => Self::GradCam,
+        }
+    }
+}
+
+/// Calibration rules (see `gmpq::quant::CalibrationMethod`).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum CalibrationArg {
+    /// KL search below 5 bits, max above.
+    Kl,
+    Max,
+    /// KL below 5 bits, max capped at 6 above.
+    Reference,
+}
+
+impl From<CalibrationArg> for gmpq::quant::CalibrationMethod {
+    fn from(c: CalibrationArg) -> Self {
+        match c {
+            CalibrationArg::Kl => Self::KlBelow5Bits,
+            CalibrationArg::Max => Self::Max,
+            CalibrationArg::Reference => Self::Reference,
+        }
+    }
+}
+
+/// Dataset splits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SplitArg {
+    Train,
+    Test,
+    /// Image folders' val/ (their test images).
+    Val,
+}
+
 /// The extraction rules (see `gmpq::search::ExtractionRule`).
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum ExtractionArg {
@@ -278,7 +337,7 @@ pub struct SearchArgs {
     #[command(flatten)]
     pub subset: SubsetArgs,
     /// Held-out proxy images (from the test split) for the argmax policy's accuracy.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long = "val-limit", alias = "val-images", default_value_t = 500)]
     pub val_images: usize,
     /// Budget: policy BOPs at most this (e.g. 1.2e9, 1.2G, 800M).
     #[arg(long, group = "budget")]
@@ -294,29 +353,33 @@ pub struct SearchArgs {
     #[arg(long, group = "budget", value_delimiter = ',')]
     pub pareto: Vec<String>,
     /// Weight of the attribution loss; 0 is the EdMIPS baseline.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = search_defaults().attribution_weight)]
     pub attribution_weight: f64,
     /// Fixed attribution exponent p (default: capacity-aware, 24·mean 1/(E[b_w]E[b_a])).
     #[arg(long)]
     pub p: Option<f64>,
     /// Complexity weight cd (the starting λ when a budget is given).
-    #[arg(long, default_value_t = 3e-4)]
+    #[arg(long, default_value_t = search_defaults().complexity_weight)]
     pub cd: f64,
     /// Dual-ascent rate of λ per step (default: the recipe's; reference 0.05).
     #[arg(long)]
     pub dual_rate: Option<f64>,
-    #[arg(long, default_value = "2,3,4,6")]
+    /// Weight bit candidates.
+    #[arg(long, default_value_t = default_bits())]
     pub w_bits: String,
-    #[arg(long, default_value = "2,3,4,6")]
+    /// Activation bit candidates.
+    #[arg(long, default_value_t = default_bits())]
     pub a_bits: String,
-    #[arg(long, default_value_t = 25)]
+    /// Search epochs over the proxy.
+    #[arg(long, default_value_t = search_defaults().epochs)]
     pub epochs: usize,
     /// Shared warm-up epochs of a --pareto run (default: epochs/3).
     #[arg(long)]
     pub warmup_epochs: Option<usize>,
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = search_defaults().batch_size)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = 0.1)]
+    /// Weight learning rate.
+    #[arg(long, default_value_t = search_defaults().lr)]
     pub lr: f64,
     /// α learning rate (default: the recipe's; reference 0.01).
     #[arg(long)]
@@ -358,23 +421,26 @@ pub struct SearchArgs {
     #[arg(long)]
     pub temperature: Option<String>,
     /// Both learning rates ×0.1 every this many epochs.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = search_defaults().step_epochs)]
     pub step_epochs: usize,
     /// cam (GAP → linear heads) or grad-cam (general, double backward).
-    #[arg(long, default_value = "cam")]
-    pub attribution: String,
+    #[arg(long, value_enum, default_value = "cam")]
+    pub attribution: AttributionArg,
     /// How the policy is taken from the final α under the budget: knapsack (exact, maximises
     /// Σ log softmax(α/T) within the budget) or argmax-repair (argmax, then greedy repair).
     /// Default: the recipe's (reference: argmax-repair).
     #[arg(long, value_enum)]
     pub extraction: Option<ExtractionArg>,
+    /// Random horizontal flips of the proxy images (not for digits).
     #[arg(long)]
     pub hflip: bool,
+    /// Seed of the weights, the batches and the augmentation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Run folder (policy.json, search-log.jsonl, bits.svg, attribution.png).
     #[arg(long, default_value = "runs/search")]
     pub out: PathBuf,
+    /// Print only the result, as one JSON document on stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -390,7 +456,7 @@ pub struct AttributionArgs {
     #[arg(long)]
     pub data: String,
     /// How many images (a stratified subset).
-    #[arg(long, default_value_t = 6)]
+    #[arg(long = "limit", alias = "count", default_value_t = 6)]
     pub count: usize,
     /// Output PNG.
     #[arg(long)]
@@ -442,6 +508,7 @@ pub struct BopsArgs {
     /// Also draw the per-layer bit allocation as an SVG chart.
     #[arg(long)]
     pub chart: Option<PathBuf>,
+    /// Print the result as one JSON document on stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -457,12 +524,12 @@ pub struct QuantizeArgs {
     #[arg(long)]
     pub calib_data: String,
     /// Calibration images (a stratified subset of the train split).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long = "calib-limit", alias = "calib-images", default_value_t = 1024)]
     pub calib_images: usize,
     /// kl (KL search below 5 bits, max above), max, or reference (KL below 5 bits, max
     /// capped at 6 above: suits networks trained with clipped activations).
-    #[arg(long, default_value = "kl")]
-    pub calibration: String,
+    #[arg(long, value_enum, default_value = "kl")]
+    pub calibration: CalibrationArg,
     /// Per-output-channel weight thresholds (the reference is per tensor).
     #[arg(long)]
     pub per_channel: bool,
@@ -470,11 +537,12 @@ pub struct QuantizeArgs {
     #[arg(long)]
     pub eval_data: Option<String>,
     /// Evaluate on at most this many test images (stratified).
-    #[arg(long)]
+    #[arg(long = "test-limit", alias = "eval-limit")]
     pub eval_limit: Option<usize>,
     /// Where to save the quantized checkpoint.
     #[arg(long)]
     pub out: PathBuf,
+    /// Print the result as one JSON document on stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -609,8 +677,9 @@ pub struct PipelineArgs {
     /// Random horizontal flips in training and search (not for digits).
     #[arg(long)]
     pub hflip: bool,
-    /// Flips on the proxy side (proxy teacher, proxy searches): default --hflip.
-    #[arg(long)]
+    /// Flips on the proxy side (proxy teacher, proxy searches): a switch like --hflip
+    /// (`--proxy-hflip false` turns them off); default: as --hflip.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy_hflip: Option<bool>,
     /// Seed of training, search and fine-tuning (the proxy subset has its own).
@@ -650,10 +719,10 @@ pub struct SubsetArgs {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// resnet20, resnet32, resnet56, resnet18, resnet50, mobilenetv2 or efficientnet-lite0
-    /// (finetune takes the model from --init).
-    #[arg(long, default_value = "resnet20")]
-    pub model: String,
+    /// train: resnet20 (default), resnet32, resnet56, resnet18, resnet50, mobilenetv2 or
+    /// efficientnet-lite0. finetune takes the model from --init and refuses this flag.
+    #[arg(long)]
+    pub model: Option<String>,
     /// Training data, KIND:PATH (the test split of the same spec is evaluated each epoch).
     #[arg(long, default_value = "bundled:fashion-mnist")]
     pub data: String,
@@ -700,9 +769,10 @@ pub struct TrainArgs {
     /// Evaluate on at most this many test images (stratified).
     #[arg(long)]
     pub test_limit: Option<usize>,
-    /// Output folder (checkpoint last.safetensors + last.json).
-    #[arg(long, default_value = "runs/train")]
-    pub out: PathBuf,
+    /// Output folder (checkpoint last.safetensors + last.json); default runs/train (train),
+    /// runs/finetune (finetune).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// Continue from the last complete epoch in --out.
     #[arg(long)]
     pub resume: bool,
@@ -719,10 +789,10 @@ pub struct FinetuneArgs {
     #[command(flatten)]
     pub policy: PolicyChoice,
     /// kl (KL below 5 bits, max above), max, or reference (max capped at 6 above 4 bits).
-    #[arg(long, default_value = "kl")]
-    pub calibration: String,
+    #[arg(long, value_enum, default_value = "kl")]
+    pub calibration: CalibrationArg,
     /// Training images used to calibrate before fine-tuning.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long = "calib-limit", alias = "calib-images", default_value_t = 1024)]
     pub calib_images: usize,
     /// Per-output-channel weight thresholds.
     #[arg(long)]
@@ -744,13 +814,14 @@ pub struct EvalArgs {
     /// KIND:PATH of the data to evaluate on.
     #[arg(long)]
     pub data: String,
-    /// train or test.
-    #[arg(long, default_value = "test")]
-    pub split: String,
+    /// train, test, or val (image folders: their val/ folder, the same as test).
+    #[arg(long, value_enum, default_value = "test")]
+    pub split: SplitArg,
     #[command(flatten)]
     pub subset: SubsetArgs,
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
+    /// Print the result as one JSON document on stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -814,6 +885,7 @@ pub struct BenchInferArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
+    /// Print the result as one JSON document on stdout.
     #[arg(long)]
     pub json: bool,
 }
@@ -899,6 +971,7 @@ pub struct BenchTrainArgs {
     /// contiguous (PyTorch's default), to measure the difference.
     #[arg(long, default_value = "channels-last", value_parser = ["channels-last", "contiguous"])]
     pub param_layout: String,
+    /// Print the result as one JSON document on stdout.
     #[arg(long)]
     pub json: bool,
 }

@@ -4,9 +4,7 @@ use super::{AttributionArgs, ExtractArgs, SearchArgs};
 use anyhow::{bail, Context, Result};
 use gmpq::data::{stratified_subset, ConcatDataset, ImageSource, Split, SubsetSpec};
 use gmpq::policy::{parse_candidates, Candidates};
-use gmpq::search::{
-    self, AttributionMethod, EpochLog, SearchConfig, SearchJob, SearchProgress, Target,
-};
+use gmpq::search::{self, EpochLog, SearchConfig, SearchJob, SearchProgress, Target};
 use gmpq::train::Augment;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
@@ -156,11 +154,7 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
         attribution_weight: a.attribution_weight,
         p: a.p,
         complexity_weight: a.cd,
-        attribution: match a.attribution.as_str() {
-            "cam" => AttributionMethod::Cam,
-            "grad-cam" => AttributionMethod::GradCam,
-            m => bail!("unknown attribution '{m}' (cam, grad-cam)"),
-        },
+        attribution: a.attribution.into(),
         augment: Augment {
             crop_padding: 2,
             hflip: a.hflip,
