@@ -439,10 +439,7 @@ impl RunSummary {
                 summary.fp_bops = Some(t.fp_bops as f64);
                 summary.fp_size_mb = Some(t.fp_size_mb);
             }
-            let cost = policy
-                .as_ref()
-                .and_then(|p| p.meta.as_ref())
-                .and_then(|m| m.get("cost"));
+            let cost = policy.as_ref().and_then(crate::policy::PolicyCost::of);
             let ft = training_meta(&layout.finetune(arm))?;
             let ft_last = ft.as_ref().and_then(|m| m.history.last());
             summary.arms.push(ArmSummary {
@@ -454,12 +451,8 @@ impl RunSummary {
                 bops: totals.as_ref().map(|t| t.bops as f64),
                 compression: totals.as_ref().map(|t| t.compression),
                 size_mb: totals.as_ref().map(|t| t.size_mb),
-                search_seconds: cost
-                    .and_then(|c| c.get("wall_seconds"))
-                    .and_then(|v| v.as_f64()),
-                search_images: cost
-                    .and_then(|c| c.get("images_processed"))
-                    .and_then(|v| v.as_u64()),
+                search_seconds: cost.map(|c| c.wall_seconds),
+                search_images: cost.map(|c| c.images_processed),
                 finetune_epochs: ft.as_ref().map_or(0, |m| m.epoch),
                 top1: ft_last.map(|m| m.test_top1),
                 top5: ft_last.map(|m| m.test_top5),

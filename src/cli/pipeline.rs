@@ -169,7 +169,7 @@ fn best_uniform(teacher: &Path, candidates: &[u32], target: &Target) -> Result<P
     policy.meta = Some(serde_json::json!({
         "method": "uniform",
         "target": target,
-        "cost": { "wall_seconds": 0.0, "images_processed": 0 },
+        "cost": gmpq::policy::PolicyCost::default(),
     }));
     Ok(policy)
 }
@@ -211,7 +211,7 @@ fn hawq_on_proxy(
         "method": "hawq",
         "target": target,
         "hawq": { "settings": cfg, "sensitivities": r.sensitivities },
-        "cost": { "wall_seconds": r.seconds, "images_processed": r.images },
+        "cost": gmpq::policy::PolicyCost { wall_seconds: r.seconds, images_processed: r.images as u64 },
     }));
     Ok(policy)
 }
@@ -242,7 +242,7 @@ fn random_within(
         "method": "random",
         "target": target,
         "seed": seed,
-        "cost": { "wall_seconds": 0.0, "images_processed": 0 },
+        "cost": gmpq::policy::PolicyCost::default(),
     }));
     Ok(policy)
 }

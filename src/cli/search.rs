@@ -278,7 +278,7 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
             "model_config": teacher_ck.meta.model,
             "threads": tch::get_num_threads(),
             "teacher_proxy_val_top1": r.teacher_val_top1,
-            "cost": { "wall_seconds": r.seconds, "images_processed": r.images },
+            "cost": gmpq::policy::PolicyCost { wall_seconds: r.seconds, images_processed: r.images as u64 },
             "command": command_line,
         }));
         let path = a.out.join(format!("policy{suffix}.json"));
@@ -367,7 +367,7 @@ fn hawq_cmd(
             "teacher": a.teacher,
             "model_config": teacher_ck.meta.model,
             "threads": tch::get_num_threads(),
-            "cost": { "wall_seconds": r.seconds, "images_processed": r.images },
+            "cost": gmpq::policy::PolicyCost { wall_seconds: r.seconds, images_processed: r.images as u64 },
             "command": command_line,
         }));
         let suffix = if single {
