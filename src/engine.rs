@@ -110,11 +110,7 @@ impl OnnxModel {
             |e: ort::Error<ort::session::builder::SessionBuilder>| EngineError::Run(e.to_string());
         let mut builder = Session::builder(env)
             .map_err(run)?
-            .with_optimization_level(if std::env::var_os("GMPQ_ORT_NOOPT").is_some() {
-                GraphOptimizationLevel::Disable
-            } else {
-                GraphOptimizationLevel::Level3
-            })
+            .with_optimization_level(GraphOptimizationLevel::Level3)
             .map_err(built)?;
         if opts.threads > 0 {
             builder = builder.with_intra_threads(opts.threads).map_err(built)?;

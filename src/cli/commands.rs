@@ -45,7 +45,7 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
         Command::Quantize(a) => quantize_cmd(a, device),
         Command::Search(a) => super::search::search_cmd(a, device),
         Command::Extract(a) => super::search::extract_cmd(a),
-        Command::Export(a) => super::deploy::export_cmd(a, device),
+        Command::Export(a) => super::deploy::export_cmd(a),
         Command::Attribution(a) => super::search::attribution_cmd(a, device),
         Command::Demo(a) => super::pipeline::demo_cmd(a, device),
         Command::Pipeline(a) => super::pipeline::pipeline_cmd(a, device),
@@ -84,14 +84,7 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
             let cfg = ModelConfig::new(arch, a.channels, a.classes, a.input_size);
             let policy = match (&a.policy, &a.uniform) {
                 (Some(path), _) => Some(Policy::load(path)?),
-                (None, Some(u)) => {
-                    let (w, act) = parse_uniform(u)?;
-                    let convs = gmpq::quant::build(&cfg, Precision::Full, tch::Device::Cpu)?
-                        .net
-                        .convs()
-                        .to_vec();
-                    Some(Policy::uniform(&cfg, &convs, w, act))
-                }
+                (None, Some(u)) => Some(uniform_policy(&cfg, u)?),
                 (None, None) => None,
             };
             let precision = if a.supernet {
@@ -369,19 +362,42 @@ fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
         (SplitArg::Val, _) => bail!("{spec} has train and test splits (val is for image folders)"),
     };
     let data = spec.load(split)?;
-    let session = || gmpq::engine::SessionOptions {
-        threads: tch::get_num_threads().max(1) as usize,
-        optimized_model: None,
-    };
-    let (label, m) = match (&a.checkpoint, &a.onnx) {
-        (Some(path), Some(onnx_path)) => {
-            let (ck, network) = gmpq::quant::load(path, tch::Device::Cpu)
+    // Both models are loaded and checked against the data before any image is read; with
+    // both, the checkpoint runs on the CPU beside ONNX Runtime.
+    let checkpoint = match &a.checkpoint {
+        Some(path) => {
+            let on = if a.onnx.is_some() {
+                tch::Device::Cpu
+            } else {
+                device
+            };
+            let (ck, network) = gmpq::quant::load(path, on)
                 .with_context(|| format!("loading {}", path.display()))?;
             check_classes(&spec, data.as_ref(), ck.meta.model.num_classes)?;
             check_input(&spec, data.as_ref(), &ck.meta.eval_pipeline, &ck.meta.model)?;
-            let mut model = gmpq::engine::OnnxModel::open(onnx_path, &session())?;
-            let indices = subset_of(data.as_ref(), &a.subset)?;
-            let data: Arc<dyn ImageSource> = data;
+            Some((path, ck, network))
+        }
+        None => None,
+    };
+    let onnx = match &a.onnx {
+        Some(path) => {
+            let opts = gmpq::engine::SessionOptions {
+                threads: tch::get_num_threads().max(1) as usize,
+                optimized_model: None,
+            };
+            let model = gmpq::engine::OnnxModel::open(path, &opts)?;
+            if let (Some(cfg), Some(pre)) = (&model.model, &model.preprocessing) {
+                check_classes(&spec, data.as_ref(), cfg.num_classes)?;
+                check_input(&spec, data.as_ref(), pre, cfg)?;
+            }
+            Some((path, model))
+        }
+        None => None,
+    };
+    let indices = subset_of(data.as_ref(), &a.subset)?;
+    let data: Arc<dyn ImageSource> = data;
+    let (label, m) = match (checkpoint, onnx) {
+        (Some((path, ck, network)), Some((onnx_path, mut model))) => {
             let r = gmpq::engine::compare(
                 &mut model,
                 &network.net,
@@ -407,13 +423,7 @@ fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
             }
             return Ok(());
         }
-        (Some(path), None) => {
-            let (ck, network) = gmpq::quant::load(path, device)
-                .with_context(|| format!("loading {}", path.display()))?;
-            check_classes(&spec, data.as_ref(), ck.meta.model.num_classes)?;
-            check_input(&spec, data.as_ref(), &ck.meta.eval_pipeline, &ck.meta.model)?;
-            let indices = subset_of(data.as_ref(), &a.subset)?;
-            let data: Arc<dyn ImageSource> = data;
+        (Some((path, ck, network)), None) => {
             let m = train::evaluate(
                 &network.net,
                 data,
@@ -424,14 +434,7 @@ fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
             )?;
             (path.display().to_string(), m)
         }
-        (None, Some(path)) => {
-            let mut model = gmpq::engine::OnnxModel::open(path, &session())?;
-            if let (Some(cfg), Some(pre)) = (&model.model, &model.preprocessing) {
-                check_classes(&spec, data.as_ref(), cfg.num_classes)?;
-                check_input(&spec, data.as_ref(), pre, cfg)?;
-            }
-            let indices = subset_of(data.as_ref(), &a.subset)?;
-            let data: Arc<dyn ImageSource> = data;
+        (None, Some((path, mut model))) => {
             let (m, _) = model.evaluate(data, &indices, a.batch_size)?;
             (format!("{} (ONNX Runtime)", path.display()), m)
         }
@@ -517,6 +520,12 @@ fn subset_cmd(a: SubsetCmdArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The uniform policy `name` (`w4a4`, …) of `cfg`'s quantized layers.
+pub(super) fn uniform_policy(cfg: &ModelConfig, name: &str) -> Result<Policy> {
+    let (w, a) = parse_uniform(name)?;
+    Ok(Policy::uniform(cfg, model_geometry(cfg)?.convs(), w, a))
 }
 
 /// Builds the spec-only view of a model (conv geometry and head) for BOPs tables.

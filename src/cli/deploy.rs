@@ -5,13 +5,13 @@ use anyhow::{bail, Context, Result};
 use gmpq::export::{onnx, packed};
 use gmpq::quant::Precision;
 
-pub(super) fn export_cmd(a: ExportArgs, device: tch::Device) -> Result<()> {
+/// Export reads the checkpoint's tensors on the CPU, whatever `--device` says.
+pub(super) fn export_cmd(a: ExportArgs) -> Result<()> {
     if a.fp && a.format != ExportFormat::Onnx {
         bail!("--fp applies to --format onnx only");
     }
     let (ck, network) = gmpq::quant::load(&a.checkpoint, tch::Device::Cpu)
         .with_context(|| format!("loading {}", a.checkpoint.display()))?;
-    let _ = device; // Export reads tensors on the CPU whatever the device.
     if let Some(dir) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -92,12 +92,7 @@ pub(super) fn bench_infer_cmd(a: super::BenchInferArgs) -> Result<()> {
     if let Some(stem) = &a.stem {
         cfg.stem = stem.parse::<Stem>()?;
     }
-    let (w, act) = gmpq::policy::parse_uniform(&a.uniform)?;
-    let convs = gmpq::quant::build(&cfg, Precision::Full, tch::Device::Cpu)?
-        .net
-        .convs()
-        .to_vec();
-    let policy = gmpq::policy::Policy::uniform(&cfg, &convs, w, act);
+    let policy = super::commands::uniform_policy(&cfg, &a.uniform)?;
     let threads = tch::get_num_threads().max(1) as usize;
     let report =
         gmpq::bench::bench_infer(&cfg, policy, &a.batch_sizes, a.warmup, a.steps, threads)?;

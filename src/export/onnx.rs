@@ -52,12 +52,6 @@ pub struct OnnxOptions {
     pub full_precision: bool,
 }
 
-/// One quantized layer's export parameters.
-struct LayerQuant {
-    w_bits: u32,
-    a_bits: u32,
-}
-
 /// Builds the ONNX model of `net` (loaded from `ck`).
 pub fn export(ck: &Checkpoint, net: &Network, opts: OnnxOptions) -> Result<Vec<u8>, ExportError> {
     let (policy, quant) =
@@ -68,19 +62,6 @@ pub fn export(ck: &Checkpoint, net: &Network, opts: OnnxOptions) -> Result<Vec<u
                     .into(),
             )),
             (Precision::Fixed { policy, .. }, false) => {
-                let bits: HashMap<String, LayerQuant> = policy
-                    .layers
-                    .iter()
-                    .map(|l| {
-                        (
-                            l.name.clone(),
-                            LayerQuant {
-                                w_bits: l.w_bits,
-                                a_bits: l.a_bits,
-                            },
-                        )
-                    })
-                    .collect();
                 for l in &policy.layers {
                     if l.w_bits > 8 || l.a_bits > 8 {
                         return Err(ExportError::Unsupported(format!(
@@ -90,7 +71,7 @@ pub fn export(ck: &Checkpoint, net: &Network, opts: OnnxOptions) -> Result<Vec<u
                     )));
                     }
                 }
-                (Some(policy.clone()), bits)
+                (Some(policy.clone()), policy.bits_by_layer())
             }
             _ => (None, HashMap::new()),
         };
@@ -144,11 +125,11 @@ pub fn export(ck: &Checkpoint, net: &Network, opts: OnnxOptions) -> Result<Vec<u
                 let weight = var(&format!("{layer}.weight"))?;
                 let x = name_of(*input);
                 let (x, w) = match quant.get(layer.as_str()) {
-                    Some(q) if spec.quantizable => {
+                    Some(&(w_bits, a_bits)) if spec.quantizable => {
                         let clip = var(&format!("{layer}.act_clip"))?;
                         let threshold = var(&format!("{layer}.weight_threshold"))?;
-                        let x = b.activation_qdq(layer, &x, &clip, q.a_bits, spec.signed_input)?;
-                        let w = b.weight_qdq(layer, &weight, &threshold, q.w_bits)?;
+                        let x = b.activation_qdq(layer, &x, &clip, a_bits, spec.signed_input)?;
+                        let w = b.weight_qdq(layer, &weight, &threshold, w_bits)?;
                         (x, w)
                     }
                     _ => (x, b.tensor_f32(&format!("{layer}.weight"), &weight)?),
@@ -180,8 +161,7 @@ pub fn export(ck: &Checkpoint, net: &Network, opts: OnnxOptions) -> Result<Vec<u
             }
             Op::Relu { input } => b.node("Relu", &[&name_of(*input)], vec![]),
             Op::Relu6 { input } => {
-                let lo = b.scalar_f32("zero", 0.0);
-                let hi = b.scalar_f32("six", 6.0);
+                let (lo, hi) = b.relu6_bounds();
                 b.node("Clip", &[&name_of(*input), &lo, &hi], vec![])
             }
             Op::Add { a, b: other } => b.node("Add", &[&name_of(*a), &name_of(*other)], vec![]),
@@ -355,6 +335,8 @@ fn attr_str(name: &str, v: &str) -> AttributeProto {
 struct Builder {
     graph: GraphProto,
     count: usize,
+    /// The initializers 0 and 6 of every ReLU6's Clip, made once.
+    relu6: Option<(String, String)>,
 }
 
 impl Builder {
@@ -395,6 +377,15 @@ impl Builder {
 
     fn scalar_f32(&mut self, stem: &str, v: f32) -> String {
         self.constant_f32(stem, &[], &[v])
+    }
+
+    fn relu6_bounds(&mut self) -> (String, String) {
+        if self.relu6.is_none() {
+            let lo = self.scalar_f32("zero", 0.0);
+            let hi = self.scalar_f32("six", 6.0);
+            self.relu6 = Some((lo, hi));
+        }
+        self.relu6.clone().unwrap_or_default()
     }
 
     fn constant_i64(&mut self, stem: &str, dims: &[i64], v: &[i64]) -> String {
@@ -505,18 +496,12 @@ pub(crate) fn weight_integers(
 ) -> (Vec<i8>, Vec<f32>, Tensor) {
     tch::no_grad(|| {
         let w = w.to_kind(Kind::Float);
-        let unset = threshold.min().double_value(&[]) <= 0.0;
-        let t = if !unset {
+        let t = if threshold.min().double_value(&[]) > 0.0 {
             threshold.to_kind(Kind::Float)
-        } else if threshold.dim() == 0 {
-            w.abs().max().clamp_min(crate::quant::MIN_THRESHOLD)
         } else {
-            w.abs()
-                .amax([1i64, 2, 3].as_slice(), true)
-                .clamp_min(crate::quant::MIN_THRESHOLD)
+            crate::quant::initial_threshold(&w, threshold.dim() != 0)
         };
-        let levels = ((1i64 << (bits - 1)) - 1) as f64;
-        let s = &t / levels;
+        let s = crate::quant::weight_scale(&t, bits);
         let q = (w.clamp_tensor(Some(&-&t), Some(&t)) / &s).round();
         let q: Vec<f32> = Vec::try_from(q.flatten(0, -1)).unwrap_or_default();
         let s: Vec<f32> = Vec::try_from(s.flatten(0, -1)).unwrap_or_default();

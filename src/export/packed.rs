@@ -224,9 +224,7 @@ pub fn unpack(
         let q = unpack_bits(bytes, *bits, count)
             .ok_or_else(|| corrupt(format!("layer '{name}': bad packed kernel")))?;
         at += len;
-        let t = &out[&format!("{name}.weight_threshold")];
-        let levels = ((1i64 << (bits - 1)) - 1) as f64;
-        let s = t / levels;
+        let s = crate::quant::weight_scale(&out[&format!("{name}.weight_threshold")], *bits);
         let qf: Vec<f32> = q.iter().map(|&v| v as f32).collect();
         out.insert(
             format!("{name}.weight"),

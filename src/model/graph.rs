@@ -79,11 +79,6 @@ impl Graph {
         self.ops.len()
     }
 
-    /// The network's output (its logits).
-    pub fn output(&self) -> Value {
-        self.ops.len()
-    }
-
     /// `eps` as the layer was built with (tch keeps its config private).
     pub fn batch_norm(&mut self, input: Value, bn: &tch::nn::BatchNorm, eps: f64) -> Value {
         let one = |t: &Option<Tensor>, fill: f64| match t {
@@ -104,10 +99,7 @@ impl Graph {
         let pooled = self.push(Op::GlobalAvgPool { input });
         let bias = match &fc.bs {
             Some(b) => b.detach().copy(),
-            None => fc
-                .ws
-                .zeros_like()
-                .sum_dim_intlist(1i64, false, fc.ws.kind()),
+            None => Tensor::zeros([fc.ws.size()[0]], (fc.ws.kind(), fc.ws.device())),
         };
         self.push(Op::Linear {
             input: pooled,

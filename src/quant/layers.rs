@@ -148,6 +148,19 @@ impl Temperature {
 /// The smallest weight threshold: keeps the scale of an all-zero kernel (or channel) positive.
 pub(crate) const MIN_THRESHOLD: f64 = 1e-12;
 
+/// The weight threshold the first forward pass sets: `max|w|`, per tensor (a scalar) or per
+/// output channel (`[C_out,1,1,1]`). An all-zero channel (depthwise layers have them) would
+/// give a zero scale and NaNs; any positive threshold quantizes it to zero exactly.
+pub(crate) fn initial_threshold(w: &Tensor, per_channel: bool) -> Tensor {
+    let w = w.abs();
+    if per_channel {
+        w.amax([1i64, 2, 3].as_slice(), true)
+    } else {
+        w.max()
+    }
+    .clamp_min(MIN_THRESHOLD)
+}
+
 /// The tensors a quantized conv computes with (shallow clones of var-store variables).
 #[derive(Debug)]
 struct QuantCore {
@@ -189,15 +202,7 @@ impl QuantCore {
             return;
         }
         tch::no_grad(|| {
-            let w = self.weight.abs();
-            // An all-zero channel (depthwise layers have them) would give a zero scale and
-            // NaNs; any positive threshold quantizes it to zero exactly.
-            let t = if self.weight_threshold.dim() == 0 {
-                w.max()
-            } else {
-                w.amax([1i64, 2, 3].as_slice(), true)
-            }
-            .clamp_min(MIN_THRESHOLD);
+            let t = initial_threshold(&self.weight, self.weight_threshold.dim() != 0);
             let mut dst = self.weight_threshold.shallow_clone();
             dst.copy_(&t);
         });

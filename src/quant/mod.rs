@@ -13,9 +13,10 @@ pub use fused::{
     quantize_activation_mix_with, quantize_weight_mix, quantize_weight_mix_with, set_kernels,
     QuantKernels,
 };
-pub(crate) use layers::MIN_THRESHOLD;
+pub(crate) use layers::initial_threshold;
 pub use layers::{FixedPolicyConvs, Observe, QuantLayerHandle, SupernetConvs, Temperature};
 pub use network::{build, calibrate, load, LayerCalibration, Network, Precision, QuantError};
+pub(crate) use quantizer::weight_scale;
 pub use quantizer::{
     expected_bits, expected_bits_from, quantize_activation, quantize_activation_signed,
     quantize_weight, softmax_mix,

@@ -16,12 +16,16 @@ fn straight_through(q: &Tensor, through: &Tensor) -> Tensor {
 /// (round half to even). `threshold` is a scalar (per-tensor) or shaped `[C_out,1,1,1]`
 /// (per-channel). Gradient to `w`: identity.
 pub fn quantize_weight(w: &Tensor, threshold: &Tensor, bits: u32) -> Tensor {
-    let levels = ((1i64 << (bits - 1)) - 1) as f64;
     let t = threshold.detach();
-    let s = &t / levels;
+    let s = weight_scale(&t, bits);
     let neg = -&t;
     let q = (w.clamp_tensor(Some(&neg), Some(&t)) / &s).round() * &s;
     straight_through(&q, w)
+}
+
+/// The weight quantizer's scale `T/(2^(b−1)−1)`, in the threshold's precision.
+pub(crate) fn weight_scale(threshold: &Tensor, bits: u32) -> Tensor {
+    threshold / ((1i64 << (bits - 1)) - 1) as f64
 }
 
 /// Half-wave (unsigned) activation quantizer with learnable clip `r`:
