@@ -53,6 +53,15 @@ pub enum Arm {
 }
 
 impl Arm {
+    /// Every arm but GMPQ, which a pipeline always runs: the `--baseline` values.
+    pub const BASELINES: [Arm; 5] = [
+        Arm::Edmips,
+        Arm::Uniform,
+        Arm::EdmipsTarget,
+        Arm::Random,
+        Arm::Hawq,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Arm::Gmpq => "gmpq",
@@ -84,17 +93,11 @@ impl Arm {
 impl std::str::FromStr for Arm {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "gmpq" => Ok(Arm::Gmpq),
-            "edmips" => Ok(Arm::Edmips),
-            "uniform" => Ok(Arm::Uniform),
-            "edmips-target" => Ok(Arm::EdmipsTarget),
-            "random" => Ok(Arm::Random),
-            "hawq" => Ok(Arm::Hawq),
-            _ => Err(format!(
-                "unknown arm '{s}' (gmpq, edmips, uniform, edmips-target, random, hawq)"
-            )),
-        }
+        let all = std::iter::once(Arm::Gmpq).chain(Arm::BASELINES);
+        all.clone().find(|a| a.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = all.map(Arm::name).collect();
+            format!("unknown arm '{s}' ({})", names.join(", "))
+        })
     }
 }
 
@@ -126,17 +129,9 @@ impl RunLayout {
         RunRecord::load(&self.record())
             .ok()
             .flatten()
-            .and_then(|r| {
-                r.settings
-                    .get("target_teacher")
-                    .and_then(|v| v.as_str())
-                    .map(|p| {
-                        Path::new(p)
-                            .parent()
-                            .unwrap_or(Path::new("."))
-                            .to_path_buf()
-                    })
-            })
+            .and_then(|r| serde_json::from_value::<RecordedTeachers>(r.settings).ok())
+            .and_then(|s| s.target_teacher)
+            .map(|p| p.parent().unwrap_or(Path::new(".")).to_path_buf())
             .unwrap_or_else(|| self.target_teacher())
     }
     pub fn search(&self, arm: Arm) -> PathBuf {
@@ -162,6 +157,14 @@ impl RunLayout {
     pub fn report_assets(&self) -> PathBuf {
         self.dir.join("report")
     }
+}
+
+/// The part of a run's recorded settings the library reads back.
+#[derive(Deserialize)]
+struct RecordedTeachers {
+    /// The `--target-teacher` checkpoint, when the run was given one.
+    #[serde(default)]
+    target_teacher: Option<PathBuf>,
 }
 
 /// How one stage went the last time the pipeline passed it.

@@ -119,16 +119,13 @@ pub struct Policy {
 }
 
 /// Parses `2,3,4,6`.
-pub fn parse_candidates(s: &str) -> Result<Vec<u32>, PolicyError> {
-    let v: Vec<u32> = s
-        .split(',')
-        .map(|t| t.trim().parse::<u32>())
-        .collect::<Result<_, _>>()
-        .map_err(|_| PolicyError::BadCandidates(s.into()))?;
-    if v.is_empty() || v.iter().any(|b| !BIT_RANGE.contains(b)) {
-        return Err(PolicyError::BadCandidates(s.into()));
+/// A candidate set as a sorted list without repeats; empty or out-of-range sets are refused.
+pub fn candidate_set(bits: &[u32]) -> Result<Vec<u32>, PolicyError> {
+    if bits.is_empty() || bits.iter().any(|b| !BIT_RANGE.contains(b)) {
+        let list: Vec<String> = bits.iter().map(|b| b.to_string()).collect();
+        return Err(PolicyError::BadCandidates(list.join(",")));
     }
-    let set: BTreeSet<u32> = v.into_iter().collect();
+    let set: BTreeSet<u32> = bits.iter().copied().collect();
     Ok(set.into_iter().collect())
 }
 

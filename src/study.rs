@@ -94,12 +94,20 @@ impl StudyConfig {
         Ok(c)
     }
 
-    /// Every run of the study: (pair, budget, seed) and its folder under `out`.
+    /// Every run of the study: (pair, budget, seed) and its folder under `out`, seed by seed
+    /// (seed 0 of every pair and budget first), so that a study stopped part-way has covered
+    /// every budget rather than every seed of the first one.
     pub fn runs(&self, out: &Path) -> Vec<StudyRun> {
+        let max_seeds = self
+            .pairs
+            .iter()
+            .flat_map(|p| p.budgets.iter().map(|b| b.seeds))
+            .max()
+            .unwrap_or(0);
         let mut runs = Vec::new();
-        for p in &self.pairs {
-            for b in &p.budgets {
-                for seed in 0..b.seeds as u64 {
+        for seed in 0..max_seeds as u64 {
+            for p in &self.pairs {
+                for b in p.budgets.iter().filter(|b| seed < b.seeds as u64) {
                     runs.push(StudyRun {
                         pair: p.name.clone(),
                         compression: b.compression,
@@ -119,6 +127,24 @@ pub struct StudyRun {
     pub compression: f64,
     pub seed: u64,
     pub dir: PathBuf,
+}
+
+impl StudyRun {
+    /// Whether the run has nothing left to do: its report is written and every arm has
+    /// finished fine-tuning. A study skips such a run without loading its networks, so a
+    /// finished run needs only its records (its checkpoints may be gone).
+    pub fn finished(&self, arms: &[Arm], finetune_epochs: usize) -> Result<bool, StudyError> {
+        let layout = RunLayout::new(&self.dir);
+        if !layout.report().exists() {
+            return Ok(false);
+        }
+        let summary = RunSummary::collect(&layout, arms)?;
+        Ok(arms.iter().all(|arm| {
+            summary.arms.iter().any(|s| {
+                s.arm == *arm && s.top1.is_some() && s.finetune_epochs >= finetune_epochs.max(1)
+            })
+        }))
+    }
 }
 
 /// One row of the results table: one arm of one run.
@@ -526,5 +552,70 @@ mod tests {
         let top1 = |arm| rows.iter().find(|r| r.arm == arm).unwrap().top1;
         assert_eq!(top1(Arm::Gmpq), Some(93.0));
         assert_eq!(top1(Arm::Edmips), None);
+    }
+
+    /// A run is finished once its report is written and every arm has all its fine-tuning
+    /// epochs; the checkpoint files themselves are not needed.
+    #[test]
+    fn finished_runs_need_a_report_and_every_arm() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = StudyRun {
+            pair: "a".into(),
+            compression: 128.0,
+            seed: 0,
+            dir: dir.path().join("run"),
+        };
+        let layout = RunLayout::new(&run.dir);
+        let arms = [Arm::Gmpq, Arm::Uniform];
+        crate::pipeline::write_finished_training(&layout.finetune(Arm::Gmpq), 1);
+        crate::pipeline::write_finished_training(&layout.finetune(Arm::Uniform), 1);
+        assert!(!run.finished(&arms, 1).unwrap(), "no report yet");
+        std::fs::write(layout.report(), "<html>").unwrap();
+        assert!(run.finished(&arms, 1).unwrap());
+        assert!(
+            !run.finished(&arms, 2).unwrap(),
+            "fewer epochs than the study's"
+        );
+        assert!(
+            !run.finished(&[Arm::Gmpq, Arm::Hawq], 1).unwrap(),
+            "an arm missing"
+        );
+        for arm in arms {
+            std::fs::remove_file(crate::train::last_checkpoint(&layout.finetune(arm))).unwrap();
+        }
+        assert!(
+            run.finished(&arms, 1).unwrap(),
+            "checkpoints are not needed"
+        );
+    }
+
+    #[test]
+    fn runs_come_seed_by_seed() {
+        let cfg: StudyConfig = serde_json::from_value(serde_json::json!({
+            "target": { "data": "idx:t", "epochs": 1 },
+            "pairs": [
+                { "name": "a", "proxy": { "data": "idx:a:10", "epochs": 1 },
+                  "budgets": [ { "compression": 128, "seeds": 2 }, { "compression": 200, "seeds": 1 } ] },
+                { "name": "b", "proxy": { "data": "idx:b:10", "epochs": 1 },
+                  "budgets": [ { "compression": 128, "seeds": 2 } ] }
+            ],
+            "arms": ["gmpq"], "search_epochs": 1, "target_search_epochs": 1, "finetune_epochs": 1
+        }))
+        .unwrap();
+        let order: Vec<String> = cfg
+            .runs(Path::new("o"))
+            .iter()
+            .map(|r| r.dir.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "a-c128-seed0",
+                "a-c200-seed0",
+                "b-c128-seed0",
+                "a-c128-seed1",
+                "b-c128-seed1"
+            ]
+        );
     }
 }

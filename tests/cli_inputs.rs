@@ -144,6 +144,21 @@ fn pipeline_checks_its_inputs_before_creating_anything() {
         ],
         &["--target idx:/nonexistent", "not found"],
     );
+    // A budget below the all-2-bit ResNet-20 (256.9×) is refused before any teacher trains.
+    fails_with(
+        &[
+            "pipeline",
+            "--proxy",
+            "bundled:fashion-mnist:500",
+            "--target",
+            "bundled:fashion-mnist",
+            "--target-compression",
+            "1000",
+            "--out",
+            o,
+        ],
+        &["cannot be met", "w2a2", "256.9×"],
+    );
     assert!(!out.exists(), "a run that cannot start leaves no folder");
 }
 
@@ -346,4 +361,37 @@ fn no_two_commands_spell_the_same_option_differently() {
             .collect();
         assert!(used.len() <= 1, "{group:?} spelled {used:?}");
     }
+}
+
+/// `study` checks every pair's data and every budget before a teacher trains, and leaves no
+/// folder behind when it cannot start.
+#[test]
+fn study_checks_its_inputs_before_creating_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("study");
+    let config = dir.path().join("study.json");
+    let write = |proxy_b: &str, budget_a: u32| {
+        let c = serde_json::json!({
+            "target": { "data": "bundled:fashion-mnist", "epochs": 1 },
+            "pairs": [
+                { "name": "a", "proxy": { "data": "bundled:mnist:500", "epochs": 1 },
+                  "budgets": [ { "compression": budget_a, "seeds": 1 } ] },
+                { "name": "b", "proxy": { "data": proxy_b, "epochs": 1 },
+                  "budgets": [ { "compression": 64, "seeds": 1 } ] }
+            ],
+            "arms": ["gmpq"], "search_epochs": 1, "target_search_epochs": 1, "finetune_epochs": 1
+        });
+        std::fs::write(&config, c.to_string()).unwrap();
+    };
+    let args = [
+        "study",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    write("idx:/nonexistent:500", 64);
+    fails_with(&args, &["pair b", "/nonexistent", "not found"]);
+    write("bundled:mnist:500", 300);
+    fails_with(&args, &["pair a", "300", "w2a2", "256.9×"]);
+    assert!(!out.exists(), "a study that cannot start leaves no folder");
 }

@@ -187,7 +187,7 @@ fn argmax_repair_rule_is_argmax_then_repair() {
 #[test]
 fn infeasible_budget_names_the_cheapest_cost() {
     let (_, g, template) = resnet20();
-    let cheapest = g.measure(&Target::Bops(0.0), &vec![(2.0, 2.0); g.layers.len()]);
+    let cheapest = g.bops(&vec![(2.0, 2.0); g.layers.len()]);
     let max_compression = g.fp_bops / cheapest;
     // Just reachable: every layer at w2a2.
     check_feasible(
@@ -210,4 +210,34 @@ fn infeasible_budget_names_the_cheapest_cost() {
     assert!(Knapsack
         .extract(&template, &g, Some(&Target::SizeMb(0.001)), &prefs)
         .is_err());
+}
+
+/// One cost model: the search's geometry (float, expected bits) and the policy's cost table
+/// (integer, the numbers `gmpq bops` prints) agree on BOPs and size for a mixed policy.
+#[test]
+fn geometry_and_policy_costs_agree() {
+    let cfg = ModelConfig::new(Arch::ResNet20, 1, 10, 28);
+    let net = quant::build(&cfg, Precision::Full, Device::Cpu).unwrap();
+    let g = Geometry::new(net.net.convs(), net.net.fc_spec());
+    let mut p = Policy::uniform(&cfg, net.net.convs(), 2, 2);
+    for (i, l) in p.layers.iter_mut().enumerate() {
+        (l.w_bits, l.a_bits) = ([2, 3, 4, 6][i % 4], [6, 4, 3, 2][i % 3]);
+    }
+    let (_, totals) = p.cost(net.net.convs(), net.net.fc_spec());
+    let bits: Vec<(f64, f64)> = g
+        .layers
+        .iter()
+        .map(|gl| {
+            let l = p.layers.iter().find(|l| l.name == gl.name).unwrap();
+            (l.w_bits as f64, l.a_bits as f64)
+        })
+        .collect();
+    assert_eq!(g.bops(&bits), totals.bops as f64);
+    assert_eq!(g.measure(&Target::Bops(1.0), &bits), totals.bops as f64);
+    let size = g.measure(&Target::SizeMb(1.0), &bits);
+    assert!(
+        (size - totals.size_mb).abs() < 1e-9,
+        "{size} vs {}",
+        totals.size_mb
+    );
 }

@@ -302,7 +302,7 @@ fn search_meets_target_and_aw0_ignores_attribution() {
                 .collect()
         };
         assert_eq!(
-            g.measure(&Target::Bops(1.0), &bits(&argmax)),
+            g.bops(&bits(&argmax)),
             meta["argmax_policy_bops"].as_f64().unwrap()
         );
         // The search's extraction rule (recorded; the reference recipe's argmax + repair),

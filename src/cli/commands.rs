@@ -10,7 +10,7 @@ use gmpq::checkpoint::Checkpoint;
 use gmpq::data::{stratified_subset, DatasetSpec, ImageSource, Split, SubsetSpec};
 use gmpq::model::Model;
 use gmpq::model::{Arch, ModelConfig, Stem};
-use gmpq::policy::{parse_candidates, parse_uniform, Candidates, LayerCost, Policy, PolicyTotals};
+use gmpq::policy::{parse_uniform, LayerCost, Policy, PolicyTotals};
 use gmpq::quant::{CalibrationMethod, Precision};
 use gmpq::train::{self, Augment, LrSchedule, TrainConfig, TrainJob};
 use std::sync::Arc;
@@ -89,10 +89,7 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
             };
             let precision = if a.supernet {
                 Precision::Supernet {
-                    candidates: Candidates {
-                        weight: parse_candidates(&a.w_bits)?,
-                        activation: parse_candidates(&a.a_bits)?,
-                    },
+                    candidates: a.bits.candidates()?,
                 }
             } else if let Some(policy) = policy {
                 Precision::Fixed {
@@ -120,10 +117,7 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
             let cfg = ModelConfig::new(arch, a.channels, a.classes, a.input_size);
             let r = gmpq::bench::bench_search_step(
                 &cfg,
-                Candidates {
-                    weight: parse_candidates(&a.w_bits)?,
-                    activation: parse_candidates(&a.a_bits)?,
-                },
+                a.bits.candidates()?,
                 a.batch_size,
                 a.warmup,
                 a.steps,
@@ -247,13 +241,7 @@ fn run_training(a: TrainArgs, device: tch::Device, finetune: Option<FinetuneSetu
         &SubsetSpec::limited(a.test_limit, a.subset.subset_seed),
     )?;
     let arch: Arch = a.model.as_deref().unwrap_or("resnet20").parse()?;
-    let native = match train_data.native_shape() {
-        Some(s) => s,
-        None => {
-            let img = train_data.image(0)?;
-            [img.channels, img.height, img.width]
-        }
-    };
+    let native = native_shape(train_data.as_ref())?;
     let input_size = a.input_size.unwrap_or(native[1]);
     let channels = if a.rgb { 3 } else { native[0] };
     let mut model = ModelConfig::new(arch, channels, train_data.num_classes(), input_size);
@@ -280,11 +268,17 @@ fn run_training(a: TrainArgs, device: tch::Device, finetune: Option<FinetuneSetu
     let config = TrainConfig {
         epochs: a.epochs,
         batch_size: a.batch_size,
-        lr: a.lr.unwrap_or(if finetuning { 0.01 } else { 0.1 }),
+        lr: a.lr.unwrap_or(if finetuning {
+            gmpq::train::FINETUNE_LR
+        } else {
+            gmpq::train::TRAIN_LR
+        }),
         momentum: a.momentum,
-        weight_decay: a
-            .weight_decay
-            .unwrap_or(if finetuning { 4e-5 } else { 5e-4 }),
+        weight_decay: a.weight_decay.unwrap_or(if finetuning {
+            gmpq::train::FINETUNE_WEIGHT_DECAY
+        } else {
+            gmpq::train::TRAIN_WEIGHT_DECAY
+        }),
         schedule: parse_schedule(&a.schedule)?,
         augment: Augment {
             crop_padding: a.crop_padding,
@@ -526,6 +520,17 @@ fn subset_cmd(a: SubsetCmdArgs) -> Result<()> {
 pub(super) fn uniform_policy(cfg: &ModelConfig, name: &str) -> Result<Policy> {
     let (w, a) = parse_uniform(name)?;
     Ok(Policy::uniform(cfg, model_geometry(cfg)?.convs(), w, a))
+}
+
+/// [channels, height, width] of a dataset's images: its declared shape, or its first image's.
+pub(super) fn native_shape(data: &dyn ImageSource) -> Result<[usize; 3]> {
+    Ok(match data.native_shape() {
+        Some(s) => s,
+        None => {
+            let img = data.image(0)?;
+            [img.channels, img.height, img.width]
+        }
+    })
 }
 
 /// Builds the spec-only view of a model (conv geometry and head) for BOPs tables.

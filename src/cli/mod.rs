@@ -56,6 +56,7 @@ mod progress;
 mod search;
 mod study;
 
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -77,7 +78,7 @@ pub struct Cli {
     #[command(flatten)]
     pub engine: EngineArgs,
     /// More log output (-v: debug, -vv: trace).
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    #[arg(short, long, global = true, help_heading = "Global options", action = clap::ArgAction::Count)]
     pub verbose: u8,
     #[command(subcommand)]
     pub command: Command,
@@ -86,14 +87,25 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct EngineArgs {
     /// libtorch threads (default: all cores).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     pub threads: Option<usize>,
     /// cpu, cuda, cuda:N or auto.
-    #[arg(long, global = true, default_value = "auto")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        default_value = "auto"
+    )]
     pub device: String,
     /// Quantizer implementation: fused one-pass CPU kernels, or the reference's arithmetic
     /// composed from libtorch ops (same values; for comparison and benchmarks).
-    #[arg(long, global = true, value_enum, default_value = "fused")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        value_enum,
+        default_value = "fused"
+    )]
     pub quant_kernels: KernelsArg,
 }
 
@@ -163,6 +175,7 @@ pub struct ExportArgs {
     /// The fine-tuned (fixed-policy) checkpoint, or a packed one.
     #[arg(long)]
     pub checkpoint: PathBuf,
+    /// What to write.
     #[arg(long, value_enum, default_value = "onnx")]
     pub format: ExportFormat,
     /// With --format onnx: the float network, quantizers left out (for comparison).
@@ -180,7 +193,8 @@ pub enum SearchMethodArg {
 }
 
 /// Search recipes (see `gmpq::search::Recipe`).
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum RecipeArg {
     Reference,
     Scarce,
@@ -232,13 +246,38 @@ fn search_defaults() -> gmpq::search::SearchConfig {
     gmpq::search::SearchConfig::default()
 }
 
-/// The default bit candidates as a flag value (`2,3,4,6`).
-fn default_bits() -> String {
-    gmpq::policy::DEFAULT_CANDIDATES
-        .iter()
-        .map(|b| b.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
+/// The bit candidates of a supernet search (or a HAWQ allocation).
+#[derive(Debug, Clone, Args, serde::Serialize)]
+pub struct BitCandidateArgs {
+    /// Weight bit candidates, comma-separated.
+    #[arg(long, value_delimiter = ',', value_parser = bit_width(), default_values_t = gmpq::policy::DEFAULT_CANDIDATES)]
+    pub w_bits: Vec<u32>,
+    /// Activation bit candidates, comma-separated.
+    #[arg(long, value_delimiter = ',', value_parser = bit_width(), default_values_t = gmpq::policy::DEFAULT_CANDIDATES)]
+    pub a_bits: Vec<u32>,
+}
+
+impl BitCandidateArgs {
+    /// The candidate sets, sorted and without repeats.
+    pub fn candidates(&self) -> Result<gmpq::policy::Candidates, gmpq::policy::PolicyError> {
+        Ok(gmpq::policy::Candidates {
+            weight: gmpq::policy::candidate_set(&self.w_bits)?,
+            activation: gmpq::policy::candidate_set(&self.a_bits)?,
+        })
+    }
+}
+
+/// A `--baseline` arm: any arm but GMPQ, which always runs.
+fn baseline_arm() -> impl clap::builder::TypedValueParser<Value = gmpq::pipeline::Arm> {
+    use gmpq::pipeline::Arm;
+    clap::builder::PossibleValuesParser::new(Arm::BASELINES.map(Arm::name))
+        .try_map(|s| s.parse::<Arm>())
+}
+
+/// One bit width of a candidate list, in `policy::BIT_RANGE`.
+fn bit_width() -> clap::builder::RangedI64ValueParser<u32> {
+    let r = gmpq::policy::BIT_RANGE;
+    clap::value_parser!(u32).range(i64::from(*r.start())..=i64::from(*r.end()))
 }
 
 /// Attribution methods (see `gmpq::search::AttributionMethod`).
@@ -364,18 +403,15 @@ pub struct SearchArgs {
     /// Dual-ascent rate of λ per step (default: the recipe's; reference 0.05).
     #[arg(long)]
     pub dual_rate: Option<f64>,
-    /// Weight bit candidates.
-    #[arg(long, default_value_t = default_bits())]
-    pub w_bits: String,
-    /// Activation bit candidates.
-    #[arg(long, default_value_t = default_bits())]
-    pub a_bits: String,
+    #[command(flatten)]
+    pub bits: BitCandidateArgs,
     /// Search epochs over the proxy.
     #[arg(long, default_value_t = search_defaults().epochs)]
     pub epochs: usize,
     /// Shared warm-up epochs of a --pareto run (default: epochs/3).
     #[arg(long)]
     pub warmup_epochs: Option<usize>,
+    /// Images per step.
     #[arg(long, default_value_t = search_defaults().batch_size)]
     pub batch_size: usize,
     /// Weight learning rate.
@@ -400,7 +436,7 @@ pub struct SearchArgs {
     /// μ·(E[cost]/limit − 1)², temperature 1 → 0.2, knapsack extraction) or reference (the
     /// authors' recipe, for reproduction and ablation; docs/SEARCH.md). The flags below
     /// override single settings.
-    #[arg(long, value_enum, default_value = "scarce")]
+    #[arg(long, value_enum, default_value_t = RecipeArg::Scarce)]
     pub recipe: RecipeArg,
     /// α optimizer (default: the recipe's).
     #[arg(long, value_enum)]
@@ -447,6 +483,8 @@ pub struct SearchArgs {
 
 #[derive(Debug, Args)]
 pub struct AttributionArgs {
+    /// The network whose attribution maps to draw (a checkpoint of train, finetune, import
+    /// or quantize).
     #[arg(long)]
     pub checkpoint: PathBuf,
     /// A second checkpoint to show beside the first (e.g. the FP teacher).
@@ -558,6 +596,7 @@ pub struct SubsetCmdArgs {
     /// Test images to keep (stratified).
     #[arg(long)]
     pub test: usize,
+    /// Seed of the draw.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Output folder.
@@ -640,40 +679,45 @@ pub struct PipelineArgs {
     /// edmips-target (EdMIPS searched on the target data), random (random bits within 2 %
     /// under the budget, drawn with --seed), hawq (Hessian-trace and activation
     /// sensitivities of the proxy teacher on 512 proxy images, minimised by the knapsack).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', value_parser = baseline_arm())]
     #[serde(skip)]
-    pub baseline: Vec<String>,
+    pub baseline: Vec<gmpq::pipeline::Arm>,
     /// Epochs of the proxy teacher.
     #[arg(long, default_value_t = 30)]
     pub teacher_epochs: usize,
     /// Epochs of the target teacher.
     #[arg(long, default_value_t = 30)]
     pub target_teacher_epochs: usize,
-    #[arg(long, default_value_t = 25)]
+    /// Epochs of the proxy searches (gmpq, edmips).
+    #[arg(long, default_value_t = search_defaults().epochs)]
     pub search_epochs: usize,
     /// Epochs of the edmips-target search (default: --search-epochs).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_search_epochs: Option<usize>,
     /// Search learning rates ×0.1 every this many epochs.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = search_defaults().step_epochs)]
     pub search_step_epochs: usize,
+    /// Fine-tuning epochs of every arm on the target.
     #[arg(long, default_value_t = 10)]
     pub finetune_epochs: usize,
-    /// Fine-tuning learning rate (default 0.01).
-    #[arg(long)]
-    pub finetune_lr: Option<f64>,
+    /// Fine-tuning learning rate.
+    #[arg(long, default_value_t = gmpq::train::FINETUNE_LR)]
+    pub finetune_lr: f64,
     /// Weight of the attribution loss in the GMPQ arm.
-    #[arg(long, default_value_t = 20.0)]
+    #[arg(long, default_value_t = search_defaults().attribution_weight)]
     pub attribution_weight: f64,
     /// Fixed attribution exponent p of the GMPQ arm (default: the capacity-aware rule).
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p: Option<f64>,
-    #[arg(long, default_value = "2,3,4,6")]
-    pub w_bits: String,
-    #[arg(long, default_value = "2,3,4,6")]
-    pub a_bits: String,
+    /// Search recipe of the searched arms (gmpq, edmips, edmips-target): scarce or
+    /// reference (`gmpq search --help`, docs/SEARCH.md).
+    #[arg(long, value_enum, default_value_t = RecipeArg::Scarce)]
+    pub recipe: RecipeArg,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub bits: BitCandidateArgs,
     /// Random horizontal flips in training and search (not for digits).
     #[arg(long)]
     pub hflip: bool,
@@ -741,13 +785,16 @@ pub struct TrainArgs {
     /// Width multiplier of mobilenetv2.
     #[arg(long, default_value_t = 1.0)]
     pub width: f64,
+    /// Passes over the training images.
     #[arg(long, default_value_t = 30)]
     pub epochs: usize,
+    /// Images per step.
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,
     /// Learning rate [default: 0.1; finetune: 0.01].
     #[arg(long)]
     pub lr: Option<f64>,
+    /// SGD momentum.
     #[arg(long, default_value_t = 0.9)]
     pub momentum: f64,
     /// Weight decay [default: 5e-4; finetune: 4e-5].
@@ -762,6 +809,7 @@ pub struct TrainArgs {
     /// Random horizontal flips (not for digits).
     #[arg(long)]
     pub hflip: bool,
+    /// Seed of the weights, the batches and the augmentation.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[command(flatten)]
@@ -819,6 +867,7 @@ pub struct EvalArgs {
     pub split: SplitArg,
     #[command(flatten)]
     pub subset: SubsetArgs,
+    /// Images per forward pass.
     #[arg(long, default_value_t = 256)]
     pub batch_size: usize,
     /// Print the result as one JSON document on stdout.
@@ -864,12 +913,16 @@ pub enum BenchCommand {
 
 #[derive(Debug, Args)]
 pub struct BenchInferArgs {
+    /// Network to time (resnet20, resnet32, resnet56, resnet18, resnet50, mobilenetv2).
     #[arg(long, default_value = "resnet20")]
     pub model: String,
+    /// Input height and width in pixels.
     #[arg(long, default_value_t = 28)]
     pub input_size: usize,
+    /// Input channels (1 for grey images, 3 for colour).
     #[arg(long, default_value_t = 1)]
     pub channels: usize,
+    /// Output classes.
     #[arg(long, default_value_t = 10)]
     pub classes: usize,
     /// cifar or imagenet (ResNet-18/50, MobileNetV2).
@@ -881,8 +934,10 @@ pub struct BenchInferArgs {
     /// The QDQ model's policy (uniform).
     #[arg(long, default_value = "w4a4")]
     pub uniform: String,
+    /// Untimed steps first (allocator and oneDNN warm-up).
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
+    /// Timed steps.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
     /// Print the result as one JSON document on stdout.
@@ -910,26 +965,29 @@ impl From<KernelsArg> for gmpq::quant::QuantKernels {
 
 #[derive(Debug, Args)]
 pub struct BenchSearchStepArgs {
+    /// Network to time (resnet20, resnet32, resnet56, resnet18, resnet50, mobilenetv2).
     #[arg(long, default_value = "resnet18")]
     pub model: String,
+    /// Images per step.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
+    /// Input height and width in pixels.
     #[arg(long, default_value_t = 32)]
     pub input_size: usize,
+    /// Input channels (1 for grey images, 3 for colour).
     #[arg(long, default_value_t = 3)]
     pub channels: usize,
+    /// Output classes.
     #[arg(long, default_value_t = 10)]
     pub classes: usize,
+    /// Untimed steps first (allocator and oneDNN warm-up).
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    /// Timed steps.
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
-    /// Supernet weight bit candidates.
-    #[arg(long, default_value = "2,3,4,6")]
-    pub w_bits: String,
-    /// Supernet activation bit candidates.
-    #[arg(long, default_value = "2,3,4,6")]
-    pub a_bits: String,
+    #[command(flatten)]
+    pub bits: BitCandidateArgs,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
@@ -937,18 +995,25 @@ pub struct BenchSearchStepArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchTrainArgs {
+    /// Network to time (resnet20, resnet32, resnet56, resnet18, resnet50, mobilenetv2).
     #[arg(long, default_value = "resnet20")]
     pub model: String,
+    /// Images per step.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// Input height and width in pixels.
     #[arg(long, default_value_t = 32)]
     pub input_size: usize,
+    /// Input channels (1 for grey images, 3 for colour).
     #[arg(long, default_value_t = 3)]
     pub channels: usize,
+    /// Output classes.
     #[arg(long, default_value_t = 10)]
     pub classes: usize,
+    /// Untimed steps first (allocator and oneDNN warm-up).
     #[arg(long, default_value_t = 5)]
     pub warmup: usize,
+    /// Timed steps.
     #[arg(long, default_value_t = 30)]
     pub steps: usize,
     /// Time the mixed-precision supernet step instead of the full-precision one.
@@ -961,12 +1026,8 @@ pub struct BenchTrainArgs {
     /// Time the quantization-aware training step under a uniform policy: w4a4, w2a2, …
     #[arg(long)]
     pub uniform: Option<String>,
-    /// Supernet weight bit candidates.
-    #[arg(long, default_value = "2,3,4,6")]
-    pub w_bits: String,
-    /// Supernet activation bit candidates.
-    #[arg(long, default_value = "2,3,4,6")]
-    pub a_bits: String,
+    #[command(flatten)]
+    pub bits: BitCandidateArgs,
     /// Memory layout of the convolution weights: channels-last (what training uses) or
     /// contiguous (PyTorch's default), to measure the difference.
     #[arg(long, default_value = "channels-last", value_parser = ["channels-last", "contiguous"])]
@@ -990,4 +1051,38 @@ pub fn init_logging(verbose: u8) {
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
+}
+
+#[cfg(test)]
+mod help_tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    fn undescribed(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        let path = format!("{path} {}", cmd.get_name());
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" || arg.is_hide_set() {
+                continue;
+            }
+            if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                out.push(format!("{path} --{}", arg.get_long().unwrap_or(id)));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            undescribed(sub, &path, out);
+        }
+    }
+
+    /// Every flag of every command says what it does (`--help` is the reference).
+    #[test]
+    fn every_flag_is_described() {
+        let mut missing = Vec::new();
+        undescribed(&Cli::command(), "", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "flags without a description:\n{}",
+            missing.join("\n")
+        );
+    }
 }

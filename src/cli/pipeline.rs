@@ -9,7 +9,7 @@ use gmpq::checkpoint::Checkpoint;
 use gmpq::pipeline::{
     training_done, Arm, RunLayout, RunRecord, RunSummary, StageRecord, StageStatus, RECORD_FORMAT,
 };
-use gmpq::policy::{parse_candidates, Policy};
+use gmpq::policy::{candidate_set, Policy};
 use gmpq::search::{Geometry, Target};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -116,7 +116,7 @@ fn path_arg(p: &Path) -> String {
 }
 
 /// Checks a given teacher: full precision and the pipeline's architecture.
-fn check_teacher(path: &Path, model: &str, what: &str) -> Result<()> {
+fn check_teacher(path: &Path, model: &str, what: &str) -> Result<gmpq::ModelConfig> {
     let ck =
         Checkpoint::load(path).with_context(|| format!("loading {what} {}", path.display()))?;
     let arch: gmpq::model::Arch = model.parse()?;
@@ -133,7 +133,39 @@ fn check_teacher(path: &Path, model: &str, what: &str) -> Result<()> {
             path.display()
         );
     }
-    Ok(())
+    Ok(ck.meta.model)
+}
+
+/// The network a run fine-tunes: the given target teacher's, or the one a teacher trained on
+/// the target data gets (its native channels and size, its classes).
+pub(super) fn target_model(
+    model: &str,
+    target_teacher: Option<&Path>,
+    target: &gmpq::data::DatasetSpec,
+) -> Result<gmpq::ModelConfig> {
+    if let Some(t) = target_teacher {
+        return check_teacher(t, model, "--target-teacher");
+    }
+    let data = target.load(gmpq::data::Split::Train)?;
+    let [channels, size, _] = super::commands::native_shape(data.as_ref())?;
+    Ok(gmpq::ModelConfig::new(
+        model.parse()?,
+        channels,
+        data.num_classes(),
+        size,
+    ))
+}
+
+/// Refuses a budget that no policy of `model` over `candidates` can meet, naming the
+/// cheapest cost.
+pub(super) fn check_budget(
+    model: &gmpq::ModelConfig,
+    target: &Target,
+    candidates: &gmpq::policy::Candidates,
+) -> Result<()> {
+    let net = model_geometry(model)?;
+    let geometry = Geometry::new(net.convs(), net.fc_spec());
+    Ok(gmpq::search::check_feasible(&geometry, target, candidates)?)
 }
 
 /// The uniform policy with the most BOPs that meets the budget (ties: more weight bits).
@@ -265,6 +297,14 @@ pub(super) fn train_argv(model: &str, data: &str, epochs: usize, dir: &Path) -> 
     .to_vec()
 }
 
+/// A candidate list as its flag value: `2,3,4,6`.
+fn bit_list(bits: &[u32]) -> String {
+    bits.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The search command line shared by the searched arms (without output and data subset).
 fn search_argv(
     a: &PipelineArgs,
@@ -289,10 +329,14 @@ fn search_argv(
         epochs.to_string(),
         "--step-epochs".into(),
         a.search_step_epochs.to_string(),
+        "--recipe".into(),
+        clap::ValueEnum::to_possible_value(&a.recipe)
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default(),
         "--w-bits".into(),
-        a.w_bits.clone(),
+        bit_list(&a.bits.w_bits),
         "--a-bits".into(),
-        a.a_bits.clone(),
+        bit_list(&a.bits.a_bits),
     ]);
     argv
 }
@@ -308,11 +352,7 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
     let layout = RunLayout::new(&a.out);
     let target = budget(&a)?;
     let mut arms = vec![Arm::Gmpq];
-    for b in &a.baseline {
-        let arm: Arm = b.parse().map_err(anyhow::Error::msg)?;
-        if arm == Arm::Gmpq {
-            bail!("--baseline takes edmips, uniform, random, edmips-target or hawq (gmpq is always run)");
-        }
+    for &arm in &a.baseline {
         if !arms.contains(&arm) {
             arms.push(arm);
         }
@@ -320,18 +360,24 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
     // Every input is checked before stage 1 (nothing is created for a run that cannot start).
     let (proxy, proxy_limit) = split_subset(&a.proxy);
     super::commands::check_data("--proxy", &proxy)?;
-    super::commands::check_data("--target", &split_subset(&a.target).0)?;
+    let target_spec = super::commands::check_data("--target", &split_subset(&a.target).0)?;
     let candidates = {
-        let mut c = parse_candidates(&a.w_bits)?;
-        c.retain(|b| parse_candidates(&a.a_bits).is_ok_and(|a| a.contains(b)));
+        let (mut c, acts) = (
+            candidate_set(&a.bits.w_bits)?,
+            candidate_set(&a.bits.a_bits)?,
+        );
+        c.retain(|b| acts.contains(b));
         c
     };
     if let Some(t) = &a.teacher {
         check_teacher(t, &a.model, "--teacher")?;
     }
-    if let Some(t) = &a.target_teacher {
-        check_teacher(t, &a.model, "--target-teacher")?;
-    }
+    // An unreachable budget is refused here, not after the teachers have trained.
+    check_budget(
+        &target_model(&a.model, a.target_teacher.as_deref(), &target_spec)?,
+        &target,
+        &a.bits.candidates()?,
+    )?;
 
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let _lock = gmpq::checkpoint::DirLock::acquire(&a.out)?;
@@ -434,7 +480,10 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
                 layout.search(arm),
                 name.clone(),
             );
-            let (w_bits, a_bits) = (parse_candidates(&a.w_bits)?, parse_candidates(&a.a_bits)?);
+            let (w_bits, a_bits) = (
+                candidate_set(&a.bits.w_bits)?,
+                candidate_set(&a.bits.a_bits)?,
+            );
             let seed = a.seed;
             let proxy_spec = (proxy.clone(), proxy_limit, a.subset_seed);
             // What the in-process step does, for the record (these arms have no command of
@@ -442,7 +491,7 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
             let what = match arm {
                 Arm::Random => format!(
                     "(in gmpq) a random policy within 2 % under {target}, bits {} / {}, seed {seed}",
-                    a.w_bits, a.a_bits
+                    bit_list(&a.bits.w_bits), bit_list(&a.bits.a_bits)
                 ),
                 Arm::Hawq => {
                     let mut argv = vec![
@@ -456,9 +505,9 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
                         "--subset-seed".into(),
                         a.subset_seed.to_string(),
                         "--w-bits".into(),
-                        a.w_bits.clone(),
+                        bit_list(&a.bits.w_bits),
                         "--a-bits".into(),
-                        a.a_bits.clone(),
+                        bit_list(&a.bits.a_bits),
                         "--out".into(),
                         path_arg(&dir),
                     ];
@@ -557,9 +606,7 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
             path_arg(&l.finetune(arm)),
             "--resume".into(),
         ];
-        if let Some(lr) = a.finetune_lr {
-            argv.extend(["--lr".into(), lr.to_string()]);
-        }
+        argv.extend(["--lr".into(), a.finetune_lr.to_string()]);
         argv.extend(target_subset.iter().cloned());
         argv.extend(common.iter().cloned());
         argv
@@ -692,7 +739,7 @@ pub fn demo_args(out: PathBuf, json: bool) -> PipelineArgs {
         target_size_mb: None,
         teacher: None,
         target_teacher: None,
-        baseline: vec!["uniform".into(), "edmips".into()],
+        baseline: vec![Arm::Uniform, Arm::Edmips],
         teacher_epochs: 15,
         target_teacher_epochs: 12,
         search_epochs: 8,
@@ -700,11 +747,14 @@ pub fn demo_args(out: PathBuf, json: bool) -> PipelineArgs {
         search_step_epochs: 4,
         proxy_hflip: None,
         finetune_epochs: 3,
-        finetune_lr: None,
+        finetune_lr: gmpq::train::FINETUNE_LR,
+        recipe: super::RecipeArg::Scarce,
         attribution_weight: 20.0,
         p: None,
-        w_bits: "2,3,4,6".into(),
-        a_bits: "2,3,4,6".into(),
+        bits: super::BitCandidateArgs {
+            w_bits: gmpq::policy::DEFAULT_CANDIDATES.to_vec(),
+            a_bits: gmpq::policy::DEFAULT_CANDIDATES.to_vec(),
+        },
         hflip: true,
         seed: 0,
         subset_seed: 0,
@@ -737,5 +787,48 @@ mod tests {
             ("bundled:fashion-mnist".into(), Some(1000))
         );
         assert_eq!(split_subset("folder:a:b"), ("folder:a:b".into(), None));
+    }
+
+    /// pipeline.json records the values used, typed: numbers, lists and arm names.
+    #[test]
+    fn recorded_settings_are_typed_values() {
+        let argv = [
+            "gmpq",
+            "pipeline",
+            "--proxy",
+            "bundled:mnist:500",
+            "--target",
+            "bundled:fashion-mnist",
+            "--w-bits",
+            "4,2,2",
+            "--baseline",
+            "uniform,hawq",
+        ];
+        let Ok(Cli {
+            command: super::super::Command::Pipeline(a),
+            ..
+        }) = Cli::try_parse_from(argv)
+        else {
+            panic!("pipeline arguments did not parse");
+        };
+        assert_eq!(a.baseline, vec![Arm::Uniform, Arm::Hawq]);
+        let s = serde_json::to_value(&a).unwrap();
+        assert_eq!(s["finetune_lr"], serde_json::json!(0.01));
+        assert_eq!(s["w_bits"], serde_json::json!([4, 2, 2]));
+        assert_eq!(s["a_bits"], serde_json::json!([2, 3, 4, 6]));
+        assert_eq!(s["recipe"], "scarce");
+        assert!(
+            search_argv(&a, Path::new("t"), "d", &Target::Compression(64.0), 0.0, 1)
+                .windows(2)
+                .any(|w| w == ["--recipe", "scarce"])
+        );
+        assert!(s.get("baseline").is_none() && s.get("bits").is_none());
+        assert_eq!(bit_list(&candidate_set(&a.bits.w_bits).unwrap()), "2,4");
+        // GMPQ always runs: it is not a baseline; bits outside 2..=16 are refused.
+        for bad in [["--baseline", "gmpq"], ["--w-bits", "1,4"]] {
+            let mut v = argv[..6].to_vec();
+            v.extend(bad);
+            assert!(Cli::try_parse_from(v).is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -3,7 +3,6 @@
 use super::{AttributionArgs, ExtractArgs, SearchArgs};
 use anyhow::{bail, Context, Result};
 use gmpq::data::{stratified_subset, ConcatDataset, ImageSource, Split, SubsetSpec};
-use gmpq::policy::{parse_candidates, Candidates};
 use gmpq::search::{self, EpochLog, SearchConfig, SearchJob, SearchProgress, Target};
 use gmpq::train::Augment;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -138,10 +137,7 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
         targets.push(parse_pareto(p)?);
     }
     let config = SearchConfig {
-        candidates: Candidates {
-            weight: parse_candidates(&a.w_bits)?,
-            activation: parse_candidates(&a.a_bits)?,
-        },
+        candidates: a.bits.candidates()?,
         epochs: a.epochs,
         warmup_epochs: if targets.len() > 1 {
             a.warmup_epochs.unwrap_or(a.epochs / 3)

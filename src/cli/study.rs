@@ -33,6 +33,35 @@ fn teacher(model: &str, t: &TeacherConfig, dir: &Path, device: tch::Device) -> R
     Ok(ck)
 }
 
+/// Every data set and budget of the study (of the pairs it runs) is checked before any
+/// teacher trains: a typo in the last pair's path must not surface hours in.
+fn check_inputs(config: &StudyConfig, pairs: &[String]) -> Result<()> {
+    let (target_data, _) = super::pipeline::split_subset(&config.target.data);
+    let target = super::commands::check_data("the study's target", &target_data)?;
+    let model = super::pipeline::target_model(&config.model, None, &target)?;
+    let candidates = gmpq::policy::Candidates {
+        weight: gmpq::policy::DEFAULT_CANDIDATES.to_vec(),
+        activation: gmpq::policy::DEFAULT_CANDIDATES.to_vec(),
+    };
+    for p in config
+        .pairs
+        .iter()
+        .filter(|p| pairs.is_empty() || pairs.contains(&p.name))
+    {
+        let (proxy, _) = super::pipeline::split_subset(&p.proxy.data);
+        super::commands::check_data(&format!("pair {}: proxy", p.name), &proxy)?;
+        for b in &p.budgets {
+            super::pipeline::check_budget(
+                &model,
+                &gmpq::search::Target::Compression(b.compression),
+                &candidates,
+            )
+            .with_context(|| format!("pair {}", p.name))?;
+        }
+    }
+    Ok(())
+}
+
 pub fn study_cmd(a: StudyArgs, device: tch::Device) -> Result<()> {
     let config = StudyConfig::load(&a.config)?;
     if let Some(unknown) = a
@@ -46,6 +75,9 @@ pub fn study_cmd(a: StudyArgs, device: tch::Device) -> Result<()> {
             a.config.display(),
             known.join(", ")
         );
+    }
+    if !a.tables_only {
+        check_inputs(&config, &a.pair)?;
     }
     // The config a study started with stays beside its results.
     let saved = a.out.join("study.json");
@@ -79,11 +111,11 @@ pub fn study_cmd(a: StudyArgs, device: tch::Device) -> Result<()> {
         device,
     )?;
     let runs = config.runs(&a.out);
-    let baselines: Vec<String> = config
+    let baselines: Vec<Arm> = config
         .arms
         .iter()
-        .filter(|a| **a != Arm::Gmpq)
-        .map(|a| a.name().to_string())
+        .copied()
+        .filter(|a| *a != Arm::Gmpq)
         .collect();
     // Runs another study process is working on (same --out): it owns them, this one moves on.
     let mut held = Vec::new();
@@ -102,6 +134,15 @@ pub fn study_cmd(a: StudyArgs, device: tch::Device) -> Result<()> {
             &a.out.join(format!("teacher-{}", pair.name)),
             device,
         )?;
+        if r.finished(&config.arms, config.finetune_epochs)? {
+            println!(
+                "[study] run {}/{} ({}) finished, skipped",
+                i + 1,
+                runs.len(),
+                r.dir.display()
+            );
+            continue;
+        }
         println!(
             "[study] run {}/{}: {} at compression {}, seed {} → {}",
             i + 1,

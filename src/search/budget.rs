@@ -68,6 +68,16 @@ impl Geometry {
                 .sum::<f64>()
     }
 
+    /// BOPs of the quantized layers at per-layer (possibly expected) bits: the measure of
+    /// BOPs and compression budgets.
+    pub fn bops(&self, bits: &[(f64, f64)]) -> f64 {
+        self.layers
+            .iter()
+            .zip(bits)
+            .map(|(l, &(w, a))| l.macs() as f64 * w * a)
+            .sum()
+    }
+
     /// One quantized layer's share of the budgeted quantity at `(w, a)` bits: its BOPs
     /// (MACs·w·a) for BOPs and compression budgets, its kernel's MB for size budgets.
     pub fn layer_cost(&self, target: &Target, layer: &ConvSpec, w: f64, a: f64) -> f64 {

@@ -1009,7 +1009,7 @@ impl Ctx<'_> {
                     epoch + 1,
                 )?;
                 let bits_f = out.expected_bits;
-                expected = phase.geometry.measure(&Target::Bops(0.0), &bits_f);
+                expected = phase.geometry.bops(&bits_f);
                 if let (Some(t), true, true) = (&phase.target, phase.complexity, alpha_moves) {
                     let m = phase.geometry.measure(t, &bits_f);
                     phase.lambda.update(m, phase.geometry.limit(t));

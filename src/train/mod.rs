@@ -101,6 +101,15 @@ pub struct Augment {
     pub hflip: bool,
 }
 
+/// Learning rate of training from scratch.
+pub const TRAIN_LR: f64 = 0.1;
+/// Learning rate of quantization-aware fine-tuning from FP weights.
+pub const FINETUNE_LR: f64 = 0.01;
+/// Weight decay of training from scratch.
+pub const TRAIN_WEIGHT_DECAY: f64 = 5e-4;
+/// Weight decay of fine-tuning.
+pub const FINETUNE_WEIGHT_DECAY: f64 = 4e-5;
+
 /// Training hyper-parameters (saved with the checkpoint; a resumed run must match them).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
