@@ -243,6 +243,16 @@ fn bops_measures_a_policy_on_its_own_geometry() {
     let c = v["totals"]["compression"].as_f64().unwrap();
     assert!((c - p.totals.unwrap().compression).abs() < 1e-9, "{c}");
     assert_eq!(v["model"]["input_size"], 28);
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
+    // Without --channels 1 the file's own totals disagree with the 3-channel stem: a
+    // warning names both, instead of a silently different compression.
+    let o = run(&["bops", "--policy", path.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("warning") && e.contains("3 channels") && e.contains("--channels"),
+        "{e}"
+    );
 }
 
 #[test]

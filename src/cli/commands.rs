@@ -614,6 +614,8 @@ fn print_bops_table(rows: &[LayerCost], totals: &PolicyTotals) {
 }
 
 fn bops_cmd(a: BopsArgs) -> Result<()> {
+    // The totals a policy file states, to compare with what they measure here.
+    let mut recorded: Option<PolicyTotals> = None;
     let (cfg, policy) = if let Some(path) = &a.checkpoint {
         let ck = Checkpoint::load(path)?;
         let policy = match ck.meta.precision {
@@ -625,6 +627,7 @@ fn bops_cmd(a: BopsArgs) -> Result<()> {
         // A policy file names its model and input size (and, from a search, the whole
         // model config): its costs are measured on that geometry, not on --model/--input.
         let policy = Policy::load(path)?;
+        recorded = policy.totals.clone();
         let cfg = match policy.meta.as_ref().and_then(|m| m.get("model_config")) {
             Some(v) => serde_json::from_value::<ModelConfig>(v.clone())
                 .with_context(|| format!("{}: malformed meta.model_config", path.display()))?,
@@ -647,6 +650,28 @@ fn bops_cmd(a: BopsArgs) -> Result<()> {
     // Without a policy, every quantized layer is shown at 32/32 bits.
     let policy = policy.unwrap_or_else(|| Policy::uniform(&cfg, net.convs(), 32, 32));
     let (rows, totals) = policy.cost(net.convs(), net.fc_spec());
+    // A file that records its totals but not its model config (older files, hand-written
+    // ones) is measured on --channels/--classes: say so when the two disagree.
+    if let (Some(path), Some(recorded)) = (&a.policy.policy, &recorded) {
+        if recorded.bops != totals.bops || recorded.fp_bops != totals.fp_bops {
+            eprintln!(
+                "warning: {} records {:.2}x ({} BOPs of {} FP) but {} at {} channels, {} px, \
+                 {} classes gives {:.2}x ({} of {}); the file does not name its model config: \
+                 give its --channels and --classes",
+                path.display(),
+                recorded.compression,
+                recorded.bops,
+                recorded.fp_bops,
+                cfg.arch,
+                cfg.in_channels,
+                cfg.input_size,
+                cfg.num_classes,
+                totals.compression,
+                totals.bops,
+                totals.fp_bops
+            );
+        }
+    }
     if let Some(chart) = &a.chart {
         if let Some(dir) = chart
             .parent()
