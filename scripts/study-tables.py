@@ -2,9 +2,11 @@
 """Markdown tables for docs/RESULTS.md from a study folder (and the ablation runs beside it).
 
     python3 scripts/study-tables.py runs/study runs/ablation
+    python3 scripts/study-tables.py studies/runs/fmnist-lowbit --extra studies/runs/fmnist-lowbit-extra
 
 Reads STUDY/results.json (written by `gmpq study`, `--tables-only` refreshes it) and, if given,
-ABLATION/*/summary.json (scripts/ablation.sh). Only finished arms (all fine-tuning epochs) are in
+ABLATION/*/summary.json (scripts/ablation.sh) or, with --extra, the low-bit study's two checks
+(studies/fmnist-lowbit-extra.sh: 10-epoch fine-tunings, a 5-epoch EdMIPS search on the target). Only finished arms (all fine-tuning epochs) are in
 results.json's aggregates; per-seed rows show what exists.
 """
 import json
@@ -16,6 +18,7 @@ from statistics import mean, stdev
 LABEL = {
     "gmpq": "GMPQ (proxy)",
     "edmips": "EdMIPS (proxy)",
+    "hawq": "HAWQ (proxy)",
     "edmips-target": "EdMIPS on target",
     "uniform": "best uniform",
     "random": "random",
@@ -41,7 +44,44 @@ def paired(res, pair, budget):
         print("\n".join(lines))
 
 
+def last_top1(training):
+    """Top-1 of a training folder's last epoch and its epoch count (from last.json), or None."""
+    meta = training / "last.json"
+    if not meta.exists():
+        return None
+    m = json.loads(meta.read_text())
+    return (m["history"][-1]["test_top1"], m["epoch"]) if m.get("history") else None
+
+
+def extra(study, folder):
+    """The 10-epoch fine-tunings beside the study's 1-epoch ones, and the long target search."""
+    run = study / "mnist-to-fmnist-c171-seed0"
+    print("\n### Longer fine-tuning (mnist-to-fmnist, 171×, seed 0)\n")
+    print("| arm | 1 epoch (study) | 10 epochs |")
+    print("|---|---|---|")
+    for ft in sorted(folder.glob("finetune10-*")):
+        arm = ft.name.removeprefix("finetune10-")
+        short, long_ = last_top1(run / f"finetune-{arm}"), last_top1(ft)
+        cell = lambda r, n: "—" if r is None else f"{r[0]:.2f}" + ("" if r[1] >= n else f" (epoch {r[1]})")
+        print(f"| {LABEL.get(arm, arm)} | {cell(short, 1)} | {cell(long_, 10)} |")
+    policy = folder / "search-edmips-target-5ep" / "policy.json"
+    if policy.exists():
+        cost = json.loads(policy.read_text()).get("meta", {}).get("cost", {})
+        top1 = last_top1(folder / "finetune-edmips-target-5ep")
+        print("\n### EdMIPS on the target, 5 epochs (171×, seed 0)\n")
+        print("| search images | search s | top-1 after the study's fine-tuning |")
+        print("|---|---|---|")
+        print(f"| {cost.get('images_processed', 0)} | {cost.get('wall_seconds', 0):.0f} | {fmt(top1 and top1[0])} |")
+
+
 def main():
+    args = sys.argv[1:]
+    extra_dir = None
+    if "--extra" in args:
+        i = args.index("--extra")
+        extra_dir = pathlib.Path(args[i + 1])
+        del args[i : i + 2]
+    sys.argv[1:] = args
     study = pathlib.Path(sys.argv[1])
     res = json.loads((study / "results.json").read_text())
     rows = res["rows"]
@@ -66,7 +106,13 @@ def main():
                 + f" | {a['bops_mean'] / 1e9:.4f} | {a['size_mb_mean']:.3f} | "
                 f"{a['search_images_mean']:.0f} | {a['search_seconds_mean']:.0f} |"
             )
+        fp = {r["fp_top1"] for r in rows if r["pair"] == pair and r["compression_target"] == budget}
+        fp = sorted(v for v in fp if v is not None)
+        if fp:
+            print(f"\nFP target teacher: {fp[0]:.2f} % top-1.")
         paired(res, pair, budget)
+    if extra_dir is not None:
+        extra(study, extra_dir)
     if len(sys.argv) > 2:
         ablation = pathlib.Path(sys.argv[2])
         variants = defaultdict(dict)
