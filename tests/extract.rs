@@ -241,3 +241,29 @@ fn geometry_and_policy_costs_agree() {
         totals.size_mb
     );
 }
+
+/// The knapsack spends a binding budget: with α leaning hard to 2 bits, the most probable
+/// policy under 171× sits far below it, and the extraction raises bits (where they cost the
+/// least probability) until at least 99 % of the budget is spent. A budget above the costliest
+/// policy does not bind: the policy is the argmax.
+#[test]
+fn knapsack_spends_a_binding_budget() {
+    let (_, g, p) = resnet20();
+    let mut prefs = random_prefs(&p, 3, 0.5);
+    for v in prefs.alpha_w.values_mut().chain(prefs.alpha_a.values_mut()) {
+        v[0] += 4.0;
+    }
+    for c in [128.0, 171.0, 200.0] {
+        let t = Target::Compression(c);
+        let policy = Knapsack.extract(&p, &g, Some(&t), &prefs).unwrap();
+        let (cost, limit) = (g.measure(&t, &bits(&g, &policy)), g.limit(&t));
+        assert!(
+            cost <= limit * (1.0 + 1e-9) && cost >= gmpq::search::SPEND_FLOOR * limit,
+            "{c}x: spent {:.4} of the budget",
+            cost / limit
+        );
+    }
+    let loose = Target::Compression(10.0);
+    let policy = Knapsack.extract(&p, &g, Some(&loose), &prefs).unwrap();
+    assert_eq!(policy, argmax_policy(&p, &prefs));
+}

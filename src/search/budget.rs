@@ -78,6 +78,18 @@ impl Geometry {
             .sum()
     }
 
+    /// [`Self::measure`] of a policy's bits (layers matched by name; a layer the policy
+    /// lacks counts at 32/32 bits).
+    pub fn policy_cost(&self, target: &Target, policy: &Policy) -> f64 {
+        let bits = policy.bits_by_layer();
+        let per_layer: Vec<(f64, f64)> = self
+            .layers
+            .iter()
+            .map(|l| bits.get(&l.name).map_or((32.0, 32.0), |&(w, a)| (w as f64, a as f64)))
+            .collect();
+        self.measure(target, &per_layer)
+    }
+
     /// One quantized layer's share of the budgeted quantity at `(w, a)` bits: its BOPs
     /// (MACs·w·a) for BOPs and compression budgets, its kernel's MB for size budgets.
     pub fn layer_cost(&self, target: &Target, layer: &ConvSpec, w: f64, a: f64) -> f64 {

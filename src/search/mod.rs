@@ -12,7 +12,7 @@ mod state;
 pub use budget::{random_policy, repair, BudgetMode, DualWeight, Geometry, Preferences, Target};
 pub use extract::{
     argmax_policy, check_feasible, solve as solve_knapsack, ArgmaxRepair, Choice, Extraction,
-    ExtractionError, ExtractionRule, Item, Knapsack,
+    ExtractionError, ExtractionRule, Item, Knapsack, SPEND_FLOOR,
 };
 pub use state::remove_snapshots;
 
