@@ -85,7 +85,10 @@ impl Geometry {
         let per_layer: Vec<(f64, f64)> = self
             .layers
             .iter()
-            .map(|l| bits.get(&l.name).map_or((32.0, 32.0), |&(w, a)| (w as f64, a as f64)))
+            .map(|l| {
+                bits.get(&l.name)
+                    .map_or((32.0, 32.0), |&(w, a)| (w as f64, a as f64))
+            })
             .collect();
         self.measure(target, &per_layer)
     }
