@@ -71,6 +71,7 @@ fn a_missing_file_is_reported_once() {
         &["/nonexistent/x.safetensors", "No such file"],
     );
     assert_eq!(e.matches("No such file").count(), 1, "{e}");
+    assert_eq!(e.matches("/nonexistent/x.safetensors").count(), 1, "{e}");
 }
 
 #[test]
