@@ -1,7 +1,7 @@
 //! The generalisation study: several (proxy → target) pairs, budgets and seeds, every arm of
 //! each run at the same budget and fine-tuning recipe, aggregated into one results table.
 
-use crate::pipeline::{Arm, PipelineError, RunLayout, RunSummary};
+use crate::pipeline::{Arm, ArmSummary, PipelineError, RunLayout, RunSummary};
 use crate::policy::{Policy, PolicyError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -140,11 +140,19 @@ impl StudyRun {
         }
         let summary = RunSummary::collect(&layout, arms)?;
         Ok(arms.iter().all(|arm| {
-            summary.arms.iter().any(|s| {
-                s.arm == *arm && s.top1.is_some() && s.finetune_epochs >= finetune_epochs.max(1)
-            })
+            summary
+                .arms
+                .iter()
+                .any(|s| s.arm == *arm && finished_top1(s, finetune_epochs).is_some())
         }))
     }
+}
+
+/// An arm's accuracy once its fine-tuning has run all `finetune_epochs`: a half-trained
+/// network's accuracy must not count.
+fn finished_top1(arm: &ArmSummary, finetune_epochs: usize) -> Option<f64> {
+    arm.top1
+        .filter(|_| arm.finetune_epochs >= finetune_epochs.max(1))
 }
 
 /// One row of the results table: one arm of one run.
@@ -207,9 +215,7 @@ pub fn collect(
                 compression_target: r.compression,
                 seed: r.seed,
                 arm: a.arm,
-                top1: a
-                    .top1
-                    .filter(|_| a.finetune_epochs >= finetune_epochs.max(1)),
+                top1: finished_top1(&a, finetune_epochs),
                 bops: a.bops,
                 size_mb: a.size_mb,
                 compression: a.compression,

@@ -151,13 +151,16 @@ pub(super) fn parse_spec_flag(flag: &str, s: &str) -> Result<DatasetSpec> {
         .with_context(|| format!("{flag} {s}"))
 }
 
-/// Parses and opens both splits of the data given to `flag`, before any work starts.
-pub(super) fn check_data(flag: &str, s: &str) -> Result<DatasetSpec> {
+/// Parses and opens both splits of the data given to `flag`, before any work starts; returns
+/// the train split it opened, for checks that need its shape or classes.
+pub(super) fn check_data(flag: &str, s: &str) -> Result<Arc<dyn ImageSource>> {
     let spec = parse_spec_flag(flag, s)?;
-    for split in [Split::Train, Split::Test] {
-        spec.load(split).with_context(|| format!("{flag} {s}"))?;
-    }
-    Ok(spec)
+    let train = spec
+        .load(Split::Train)
+        .with_context(|| format!("{flag} {s}"))?;
+    spec.load(Split::Test)
+        .with_context(|| format!("{flag} {s}"))?;
+    Ok(train)
 }
 
 fn parse_schedule(s: &str) -> Result<LrSchedule> {

@@ -264,6 +264,16 @@ pub struct BitCandidateArgs {
     pub a_bits: Vec<u32>,
 }
 
+impl Default for BitCandidateArgs {
+    fn default() -> Self {
+        let bits = gmpq::policy::DEFAULT_CANDIDATES.to_vec();
+        Self {
+            w_bits: bits.clone(),
+            a_bits: bits,
+        }
+    }
+}
+
 impl BitCandidateArgs {
     /// The candidate sets, sorted and without repeats.
     pub fn candidates(&self) -> Result<gmpq::policy::Candidates, gmpq::policy::PolicyError> {

@@ -9,7 +9,7 @@ use gmpq::checkpoint::Checkpoint;
 use gmpq::pipeline::{
     training_done, Arm, RunLayout, RunRecord, RunSummary, StageRecord, StageStatus, RECORD_FORMAT,
 };
-use gmpq::policy::{candidate_set, Policy};
+use gmpq::policy::Policy;
 use gmpq::search::{Geometry, Target};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -137,35 +137,28 @@ fn check_teacher(path: &Path, model: &str, what: &str) -> Result<gmpq::ModelConf
 }
 
 /// The network a run fine-tunes: the given target teacher's, or the one a teacher trained on
-/// the target data gets (its native channels and size, its classes).
+/// the target's train split gets (its native channels and size, its classes).
 pub(super) fn target_model(
     model: &str,
     target_teacher: Option<&Path>,
-    target: &gmpq::data::DatasetSpec,
+    target_train: &dyn gmpq::data::ImageSource,
 ) -> Result<gmpq::ModelConfig> {
     if let Some(t) = target_teacher {
         return check_teacher(t, model, "--target-teacher");
     }
-    let data = target.load(gmpq::data::Split::Train)?;
-    let [channels, size, _] = super::commands::native_shape(data.as_ref())?;
+    let [channels, size, _] = super::commands::native_shape(target_train)?;
     Ok(gmpq::ModelConfig::new(
         model.parse()?,
         channels,
-        data.num_classes(),
+        target_train.num_classes(),
         size,
     ))
 }
 
-/// Refuses a budget that no policy of `model` over `candidates` can meet, naming the
-/// cheapest cost.
-pub(super) fn check_budget(
-    model: &gmpq::ModelConfig,
-    target: &Target,
-    candidates: &gmpq::policy::Candidates,
-) -> Result<()> {
+/// The geometry budgets of `model` are measured on.
+pub(super) fn budget_geometry(model: &gmpq::ModelConfig) -> Result<Geometry> {
     let net = model_geometry(model)?;
-    let geometry = Geometry::new(net.convs(), net.fc_spec());
-    Ok(gmpq::search::check_feasible(&geometry, target, candidates)?)
+    Ok(Geometry::new(net.convs(), net.fc_spec()))
 }
 
 /// The uniform policy with the most BOPs that meets the budget (ties: more weight bits).
@@ -360,24 +353,20 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
     // Every input is checked before stage 1 (nothing is created for a run that cannot start).
     let (proxy, proxy_limit) = split_subset(&a.proxy);
     super::commands::check_data("--proxy", &proxy)?;
-    let target_spec = super::commands::check_data("--target", &split_subset(&a.target).0)?;
+    let target_train = super::commands::check_data("--target", &split_subset(&a.target).0)?;
+    let bit_sets = a.bits.candidates()?;
+    // The uniform arm's widths: those both candidate sets hold.
     let candidates = {
-        let (mut c, acts) = (
-            candidate_set(&a.bits.w_bits)?,
-            candidate_set(&a.bits.a_bits)?,
-        );
-        c.retain(|b| acts.contains(b));
+        let mut c = bit_sets.weight.clone();
+        c.retain(|b| bit_sets.activation.contains(b));
         c
     };
     if let Some(t) = &a.teacher {
         check_teacher(t, &a.model, "--teacher")?;
     }
     // An unreachable budget is refused here, not after the teachers have trained.
-    check_budget(
-        &target_model(&a.model, a.target_teacher.as_deref(), &target_spec)?,
-        &target,
-        &a.bits.candidates()?,
-    )?;
+    let model = target_model(&a.model, a.target_teacher.as_deref(), target_train.as_ref())?;
+    gmpq::search::check_feasible(&budget_geometry(&model)?, &target, &bit_sets)?;
 
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let _lock = gmpq::checkpoint::DirLock::acquire(&a.out)?;
@@ -480,10 +469,7 @@ pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
                 layout.search(arm),
                 name.clone(),
             );
-            let (w_bits, a_bits) = (
-                candidate_set(&a.bits.w_bits)?,
-                candidate_set(&a.bits.a_bits)?,
-            );
+            let (w_bits, a_bits) = (bit_sets.weight.clone(), bit_sets.activation.clone());
             let seed = a.seed;
             let proxy_spec = (proxy.clone(), proxy_limit, a.subset_seed);
             // What the in-process step does, for the record (these arms have no command of
@@ -751,10 +737,7 @@ pub fn demo_args(out: PathBuf, json: bool) -> PipelineArgs {
         recipe: super::RecipeArg::Scarce,
         attribution_weight: 20.0,
         p: None,
-        bits: super::BitCandidateArgs {
-            w_bits: gmpq::policy::DEFAULT_CANDIDATES.to_vec(),
-            a_bits: gmpq::policy::DEFAULT_CANDIDATES.to_vec(),
-        },
+        bits: super::BitCandidateArgs::default(),
         hflip: true,
         seed: 0,
         subset_seed: 0,
@@ -823,7 +806,7 @@ mod tests {
                 .any(|w| w == ["--recipe", "scarce"])
         );
         assert!(s.get("baseline").is_none() && s.get("bits").is_none());
-        assert_eq!(bit_list(&candidate_set(&a.bits.w_bits).unwrap()), "2,4");
+        assert_eq!(bit_list(&a.bits.candidates().unwrap().weight), "2,4");
         // GMPQ always runs: it is not a baseline; bits outside 2..=16 are refused.
         for bad in [["--baseline", "gmpq"], ["--w-bits", "1,4"]] {
             let mut v = argv[..6].to_vec();

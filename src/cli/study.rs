@@ -38,11 +38,10 @@ fn teacher(model: &str, t: &TeacherConfig, dir: &Path, device: tch::Device) -> R
 fn check_inputs(config: &StudyConfig, pairs: &[String]) -> Result<()> {
     let (target_data, _) = super::pipeline::split_subset(&config.target.data);
     let target = super::commands::check_data("the study's target", &target_data)?;
-    let model = super::pipeline::target_model(&config.model, None, &target)?;
-    let candidates = gmpq::policy::Candidates {
-        weight: gmpq::policy::DEFAULT_CANDIDATES.to_vec(),
-        activation: gmpq::policy::DEFAULT_CANDIDATES.to_vec(),
-    };
+    let model = super::pipeline::target_model(&config.model, None, target.as_ref())?;
+    let geometry = super::pipeline::budget_geometry(&model)?;
+    // The candidates every run of the study searches (its pipelines' defaults).
+    let candidates = super::BitCandidateArgs::default().candidates()?;
     for p in config
         .pairs
         .iter()
@@ -51,12 +50,9 @@ fn check_inputs(config: &StudyConfig, pairs: &[String]) -> Result<()> {
         let (proxy, _) = super::pipeline::split_subset(&p.proxy.data);
         super::commands::check_data(&format!("pair {}: proxy", p.name), &proxy)?;
         for b in &p.budgets {
-            super::pipeline::check_budget(
-                &model,
-                &gmpq::search::Target::Compression(b.compression),
-                &candidates,
-            )
-            .with_context(|| format!("pair {}", p.name))?;
+            let budget = gmpq::search::Target::Compression(b.compression);
+            gmpq::search::check_feasible(&geometry, &budget, &candidates)
+                .with_context(|| format!("pair {}", p.name))?;
         }
     }
     Ok(())

@@ -194,11 +194,11 @@ fn spend_budget(
     );
     let costliest = geometry.measure(target, &vec![(w_max, a_max); geometry.layers.len()]);
     let floor = SPEND_FLOOR * limit;
+    let spends = |p: &Policy| geometry.policy_cost(target, p) >= floor;
     let first = at_price(SPEND_TIE_BREAK)?;
-    if costliest <= limit || geometry.policy_cost(target, &first) >= floor {
+    if costliest <= limit || spends(&first) {
         return Ok(first);
     }
-    let spends = |p: &Policy| geometry.policy_cost(target, p) >= floor;
     // Double κ until the policy spends enough (or κ dwarfs any log-probability gap).
     let (mut lo, mut hi) = (0.0, 1.0);
     let mut best = at_price(hi)?;
