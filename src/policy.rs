@@ -129,22 +129,15 @@ pub fn candidate_set(bits: &[u32]) -> Result<Vec<u32>, PolicyError> {
     Ok(set.into_iter().collect())
 }
 
-/// What producing a policy cost, recorded in its `meta.cost` by every producer (searches,
-/// HAWQ, the uniform and random arms) and read by the pipeline's summary.
+/// What producing a policy cost, recorded in its `meta.cost` ([`crate::search::PolicyMeta`])
+/// by every producer (searches, HAWQ, the uniform and random arms) and read by the pipeline's
+/// summary.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 pub struct PolicyCost {
     /// Wall time in seconds.
     pub wall_seconds: f64,
     /// Images processed (forward passes through the network, counted per image).
     pub images_processed: u64,
-}
-
-impl PolicyCost {
-    /// The cost recorded in a policy's meta, if any.
-    pub fn of(policy: &Policy) -> Option<Self> {
-        let v = policy.meta.as_ref()?.get("cost")?;
-        serde_json::from_value(v.clone()).ok()
-    }
 }
 
 /// The bitwidths gmpq quantizes to (weights and activations).

@@ -164,6 +164,48 @@ fn pipeline_killed_in_each_stage_resumes_without_redoing_finished_stages() {
         assert!(html.contains(needle), "report lacks {needle}");
     }
 
+    // Every recorded stage command is a gmpq command line the binary accepts: its flags are
+    // the binary's (clap stops at --help only after every flag before it parsed).
+    let rec = record(&out).unwrap();
+    for stage in rec["stages"].as_array().unwrap() {
+        let command = stage["command"].as_str().unwrap();
+        let Some(rest) = command.strip_prefix("gmpq ") else {
+            continue;
+        };
+        let mut argv = shell_words::split(rest).unwrap();
+        argv.push("--help".into());
+        let o = gmpq().args(&argv).output().unwrap();
+        assert!(o.status.success(), "{command}: {}", stderr(&o));
+    }
+
+    // The library runs the same pipeline without the binary: the settings it is given equal
+    // the ones the CLI recorded (else the run would refuse them), every stage is skipped.
+    let fmnist = format!("idx:{}", bundled("fashion-mnist").display());
+    let settings = gmpq::pipeline::PipelineSettings {
+        target_limit: Some(512),
+        target_test_limit: Some(200),
+        baseline: vec![gmpq::pipeline::Arm::Uniform],
+        teacher_epochs: 3,
+        target_teacher_epochs: 3,
+        search_epochs: 2,
+        finetune_epochs: 2,
+        ..gmpq::pipeline::PipelineSettings::new(format!("{fmnist}:300"), fmnist, out.clone())
+    };
+    struct Skips(std::sync::Mutex<Vec<String>>);
+    impl gmpq::pipeline::RunEvents for Skips {
+        fn stage_skipped(&self, name: &str, _why: &str) {
+            self.0.lock().unwrap().push(name.into());
+        }
+    }
+    let skips = Skips(Default::default());
+    let outcome = gmpq::pipeline::run(&settings, "library test", tch::Device::Cpu, &skips).unwrap();
+    assert_eq!(
+        skips.0.lock().unwrap().len(),
+        outputs(&out).len(),
+        "every stage but the attribution grid is skipped"
+    );
+    assert!(outcome.summary.arms.iter().all(|a| a.top1.is_some()));
+
     // Changed settings are refused, naming the setting.
     let mut changed = args.clone();
     let i = changed

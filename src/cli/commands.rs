@@ -12,7 +12,7 @@ use gmpq::model::Model;
 use gmpq::model::{Arch, ModelConfig, Stem};
 use gmpq::policy::{parse_uniform, LayerCost, Policy, PolicyTotals};
 use gmpq::quant::{CalibrationMethod, Precision};
-use gmpq::train::{self, Augment, LrSchedule, TrainConfig, TrainJob};
+use gmpq::train::{self, Augment, TrainRequest};
 use std::sync::Arc;
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -151,32 +151,6 @@ pub(super) fn parse_spec_flag(flag: &str, s: &str) -> Result<DatasetSpec> {
         .with_context(|| format!("{flag} {s}"))
 }
 
-/// Parses and opens both splits of the data given to `flag`, before any work starts; returns
-/// the train split it opened, for checks that need its shape or classes.
-pub(super) fn check_data(flag: &str, s: &str) -> Result<Arc<dyn ImageSource>> {
-    let spec = parse_spec_flag(flag, s)?;
-    let train = spec
-        .load(Split::Train)
-        .with_context(|| format!("{flag} {s}"))?;
-    spec.load(Split::Test)
-        .with_context(|| format!("{flag} {s}"))?;
-    Ok(train)
-}
-
-fn parse_schedule(s: &str) -> Result<LrSchedule> {
-    Ok(match s {
-        "cosine" => LrSchedule::Cosine,
-        "constant" => LrSchedule::Constant,
-        _ => match s.split(':').collect::<Vec<_>>().as_slice() {
-            ["step", e, g] => LrSchedule::Step {
-                step_epochs: e.parse().context("step epochs")?,
-                gamma: g.parse().context("step gamma")?,
-            },
-            _ => bail!("unknown schedule '{s}' (cosine, constant, step:EPOCHS:GAMMA)"),
-        },
-    })
-}
-
 fn subset_of(source: &dyn ImageSource, a: &SubsetArgs) -> Result<Vec<usize>> {
     let spec = SubsetSpec {
         limit: a.limit,
@@ -190,158 +164,83 @@ fn train_cmd(a: TrainArgs, device: tch::Device) -> Result<()> {
     run_training(a, device, None)
 }
 
-/// A fine-tuning run's extras: the FP checkpoint, its model, and the fixed policy.
-struct FinetuneSetup {
-    init: train::InitFrom,
-    model: ModelConfig,
-    precision: Precision,
-}
-
 fn finetune_cmd(mut a: FinetuneArgs, device: tch::Device) -> Result<()> {
     if a.train.model.is_some() {
         bail!("--model does not apply to finetune: the model is --init's");
     }
     a.train.out.get_or_insert_with(|| "runs/finetune".into());
     let ck = Checkpoint::load(&a.init).with_context(|| format!("loading {}", a.init.display()))?;
-    let model = ck.meta.model.clone();
-    let geometry = model_geometry(&model)?;
-    let policy = chosen_policy(&a.policy, &model, &geometry)?
+    let geometry = model_geometry(&ck.meta.model)?;
+    let policy = chosen_policy(&a.policy, &ck.meta.model, &geometry)?
         .context("give --policy FILE or --uniform wXaY")?;
-    let setup = FinetuneSetup {
-        init: train::InitFrom {
-            checkpoint: a.init.clone(),
-            calibration: a.calibration.into(),
-            calibration_images: a.calib_images,
-        },
-        model,
-        precision: Precision::Fixed {
-            policy,
-            per_channel: a.per_channel,
-        },
+    let init = train::InitFrom {
+        checkpoint: a.init.clone(),
+        calibration: a.calibration.into(),
+        calibration_images: a.calib_images,
     };
-    run_training(a.train, device, Some(setup))
+    let finetune = train::Finetune::new(init, policy, a.per_channel)?;
+    run_training(a.train, device, Some(finetune))
 }
 
-fn run_training(a: TrainArgs, device: tch::Device, finetune: Option<FinetuneSetup>) -> Result<()> {
-    let out = a.out.clone().unwrap_or_else(|| "runs/train".into());
-    let spec = parse_spec(&a.data)?;
-    let train_data = spec.load(Split::Train)?;
-    let test_spec = match &a.test_data {
-        Some(t) => parse_spec_flag("--test-data", t)?,
-        None => spec.clone(),
-    };
-    let test_data = test_spec.load(Split::Test)?;
-    if test_data.num_classes() != train_data.num_classes() {
-        bail!(
-            "train data has {} classes but test data has {}",
-            train_data.num_classes(),
-            test_data.num_classes()
-        );
-    }
-    let train_indices = subset_of(train_data.as_ref(), &a.subset)?;
-    let test_indices = stratified_subset(
-        test_data.as_ref(),
-        &SubsetSpec::limited(a.test_limit, a.subset.subset_seed),
-    )?;
-    let arch: Arch = a.model.as_deref().unwrap_or("resnet20").parse()?;
-    let native = native_shape(train_data.as_ref())?;
-    let input_size = a.input_size.unwrap_or(native[1]);
-    let channels = if a.rgb { 3 } else { native[0] };
-    let mut model = ModelConfig::new(arch, channels, train_data.num_classes(), input_size);
-    if let Some(stem) = &a.stem {
-        model.stem = stem.parse::<Stem>()?;
-    }
-    model.width = a.width;
-    let (precision, init) = match finetune {
-        Some(f) => {
-            if f.model.num_classes < train_data.num_classes() {
-                bail!(
-                    "{} predicts {} classes but the data has {}",
-                    f.init.checkpoint.display(),
-                    f.model.num_classes,
-                    train_data.num_classes()
-                );
-            }
-            model = f.model;
-            (f.precision, Some(f.init))
-        }
-        None => (Precision::Full, None),
-    };
-    let finetuning = init.is_some();
-    let config = TrainConfig {
-        epochs: a.epochs,
-        batch_size: a.batch_size,
-        lr: a.lr.unwrap_or(if finetuning {
-            gmpq::train::FINETUNE_LR
-        } else {
-            gmpq::train::TRAIN_LR
-        }),
-        momentum: a.momentum,
-        weight_decay: a.weight_decay.unwrap_or(if finetuning {
-            gmpq::train::FINETUNE_WEIGHT_DECAY
-        } else {
-            gmpq::train::TRAIN_WEIGHT_DECAY
-        }),
-        schedule: parse_schedule(&a.schedule)?,
-        augment: Augment {
-            crop_padding: a.crop_padding,
-            hflip: a.hflip,
-        },
-        seed: a.seed,
-    };
-    let dataset = format!(
-        "{spec} ({} train images{}; test {} images)",
-        train_indices.len(),
-        if a.subset.limit.is_some() || a.subset.per_class.is_some() {
-            format!(", subset seed {}", a.subset.subset_seed)
-        } else {
-            String::new()
-        },
-        test_indices.len()
+/// The library's training request of `gmpq train`'s flags.
+fn train_request(a: &TrainArgs, finetune: Option<train::Finetune>) -> Result<TrainRequest> {
+    let mut r = TrainRequest::new(
+        parse_spec(&a.data)?,
+        a.out.clone().unwrap_or_else(|| "runs/train".into()),
     );
-    tracing::info!(
-        "training {arch} ({} ch, {} px, {} classes) on {dataset} for {} epochs",
-        model.in_channels,
-        model.input_size,
-        model.num_classes,
-        config.epochs
-    );
+    r.arch = a.model.as_deref().unwrap_or("resnet20").parse()?;
+    r.test_data = a
+        .test_data
+        .as_deref()
+        .map(|t| parse_spec_flag("--test-data", t))
+        .transpose()?;
+    r.input_size = a.input_size;
+    r.rgb = a.rgb;
+    r.stem = a.stem.as_deref().map(str::parse::<Stem>).transpose()?;
+    r.width = a.width;
+    r.epochs = a.epochs;
+    r.batch_size = a.batch_size;
+    r.lr = a.lr;
+    r.momentum = a.momentum;
+    r.weight_decay = a.weight_decay;
+    r.schedule = a.schedule.parse()?;
+    r.augment = Augment {
+        crop_padding: a.crop_padding,
+        hflip: a.hflip,
+    };
+    r.seed = a.seed;
+    r.subset = SubsetSpec {
+        limit: a.subset.limit,
+        per_class: a.subset.per_class,
+        seed: a.subset.subset_seed,
+    };
+    r.test_limit = a.test_limit;
+    r.resume = a.resume;
+    r.finetune = finetune;
+    Ok(r)
+}
+
+fn run_training(
+    a: TrainArgs,
+    device: tch::Device,
+    finetune: Option<train::Finetune>,
+) -> Result<()> {
     let bars = TrainBars::new();
-    let meta = train::train(TrainJob {
-        model,
-        config,
-        train_data,
-        train_indices,
-        test_data,
-        test_indices,
-        dataset,
-        out_dir: out.clone(),
-        resume: a.resume,
-        device,
-        progress: &bars,
-        precision,
-        init,
-    })?;
+    let outcome = train_request(&a, finetune)?.run(device, &bars)?;
+    let meta = &outcome.meta;
     let last = meta.history.last().context("no epoch was run")?;
-    let ckpt = train::last_checkpoint(&out);
     if a.json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "checkpoint": ckpt,
+                "checkpoint": outcome.checkpoint,
                 "epochs": meta.epoch,
                 "final": last,
                 "seconds_per_epoch": meta.history.iter().map(|m| m.seconds).sum::<f64>() / meta.history.len() as f64,
             }))?
         );
     } else {
-        println!(
-            "{}: epoch {}, test top-1 {:.2}%, top-5 {:.2}%",
-            ckpt.display(),
-            meta.epoch,
-            last.test_top1,
-            last.test_top5
-        );
+        println!("{}", outcome.one_line());
     }
     Ok(())
 }
@@ -525,17 +424,6 @@ pub(super) fn uniform_policy(cfg: &ModelConfig, name: &str) -> Result<Policy> {
     Ok(Policy::uniform(cfg, model_geometry(cfg)?.convs(), w, a))
 }
 
-/// [channels, height, width] of a dataset's images: its declared shape, or its first image's.
-pub(super) fn native_shape(data: &dyn ImageSource) -> Result<[usize; 3]> {
-    Ok(match data.native_shape() {
-        Some(s) => s,
-        None => {
-            let img = data.image(0)?;
-            [img.channels, img.height, img.width]
-        }
-    })
-}
-
 /// Builds the spec-only view of a model (conv geometry and head) for BOPs tables.
 pub(super) fn model_geometry(cfg: &ModelConfig) -> Result<Model> {
     Ok(train::build_fp(cfg, tch::Device::Cpu)?.1)
@@ -631,9 +519,10 @@ fn bops_cmd(a: BopsArgs) -> Result<()> {
         // model config): its costs are measured on that geometry, not on --model/--input.
         let policy = Policy::load(path)?;
         recorded = policy.totals.clone();
-        let cfg = match policy.meta.as_ref().and_then(|m| m.get("model_config")) {
-            Some(v) => serde_json::from_value::<ModelConfig>(v.clone())
-                .with_context(|| format!("{}: malformed meta.model_config", path.display()))?,
+        let meta = gmpq::search::PolicyMeta::of(&policy)
+            .with_context(|| format!("{}: malformed meta", path.display()))?;
+        let cfg = match meta.and_then(|m| m.model_config) {
+            Some(cfg) => cfg,
             None => {
                 let mut cfg = model_config(&a.model)?;
                 cfg.arch = policy.model.parse()?;

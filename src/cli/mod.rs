@@ -249,6 +249,11 @@ impl From<BudgetModeArg> for gmpq::search::BudgetMode {
 }
 
 /// The search defaults, defined once in the library (`SearchConfig::default()`).
+/// The library's training recipe, whose values are the flags' defaults.
+fn train_defaults() -> gmpq::train::TrainConfig {
+    gmpq::train::TrainConfig::default()
+}
+
 fn search_defaults() -> gmpq::search::SearchConfig {
     gmpq::search::SearchConfig::default()
 }
@@ -393,7 +398,7 @@ pub struct SearchArgs {
     #[command(flatten)]
     pub subset: SubsetArgs,
     /// Held-out proxy images (from the test split) for the argmax policy's accuracy.
-    #[arg(long = "val-limit", alias = "val-images", default_value_t = 500)]
+    #[arg(long = "val-limit", alias = "val-images", default_value_t = gmpq::pipeline::VAL_IMAGES)]
     pub val_images: usize,
     /// Budget: policy BOPs at most this (e.g. 1.2e9, 1.2G, 800M).
     #[arg(long, group = "budget")]
@@ -443,10 +448,10 @@ pub struct SearchArgs {
     #[arg(long, value_enum, default_value = "gmpq")]
     pub method: SearchMethodArg,
     /// hawq: proxy images the sensitivities are measured on (from the --limit subset).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = gmpq::pipeline::HAWQ_IMAGES)]
     pub hawq_images: usize,
     /// hawq: Hutchinson probes per batch for the Hessian traces.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = gmpq::pipeline::HAWQ_SAMPLES)]
     pub hawq_samples: usize,
     /// Preset α dynamics, recorded in the policy's meta: scarce (the default: Adam for α at
     /// lr 0.03, α frozen for the first 20 % of the epochs, the budget held by the penalty
@@ -579,7 +584,7 @@ pub struct QuantizeArgs {
     #[arg(long)]
     pub calib_data: String,
     /// Calibration images (a stratified subset of the train split).
-    #[arg(long = "calib-limit", alias = "calib-images", default_value_t = 1024)]
+    #[arg(long = "calib-limit", alias = "calib-images", default_value_t = gmpq::train::CALIBRATION_IMAGES)]
     pub calib_images: usize,
     /// kl (KL search below 5 bits, max above), max, or reference (KL below 5 bits, max
     /// capped at 6 above: suits networks trained with clipped activations).
@@ -656,7 +661,7 @@ pub struct ReportArgs {
 
 /// Settings of a pipeline run. Everything but the arms, the output folder and `--json` is
 /// recorded in the run's pipeline.json and must not change when the run is resumed.
-#[derive(Debug, Clone, Args, serde::Serialize)]
+#[derive(Debug, Clone, Args)]
 pub struct PipelineArgs {
     /// resnet20, resnet32, resnet56, resnet18, resnet50 or mobilenetv2.
     #[arg(long, default_value = "resnet20")]
@@ -697,26 +702,24 @@ pub struct PipelineArgs {
     /// under the budget, drawn with --seed), hawq (Hessian-trace and activation
     /// sensitivities of the proxy teacher on 512 proxy images, minimised by the knapsack).
     #[arg(long, value_delimiter = ',', value_parser = baseline_arm())]
-    #[serde(skip)]
     pub baseline: Vec<gmpq::pipeline::Arm>,
     /// Epochs of the proxy teacher.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = gmpq::pipeline::TEACHER_EPOCHS)]
     pub teacher_epochs: usize,
     /// Epochs of the target teacher.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = gmpq::pipeline::TEACHER_EPOCHS)]
     pub target_teacher_epochs: usize,
     /// Epochs of the proxy searches (gmpq, edmips).
     #[arg(long, default_value_t = search_defaults().epochs)]
     pub search_epochs: usize,
     /// Epochs of the edmips-target search (default: --search-epochs).
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub target_search_epochs: Option<usize>,
     /// Search learning rates ×0.1 every this many epochs.
     #[arg(long, default_value_t = search_defaults().step_epochs)]
     pub search_step_epochs: usize,
     /// Fine-tuning epochs of every arm on the target.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = gmpq::pipeline::FINETUNE_EPOCHS)]
     pub finetune_epochs: usize,
     /// Fine-tuning learning rate.
     #[arg(long, default_value_t = gmpq::train::FINETUNE_LR)]
@@ -726,14 +729,12 @@ pub struct PipelineArgs {
     pub attribution_weight: f64,
     /// Fixed attribution exponent p of the GMPQ arm (default: the capacity-aware rule).
     #[arg(long)]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub p: Option<f64>,
     /// Search recipe of the searched arms (gmpq, edmips, edmips-target): scarce or
     /// reference (`gmpq search --help`, docs/SEARCH.md).
     #[arg(long, value_enum, default_value_t = RecipeArg::Scarce)]
     pub recipe: RecipeArg,
     #[command(flatten)]
-    #[serde(flatten)]
     pub bits: BitCandidateArgs,
     /// Random horizontal flips in training and search (not for digits).
     #[arg(long)]
@@ -741,7 +742,6 @@ pub struct PipelineArgs {
     /// Flips on the proxy side (proxy teacher, proxy searches): a switch like --hflip
     /// (`--proxy-hflip false` turns them off); default: as --hflip.
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy_hflip: Option<bool>,
     /// Seed of training, search and fine-tuning (the proxy subset has its own).
     #[arg(long, default_value_t = 0)]
@@ -751,17 +751,14 @@ pub struct PipelineArgs {
     pub subset_seed: u64,
     /// Run folder.
     #[arg(long, default_value = "runs/pipeline")]
-    #[serde(skip)]
     pub out: PathBuf,
     /// Another run folder (repeatable) whose finished fine-tunings may be copied: one with the
     /// same command (same teacher, data, recipe and seed) and a byte-identical policy is the
     /// same computation, so it is copied instead of run again (pipeline.json says so).
     #[arg(long, value_name = "RUN_DIR")]
-    #[serde(skip)]
     pub reuse_finetunes_from: Vec<PathBuf>,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
-    #[serde(skip)]
     pub json: bool,
 }
 
@@ -803,16 +800,16 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1.0)]
     pub width: f64,
     /// Passes over the training images.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = train_defaults().epochs)]
     pub epochs: usize,
     /// Images per step.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = train_defaults().batch_size)]
     pub batch_size: usize,
     /// Learning rate [default: 0.1; finetune: 0.01].
     #[arg(long)]
     pub lr: Option<f64>,
     /// SGD momentum.
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = train_defaults().momentum)]
     pub momentum: f64,
     /// Weight decay [default: 5e-4; finetune: 4e-5].
     #[arg(long = "wd")]
@@ -821,7 +818,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "cosine")]
     pub schedule: String,
     /// Random-crop padding in pixels (0 disables random crops).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = train_defaults().augment.crop_padding)]
     pub crop_padding: usize,
     /// Random horizontal flips (not for digits).
     #[arg(long)]
@@ -857,7 +854,7 @@ pub struct FinetuneArgs {
     #[arg(long, value_enum, default_value = "kl")]
     pub calibration: CalibrationArg,
     /// Training images used to calibrate before fine-tuning.
-    #[arg(long = "calib-limit", alias = "calib-images", default_value_t = 1024)]
+    #[arg(long = "calib-limit", alias = "calib-images", default_value_t = gmpq::train::CALIBRATION_IMAGES)]
     pub calib_images: usize,
     /// Per-output-channel weight thresholds.
     #[arg(long)]

@@ -42,6 +42,16 @@ pub trait ImageSource: Send + Sync {
     fn describe(&self) -> String;
     /// Native (channels, height, width) if every image has the same shape.
     fn native_shape(&self) -> Option<[usize; 3]>;
+    /// (channels, height, width): the native shape, else the first image's.
+    fn shape(&self) -> Result<[usize; 3]> {
+        Ok(match self.native_shape() {
+            Some(s) => s,
+            None => {
+                let img = self.image(0)?;
+                [img.channels, img.height, img.width]
+            }
+        })
+    }
 }
 
 /// Images held decoded in memory (IDX and CIFAR files are small enough).

@@ -30,6 +30,55 @@ impl std::fmt::Display for Target {
     }
 }
 
+impl Target {
+    /// The budget of the three ways to state one (at most one given), checked; `None` when
+    /// none is. BOPs are a count with an optional G/M/K suffix (`1.2G`, `800M`, `5e8`).
+    pub fn from_parts(
+        bops: Option<&str>,
+        compression: Option<f64>,
+        size_mb: Option<f64>,
+    ) -> Result<Option<Target>, String> {
+        Ok(match (bops, compression, size_mb) {
+            (Some(b), _, _) => Some(Target::Bops(parse_bops(b)?)),
+            (_, Some(c), _) if c <= 1.0 || !c.is_finite() => {
+                return Err(format!("compression target {c} must be above 1"))
+            }
+            (_, Some(c), _) => Some(Target::Compression(c)),
+            (_, _, Some(s)) if s <= 0.0 || !s.is_finite() => {
+                return Err(format!("size target {s} MB must be positive"))
+            }
+            (_, _, Some(s)) => Some(Target::SizeMb(s)),
+            (None, None, None) => None,
+        })
+    }
+
+    /// The budget as `gmpq search`'s flag and value.
+    pub fn flag(&self) -> [String; 2] {
+        match *self {
+            Target::Bops(b) => ["--target-bops".into(), format!("{b}")],
+            Target::Compression(c) => ["--target-compression".into(), format!("{c}")],
+            Target::SizeMb(s) => ["--target-size-mb".into(), format!("{s}")],
+        }
+    }
+}
+
+/// Parses `1.2G`, `800M`, `5e8` as a (positive) BOPs count.
+pub fn parse_bops(s: &str) -> Result<f64, String> {
+    let (num, mult) = match s.chars().last() {
+        Some('G' | 'g') => (&s[..s.len() - 1], 1e9),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1e6),
+        Some('K' | 'k') => (&s[..s.len() - 1], 1e3),
+        _ => (s, 1.0),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a BOPs count"))?;
+    if v <= 0.0 || !v.is_finite() {
+        return Err("BOPs target must be positive".into());
+    }
+    Ok(v * mult)
+}
+
 /// The model geometry a budget is measured on.
 #[derive(Debug, Clone)]
 pub struct Geometry {

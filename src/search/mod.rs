@@ -7,13 +7,17 @@
 mod budget;
 mod extract;
 pub mod hawq;
+mod provenance;
 mod state;
 
-pub use budget::{random_policy, repair, BudgetMode, DualWeight, Geometry, Preferences, Target};
+pub use budget::{
+    parse_bops, random_policy, repair, BudgetMode, DualWeight, Geometry, Preferences, Target,
+};
 pub use extract::{
     argmax_policy, check_feasible, solve as solve_knapsack, ArgmaxRepair, Choice, Extraction,
     ExtractionError, ExtractionRule, Item, Knapsack, SPEND_FLOOR,
 };
+pub use provenance::{ExtractionRecord, PolicyMeta};
 pub use state::remove_snapshots;
 
 use crate::attribution::{self, capacity_aware_p};
@@ -123,6 +127,14 @@ pub enum Recipe {
 }
 
 impl Recipe {
+    /// The recipe's name, as `--recipe` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Recipe::Reference => "reference",
+            Recipe::Scarce => "scarce",
+        }
+    }
+
     /// Sets this recipe's levers in `cfg` (other settings stay).
     pub fn apply(self, cfg: &mut SearchConfig) {
         cfg.recipe = self;
@@ -380,18 +392,18 @@ pub fn re_extract(
     rule: ExtractionRule,
     target: Option<Target>,
 ) -> Result<Policy> {
-    let meta = searched.meta.as_ref().ok_or_else(|| {
-        SearchError::Invalid("the policy has no meta: it was not written by gmpq search".into())
+    let mut meta = PolicyMeta::of(searched)
+        .map_err(|e| SearchError::Invalid(format!("the policy's meta is malformed: {e}")))?
+        .ok_or_else(|| {
+            SearchError::Invalid("the policy has no meta: it was not written by gmpq search".into())
+        })?;
+    let alpha: Preferences = meta.alpha.clone().ok_or_else(|| {
+        SearchError::Invalid(
+            "the policy's meta.alpha is missing: only policies written by gmpq search keep their α"
+                .into(),
+        )
     })?;
-    let alpha: Preferences = serde_json::from_value(meta["alpha"].clone()).map_err(|e| {
-        SearchError::Invalid(format!(
-            "the policy's meta.alpha is missing or malformed ({e}): only policies written by gmpq search keep their α"
-        ))
-    })?;
-    let target = match target {
-        Some(t) => Some(t),
-        None => serde_json::from_value::<Option<Target>>(meta["target"].clone()).unwrap_or(None),
-    };
+    let target = target.or(meta.target);
     let fp = quant::build(model, Precision::Full, Device::Cpu)?;
     searched.validate(model, fp.net.convs())?;
     let geometry = Geometry::new(fp.net.convs(), fp.net.fc_spec());
@@ -399,10 +411,12 @@ pub fn re_extract(
         .strategy()
         .extract(searched, &geometry, target.as_ref(), &alpha)?
         .with_totals(fp.net.convs(), fp.net.fc_spec());
-    let mut new_meta = meta.clone();
-    new_meta["target"] = serde_json::to_value(target).unwrap_or_default();
-    new_meta["extraction"] = serde_json::json!({ "rule": rule.to_string(), "from": "saved alpha" });
-    policy.meta = Some(new_meta);
+    meta.target = target;
+    meta.extraction = Some(ExtractionRecord {
+        rule: rule.to_string(),
+        from: "saved alpha".into(),
+    });
+    policy.meta = Some(meta.to_value());
     Ok(policy)
 }
 

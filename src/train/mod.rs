@@ -3,8 +3,10 @@
 //! checkpoints.
 
 mod optim;
+mod request;
 
 pub use optim::{Adam, ParamLayout, Sgd};
+pub use request::{Finetune, TrainOutcome, TrainRequest, CALIBRATION, CALIBRATION_IMAGES};
 
 use crate::checkpoint::{
     self, Checkpoint, CheckpointError, CheckpointMeta, EpochMetrics, OPTIMIZER_PREFIX,
@@ -90,6 +92,30 @@ impl LrSchedule {
             }
             LrSchedule::Constant => base,
         }
+    }
+}
+
+impl std::str::FromStr for LrSchedule {
+    type Err = TrainError;
+
+    /// `cosine`, `constant` or `step:EPOCHS:GAMMA`.
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            TrainError::Invalid(format!(
+                "unknown schedule '{s}' (cosine, constant, step:EPOCHS:GAMMA)"
+            ))
+        };
+        Ok(match s {
+            "cosine" => LrSchedule::Cosine,
+            "constant" => LrSchedule::Constant,
+            _ => match s.split(':').collect::<Vec<_>>().as_slice() {
+                ["step", e, g] => LrSchedule::Step {
+                    step_epochs: e.parse().map_err(|_| bad())?,
+                    gamma: g.parse().map_err(|_| bad())?,
+                },
+                _ => return Err(bad()),
+            },
+        })
     }
 }
 

@@ -1,6 +1,10 @@
 //! The generalisation study: several (proxy → target) pairs, budgets and seeds, every arm of
 //! each run at the same budget and fine-tuning recipe, aggregated into one results table.
 
+mod run;
+
+pub use run::{check_inputs, run, write_tables};
+
 use crate::pipeline::{Arm, ArmSummary, PipelineError, RunLayout, RunSummary};
 use crate::policy::{Policy, PolicyError};
 use serde::{Deserialize, Serialize};
@@ -21,6 +25,10 @@ pub enum StudyError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Report(#[from] crate::report::ReportError),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A full-precision teacher the study trains once and shares between runs.

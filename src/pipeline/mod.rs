@@ -2,6 +2,24 @@
 //! each stage writes, and the record of what ran, so an interrupted pipeline resumes stage by
 //! stage and the report can show the exact commands.
 
+mod run;
+mod search;
+mod settings;
+mod stage;
+
+pub use run::{budget_geometry, check_data, run, target_model, RunEvents, RunOutcome};
+pub use search::{
+    SearchMethod, SearchOutcome, SearchRequest, SearchedPolicy, HAWQ_IMAGES, HAWQ_SAMPLES,
+    VAL_IMAGES,
+};
+pub use settings::{
+    split_subset, PipelineSettings, DEFAULT_BUDGET, FINETUNE_EPOCHS, TEACHER_EPOCHS,
+};
+pub use stage::{
+    attribution_grid, AttributionStage, FinetuneOf, PolicyStage, SearchKind, SearchStage, Stage,
+    StageContext, TrainStage,
+};
+
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::policy::{Policy, PolicyError};
 use serde::{Deserialize, Serialize};
@@ -27,6 +45,63 @@ pub enum PipelineError {
          delete the folder to start again"
     )]
     SettingsChanged { dir: PathBuf, fields: String },
+    #[error(transparent)]
+    Train(#[from] crate::train::TrainError),
+    #[error(transparent)]
+    Search(#[from] crate::search::SearchError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    #[error(transparent)]
+    Lock(#[from] crate::checkpoint::LockError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error(transparent)]
+    Quant(#[from] crate::quant::QuantError),
+    #[error(transparent)]
+    Report(Box<crate::report::ReportError>),
+    #[error("{0}")]
+    Invalid(String),
+    /// What was being done when `source` failed (a stage, an input).
+    #[error("{what}")]
+    Context {
+        what: String,
+        #[source]
+        source: Box<PipelineError>,
+    },
+}
+
+impl From<crate::report::ReportError> for PipelineError {
+    fn from(e: crate::report::ReportError) -> Self {
+        PipelineError::Report(Box::new(e))
+    }
+}
+
+impl PipelineError {
+    /// `self` as the cause of `what`.
+    pub fn context(self, what: impl Into<String>) -> Self {
+        PipelineError::Context {
+            what: what.into(),
+            source: Box::new(self),
+        }
+    }
+
+    /// The folder whose lock another process holds, when that is what failed.
+    pub fn busy_folder(&self) -> Option<&Path> {
+        match self {
+            PipelineError::Lock(checkpoint::LockError::Busy { dir, .. }) => Some(dir),
+            PipelineError::Context { source, .. } => source.busy_folder(),
+            _ => None,
+        }
+    }
+}
+
+/// `.map_err(context("…"))`: wraps any error the pipeline knows with what was being done.
+pub(crate) fn context<E: Into<PipelineError>>(
+    what: impl Into<String>,
+) -> impl FnOnce(E) -> PipelineError {
+    move |e| e.into().context(what)
 }
 
 pub type Result<T> = std::result::Result<T, PipelineError>;
@@ -442,7 +517,10 @@ impl RunSummary {
                 summary.fp_bops = Some(t.fp_bops as f64);
                 summary.fp_size_mb = Some(t.fp_size_mb);
             }
-            let cost = policy.as_ref().and_then(crate::policy::PolicyCost::of);
+            let cost = policy
+                .as_ref()
+                .and_then(|p| crate::search::PolicyMeta::of(p).ok().flatten())
+                .and_then(|m| m.cost);
             let ft = training_meta(&layout.finetune(arm))?;
             let ft_last = ft.as_ref().and_then(|m| m.history.last());
             summary.arms.push(ArmSummary {

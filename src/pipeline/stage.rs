@@ -1,0 +1,624 @@
+//! The stages of a run as typed values. Each runs itself and states the `gmpq` command line
+//! that does the same (recorded in `pipeline.json`); none goes through flag strings.
+
+use super::search::{SearchMethod, SearchRequest, VAL_IMAGES};
+use super::{context, training_done, Arm, PipelineError, Result, RunEvents};
+use crate::checkpoint::Checkpoint;
+use crate::data::{stratified_subset, DataLoader, DatasetSpec, LoaderConfig, Split, SubsetSpec};
+use crate::policy::{Candidates, Policy, PolicyCost};
+use crate::search::{Geometry, PolicyMeta, Recipe, SearchConfig, Target};
+use crate::train::{self, Finetune, TrainRequest};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What a stage runs with.
+pub struct StageContext<'a> {
+    pub device: tch::Device,
+    pub events: &'a dyn RunEvents,
+}
+
+/// One step of a run.
+pub trait Stage {
+    /// The stage's name in `pipeline.json` (`teacher-proxy`, `search-gmpq`, …).
+    fn name(&self) -> String;
+    /// The `gmpq …` command that does the same, or what the step does when no command does.
+    fn command(&self) -> String;
+    /// Whether its output exists (a resumed run skips it).
+    fn done(&self) -> Result<bool>;
+    /// Runs it; returns a one-line account of what it produced.
+    fn run(&self, ctx: &StageContext) -> Result<String>;
+}
+
+/// `gmpq ARGS…` as one shell-quoted line.
+fn command_line(args: &[String]) -> String {
+    shell_words::join(std::iter::once("gmpq").chain(args.iter().map(String::as_str)))
+}
+
+fn path_arg(p: &Path) -> String {
+    p.display().to_string()
+}
+
+/// A candidate list as its flag value: `2,3,4,6`.
+fn bit_list(bits: &[u32]) -> String {
+    bits.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn parse_spec(what: &str, s: &str) -> Result<DatasetSpec> {
+    s.parse::<DatasetSpec>()
+        .map_err(context(format!("{what} {s}")))
+}
+
+/// Fine-tuning's part of a [`TrainStage`]: the FP weights, the policy, the learning rate.
+#[derive(Debug, Clone)]
+pub struct FinetuneOf {
+    pub init: PathBuf,
+    pub policy: PathBuf,
+    pub lr: f64,
+}
+
+/// `gmpq train` (an FP teacher) or `gmpq finetune` (a policy from FP weights), resumable.
+#[derive(Debug, Clone)]
+pub struct TrainStage {
+    pub name: String,
+    /// The architecture a teacher trains (a fine-tuning takes its init's).
+    pub model: String,
+    pub data: String,
+    pub limit: Option<usize>,
+    pub subset_seed: u64,
+    pub test_limit: Option<usize>,
+    pub epochs: usize,
+    pub hflip: bool,
+    pub seed: u64,
+    pub out: PathBuf,
+    pub finetune: Option<FinetuneOf>,
+}
+
+impl Stage for TrainStage {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn command(&self) -> String {
+        let mut argv: Vec<String> = match &self.finetune {
+            Some(f) => vec![
+                "finetune".into(),
+                "--init".into(),
+                path_arg(&f.init),
+                "--policy".into(),
+                path_arg(&f.policy),
+            ],
+            None => vec!["train".into(), "--model".into(), self.model.clone()],
+        };
+        argv.extend([
+            "--data".into(),
+            self.data.clone(),
+            "--epochs".into(),
+            self.epochs.to_string(),
+            "--out".into(),
+            path_arg(&self.out),
+            "--resume".into(),
+        ]);
+        if let Some(f) = &self.finetune {
+            argv.extend(["--lr".into(), f.lr.to_string()]);
+        }
+        if let Some(n) = self.limit {
+            argv.extend(["--limit".into(), n.to_string()]);
+        }
+        if self.subset_seed != 0 {
+            argv.extend(["--subset-seed".into(), self.subset_seed.to_string()]);
+        }
+        if let Some(n) = self.test_limit {
+            argv.extend(["--test-limit".into(), n.to_string()]);
+        }
+        if self.hflip {
+            argv.push("--hflip".into());
+        }
+        argv.extend(["--seed".into(), self.seed.to_string()]);
+        command_line(&argv)
+    }
+
+    fn done(&self) -> Result<bool> {
+        training_done(&self.out, self.epochs)
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<String> {
+        let mut r = TrainRequest::new(parse_spec("--data", &self.data)?, self.out.clone());
+        r.epochs = self.epochs;
+        r.augment.hflip = self.hflip;
+        r.seed = self.seed;
+        r.subset = SubsetSpec {
+            limit: self.limit,
+            per_class: None,
+            seed: self.subset_seed,
+        };
+        r.test_limit = self.test_limit;
+        r.resume = true;
+        match &self.finetune {
+            Some(f) => {
+                r.lr = Some(f.lr);
+                r.finetune = Some(Finetune::from_files(f.init.clone(), &f.policy)?);
+            }
+            None => r.arch = self.model.parse()?,
+        }
+        Ok(r.run(ctx.device, ctx.events.train_progress())?.one_line())
+    }
+}
+
+/// How a [`SearchStage`] finds its policy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SearchKind {
+    /// The supernet search; attribution weight 0 is EdMIPS.
+    Supernet {
+        attribution_weight: f64,
+        epochs: usize,
+        step_epochs: usize,
+        recipe: Recipe,
+        p: Option<f64>,
+    },
+    /// HAWQ's sensitivities with the default images and probes.
+    Hawq,
+}
+
+/// `gmpq search`: one policy under one budget into `out/policy.json`.
+#[derive(Debug, Clone)]
+pub struct SearchStage {
+    pub name: String,
+    pub teacher: PathBuf,
+    pub data: String,
+    pub limit: Option<usize>,
+    pub subset_seed: u64,
+    pub target: Target,
+    pub candidates: Candidates,
+    pub hflip: bool,
+    pub seed: u64,
+    pub out: PathBuf,
+    pub kind: SearchKind,
+}
+
+impl SearchStage {
+    /// The search settings `gmpq search` takes from the same flags.
+    fn config(&self) -> SearchConfig {
+        let mut config = SearchConfig {
+            candidates: self.candidates.clone(),
+            seed: self.seed,
+            ..SearchConfig::default()
+        };
+        config.augment.hflip = self.hflip;
+        if let SearchKind::Supernet {
+            attribution_weight,
+            epochs,
+            step_epochs,
+            recipe,
+            p,
+        } = self.kind
+        {
+            config.attribution_weight = attribution_weight;
+            config.epochs = epochs;
+            config.step_epochs = step_epochs;
+            config.p = p;
+            recipe.apply(&mut config);
+        }
+        config
+    }
+}
+
+impl Stage for SearchStage {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn command(&self) -> String {
+        let mut argv: Vec<String> = vec!["search".into()];
+        if self.kind == SearchKind::Hawq {
+            argv.extend(["--method".into(), "hawq".into()]);
+        }
+        argv.extend([
+            "--teacher".into(),
+            path_arg(&self.teacher),
+            "--data".into(),
+            self.data.clone(),
+        ]);
+        argv.extend(self.target.flag());
+        if let SearchKind::Supernet {
+            attribution_weight,
+            epochs,
+            step_epochs,
+            recipe,
+            ..
+        } = self.kind
+        {
+            argv.extend([
+                "--attribution-weight".into(),
+                attribution_weight.to_string(),
+                "--epochs".into(),
+                epochs.to_string(),
+                "--step-epochs".into(),
+                step_epochs.to_string(),
+                "--recipe".into(),
+                recipe.name().into(),
+            ]);
+        }
+        argv.extend([
+            "--w-bits".into(),
+            bit_list(&self.candidates.weight),
+            "--a-bits".into(),
+            bit_list(&self.candidates.activation),
+            "--out".into(),
+            path_arg(&self.out),
+        ]);
+        if let SearchKind::Supernet { p: Some(p), .. } = self.kind {
+            argv.extend(["--p".into(), p.to_string()]);
+        }
+        if let Some(n) = self.limit {
+            argv.extend([
+                "--limit".into(),
+                n.to_string(),
+                "--subset-seed".into(),
+                self.subset_seed.to_string(),
+            ]);
+        }
+        if self.hflip {
+            argv.push("--hflip".into());
+        }
+        argv.extend(["--seed".into(), self.seed.to_string()]);
+        command_line(&argv)
+    }
+
+    fn done(&self) -> Result<bool> {
+        Ok(self.out.join("policy.json").is_file())
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<String> {
+        let request = SearchRequest {
+            teacher: self.teacher.clone(),
+            data: parse_spec("--data", &self.data)?,
+            subset: SubsetSpec {
+                limit: self.limit,
+                per_class: None,
+                seed: self.subset_seed,
+            },
+            val_images: VAL_IMAGES,
+            targets: vec![self.target],
+            config: self.config(),
+            method: match self.kind {
+                SearchKind::Supernet { .. } => SearchMethod::Supernet,
+                SearchKind::Hawq => SearchMethod::Hawq {
+                    images: super::HAWQ_IMAGES,
+                    samples: super::HAWQ_SAMPLES,
+                },
+            },
+            out: self.out.clone(),
+            command: self.command(),
+        };
+        let outcome = request.run(ctx.device, ctx.events.search_progress())?;
+        Ok(match (outcome.written.first(), outcome.kept.first()) {
+            (Some(p), _) => p.one_line(),
+            (None, Some(kept)) => format!("{}: exists, kept", kept.display()),
+            (None, None) => "no policy".into(),
+        })
+    }
+}
+
+/// A policy that needs no search: the best uniform one, or a random one, under the budget.
+#[derive(Debug, Clone)]
+pub struct PolicyStage {
+    /// [`Arm::Uniform`] or [`Arm::Random`].
+    pub arm: Arm,
+    /// The FP checkpoint whose model the policy is for.
+    pub teacher: PathBuf,
+    pub candidates: Candidates,
+    pub target: Target,
+    /// Seeds the random draw.
+    pub seed: u64,
+    pub out: PathBuf,
+}
+
+/// The model of an FP checkpoint, its layer geometry and its budget geometry.
+fn teacher_geometry(teacher: &Path) -> Result<(crate::ModelConfig, crate::Model, Geometry)> {
+    let cfg = Checkpoint::load(teacher)?.meta.model;
+    let (_, net) = train::build_fp(&cfg, tch::Device::Cpu)?;
+    let geometry = Geometry::new(net.convs(), net.fc_spec());
+    Ok((cfg, net, geometry))
+}
+
+impl PolicyStage {
+    /// Widths both candidate sets hold (a uniform policy uses one width for both).
+    fn common_widths(&self) -> Vec<u32> {
+        let mut c = self.candidates.weight.clone();
+        c.retain(|b| self.candidates.activation.contains(b));
+        c
+    }
+
+    /// The uniform policy with the most BOPs that meets the budget (ties: more weight bits).
+    fn best_uniform(&self) -> Result<Policy> {
+        let (cfg, net, geometry) = teacher_geometry(&self.teacher)?;
+        let target = &self.target;
+        let limit = geometry.limit(target);
+        let widths = self.common_widths();
+        let mut best: Option<(f64, u32, u32)> = None;
+        for &w in &widths {
+            for &a in &widths {
+                let bits = vec![(w as f64, a as f64); geometry.layers.len()];
+                let cost = geometry.measure(target, &bits);
+                let score = geometry.measure(&Target::Compression(1.0), &bits);
+                if cost <= limit * (1.0 + 1e-9)
+                    && best.is_none_or(|(s, bw, _)| score > s || (score == s && w > bw))
+                {
+                    best = Some((score, w, a));
+                }
+            }
+        }
+        let (_, w, a) = best.ok_or_else(|| {
+            PipelineError::Invalid(format!(
+                "no uniform policy with bits in {widths:?} meets the budget {target}"
+            ))
+        })?;
+        let mut policy =
+            Policy::uniform(&cfg, net.convs(), w, a).with_totals(net.convs(), net.fc_spec());
+        policy.meta =
+            Some(PolicyMeta::new("uniform", Some(*target), PolicyCost::default()).to_value());
+        Ok(policy)
+    }
+
+    /// A random policy within 2 % under the budget, drawn with the seed.
+    fn random_within(&self) -> Result<Policy> {
+        let (cfg, net, geometry) = teacher_geometry(&self.teacher)?;
+        let c = &self.candidates;
+        let mut template = Policy::uniform(&cfg, net.convs(), c.weight[0], c.activation[0]);
+        template.candidates = c.clone();
+        let target = &self.target;
+        let mut policy =
+            crate::search::random_policy(&template, &geometry, target, 0.02, self.seed, 1_000_000)
+                .ok_or_else(|| {
+                    PipelineError::Invalid(format!(
+                        "no random policy fits the budget {target}: it is below the cheapest policy"
+                    ))
+                })?
+                .with_totals(net.convs(), net.fc_spec());
+        let meta = PolicyMeta {
+            seed: Some(self.seed),
+            ..PolicyMeta::new("random", Some(*target), PolicyCost::default())
+        };
+        policy.meta = Some(meta.to_value());
+        Ok(policy)
+    }
+}
+
+impl Stage for PolicyStage {
+    fn name(&self) -> String {
+        format!("search-{}", self.arm.name())
+    }
+
+    fn command(&self) -> String {
+        let target = &self.target;
+        match self.arm {
+            Arm::Random => format!(
+                "(in gmpq) a random policy within 2 % under {target}, bits {} / {}, seed {}",
+                bit_list(&self.candidates.weight),
+                bit_list(&self.candidates.activation),
+                self.seed
+            ),
+            _ => format!(
+                "(in gmpq) the uniform policy with the most BOPs within {target} over the \
+                 common candidates {:?}",
+                self.common_widths()
+            ),
+        }
+    }
+
+    fn done(&self) -> Result<bool> {
+        Ok(self.out.join("policy.json").is_file())
+    }
+
+    fn run(&self, _ctx: &StageContext) -> Result<String> {
+        let policy = match self.arm {
+            Arm::Random => self.random_within()?,
+            _ => self.best_uniform()?,
+        };
+        std::fs::create_dir_all(&self.out).map_err(|source| PipelineError::Write {
+            path: self.out.clone(),
+            source,
+        })?;
+        let path = self.out.join("policy.json");
+        policy.save(&path)?;
+        crate::report::bit_allocation_svg(
+            &[(self.arm.label(), &policy)],
+            &self.out.join("bits.svg"),
+        )?;
+        let t = policy
+            .totals
+            .as_ref()
+            .ok_or_else(|| PipelineError::Invalid("policy without totals".into()))?;
+        Ok(format!(
+            "{}: {:.4} G BOPs, compression {:.2}x, size {:.3} MB",
+            path.display(),
+            t.bops as f64 / 1e9,
+            t.compression,
+            t.size_mb
+        ))
+    }
+}
+
+/// CAM heatmaps of the target teacher and every fine-tuned arm on a few target test images.
+#[derive(Debug, Clone)]
+pub struct AttributionStage {
+    pub checkpoints: Vec<PathBuf>,
+    pub data: String,
+    pub count: usize,
+    pub out: PathBuf,
+}
+
+impl Stage for AttributionStage {
+    fn name(&self) -> String {
+        "attribution".into()
+    }
+
+    fn command(&self) -> String {
+        format!(
+            "(in gmpq) CAM heatmaps of the target teacher and every fine-tuned arm on {} test \
+             images of {} → {}",
+            self.count,
+            self.data,
+            self.out.display()
+        )
+    }
+
+    /// Drawn again on every pass (seconds), so the picture shows the arms of this pass.
+    fn done(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<String> {
+        let data = parse_spec("--data", &self.data)?;
+        let n = attribution_grid(&self.checkpoints, &data, self.count, &self.out, ctx.device)?;
+        Ok(format!(
+            "{} ({n} images × {} maps)",
+            self.out.display(),
+            self.checkpoints.len()
+        ))
+    }
+}
+
+/// Writes a PNG grid of CAM heatmaps: one row per test image of `data` (stratified), one
+/// column per checkpoint after the image itself. Returns the number of images.
+pub fn attribution_grid(
+    checkpoints: &[PathBuf],
+    data: &DatasetSpec,
+    count: usize,
+    out: &Path,
+    device: tch::Device,
+) -> Result<usize> {
+    let data = data.load(Split::Test)?;
+    let idx = stratified_subset(
+        data.as_ref(),
+        &SubsetSpec::limited(Some(count.min(data.len())), 0),
+    )?;
+    let nets = checkpoints
+        .iter()
+        .map(|c| crate::quant::load(c, device).map_err(context(format!("loading {}", c.display()))))
+        .collect::<Result<Vec<_>>>()?;
+    let pipeline = nets
+        .first()
+        .ok_or_else(|| PipelineError::Invalid("no checkpoint".into()))?
+        .0
+        .meta
+        .eval_pipeline
+        .clone();
+    let mut loader = DataLoader::new(
+        data,
+        &idx,
+        Arc::new(pipeline.clone()),
+        LoaderConfig {
+            batch_size: idx.len().max(1),
+            ..Default::default()
+        },
+        0,
+    )?;
+    let x = loader
+        .next()
+        .ok_or_else(|| PipelineError::Invalid("no images".into()))??
+        .images
+        .to_device(device);
+    let maps: Vec<tch::Tensor> = nets
+        .iter()
+        .map(|(_, n)| {
+            tch::no_grad(|| {
+                let f = n.net.features(&x, false);
+                let logits = n.net.head(&f);
+                crate::attribution::cam(&f, n.net.fc_weight(), &crate::attribution::top1(&logits))
+            })
+        })
+        .collect();
+    let refs: Vec<&tch::Tensor> = maps.iter().collect();
+    crate::report::heatmaps_png(&x, &pipeline.normalize, &refs, out)?;
+    Ok(idx.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fine-tuning's command is what finished runs recorded before the stages were typed
+    /// (studies/runs/fmnist-lowbit, 128× seed 1): a study reuses another pair's fine-tuning
+    /// only when the commands are equal, so the format must not drift.
+    #[test]
+    fn finetune_command_is_the_recorded_one() {
+        let run = "studies/runs/fmnist-lowbit/mnist-to-fmnist-c128-seed1";
+        let stage = TrainStage {
+            name: "finetune-gmpq".into(),
+            model: "resnet20".into(),
+            data: "idx:../shared/datasets/fashion-mnist".into(),
+            limit: None,
+            subset_seed: 0,
+            test_limit: None,
+            epochs: 1,
+            hflip: true,
+            seed: 1,
+            out: format!("{run}/finetune-gmpq").into(),
+            finetune: Some(FinetuneOf {
+                init: "studies/runs/fmnist-lowbit/teacher-target/last.safetensors".into(),
+                policy: format!("{run}/search-gmpq/policy.json").into(),
+                lr: 0.01,
+            }),
+        };
+        assert_eq!(
+            stage.command(),
+            format!(
+                "gmpq finetune --init studies/runs/fmnist-lowbit/teacher-target/last.safetensors \
+                 --policy {run}/search-gmpq/policy.json --data idx:../shared/datasets/fashion-mnist \
+                 --epochs 1 --out {run}/finetune-gmpq --resume --lr 0.01 --hflip --seed 1"
+            )
+        );
+    }
+
+    #[test]
+    fn search_commands_state_method_budget_and_subset() {
+        let stage = SearchStage {
+            name: "search-hawq".into(),
+            teacher: "t.safetensors".into(),
+            data: "idx:m".into(),
+            limit: Some(2000),
+            subset_seed: 3,
+            target: Target::Compression(128.0),
+            candidates: Candidates {
+                weight: vec![2, 4],
+                activation: vec![2, 3],
+            },
+            hflip: false,
+            seed: 1,
+            out: "o".into(),
+            kind: SearchKind::Hawq,
+        };
+        assert_eq!(
+            stage.command(),
+            "gmpq search --method hawq --teacher t.safetensors --data idx:m \
+             --target-compression 128 --w-bits 2,4 --a-bits 2,3 --out o --limit 2000 \
+             --subset-seed 3 --seed 1"
+        );
+        let gmpq = SearchStage {
+            kind: SearchKind::Supernet {
+                attribution_weight: 20.0,
+                epochs: 25,
+                step_epochs: 10,
+                recipe: Recipe::Scarce,
+                p: Some(3.0),
+            },
+            hflip: true,
+            ..stage
+        };
+        assert!(gmpq
+            .command()
+            .contains("--attribution-weight 20 --epochs 25 --step-epochs 10 --recipe scarce"));
+        assert!(gmpq
+            .command()
+            .ends_with("--p 3 --limit 2000 --subset-seed 3 --hflip --seed 1"));
+        // The settings the stage searches with are the recipe's, as `gmpq search` sets them.
+        let c = gmpq.config();
+        assert_eq!((c.epochs, c.step_epochs, c.p), (25, 10, Some(3.0)));
+        assert_eq!(c.recipe, Recipe::Scarce);
+        assert!(c.augment.hflip);
+    }
+}

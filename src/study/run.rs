@@ -1,0 +1,374 @@
+//! Running a study: shared teachers, then one pipeline per (pair, budget, seed), then the
+//! results tables. Every step resumes, and several processes may share one output folder,
+//! each taking the runs the others are not working on.
+
+use super::{
+    aggregate, collect, mean_bits, paired_differences, write_results, MeanBits, StudyConfig,
+    StudyError, StudyRun, TeacherConfig,
+};
+use crate::pipeline::{
+    budget_geometry, check_data, split_subset, target_model, training_done, Arm, PipelineError,
+    PipelineSettings, RunEvents, RunLayout, Stage, StageContext, TrainStage,
+};
+use crate::report::Bars;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+type Result<T> = std::result::Result<T, StudyError>;
+
+/// Trains (or resumes, or skips) a shared FP teacher; returns its checkpoint.
+fn teacher(model: &str, t: &TeacherConfig, dir: &Path, ctx: &StageContext) -> Result<PathBuf> {
+    let (data, limit) = split_subset(&t.data);
+    let stage = TrainStage {
+        name: "teacher".into(),
+        model: model.into(),
+        data,
+        limit,
+        subset_seed: 0,
+        test_limit: None,
+        epochs: t.epochs,
+        hflip: t.hflip,
+        seed: 0,
+        out: dir.into(),
+        finetune: None,
+    };
+    if training_done(dir, t.epochs)? {
+        ctx.events
+            .message(&format!("[study] teacher {} done, skipped", dir.display()));
+    } else {
+        ctx.events.message(&format!("[study] {}", stage.command()));
+        let outcome = stage.run(ctx)?;
+        ctx.events.message(&format!("[study] {outcome}"));
+    }
+    Ok(crate::train::last_checkpoint(dir))
+}
+
+/// Every data set and budget of the study (of the pairs it runs; all when `pairs` is empty) is
+/// checked before any teacher trains: a typo in the last pair's path must not surface hours in.
+pub fn check_inputs(config: &StudyConfig, pairs: &[String]) -> Result<()> {
+    let (target_data, _) = split_subset(&config.target.data);
+    let target = check_data("the study's target", &target_data)?;
+    let model = target_model(&config.model, None, target.as_ref())?;
+    let geometry = budget_geometry(&model)?;
+    // The candidates every run of the study searches (its pipelines' defaults).
+    let candidates = PipelineSettings::new("", "", PathBuf::new()).candidates()?;
+    for p in config
+        .pairs
+        .iter()
+        .filter(|p| pairs.is_empty() || pairs.contains(&p.name))
+    {
+        let (proxy, _) = split_subset(&p.proxy.data);
+        check_data(&format!("pair {}: proxy", p.name), &proxy)?;
+        for b in &p.budgets {
+            let budget = crate::search::Target::Compression(b.compression);
+            crate::search::check_feasible(&geometry, &budget, &candidates).map_err(|e| {
+                PipelineError::from(crate::search::SearchError::from(e))
+                    .context(format!("pair {}", p.name))
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// The settings of one run of the study: the demo's recipe with the study's teachers, budget,
+/// epochs and seed.
+fn run_settings(
+    config: &StudyConfig,
+    run: &StudyRun,
+    runs: &[StudyRun],
+    proxy_teacher: PathBuf,
+    target_teacher: PathBuf,
+) -> Result<PipelineSettings> {
+    let pair = config
+        .pairs
+        .iter()
+        .find(|p| p.name == run.pair)
+        .ok_or_else(|| StudyError::Invalid(format!("no pair {}", run.pair)))?;
+    Ok(PipelineSettings {
+        model: config.model.clone(),
+        proxy: pair.proxy.data.clone(),
+        target: config.target.data.clone(),
+        target_compression: Some(run.compression),
+        teacher: Some(proxy_teacher),
+        target_teacher: Some(target_teacher),
+        baseline: config
+            .arms
+            .iter()
+            .copied()
+            .filter(|a| *a != Arm::Gmpq)
+            .collect(),
+        search_epochs: config.search_epochs,
+        target_search_epochs: Some(config.target_search_epochs),
+        search_step_epochs: (config.search_epochs * 2 / 5).max(1),
+        finetune_epochs: config.finetune_epochs,
+        hflip: config.hflip,
+        proxy_hflip: Some(pair.proxy.hflip),
+        seed: run.seed,
+        // Proxy-independent arms (uniform, random) of another pair at this budget and seed
+        // are the same fine-tuning.
+        reuse_finetunes_from: runs
+            .iter()
+            .filter(|o| o.seed == run.seed && o.dir != run.dir)
+            .map(|o| o.dir.clone())
+            .collect(),
+        ..PipelineSettings::demo(run.dir.clone())
+    })
+}
+
+/// Runs (or resumes) the study `config` into `out`, the pairs named in `pairs` (all when
+/// empty); `command` is recorded in each run. Returns the results page.
+pub fn run(
+    config: &StudyConfig,
+    out: &Path,
+    pairs: &[String],
+    command: &str,
+    device: tch::Device,
+    events: &dyn RunEvents,
+) -> Result<PathBuf> {
+    if let Some(unknown) = pairs
+        .iter()
+        .find(|n| !config.pairs.iter().any(|p| &p.name == *n))
+    {
+        let known: Vec<&str> = config.pairs.iter().map(|p| p.name.as_str()).collect();
+        return Err(StudyError::Invalid(format!(
+            "--pair {unknown}: the study has no such pair ({})",
+            known.join(", ")
+        )));
+    }
+    check_inputs(config, pairs)?;
+    keep_config(config, out)?;
+    let ctx = StageContext { device, events };
+    let target_teacher = teacher(
+        &config.model,
+        &config.target,
+        &out.join("teacher-target"),
+        &ctx,
+    )?;
+    let runs = config.runs(out);
+    // Runs another study process is working on (same out): it owns them, this one moves on.
+    let mut held = Vec::new();
+    for (i, r) in runs.iter().enumerate() {
+        if !pairs.is_empty() && !pairs.contains(&r.pair) {
+            continue;
+        }
+        let proxy = config
+            .pairs
+            .iter()
+            .find(|p| p.name == r.pair)
+            .ok_or_else(|| StudyError::Invalid(format!("no pair {}", r.pair)))?;
+        let proxy_teacher = teacher(
+            &config.model,
+            &proxy.proxy,
+            &out.join(format!("teacher-{}", proxy.name)),
+            &ctx,
+        )?;
+        if r.finished(&config.arms, config.finetune_epochs)? {
+            events.message(&format!(
+                "[study] run {}/{} ({}) finished, skipped",
+                i + 1,
+                runs.len(),
+                r.dir.display()
+            ));
+            continue;
+        }
+        events.message(&format!(
+            "[study] run {}/{}: {} at compression {}, seed {} → {}",
+            i + 1,
+            runs.len(),
+            r.pair,
+            r.compression,
+            r.seed,
+            r.dir.display()
+        ));
+        let settings = run_settings(config, r, &runs, proxy_teacher, target_teacher.clone())?;
+        match crate::pipeline::run(&settings, command, device, events) {
+            Ok(_) => {}
+            Err(e) if e.busy_folder() == Some(r.dir.as_path()) => {
+                events.message(&format!("[study] {e}: skipping this run"));
+                held.push(r.dir.display().to_string());
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        write_tables(config, out, &runs)?;
+    }
+    let page = write_tables(config, out, &runs)?;
+    if !held.is_empty() {
+        events.message(&format!(
+            "[study] {} run(s) belonged to another process: {}. When it ends, run the study \
+             again (or with --tables-only) for complete tables.",
+            held.len(),
+            held.join(", ")
+        ));
+    }
+    Ok(page)
+}
+
+/// The config a study started with stays beside its results; another config is refused.
+fn keep_config(config: &StudyConfig, out: &Path) -> Result<()> {
+    let saved = out.join("study.json");
+    let write_err = |source| StudyError::Write {
+        path: saved.clone(),
+        source,
+    };
+    std::fs::create_dir_all(out).map_err(|source| StudyError::Write {
+        path: out.into(),
+        source,
+    })?;
+    match std::fs::read_to_string(&saved) {
+        Ok(text) => {
+            let old: StudyConfig = serde_json::from_str(&text).map_err(|e| StudyError::Config {
+                path: saved.clone(),
+                reason: e.to_string(),
+            })?;
+            if &old != config {
+                return Err(StudyError::Invalid(format!(
+                    "{} was started with another configuration ({}); use another --out",
+                    out.display(),
+                    saved.display()
+                )));
+            }
+            Ok(())
+        }
+        Err(_) => {
+            let bytes = serde_json::to_vec_pretty(config)
+                .map_err(|e| StudyError::Invalid(format!("study config: {e}")))?;
+            crate::checkpoint::write_atomic(&saved, &bytes).map_err(write_err)
+        }
+    }
+}
+
+/// Mean bits per layer of the searched arms, side by side, one weights and one activations
+/// chart per (pair, budget), appended to the page.
+fn bits_charts(
+    config: &StudyConfig,
+    out: &Path,
+    runs: &[StudyRun],
+    page: &mut String,
+) -> Result<()> {
+    let searched: Vec<Arm> = [Arm::Gmpq, Arm::Edmips, Arm::EdmipsTarget]
+        .into_iter()
+        .filter(|a| config.arms.contains(a))
+        .collect();
+    let means = mean_bits(runs, &searched)?;
+    let mut groups: Vec<(String, f64)> = means
+        .iter()
+        .map(|m| (m.pair.clone(), m.compression_target))
+        .collect();
+    groups.dedup();
+    if !groups.is_empty() {
+        page.push_str("<h2>Bits per layer (mean over seeds)</h2>");
+    }
+    for (pair, budget) in groups {
+        let _ = write!(page, "<h3>{pair}, {budget}×</h3><div>");
+        let group: Vec<&MeanBits> = means
+            .iter()
+            .filter(|m| m.pair == pair && m.compression_target == budget)
+            .collect();
+        for (kind, short) in [("weight", "w"), ("activation", "a")] {
+            let bars: Vec<Bars> = group
+                .iter()
+                .map(|m| Bars {
+                    label: format!("{} ({} runs)", m.arm.label(), m.runs),
+                    values: if short == "w" { &m.w_bits } else { &m.a_bits }.clone(),
+                    colour: match m.arm {
+                        Arm::Gmpq => (0, 90, 200, 0.85),
+                        Arm::Edmips => (210, 40, 40, 0.85),
+                        _ => (40, 160, 60, 0.85),
+                    },
+                })
+                .collect();
+            let name = format!("bits-{pair}-c{budget}-{short}.svg");
+            crate::report::grouped_bars_svg(
+                &format!("{kind} bits per layer"),
+                "bits",
+                &group[0].layers,
+                &bars,
+                &out.join(&name),
+            )?;
+            let _ = write!(page, "<img src=\"{name}\" style=\"max-width:100%\">");
+        }
+        page.push_str("</div>");
+    }
+    Ok(())
+}
+
+/// Writes results.csv/json and the study's HTML page (tables, charts, every run's report).
+pub fn write_tables(config: &StudyConfig, out: &Path, runs: &[StudyRun]) -> Result<PathBuf> {
+    let rows = collect(runs, &config.arms, config.finetune_epochs)?;
+    let stats = aggregate(&rows);
+    let paired = paired_differences(&rows);
+    write_results(out, &rows, &stats, &paired)?;
+    let mut page = String::from(
+        "<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>gmpq study</title>\
+         <style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}\
+         td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}</style></head><body><h1>gmpq study</h1>\
+         <table><tr><th>pair</th><th>budget</th><th>arm</th><th>seeds</th><th>top-1 mean ± std</th>\
+         <th>BOPs (G)</th><th>size (MB)</th><th>search s</th><th>search images</th></tr>",
+    );
+    for s in &stats {
+        let _ = write!(
+            page,
+            "<tr><td>{}</td><td>{}×</td><td>{}</td><td>{}</td><td>{:.2} ± {:.2}</td><td>{:.4}</td><td>{:.3}</td><td>{:.0}</td><td>{:.0}</td></tr>",
+            s.pair,
+            s.compression_target,
+            s.arm.label(),
+            s.seeds,
+            s.top1_mean,
+            s.top1_std,
+            s.bops_mean / 1e9,
+            s.size_mb_mean,
+            s.search_seconds_mean,
+            s.search_images_mean
+        );
+    }
+    page.push_str("</table>");
+    if !paired.is_empty() {
+        page.push_str(
+            "<h2>GMPQ minus each arm, paired by seed</h2><table><tr><th>pair</th><th>budget</th>\
+             <th>against</th><th>mean difference</th><th>GMPQ ahead</th><th>per seed</th></tr>",
+        );
+        for d in &paired {
+            let seeds: Vec<String> = d
+                .per_seed
+                .iter()
+                .map(|(s, v)| format!("{s}: {v:+.2}"))
+                .collect();
+            let _ = write!(
+                page,
+                "<tr><td>{}</td><td>{}×</td><td>{}</td><td>{:+.2}</td><td>{} of {}</td><td>{}</td></tr>",
+                d.pair,
+                d.compression_target,
+                d.against.label(),
+                d.mean,
+                d.gmpq_ahead,
+                d.per_seed.len(),
+                seeds.join(", ")
+            );
+        }
+        page.push_str("</table>");
+    }
+    bits_charts(config, out, runs, &mut page)?;
+    page.push_str("<h2>Runs</h2><ul>");
+    for r in runs {
+        let report = RunLayout::new(&r.dir).report();
+        if report.exists() {
+            let rel = report.strip_prefix(out).unwrap_or(&report);
+            let _ = write!(
+                page,
+                "<li><a href=\"{}\">{}</a></li>",
+                rel.display(),
+                rel.display()
+            );
+        }
+    }
+    page.push_str("</ul></body></html>\n");
+    let path = out.join("study.html");
+    crate::checkpoint::write_atomic(&path, page.as_bytes()).map_err(|source| {
+        StudyError::Write {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    Ok(path)
+}
