@@ -33,6 +33,9 @@ impl RunEvents for PrintedEvents {
         self.search.finish();
         println!("[{name}] {outcome}");
     }
+    fn message(&self, line: &str) {
+        println!("{line}");
+    }
     fn train_progress(&self) -> &dyn gmpq::train::Progress {
         &self.train
     }
