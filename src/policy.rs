@@ -52,6 +52,16 @@ pub struct Candidates {
     pub activation: Vec<u32>,
 }
 
+impl Candidates {
+    /// Both sets checked ([`candidate_set`]): sorted, without repeats, bits in range.
+    pub fn new(weight: &[u32], activation: &[u32]) -> Result<Self, PolicyError> {
+        Ok(Self {
+            weight: candidate_set(weight)?,
+            activation: candidate_set(activation)?,
+        })
+    }
+}
+
 /// Totals derived from a policy and model geometry (written for humans; recomputed on load).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PolicyTotals {

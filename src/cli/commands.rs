@@ -173,12 +173,20 @@ fn finetune_cmd(mut a: FinetuneArgs, device: tch::Device) -> Result<()> {
     let geometry = model_geometry(&ck.meta.model)?;
     let policy = chosen_policy(&a.policy, &ck.meta.model, &geometry)?
         .context("give --policy FILE or --uniform wXaY")?;
-    let init = train::InitFrom {
-        checkpoint: a.init.clone(),
-        calibration: a.calibration.into(),
-        calibration_images: a.calib_images,
+    // chosen_policy has checked the policy against the model and set its totals: no second
+    // load and network build through Finetune::new.
+    let finetune = train::Finetune {
+        init: train::InitFrom {
+            checkpoint: a.init.clone(),
+            calibration: a.calibration.into(),
+            calibration_images: a.calib_images,
+        },
+        model: ck.meta.model,
+        precision: Precision::Fixed {
+            policy,
+            per_channel: a.per_channel,
+        },
     };
-    let finetune = train::Finetune::new(init, policy, a.per_channel)?;
     run_training(a.train, device, Some(finetune))
 }
 

@@ -259,7 +259,7 @@ fn search_defaults() -> gmpq::search::SearchConfig {
 }
 
 /// The bit candidates of a supernet search (or a HAWQ allocation).
-#[derive(Debug, Clone, Args, serde::Serialize)]
+#[derive(Debug, Clone, Args)]
 pub struct BitCandidateArgs {
     /// Weight bit candidates, comma-separated.
     #[arg(long, value_delimiter = ',', value_parser = bit_width(), default_values_t = gmpq::policy::DEFAULT_CANDIDATES)]
@@ -269,23 +269,10 @@ pub struct BitCandidateArgs {
     pub a_bits: Vec<u32>,
 }
 
-impl Default for BitCandidateArgs {
-    fn default() -> Self {
-        let bits = gmpq::policy::DEFAULT_CANDIDATES.to_vec();
-        Self {
-            w_bits: bits.clone(),
-            a_bits: bits,
-        }
-    }
-}
-
 impl BitCandidateArgs {
     /// The candidate sets, sorted and without repeats.
     pub fn candidates(&self) -> Result<gmpq::policy::Candidates, gmpq::policy::PolicyError> {
-        Ok(gmpq::policy::Candidates {
-            weight: gmpq::policy::candidate_set(&self.w_bits)?,
-            activation: gmpq::policy::candidate_set(&self.a_bits)?,
-        })
+        gmpq::policy::Candidates::new(&self.w_bits, &self.a_bits)
     }
 }
 

@@ -28,10 +28,7 @@ fn parse_pareto(s: &str) -> Result<Target> {
     let v: f64 = s
         .parse()
         .with_context(|| format!("'{s}' is neither a ratio nor BOPs"))?;
-    if v <= 1.0 {
-        bail!("compression target {v} must be above 1");
-    }
-    Ok(Target::Compression(v))
+    parse_target(None, Some(v), None)?.context("no compression target")
 }
 
 /// The search's progress bar and epoch lines.

@@ -152,6 +152,12 @@ impl SearchRequest {
         }
         let proxy_train = self.data.load(Split::Train)?;
         let train_indices = stratified_subset(proxy_train.as_ref(), &self.subset)?;
+        std::fs::create_dir_all(&self.out).map_err(io(&self.out))?;
+        let _lock = DirLock::acquire(&self.out)?;
+        // HAWQ measures on training images only: no held-out split to load.
+        if let SearchMethod::Hawq { images, samples } = self.method {
+            return self.run_hawq(proxy_train, &train_indices, images, samples, device);
+        }
         let proxy_test = self.data.load(Split::Test)?;
         let val_indices = stratified_subset(
             proxy_test.as_ref(),
@@ -164,11 +170,6 @@ impl SearchRequest {
         let offset = proxy_train.len();
         let proxy: Arc<dyn ImageSource> = Arc::new(ConcatDataset::new(proxy_train, proxy_test));
         let val_indices: Vec<usize> = val_indices.into_iter().map(|i| i + offset).collect();
-        std::fs::create_dir_all(&self.out).map_err(io(&self.out))?;
-        let _lock = DirLock::acquire(&self.out)?;
-        if let SearchMethod::Hawq { images, samples } = self.method {
-            return self.run_hawq(proxy, &train_indices, images, samples, device);
-        }
         // Policies already written by an interrupted run of the same command are kept, and only
         // the missing targets are searched again.
         let mut outcome = SearchOutcome::default();

@@ -2,7 +2,7 @@
 //! have the same), from which every stage is built.
 
 use super::{Arm, PipelineError, Result};
-use crate::policy::{candidate_set, Candidates, DEFAULT_CANDIDATES};
+use crate::policy::{Candidates, DEFAULT_CANDIDATES};
 use crate::search::{Recipe, SearchConfig, Target};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -131,10 +131,7 @@ impl PipelineSettings {
 
     /// The bit candidates, checked.
     pub fn candidates(&self) -> Result<Candidates> {
-        Ok(Candidates {
-            weight: candidate_set(&self.w_bits)?,
-            activation: candidate_set(&self.a_bits)?,
-        })
+        Ok(Candidates::new(&self.w_bits, &self.a_bits)?)
     }
 
     /// GMPQ, then each baseline once.

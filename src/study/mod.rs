@@ -3,7 +3,7 @@
 
 mod run;
 
-pub use run::{check_inputs, run, write_tables};
+pub use run::{check_inputs, run, tables_only, write_tables};
 
 use crate::pipeline::{Arm, ArmSummary, PipelineError, RunLayout, RunSummary};
 use crate::policy::{Policy, PolicyError};

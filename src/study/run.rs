@@ -7,9 +7,10 @@ use super::{
     StudyError, StudyRun, TeacherConfig,
 };
 use crate::pipeline::{
-    budget_geometry, check_data, split_subset, target_model, training_done, Arm, PipelineError,
-    PipelineSettings, RunEvents, RunLayout, Stage, StageContext, TrainStage,
+    budget_geometry, check_data, split_subset, target_model, Arm, PipelineError, PipelineSettings,
+    RunEvents, RunLayout, Stage, StageContext, TrainStage,
 };
+use crate::policy::{Candidates, DEFAULT_CANDIDATES};
 use crate::report::Bars;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -32,7 +33,7 @@ fn teacher(model: &str, t: &TeacherConfig, dir: &Path, ctx: &StageContext) -> Re
         out: dir.into(),
         finetune: None,
     };
-    if training_done(dir, t.epochs)? {
+    if stage.done()? {
         ctx.events
             .message(&format!("[study] teacher {} done, skipped", dir.display()));
     } else {
@@ -51,7 +52,7 @@ pub fn check_inputs(config: &StudyConfig, pairs: &[String]) -> Result<()> {
     let model = target_model(&config.model, None, target.as_ref())?;
     let geometry = budget_geometry(&model)?;
     // The candidates every run of the study searches (its pipelines' defaults).
-    let candidates = PipelineSettings::new("", "", PathBuf::new()).candidates()?;
+    let candidates = Candidates::new(&DEFAULT_CANDIDATES, &DEFAULT_CANDIDATES)?;
     for p in config
         .pairs
         .iter()
@@ -206,36 +207,55 @@ pub fn run(
 
 /// The config a study started with stays beside its results; another config is refused.
 fn keep_config(config: &StudyConfig, out: &Path) -> Result<()> {
-    let saved = out.join("study.json");
-    let write_err = |source| StudyError::Write {
-        path: saved.clone(),
-        source,
-    };
     std::fs::create_dir_all(out).map_err(|source| StudyError::Write {
         path: out.into(),
         source,
     })?;
-    match std::fs::read_to_string(&saved) {
-        Ok(text) => {
-            let old: StudyConfig = serde_json::from_str(&text).map_err(|e| StudyError::Config {
-                path: saved.clone(),
-                reason: e.to_string(),
-            })?;
-            if &old != config {
-                return Err(StudyError::Invalid(format!(
-                    "{} was started with another configuration ({}); use another --out",
-                    out.display(),
-                    saved.display()
-                )));
-            }
-            Ok(())
-        }
-        Err(_) => {
-            let bytes = serde_json::to_vec_pretty(config)
-                .map_err(|e| StudyError::Invalid(format!("study config: {e}")))?;
-            crate::checkpoint::write_atomic(&saved, &bytes).map_err(write_err)
-        }
+    if check_config(config, out)? {
+        return Ok(());
     }
+    let saved = out.join(CONFIG_FILE);
+    let bytes = serde_json::to_vec_pretty(config)
+        .map_err(|e| StudyError::Invalid(format!("study config: {e}")))?;
+    crate::checkpoint::write_atomic(&saved, &bytes).map_err(|source| StudyError::Write {
+        path: saved,
+        source,
+    })
+}
+
+/// Where a study keeps the configuration it started with.
+const CONFIG_FILE: &str = "study.json";
+
+/// Whether `out` holds a study started with `config` (`false`: it holds none); another
+/// configuration is refused.
+fn check_config(config: &StudyConfig, out: &Path) -> Result<bool> {
+    let saved = out.join(CONFIG_FILE);
+    let Ok(text) = std::fs::read_to_string(&saved) else {
+        return Ok(false);
+    };
+    let old: StudyConfig = serde_json::from_str(&text).map_err(|e| StudyError::Config {
+        path: saved.clone(),
+        reason: e.to_string(),
+    })?;
+    if &old != config {
+        return Err(StudyError::Invalid(format!(
+            "{} was started with another configuration ({}); use another --out",
+            out.display(),
+            saved.display()
+        )));
+    }
+    Ok(true)
+}
+
+/// Rewrites the tables of the study `config` in `out` from its runs' records, running nothing.
+pub fn tables_only(config: &StudyConfig, out: &Path) -> Result<PathBuf> {
+    if !check_config(config, out)? {
+        return Err(StudyError::Invalid(format!(
+            "{} holds no study (no {CONFIG_FILE})",
+            out.display()
+        )));
+    }
+    write_tables(config, out, &config.runs(out))
 }
 
 /// Mean bits per layer of the searched arms, side by side, one weights and one activations
