@@ -302,15 +302,21 @@ fn pipeline_killed_in_each_stage_resumes_without_redoing_finished_stages() {
 
     // A second run with the same teachers and budget: its uniform policy and fine-tuning
     // command are the first run's, so the fine-tuning is copied; GMPQ's policy records its own
-    // search folder, so it is fine-tuned afresh.
+    // search folder, so it is fine-tuned afresh. It also searches EdMIPS on the target.
+    let with_target_search = |args: &mut Vec<String>| {
+        let i = args.iter().position(|a| a == "--baseline").unwrap();
+        args[i + 1] = "uniform,edmips-target".into();
+    };
     let twin = dir.path().join("twin");
     let mut twin_args = pipeline_args(&twin);
+    with_target_search(&mut twin_args);
     twin_args.extend(
         [
             "--teacher",
             teacher.to_str().unwrap(),
             "--target-teacher",
             init.to_str().unwrap(),
+            // The flag's former name still works.
             "--reuse-finetunes-from",
             out.to_str().unwrap(),
         ]
@@ -319,11 +325,39 @@ fn pipeline_killed_in_each_stage_resumes_without_redoing_finished_stages() {
     let o = gmpq().args(&twin_args).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);
+    let copied = "the same computation (command and inputs) finished in";
     assert!(
-        stdout.contains("[finetune-uniform] the same fine-tuning (command and policy) finished in"),
+        stdout.contains(&format!("[finetune-uniform] {copied}")),
         "{stdout}"
     );
     assert!(stdout.contains("[finetune-gmpq] gmpq finetune"), "{stdout}");
+    assert!(
+        stdout.contains("[search-edmips-target] gmpq search"),
+        "{stdout}"
+    );
+
+    // The first run, given the edmips-target arm later, finds the twin's target search (the
+    // same command: the target does not depend on the proxy) and then its fine-tuning (the same
+    // command and, once copied, the same policy): both are copied, nothing is trained.
+    let mut more = args.clone();
+    with_target_search(&mut more);
+    more.extend(["--reuse-from".into(), twin.to_str().unwrap().into()]);
+    let o = gmpq().args(&more).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    for stage in ["search-edmips-target", "finetune-edmips-target"] {
+        assert!(stdout.contains(&format!("[{stage}] {copied}")), "{stdout}");
+    }
+    for file in [
+        "search-edmips-target/policy.json",
+        "finetune-edmips-target/last.safetensors",
+    ] {
+        assert_eq!(
+            std::fs::read(out.join(file)).unwrap(),
+            std::fs::read(twin.join(file)).unwrap(),
+            "{file}"
+        );
+    }
     let weights =
         |run: &Path| std::fs::read(run.join("finetune-uniform/last.safetensors")).unwrap();
     assert_eq!(weights(&twin), weights(&out));

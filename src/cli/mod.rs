@@ -739,11 +739,12 @@ pub struct PipelineArgs {
     /// Run folder.
     #[arg(long, default_value = "runs/pipeline")]
     pub out: PathBuf,
-    /// Another run folder (repeatable) whose finished fine-tunings may be copied: one with the
-    /// same command (same teacher, data, recipe and seed) and a byte-identical policy is the
+    /// Another run folder (repeatable) whose finished stages that do not depend on the proxy
+    /// may be copied: a fine-tuning with the same command (same teacher, data, recipe and seed)
+    /// and a byte-identical policy, or the edmips-target search with the same command, is the
     /// same computation, so it is copied instead of run again (pipeline.json says so).
-    #[arg(long, value_name = "RUN_DIR")]
-    pub reuse_finetunes_from: Vec<PathBuf>,
+    #[arg(long, value_name = "RUN_DIR", alias = "reuse-finetunes-from")]
+    pub reuse_from: Vec<PathBuf>,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,

@@ -75,7 +75,7 @@ fn settings(a: PipelineArgs) -> PipelineSettings {
         seed: a.seed,
         subset_seed: a.subset_seed,
         out: a.out,
-        reuse_finetunes_from: a.reuse_finetunes_from,
+        reuse_from: a.reuse_from,
     }
 }
 

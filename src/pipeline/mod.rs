@@ -251,7 +251,7 @@ pub struct StageRecord {
     /// Wall seconds of the run that produced the output (kept when a later pass skips it).
     pub seconds: f64,
     pub status: StageStatus,
-    /// Where the output was copied from instead of being computed (see [`reusable_training`]).
+    /// Where the output was copied from instead of being computed (see [`reusable_stage`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reused_from: Option<PathBuf>,
 }
@@ -363,11 +363,43 @@ pub fn training_meta(run_dir: &Path) -> Result<Option<CheckpointMeta>> {
         })
 }
 
-/// A finished training stage in another run folder that is the very computation `layout` is
-/// about to run: the stage `stage` is done there with the same command line once each run's
-/// own paths are put in (`command_for`), and its policy file is byte-identical to ours. Used
-/// for arms that do not depend on the proxy (uniform, random) when runs of a study differ only
-/// in the proxy: their fine-tunings are the same, and are copied rather than run again.
+/// A stage finished in another run folder that is the very computation `layout` is about to
+/// run: the stage `stage` is done there with the same command line once each run's own paths are
+/// put in (`command_for`), and `finished` holds there (its output is complete, and whatever
+/// input the command line does not name — a policy file — is the same). The record returned says
+/// where the output is (`output`), to be copied rather than computed again.
+pub fn reusable_stage(
+    layout: &RunLayout,
+    others: &[PathBuf],
+    stage: &str,
+    command_for: impl Fn(&RunLayout) -> String,
+    output: impl Fn(&RunLayout) -> PathBuf,
+    finished: impl Fn(&RunLayout) -> Result<bool>,
+) -> Result<Option<StageRecord>> {
+    for other in others.iter().filter(|o| **o != layout.dir) {
+        let theirs = RunLayout::new(other);
+        if !finished(&theirs)? {
+            continue;
+        }
+        let Some(record) = RunRecord::load(&theirs.record())? else {
+            continue;
+        };
+        if let Some(done) = record
+            .stage(stage)
+            .filter(|s| s.status == StageStatus::Done && s.command == command_for(&theirs))
+        {
+            return Ok(Some(StageRecord {
+                reused_from: Some(output(&theirs)),
+                ..done.clone()
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// A fine-tuning of `arm` finished elsewhere that is ours ([`reusable_stage`]): `epochs` epochs
+/// done there from a byte-identical policy file. Used for arms that do not depend on the proxy
+/// (uniform, random, edmips-target) when runs of a study differ only in the proxy.
 pub fn reusable_training(
     layout: &RunLayout,
     others: &[PathBuf],
@@ -383,33 +415,23 @@ pub fn reusable_training(
         })
     };
     let ours = read(&layout.policy(arm))?;
-    for other in others.iter().filter(|o| **o != layout.dir) {
-        let theirs = RunLayout::new(other);
-        if !training_done(&theirs.finetune(arm), epochs)? || !theirs.policy(arm).exists() {
-            continue;
-        }
-        let Some(record) = RunRecord::load(&theirs.record())? else {
-            continue;
-        };
-        let Some(done) = record
-            .stage(stage)
-            .filter(|s| s.status == StageStatus::Done && s.command == command_for(&theirs))
-        else {
-            continue;
-        };
-        if read(&theirs.policy(arm))? == ours {
-            return Ok(Some(StageRecord {
-                reused_from: Some(theirs.finetune(arm)),
-                ..done.clone()
-            }));
-        }
-    }
-    Ok(None)
+    reusable_stage(
+        layout,
+        others,
+        stage,
+        command_for,
+        |l| l.finetune(arm),
+        |theirs| {
+            Ok(training_done(&theirs.finetune(arm), epochs)?
+                && theirs.policy(arm).exists()
+                && read(&theirs.policy(arm))? == ours)
+        },
+    )
 }
 
-/// Copies a finished training folder's files into `to` (each atomically, the JSON sidecars
-/// last, so that [`training_done`] turns true only once the checkpoint is in place).
-pub fn copy_training(from: &Path, to: &Path) -> Result<()> {
+/// Copies a finished stage's files into `to` (each atomically, the JSON files last, so that
+/// [`training_done`] or a search's `policy.json` turns up only once the rest is in place).
+pub fn copy_stage_output(from: &Path, to: &Path) -> Result<()> {
     let io = |path: &Path, e: std::io::Error| PipelineError::Write {
         path: path.into(),
         source: e,
@@ -667,7 +689,7 @@ mod tests {
         let seed1 = |l: &RunLayout| format!("{} --seed 1", command(l));
         assert_eq!(find(&[&same], &seed1), None);
 
-        copy_training(&same.finetune(Arm::Uniform), &ours.finetune(Arm::Uniform)).unwrap();
+        copy_stage_output(&same.finetune(Arm::Uniform), &ours.finetune(Arm::Uniform)).unwrap();
         assert!(training_done(&ours.finetune(Arm::Uniform), 3).unwrap());
         assert_eq!(
             std::fs::read(crate::train::last_checkpoint(&ours.finetune(Arm::Uniform))).unwrap(),

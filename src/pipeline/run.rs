@@ -8,8 +8,9 @@ use super::stage::{
     TrainStage,
 };
 use super::{
-    context, copy_training, reusable_training, Arm, PipelineError, PipelineSettings, Result,
-    RunLayout, RunRecord, RunSummary, StageRecord, StageStatus, RECORD_FILE, RECORD_FORMAT,
+    context, copy_stage_output, reusable_stage, reusable_training, Arm, PipelineError,
+    PipelineSettings, Result, RunLayout, RunRecord, RunSummary, StageRecord, StageStatus,
+    RECORD_FILE, RECORD_FORMAT,
 };
 use crate::checkpoint::{Checkpoint, DirLock, LOCK_FILE};
 use crate::data::{DatasetSpec, ImageSource, Split};
@@ -155,6 +156,33 @@ impl Runner<'_> {
             started.elapsed().as_secs_f64(),
             StageStatus::Done,
         )
+    }
+
+    /// Runs `stage` unless its output exists or `found` is the same computation finished in
+    /// another run ([`reusable_stage`]), whose output is then copied into `dir` and recorded.
+    fn stage_or_copy(
+        &mut self,
+        stage: &dyn Stage,
+        dir: &Path,
+        found: Option<StageRecord>,
+    ) -> Result<()> {
+        let Some(found) = found else {
+            return self.stage(stage);
+        };
+        let from = found.reused_from.clone().unwrap_or_default();
+        self.ctx.events.stage_skipped(
+            &stage.name(),
+            &format!(
+                "the same computation (command and inputs) finished in {}: copied",
+                from.display()
+            ),
+        );
+        copy_stage_output(&from, dir)?;
+        self.record.set_stage(StageRecord {
+            command: stage.command(),
+            ..found
+        });
+        self.save()
     }
 }
 
@@ -319,10 +347,11 @@ pub fn run(
         }
     };
 
-    // The conventional route: EdMIPS searched on the target itself, guided by its teacher.
+    // The conventional route: EdMIPS searched on the target itself, guided by its teacher. It
+    // does not depend on the proxy, so another pair's run at this budget and seed has done it.
     if all_arms.contains(&Arm::EdmipsTarget) {
         let arm = Arm::EdmipsTarget;
-        run.stage(&SearchStage {
+        let target_search = |l: &RunLayout| SearchStage {
             name: format!("search-{}", arm.name()),
             teacher: target_teacher.clone(),
             data: s.target.clone(),
@@ -332,9 +361,23 @@ pub fn run(
             candidates: candidates.clone(),
             hflip: s.hflip,
             seed: s.seed,
-            out: layout.search(arm),
+            out: l.search(arm),
             kind: supernet(0.0, s.target_search_epochs.unwrap_or(s.search_epochs)),
-        })?;
+        };
+        let stage = target_search(&layout);
+        let found = if stage.done()? {
+            None
+        } else {
+            reusable_stage(
+                &layout,
+                &s.reuse_from,
+                &stage.name(),
+                |l| target_search(l).command(),
+                |l| l.search(arm),
+                |l| Ok(l.policy(arm).is_file()),
+            )?
+        };
+        run.stage_or_copy(&stage, &layout.search(arm), found)?;
     }
 
     // 4. Fine-tune every arm's policy on the target (evaluated on its test split each epoch).
@@ -359,38 +402,19 @@ pub fn run(
     for &arm in &all_arms {
         let stage = finetune(&layout, arm);
         let dir = layout.finetune(arm);
-        let name = stage.name();
-        let reusable = if stage.done()? || s.reuse_finetunes_from.is_empty() {
+        let found = if stage.done()? {
             None
         } else {
             reusable_training(
                 &layout,
-                &s.reuse_finetunes_from,
+                &s.reuse_from,
                 arm,
-                &name,
+                &stage.name(),
                 s.finetune_epochs,
                 |l| finetune(l, arm).command(),
             )?
         };
-        match reusable {
-            Some(reused) => {
-                let from = reused.reused_from.clone().unwrap_or_default();
-                events.stage_skipped(
-                    &name,
-                    &format!(
-                        "the same fine-tuning (command and policy) finished in {}: copied",
-                        from.display()
-                    ),
-                );
-                copy_training(&from, &dir)?;
-                run.record.set_stage(StageRecord {
-                    command: stage.command(),
-                    ..reused
-                });
-                run.save()?;
-            }
-            None => run.stage(&stage)?,
-        }
+        run.stage_or_copy(&stage, &dir, found)?;
         finetuned.push(crate::train::last_checkpoint(&dir));
     }
 

@@ -8,7 +8,7 @@ use serde::Serialize;
 use std::path::PathBuf;
 
 /// Everything a pipeline run does. The serialized fields are the run's recorded settings;
-/// the others (`baseline`, `out`, `reuse_finetunes_from`) say where and what to run.
+/// the others (`baseline`, `out`, `reuse_from`) say where and what to run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PipelineSettings {
     /// resnet20, resnet32, …
@@ -53,9 +53,10 @@ pub struct PipelineSettings {
     pub subset_seed: u64,
     #[serde(skip)]
     pub out: PathBuf,
-    /// Runs whose finished fine-tunings of the same command and policy are copied.
+    /// Runs whose finished proxy-independent stages (fine-tunings of the same command and
+    /// policy, the edmips-target search of the same command) are copied.
     #[serde(skip)]
-    pub reuse_finetunes_from: Vec<PathBuf>,
+    pub reuse_from: Vec<PathBuf>,
 }
 
 /// Teacher epochs of `gmpq pipeline` (proxy and target).
@@ -98,7 +99,7 @@ impl PipelineSettings {
             seed: 0,
             subset_seed: 0,
             out,
-            reuse_finetunes_from: Vec::new(),
+            reuse_from: Vec::new(),
         }
     }
 

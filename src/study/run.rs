@@ -105,9 +105,9 @@ fn run_settings(
         hflip: config.hflip,
         proxy_hflip: Some(pair.proxy.hflip),
         seed: run.seed,
-        // Proxy-independent arms (uniform, random) of another pair at this budget and seed
-        // are the same fine-tuning.
-        reuse_finetunes_from: runs
+        // Proxy-independent stages of another pair at this budget and seed (the target search,
+        // the fine-tunings of uniform, random and edmips-target) are the same computation.
+        reuse_from: runs
             .iter()
             .filter(|o| o.seed == run.seed && o.dir != run.dir)
             .map(|o| o.dir.clone())
