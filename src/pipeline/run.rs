@@ -158,14 +158,15 @@ impl Runner<'_> {
         )
     }
 
-    /// Runs `stage` unless its output exists or `found` is the same computation finished in
+    /// Runs `stage` unless its output exists or `find` finds the same computation finished in
     /// another run ([`reusable_stage`]), whose output is then copied into `dir` and recorded.
     fn stage_or_copy(
         &mut self,
         stage: &dyn Stage,
         dir: &Path,
-        found: Option<StageRecord>,
+        find: impl FnOnce() -> Result<Option<StageRecord>>,
     ) -> Result<()> {
+        let found = if stage.done()? { None } else { find()? };
         let Some(found) = found else {
             return self.stage(stage);
         };
@@ -365,9 +366,7 @@ pub fn run(
             kind: supernet(0.0, s.target_search_epochs.unwrap_or(s.search_epochs)),
         };
         let stage = target_search(&layout);
-        let found = if stage.done()? {
-            None
-        } else {
+        run.stage_or_copy(&stage, &layout.search(arm), || {
             reusable_stage(
                 &layout,
                 &s.reuse_from,
@@ -375,9 +374,8 @@ pub fn run(
                 |l| target_search(l).command(),
                 |l| l.search(arm),
                 |l| Ok(l.policy(arm).is_file()),
-            )?
-        };
-        run.stage_or_copy(&stage, &layout.search(arm), found)?;
+            )
+        })?;
     }
 
     // 4. Fine-tune every arm's policy on the target (evaluated on its test split each epoch).
@@ -402,9 +400,7 @@ pub fn run(
     for &arm in &all_arms {
         let stage = finetune(&layout, arm);
         let dir = layout.finetune(arm);
-        let found = if stage.done()? {
-            None
-        } else {
+        run.stage_or_copy(&stage, &dir, || {
             reusable_training(
                 &layout,
                 &s.reuse_from,
@@ -412,9 +408,8 @@ pub fn run(
                 &stage.name(),
                 s.finetune_epochs,
                 |l| finetune(l, arm).command(),
-            )?
-        };
-        run.stage_or_copy(&stage, &dir, found)?;
+            )
+        })?;
         finetuned.push(crate::train::last_checkpoint(&dir));
     }
 
