@@ -22,13 +22,18 @@ for arm in gmpq uniform "$arm3"; do
   policy="$run/search-$arm/policy.json"
   [ -f "$policy" ] || { echo "no $policy yet: the study has not searched that arm" >&2; exit 1; }
 done
+# A finished fine-tuning is skipped by its last.json (the finished checkpoints are not committed).
+finished() {
+  python3 -c 'import json,sys; sys.exit(json.load(open(sys.argv[1]))["epoch"] < int(sys.argv[2]))' \
+    "$1/last.json" "$2" 2>/dev/null
+}
 mkdir -p "$out"
 for arm in gmpq uniform "$arm3"; do
-  "$gmpq" --threads 1 finetune --init "$teacher" --policy "$run/search-$arm/policy.json" \
+  finished "$out/finetune10-$arm" 10 || "$gmpq" --threads 1 finetune --init "$teacher" --policy "$run/search-$arm/policy.json" \
     --data "$target" --epochs 10 --out "$out/finetune10-$arm" --resume --lr 0.01 --hflip --seed 0
 done
 [ -f "$out/search-edmips-target-5ep/policy.json" ] || "$gmpq" --threads 1 search --teacher "$teacher" --data "$target" --target-compression 171 \
   --attribution-weight 0 --epochs 5 --step-epochs 10 --recipe scarce --w-bits 2,3,4,6 \
   --a-bits 2,3,4,6 --out "$out/search-edmips-target-5ep" --hflip --seed 0
-"$gmpq" --threads 1 finetune --init "$teacher" --policy "$out/search-edmips-target-5ep/policy.json" \
+finished "$out/finetune-edmips-target-5ep" 1 || "$gmpq" --threads 1 finetune --init "$teacher" --policy "$out/search-edmips-target-5ep/policy.json" \
   --data "$target" --epochs 1 --out "$out/finetune-edmips-target-5ep" --resume --lr 0.01 --hflip --seed 0
