@@ -546,6 +546,25 @@ mod tests {
         );
         let e = m.iter().find(|m| m.arm == Arm::Edmips).unwrap();
         assert_eq!((e.runs, e.w_bits.clone()), (1, vec![6.0, 6.0]));
+
+        // The study page's charts put the searched arms side by side, HAWQ among them.
+        let path = RunLayout::new(&runs[1].dir).policy(Arm::Hawq);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        policy([2, 2], [6, 6]).save(&path).unwrap();
+        let config: StudyConfig = serde_json::from_value(serde_json::json!({
+            "target": { "data": "idx:x", "epochs": 1 },
+            "pairs": [],
+            "arms": ["gmpq", "edmips", "hawq", "uniform"],
+            "search_epochs": 1, "target_search_epochs": 1, "finetune_epochs": 1
+        }))
+        .unwrap();
+        let mut page = String::new();
+        run::bits_charts(&config, dir.path(), &runs, &mut page).unwrap();
+        assert!(page.contains("bits-a-c64-w.svg"), "{page}");
+        let svg = std::fs::read_to_string(dir.path().join("bits-a-c64-w.svg")).unwrap();
+        for label in ["GMPQ (3 runs)", "EdMIPS (1 runs)", "HAWQ (1 runs)"] {
+            assert!(svg.contains(label), "{label} missing");
+        }
     }
 
     /// An arm whose fine-tuning stopped after 2 of 3 epochs has no accuracy in the table.

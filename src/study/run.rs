@@ -260,13 +260,13 @@ pub fn tables_only(config: &StudyConfig, out: &Path) -> Result<PathBuf> {
 
 /// Mean bits per layer of the searched arms, side by side, one weights and one activations
 /// chart per (pair, budget), appended to the page.
-fn bits_charts(
+pub(super) fn bits_charts(
     config: &StudyConfig,
     out: &Path,
     runs: &[StudyRun],
     page: &mut String,
 ) -> Result<()> {
-    let searched: Vec<Arm> = [Arm::Gmpq, Arm::Edmips, Arm::EdmipsTarget]
+    let searched: Vec<Arm> = [Arm::Gmpq, Arm::Edmips, Arm::Hawq, Arm::EdmipsTarget]
         .into_iter()
         .filter(|a| config.arms.contains(a))
         .collect();
@@ -294,6 +294,7 @@ fn bits_charts(
                     colour: match m.arm {
                         Arm::Gmpq => (0, 90, 200, 0.85),
                         Arm::Edmips => (210, 40, 40, 0.85),
+                        Arm::Hawq => (230, 140, 0, 0.85),
                         _ => (40, 160, 60, 0.85),
                     },
                 })
