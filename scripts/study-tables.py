@@ -44,13 +44,17 @@ def paired(res, pair, budget):
         print("\n".join(lines))
 
 
-def last_top1(training):
-    """Top-1 of a training folder's last epoch and its epoch count (from last.json), or None."""
+def history(training):
+    """A training folder's per-epoch records (from last.json); empty when it has none."""
     meta = training / "last.json"
-    if not meta.exists():
-        return None
-    m = json.loads(meta.read_text())
-    return (m["history"][-1]["test_top1"], m["epoch"]) if m.get("history") else None
+    return json.loads(meta.read_text()).get("history", []) if meta.exists() else []
+
+
+def last_top1(training, epochs=None):
+    """Top-1 of a training folder's last epoch and its epoch count, or None (`epochs`: the
+    records already read)."""
+    h = history(training) if epochs is None else epochs
+    return (h[-1]["test_top1"], h[-1]["epoch"]) if h else None
 
 
 def extra(study, folder):
@@ -61,10 +65,10 @@ def extra(study, folder):
     print("|---|---|---|---|")
     for ft in sorted(folder.glob("finetune10-*")):
         arm = ft.name.removeprefix("finetune10-")
-        short, long_ = last_top1(run / f"finetune-{arm}"), last_top1(ft)
+        records = history(ft)
+        short, long_ = last_top1(run / f"finetune-{arm}"), last_top1(ft, records)
         cell = lambda r, n: "—" if r is None else f"{r[0]:.2f}" + ("" if r[1] >= n else f" (epoch {r[1]})")
-        history = json.loads((ft / "last.json").read_text()).get("history", []) if long_ else []
-        epochs = ", ".join(f"{h['test_top1']:.2f}" for h in history)
+        epochs = ", ".join(f"{h['test_top1']:.2f}" for h in records)
         print(f"| {LABEL.get(arm, arm)} | {cell(short, 1)} | {cell(long_, 10)} | {epochs} |")
     cost_table(study, folder)
 
@@ -74,32 +78,26 @@ def cost_table(study, folder):
     target search among them, with the top-1 each reaches after the study's 1-epoch fine-tuning."""
     run = study / "mnist-to-fmnist-c171-seed0"
     rows = []
-    for arm in LABEL:
-        policy = run / f"search-{arm}" / "policy.json"
-        if policy.exists():
-            rows.append((LABEL[arm], policy, run / f"finetune-{arm}"))
+    for arm, label in LABEL.items():
+        search, finetune = run / f"search-{arm}", run / f"finetune-{arm}"
         if arm == "edmips-target":
-            rows[-1] = (LABEL[arm] + ", 1 epoch",) + rows[-1][1:]
-            rows.append(
-                (
-                    LABEL[arm] + ", 5 epochs",
-                    folder / "search-edmips-target-5ep" / "policy.json",
-                    folder / "finetune-edmips-target-5ep",
-                )
-            )
+            rows.append((label + ", 1 epoch", search, finetune))
+            search, finetune = folder / "search-edmips-target-5ep", folder / "finetune-edmips-target-5ep"
+            label += ", 5 epochs"
+        rows.append((label, search, finetune))
     print("\n### Search cost against accuracy (mnist-to-fmnist, 171×, seed 0)\n")
     print("| arm | search images | search s | top-1 after the study's fine-tuning |")
     print("|---|---|---|---|")
-    for label, policy, finetune in rows:
+    for label, search, finetune in rows:
+        policy = search / "policy.json"
         if not policy.exists():
             print(f"| {label} | — | — | — |")
             continue
         cost = json.loads(policy.read_text()).get("meta", {}).get("cost", {})
         top1 = last_top1(finetune)
-        done = top1 if top1 and top1[1] >= 1 else None
         print(
             f"| {label} | {cost.get('images_processed', 0)} | {cost.get('wall_seconds', 0):.0f} | "
-            f"{fmt(done and done[0])} |"
+            f"{fmt(top1 and top1[0])} |"
         )
 
 

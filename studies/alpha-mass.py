@@ -11,8 +11,10 @@ study = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "studies/runs/fmnist-
 
 
 def softmax(v, t):
-    e = [math.exp((x - max(v)) / t) for x in v]
-    return [x / sum(e) for x in e]
+    top = max(v)
+    e = [math.exp((x - top) / t) for x in v]
+    total = sum(e)
+    return [x / total for x in e]
 
 
 print("run\tarm\tkind\tmass per width\tmedian max-prob\tmean bits")

@@ -5,7 +5,8 @@
 
 For every finished supernet search (GMPQ, EdMIPS, EdMIPS on target): the expected BOPs of the
 last search epoch against the budget's BOPs (FP BOPs / compression target). For every policy a
-search or HAWQ extracted: its compression (a search copied into another run counts once), which must be at least the target.
+search or HAWQ extracted: its compression, which must be at least the target. A search copied
+into another run counts once.
 """
 import json
 import pathlib
@@ -22,11 +23,14 @@ def main():
     for run in sorted(study.glob("*-c*-seed*")):
         for arm in EXTRACTED:
             policy = run / f"search-{arm}" / "policy.json"
-            # A search another run copied (edmips-target: the same search) counts once.
-            if not policy.exists() or policy.read_bytes() in seen:
+            if not policy.exists():
                 continue
-            seen.add(policy.read_bytes())
-            p = json.loads(policy.read_text())
+            # A search another run copied (edmips-target: the same search) counts once.
+            text = policy.read_text()
+            if text in seen:
+                continue
+            seen.add(text)
+            p = json.loads(text)
             target = p["meta"]["target"]["compression"]
             ratios[target].append(p["totals"]["compression"])
             log = run / f"search-{arm}" / "search-log.jsonl"

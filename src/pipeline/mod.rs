@@ -408,6 +408,10 @@ pub fn reusable_training(
     epochs: usize,
     command_for: impl Fn(&RunLayout) -> String,
 ) -> Result<Option<StageRecord>> {
+    // A run with nowhere to copy from reads no policy file.
+    if others.is_empty() {
+        return Ok(None);
+    }
     let read = |path: &Path| {
         std::fs::read(path).map_err(|e| PipelineError::Read {
             path: path.into(),

@@ -373,7 +373,7 @@ pub fn run(
                 &stage.name(),
                 |l| target_search(l).command(),
                 |l| l.search(arm),
-                |l| Ok(l.policy(arm).is_file()),
+                |l| target_search(l).done(),
             )
         })?;
     }
