@@ -55,6 +55,11 @@ pub struct EpochMetrics {
     pub test_top5: f64,
     pub seconds: f64,
     pub images_per_second: f64,
+    /// Top-1 on the held-out validation images of the train split (training with a holdout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_top1: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
 }
 
 /// Everything about a checkpoint except its tensors.
@@ -102,6 +107,34 @@ impl CheckpointMeta {
 pub struct Checkpoint {
     pub meta: CheckpointMeta,
     pub tensors: BTreeMap<String, Tensor>,
+}
+
+/// A fingerprint of a network's variables (names and values, FNV-1a 64 over their f32
+/// bytes in name order): an export records it, so a model can be matched to the checkpoint it
+/// came from.
+pub fn weights_digest(vs: &tch::nn::VarStore) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+    for (name, t) in &vars {
+        feed(name.as_bytes());
+        let values = Vec::<f32>::try_from(
+            t.detach()
+                .to_device(tch::Device::Cpu)
+                .to_kind(tch::Kind::Float)
+                .flatten(0, -1),
+        )
+        .unwrap_or_default();
+        for v in values {
+            feed(&v.to_le_bytes());
+        }
+    }
+    format!("{h:016x}")
 }
 
 struct RawTensor {
@@ -432,43 +465,55 @@ pub fn load_into_var_store<'a>(
 ) -> Result<()> {
     let vars = vs.variables();
     let given: BTreeMap<&String, &Tensor> = tensors.into_iter().collect();
-    let mut problems = Vec::new();
-    let mut missing: Vec<&String> = vars
+    // Counts and the first few names: a wrong file can differ in hundreds of tensors.
+    let brief = |what: &str, names: Vec<String>| -> Option<String> {
+        const SHOWN: usize = 3;
+        if names.is_empty() {
+            return None;
+        }
+        let more = if names.len() > SHOWN { ", …" } else { "" };
+        Some(format!(
+            "{} {what} ({}{more})",
+            names.len(),
+            names[..names.len().min(SHOWN)].join(", ")
+        ))
+    };
+    let mut missing: Vec<String> = vars
         .keys()
         .filter(|k| !given.contains_key(k) && !allow_missing(k))
+        .cloned()
         .collect();
     missing.sort();
-    if !missing.is_empty() {
-        problems.push(format!(
-            "missing {}",
-            missing
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
-    }
-    let unexpected: Vec<&str> = given
+    let unexpected: Vec<String> = given
         .keys()
         .filter(|k| !vars.contains_key(k.as_str()) && !allow_unexpected(k))
-        .map(|s| s.as_str())
+        .map(|s| s.to_string())
         .collect();
-    if !unexpected.is_empty() {
-        problems.push(format!("unexpected {}", unexpected.join(", ")));
-    }
     let mut names: Vec<&String> = vars.keys().collect();
     names.sort();
+    let mut reshaped = Vec::new();
     for name in names {
         if let Some(t) = given.get(name) {
             let want = vars[name].size();
             if t.size() != want {
-                problems.push(format!(
-                    "{name} has shape {:?}, expected {want:?}",
-                    t.size()
-                ));
+                reshaped.push(format!("{name} is {:?}, the model's {want:?}", t.size()));
             }
         }
     }
+    let problems: Vec<String> = [
+        brief(
+            &format!("of the model's {} tensors missing", vars.len()),
+            missing,
+        ),
+        brief(
+            &format!("of the file's {} tensors unexpected", given.len()),
+            unexpected,
+        ),
+        brief("tensors of another shape", reshaped),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     if !problems.is_empty() {
         return Err(CheckpointError::Mismatch {
             path: path.to_path_buf(),

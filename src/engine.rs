@@ -3,7 +3,7 @@
 //! overrides it).
 
 use crate::data::{ImageSource, Normalize, Pipeline};
-use crate::export::onnx::{INPUT, META_MODEL, META_PREPROCESSING, OUTPUT};
+use crate::export::onnx::{INPUT, META_MODEL, META_PREPROCESSING, META_WEIGHTS, OUTPUT};
 use crate::model::ModelConfig;
 use crate::train::{self, EvalMetrics, TrainError};
 use ort::session::{builder::GraphOptimizationLevel, Session};
@@ -86,6 +86,8 @@ pub struct OnnxModel {
     /// The evaluation pipeline before normalisation (which is in the graph).
     pub preprocessing: Option<Pipeline>,
     pub model: Option<ModelConfig>,
+    /// The weights digest the exporter recorded (`gmpq.weights`; older exports have none).
+    pub weights: Option<String>,
 }
 
 impl OnnxModel {
@@ -119,7 +121,7 @@ impl OnnxModel {
             builder = builder.with_optimized_model_path(p).map_err(built)?;
         }
         let session = builder.commit_from_memory(bytes).map_err(run)?;
-        let (preprocessing, model) = {
+        let (preprocessing, model, weights) = {
             let meta = session.metadata().map_err(run)?;
             let pre = meta
                 .custom(META_PREPROCESSING)
@@ -127,7 +129,7 @@ impl OnnxModel {
             let model = meta
                 .custom(META_MODEL)
                 .and_then(|s| serde_json::from_str::<ModelConfig>(&s).ok());
-            (pre, model)
+            (pre, model, meta.custom(META_WEIGHTS))
         };
         if session.inputs().first().map(|i| i.name()) != Some(INPUT) {
             return Err(EngineError::Run(format!(
@@ -138,6 +140,7 @@ impl OnnxModel {
             session,
             preprocessing,
             model,
+            weights,
         })
     }
 

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod engine;
 pub mod export;
+pub mod fields;
 pub mod import;
 pub mod model;
 pub mod pipeline;

@@ -198,10 +198,46 @@ impl Policy {
             path: path.to_path_buf(),
             source,
         })?;
-        serde_json::from_str(&text).map_err(|e| PolicyError::Parse {
+        let policy: Policy = serde_json::from_str(&text).map_err(|e| PolicyError::Parse {
             path: path.to_path_buf(),
             reason: e.to_string(),
-        })
+        })?;
+        policy.check_bits().map_err(|reason| PolicyError::Parse {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        Ok(policy)
+    }
+
+    /// Every bit width the file states (layers and candidates) within [`BIT_RANGE`]: the one
+    /// check every reader of a policy file gets from [`Policy::load`].
+    pub fn check_bits(&self) -> Result<(), String> {
+        let r = BIT_RANGE;
+        for (what, set) in [
+            ("weight candidates", &self.candidates.weight),
+            ("activation candidates", &self.candidates.activation),
+        ] {
+            if let Some(b) = set.iter().find(|b| !r.contains(b)) {
+                return Err(format!(
+                    "{what} hold {b} bits, outside the supported {}..={}",
+                    r.start(),
+                    r.end()
+                ));
+            }
+        }
+        for l in &self.layers {
+            for (kind, b) in [("weight", l.w_bits), ("activation", l.a_bits)] {
+                if !r.contains(&b) {
+                    return Err(format!(
+                        "layer '{}': {b} {kind} bits, outside the supported {}..={}",
+                        l.name,
+                        r.start(),
+                        r.end()
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes the policy (with freshly computed totals) atomically as pretty JSON.

@@ -81,12 +81,12 @@ fn import_reports_missing_unexpected_and_misshaped_by_name() {
     let e = import_pretrained(&bad, &cfg).err().unwrap();
     let text = mismatch_text(&e).expect("a mismatch error");
     assert!(
-        text.contains("missing layer3.0.downsample.0.weight"),
+        text.contains("missing (layer3.0.downsample.0.weight)"),
         "{text}"
     );
-    assert!(text.contains("unexpected fc.extra"), "{text}");
+    assert!(text.contains("unexpected (fc.extra)"), "{text}");
     assert!(
-        text.contains("fc.weight has shape [10, 512], expected [1000, 512]"),
+        text.contains("another shape (fc.weight is [10, 512], the model's [1000, 512])"),
         "{text}"
     );
     assert!(e.to_string().contains("bad.safetensors"));
@@ -112,12 +112,12 @@ fn efficientnet_lite0_import_names_missing_and_misshaped_tensors() {
     let e = import_pretrained(&bad, &cfg).err().unwrap();
     let text = mismatch_text(&e).expect("a mismatch error");
     assert!(
-        text.contains("missing _blocks.3._depthwise_conv.weight"),
+        text.contains("missing (_blocks.3._depthwise_conv.weight)"),
         "{text}"
     );
     assert!(
         text.contains(
-            "_blocks.5._expand_conv.weight has shape [144, 24, 3, 3], expected [240, 40, 1, 1]"
+            "_blocks.5._expand_conv.weight is [144, 24, 3, 3], the model's [240, 40, 1, 1]"
         ),
         "{text}"
     );

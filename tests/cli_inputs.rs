@@ -351,7 +351,7 @@ fn no_two_commands_spell_the_same_option_differently() {
         "resnet20",
     ]);
     assert!(
-        stderr(&o).contains("--model does not apply to finetune"),
+        stderr(&o).contains("--model does not apply with --init"),
         "{}",
         stderr(&o)
     );

@@ -148,6 +148,21 @@ fn pipeline_killed_in_each_stage_resumes_without_redoing_finished_stages() {
             "{arm}"
         );
     }
+    // Every arm is scored on the held-out validation images (1,000 by default), and the
+    // chosen model is the one best there (ties to uniform), whatever the test set says.
+    let arms = summary["arms"].as_array().unwrap();
+    let val = |a: &serde_json::Value| a["val_top1"].as_f64().expect("a validation top-1");
+    let best = arms.iter().map(val).fold(f64::MIN, f64::max);
+    let chosen = arms
+        .iter()
+        .find(|a| a["arm"] == summary["chosen"])
+        .unwrap_or_else(|| panic!("no chosen arm: {summary}"));
+    assert_eq!(val(chosen), best, "{summary}");
+    let o = run(&pipeline_args(&out)
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("(chosen)"));
 
     // The report embeds its charts and heatmaps.
     let o = run(&["report", out.to_str().unwrap()]);
@@ -399,7 +414,7 @@ fn pipeline_runs_the_hawq_arm() {
     let out = dir.path().join("run");
     let mut args = pipeline_args(&out);
     let i = args.iter().position(|a| a == "--baseline").unwrap();
-    args[i + 1] = "hawq".into();
+    args[i + 1] = "hawq,uniform-fill,gmpq-ranked".into();
     // One epoch of everything: this test is about the arm, not the training.
     for flag in [
         "--finetune-epochs",
@@ -453,6 +468,30 @@ fn pipeline_runs_the_hawq_arm() {
     assert_eq!(meta["method"], "hawq");
     assert!(meta["hawq"]["sensitivities"]["weight"].is_object());
     assert!(p.totals.unwrap().compression >= 64.0);
+    // uniform-fill took HAWQ's sensitivities instead of measuring them again; at 64× (the
+    // grid point w4a4) it is the uniform policy.
+    let fill = gmpq::policy::Policy::load(&out.join("search-uniform-fill/policy.json")).unwrap();
+    let fill_meta = fill.meta.clone().unwrap();
+    assert_eq!(fill_meta["method"], "uniform-fill");
+    assert!(fill_meta["hawq"]["reused_from"].is_string(), "{fill_meta}");
+    assert!(fill.totals.unwrap().compression >= 64.0);
+    // The ranked arm scored its candidates (uniform-fill's among them) and kept the best.
+    let ranked = gmpq::policy::Policy::load(&out.join("search-gmpq-ranked/policy.json")).unwrap();
+    let ranking = &ranked.meta.clone().unwrap()["ranking"];
+    let candidates = ranking["candidates"].as_array().unwrap();
+    assert!(
+        candidates.iter().any(|c| c["source"]
+            .as_str()
+            .unwrap()
+            .ends_with("search-uniform-fill/policy.json")),
+        "{ranking}"
+    );
+    let best = candidates
+        .iter()
+        .map(|c| c["val_top1"].as_f64().unwrap())
+        .fold(f64::MIN, f64::max);
+    let chosen = ranking["chosen"].as_u64().unwrap() as usize;
+    assert_eq!(candidates[chosen]["val_top1"].as_f64().unwrap(), best);
     assert!(out.join("finetune-hawq").join("last.safetensors").is_file());
     let report = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(report.contains("HAWQ"), "the report names the arm");

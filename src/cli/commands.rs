@@ -8,6 +8,7 @@ use super::{
 use anyhow::{bail, Context, Result};
 use gmpq::checkpoint::Checkpoint;
 use gmpq::data::{stratified_subset, DatasetSpec, ImageSource, Split, SubsetSpec};
+use gmpq::model::options::{check_options, ModelOption, ModelSource};
 use gmpq::model::Model;
 use gmpq::model::{Arch, ModelConfig, Stem};
 use gmpq::policy::{parse_uniform, LayerCost, Policy, PolicyTotals};
@@ -156,6 +157,7 @@ fn subset_of(source: &dyn ImageSource, a: &SubsetArgs) -> Result<Vec<usize>> {
         limit: a.limit,
         per_class: a.per_class,
         seed: a.subset_seed,
+        holdout: 0,
     };
     Ok(stratified_subset(source, &spec)?)
 }
@@ -165,9 +167,13 @@ fn train_cmd(a: TrainArgs, device: tch::Device) -> Result<()> {
 }
 
 fn finetune_cmd(mut a: FinetuneArgs, device: tch::Device) -> Result<()> {
-    if a.train.model.is_some() {
-        bail!("--model does not apply to finetune: the model is --init's");
-    }
+    check_options(
+        ModelSource::File {
+            flag: "--init",
+            path: &a.init,
+        },
+        &a.train.given(),
+    )?;
     a.train.out.get_or_insert_with(|| "runs/finetune".into());
     let ck = Checkpoint::load(&a.init).with_context(|| format!("loading {}", a.init.display()))?;
     let geometry = model_geometry(&ck.meta.model)?;
@@ -197,6 +203,9 @@ fn train_request(a: &TrainArgs, finetune: Option<train::Finetune>) -> Result<Tra
         a.out.clone().unwrap_or_else(|| "runs/train".into()),
     );
     r.arch = a.model.as_deref().unwrap_or("resnet20").parse()?;
+    if finetune.is_none() {
+        check_options(ModelSource::Named(r.arch), &a.given())?;
+    }
     r.test_data = a
         .test_data
         .as_deref()
@@ -205,7 +214,7 @@ fn train_request(a: &TrainArgs, finetune: Option<train::Finetune>) -> Result<Tra
     r.input_size = a.input_size;
     r.rgb = a.rgb;
     r.stem = a.stem.as_deref().map(str::parse::<Stem>).transpose()?;
-    r.width = a.width;
+    r.width = a.width.unwrap_or(1.0);
     r.epochs = a.epochs;
     r.batch_size = a.batch_size;
     r.lr = a.lr;
@@ -221,6 +230,7 @@ fn train_request(a: &TrainArgs, finetune: Option<train::Finetune>) -> Result<Tra
         limit: a.subset.limit,
         per_class: a.subset.per_class,
         seed: a.subset.subset_seed,
+        holdout: a.holdout,
     };
     r.test_limit = a.test_limit;
     r.resume = a.resume;
@@ -302,6 +312,18 @@ fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
     let data: Arc<dyn ImageSource> = data;
     let (label, m) = match (checkpoint, onnx) {
         (Some((path, ck, network)), Some((onnx_path, mut model))) => {
+            // A comparison of two different networks would read as a disagreement of engines.
+            if let Some(recorded) = &model.weights {
+                let digest = gmpq::checkpoint::weights_digest(&network.vs);
+                if *recorded != digest {
+                    bail!(
+                        "{} was not exported from {} (its weights digest {recorded}, the \
+                         checkpoint's {digest}): export this checkpoint to compare them",
+                        onnx_path.display(),
+                        path.display()
+                    );
+                }
+            }
             let r = gmpq::engine::compare(
                 &mut model,
                 &network.net,
@@ -403,18 +425,29 @@ fn import_cmd(a: ImportArgs) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     ck.save(&a.out)?;
-    println!("wrote {} ({} tensors)", a.out.display(), ck.tensors.len());
+    println!(
+        "wrote {} ({} tensors) and its metadata {}",
+        a.out.display(),
+        ck.tensors.len(),
+        gmpq::checkpoint::sidecar_path(&a.out).display()
+    );
     Ok(())
 }
 
 fn subset_cmd(a: SubsetCmdArgs) -> Result<()> {
     let spec = parse_spec(&a.data)?;
-    for (split, n, prefix) in [
-        (Split::Train, a.train, "train"),
-        (Split::Test, a.test, "t10k"),
+    // Both splits are drawn before either is written: a bad --test leaves no half subset.
+    let mut drawn = Vec::new();
+    for (split, n, flag, prefix) in [
+        (Split::Train, a.train, "--train", "train"),
+        (Split::Test, a.test, "--test", "t10k"),
     ] {
         let data = spec.load_idx(split)?;
-        let idx = stratified_subset(&data, &SubsetSpec::limited(Some(n), a.seed))?;
+        let idx = stratified_subset(&data, &SubsetSpec::limited(Some(n), a.seed))
+            .with_context(|| format!("{flag} {n}"))?;
+        drawn.push((data, idx, prefix));
+    }
+    for (data, idx, prefix) in drawn {
         gmpq::data::write_idx_split(&data, &idx, &a.out, prefix)?;
         println!(
             "{prefix}: {} of {} images → {}",
@@ -437,19 +470,26 @@ pub(super) fn model_geometry(cfg: &ModelConfig) -> Result<Model> {
     Ok(train::build_fp(cfg, tch::Device::Cpu)?.1)
 }
 
-fn model_config(a: &ModelArgs) -> Result<ModelConfig> {
-    let arch: Arch = a.model.parse()?;
-    let mut cfg = ModelConfig::new(arch, a.channels, a.classes, a.input_size);
+/// The network `a` describes (`--model`, or `arch` when a file names it), its flags checked
+/// against the table of which options apply to which network.
+fn model_config(a: &ModelArgs, arch: Option<Arch>) -> Result<ModelConfig> {
+    let arch = match arch {
+        Some(arch) => arch,
+        None => a.model.as_deref().unwrap_or("resnet20").parse()?,
+    };
+    check_options(ModelSource::Named(arch), &a.given())?;
+    let mut cfg = ModelConfig::new(
+        arch,
+        a.channels.unwrap_or(3),
+        a.classes.unwrap_or(10),
+        a.input_size.unwrap_or(32),
+    );
     if let Some(stem) = &a.stem {
-        if arch.is_cifar_resnet() || arch == Arch::EfficientNetLite0 {
-            bail!("--stem applies to resnet18, resnet50 and mobilenetv2; {arch} has one stem");
-        }
         cfg.stem = stem.parse::<Stem>()?;
     }
-    if a.width != 1.0 && arch != Arch::MobileNetV2 {
-        bail!("--width applies to mobilenetv2 only");
+    if let Some(w) = a.width {
+        cfg.width = w;
     }
-    cfg.width = a.width;
     Ok(cfg)
 }
 
@@ -515,7 +555,13 @@ fn print_bops_table(rows: &[LayerCost], totals: &PolicyTotals) {
 fn bops_cmd(a: BopsArgs) -> Result<()> {
     // The totals a policy file states, to compare with what they measure here.
     let mut recorded: Option<PolicyTotals> = None;
+    let given = a.model.given();
     let (cfg, policy) = if let Some(path) = &a.checkpoint {
+        let source = ModelSource::File {
+            flag: "--checkpoint",
+            path,
+        };
+        check_options(source, &given)?;
         let ck = Checkpoint::load(path)?;
         let policy = match ck.meta.precision {
             Some(Precision::Fixed { policy, .. }) => Some(policy),
@@ -529,18 +575,33 @@ fn bops_cmd(a: BopsArgs) -> Result<()> {
         recorded = policy.totals.clone();
         let meta = gmpq::search::PolicyMeta::of(&policy)
             .with_context(|| format!("{}: malformed meta", path.display()))?;
+        let source = ModelSource::File {
+            flag: "--policy",
+            path,
+        };
         let cfg = match meta.and_then(|m| m.model_config) {
-            Some(cfg) => cfg,
+            Some(cfg) => {
+                check_options(source, &given)?;
+                cfg
+            }
             None => {
-                let mut cfg = model_config(&a.model)?;
-                cfg.arch = policy.model.parse()?;
+                // The file names its model and input size but not its channels and classes.
+                let named: Vec<ModelOption> = given
+                    .iter()
+                    .copied()
+                    .filter(|o| matches!(o, ModelOption::Model | ModelOption::InputSize))
+                    .collect();
+                check_options(source, &named)?;
+                let mut args = a.model.clone();
+                args.model = None;
+                let mut cfg = model_config(&args, Some(policy.model.parse()?))?;
                 cfg.input_size = policy.input_size;
                 cfg
             }
         };
         (cfg, None)
     } else {
-        (model_config(&a.model)?, None)
+        (model_config(&a.model, None)?, None)
     };
     let net = model_geometry(&cfg)?;
     let policy = match policy {

@@ -90,6 +90,8 @@ pub(super) fn bench_infer_cmd(a: super::BenchInferArgs) -> Result<()> {
     let arch: Arch = a.model.parse()?;
     let mut cfg = ModelConfig::new(arch, a.channels, a.classes, a.input_size);
     if let Some(stem) = &a.stem {
+        use gmpq::model::options::{check_options, ModelOption, ModelSource};
+        check_options(ModelSource::Named(arch), &[ModelOption::Stem])?;
         cfg.stem = stem.parse::<Stem>()?;
     }
     let policy = super::commands::uniform_policy(&cfg, &a.uniform)?;

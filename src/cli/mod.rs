@@ -94,7 +94,7 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct EngineArgs {
     /// libtorch threads (default: all cores).
-    #[arg(long, global = true, help_heading = "Global options")]
+    #[arg(long, global = true, help_heading = "Global options", value_parser = positive(), allow_negative_numbers = true)]
     pub threads: Option<usize>,
     /// cpu, cuda, cuda:N or auto.
     #[arg(
@@ -162,9 +162,10 @@ pub enum Command {
     Extract(ExtractArgs),
     /// Render attribution (CAM) heatmaps of a checkpoint on some images.
     Attribution(AttributionArgs),
-    /// Ship a fine-tuned checkpoint: an ONNX graph in QDQ form (integer inference in ONNX
-    /// Runtime; --fp for the float network) or a packed safetensors file whose kernels are
-    /// stored at their policy bitwidth.
+    /// Ship a fine-tuned checkpoint: an ONNX graph in QDQ form (quantize/dequantize pairs
+    /// around each quantized conv; ONNX Runtime runs these convs in float on dequantized
+    /// weights, docs/DEPLOY.md; --fp for the float network) or a packed safetensors file
+    /// whose kernels are stored at their policy bitwidth.
     Export(ExportArgs),
 }
 
@@ -195,8 +196,13 @@ pub struct ExportArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SearchMethodArg {
+    /// The supernet search (GMPQ; EdMIPS with --attribution-weight 0).
     Gmpq,
+    /// HAWQ-style sensitivities minimised under the budget.
     Hawq,
+    /// The best uniform policy, the rest of the budget spent on the layers HAWQ's
+    /// sensitivities rank highest (equals the uniform policy at a grid budget).
+    UniformFill,
 }
 
 /// Search recipes (see `gmpq::search::Recipe`).
@@ -283,6 +289,11 @@ fn baseline_arm() -> impl clap::builder::TypedValueParser<Value = gmpq::pipeline
         .try_map(|s| s.parse::<Arm>())
 }
 
+/// A count that must be at least 1 (clap names the flag when it is not).
+fn positive() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+}
+
 /// One bit width of a candidate list, in `policy::BIT_RANGE`.
 fn bit_width() -> clap::builder::RangedI64ValueParser<u32> {
     let r = gmpq::policy::BIT_RANGE;
@@ -310,6 +321,7 @@ impl From<AttributionArg> for gmpq::search::AttributionMethod {
 pub enum CalibrationArg {
     /// KL search below 5 bits, max above.
     Kl,
+    /// The largest absolute value seen, at every bitwidth.
     Max,
     /// KL below 5 bits, max capped at 6 above.
     Reference,
@@ -361,14 +373,36 @@ pub struct ExtractArgs {
     #[arg(long, group = "budget")]
     pub target_bops: Option<String>,
     /// Budget: FP BOPs / policy BOPs at least this.
-    #[arg(long, group = "budget")]
+    #[arg(long, group = "budget", allow_negative_numbers = true)]
     pub target_compression: Option<f64>,
     /// Budget: model size at most this many MB.
-    #[arg(long, group = "budget")]
+    #[arg(long, group = "budget", allow_negative_numbers = true)]
     pub target_size_mb: Option<f64>,
-    /// Where to write the policy (default: RUN/policy-RULE-TARGET.json).
+    /// Where to write the policy (default: RUN/policy-RULE-TARGET.json; with --rank
+    /// RUN/policy-ranked-TARGET.json).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Rank candidates instead of taking α's best: the knapsack's best few under α, the best
+    /// uniform policy and any --also policies, each calibrated from the teacher without
+    /// training and scored on held-out proxy images; the best is kept, every candidate and
+    /// its score recorded in meta.ranking. Needs --data (the search's proxy).
+    #[arg(long, requires = "data", conflicts_with = "rule")]
+    pub rank: bool,
+    /// --rank: the proxy data the search ran on, KIND:PATH (its --limit subset calibrates,
+    /// its test split scores).
+    #[arg(long)]
+    pub data: Option<String>,
+    #[command(flatten)]
+    pub subset: SubsetArgs,
+    /// --rank: held-out proxy images (from the test split) each candidate is scored on.
+    #[arg(long = "val-limit", value_name = "N", default_value_t = gmpq::pipeline::VAL_IMAGES, value_parser = positive(), allow_negative_numbers = true)]
+    pub val_images: usize,
+    /// --rank: the proxy teacher (default: the search's, meta.teacher).
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
+    /// --rank: another candidate policy (repeatable), e.g. uniform-fill's.
+    #[arg(long)]
+    pub also: Vec<PathBuf>,
     /// Print the policy's totals as JSON.
     #[arg(long)]
     pub json: bool,
@@ -385,60 +419,63 @@ pub struct SearchArgs {
     #[command(flatten)]
     pub subset: SubsetArgs,
     /// Held-out proxy images (from the test split) for the argmax policy's accuracy.
-    #[arg(long = "val-limit", alias = "val-images", default_value_t = gmpq::pipeline::VAL_IMAGES)]
+    #[arg(long = "val-limit", value_name = "N", alias = "val-images", default_value_t = gmpq::pipeline::VAL_IMAGES, value_parser = positive(), allow_negative_numbers = true)]
     pub val_images: usize,
     /// Budget: policy BOPs at most this (e.g. 1.2e9, 1.2G, 800M).
     #[arg(long, group = "budget")]
     pub target_bops: Option<String>,
     /// Budget: FP BOPs / policy BOPs at least this (64 ≈ 4-bit equivalent).
-    #[arg(long, group = "budget")]
+    #[arg(long, group = "budget", allow_negative_numbers = true)]
     pub target_compression: Option<f64>,
     /// Budget: model size at most this many MB.
-    #[arg(long, group = "budget")]
+    #[arg(long, group = "budget", allow_negative_numbers = true)]
     pub target_size_mb: Option<f64>,
     /// Several budgets in one run, as compression ratios (16,32,64) or BOPs (1.2G,600M);
     /// they share the supernet warm-up.
     #[arg(long, group = "budget", value_delimiter = ',')]
     pub pareto: Vec<String>,
     /// Weight of the attribution loss; 0 is the EdMIPS baseline.
-    #[arg(long, default_value_t = search_defaults().attribution_weight)]
+    #[arg(long, default_value_t = search_defaults().attribution_weight, allow_negative_numbers = true)]
     pub attribution_weight: f64,
     /// Fixed attribution exponent p (default: capacity-aware, 24·mean 1/(E[b_w]E[b_a])).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub p: Option<f64>,
     /// Complexity weight cd (the starting λ when a budget is given).
-    #[arg(long, default_value_t = search_defaults().complexity_weight)]
+    #[arg(long, default_value_t = search_defaults().complexity_weight, allow_negative_numbers = true)]
     pub cd: f64,
     /// Dual-ascent rate of λ per step (default: the recipe's; reference 0.05).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub dual_rate: Option<f64>,
     #[command(flatten)]
     pub bits: BitCandidateArgs,
     /// Search epochs over the proxy.
-    #[arg(long, default_value_t = search_defaults().epochs)]
+    #[arg(long, default_value_t = search_defaults().epochs, value_parser = positive(), allow_negative_numbers = true)]
     pub epochs: usize,
     /// Shared warm-up epochs of a --pareto run (default: epochs/3).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub warmup_epochs: Option<usize>,
     /// Images per step.
-    #[arg(long, default_value_t = search_defaults().batch_size)]
+    #[arg(long, default_value_t = search_defaults().batch_size, value_parser = positive(), allow_negative_numbers = true)]
     pub batch_size: usize,
     /// Weight learning rate.
-    #[arg(long, default_value_t = search_defaults().lr)]
+    #[arg(long, default_value_t = search_defaults().lr, allow_negative_numbers = true)]
     pub lr: f64,
     /// α learning rate (default: the recipe's; reference 0.01).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub alpha_lr: Option<f64>,
-    /// gmpq (the supernet search) or hawq (the practitioner's baseline: per-layer Hessian-trace
+    /// gmpq (the supernet search), hawq (the practitioner's baseline: per-layer Hessian-trace
     /// weight sensitivities and measured activation sensitivities of the FP teacher,
-    /// minimised under the budget by the exact knapsack; no supernet training).
+    /// minimised under the budget by the exact knapsack; no supernet training) or
+    /// uniform-fill (the best uniform policy under the budget, then what it leaves of the
+    /// budget spent where those sensitivities fall most; no supernet training).
     #[arg(long, value_enum, default_value = "gmpq")]
     pub method: SearchMethodArg,
-    /// hawq: proxy images the sensitivities are measured on (from the --limit subset).
-    #[arg(long, default_value_t = gmpq::pipeline::HAWQ_IMAGES)]
+    /// hawq, uniform-fill: proxy images the sensitivities are measured on (from the --limit
+    /// subset).
+    #[arg(long, default_value_t = gmpq::pipeline::HAWQ_IMAGES, value_parser = positive(), allow_negative_numbers = true)]
     pub hawq_images: usize,
-    /// hawq: Hutchinson probes per batch for the Hessian traces.
-    #[arg(long, default_value_t = gmpq::pipeline::HAWQ_SAMPLES)]
+    /// hawq, uniform-fill: Hutchinson probes per batch for the Hessian traces.
+    #[arg(long, default_value_t = gmpq::pipeline::HAWQ_SAMPLES, value_parser = positive(), allow_negative_numbers = true)]
     pub hawq_samples: usize,
     /// Preset α dynamics, recorded in the policy's meta: scarce (the default: Adam for α at
     /// lr 0.03, α frozen for the first 20 % of the epochs, the budget held by the penalty
@@ -451,7 +488,7 @@ pub struct SearchArgs {
     #[arg(long, value_enum)]
     pub alpha_optimizer: Option<AlphaOptimizerArg>,
     /// Epochs with α frozen (weights only) at the start (default: the recipe's).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub alpha_frozen_epochs: Option<usize>,
     /// The budget as an upper bound (multiplicative dual), an equality target (additive
     /// dual) or an equality held by the penalty μ·(E[cost]/limit − 1)² (default: the
@@ -459,14 +496,14 @@ pub struct SearchArgs {
     #[arg(long, value_enum)]
     pub budget_mode: Option<BudgetModeArg>,
     /// μ of `--budget-mode penalty` (default: the recipe's).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub budget_penalty: Option<f64>,
     /// Softmax temperature START:END over the search, geometric (default: the recipe's;
     /// reference 1:1).
     #[arg(long)]
     pub temperature: Option<String>,
     /// Both learning rates ×0.1 every this many epochs.
-    #[arg(long, default_value_t = search_defaults().step_epochs)]
+    #[arg(long, default_value_t = search_defaults().step_epochs, value_parser = positive(), allow_negative_numbers = true)]
     pub step_epochs: usize,
     /// cam (GAP → linear heads) or grad-cam (general, double backward).
     #[arg(long, value_enum, default_value = "cam")]
@@ -480,7 +517,7 @@ pub struct SearchArgs {
     #[arg(long)]
     pub hflip: bool,
     /// Seed of the weights, the batches and the augmentation.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// Run folder (policy.json, search-log.jsonl, bits.svg, attribution.png).
     #[arg(long, default_value = "runs/search")]
@@ -503,33 +540,52 @@ pub struct AttributionArgs {
     #[arg(long)]
     pub data: String,
     /// How many images (a stratified subset).
-    #[arg(long = "limit", alias = "count", default_value_t = 6)]
+    #[arg(long = "limit", value_name = "N", alias = "count", default_value_t = 6, value_parser = positive(), allow_negative_numbers = true)]
     pub count: usize,
     /// Output PNG.
     #[arg(long)]
     pub out: PathBuf,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// resnet20, resnet32, resnet56, resnet18, resnet50, mobilenetv2 or efficientnet-lite0.
-    #[arg(long, default_value = "resnet20")]
-    pub model: String,
-    /// Square input resolution.
-    #[arg(long, alias = "input", default_value_t = 32)]
-    pub input_size: usize,
-    /// Input channels.
-    #[arg(long, alias = "in-channels", default_value_t = 3)]
-    pub channels: usize,
-    /// Classes the model predicts.
-    #[arg(long, default_value_t = 10)]
-    pub classes: usize,
+    /// resnet20, resnet32, resnet56, resnet18, resnet50, mobilenetv2 or efficientnet-lite0
+    /// [default: resnet20].
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Square input resolution [default: 32].
+    #[arg(long, alias = "input", value_parser = positive(), allow_negative_numbers = true)]
+    pub input_size: Option<usize>,
+    /// Input channels [default: 3].
+    #[arg(long, alias = "in-channels", value_parser = positive(), allow_negative_numbers = true)]
+    pub channels: Option<usize>,
+    /// Classes the model predicts [default: 10].
+    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
+    pub classes: Option<usize>,
     /// Stem of resnet18/50 and mobilenetv2: cifar or imagenet (default: cifar below 64 px).
     #[arg(long)]
     pub stem: Option<String>,
-    /// Width multiplier of mobilenetv2.
-    #[arg(long, default_value_t = 1.0)]
-    pub width: f64,
+    /// Width multiplier of mobilenetv2 [default: 1].
+    #[arg(long, allow_negative_numbers = true)]
+    pub width: Option<f64>,
+}
+
+impl ModelArgs {
+    /// The shaping options given on the command line.
+    pub fn given(&self) -> Vec<gmpq::model::options::ModelOption> {
+        use gmpq::model::options::ModelOption as O;
+        [
+            (self.model.is_some(), O::Model),
+            (self.input_size.is_some(), O::InputSize),
+            (self.channels.is_some(), O::Channels),
+            (self.classes.is_some(), O::Classes),
+            (self.stem.is_some(), O::Stem),
+            (self.width.is_some(), O::Width),
+        ]
+        .into_iter()
+        .filter_map(|(given, o)| given.then_some(o))
+        .collect()
+    }
 }
 
 #[derive(Debug, Args)]
@@ -571,7 +627,7 @@ pub struct QuantizeArgs {
     #[arg(long)]
     pub calib_data: String,
     /// Calibration images (a stratified subset of the train split).
-    #[arg(long = "calib-limit", alias = "calib-images", default_value_t = gmpq::train::CALIBRATION_IMAGES)]
+    #[arg(long = "calib-limit", value_name = "N", alias = "calib-images", default_value_t = gmpq::train::CALIBRATION_IMAGES, value_parser = positive(), allow_negative_numbers = true)]
     pub calib_images: usize,
     /// kl (KL search below 5 bits, max above), max, or reference (KL below 5 bits, max
     /// capped at 6 above: suits networks trained with clipped activations).
@@ -584,7 +640,7 @@ pub struct QuantizeArgs {
     #[arg(long)]
     pub eval_data: Option<String>,
     /// Evaluate on at most this many test images (stratified).
-    #[arg(long = "test-limit", alias = "eval-limit")]
+    #[arg(long = "test-limit", value_name = "N", alias = "eval-limit", value_parser = positive(), allow_negative_numbers = true)]
     pub eval_limit: Option<usize>,
     /// Where to save the quantized checkpoint.
     #[arg(long)]
@@ -600,13 +656,13 @@ pub struct SubsetCmdArgs {
     #[arg(long)]
     pub data: String,
     /// Training images to keep (stratified).
-    #[arg(long)]
+    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
     pub train: usize,
     /// Test images to keep (stratified).
-    #[arg(long)]
+    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
     pub test: usize,
     /// Seed of the draw.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// Output folder.
     #[arg(long)]
@@ -653,6 +709,9 @@ pub struct PipelineArgs {
     /// resnet20, resnet32, resnet56, resnet18, resnet50 or mobilenetv2.
     #[arg(long, default_value = "resnet20")]
     pub model: String,
+    /// Width multiplier of mobilenetv2 (its teachers' channels).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+    pub width: f64,
     /// Proxy data for the search, KIND:PATH[:N]; N keeps a stratified subset of N training
     /// images (e.g. idx:../shared/datasets/fashion-mnist:2000).
     #[arg(long)]
@@ -662,20 +721,25 @@ pub struct PipelineArgs {
     #[arg(long)]
     pub target: String,
     /// Train on a stratified subset of this many target images.
-    #[arg(long)]
+    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
     pub target_limit: Option<usize>,
     /// Evaluate on at most this many target test images (stratified).
-    #[arg(long)]
+    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
     pub target_test_limit: Option<usize>,
+    /// Target training images held out for validation (a fixed stratified draw): the target
+    /// teacher and the fine-tunings never train on them, and the arm with the best top-1 on
+    /// them is the run's chosen model (test top-1 is reported, never used to choose). 0: none.
+    #[arg(long, default_value_t = gmpq::pipeline::TARGET_HOLDOUT, allow_negative_numbers = true)]
+    pub target_holdout: usize,
     /// Budget: FP BOPs / policy BOPs at least this (64 ≈ 4-bit equivalent; the default
     /// when no budget is given).
-    #[arg(long, group = "budget")]
+    #[arg(long, group = "budget", allow_negative_numbers = true)]
     pub target_compression: Option<f64>,
     /// Budget: policy BOPs at most this (e.g. 1.2G, 800M).
     #[arg(long, group = "budget")]
     pub target_bops: Option<String>,
     /// Budget: model size at most this many MB.
-    #[arg(long, group = "budget")]
+    #[arg(long, group = "budget", allow_negative_numbers = true)]
     pub target_size_mb: Option<f64>,
     /// An FP teacher for the search (instead of training one on the proxy).
     #[arg(long)]
@@ -691,31 +755,31 @@ pub struct PipelineArgs {
     #[arg(long, value_delimiter = ',', value_parser = baseline_arm())]
     pub baseline: Vec<gmpq::pipeline::Arm>,
     /// Epochs of the proxy teacher.
-    #[arg(long, default_value_t = gmpq::pipeline::TEACHER_EPOCHS)]
+    #[arg(long, default_value_t = gmpq::pipeline::TEACHER_EPOCHS, value_parser = positive(), allow_negative_numbers = true)]
     pub teacher_epochs: usize,
     /// Epochs of the target teacher.
-    #[arg(long, default_value_t = gmpq::pipeline::TEACHER_EPOCHS)]
+    #[arg(long, default_value_t = gmpq::pipeline::TEACHER_EPOCHS, value_parser = positive(), allow_negative_numbers = true)]
     pub target_teacher_epochs: usize,
     /// Epochs of the proxy searches (gmpq, edmips).
-    #[arg(long, default_value_t = search_defaults().epochs)]
+    #[arg(long, default_value_t = search_defaults().epochs, value_parser = positive(), allow_negative_numbers = true)]
     pub search_epochs: usize,
     /// Epochs of the edmips-target search (default: --search-epochs).
-    #[arg(long)]
+    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
     pub target_search_epochs: Option<usize>,
     /// Search learning rates ×0.1 every this many epochs.
-    #[arg(long, default_value_t = search_defaults().step_epochs)]
+    #[arg(long, default_value_t = search_defaults().step_epochs, value_parser = positive(), allow_negative_numbers = true)]
     pub search_step_epochs: usize,
     /// Fine-tuning epochs of every arm on the target.
-    #[arg(long, default_value_t = gmpq::pipeline::FINETUNE_EPOCHS)]
+    #[arg(long, default_value_t = gmpq::pipeline::FINETUNE_EPOCHS, value_parser = positive(), allow_negative_numbers = true)]
     pub finetune_epochs: usize,
     /// Fine-tuning learning rate.
-    #[arg(long, default_value_t = gmpq::train::FINETUNE_LR)]
+    #[arg(long, default_value_t = gmpq::train::FINETUNE_LR, allow_negative_numbers = true)]
     pub finetune_lr: f64,
     /// Weight of the attribution loss in the GMPQ arm.
-    #[arg(long, default_value_t = search_defaults().attribution_weight)]
+    #[arg(long, default_value_t = search_defaults().attribution_weight, allow_negative_numbers = true)]
     pub attribution_weight: f64,
     /// Fixed attribution exponent p of the GMPQ arm (default: the capacity-aware rule).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub p: Option<f64>,
     /// Search recipe of the searched arms (gmpq, edmips, edmips-target): scarce or
     /// reference (`gmpq search --help`, docs/SEARCH.md).
@@ -731,10 +795,10 @@ pub struct PipelineArgs {
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub proxy_hflip: Option<bool>,
     /// Seed of training, search and fine-tuning (the proxy subset has its own).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// Seed of the proxy subset draw.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub subset_seed: u64,
     /// Run folder.
     #[arg(long, default_value = "runs/pipeline")]
@@ -753,14 +817,31 @@ pub struct PipelineArgs {
 #[derive(Debug, Args)]
 pub struct SubsetArgs {
     /// Use a stratified subset of this many images (proportional per class).
-    #[arg(long)]
+    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
     pub limit: Option<usize>,
     /// Use at most this many images per class.
-    #[arg(long)]
+    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
     pub per_class: Option<usize>,
     /// Seed of the subset draw.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub subset_seed: u64,
+}
+
+impl TrainArgs {
+    /// The shaping options given on the command line.
+    pub fn given(&self) -> Vec<gmpq::model::options::ModelOption> {
+        use gmpq::model::options::ModelOption as O;
+        [
+            (self.model.is_some(), O::Model),
+            (self.input_size.is_some(), O::InputSize),
+            (self.rgb, O::Rgb),
+            (self.stem.is_some(), O::Stem),
+            (self.width.is_some(), O::Width),
+        ]
+        .into_iter()
+        .filter_map(|(given, o)| given.then_some(o))
+        .collect()
+    }
 }
 
 #[derive(Debug, Args)]
@@ -776,7 +857,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub test_data: Option<String>,
     /// Model input resolution (default: the data's own).
-    #[arg(long)]
+    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
     pub input_size: Option<usize>,
     /// Expand gray images to 3 channels.
     #[arg(long)]
@@ -784,40 +865,44 @@ pub struct TrainArgs {
     /// Stem of resnet18/50 and mobilenetv2: cifar or imagenet (default: cifar below 64 px).
     #[arg(long)]
     pub stem: Option<String>,
-    /// Width multiplier of mobilenetv2.
-    #[arg(long, default_value_t = 1.0)]
-    pub width: f64,
+    /// Width multiplier of mobilenetv2 [default: 1].
+    #[arg(long, allow_negative_numbers = true)]
+    pub width: Option<f64>,
     /// Passes over the training images.
-    #[arg(long, default_value_t = train_defaults().epochs)]
+    #[arg(long, default_value_t = train_defaults().epochs, value_parser = positive(), allow_negative_numbers = true)]
     pub epochs: usize,
     /// Images per step.
-    #[arg(long, default_value_t = train_defaults().batch_size)]
+    #[arg(long, default_value_t = train_defaults().batch_size, value_parser = positive(), allow_negative_numbers = true)]
     pub batch_size: usize,
     /// Learning rate [default: 0.1; finetune: 0.01].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// SGD momentum.
-    #[arg(long, default_value_t = train_defaults().momentum)]
+    #[arg(long, default_value_t = train_defaults().momentum, allow_negative_numbers = true)]
     pub momentum: f64,
     /// Weight decay [default: 5e-4; finetune: 4e-5].
-    #[arg(long = "wd")]
+    #[arg(long = "wd", value_name = "WD", allow_negative_numbers = true)]
     pub weight_decay: Option<f64>,
     /// cosine, constant, or step:EPOCHS:GAMMA (e.g. step:10:0.1).
     #[arg(long, default_value = "cosine")]
     pub schedule: String,
     /// Random-crop padding in pixels (0 disables random crops).
-    #[arg(long, default_value_t = train_defaults().augment.crop_padding)]
+    #[arg(long, default_value_t = train_defaults().augment.crop_padding, allow_negative_numbers = true)]
     pub crop_padding: usize,
     /// Random horizontal flips (not for digits).
     #[arg(long)]
     pub hflip: bool,
     /// Seed of the weights, the batches and the augmentation.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     #[command(flatten)]
     pub subset: SubsetArgs,
+    /// Hold out this many training images (a fixed stratified draw, the same for every
+    /// seed) for validation: never trained on, evaluated after each epoch (val top-1).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub holdout: usize,
     /// Evaluate on at most this many test images (stratified).
-    #[arg(long)]
+    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
     pub test_limit: Option<usize>,
     /// Output folder (checkpoint last.safetensors + last.json); default runs/train (train),
     /// runs/finetune (finetune).
@@ -842,7 +927,7 @@ pub struct FinetuneArgs {
     #[arg(long, value_enum, default_value = "kl")]
     pub calibration: CalibrationArg,
     /// Training images used to calibrate before fine-tuning.
-    #[arg(long = "calib-limit", alias = "calib-images", default_value_t = gmpq::train::CALIBRATION_IMAGES)]
+    #[arg(long = "calib-limit", value_name = "N", alias = "calib-images", default_value_t = gmpq::train::CALIBRATION_IMAGES, value_parser = positive(), allow_negative_numbers = true)]
     pub calib_images: usize,
     /// Per-output-channel weight thresholds.
     #[arg(long)]
@@ -870,7 +955,7 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub subset: SubsetArgs,
     /// Images per forward pass.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = positive(), allow_negative_numbers = true)]
     pub batch_size: usize,
     /// Print the result as one JSON document on stdout.
     #[arg(long)]
@@ -889,10 +974,10 @@ pub struct ImportArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Classes the model predicts.
-    #[arg(long, alias = "num-classes", default_value_t = 1000)]
+    #[arg(long, alias = "num-classes", default_value_t = 1000, value_parser = positive(), allow_negative_numbers = true)]
     pub classes: usize,
     /// Square input resolution (default 224; efficientnet-lite0: 224 only).
-    #[arg(long)]
+    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
     pub input_size: Option<usize>,
     /// cifar or imagenet (default imagenet; not for efficientnet-lite0).
     #[arg(long)]
@@ -919,13 +1004,13 @@ pub struct BenchInferArgs {
     #[arg(long, default_value = "resnet20")]
     pub model: String,
     /// Input height and width in pixels.
-    #[arg(long, default_value_t = 28)]
+    #[arg(long, default_value_t = 28, value_parser = positive(), allow_negative_numbers = true)]
     pub input_size: usize,
     /// Input channels (1 for grey images, 3 for colour).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = positive(), allow_negative_numbers = true)]
     pub channels: usize,
     /// Output classes.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = positive(), allow_negative_numbers = true)]
     pub classes: usize,
     /// cifar or imagenet (ResNet-18/50, MobileNetV2).
     #[arg(long)]
@@ -937,10 +1022,10 @@ pub struct BenchInferArgs {
     #[arg(long, default_value = "w4a4")]
     pub uniform: String,
     /// Untimed steps first (allocator and oneDNN warm-up).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
     pub warmup: usize,
     /// Timed steps.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = positive(), allow_negative_numbers = true)]
     pub steps: usize,
     /// Print the result as one JSON document on stdout.
     #[arg(long)]
@@ -971,22 +1056,22 @@ pub struct BenchSearchStepArgs {
     #[arg(long, default_value = "resnet18")]
     pub model: String,
     /// Images per step.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = positive(), allow_negative_numbers = true)]
     pub batch_size: usize,
     /// Input height and width in pixels.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = positive(), allow_negative_numbers = true)]
     pub input_size: usize,
     /// Input channels (1 for grey images, 3 for colour).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = positive(), allow_negative_numbers = true)]
     pub channels: usize,
     /// Output classes.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = positive(), allow_negative_numbers = true)]
     pub classes: usize,
     /// Untimed steps first (allocator and oneDNN warm-up).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, allow_negative_numbers = true)]
     pub warmup: usize,
     /// Timed steps.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = positive(), allow_negative_numbers = true)]
     pub steps: usize,
     #[command(flatten)]
     pub bits: BitCandidateArgs,
@@ -1001,22 +1086,22 @@ pub struct BenchTrainArgs {
     #[arg(long, default_value = "resnet20")]
     pub model: String,
     /// Images per step.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = positive(), allow_negative_numbers = true)]
     pub batch_size: usize,
     /// Input height and width in pixels.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 32, value_parser = positive(), allow_negative_numbers = true)]
     pub input_size: usize,
     /// Input channels (1 for grey images, 3 for colour).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = positive(), allow_negative_numbers = true)]
     pub channels: usize,
     /// Output classes.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, value_parser = positive(), allow_negative_numbers = true)]
     pub classes: usize,
     /// Untimed steps first (allocator and oneDNN warm-up).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, allow_negative_numbers = true)]
     pub warmup: usize,
     /// Timed steps.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = positive(), allow_negative_numbers = true)]
     pub steps: usize,
     /// Time the mixed-precision supernet step instead of the full-precision one.
     #[arg(long, conflicts_with_all = ["policy", "uniform"])]

@@ -48,10 +48,12 @@ impl RunEvents for PrintedEvents {
 fn settings(a: PipelineArgs) -> PipelineSettings {
     PipelineSettings {
         model: a.model,
+        width: a.width,
         proxy: a.proxy,
         target: a.target,
         target_limit: a.target_limit,
         target_test_limit: a.target_test_limit,
+        target_holdout: (a.target_holdout > 0).then_some(a.target_holdout),
         target_compression: a.target_compression,
         target_bops: a.target_bops,
         target_size_mb: a.target_size_mb,
@@ -130,13 +132,27 @@ fn print_summary(
         return Ok(());
     }
     let pct = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.2}%"));
+    let validated = s.arms.iter().any(|a| a.val_top1.is_some());
+    let val_column = |v: Option<f64>| {
+        if validated {
+            format!(" {:>9}", pct(v))
+        } else {
+            String::new()
+        }
+    };
     println!();
     println!(
-        "{:<18} {:>10} {:>12} {:>10} {:>10} {:>9}",
-        "arm", "BOPs (G)", "compression", "size MB", "search", "top-1"
+        "{:<20} {:>10} {:>12} {:>10} {:>10} {:>9}{}",
+        "arm",
+        "BOPs (G)",
+        "compression",
+        "size MB",
+        "search",
+        "top-1",
+        if validated { "   val top-1" } else { "" }
     );
     println!(
-        "{:<18} {:>10} {:>12} {:>10} {:>10} {:>9}",
+        "{:<20} {:>10} {:>12} {:>10} {:>10} {:>9}",
         "FP",
         s.fp_bops.map_or("—".into(), |b| format!("{:.4}", b / 1e9)),
         "1.00x",
@@ -145,14 +161,26 @@ fn print_summary(
         pct(s.fp_top1)
     );
     for a in &s.arms {
+        let label = if s.chosen == Some(a.arm) {
+            format!("{} (chosen)", a.arm.label())
+        } else {
+            a.arm.label().to_string()
+        };
         println!(
-            "{:<18} {:>10} {:>12} {:>10} {:>10} {:>9}",
-            a.arm.label(),
+            "{:<20} {:>10} {:>12} {:>10} {:>10} {:>9}{}",
+            label,
             a.bops.map_or("—".into(), |b| format!("{:.4}", b / 1e9)),
             a.compression.map_or("—".into(), |c| format!("{c:.2}x")),
             a.size_mb.map_or("—".into(), |v| format!("{v:.3}")),
             a.search_seconds.map_or("—".into(), |v| format!("{v:.0} s")),
-            pct(a.top1)
+            pct(a.top1),
+            val_column(a.val_top1)
+        );
+    }
+    if let Some(arm) = s.chosen {
+        println!(
+            "\nchosen: {} (best top-1 on the held-out validation images; test top-1 is not used to choose)",
+            arm.label()
         );
     }
     println!(

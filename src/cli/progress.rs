@@ -53,8 +53,11 @@ impl Progress for TrainBars {
                 bar.finish_and_clear();
             }
         }
+        let val = m
+            .val_top1
+            .map_or(String::new(), |v| format!(" | validation top-1 {v:.2}%"));
         tracing::info!(
-            "epoch {:>3}: train loss {:.4} top-1 {:.2}% | test loss {:.4} top-1 {:.2}% top-5 {:.2}% | {:.1}s, {:.0} img/s",
+            "epoch {:>3}: train loss {:.4} top-1 {:.2}% | test loss {:.4} top-1 {:.2}% top-5 {:.2}%{val} | {:.1}s, {:.0} img/s",
             m.epoch, m.train_loss, m.train_top1, m.test_loss, m.test_top1, m.test_top5, m.seconds, m.images_per_second
         );
     }

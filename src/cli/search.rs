@@ -173,6 +173,7 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
             limit: a.subset.limit,
             per_class: a.subset.per_class,
             seed: a.subset.subset_seed,
+            holdout: 0,
         },
         val_images: a.val_images,
         targets,
@@ -183,35 +184,96 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
                 images: a.hawq_images,
                 samples: a.hawq_samples,
             },
+            super::SearchMethodArg::UniformFill => SearchMethod::UniformFill {
+                images: a.hawq_images,
+                samples: a.hawq_samples,
+            },
         },
         out: a.out.clone(),
         command: shell_words::join(std::env::args()),
+        sensitivities_from: None,
     };
     let bars = Bars::new();
     let outcome = request.run(device, &bars);
     bars.finish();
     let outcome = outcome?;
+    if a.json {
+        // One JSON document on stdout, whether the policies were searched now or kept.
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "written": outcome.written, "kept": outcome.kept,
+            }))?
+        );
+        return Ok(());
+    }
     for path in &outcome.kept {
-        let line = format!(
-            "{}: exists, kept (delete it to search this target again)",
+        println!(
+            "{}: the same search finished here before, kept (delete it to search again)",
             path.display()
         );
-        // With --json, stdout holds only the JSON of the policies written, when there are any.
-        if a.json && !outcome.written.is_empty() {
-            eprintln!("{line}");
-        } else {
-            println!("{line}");
-        }
-    }
-    if a.json {
-        if !outcome.written.is_empty() {
-            println!("{}", serde_json::to_string_pretty(&outcome.written)?);
-        }
-        return Ok(());
     }
     for p in &outcome.written {
         println!("{}", p.one_line());
     }
+    Ok(())
+}
+
+/// `gmpq extract --rank`: the ranked choice among a finished search's candidates.
+fn rank_cmd(
+    a: &ExtractArgs,
+    searched: &std::path::Path,
+    target: Option<search::Target>,
+) -> Result<()> {
+    let data = a.data.as_deref().context("--rank needs --data")?;
+    let request = gmpq::pipeline::RankRequest {
+        searched: searched.to_path_buf(),
+        teacher: a.teacher.clone(),
+        data: super::commands::parse_spec(data)?,
+        subset: SubsetSpec {
+            limit: a.subset.limit,
+            per_class: a.subset.per_class,
+            seed: a.subset.subset_seed,
+            holdout: 0,
+        },
+        val_images: a.val_images,
+        target,
+        extra: a.also.clone(),
+        out: a.out.clone().unwrap_or_else(|| {
+            let name = target.map_or("search".to_string(), |t| t.to_string());
+            searched
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join(format!("policy-ranked-{name}.json"))
+        }),
+    };
+    let (policy, record) = request.run(tch::Device::Cpu)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "policy": request.out, "ranking": record, "totals": policy.totals,
+            }))?
+        );
+        return Ok(());
+    }
+    for (i, c) in record.candidates.iter().enumerate() {
+        println!(
+            "{} {:<40} {:>8.2}x  calibrated top-1 {:>6.2}%  log π(α) {:>8.2}",
+            if i == record.chosen { "*" } else { " " },
+            c.source,
+            c.compression,
+            c.val_top1,
+            c.alpha_log_prob
+        );
+    }
+    println!(
+        "{}: kept candidate {} of {} (best calibrated top-1 on {} held-out proxy images)",
+        request.out.display(),
+        record.chosen + 1,
+        record.candidates.len(),
+        record.val_images
+    );
     Ok(())
 }
 
@@ -247,6 +309,9 @@ pub fn extract_cmd(a: ExtractArgs) -> Result<()> {
         a.target_compression,
         a.target_size_mb,
     )?;
+    if a.rank {
+        return rank_cmd(&a, &path, target);
+    }
     // Policies written before the rule was recorded were extracted by argmax + repair.
     let rule: gmpq::search::ExtractionRule = match a.rule {
         Some(r) => r.into(),

@@ -16,7 +16,7 @@ pub use idx::{read_idx, write_idx, IdxArray, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC}
 pub use loader::{Batch, DataLoader, LoaderConfig};
 pub use source::{ConcatDataset, ImageSource, ImageU8, InMemoryDataset};
 pub use spec::{bundled_data_dir, load_idx_pair, DatasetKind, DatasetSpec, Split};
-pub use subset::{stratified_subset, SubsetSpec};
+pub use subset::{holdout_indices, stratified_subset, SubsetSpec, HOLDOUT_SEED};
 pub use transform::{Normalize, Pipeline, Transform};
 
 use std::path::PathBuf;

@@ -13,6 +13,32 @@ pub struct SubsetSpec {
     pub limit: Option<usize>,
     pub per_class: Option<usize>,
     pub seed: u64,
+    /// Validation images held out first ([`holdout_indices`]): the subset never holds them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub holdout: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// Seeds the held-out validation draw. Fixed, so every run and seed that holds out N images
+/// of a data set holds out the same N, and their validation scores compare.
+pub const HOLDOUT_SEED: u64 = 0x7661_6c69_6461_7465;
+
+/// The `n` validation images held out of `source` (its train split): a stratified draw with
+/// [`HOLDOUT_SEED`], ascending.
+pub fn holdout_indices(source: &dyn ImageSource, n: usize) -> Result<Vec<usize>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    if n >= source.len() {
+        return Err(DataError::BadSubset(format!(
+            "cannot hold out {n} of {} images: nothing would be left to train on",
+            source.len()
+        )));
+    }
+    stratified_subset(source, &SubsetSpec::limited(Some(n), HOLDOUT_SEED))
 }
 
 impl SubsetSpec {
@@ -22,11 +48,12 @@ impl SubsetSpec {
             limit,
             per_class: None,
             seed,
+            holdout: 0,
         }
     }
 
     pub fn is_full(&self) -> bool {
-        self.limit.is_none() && self.per_class.is_none()
+        self.limit.is_none() && self.per_class.is_none() && self.holdout == 0
     }
 }
 
@@ -39,8 +66,10 @@ pub fn stratified_subset(source: &dyn ImageSource, spec: &SubsetSpec) -> Result<
     if spec.limit == Some(0) || spec.per_class == Some(0) {
         return Err(DataError::BadSubset("subset size must be positive".into()));
     }
+    let held: std::collections::HashSet<usize> =
+        holdout_indices(source, spec.holdout)?.into_iter().collect();
     let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); source.num_classes()];
-    for i in 0..n {
+    for i in (0..n).filter(|i| !held.contains(i)) {
         by_class[source.label(i) as usize].push(i);
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
@@ -103,6 +132,31 @@ mod tests {
     }
 
     #[test]
+    fn holdout_is_fixed_stratified_and_disjoint_from_the_subset() {
+        let labels: Vec<i64> = (0..300).map(|i| i % 3).collect();
+        let d = toy(labels);
+        let held = holdout_indices(&d, 30).unwrap();
+        assert_eq!(held.len(), 30);
+        for c in 0..3 {
+            assert_eq!(held.iter().filter(|&&i| i % 3 == c).count(), 10);
+        }
+        let spec = |seed, limit| SubsetSpec {
+            limit,
+            per_class: None,
+            seed,
+            holdout: 30,
+        };
+        for (seed, limit) in [(0, None), (5, Some(100))] {
+            let train = stratified_subset(&d, &spec(seed, limit)).unwrap();
+            assert_eq!(train.len(), limit.unwrap_or(270));
+            assert!(train.iter().all(|i| !held.contains(i)));
+        }
+        // The same images whatever the subset's seed.
+        assert_eq!(holdout_indices(&d, 30).unwrap(), held);
+        assert!(holdout_indices(&d, 300).is_err());
+    }
+
+    #[test]
     fn stratified_limit_is_proportional_and_seeded() {
         // 60 of class 0, 30 of class 1, 10 of class 2.
         let labels: Vec<i64> = (0..100)
@@ -121,6 +175,7 @@ mod tests {
             limit: Some(10),
             per_class: None,
             seed: 7,
+            holdout: 0,
         };
         let s = stratified_subset(&d, &spec).unwrap();
         let count = |c| s.iter().filter(|&&i| d.labels[i] == c).count();
@@ -140,6 +195,7 @@ mod tests {
                 limit: None,
                 per_class: Some(2),
                 seed: 0,
+                holdout: 0,
             },
         )
         .unwrap();
@@ -149,7 +205,8 @@ mod tests {
             &SubsetSpec {
                 limit: Some(31),
                 per_class: None,
-                seed: 0
+                seed: 0,
+                holdout: 0,
             }
         )
         .is_err());

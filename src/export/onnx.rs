@@ -40,6 +40,8 @@ pub const META_MODEL: &str = "gmpq.model";
 pub const META_PREPROCESSING: &str = "gmpq.preprocessing";
 pub const META_VERSION: &str = "gmpq.version";
 pub const META_PRECISION: &str = "gmpq.precision";
+/// [`crate::checkpoint::weights_digest`] of the exported network's weights.
+pub const META_WEIGHTS: &str = "gmpq.weights";
 
 /// The graph's input and output names.
 pub const INPUT: &str = "image";
@@ -239,6 +241,7 @@ pub fn export(ck: &Checkpoint, net: &Network, opts: OnnxOptions) -> Result<Vec<u
     });
     let mut meta = vec![
         (META_VERSION, env!("CARGO_PKG_VERSION").to_string()),
+        (META_WEIGHTS, crate::checkpoint::weights_digest(&net.vs)),
         (META_MODEL, json(cfg)),
         (META_PREPROCESSING, json(&ck.meta.eval_pipeline)),
         (

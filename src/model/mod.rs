@@ -5,6 +5,7 @@
 pub mod graph;
 mod layers;
 mod mobile;
+pub mod options;
 mod resnet;
 
 pub use layers::{

@@ -9,15 +9,15 @@ mod stage;
 
 pub use run::{budget_geometry, check_data, run, target_model, RunEvents, RunOutcome};
 pub use search::{
-    SearchMethod, SearchOutcome, SearchRequest, SearchedPolicy, HAWQ_IMAGES, HAWQ_SAMPLES,
-    VAL_IMAGES,
+    RankRequest, SearchMethod, SearchOutcome, SearchRequest, SearchedPolicy, HAWQ_IMAGES,
+    HAWQ_SAMPLES, VAL_IMAGES,
 };
 pub use settings::{
-    split_subset, PipelineSettings, DEFAULT_BUDGET, FINETUNE_EPOCHS, TEACHER_EPOCHS,
+    split_subset, PipelineSettings, DEFAULT_BUDGET, FINETUNE_EPOCHS, TARGET_HOLDOUT, TEACHER_EPOCHS,
 };
 pub use stage::{
-    attribution_grid, AttributionStage, FinetuneOf, PolicyStage, SearchKind, SearchStage, Stage,
-    StageContext, TrainStage,
+    attribution_grid, AttributionStage, FinetuneOf, PolicyStage, RankStage, SearchKind,
+    SearchStage, Stage, StageContext, TrainStage,
 };
 
 use crate::checkpoint::{self, CheckpointMeta};
@@ -125,16 +125,23 @@ pub enum Arm {
     /// HAWQ-style: the proxy teacher's Hessian-trace and measured activation sensitivities,
     /// minimised under the budget by the knapsack (no supernet).
     Hawq,
+    /// The best uniform policy, the rest of the budget spent by HAWQ's sensitivities.
+    UniformFill,
+    /// GMPQ's search, its policy chosen among candidates (α's best few, uniform,
+    /// uniform-fill) by their calibrated accuracy on held-out proxy images.
+    GmpqRanked,
 }
 
 impl Arm {
     /// Every arm but GMPQ, which a pipeline always runs: the `--baseline` values.
-    pub const BASELINES: [Arm; 5] = [
+    pub const BASELINES: [Arm; 7] = [
         Arm::Edmips,
         Arm::Uniform,
         Arm::EdmipsTarget,
         Arm::Random,
         Arm::Hawq,
+        Arm::UniformFill,
+        Arm::GmpqRanked,
     ];
 
     pub fn name(self) -> &'static str {
@@ -145,6 +152,8 @@ impl Arm {
             Arm::EdmipsTarget => "edmips-target",
             Arm::Random => "random",
             Arm::Hawq => "hawq",
+            Arm::UniformFill => "uniform-fill",
+            Arm::GmpqRanked => "gmpq-ranked",
         }
     }
 
@@ -156,6 +165,8 @@ impl Arm {
             Arm::EdmipsTarget => "EdMIPS on target",
             Arm::Random => "random",
             Arm::Hawq => "HAWQ",
+            Arm::UniformFill => "uniform-fill",
+            Arm::GmpqRanked => "GMPQ ranked",
         }
     }
 
@@ -308,27 +319,10 @@ impl RunRecord {
         if &self.settings == settings {
             return Ok(());
         }
-        let empty = serde_json::Map::new();
-        let (old, new) = (
-            self.settings.as_object().unwrap_or(&empty),
-            settings.as_object().unwrap_or(&empty),
-        );
-        let mut fields: Vec<String> = old
-            .iter()
-            .filter(|(k, v)| new.get(*k) != Some(*v))
-            .map(|(k, v)| {
-                let now = new.get(k).map_or("absent".into(), |n| n.to_string());
-                format!("{k}: was {v}, now {now}")
-            })
-            .collect();
-        fields.extend(
-            new.keys()
-                .filter(|k| !old.contains_key(*k))
-                .map(|k| format!("{k}: new")),
-        );
+        let fields = crate::fields::changed_fields_of(&self.settings, settings);
         Err(PipelineError::SettingsChanged {
             dir: dir.into(),
-            fields: fields.join("; "),
+            fields,
         })
     }
 
@@ -484,12 +478,33 @@ pub struct ArmSummary {
     pub finetune_epochs: usize,
     pub top1: Option<f64>,
     pub top5: Option<f64>,
+    /// Top-1 on the held-out validation images of the target's train split (runs with a
+    /// validation split): what the chosen model is chosen by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_top1: Option<f64>,
 }
 
 fn summary_units() -> String {
-    "top1/top5: % of the target test images; bops: bit operations of the quantized layers; \
-     size_mb: 10^6 bytes; search_seconds: wall time"
+    "top1/top5: % of the target test images; val_top1: % of the held-out validation images of \
+     the target's train split; bops: bit operations of the quantized layers; size_mb: 10^6 \
+     bytes; search_seconds: wall time"
         .into()
+}
+
+/// The arm whose fine-tuned model scores best on validation: the model a user should take.
+/// Ties go to the uniform policy, then uniform-fill (the simpler policies), then the arms'
+/// order. `None` when no arm has a validation score.
+pub fn chosen_arm(arms: &[ArmSummary]) -> Option<Arm> {
+    let rank = |a: Arm| match a {
+        Arm::Uniform => 0,
+        Arm::UniformFill => 1,
+        _ => 2,
+    };
+    arms.iter()
+        .enumerate()
+        .filter_map(|(i, a)| a.val_top1.map(|v| (v, rank(a.arm), i, a.arm)))
+        .max_by(|x, y| x.0.total_cmp(&y.0).then(y.1.cmp(&x.1)).then(y.2.cmp(&x.2)))
+        .map(|(.., arm)| arm)
 }
 
 /// An absolute form of `p` (as given when it cannot be resolved).
@@ -514,6 +529,9 @@ pub struct RunSummary {
     pub fp_bops: Option<f64>,
     pub fp_size_mb: Option<f64>,
     pub arms: Vec<ArmSummary>,
+    /// The arm best on the validation split ([`chosen_arm`]); chosen without the test set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen: Option<Arm>,
 }
 
 impl RunSummary {
@@ -530,6 +548,7 @@ impl RunSummary {
             fp_bops: None,
             fp_size_mb: None,
             arms: Vec::new(),
+            chosen: None,
         };
         for &arm in arms {
             let path = layout.policy(arm);
@@ -563,8 +582,10 @@ impl RunSummary {
                 finetune_epochs: ft.as_ref().map_or(0, |m| m.epoch),
                 top1: ft_last.map(|m| m.test_top1),
                 top5: ft_last.map(|m| m.test_top5),
+                val_top1: ft_last.and_then(|m| m.val_top1),
             });
         }
+        summary.chosen = chosen_arm(&summary.arms);
         Ok(summary)
     }
 }
@@ -594,6 +615,8 @@ pub(crate) fn write_finished_training(dir: &Path, epochs: usize) {
             test_top5: 99.0,
             seconds: 1.0,
             images_per_second: 1.0,
+            val_top1: None,
+            val_loss: None,
         })
         .collect();
     let checkpoint = crate::train::last_checkpoint(dir);
@@ -608,6 +631,37 @@ pub(crate) fn write_finished_training(dir: &Path, epochs: usize) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_chosen_arm_is_the_best_on_validation_ties_to_uniform() {
+        let arm = |arm, val: Option<f64>, top1| ArmSummary {
+            arm,
+            policy: None,
+            checkpoint: None,
+            bops: None,
+            compression: None,
+            size_mb: None,
+            search_seconds: None,
+            search_images: None,
+            finetune_epochs: 1,
+            top1: Some(top1),
+            top5: None,
+            val_top1: val,
+        };
+        // The test set would pick GMPQ; validation picks EdMIPS.
+        let arms = vec![
+            arm(Arm::Gmpq, Some(90.0), 95.0),
+            arm(Arm::Edmips, Some(91.0), 90.0),
+            arm(Arm::Uniform, Some(90.5), 90.0),
+        ];
+        assert_eq!(chosen_arm(&arms), Some(Arm::Edmips));
+        let tie = vec![
+            arm(Arm::Gmpq, Some(91.0), 95.0),
+            arm(Arm::Uniform, Some(91.0), 90.0),
+        ];
+        assert_eq!(chosen_arm(&tie), Some(Arm::Uniform));
+        assert_eq!(chosen_arm(&[arm(Arm::Gmpq, None, 95.0)]), None);
+    }
+
     use super::*;
 
     #[test]

@@ -4,8 +4,8 @@
 
 use super::settings::split_subset;
 use super::stage::{
-    AttributionStage, FinetuneOf, PolicyStage, SearchKind, SearchStage, Stage, StageContext,
-    TrainStage,
+    AttributionStage, FinetuneOf, PolicyStage, RankStage, SearchKind, SearchStage, Stage,
+    StageContext, TrainStage,
 };
 use super::{
     context, copy_stage_output, reusable_stage, reusable_training, Arm, PipelineError,
@@ -81,19 +81,25 @@ fn check_teacher(path: &Path, model: &str, what: &str) -> Result<ModelConfig> {
 /// the target's train split gets (its native channels and size, its classes).
 pub fn target_model(
     model: &str,
+    width: f64,
     target_teacher: Option<&Path>,
     target_train: &dyn ImageSource,
 ) -> Result<ModelConfig> {
     if let Some(t) = target_teacher {
-        return check_teacher(t, model, "--target-teacher");
+        let cfg = check_teacher(t, model, "--target-teacher")?;
+        if cfg.width != width {
+            return Err(PipelineError::Invalid(format!(
+                "--target-teacher {} has width {} but --width is {width}",
+                t.display(),
+                cfg.width
+            )));
+        }
+        return Ok(cfg);
     }
     let [channels, size, _] = target_train.shape()?;
-    Ok(ModelConfig::new(
-        model.parse()?,
-        channels,
-        target_train.num_classes(),
-        size,
-    ))
+    let mut cfg = ModelConfig::new(model.parse()?, channels, target_train.num_classes(), size);
+    cfg.width = width;
+    Ok(cfg)
 }
 
 /// The geometry budgets of `model` are measured on.
@@ -208,7 +214,12 @@ pub fn run(
         check_teacher(t, &s.model, "--teacher")?;
     }
     // An unreachable budget is refused here, not after the teachers have trained.
-    let model = target_model(&s.model, s.target_teacher.as_deref(), target_train.as_ref())?;
+    let model = target_model(
+        &s.model,
+        s.width,
+        s.target_teacher.as_deref(),
+        target_train.as_ref(),
+    )?;
     crate::search::check_feasible(&budget_geometry(&model)?, &target, &candidates)
         .map_err(crate::search::SearchError::from)?;
 
@@ -269,9 +280,11 @@ pub fn run(
             run.stage(&TrainStage {
                 name: "teacher-proxy".into(),
                 model: s.model.clone(),
+                width: s.width,
                 data: proxy.clone(),
                 limit: proxy_limit,
                 subset_seed: s.subset_seed,
+                holdout: 0,
                 test_limit: Some(1000),
                 epochs: s.teacher_epochs,
                 hflip: proxy_hflip,
@@ -296,6 +309,8 @@ pub fn run(
         seed: s.seed,
         out: layout.search(arm),
         kind,
+        // uniform-fill measures what the run's HAWQ arm measured: reuse it when it ran.
+        sensitivities_from: (arm == Arm::UniformFill).then(|| layout.policy(Arm::Hawq)),
     };
     let supernet = |attribution_weight: f64, epochs: usize| SearchKind::Supernet {
         attribution_weight,
@@ -304,7 +319,11 @@ pub fn run(
         recipe: s.recipe,
         p: None,
     };
-    for &arm in all_arms.iter().filter(|a| **a != Arm::EdmipsTarget) {
+    // The ranked GMPQ arm needs GMPQ's search (and uniform-fill's policy): it comes after.
+    for &arm in all_arms
+        .iter()
+        .filter(|a| !matches!(a, Arm::EdmipsTarget | Arm::GmpqRanked))
+    {
         match arm {
             Arm::Uniform | Arm::Random => run.stage(&PolicyStage {
                 arm,
@@ -315,6 +334,7 @@ pub fn run(
                 out: layout.search(arm),
             })?,
             Arm::Hawq => run.stage(&proxy_search(arm, SearchKind::Hawq))?,
+            Arm::UniformFill => run.stage(&proxy_search(arm, SearchKind::UniformFill))?,
             Arm::Edmips => run.stage(&proxy_search(arm, supernet(0.0, s.search_epochs)))?,
             _ => {
                 let mut kind = supernet(s.attribution_weight, s.search_epochs);
@@ -326,6 +346,24 @@ pub fn run(
         }
     }
 
+    if all_arms.contains(&Arm::GmpqRanked) {
+        run.stage(&RankStage {
+            name: format!("search-{}", Arm::GmpqRanked.name()),
+            searched: layout.policy(Arm::Gmpq),
+            teacher: proxy_teacher.clone(),
+            data: proxy.clone(),
+            limit: proxy_limit,
+            subset_seed: s.subset_seed,
+            target,
+            extra: all_arms
+                .contains(&Arm::UniformFill)
+                .then(|| layout.policy(Arm::UniformFill))
+                .into_iter()
+                .collect(),
+            out: layout.search(Arm::GmpqRanked),
+        })?;
+    }
+
     // 3. FP teacher on the target.
     let target_teacher = match &s.target_teacher {
         Some(t) => t.clone(),
@@ -334,9 +372,11 @@ pub fn run(
             run.stage(&TrainStage {
                 name: "teacher-target".into(),
                 model: s.model.clone(),
+                width: s.width,
                 data: s.target.clone(),
                 limit: s.target_limit,
                 subset_seed: 0,
+                holdout: s.target_holdout.unwrap_or(0),
                 test_limit: s.target_test_limit,
                 epochs: s.target_teacher_epochs,
                 hflip: s.hflip,
@@ -364,6 +404,7 @@ pub fn run(
             seed: s.seed,
             out: l.search(arm),
             kind: supernet(0.0, s.target_search_epochs.unwrap_or(s.search_epochs)),
+            sensitivities_from: None,
         };
         let stage = target_search(&layout);
         run.stage_or_copy(&stage, &layout.search(arm), || {
@@ -382,9 +423,11 @@ pub fn run(
     let finetune = |l: &RunLayout, arm: Arm| TrainStage {
         name: format!("finetune-{}", arm.name()),
         model: s.model.clone(),
+        width: s.width,
         data: s.target.clone(),
         limit: s.target_limit,
         subset_seed: 0,
+        holdout: s.target_holdout.unwrap_or(0),
         test_limit: s.target_test_limit,
         epochs: s.finetune_epochs,
         hflip: s.hflip,

@@ -19,12 +19,31 @@ pub const HAWQ_IMAGES: usize = 512;
 pub const HAWQ_SAMPLES: usize = 16;
 
 /// How the policy is found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum SearchMethod {
     /// The differentiable supernet search (GMPQ; EdMIPS with attribution weight 0).
     Supernet,
     /// The teacher's Hessian-trace and activation sensitivities under the knapsack.
     Hawq { images: usize, samples: usize },
+    /// The best uniform policy, the rest of the budget spent by the same sensitivities.
+    UniformFill { images: usize, samples: usize },
+}
+
+impl SearchMethod {
+    /// The sensitivity analysis's settings and rule, for the methods that use one.
+    fn sensitivity(self) -> Option<(usize, usize, search::hawq::SensitivityRule)> {
+        use search::hawq::SensitivityRule;
+        match self {
+            SearchMethod::Supernet => None,
+            SearchMethod::Hawq { images, samples } => {
+                Some((images, samples, SensitivityRule::Hawq))
+            }
+            SearchMethod::UniformFill { images, samples } => {
+                Some((images, samples, SensitivityRule::UniformFill))
+            }
+        }
+    }
 }
 
 /// A search: teacher, proxy data, budgets, settings, output folder.
@@ -41,6 +60,10 @@ pub struct SearchRequest {
     pub out: PathBuf,
     /// The command line recorded in each policy's `meta.command`.
     pub command: String,
+    /// A policy whose sensitivity analysis (`meta.hawq`) may be reused by HAWQ or
+    /// uniform-fill when it measured exactly what this request would (same teacher, data,
+    /// images and settings): the pipeline points uniform-fill at its run's HAWQ policy.
+    pub sensitivities_from: Option<PathBuf>,
 }
 
 /// A policy the search wrote.
@@ -100,7 +123,86 @@ fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> PipelineError + 
     }
 }
 
+/// Where a search folder records the request it holds.
+pub const REQUEST_FILE: &str = "search-request.json";
+
 impl SearchRequest {
+    /// What makes two requests the same search: everything but the folder and the command
+    /// line that stated it.
+    pub fn identity(&self) -> serde_json::Value {
+        serde_json::json!({
+            "teacher": self.teacher,
+            "data": self.data.to_string(),
+            "subset": self.subset,
+            "val_images": self.val_images,
+            "targets": self.targets,
+            "config": self.config,
+            "method": self.method,
+        })
+    }
+
+    /// Records this request in its folder, or refuses when the folder holds another one: a
+    /// search must never leave a user with the policy of a different request. Returns
+    /// whether it recorded the request now.
+    fn claim_folder(&self) -> Result<bool> {
+        let path = self.out.join(REQUEST_FILE);
+        let identity = self.identity();
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let recorded: serde_json::Value =
+                    serde_json::from_slice(&bytes).map_err(|e| PipelineError::Read {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                if recorded != identity {
+                    return Err(PipelineError::Invalid(format!(
+                        "{} holds another search ({}): choose another --out, or delete it to \
+                         search there again",
+                        self.out.display(),
+                        crate::fields::changed_fields_of(&recorded, &identity)
+                    )));
+                }
+                return Ok(false);
+            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(PipelineError::Read {
+                    path,
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {}
+        }
+        // A folder from before requests were recorded: its policies' budgets must match.
+        let found: Vec<Option<Target>> = std::fs::read_dir(&self.out)
+            .map_err(io(&self.out))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension().is_some_and(|x| x == "json")
+                    && p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("policy"))
+            })
+            .filter_map(|p| crate::policy::Policy::load(&p).ok())
+            .map(|p| PolicyMeta::of(&p).ok().flatten().and_then(|m| m.target))
+            .collect();
+        if let Some(other) = found
+            .iter()
+            .find(|t| t.is_none_or(|t| !self.targets.contains(&t)))
+        {
+            return Err(PipelineError::Invalid(format!(
+                "{} holds a policy for {} (not a budget of this search): choose another --out, \
+                 or delete it to search there again",
+                self.out.display(),
+                other.map_or("no budget".to_string(), |t| t.to_string())
+            )));
+        }
+        let bytes = serde_json::to_vec_pretty(&identity)
+            .map_err(|e| PipelineError::Invalid(format!("search request: {e}")))?;
+        crate::checkpoint::write_atomic(&path, &bytes).map_err(io(&path))?;
+        Ok(true)
+    }
+
     /// `policy.json` for one budget; `policy-BUDGET.json` each in a Pareto run.
     fn policy_path(&self, target: Option<Target>) -> PathBuf {
         match (target, self.targets.len() <= 1) {
@@ -143,7 +245,32 @@ impl SearchRequest {
 
     /// Searches and writes every policy (keeping those an interrupted run already wrote).
     pub fn run(&self, device: tch::Device, progress: &dyn SearchProgress) -> Result<SearchOutcome> {
-        let mut config = self.config.clone();
+        let config = self.config.clone();
+        let c = &config;
+        for (flag, value, ok) in [
+            (
+                "--attribution-weight",
+                c.attribution_weight,
+                c.attribution_weight >= 0.0,
+            ),
+            ("--lr", c.lr, c.lr > 0.0),
+        ] {
+            if !(ok && value.is_finite()) {
+                return Err(PipelineError::Invalid(format!(
+                    "{flag} {value}: must be {}",
+                    if flag == "--lr" {
+                        "positive"
+                    } else {
+                        "zero or positive"
+                    }
+                )));
+            }
+        }
+        if config.epochs == 0 {
+            return Err(PipelineError::Invalid(
+                "--epochs 0: must be at least 1".into(),
+            ));
+        }
         if config.alpha_frozen_epochs >= config.epochs {
             return Err(PipelineError::Invalid(format!(
                 "--alpha-frozen-epochs {} leaves α no epoch to move in a {}-epoch search",
@@ -154,9 +281,27 @@ impl SearchRequest {
         let train_indices = stratified_subset(proxy_train.as_ref(), &self.subset)?;
         std::fs::create_dir_all(&self.out).map_err(io(&self.out))?;
         let _lock = DirLock::acquire(&self.out)?;
-        // HAWQ measures on training images only: no held-out split to load.
-        if let SearchMethod::Hawq { images, samples } = self.method {
-            return self.run_hawq(proxy_train, &train_indices, images, samples, device);
+        let claimed = self.claim_folder()?;
+        let result = self.run_claimed(proxy_train, train_indices, config, device, progress);
+        // A search that failed before writing anything leaves the folder as it found it.
+        if result.is_err() && claimed {
+            let _ = std::fs::remove_file(self.out.join(REQUEST_FILE));
+        }
+        result
+    }
+
+    /// [`Self::run`] once the folder is locked and claimed.
+    fn run_claimed(
+        &self,
+        proxy_train: Arc<dyn ImageSource>,
+        train_indices: Vec<usize>,
+        mut config: SearchConfig,
+        device: tch::Device,
+        progress: &dyn SearchProgress,
+    ) -> Result<SearchOutcome> {
+        // HAWQ and uniform-fill measure on training images only: no held-out split to load.
+        if let Some((images, samples, rule)) = self.method.sensitivity() {
+            return self.run_hawq(proxy_train, &train_indices, images, samples, rule, device);
         }
         let proxy_test = self.data.load(Split::Test)?;
         let val_indices = stratified_subset(
@@ -250,6 +395,7 @@ impl SearchRequest {
                 img,
                 &teacher_ck.meta.eval_pipeline.normalize,
                 &[t, s],
+                &["image".into(), "teacher".into(), "supernet".into()],
                 &self.out.join(format!("attribution{suffix}.png")),
             )?;
             outcome.written.push(SearchedPolicy {
@@ -267,33 +413,51 @@ impl SearchRequest {
         Ok(outcome)
     }
 
-    /// HAWQ: sensitivities of the teacher, one knapsack policy per target.
+    /// HAWQ or uniform-fill: sensitivities of the teacher, one knapsack policy per target.
     fn run_hawq(
         &self,
         proxy: Arc<dyn ImageSource>,
         train_indices: &[usize],
         images: usize,
         samples: usize,
+        rule: search::hawq::SensitivityRule,
         device: tch::Device,
     ) -> Result<SearchOutcome> {
         if self.targets.is_empty() {
-            return Err(PipelineError::Invalid(
-                "--method hawq needs a budget (--target-compression, --target-bops, \
-                 --target-size-mb or --pareto)"
-                    .into(),
-            ));
+            return Err(PipelineError::Invalid(format!(
+                "--method {} needs a budget (--target-compression, --target-bops, \
+                 --target-size-mb or --pareto)",
+                rule.name()
+            )));
         }
         let n = images.clamp(1, train_indices.len().max(1));
         let hawq_cfg = search::hawq::HawqConfig {
             candidates: self.config.candidates.clone(),
             samples,
         };
+        // What the analysis measures: a recorded analysis with the same key is the same one.
+        let analysis = serde_json::json!({
+            "teacher": self.teacher, "data": self.data.to_string(), "subset": self.subset,
+            "images": n, "settings": hawq_cfg,
+        });
+        let reused = self.sensitivities_from.as_ref().and_then(|path| {
+            let p = crate::policy::Policy::load(path).ok()?;
+            let hawq = PolicyMeta::of(&p).ok()??.hawq?;
+            (hawq.get("analysis")? == &analysis)
+                .then(|| serde_json::from_value(hawq.get("sensitivities")?.clone()).ok())
+                .flatten()
+                .map(|s: search::hawq::Sensitivities| (path.clone(), s))
+        });
         let r = search::hawq::run(
             &self.teacher,
-            proxy,
-            &train_indices[..n.min(train_indices.len())],
+            search::hawq::ProxyImages {
+                source: proxy,
+                indices: &train_indices[..n.min(train_indices.len())],
+            },
             &self.targets,
             &hawq_cfg,
+            rule,
+            reused.as_ref().map(|(_, s)| s.clone()),
             device,
         )?;
         let teacher_ck = Checkpoint::load(&self.teacher)?;
@@ -303,23 +467,28 @@ impl SearchRequest {
             let meta = PolicyMeta {
                 hawq: Some(serde_json::json!({
                     "settings": hawq_cfg, "sensitivities": r.sensitivities,
+                    "analysis": analysis,
+                    "reused_from": reused.as_ref().map(|(p, _)| p),
                 })),
-                ..self.provenance("hawq", Some(*t), &teacher_ck, r.seconds, r.images)
+                ..self.provenance(rule.name(), Some(*t), &teacher_ck, r.seconds, r.images)
             };
             policy.meta = Some(meta.to_value());
             let path = self.policy_path(Some(*t));
             policy.save(&path)?;
+            let label = match rule {
+                search::hawq::SensitivityRule::Hawq => "HAWQ",
+                search::hawq::SensitivityRule::UniformFill => "uniform-fill",
+            };
             crate::report::bit_allocation_svg(
-                &[("HAWQ", &policy)],
+                &[(label, &policy)],
                 &self.out.join(format!("bits{}.svg", self.suffix(Some(*t)))),
             )?;
             outcome.written.push(SearchedPolicy {
                 policy: path,
                 target: Some(*t),
-                totals: policy
-                    .totals
-                    .clone()
-                    .ok_or_else(|| PipelineError::Invalid("HAWQ gave no policy totals".into()))?,
+                totals: policy.totals.clone().ok_or_else(|| {
+                    PipelineError::Invalid(format!("{} gave no policy totals", rule.name()))
+                })?,
                 seconds: r.seconds,
                 images: r.images,
                 argmax_proxy_top1: None,
@@ -327,5 +496,149 @@ impl SearchRequest {
             });
         }
         Ok(outcome)
+    }
+}
+
+/// A ranked extraction from a finished search (`gmpq extract --rank`): candidates from its
+/// saved α, the best uniform policy and the `extra` policy files, each calibrated from the
+/// teacher and scored on held-out proxy images; the best is written to `out`
+/// (`search::rank`).
+#[derive(Debug, Clone)]
+pub struct RankRequest {
+    /// The searched policy (with `meta.alpha`).
+    pub searched: PathBuf,
+    /// The proxy teacher (default: the search's, `meta.teacher`).
+    pub teacher: Option<PathBuf>,
+    /// The proxy data and the subset the search ran on (calibration images come from it).
+    pub data: DatasetSpec,
+    pub subset: SubsetSpec,
+    /// Held-out proxy images (from its test split) the candidates are scored on.
+    pub val_images: usize,
+    /// The budget (default: the search's).
+    pub target: Option<Target>,
+    /// More candidates (e.g. the uniform-fill policy); one that does not fit the budget is
+    /// left out with a warning.
+    pub extra: Vec<PathBuf>,
+    pub out: PathBuf,
+}
+
+impl RankRequest {
+    /// Ranks and writes the kept policy; returns it with its ranking record.
+    pub fn run(
+        &self,
+        device: tch::Device,
+    ) -> Result<(crate::policy::Policy, search::RankingRecord)> {
+        use crate::policy::Policy;
+        let started = std::time::Instant::now();
+        let searched = Policy::load(&self.searched)?;
+        let meta = PolicyMeta::of(&searched)
+            .map_err(|e| PipelineError::Invalid(format!("{}: meta: {e}", self.searched.display())))?
+            .ok_or_else(|| {
+                PipelineError::Invalid(format!(
+                    "{}: no meta (not a gmpq search policy)",
+                    self.searched.display()
+                ))
+            })?;
+        let prefs = meta.alpha.clone().ok_or_else(|| {
+            PipelineError::Invalid(format!(
+                "{}: no meta.alpha to rank candidates from",
+                self.searched.display()
+            ))
+        })?;
+        let target = self.target.or(meta.target).ok_or_else(|| {
+            PipelineError::Invalid("ranking needs a budget (the search had none)".into())
+        })?;
+        let teacher_path = match (&self.teacher, &meta.teacher) {
+            (Some(t), _) | (None, Some(t)) => t.clone(),
+            (None, None) => {
+                return Err(PipelineError::Invalid(format!(
+                    "{}: no meta.teacher; give --teacher",
+                    self.searched.display()
+                )))
+            }
+        };
+        let teacher = Checkpoint::load(&teacher_path)?;
+        let model = &teacher.meta.model;
+        let fp = crate::quant::build(model, crate::quant::Precision::Full, tch::Device::Cpu)
+            .map_err(search::SearchError::from)?;
+        let (convs, fc) = (fp.net.convs(), fp.net.fc_spec());
+        searched.validate(model, convs)?;
+        let geometry = search::Geometry::new(convs, fc);
+        let cands = searched.candidates.clone();
+        let mut candidates = search::rank::alpha_candidates(
+            &searched,
+            &geometry,
+            &target,
+            &prefs,
+            search::rank::ALPHA_ALTERNATIVES,
+        )
+        .map_err(search::SearchError::from)?;
+        if let Some((w, a)) = search::fill::best_uniform(&geometry, &target, &cands) {
+            let mut u = Policy::uniform(model, convs, w, a);
+            u.candidates = cands.clone();
+            candidates.push((format!("uniform w{w}a{a}"), u));
+        }
+        let limit = geometry.limit(&target) * (1.0 + 1e-9);
+        for path in &self.extra {
+            let p = Policy::load(path)?;
+            if p.validate(model, convs).is_err() || geometry.policy_cost(&target, &p) > limit {
+                tracing::warn!(
+                    "{} does not fit the model within {target}: not ranked",
+                    path.display()
+                );
+                continue;
+            }
+            candidates.push((path.display().to_string(), p));
+        }
+        // Calibration from the search's proxy subset, scores on its held-out test images.
+        let train = self.data.load(Split::Train)?;
+        let train_indices = stratified_subset(train.as_ref(), &self.subset)?;
+        let step = (train_indices.len() / search::rank::CALIBRATION_IMAGES).max(1);
+        let calib: Vec<usize> = train_indices
+            .iter()
+            .copied()
+            .step_by(step)
+            .take(search::rank::CALIBRATION_IMAGES)
+            .collect();
+        let test = self.data.load(Split::Test)?;
+        let val = stratified_subset(
+            test.as_ref(),
+            &SubsetSpec::limited(Some(self.val_images.min(test.len())), self.subset.seed),
+        )?;
+        let offset = train.len();
+        let val: Vec<usize> = val.into_iter().map(|i| i + offset).collect();
+        let proxy: Arc<dyn ImageSource> = Arc::new(ConcatDataset::new(train, test));
+        let data = search::rank::RankingData {
+            teacher_path: &teacher_path,
+            teacher: &teacher,
+            proxy,
+            calib_indices: &calib,
+            val_indices: &val,
+            calibration: crate::train::CALIBRATION,
+            device,
+        };
+        let (chosen, record) = search::rank::rank(candidates, &prefs, &geometry, &data)?;
+        let mut policy = chosen.with_totals(convs, fc);
+        let ranked = PolicyMeta {
+            target: Some(target),
+            extraction: Some(search::ExtractionRecord {
+                rule: "ranked".into(),
+                from: self.searched.display().to_string(),
+            }),
+            ranking: Some(record.clone()),
+            cost: Some(PolicyCost {
+                wall_seconds: meta.cost.as_ref().map_or(0.0, |c| c.wall_seconds)
+                    + started.elapsed().as_secs_f64(),
+                images_processed: meta.cost.as_ref().map_or(0, |c| c.images_processed)
+                    + ((calib.len() + val.len()) * record.candidates.len()) as u64,
+            }),
+            ..meta
+        };
+        policy.meta = Some(ranked.to_value());
+        if let Some(dir) = self.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
+        }
+        policy.save(&self.out)?;
+        Ok((policy, record))
     }
 }

@@ -13,12 +13,20 @@ use std::path::PathBuf;
 pub struct PipelineSettings {
     /// resnet20, resnet32, …
     pub model: String,
+    /// The width multiplier of mobilenetv2 (recorded only where it is not 1).
+    #[serde(skip_serializing_if = "is_unit")]
+    pub width: f64,
     /// Proxy data, `KIND:PATH[:N]` (N: a stratified N-image subset of its train split).
     pub proxy: String,
     /// Target data, `KIND:PATH`.
     pub target: String,
     pub target_limit: Option<usize>,
     pub target_test_limit: Option<usize>,
+    /// Target training images held out for validation: the target teacher and the
+    /// fine-tunings never train on them, and the arm best on them is the run's chosen model.
+    /// `None`: no validation split (runs recorded before it existed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_holdout: Option<usize>,
     pub target_compression: Option<f64>,
     pub target_bops: Option<String>,
     pub target_size_mb: Option<f64>,
@@ -61,6 +69,8 @@ pub struct PipelineSettings {
 
 /// Teacher epochs of `gmpq pipeline` (proxy and target).
 pub const TEACHER_EPOCHS: usize = 30;
+/// Target training images `gmpq pipeline` holds out for validation.
+pub const TARGET_HOLDOUT: usize = 1000;
 /// Fine-tuning epochs of `gmpq pipeline`.
 pub const FINETUNE_EPOCHS: usize = 10;
 /// The budget when none is given: 64× BOPs compression (≈ uniform 4 bits).
@@ -72,10 +82,12 @@ impl PipelineSettings {
         let search = SearchConfig::default();
         Self {
             model: "resnet20".into(),
+            width: 1.0,
             proxy: proxy.into(),
             target: target.into(),
             target_limit: None,
             target_test_limit: None,
+            target_holdout: Some(TARGET_HOLDOUT),
             target_compression: None,
             target_bops: None,
             target_size_mb: None,
@@ -153,6 +165,10 @@ impl PipelineSettings {
     }
 }
 
+fn is_unit(w: &f64) -> bool {
+    *w == 1.0
+}
+
 /// Splits `KIND:PATH:N` into the dataset spec and the subset size.
 pub fn split_subset(s: &str) -> (String, Option<usize>) {
     if let Some((head, tail)) = s.rsplit_once(':') {
@@ -216,6 +232,7 @@ mod tests {
             finetune_epochs: 1,
             proxy_hflip: Some(false),
             seed: 1,
+            target_holdout: None,
             ..PipelineSettings::demo("x".into())
         };
         assert_eq!(s.record(), recorded);

@@ -65,9 +65,13 @@ pub struct TrainStage {
     pub name: String,
     /// The architecture a teacher trains (a fine-tuning takes its init's).
     pub model: String,
+    /// Its width multiplier (MobileNetV2; 1 elsewhere).
+    pub width: f64,
     pub data: String,
     pub limit: Option<usize>,
     pub subset_seed: u64,
+    /// Validation images held out of the training data (0: none).
+    pub holdout: usize,
     pub test_limit: Option<usize>,
     pub epochs: usize,
     pub hflip: bool,
@@ -92,6 +96,10 @@ impl Stage for TrainStage {
             ],
             None => vec!["train".into(), "--model".into(), self.model.clone()],
         };
+        // Recorded only where it differs from 1, so commands recorded before it still match.
+        if self.finetune.is_none() && self.width != 1.0 {
+            argv.extend(["--width".into(), self.width.to_string()]);
+        }
         argv.extend([
             "--data".into(),
             self.data.clone(),
@@ -113,6 +121,9 @@ impl Stage for TrainStage {
         if let Some(n) = self.test_limit {
             argv.extend(["--test-limit".into(), n.to_string()]);
         }
+        if self.holdout > 0 {
+            argv.extend(["--holdout".into(), self.holdout.to_string()]);
+        }
         if self.hflip {
             argv.push("--hflip".into());
         }
@@ -133,6 +144,7 @@ impl Stage for TrainStage {
             limit: self.limit,
             per_class: None,
             seed: self.subset_seed,
+            holdout: self.holdout,
         };
         r.test_limit = self.test_limit;
         r.resume = true;
@@ -141,7 +153,10 @@ impl Stage for TrainStage {
                 r.lr = Some(f.lr);
                 r.finetune = Some(Finetune::from_files(f.init.clone(), &f.policy)?);
             }
-            None => r.arch = self.model.parse()?,
+            None => {
+                r.arch = self.model.parse()?;
+                r.width = self.width;
+            }
         }
         Ok(r.run(ctx.device, ctx.events.train_progress())?.one_line())
     }
@@ -160,6 +175,8 @@ pub enum SearchKind {
     },
     /// HAWQ's sensitivities with the default images and probes.
     Hawq,
+    /// uniform-fill, with HAWQ's sensitivities (default images and probes).
+    UniformFill,
 }
 
 /// `gmpq search`: one policy under one budget into `out/policy.json`.
@@ -176,6 +193,9 @@ pub struct SearchStage {
     pub seed: u64,
     pub out: PathBuf,
     pub kind: SearchKind,
+    /// A policy whose sensitivity analysis uniform-fill may reuse (see
+    /// [`SearchRequest::sensitivities_from`]).
+    pub sensitivities_from: Option<PathBuf>,
 }
 
 impl SearchStage {
@@ -212,8 +232,10 @@ impl Stage for SearchStage {
 
     fn command(&self) -> String {
         let mut argv: Vec<String> = vec!["search".into()];
-        if self.kind == SearchKind::Hawq {
-            argv.extend(["--method".into(), "hawq".into()]);
+        match self.kind {
+            SearchKind::Hawq => argv.extend(["--method".into(), "hawq".into()]),
+            SearchKind::UniformFill => argv.extend(["--method".into(), "uniform-fill".into()]),
+            SearchKind::Supernet { .. } => {}
         }
         argv.extend([
             "--teacher".into(),
@@ -279,6 +301,7 @@ impl Stage for SearchStage {
                 limit: self.limit,
                 per_class: None,
                 seed: self.subset_seed,
+                holdout: 0,
             },
             val_images: VAL_IMAGES,
             targets: vec![self.target],
@@ -289,9 +312,14 @@ impl Stage for SearchStage {
                     images: super::HAWQ_IMAGES,
                     samples: super::HAWQ_SAMPLES,
                 },
+                SearchKind::UniformFill => SearchMethod::UniformFill {
+                    images: super::HAWQ_IMAGES,
+                    samples: super::HAWQ_SAMPLES,
+                },
             },
             out: self.out.clone(),
             command: self.command(),
+            sensitivities_from: self.sensitivities_from.clone(),
         };
         let outcome = request.run(ctx.device, ctx.events.search_progress())?;
         Ok(match (outcome.written.first(), outcome.kept.first()) {
@@ -336,26 +364,13 @@ impl PolicyStage {
     fn best_uniform(&self) -> Result<Policy> {
         let (cfg, net, geometry) = teacher_geometry(&self.teacher)?;
         let target = &self.target;
-        let limit = geometry.limit(target);
-        let widths = self.common_widths();
-        let mut best: Option<(f64, u32, u32)> = None;
-        for &w in &widths {
-            for &a in &widths {
-                let bits = vec![(w as f64, a as f64); geometry.layers.len()];
-                let cost = geometry.measure(target, &bits);
-                let score = geometry.measure(&Target::Compression(1.0), &bits);
-                if cost <= limit * (1.0 + 1e-9)
-                    && best.is_none_or(|(s, bw, _)| score > s || (score == s && w > bw))
-                {
-                    best = Some((score, w, a));
-                }
-            }
-        }
-        let (_, w, a) = best.ok_or_else(|| {
-            PipelineError::Invalid(format!(
-                "no uniform policy with bits in {widths:?} meets the budget {target}"
-            ))
-        })?;
+        let (w, a) = crate::search::fill::best_uniform(&geometry, target, &self.candidates)
+            .ok_or_else(|| {
+                PipelineError::Invalid(format!(
+                    "no uniform policy with bits in {:?} meets the budget {target}",
+                    self.common_widths()
+                ))
+            })?;
         let mut policy =
             Policy::uniform(&cfg, net.convs(), w, a).with_totals(net.convs(), net.fc_spec());
         policy.meta =
@@ -442,6 +457,86 @@ impl Stage for PolicyStage {
     }
 }
 
+/// `gmpq extract --rank`: GMPQ's policy chosen among candidates by their calibrated accuracy
+/// on held-out proxy images ([`super::RankRequest`]).
+#[derive(Debug, Clone)]
+pub struct RankStage {
+    pub name: String,
+    /// The finished search's policy (its α).
+    pub searched: PathBuf,
+    pub teacher: PathBuf,
+    pub data: String,
+    pub limit: Option<usize>,
+    pub subset_seed: u64,
+    pub target: Target,
+    /// More candidates: the run's uniform-fill policy when it has that arm.
+    pub extra: Vec<PathBuf>,
+    pub out: PathBuf,
+}
+
+impl Stage for RankStage {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn command(&self) -> String {
+        let mut argv: Vec<String> = vec![
+            "extract".into(),
+            path_arg(&self.searched),
+            "--rank".into(),
+            "--teacher".into(),
+            path_arg(&self.teacher),
+            "--data".into(),
+            self.data.clone(),
+        ];
+        argv.extend(self.target.flag());
+        if let Some(n) = self.limit {
+            argv.extend([
+                "--limit".into(),
+                n.to_string(),
+                "--subset-seed".into(),
+                self.subset_seed.to_string(),
+            ]);
+        }
+        for e in &self.extra {
+            argv.extend(["--also".into(), path_arg(e)]);
+        }
+        argv.extend(["--out".into(), path_arg(&self.out.join("policy.json"))]);
+        command_line(&argv)
+    }
+
+    fn done(&self) -> Result<bool> {
+        Ok(self.out.join("policy.json").is_file())
+    }
+
+    fn run(&self, ctx: &StageContext) -> Result<String> {
+        let request = super::RankRequest {
+            searched: self.searched.clone(),
+            teacher: Some(self.teacher.clone()),
+            data: parse_spec("--data", &self.data)?,
+            subset: SubsetSpec::limited(self.limit, self.subset_seed),
+            val_images: VAL_IMAGES,
+            target: Some(self.target),
+            extra: self.extra.clone(),
+            out: self.out.join("policy.json"),
+        };
+        let (policy, record) = request.run(ctx.device)?;
+        crate::report::bit_allocation_svg(&[("GMPQ ranked", &policy)], &self.out.join("bits.svg"))?;
+        let kept = &record.candidates[record.chosen];
+        Ok(format!(
+            "{}: kept {} of {} candidates ({}, calibrated top-1 {:.2}% on {} held-out proxy images), \
+             compression {:.2}x",
+            self.out.join("policy.json").display(),
+            record.chosen + 1,
+            record.candidates.len(),
+            kept.source,
+            kept.val_top1,
+            record.val_images,
+            kept.compression
+        ))
+    }
+}
+
 /// CAM heatmaps of the target teacher and every fine-tuned arm on a few target test images.
 #[derive(Debug, Clone)]
 pub struct AttributionStage {
@@ -491,15 +586,54 @@ pub fn attribution_grid(
     out: &Path,
     device: tch::Device,
 ) -> Result<usize> {
+    if !out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"))
+    {
+        return Err(PipelineError::Invalid(format!(
+            "--out {}: the maps are written as PNG; name the file .png",
+            out.display()
+        )));
+    }
+    let spec = data;
     let data = data.load(Split::Test)?;
-    let idx = stratified_subset(
-        data.as_ref(),
-        &SubsetSpec::limited(Some(count.min(data.len())), 0),
-    )?;
+    if count > data.len() {
+        return Err(PipelineError::Invalid(format!(
+            "--limit {count}: the test split of {spec} has {} images",
+            data.len()
+        )));
+    }
+    let idx = stratified_subset(data.as_ref(), &SubsetSpec::limited(Some(count), 0))?;
     let nets = checkpoints
         .iter()
         .map(|c| crate::quant::load(c, device).map_err(context(format!("loading {}", c.display()))))
         .collect::<Result<Vec<_>>>()?;
+    // Every network sees the same images (prepared by the first's pipeline): each must take
+    // them and predict the data's classes.
+    for (c, (ck, _)) in checkpoints.iter().zip(&nets) {
+        let m = &ck.meta.model;
+        if m.num_classes != data.num_classes() {
+            return Err(PipelineError::Invalid(format!(
+                "{} predicts {} classes but {spec} has {}",
+                c.display(),
+                m.num_classes,
+                data.num_classes()
+            )));
+        }
+        if let Some(problem) = train::input_mismatch(data.as_ref(), &ck.meta.eval_pipeline, m) {
+            return Err(PipelineError::Invalid(format!(
+                "{spec} {problem} ({})",
+                c.display()
+            )));
+        }
+        if ck.meta.eval_pipeline != nets[0].0.meta.eval_pipeline {
+            return Err(PipelineError::Invalid(format!(
+                "{} prepares its images differently from {}: draw them separately",
+                c.display(),
+                checkpoints[0].display()
+            )));
+        }
+    }
     let pipeline = nets
         .first()
         .ok_or_else(|| PipelineError::Invalid("no checkpoint".into()))?
@@ -533,7 +667,18 @@ pub fn attribution_grid(
         })
         .collect();
     let refs: Vec<&tch::Tensor> = maps.iter().collect();
-    crate::report::heatmaps_png(&x, &pipeline.normalize, &refs, out)?;
+    // Each column named by its checkpoint: the run folder (`finetune-gmpq`) of a
+    // `last.safetensors`, else the file's stem.
+    let mut labels = vec!["image".to_string()];
+    labels.extend(checkpoints.iter().map(|c| {
+        let stem = c.file_stem().map(|s| s.to_string_lossy().into_owned());
+        match (stem.as_deref(), c.parent().and_then(|p| p.file_name())) {
+            (Some("last"), Some(dir)) => dir.to_string_lossy().into_owned(),
+            (Some(stem), _) => stem.to_string(),
+            _ => c.display().to_string(),
+        }
+    }));
+    crate::report::heatmaps_png(&x, &pipeline.normalize, &refs, &labels, out)?;
     Ok(idx.len())
 }
 
@@ -550,9 +695,11 @@ mod tests {
         let stage = TrainStage {
             name: "finetune-gmpq".into(),
             model: "resnet20".into(),
+            width: 1.0,
             data: "idx:../shared/datasets/fashion-mnist".into(),
             limit: None,
             subset_seed: 0,
+            holdout: 0,
             test_limit: None,
             epochs: 1,
             hflip: true,
@@ -591,6 +738,7 @@ mod tests {
             seed: 1,
             out: "o".into(),
             kind: SearchKind::Hawq,
+            sensitivities_from: None,
         };
         assert_eq!(
             stage.command(),

@@ -118,12 +118,38 @@ fn colour(v: f64) -> [u8; 3] {
     [c.0, c.1, c.2]
 }
 
-/// Writes a grid: one row per image, columns = the input, then each map set (e.g. teacher,
-/// student), each map scaled to the image size and to [0, 1] per map.
+/// Height of the label row above a heatmap grid.
+const LABEL_ROW: u32 = 12;
+
+/// Draws `text` in 8×8 glyphs (white on the grid's dark label row) at `(x, y)`, cut at
+/// `max_width` pixels; characters without a glyph are left blank.
+fn draw_label(out: &mut image::RgbImage, text: &str, x: u32, y: u32, max_width: u32) {
+    use font8x8::UnicodeFonts;
+    for (i, ch) in text.chars().take((max_width / 8) as usize).enumerate() {
+        let Some(glyph) = font8x8::BASIC_FONTS.get(ch) else {
+            continue;
+        };
+        for (row, bits) in glyph.iter().enumerate() {
+            for col in 0..8u32 {
+                if bits & (1 << col) != 0 {
+                    let (px, py) = (x + i as u32 * 8 + col, y + row as u32);
+                    if px < out.width() && py < out.height() {
+                        out.put_pixel(px, py, image::Rgb([255, 255, 255]));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes a grid: a row of column labels (`labels`: the input's, then each map set's), then
+/// one row per image, columns = the input, then each map set (e.g. teacher, student), each
+/// map scaled to the image size and to [0, 1] per map.
 pub fn heatmaps_png(
     images: &Tensor,
     normalize: &Normalize,
     maps: &[&Tensor],
+    labels: &[String],
     path: &Path,
 ) -> Result<(), ReportError> {
     let images = images
@@ -134,7 +160,10 @@ pub fn heatmaps_png(
     let scale = (96 / h.max(1)).max(1);
     let (ch, cw) = ((h * scale) as u32, (w * scale) as u32);
     let cols = 1 + maps.len() as u32;
-    let mut out = image::RgbImage::new(cols * cw, n as u32 * ch);
+    let mut out = image::RgbImage::new(cols * cw, LABEL_ROW + n as u32 * ch);
+    for (k, label) in labels.iter().take(cols as usize).enumerate() {
+        draw_label(&mut out, label, k as u32 * cw + 2, 2, cw.saturating_sub(4));
+    }
     let mean = Tensor::from_slice(&normalize.mean).view([1, c, 1, 1]);
     let std = Tensor::from_slice(&normalize.std).view([1, c, 1, 1]);
     let pixels = ((&images * std + mean) * 255.0).clamp(0.0, 255.0);
@@ -169,7 +198,7 @@ pub fn heatmaps_png(
                 } else {
                     [px[o], px[plane + o], px[2 * plane + o]]
                 };
-                out.put_pixel(x, i as u32 * ch + y, image::Rgb(rgb));
+                out.put_pixel(x, LABEL_ROW + i as u32 * ch + y, image::Rgb(rgb));
             }
         }
         for (k, m) in resized.iter().enumerate() {
@@ -177,7 +206,11 @@ pub fn heatmaps_png(
             for y in 0..ch {
                 for x in 0..cw {
                     let c = colour(v[(y * cw + x) as usize] as f64);
-                    out.put_pixel((k as u32 + 1) * cw + x, i as u32 * ch + y, image::Rgb(c));
+                    out.put_pixel(
+                        (k as u32 + 1) * cw + x,
+                        LABEL_ROW + i as u32 * ch + y,
+                        image::Rgb(c),
+                    );
                 }
             }
         }

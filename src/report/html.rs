@@ -102,10 +102,10 @@ pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, ReportError> {
     );
 
     // Headline table.
-    page.push_str("<h2>Results on the target test set</h2>\n<table><tr><th>arm</th><th>policy BOPs (G)</th><th>compression</th><th>size (MB)</th><th>search time</th><th>search images</th><th>fine-tune epochs</th><th>top-1</th><th>top-5</th><th>top-1 vs FP</th></tr>\n");
+    page.push_str("<h2>Results on the target test set</h2>\n<table><tr><th>arm</th><th>policy BOPs (G)</th><th>compression</th><th>size (MB)</th><th>search time</th><th>search images</th><th>fine-tune epochs</th><th>top-1</th><th>top-5</th><th>top-1 vs FP</th><th>validation top-1</th></tr>\n");
     let _ = writeln!(
         page,
-        "<tr><td>full precision (target teacher)</td><td>{}</td><td>1×</td><td>{}</td><td>—</td><td>—</td><td>—</td><td>{}</td><td>{}</td><td>—</td></tr>",
+        "<tr><td>full precision (target teacher)</td><td>{}</td><td>1×</td><td>{}</td><td>—</td><td>—</td><td>—</td><td>{}</td><td>{}</td><td>—</td><td>—</td></tr>",
         opt(summary.fp_bops.map(|b| b / 1e9), 3, ""),
         opt(summary.fp_size_mb, 3, ""),
         opt(summary.fp_top1, 2, "%"),
@@ -118,8 +118,12 @@ pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, ReportError> {
         };
         let _ = writeln!(
             page,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{delta}</td></tr>",
-            a.arm.label(),
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{delta}</td><td>{}</td></tr>",
+            if summary.chosen == Some(a.arm) {
+                format!("<b>{} (chosen)</b>", a.arm.label())
+            } else {
+                a.arm.label().to_string()
+            },
             opt(a.bops.map(|b| b / 1e9), 4, ""),
             opt(a.compression, 2, "×"),
             opt(a.size_mb, 3, ""),
@@ -128,6 +132,16 @@ pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, ReportError> {
             a.finetune_epochs,
             opt(a.top1, 2, "%"),
             opt(a.top5, 2, "%"),
+            opt(a.val_top1, 2, "%"),
+        );
+    }
+    if let Some(arm) = summary.chosen {
+        let _ = writeln!(
+            page,
+            "<p>Chosen model: <b>{}</b>, the arm with the best top-1 on the target training \
+             images held out for validation (never trained on). Test top-1 is reported for every \
+             arm and never used to choose.</p>",
+            arm.label()
         );
     }
     page.push_str("</table>\n<p>BOPs count the quantized layers (MACs·b<sub>w</sub>·b<sub>a</sub>); compression is full-precision BOPs (all layers at 32×32 bits) over policy BOPs; size counts quantized weights at their bits and the full-precision stem and head at 32 bits (MB = 10<sup>6</sup> bytes). Search time is wall time on this machine, including the per-epoch evaluation of the argmax policy.</p>\n");

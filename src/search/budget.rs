@@ -265,6 +265,35 @@ fn unit_temperature() -> f64 {
     1.0
 }
 
+impl Preferences {
+    /// Every layer of `layers` has α for every candidate of `cands`, all finite: an
+    /// extraction must not read a missing α as zeros or a short one as a different list.
+    pub fn check(&self, layers: &[ConvSpec], cands: &Candidates) -> Result<(), String> {
+        for layer in layers {
+            for (kind, table, n) in [
+                ("weight", &self.alpha_w, cands.weight.len()),
+                ("activation", &self.alpha_a, cands.activation.len()),
+            ] {
+                match table.get(&layer.name) {
+                    None => return Err(format!("layer '{}' has no {kind} α", layer.name)),
+                    Some(a) if a.len() != n => {
+                        return Err(format!(
+                            "layer '{}' has {} {kind} α values for {n} candidates",
+                            layer.name,
+                            a.len()
+                        ))
+                    }
+                    Some(a) if a.iter().any(|v| !v.is_finite()) => {
+                        return Err(format!("layer '{}' has a non-finite {kind} α", layer.name))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One candidate step of one layer's weight (`weights`) or activation bits: (layer index,
 /// weights?, new bits).
 type Step = (usize, bool, u32);

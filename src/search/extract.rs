@@ -129,7 +129,7 @@ pub fn argmax_policy(template: &Policy, prefs: &Preferences) -> Policy {
 pub struct Knapsack;
 
 /// `log softmax(v/T)`, computed stably.
-fn log_softmax(v: &[f64], temperature: f64) -> Vec<f64> {
+pub(super) fn log_softmax(v: &[f64], temperature: f64) -> Vec<f64> {
     let t = if temperature > 0.0 { temperature } else { 1.0 };
     let v: Vec<f64> = v.iter().map(|x| x / t).collect();
     let m = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -167,7 +167,7 @@ impl Extraction for Knapsack {
                 ))
             })
         };
-        spend_budget(geometry, target, cands, at_price)
+        spend_budget(geometry, target, cands, at_price).map(|(p, _)| p)
     }
 }
 
@@ -181,12 +181,12 @@ pub const SPEND_FLOOR: f64 = 0.99;
 /// smallest κ (found by doubling, then bisection) whose policy spends at least
 /// [`SPEND_FLOOR`] of the budget. The extra bits go where they cost the least probability.
 /// A budget above the costliest policy does not bind, and κ stays 0.
-fn spend_budget(
+pub(super) fn spend_budget(
     geometry: &Geometry,
     target: &Target,
     cands: &Candidates,
     at_price: impl Fn(f64) -> Result<Policy, ExtractionError>,
-) -> Result<Policy, ExtractionError> {
+) -> Result<(Policy, f64), ExtractionError> {
     let limit = geometry.limit(target);
     let (w_max, a_max) = (
         cands.weight.iter().copied().max().unwrap_or(2) as f64,
@@ -197,7 +197,7 @@ fn spend_budget(
     let spends = |p: &Policy| geometry.policy_cost(target, p) >= floor;
     let first = at_price(SPEND_TIE_BREAK)?;
     if costliest <= limit || spends(&first) {
-        return Ok(first);
+        return Ok((first, SPEND_TIE_BREAK));
     }
     // Double κ until the policy spends enough (or κ dwarfs any log-probability gap).
     let (mut lo, mut hi) = (0.0, 1.0);
@@ -208,7 +208,7 @@ fn spend_budget(
         best = at_price(hi)?;
     }
     if !spends(&best) {
-        return Ok(best);
+        return Ok((best, hi));
     }
     for _ in 0..40 {
         let mid = 0.5 * (lo + hi);
@@ -220,7 +220,7 @@ fn spend_budget(
             lo = mid;
         }
     }
-    Ok(best)
+    Ok((best, hi))
 }
 
 /// The policy of greatest total value within `target` (the exact knapsack): one `(w, a)`

@@ -288,6 +288,26 @@ pub fn hawq_policy(
     })
 }
 
+/// How the sensitivities are turned into a policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SensitivityRule {
+    /// The least summed sensitivity under the budget ([`hawq_policy`]).
+    Hawq,
+    /// The best uniform policy, the rest of the budget spent on the most sensitive layers
+    /// ([`super::fill::uniform_fill_policy`]).
+    UniformFill,
+}
+
+impl SensitivityRule {
+    /// The method name policies record (`meta.method`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SensitivityRule::Hawq => "hawq",
+            SensitivityRule::UniformFill => "uniform-fill",
+        }
+    }
+}
+
 /// What a HAWQ run produced.
 pub struct HawqRun {
     pub sensitivities: Sensitivities,
@@ -297,14 +317,21 @@ pub struct HawqRun {
     pub images: usize,
 }
 
-/// Sensitivity analysis of `teacher_path` on the proxy images `indices` (evaluation
-/// preprocessing, batches of 128), then one knapsack policy per target.
+/// The proxy images an analysis measures on: indices into a source.
+pub struct ProxyImages<'a> {
+    pub source: std::sync::Arc<dyn crate::data::ImageSource>,
+    pub indices: &'a [usize],
+}
+
+/// Sensitivity analysis of `teacher_path` on the proxy `images` (evaluation preprocessing,
+/// batches of 128; skipped when `given`), then one knapsack policy per target under `rule`.
 pub fn run(
     teacher_path: &Path,
-    proxy: std::sync::Arc<dyn crate::data::ImageSource>,
-    indices: &[usize],
+    images: ProxyImages,
     targets: &[Target],
     cfg: &HawqConfig,
+    rule: SensitivityRule,
+    given: Option<Sensitivities>,
     device: tch::Device,
 ) -> Result<HawqRun> {
     let started = std::time::Instant::now();
@@ -313,32 +340,48 @@ pub fn run(
     let geometry = Geometry::new(fp.net.convs(), fp.net.fc_spec());
     for t in targets {
         check_feasible(&geometry, t, &cfg.candidates)?;
+        super::warn_if_slack(&geometry, t, &cfg.candidates);
     }
-    let loader = crate::data::DataLoader::new(
-        proxy,
-        indices,
-        std::sync::Arc::new(teacher.meta.eval_pipeline.clone()),
-        crate::data::LoaderConfig {
-            batch_size: 128,
-            ..Default::default()
-        },
-        0,
-    )?;
-    let mut batches = Vec::new();
-    let mut images = 0;
-    for b in loader {
-        let b = b?;
-        images += b.labels.size()[0] as usize;
-        batches.push((b.images.to_device(device), b.labels.to_device(device)));
-    }
-    let sensitivities = sensitivities(teacher_path, &teacher, &batches, cfg)?;
+    // Sensitivities an identical analysis already measured (the same run's HAWQ arm) are
+    // used as they are.
+    let (sensitivities, images) = match given {
+        Some(given) => (given, images.indices.len()),
+        None => {
+            let loader = crate::data::DataLoader::new(
+                images.source,
+                images.indices,
+                std::sync::Arc::new(teacher.meta.eval_pipeline.clone()),
+                crate::data::LoaderConfig {
+                    batch_size: 128,
+                    ..Default::default()
+                },
+                0,
+            )?;
+            let mut batches = Vec::new();
+            let mut images = 0;
+            for b in loader {
+                let b = b?;
+                images += b.labels.size()[0] as usize;
+                batches.push((b.images.to_device(device), b.labels.to_device(device)));
+            }
+            (
+                sensitivities(teacher_path, &teacher, &batches, cfg)?,
+                images,
+            )
+        }
+    };
     let mut template = Policy::uniform(&teacher.meta.model, fp.net.convs(), 2, 2);
     template.candidates = cfg.candidates.clone();
     let policies = targets
         .iter()
         .map(|t| {
-            hawq_policy(&template, &geometry, t, &sensitivities)
-                .map(|p| (*t, p.with_totals(fp.net.convs(), fp.net.fc_spec())))
+            match rule {
+                SensitivityRule::Hawq => hawq_policy(&template, &geometry, t, &sensitivities),
+                SensitivityRule::UniformFill => {
+                    super::fill::uniform_fill_policy(&template, &geometry, t, &sensitivities)
+                }
+            }
+            .map(|p| (*t, p.with_totals(fp.net.convs(), fp.net.fc_spec())))
         })
         .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok(HawqRun {

@@ -6,8 +6,10 @@
 
 mod budget;
 mod extract;
+pub mod fill;
 pub mod hawq;
 mod provenance;
+pub mod rank;
 mod state;
 
 pub use budget::{
@@ -17,7 +19,7 @@ pub use extract::{
     argmax_policy, check_feasible, solve as solve_knapsack, ArgmaxRepair, Choice, Extraction,
     ExtractionError, ExtractionRule, Item, Knapsack, SPEND_FLOOR,
 };
-pub use provenance::{ExtractionRecord, PolicyMeta};
+pub use provenance::{ExtractionRecord, PolicyMeta, RankingRecord};
 pub use state::remove_snapshots;
 
 use crate::attribution::{self, capacity_aware_p};
@@ -383,6 +385,22 @@ pub struct SearchResult {
     pub heatmaps: [Tensor; 3],
 }
 
+/// Warns when `target` is above the costliest policy of the candidates: the budget then
+/// constrains nothing and the search is free to take the most bits everywhere.
+pub fn warn_if_slack(geometry: &Geometry, target: &Target, cands: &Candidates) {
+    let (w, a) = (
+        cands.weight.iter().copied().max().unwrap_or(2) as f64,
+        cands.activation.iter().copied().max().unwrap_or(2) as f64,
+    );
+    let costliest = geometry.measure(target, &vec![(w, a); geometry.layers.len()]);
+    if costliest <= geometry.limit(target) {
+        tracing::warn!(
+            "the budget {target} is above the costliest policy of the candidates (every layer \
+             at w{w}a{a}): it constrains nothing"
+        );
+    }
+}
+
 /// Takes a policy again from a searched policy's saved α (`meta.alpha`) with `rule` under
 /// `target` (default: the search's own, `meta.target`), on `model`'s geometry. The result
 /// carries fresh totals and its provenance in `meta.extraction`.
@@ -407,6 +425,9 @@ pub fn re_extract(
     let fp = quant::build(model, Precision::Full, Device::Cpu)?;
     searched.validate(model, fp.net.convs())?;
     let geometry = Geometry::new(fp.net.convs(), fp.net.fc_spec());
+    alpha
+        .check(&geometry.layers, &searched.candidates)
+        .map_err(|e| SearchError::Invalid(format!("the policy's meta.alpha: {e}")))?;
     let mut policy = rule
         .strategy()
         .extract(searched, &geometry, target.as_ref(), &alpha)?
@@ -603,6 +624,7 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
     let geometry = Geometry::new(teacher.network.net.convs(), teacher.network.net.fc_spec());
     for t in &job.targets {
         check_feasible(&geometry, t, &cfg.candidates)?;
+        warn_if_slack(&geometry, t, &cfg.candidates);
     }
     if let Some(problem) = crate::train::input_mismatch(
         job.proxy.as_ref(),
@@ -632,6 +654,16 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
         256,
         job.device,
     )?;
+    // A teacher near chance on the proxy guides the search towards nothing.
+    let chance = 100.0 / teacher_ck.meta.model.num_classes.max(1) as f64;
+    if !job.val_indices.is_empty() && teacher_val.top1 < 2.0 * chance {
+        tracing::warn!(
+            "the teacher {} scores {:.2}% on held-out proxy images (chance {chance:.2}%): \
+             its attribution guides the search towards nothing; train it longer first",
+            job.teacher.display(),
+            teacher_val.top1
+        );
+    }
     let probe = probe_batch(&job, &teacher.pipeline)?;
 
     let base = supernet_from(&teacher_ck, &job)?;

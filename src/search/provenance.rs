@@ -56,6 +56,21 @@ pub struct PolicyMeta {
     /// Set by `gmpq extract`: the rule and where its α came from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extraction: Option<ExtractionRecord>,
+    /// The candidates a ranked extraction scored, and which it kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranking: Option<RankingRecord>,
+}
+
+/// What a ranked extraction ([`super::rank`]) measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RankingRecord {
+    /// Every candidate with its calibrated top-1 on the held-out proxy images.
+    pub candidates: Vec<super::rank::RankedCandidate>,
+    /// The index of the kept one.
+    pub chosen: usize,
+    /// Held-out proxy images scored, and training images calibrated on.
+    pub val_images: usize,
+    pub calib_images: usize,
 }
 
 /// How `gmpq extract` took a policy again.

@@ -62,6 +62,9 @@ pub struct BudgetConfig {
 pub struct StudyConfig {
     #[serde(default = "default_model")]
     pub model: String,
+    /// The width multiplier of mobilenetv2 (1 elsewhere; left out of study.json when 1).
+    #[serde(default = "unit_width", skip_serializing_if = "is_unit_width")]
+    pub width: f64,
     /// The target teacher; its data (without a subset) is the target.
     pub target: TeacherConfig,
     pub pairs: Vec<PairConfig>,
@@ -73,10 +76,22 @@ pub struct StudyConfig {
     /// Fine-tuning data augmentation (the target's).
     #[serde(default)]
     pub hflip: bool,
+    /// Target training images held out for validation (the target teacher and every
+    /// fine-tuning leave them out; each run's chosen model is the arm best on them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holdout: Option<usize>,
 }
 
 fn default_model() -> String {
     "resnet20".into()
+}
+
+fn unit_width() -> f64 {
+    1.0
+}
+
+fn is_unit_width(w: &f64) -> bool {
+    *w == 1.0
 }
 
 impl StudyConfig {

@@ -18,14 +18,22 @@ use std::path::{Path, PathBuf};
 type Result<T> = std::result::Result<T, StudyError>;
 
 /// Trains (or resumes, or skips) a shared FP teacher; returns its checkpoint.
-fn teacher(model: &str, t: &TeacherConfig, dir: &Path, ctx: &StageContext) -> Result<PathBuf> {
+fn teacher(
+    config: &StudyConfig,
+    t: &TeacherConfig,
+    holdout: usize,
+    dir: &Path,
+    ctx: &StageContext,
+) -> Result<PathBuf> {
     let (data, limit) = split_subset(&t.data);
     let stage = TrainStage {
         name: "teacher".into(),
-        model: model.into(),
+        model: config.model.clone(),
+        width: config.width,
         data,
         limit,
         subset_seed: 0,
+        holdout,
         test_limit: None,
         epochs: t.epochs,
         hflip: t.hflip,
@@ -49,7 +57,7 @@ fn teacher(model: &str, t: &TeacherConfig, dir: &Path, ctx: &StageContext) -> Re
 pub fn check_inputs(config: &StudyConfig, pairs: &[String]) -> Result<()> {
     let (target_data, _) = split_subset(&config.target.data);
     let target = check_data("the study's target", &target_data)?;
-    let model = target_model(&config.model, None, target.as_ref())?;
+    let model = target_model(&config.model, config.width, None, target.as_ref())?;
     let geometry = budget_geometry(&model)?;
     // The candidates every run of the study searches (its pipelines' defaults).
     let candidates = Candidates::new(&DEFAULT_CANDIDATES, &DEFAULT_CANDIDATES)?;
@@ -87,9 +95,11 @@ fn run_settings(
         .ok_or_else(|| StudyError::Invalid(format!("no pair {}", run.pair)))?;
     Ok(PipelineSettings {
         model: config.model.clone(),
+        width: config.width,
         proxy: pair.proxy.data.clone(),
         target: config.target.data.clone(),
         target_compression: Some(run.compression),
+        target_holdout: config.holdout,
         teacher: Some(proxy_teacher),
         target_teacher: Some(target_teacher),
         baseline: config
@@ -140,8 +150,9 @@ pub fn run(
     keep_config(config, out)?;
     let ctx = StageContext { device, events };
     let target_teacher = teacher(
-        &config.model,
+        config,
         &config.target,
+        config.holdout.unwrap_or(0),
         &out.join("teacher-target"),
         &ctx,
     )?;
@@ -158,8 +169,9 @@ pub fn run(
             .find(|p| p.name == r.pair)
             .ok_or_else(|| StudyError::Invalid(format!("no pair {}", r.pair)))?;
         let proxy_teacher = teacher(
-            &config.model,
+            config,
             &proxy.proxy,
+            0,
             &out.join(format!("teacher-{}", proxy.name)),
             &ctx,
         )?;
@@ -211,7 +223,7 @@ fn keep_config(config: &StudyConfig, out: &Path) -> Result<()> {
         path: out.into(),
         source,
     })?;
-    if check_config(config, out)? {
+    if check_config(config, out)? == SavedConfig::Same {
         return Ok(());
     }
     let saved = out.join(CONFIG_FILE);
@@ -226,30 +238,50 @@ fn keep_config(config: &StudyConfig, out: &Path) -> Result<()> {
 /// Where a study keeps the configuration it started with.
 const CONFIG_FILE: &str = "study.json";
 
-/// Whether `out` holds a study started with `config` (`false`: it holds none); another
-/// configuration is refused.
-fn check_config(config: &StudyConfig, out: &Path) -> Result<bool> {
+/// What a study folder holds, against a configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SavedConfig {
+    /// No study.
+    None,
+    /// A study started with this configuration.
+    Same,
+    /// A study started with this configuration less some arms: they are added (every run
+    /// keeps what it has and runs the new arms).
+    Grown,
+}
+
+/// What `out` holds against `config`; any other change than added arms is refused, naming it.
+fn check_config(config: &StudyConfig, out: &Path) -> Result<SavedConfig> {
     let saved = out.join(CONFIG_FILE);
     let Ok(text) = std::fs::read_to_string(&saved) else {
-        return Ok(false);
+        return Ok(SavedConfig::None);
     };
     let old: StudyConfig = serde_json::from_str(&text).map_err(|e| StudyError::Config {
         path: saved.clone(),
         reason: e.to_string(),
     })?;
-    if &old != config {
-        return Err(StudyError::Invalid(format!(
-            "{} was started with another configuration ({}); use another --out",
-            out.display(),
-            saved.display()
-        )));
+    if &old == config {
+        return Ok(SavedConfig::Same);
     }
-    Ok(true)
+    let same_but_arms = StudyConfig {
+        arms: config.arms.clone(),
+        ..old.clone()
+    } == *config;
+    if same_but_arms && old.arms.iter().all(|a| config.arms.contains(a)) {
+        return Ok(SavedConfig::Grown);
+    }
+    Err(StudyError::Invalid(format!(
+        "{} was started with another configuration ({}: {}); only arms may be added; use \
+         another --out",
+        out.display(),
+        saved.display(),
+        crate::fields::changed_fields(&old, config)
+    )))
 }
 
 /// Rewrites the tables of the study `config` in `out` from its runs' records, running nothing.
 pub fn tables_only(config: &StudyConfig, out: &Path) -> Result<PathBuf> {
-    if !check_config(config, out)? {
+    if check_config(config, out)? == SavedConfig::None {
         return Err(StudyError::Invalid(format!(
             "{} holds no study (no {CONFIG_FILE})",
             out.display()
@@ -266,10 +298,16 @@ pub(super) fn bits_charts(
     runs: &[StudyRun],
     page: &mut String,
 ) -> Result<()> {
-    let searched: Vec<Arm> = [Arm::Gmpq, Arm::Edmips, Arm::Hawq, Arm::EdmipsTarget]
-        .into_iter()
-        .filter(|a| config.arms.contains(a))
-        .collect();
+    let searched: Vec<Arm> = [
+        Arm::Gmpq,
+        Arm::Edmips,
+        Arm::Hawq,
+        Arm::UniformFill,
+        Arm::EdmipsTarget,
+    ]
+    .into_iter()
+    .filter(|a| config.arms.contains(a))
+    .collect();
     let means = mean_bits(runs, &searched)?;
     let mut groups: Vec<(String, f64)> = means
         .iter()
@@ -295,6 +333,7 @@ pub(super) fn bits_charts(
                         Arm::Gmpq => (0, 90, 200, 0.85),
                         Arm::Edmips => (210, 40, 40, 0.85),
                         Arm::Hawq => (230, 140, 0, 0.85),
+                        Arm::UniformFill => (120, 60, 160, 0.85),
                         _ => (40, 160, 60, 0.85),
                     },
                 })

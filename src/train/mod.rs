@@ -45,15 +45,23 @@ pub enum TrainError {
         value: f64,
     },
     #[error(
+        "{what} became {value} at epoch {epoch}: training diverged (try a lower --lr); {kept}"
+    )]
+    NonFiniteMetric {
+        what: &'static str,
+        value: f64,
+        epoch: usize,
+        kept: String,
+    },
+    #[error(
         "{dir} already holds a checkpoint: pass --resume to continue it, or choose another --out"
     )]
     WouldOverwrite { dir: PathBuf },
-    #[error("cannot resume {path}: {what} differs (checkpoint: {saved}, now: {now})")]
+    #[error("cannot resume {path}: its {what} differs ({fields})")]
     ResumeMismatch {
         path: PathBuf,
         what: &'static str,
-        saved: String,
-        now: String,
+        fields: String,
     },
     #[error("{0}")]
     Invalid(String),
@@ -109,10 +117,16 @@ impl std::str::FromStr for LrSchedule {
             "cosine" => LrSchedule::Cosine,
             "constant" => LrSchedule::Constant,
             _ => match s.split(':').collect::<Vec<_>>().as_slice() {
-                ["step", e, g] => LrSchedule::Step {
-                    step_epochs: e.parse().map_err(|_| bad())?,
-                    gamma: g.parse().map_err(|_| bad())?,
-                },
+                ["step", e, g] => {
+                    let step_epochs: usize = e.parse().map_err(|_| bad())?;
+                    let gamma: f64 = g.parse().map_err(|_| bad())?;
+                    if step_epochs == 0 || !(gamma > 0.0 && gamma <= 1.0) {
+                        return Err(TrainError::Invalid(format!(
+                            "--schedule {s}: the step needs at least 1 epoch and a factor in (0, 1]"
+                        )));
+                    }
+                    LrSchedule::Step { step_epochs, gamma }
+                }
                 _ => return Err(bad()),
             },
         })
@@ -147,6 +161,35 @@ pub struct TrainConfig {
     pub schedule: LrSchedule,
     pub augment: Augment,
     pub seed: u64,
+}
+
+impl TrainConfig {
+    /// Refuses settings that cannot train: each error names its flag and the valid range.
+    pub fn check(&self) -> Result<()> {
+        let bad = |flag: &str, value: f64, range: &str| {
+            Err(TrainError::Invalid(format!(
+                "{flag} {value}: must be {range}"
+            )))
+        };
+        if self.epochs == 0 {
+            return Err(TrainError::Invalid("--epochs 0: must be at least 1".into()));
+        }
+        if self.batch_size == 0 {
+            return Err(TrainError::Invalid(
+                "--batch-size 0: must be at least 1".into(),
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad("--lr", self.lr, "a positive number");
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return bad("--momentum", self.momentum, "in [0, 1)");
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad("--wd", self.weight_decay, "zero or positive");
+        }
+        Ok(())
+    }
 }
 
 impl Default for TrainConfig {
@@ -293,11 +336,18 @@ pub fn input_mismatch(
     let native = source.native_shape()?;
     let out = pipeline.output_shape(native);
     let want = [model.in_channels, model.input_size, model.input_size];
-    (out != want || pipeline.normalize.mean.len() != model.in_channels).then(|| {
-        format!(
+    if out != want {
+        return Some(format!(
             "has {}×{}×{} images ({}×{}×{} after the model's preprocessing), but the model takes \
              {}×{}×{} (channels × height × width)",
             native[0], native[1], native[2], out[0], out[1], out[2], want[0], want[1], want[2]
+        ));
+    }
+    let norm = pipeline.normalize.mean.len();
+    (norm != model.in_channels).then(|| {
+        format!(
+            "gives {}-channel images, but the model's preprocessing normalises {norm} channels",
+            model.in_channels
         )
     })
 }
@@ -386,6 +436,8 @@ pub struct TrainJob<'a> {
     pub train_indices: Vec<usize>,
     pub test_data: Arc<dyn ImageSource>,
     pub test_indices: Vec<usize>,
+    /// Held-out images of `train_data`, evaluated after each epoch (none: no validation).
+    pub val_indices: Vec<usize>,
     pub dataset: String,
     pub out_dir: PathBuf,
     pub resume: bool,
@@ -443,7 +495,7 @@ pub fn last_checkpoint(out_dir: &Path) -> PathBuf {
     out_dir.join("last.safetensors")
 }
 
-fn check_same<T: PartialEq + std::fmt::Debug>(
+fn check_same<T: PartialEq + serde::Serialize>(
     path: &Path,
     what: &'static str,
     saved: &T,
@@ -453,8 +505,7 @@ fn check_same<T: PartialEq + std::fmt::Debug>(
         return Err(TrainError::ResumeMismatch {
             path: path.to_path_buf(),
             what,
-            saved: format!("{saved:?}"),
-            now: format!("{now:?}"),
+            fields: crate::fields::changed_fields(saved, now),
         });
     }
     Ok(())
@@ -482,6 +533,13 @@ pub fn check_run_size(
 /// weights after calibrating its quantizers — and returns the final checkpoint's metadata.
 pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
     let cfg = &job.config;
+    cfg.check()?;
+    if cfg.augment.crop_padding > job.model.input_size {
+        return Err(TrainError::Invalid(format!(
+            "--crop-padding {}: must be at most the input size, {} px",
+            cfg.augment.crop_padding, job.model.input_size
+        )));
+    }
     check_run_size(
         cfg.epochs,
         cfg.batch_size,
@@ -665,6 +723,38 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             256,
             job.device,
         )?;
+        let val = if job.val_indices.is_empty() {
+            None
+        } else {
+            Some(evaluate(
+                net,
+                job.train_data.clone(),
+                &job.val_indices,
+                &eval_pipe,
+                256,
+                job.device,
+            )?)
+        };
+        // A diverged network can keep a finite training loss while its outputs overflow: every
+        // metric must be finite, else the run stops here and the last good checkpoint stays.
+        for (what, value) in [
+            ("test loss", Some(test.loss)),
+            ("validation loss", val.as_ref().map(|v| v.loss)),
+            ("training loss", Some(loss_sum / seen.max(1) as f64)),
+        ] {
+            if let Some(v) = value.filter(|v| !v.is_finite()) {
+                return Err(TrainError::NonFiniteMetric {
+                    what,
+                    value: v,
+                    epoch: epoch + 1,
+                    kept: if ckpt_path.exists() {
+                        format!("the last good checkpoint, {}, is kept", ckpt_path.display())
+                    } else {
+                        "no checkpoint was written".into()
+                    },
+                });
+            }
+        }
         let m = EpochMetrics {
             epoch: epoch + 1,
             lr,
@@ -675,6 +765,8 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             test_top5: test.top5,
             seconds: started.elapsed().as_secs_f64(),
             images_per_second: seen as f64 / train_seconds,
+            val_top1: val.as_ref().map(|v| v.top1),
+            val_loss: val.as_ref().map(|v| v.loss),
         };
         history.push(m.clone());
         meta.epoch = epoch + 1;

@@ -6,7 +6,7 @@ use super::{
     TrainError, TrainJob, FINETUNE_LR, FINETUNE_WEIGHT_DECAY, TRAIN_LR, TRAIN_WEIGHT_DECAY,
 };
 use crate::checkpoint::{Checkpoint, CheckpointMeta};
-use crate::data::{stratified_subset, DatasetSpec, Split, SubsetSpec};
+use crate::data::{holdout_indices, stratified_subset, DatasetSpec, Split, SubsetSpec};
 use crate::model::{Arch, ModelConfig, Stem};
 use crate::policy::Policy;
 use crate::quant::{CalibrationMethod, Precision};
@@ -151,6 +151,7 @@ impl TrainRequest {
             )));
         }
         let train_indices = stratified_subset(train_data.as_ref(), &self.subset)?;
+        let val_indices = holdout_indices(train_data.as_ref(), self.subset.holdout)?;
         let test_indices = stratified_subset(
             test_data.as_ref(),
             &SubsetSpec::limited(self.test_limit, self.subset.seed),
@@ -210,7 +211,11 @@ impl TrainRequest {
                 String::new()
             },
             test_indices.len()
-        );
+        ) + &if val_indices.is_empty() {
+            String::new()
+        } else {
+            format!("; {} held out for validation", val_indices.len())
+        };
         tracing::info!(
             "training {} ({} ch, {} px, {} classes) on {dataset} for {} epochs",
             model.arch,
@@ -226,6 +231,7 @@ impl TrainRequest {
             train_indices,
             test_data,
             test_indices,
+            val_indices,
             dataset,
             out_dir: self.out.clone(),
             resume: self.resume,

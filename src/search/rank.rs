@@ -1,0 +1,330 @@
+//! Candidates ranked by where fine-tuning starts.
+//!
+//! The supernet never sees the network that fine-tuning starts from: a policy that gives a
+//! sensitive layer 2-bit weights can be the most probable under α and still calibrate to
+//! chance. So instead of taking the single best knapsack solution, the ranking takes a few
+//! feasible candidates — the knapsack's best under α, the best solutions that differ from it
+//! in one layer's weight or activation bits, the best uniform policy and any others given
+//! (uniform-fill) — builds each from the teacher's full-precision weights, calibrates it
+//! without training, scores its top-1 on held-out proxy images and keeps the best. Every
+//! candidate and its score go into the policy's provenance (`meta.ranking`).
+//!
+//! The held-out images come from the proxy (its test split), not the target: the method's
+//! premise is that the search sees only the proxy and its teacher, and the ranking is part of
+//! the search. The target's training data is for the fine-tuned models' validation (the
+//! pipeline's chosen model); its test set is never used to choose anything.
+
+use super::budget::{Geometry, Preferences, Target};
+use super::extract::{knapsack_policy, log_softmax, spend_budget, ExtractionError};
+use super::{Result, SearchError};
+use crate::checkpoint::Checkpoint;
+use crate::data::{DataLoader, ImageSource, LoaderConfig};
+use crate::policy::Policy;
+use crate::quant::{self, CalibrationMethod, Precision};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Candidates from α besides the knapsack's best.
+pub const ALPHA_ALTERNATIVES: usize = 5;
+/// Proxy training images each candidate is calibrated on.
+pub const CALIBRATION_IMAGES: usize = 256;
+
+/// One ranked candidate, as the provenance records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankedCandidate {
+    /// Where it came from: `alpha` (the knapsack's best), `alpha, LAYER weights ≠ B` (the best
+    /// solution with that layer's bits changed), `uniform`, or the file it was read from.
+    pub source: String,
+    pub bops: u64,
+    pub compression: f64,
+    /// Top-1 (%) of the calibrated, untrained network on the held-out proxy images.
+    pub val_top1: f64,
+    /// Σ log softmax(α/T) of its bits: how much the search preferred it.
+    pub alpha_log_prob: f64,
+    /// Bits per layer, `w/a` in layer order.
+    pub bits: Vec<String>,
+}
+
+/// The knapsack's best policy under `target` and up to `alternatives` of the best policies
+/// that differ from it in one layer's weight or in one layer's activation bits (the second
+/// best is always among them: it differs from the best somewhere). Each solved at the same
+/// price on unused budget as the best, so each spends the budget as the best does.
+pub fn alpha_candidates(
+    template: &Policy,
+    geometry: &Geometry,
+    target: &Target,
+    prefs: &Preferences,
+    alternatives: usize,
+) -> std::result::Result<Vec<(String, Policy)>, ExtractionError> {
+    prefs
+        .check(&geometry.layers, &template.candidates)
+        .map_err(ExtractionError::Invalid)?;
+    let cands = &template.candidates;
+    let values = |name: &str, table: &BTreeMap<String, Vec<f64>>| {
+        log_softmax(
+            table.get(name).map_or(&[][..], Vec::as_slice),
+            prefs.temperature,
+        )
+    };
+    // Excluded (layer, weights?, bits): that option gets a value no solution takes.
+    let solve = |price: f64, excluded: Option<(&str, bool, u32)>| {
+        knapsack_policy(template, geometry, target, price, |layer| {
+            let mut vw = values(&layer.name, &prefs.alpha_w);
+            let mut va = values(&layer.name, &prefs.alpha_a);
+            if let Some((name, weights, bits)) = excluded {
+                if name == layer.name {
+                    let (v, set) = if weights {
+                        (&mut vw, &cands.weight)
+                    } else {
+                        (&mut va, &cands.activation)
+                    };
+                    if let Some(i) = set.iter().position(|&b| b == bits) {
+                        v[i] = -1e12;
+                    }
+                }
+            }
+            Ok((vw, va))
+        })
+    };
+    let (best, price) = spend_budget(geometry, target, cands, |p| solve(p, None))?;
+    let score = |p: &Policy| alpha_log_prob(p, prefs);
+    let mut others: Vec<(f64, String, Policy)> = Vec::new();
+    for l in &best.layers {
+        if !geometry.layers.iter().any(|g| g.name == l.name) {
+            continue;
+        }
+        for (weights, bits, kind) in [
+            (true, l.w_bits, "weights"),
+            (false, l.a_bits, "activations"),
+        ] {
+            // A layer whose only candidate is this one has no alternative.
+            let Ok(p) = solve(price, Some((&l.name, weights, bits))) else {
+                continue;
+            };
+            let changed = p.layers.iter().zip(&best.layers).any(|(a, b)| a != b);
+            if changed && geometry.policy_cost(target, &p) <= geometry.limit(target) * (1.0 + 1e-9)
+            {
+                others.push((score(&p), format!("alpha, {} {kind} ≠ {bits}", l.name), p));
+            }
+        }
+    }
+    // The most preferred first; the same policy reached twice counts once.
+    others.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+    let mut out = vec![("alpha".to_string(), best)];
+    for (_, source, p) in others {
+        if out.len() > alternatives {
+            break;
+        }
+        if !out.iter().any(|(_, q)| q.layers == p.layers) {
+            out.push((source, p));
+        }
+    }
+    Ok(out)
+}
+
+/// Σ over layers of log softmax(α/T) at the policy's bits (0 where α is missing).
+pub fn alpha_log_prob(policy: &Policy, prefs: &Preferences) -> f64 {
+    let c = &policy.candidates;
+    policy
+        .layers
+        .iter()
+        .map(|l| {
+            let pick = |table: &BTreeMap<String, Vec<f64>>, set: &[u32], bits: u32| {
+                let lp = log_softmax(
+                    table.get(&l.name).map_or(&[][..], Vec::as_slice),
+                    prefs.temperature,
+                );
+                set.iter()
+                    .position(|&b| b == bits)
+                    .and_then(|i| lp.get(i).copied())
+                    .unwrap_or(0.0)
+            };
+            pick(&prefs.alpha_w, &c.weight, l.w_bits)
+                + pick(&prefs.alpha_a, &c.activation, l.a_bits)
+        })
+        .sum()
+}
+
+/// What the candidates are built, calibrated and scored with.
+pub struct RankingData<'a> {
+    pub teacher_path: &'a Path,
+    pub teacher: &'a Checkpoint,
+    /// Proxy images: calibration comes from `calib_indices`, the score from `val_indices`.
+    pub proxy: Arc<dyn ImageSource>,
+    pub calib_indices: &'a [usize],
+    pub val_indices: &'a [usize],
+    pub calibration: CalibrationMethod,
+    pub device: tch::Device,
+}
+
+/// Top-1 of `policy` built from the teacher's weights and calibrated, without training.
+pub fn calibrated_top1(policy: &Policy, data: &RankingData) -> Result<f64> {
+    let model = &data.teacher.meta.model;
+    let network = quant::build(
+        model,
+        Precision::Fixed {
+            policy: policy.clone(),
+            per_channel: false,
+        },
+        data.device,
+    )?;
+    network.load_fp_weights(data.teacher, data.teacher_path)?;
+    let pipeline = Arc::new(data.teacher.meta.eval_pipeline.clone());
+    let loader = DataLoader::new(
+        data.proxy.clone(),
+        data.calib_indices,
+        pipeline,
+        LoaderConfig {
+            batch_size: 256,
+            ..Default::default()
+        },
+        0,
+    )?;
+    let batches: Vec<tch::Tensor> = loader
+        .map(|b| b.map(|b| b.images))
+        .collect::<std::result::Result<_, _>>()?;
+    quant::calibrate(&network, &batches, data.calibration)?;
+    let m = crate::train::evaluate(
+        &network.net,
+        data.proxy.clone(),
+        data.val_indices,
+        &data.teacher.meta.eval_pipeline,
+        256,
+        data.device,
+    )?;
+    Ok(m.top1)
+}
+
+/// Scores every candidate and returns the best (ties: the earlier, i.e. the more preferred
+/// by α) with the record of every candidate, in the order given.
+pub fn rank(
+    candidates: Vec<(String, Policy)>,
+    prefs: &Preferences,
+    geometry: &Geometry,
+    data: &RankingData,
+) -> Result<(Policy, super::RankingRecord)> {
+    let model = &data.teacher.meta.model;
+    let net = quant::build(model, Precision::Full, tch::Device::Cpu)?;
+    let mut records = Vec::new();
+    let mut best: Option<(f64, usize)> = None;
+    for (i, (source, policy)) in candidates.iter().enumerate() {
+        policy.validate(model, net.net.convs())?;
+        let top1 = calibrated_top1(policy, data)?;
+        let p = policy
+            .clone()
+            .with_totals(net.net.convs(), net.net.fc_spec());
+        let totals = p
+            .totals
+            .as_ref()
+            .ok_or_else(|| SearchError::Invalid("a candidate has no totals".into()))?;
+        records.push(RankedCandidate {
+            source: source.clone(),
+            bops: totals.bops,
+            compression: totals.compression,
+            val_top1: top1,
+            alpha_log_prob: alpha_log_prob(policy, prefs),
+            bits: p
+                .layers
+                .iter()
+                .filter(|l| geometry.layers.iter().any(|g| g.name == l.name))
+                .map(|l| format!("{}/{}", l.w_bits, l.a_bits))
+                .collect(),
+        });
+        if best.is_none_or(|(s, _)| top1 > s) {
+            best = Some((top1, i));
+        }
+    }
+    let (_, i) = best.ok_or_else(|| SearchError::Invalid("no candidate to rank".into()))?;
+    Ok((
+        candidates[i].1.clone(),
+        super::RankingRecord {
+            candidates: records,
+            chosen: i,
+            val_images: data.val_indices.len(),
+            calib_images: data.calib_indices.len(),
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Arch, ConvSpec, LinearSpec, ModelConfig};
+    use crate::policy::Candidates;
+
+    fn setup() -> (Policy, Geometry, Preferences) {
+        let conv = |name: &str, c: usize, q: bool| ConvSpec {
+            name: name.into(),
+            in_channels: c,
+            out_channels: c,
+            kernel: 3,
+            stride: 1,
+            padding: 1,
+            groups: 1,
+            in_hw: [8, 8],
+            out_hw: [8, 8],
+            quantizable: q,
+            signed_input: false,
+        };
+        let convs = vec![
+            conv("stem", 8, false),
+            conv("a", 8, true),
+            conv("b", 16, true),
+        ];
+        let fc = LinearSpec {
+            name: "fc".into(),
+            in_features: 16,
+            out_features: 10,
+        };
+        let cfg = ModelConfig::new(Arch::ResNet20, 1, 10, 8);
+        let mut template = Policy::uniform(&cfg, &convs, 2, 2);
+        template.candidates = Candidates::new(&[2, 4], &[2, 4]).unwrap();
+        let alpha: BTreeMap<String, Vec<f64>> = [
+            ("a".to_string(), vec![0.0, 2.0]),
+            ("b".to_string(), vec![0.0, 1.0]),
+        ]
+        .into();
+        let prefs = Preferences {
+            alpha_w: alpha.clone(),
+            alpha_a: alpha,
+            temperature: 1.0,
+            bits: None,
+        };
+        (template, Geometry::new(&convs, &fc), prefs)
+    }
+
+    #[test]
+    fn alternatives_are_feasible_distinct_and_led_by_the_best() {
+        let (template, geometry, prefs) = setup();
+        let n = geometry.layers.len();
+        // Room for 4-bit weights and activations in one of the two layers.
+        let target = Target::Bops(
+            geometry
+                .bops(&[(4.0, 4.0), (2.0, 2.0)][..n])
+                .max(geometry.bops(&[(2.0, 2.0), (4.0, 4.0)][..n])),
+        );
+        let c = alpha_candidates(&template, &geometry, &target, &prefs, 5).unwrap();
+        assert_eq!(c[0].0, "alpha");
+        assert!(
+            c.len() >= 2,
+            "{:?}",
+            c.iter().map(|x| &x.0).collect::<Vec<_>>()
+        );
+        for (i, (_, p)) in c.iter().enumerate() {
+            assert!(geometry.policy_cost(&target, p) <= geometry.limit(&target) * (1.0 + 1e-9));
+            for (_, q) in &c[..i] {
+                assert_ne!(p.layers, q.layers);
+            }
+        }
+        // The best is the most preferred among the policies that spend as much (the price on
+        // unused budget may trade preference for spending).
+        let best = alpha_log_prob(&c[0].1, &prefs);
+        let spent = geometry.policy_cost(&target, &c[0].1);
+        assert!(c[1..]
+            .iter()
+            .all(|(_, p)| alpha_log_prob(p, &prefs) <= best + 1e-12
+                || geometry.policy_cost(&target, p) < spent));
+    }
+}
