@@ -158,6 +158,11 @@ fn pipeline_killed_in_each_stage_resumes_without_redoing_finished_stages() {
         .find(|a| a["arm"] == summary["chosen"])
         .unwrap_or_else(|| panic!("no chosen arm: {summary}"));
     assert_eq!(val(chosen), best, "{summary}");
+    // ... and it is exported: the QDQ graph, the packed file and which arm they are.
+    assert!(out.join("chosen.onnx").is_file() && out.join("chosen.packed.safetensors").is_file());
+    let exported: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("chosen.json")).unwrap()).unwrap();
+    assert_eq!(exported["arm"], summary["chosen"]);
     let o = run(&pipeline_args(&out)
         .iter()
         .map(String::as_str)
@@ -216,8 +221,8 @@ fn pipeline_killed_in_each_stage_resumes_without_redoing_finished_stages() {
     let outcome = gmpq::pipeline::run(&settings, "library test", tch::Device::Cpu, &skips).unwrap();
     assert_eq!(
         skips.0.lock().unwrap().len(),
-        outputs(&out).len(),
-        "every stage but the attribution grid is skipped"
+        outputs(&out).len() + 1,
+        "every stage but the attribution grid is skipped (and the chosen model's export)"
     );
     assert!(outcome.summary.arms.iter().all(|a| a.top1.is_some()));
 
@@ -241,7 +246,11 @@ fn pipeline_killed_in_each_stage_resumes_without_redoing_finished_stages() {
     with_p.extend(["--p".into(), "3".into()]);
     let o = gmpq().args(&with_p).output().unwrap();
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("p: new"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("p: was absent, now 3.0"),
+        "{}",
+        stderr(&o)
+    );
 
     // A teacher of another architecture is refused.
     let teacher = out.join("teacher-proxy/last.safetensors");

@@ -182,6 +182,13 @@ fn print_summary(
             "\nchosen: {} (best top-1 on the held-out validation images; test top-1 is not used to choose)",
             arm.label()
         );
+        if layout.chosen_onnx().is_file() {
+            println!(
+                "exported: {} and {}",
+                layout.chosen_onnx().display(),
+                layout.chosen_packed().display()
+            );
+        }
     }
     println!(
         "\nreport: {}\nrun folder: {} (this pass took {:.0} s; stage times in {})",

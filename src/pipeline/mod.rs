@@ -16,8 +16,8 @@ pub use settings::{
     split_subset, PipelineSettings, DEFAULT_BUDGET, FINETUNE_EPOCHS, TARGET_HOLDOUT, TEACHER_EPOCHS,
 };
 pub use stage::{
-    attribution_grid, AttributionStage, FinetuneOf, PolicyStage, RankStage, SearchKind,
-    SearchStage, Stage, StageContext, TrainStage,
+    attribution_grid, AttributionStage, ExportStage, FinetuneOf, PolicyStage, RankStage,
+    SearchKind, SearchStage, Stage, StageContext, TrainStage,
 };
 
 use crate::checkpoint::{self, CheckpointMeta};
@@ -59,6 +59,8 @@ pub enum PipelineError {
     Model(#[from] crate::model::ModelError),
     #[error(transparent)]
     Quant(#[from] crate::quant::QuantError),
+    #[error(transparent)]
+    Export(#[from] crate::export::ExportError),
     #[error(transparent)]
     Report(Box<crate::report::ReportError>),
     #[error("{0}")]
@@ -130,6 +132,9 @@ pub enum Arm {
     /// GMPQ's search, its policy chosen among candidates (α's best few, uniform,
     /// uniform-fill) by their calibrated accuracy on held-out proxy images.
     GmpqRanked,
+    /// Not a policy of its own: in a study's tables, each run's chosen model (the arm best on
+    /// the validation split). No pipeline runs it.
+    Chosen,
 }
 
 impl Arm {
@@ -154,6 +159,7 @@ impl Arm {
             Arm::Hawq => "hawq",
             Arm::UniformFill => "uniform-fill",
             Arm::GmpqRanked => "gmpq-ranked",
+            Arm::Chosen => "chosen",
         }
     }
 
@@ -167,6 +173,7 @@ impl Arm {
             Arm::Hawq => "HAWQ",
             Arm::UniformFill => "uniform-fill",
             Arm::GmpqRanked => "GMPQ ranked",
+            Arm::Chosen => "chosen on validation",
         }
     }
 
@@ -236,6 +243,16 @@ impl RunLayout {
     pub fn summary(&self) -> PathBuf {
         self.dir.join("summary.json")
     }
+    /// The chosen model, exported: ONNX, the packed file, and which arm it is.
+    pub fn chosen_onnx(&self) -> PathBuf {
+        self.dir.join("chosen.onnx")
+    }
+    pub fn chosen_packed(&self) -> PathBuf {
+        self.dir.join("chosen.packed.safetensors")
+    }
+    pub fn chosen_record(&self) -> PathBuf {
+        self.dir.join("chosen.json")
+    }
     pub fn report(&self) -> PathBuf {
         self.dir.join("report.html")
     }
@@ -265,6 +282,35 @@ pub struct StageRecord {
     /// Where the output was copied from instead of being computed (see [`reusable_stage`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reused_from: Option<PathBuf>,
+    /// The stage's typed identity ([`Stage::identity`]); records written before identities
+    /// were have none and are matched by their command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<serde_json::Value>,
+}
+
+/// What identifies a stage's computation when looking for it in another run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StageKey {
+    pub command: String,
+    pub identity: serde_json::Value,
+}
+
+impl StageKey {
+    pub fn of(stage: &dyn Stage) -> Self {
+        Self {
+            command: stage.command(),
+            identity: stage.identity(),
+        }
+    }
+
+    /// Whether `record` is this computation: by identity, or by command for a record written
+    /// before identities were (the committed studies' runs).
+    pub fn matches(&self, record: &StageRecord) -> bool {
+        match &record.identity {
+            Some(id) => *id == self.identity,
+            None => record.command == self.command,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -366,7 +412,7 @@ pub fn reusable_stage(
     layout: &RunLayout,
     others: &[PathBuf],
     stage: &str,
-    command_for: impl Fn(&RunLayout) -> String,
+    key_for: impl Fn(&RunLayout) -> StageKey,
     output: impl Fn(&RunLayout) -> PathBuf,
     finished: impl Fn(&RunLayout) -> Result<bool>,
 ) -> Result<Option<StageRecord>> {
@@ -380,7 +426,7 @@ pub fn reusable_stage(
         };
         if let Some(done) = record
             .stage(stage)
-            .filter(|s| s.status == StageStatus::Done && s.command == command_for(&theirs))
+            .filter(|s| s.status == StageStatus::Done && key_for(&theirs).matches(s))
         {
             return Ok(Some(StageRecord {
                 reused_from: Some(output(&theirs)),
@@ -400,7 +446,7 @@ pub fn reusable_training(
     arm: Arm,
     stage: &str,
     epochs: usize,
-    command_for: impl Fn(&RunLayout) -> String,
+    key_for: impl Fn(&RunLayout) -> StageKey,
 ) -> Result<Option<StageRecord>> {
     // A run with nowhere to copy from reads no policy file.
     if others.is_empty() {
@@ -417,7 +463,7 @@ pub fn reusable_training(
         layout,
         others,
         stage,
-        command_for,
+        key_for,
         |l| l.finetune(arm),
         |theirs| {
             Ok(training_done(&theirs.finetune(arm), epochs)?
@@ -594,6 +640,12 @@ impl RunSummary {
 /// finished or interrupted run leaves it, without training anything.
 #[cfg(test)]
 pub(crate) fn write_finished_training(dir: &Path, epochs: usize) {
+    write_validated_training(dir, epochs, None)
+}
+
+/// [`write_finished_training`] whose epochs scored `val_top1` on a validation split.
+#[cfg(test)]
+pub(crate) fn write_validated_training(dir: &Path, epochs: usize, val_top1: Option<f64>) {
     use crate::checkpoint::EpochMetrics;
     let model = crate::model::ModelConfig::new(crate::model::Arch::ResNet20, 1, 10, 28);
     let mut meta = CheckpointMeta::new(
@@ -615,8 +667,8 @@ pub(crate) fn write_finished_training(dir: &Path, epochs: usize) {
             test_top5: 99.0,
             seconds: 1.0,
             images_per_second: 1.0,
-            val_top1: None,
-            val_loss: None,
+            val_top1,
+            val_loss: val_top1.map(|_| 0.3),
         })
         .collect();
     let checkpoint = crate::train::last_checkpoint(dir);
@@ -711,6 +763,7 @@ mod tests {
             seconds: 42.0,
             status: StageStatus::Done,
             reused_from: None,
+            identity: None,
         });
         rec.save(&layout.record()).unwrap();
         layout
@@ -718,6 +771,75 @@ mod tests {
 
     fn command(l: &RunLayout) -> String {
         format!("gmpq finetune --out {}", l.finetune(Arm::Uniform).display())
+    }
+
+    /// A key whose command is `command_for`'s (records without identities match by it).
+    fn by_command(
+        command_for: &dyn Fn(&RunLayout) -> String,
+    ) -> impl Fn(&RunLayout) -> StageKey + '_ {
+        move |l| StageKey {
+            command: command_for(l),
+            identity: serde_json::Value::Null,
+        }
+    }
+
+    /// Reuse compares typed identities: a recorded command spelled differently (a renamed
+    /// flag) is the same computation, another identity is not; records from before identities
+    /// existed are still matched by their command.
+    #[test]
+    fn a_renamed_flag_does_not_change_a_stage_identity() {
+        use super::stage::{FinetuneOf, Stage, TrainStage};
+        let root = tempfile::tempdir().unwrap();
+        let ours = run_with_finetune(root.path(), "ours", b"w4a4", 0);
+        let theirs = run_with_finetune(root.path(), "theirs", b"w4a4", 3);
+        let stage = |l: &RunLayout, seed: u64| TrainStage {
+            name: "finetune-uniform".into(),
+            model: "resnet20".into(),
+            width: 1.0,
+            data: "idx:d".into(),
+            limit: None,
+            subset_seed: 0,
+            holdout: 0,
+            test_limit: None,
+            epochs: 3,
+            hflip: false,
+            seed,
+            out: l.finetune(Arm::Uniform),
+            finetune: Some(FinetuneOf {
+                init: "t.safetensors".into(),
+                policy: l.policy(Arm::Uniform),
+                lr: 0.01,
+            }),
+        };
+        // Their record: our identity for their paths, under a command with a renamed flag.
+        let mut rec = RunRecord::load(&theirs.record()).unwrap().unwrap();
+        rec.set_stage(StageRecord {
+            command: stage(&theirs, 0).command().replace("--epochs", "--passes"),
+            identity: Some(stage(&theirs, 0).identity()),
+            ..rec.stage("finetune-uniform").unwrap().clone()
+        });
+        rec.save(&theirs.record()).unwrap();
+        let identity = stage(&ours, 0).identity().to_string();
+        assert!(
+            !identity.contains("--"),
+            "an identity holds no flag: {identity}"
+        );
+        let find = |seed: u64| {
+            reusable_training(
+                &ours,
+                std::slice::from_ref(&theirs.dir),
+                Arm::Uniform,
+                "finetune-uniform",
+                3,
+                |l| StageKey::of(&stage(l, seed)),
+            )
+            .unwrap()
+        };
+        assert!(
+            find(0).is_some(),
+            "the same computation under a renamed flag"
+        );
+        assert!(find(1).is_none(), "another seed is another computation");
     }
 
     #[test]
@@ -735,7 +857,7 @@ mod tests {
                 Arm::Uniform,
                 "finetune-uniform",
                 3,
-                command_for,
+                by_command(command_for),
             )
             .unwrap()
         };
@@ -771,6 +893,7 @@ mod tests {
                 seconds: s,
                 status: StageStatus::Done,
                 reused_from: None,
+                identity: None,
             });
         }
         assert_eq!(rec.stages.len(), 2);

@@ -4,12 +4,12 @@
 
 use super::settings::split_subset;
 use super::stage::{
-    AttributionStage, FinetuneOf, PolicyStage, RankStage, SearchKind, SearchStage, Stage,
-    StageContext, TrainStage,
+    AttributionStage, ExportStage, FinetuneOf, PolicyStage, RankStage, SearchKind, SearchStage,
+    Stage, StageContext, TrainStage,
 };
 use super::{
     context, copy_stage_output, reusable_stage, reusable_training, Arm, PipelineError,
-    PipelineSettings, Result, RunLayout, RunRecord, RunSummary, StageRecord, StageStatus,
+    PipelineSettings, Result, RunLayout, RunRecord, RunSummary, StageKey, StageRecord, StageStatus,
     RECORD_FILE, RECORD_FORMAT,
 };
 use crate::checkpoint::{Checkpoint, DirLock, LOCK_FILE};
@@ -120,48 +120,38 @@ impl Runner<'_> {
         self.record.save(&self.layout.record())
     }
 
-    fn set(
-        &mut self,
-        name: &str,
-        command: String,
-        seconds: f64,
-        status: StageStatus,
-    ) -> Result<()> {
+    fn set(&mut self, stage: &dyn Stage, seconds: f64, status: StageStatus) -> Result<()> {
         self.record.set_stage(StageRecord {
-            name: name.into(),
-            command,
+            name: stage.name(),
+            command: stage.command(),
             seconds,
             status,
             reused_from: None,
+            identity: Some(stage.identity()),
         });
         self.save()
     }
 
     /// Runs `stage` unless its output exists, recording its command and wall time.
     fn stage(&mut self, stage: &dyn Stage) -> Result<()> {
-        let (name, command) = (stage.name(), stage.command());
+        let name = stage.name();
         if stage.done()? {
             self.ctx
                 .events
                 .stage_skipped(&name, "output exists, skipped");
             if self.record.stage(&name).is_none() {
-                self.set(&name, command, 0.0, StageStatus::Done)?;
+                self.set(stage, 0.0, StageStatus::Done)?;
             }
             return Ok(());
         }
-        self.ctx.events.stage_started(&name, &command);
-        self.set(&name, command.clone(), 0.0, StageStatus::Running)?;
+        self.ctx.events.stage_started(&name, &stage.command());
+        self.set(stage, 0.0, StageStatus::Running)?;
         let started = Instant::now();
         let outcome = stage
             .run(&self.ctx)
             .map_err(|e| e.context(format!("stage {name} failed")))?;
         self.ctx.events.stage_finished(&name, &outcome);
-        self.set(
-            &name,
-            command,
-            started.elapsed().as_secs_f64(),
-            StageStatus::Done,
-        )
+        self.set(stage, started.elapsed().as_secs_f64(), StageStatus::Done)
     }
 
     /// Runs `stage` unless its output exists or `find` finds the same computation finished in
@@ -187,6 +177,7 @@ impl Runner<'_> {
         copy_stage_output(&from, dir)?;
         self.record.set_stage(StageRecord {
             command: stage.command(),
+            identity: Some(stage.identity()),
             ..found
         });
         self.save()
@@ -412,7 +403,7 @@ pub fn run(
                 &layout,
                 &s.reuse_from,
                 &stage.name(),
-                |l| target_search(l).command(),
+                |l| StageKey::of(&target_search(l)),
                 |l| l.search(arm),
                 |l| target_search(l).done(),
             )
@@ -450,7 +441,7 @@ pub fn run(
                 arm,
                 &stage.name(),
                 s.finetune_epochs,
-                |l| finetune(l, arm).command(),
+                |l| StageKey::of(&finetune(l, arm)),
             )
         })?;
         finetuned.push(crate::train::last_checkpoint(&dir));
@@ -466,6 +457,14 @@ pub fn run(
         out: layout.target_attribution(),
     })?;
     let summary = RunSummary::collect(&layout, &all_arms)?;
+    // The chosen model is what a user ships: export it.
+    if let Some(arm) = summary.chosen {
+        run.stage(&ExportStage {
+            arm,
+            checkpoint: crate::train::last_checkpoint(&layout.finetune(arm)),
+            layout_dir: layout.dir.clone(),
+        })?;
+    }
     let bytes = serde_json::to_vec_pretty(&summary)
         .map_err(|e| PipelineError::Invalid(format!("summary: {e}")))?;
     crate::checkpoint::write_atomic(&layout.summary(), &bytes).map_err(|source| {

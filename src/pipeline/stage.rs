@@ -23,6 +23,10 @@ pub trait Stage {
     fn name(&self) -> String;
     /// The `gmpq …` command that does the same, or what the step does when no command does.
     fn command(&self) -> String;
+    /// What makes two stages the same computation: the typed stage and its inputs (the
+    /// command line only states it, so renaming a flag changes no identity). Reuse across
+    /// runs compares identities.
+    fn identity(&self) -> serde_json::Value;
     /// Whether its output exists (a resumed run skips it).
     fn done(&self) -> Result<bool>;
     /// Runs it; returns a one-line account of what it produced.
@@ -52,7 +56,7 @@ fn parse_spec(what: &str, s: &str) -> Result<DatasetSpec> {
 }
 
 /// Fine-tuning's part of a [`TrainStage`]: the FP weights, the policy, the learning rate.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct FinetuneOf {
     pub init: PathBuf,
     pub policy: PathBuf,
@@ -60,7 +64,7 @@ pub struct FinetuneOf {
 }
 
 /// `gmpq train` (an FP teacher) or `gmpq finetune` (a policy from FP weights), resumable.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct TrainStage {
     pub name: String,
     /// The architecture a teacher trains (a fine-tuning takes its init's).
@@ -81,6 +85,10 @@ pub struct TrainStage {
 }
 
 impl Stage for TrainStage {
+    fn identity(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
     fn name(&self) -> String {
         self.name.clone()
     }
@@ -163,7 +171,8 @@ impl Stage for TrainStage {
 }
 
 /// How a [`SearchStage`] finds its policy.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum SearchKind {
     /// The supernet search; attribution weight 0 is EdMIPS.
     Supernet {
@@ -180,7 +189,7 @@ pub enum SearchKind {
 }
 
 /// `gmpq search`: one policy under one budget into `out/policy.json`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct SearchStage {
     pub name: String,
     pub teacher: PathBuf,
@@ -226,6 +235,10 @@ impl SearchStage {
 }
 
 impl Stage for SearchStage {
+    fn identity(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
     fn name(&self) -> String {
         self.name.clone()
     }
@@ -331,7 +344,7 @@ impl Stage for SearchStage {
 }
 
 /// A policy that needs no search: the best uniform one, or a random one, under the budget.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct PolicyStage {
     /// [`Arm::Uniform`] or [`Arm::Random`].
     pub arm: Arm,
@@ -403,6 +416,10 @@ impl PolicyStage {
 }
 
 impl Stage for PolicyStage {
+    fn identity(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
     fn name(&self) -> String {
         format!("search-{}", self.arm.name())
     }
@@ -459,7 +476,7 @@ impl Stage for PolicyStage {
 
 /// `gmpq extract --rank`: GMPQ's policy chosen among candidates by their calibrated accuracy
 /// on held-out proxy images ([`super::RankRequest`]).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct RankStage {
     pub name: String,
     /// The finished search's policy (its α).
@@ -475,6 +492,10 @@ pub struct RankStage {
 }
 
 impl Stage for RankStage {
+    fn identity(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
     fn name(&self) -> String {
         self.name.clone()
     }
@@ -537,8 +558,82 @@ impl Stage for RankStage {
     }
 }
 
+/// The chosen model exported for deployment: `chosen.onnx` (the QDQ graph of `gmpq export`)
+/// and `chosen.packed.safetensors` (kernels at their policy bitwidths), with `chosen.json`
+/// naming the arm. Done when `chosen.json` names the arm chosen now (an added arm that wins
+/// on validation is exported again).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ExportStage {
+    pub arm: Arm,
+    pub checkpoint: PathBuf,
+    pub layout_dir: PathBuf,
+}
+
+impl Stage for ExportStage {
+    fn identity(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
+    fn name(&self) -> String {
+        "export-chosen".into()
+    }
+
+    fn command(&self) -> String {
+        let l = super::RunLayout::new(&self.layout_dir);
+        format!(
+            "(in gmpq) the chosen model ({}) as gmpq export writes it: {} and --format packed {}",
+            self.arm.name(),
+            l.chosen_onnx().display(),
+            l.chosen_packed().display()
+        )
+    }
+
+    fn done(&self) -> Result<bool> {
+        let l = super::RunLayout::new(&self.layout_dir);
+        let recorded = std::fs::read(l.chosen_record())
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+        Ok(recorded.is_some_and(|r| r["arm"] == self.arm.name())
+            && l.chosen_onnx().is_file()
+            && l.chosen_packed().is_file())
+    }
+
+    fn run(&self, _ctx: &StageContext) -> Result<String> {
+        let l = super::RunLayout::new(&self.layout_dir);
+        let (ck, network) = crate::quant::load(&self.checkpoint, tch::Device::Cpu)?;
+        let onnx = crate::export::onnx::export(
+            &ck,
+            &network,
+            crate::export::onnx::OnnxOptions {
+                full_precision: false,
+            },
+        )?;
+        let write = |path: &Path, bytes: &[u8]| {
+            crate::checkpoint::write_atomic(path, bytes).map_err(|source| PipelineError::Write {
+                path: path.into(),
+                source,
+            })
+        };
+        write(&l.chosen_onnx(), &onnx)?;
+        let packed = crate::export::packed::save(&ck, &l.chosen_packed())?;
+        let record = serde_json::json!({
+            "arm": self.arm.name(), "checkpoint": self.checkpoint,
+            "onnx": l.chosen_onnx(), "packed": l.chosen_packed(),
+        });
+        write(&l.chosen_record(), record.to_string().as_bytes())?;
+        Ok(format!(
+            "{} ({:.3} MB) and {} ({:.3} MB): the {} model",
+            l.chosen_onnx().display(),
+            onnx.len() as f64 / 1e6,
+            l.chosen_packed().display(),
+            packed as f64 / 1e6,
+            self.arm.label()
+        ))
+    }
+}
+
 /// CAM heatmaps of the target teacher and every fine-tuned arm on a few target test images.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct AttributionStage {
     pub checkpoints: Vec<PathBuf>,
     pub data: String,
@@ -547,6 +642,10 @@ pub struct AttributionStage {
 }
 
 impl Stage for AttributionStage {
+    fn identity(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or_default()
+    }
+
     fn name(&self) -> String {
         "attribution".into()
     }

@@ -105,6 +105,11 @@ impl StudyConfig {
         if c.pairs.is_empty() || c.arms.is_empty() {
             return Err(err("needs at least one pair and one arm".into()));
         }
+        if c.arms.contains(&Arm::Chosen) {
+            return Err(err(
+                "'chosen' is not an arm to run: the tables add each run's chosen model".into(),
+            ));
+        }
         if c.pairs.iter().any(|p| {
             p.budgets
                 .iter()
@@ -232,7 +237,15 @@ pub fn collect(
     let mut rows = Vec::new();
     for r in runs {
         let s = RunSummary::collect(&RunLayout::new(&r.dir), arms)?;
-        for a in s.arms {
+        // The run's chosen model, as one more row (runs with a validation split).
+        let chosen = s
+            .chosen
+            .and_then(|c| s.arms.iter().find(|a| a.arm == c))
+            .map(|a| ArmSummary {
+                arm: Arm::Chosen,
+                ..a.clone()
+            });
+        for a in s.arms.into_iter().chain(chosen) {
             rows.push(ResultRow {
                 pair: r.pair.clone(),
                 compression_target: r.compression,
@@ -600,6 +613,28 @@ mod tests {
         let top1 = |arm| rows.iter().find(|r| r.arm == arm).unwrap().top1;
         assert_eq!(top1(Arm::Gmpq), Some(93.0));
         assert_eq!(top1(Arm::Edmips), None);
+    }
+
+    /// A run with a validation split adds its chosen model as one more row: the numbers of the
+    /// arm best on validation (here uniform, though GMPQ's test top-1 is higher).
+    #[test]
+    fn collect_adds_each_runs_chosen_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = StudyRun {
+            pair: "a".into(),
+            compression: 64.0,
+            seed: 0,
+            dir: dir.path().join("run"),
+        };
+        let layout = RunLayout::new(&run.dir);
+        let (gmpq, uniform) = (layout.finetune(Arm::Gmpq), layout.finetune(Arm::Uniform));
+        crate::pipeline::write_validated_training(&gmpq, 3, Some(90.0));
+        crate::pipeline::write_validated_training(&uniform, 2, Some(91.0));
+        let rows = collect(&[run], &[Arm::Gmpq, Arm::Uniform], 2).unwrap();
+        let top1 = |arm| rows.iter().find(|r| r.arm == arm).unwrap().top1;
+        assert_eq!(top1(Arm::Chosen), top1(Arm::Uniform));
+        assert_eq!(top1(Arm::Chosen), Some(92.0));
+        assert!(StudyConfig::load(Path::new("/nonexistent")).is_err());
     }
 
     /// A run is finished once its report is written and every arm has all its fine-tuning
