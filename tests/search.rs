@@ -746,3 +746,40 @@ fn hawq_search_meets_the_budget_and_records_its_sensitivities() {
         assert_eq!(s["activation"][&l.name].as_array().unwrap().len(), 4);
     }
 }
+
+/// `gmpq search --method uniform|random` is the pipeline's own path for those arms: given the
+/// low-bit study's proxy teacher, it writes the study's committed policies byte for byte (so
+/// a study still copies their fine-tunings between runs).
+#[test]
+fn uniform_and_random_come_from_gmpq_search_as_the_study_wrote_them() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let study = root.join("studies/runs/fmnist-lowbit");
+    let teacher = study.join("teacher-mnist-to-fmnist/last.safetensors");
+    let run = study.join("mnist-to-fmnist-c171-seed0");
+    let dir = tempfile::tempdir().unwrap();
+    for (method, extra) in [("uniform", vec![]), ("random", vec!["--seed", "0"])] {
+        let out = dir.path().join(method);
+        let mut args = vec![
+            "search",
+            "--method",
+            method,
+            "--teacher",
+            teacher.to_str().unwrap(),
+            "--data",
+            "bundled:mnist",
+            "--target-compression",
+            "171",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = common::gmpq().args(&args).output().unwrap();
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        let ours = std::fs::read(out.join("policy.json")).unwrap();
+        let theirs = std::fs::read(run.join(format!("search-{method}/policy.json"))).unwrap();
+        assert!(
+            ours == theirs,
+            "{method}: the policy differs from the study's"
+        );
+    }
+}

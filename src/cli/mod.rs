@@ -203,6 +203,10 @@ pub enum SearchMethodArg {
     /// The best uniform policy, the rest of the budget spent on the layers HAWQ's
     /// sensitivities rank highest (equals the uniform policy at a grid budget).
     UniformFill,
+    /// The uniform policy with the most BOPs within the budget (no search, no data).
+    Uniform,
+    /// Per-layer bits drawn with --seed, within 2 % under the budget (no search, no data).
+    Random,
 }
 
 /// Search recipes (see `gmpq::search::Recipe`).
@@ -467,7 +471,8 @@ pub struct SearchArgs {
     /// weight sensitivities and measured activation sensitivities of the FP teacher,
     /// minimised under the budget by the exact knapsack; no supernet training) or
     /// uniform-fill (the best uniform policy under the budget, then what it leaves of the
-    /// budget spent where those sensitivities fall most; no supernet training).
+    /// budget spent where those sensitivities fall most; no supernet training); uniform and
+    /// random are the pipeline's reference policies (no search).
     #[arg(long, value_enum, default_value = "gmpq")]
     pub method: SearchMethodArg,
     /// hawq, uniform-fill: proxy images the sensitivities are measured on (from the --limit

@@ -188,6 +188,8 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
                 images: a.hawq_images,
                 samples: a.hawq_samples,
             },
+            super::SearchMethodArg::Uniform => SearchMethod::Uniform,
+            super::SearchMethodArg::Random => SearchMethod::Random,
         },
         out: a.out.clone(),
         command: shell_words::join(std::env::args()),

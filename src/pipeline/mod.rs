@@ -16,8 +16,8 @@ pub use settings::{
     split_subset, PipelineSettings, DEFAULT_BUDGET, FINETUNE_EPOCHS, TARGET_HOLDOUT, TEACHER_EPOCHS,
 };
 pub use stage::{
-    attribution_grid, AttributionStage, ExportStage, FinetuneOf, PolicyStage, RankStage,
-    SearchKind, SearchStage, Stage, StageContext, TrainStage,
+    attribution_grid, AttributionStage, ExportStage, FinetuneOf, RankStage, SearchKind,
+    SearchStage, Stage, StageContext, TrainStage,
 };
 
 use crate::checkpoint::{self, CheckpointMeta};

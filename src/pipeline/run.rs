@@ -4,8 +4,8 @@
 
 use super::settings::split_subset;
 use super::stage::{
-    AttributionStage, ExportStage, FinetuneOf, PolicyStage, RankStage, SearchKind, SearchStage,
-    Stage, StageContext, TrainStage,
+    AttributionStage, ExportStage, FinetuneOf, RankStage, SearchKind, SearchStage, Stage,
+    StageContext, TrainStage,
 };
 use super::{
     context, copy_stage_output, reusable_stage, reusable_training, Arm, PipelineError,
@@ -316,14 +316,8 @@ pub fn run(
         .filter(|a| !matches!(a, Arm::EdmipsTarget | Arm::GmpqRanked))
     {
         match arm {
-            Arm::Uniform | Arm::Random => run.stage(&PolicyStage {
-                arm,
-                teacher: proxy_teacher.clone(),
-                candidates: candidates.clone(),
-                target,
-                seed: s.seed,
-                out: layout.search(arm),
-            })?,
+            Arm::Uniform => run.stage(&proxy_search(arm, SearchKind::Uniform))?,
+            Arm::Random => run.stage(&proxy_search(arm, SearchKind::Random))?,
             Arm::Hawq => run.stage(&proxy_search(arm, SearchKind::Hawq))?,
             Arm::UniformFill => run.stage(&proxy_search(arm, SearchKind::UniformFill))?,
             Arm::Edmips => run.stage(&proxy_search(arm, supernet(0.0, s.search_epochs)))?,

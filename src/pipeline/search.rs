@@ -28,14 +28,31 @@ pub enum SearchMethod {
     Hawq { images: usize, samples: usize },
     /// The best uniform policy, the rest of the budget spent by the same sensitivities.
     UniformFill { images: usize, samples: usize },
+    /// The uniform policy with the most BOPs within the budget (no data needed).
+    Uniform,
+    /// Per-layer bits drawn with the seed, rejection-sampled until the cost lies within 2 %
+    /// under the budget (no data needed).
+    Random,
 }
 
 impl SearchMethod {
+    /// The name `--method` and the policies' `meta.method` give it.
+    pub fn name(self, attribution_weight: f64) -> &'static str {
+        match self {
+            SearchMethod::Supernet if attribution_weight == 0.0 => "edmips",
+            SearchMethod::Supernet => "gmpq",
+            SearchMethod::Hawq { .. } => "hawq",
+            SearchMethod::UniformFill { .. } => "uniform-fill",
+            SearchMethod::Uniform => "uniform",
+            SearchMethod::Random => "random",
+        }
+    }
+
     /// The sensitivity analysis's settings and rule, for the methods that use one.
     fn sensitivity(self) -> Option<(usize, usize, search::hawq::SensitivityRule)> {
         use search::hawq::SensitivityRule;
         match self {
-            SearchMethod::Supernet => None,
+            SearchMethod::Supernet | SearchMethod::Uniform | SearchMethod::Random => None,
             SearchMethod::Hawq { images, samples } => {
                 Some((images, samples, SensitivityRule::Hawq))
             }
@@ -100,6 +117,7 @@ impl SearchedPolicy {
                 "; proxy top-1 (argmax, before fine-tuning) {s:.2}%, teacher {t:.2}%; search {:.0} s, {} images",
                 self.seconds, self.images
             )),
+            _ if self.images == 0 => line.push_str("; no search (the model's geometry alone)"),
             _ => line.push_str(&format!(
                 "; analysis {:.0} s on {} images",
                 self.seconds, self.images
@@ -277,10 +295,13 @@ impl SearchRequest {
                 config.alpha_frozen_epochs, config.epochs
             )));
         }
-        let proxy_train = self.data.load(Split::Train)?;
-        let train_indices = stratified_subset(proxy_train.as_ref(), &self.subset)?;
         std::fs::create_dir_all(&self.out).map_err(io(&self.out))?;
         let _lock = DirLock::acquire(&self.out)?;
+        if matches!(self.method, SearchMethod::Uniform | SearchMethod::Random) {
+            return self.run_without_data();
+        }
+        let proxy_train = self.data.load(Split::Train)?;
+        let train_indices = stratified_subset(proxy_train.as_ref(), &self.subset)?;
         let claimed = self.claim_folder()?;
         let result = self.run_claimed(proxy_train, train_indices, config, device, progress);
         // A search that failed before writing anything leaves the folder as it found it.
@@ -410,6 +431,88 @@ impl SearchRequest {
         }
         // Every policy is on disk: the per-epoch snapshots have done their job.
         search::remove_snapshots(&self.out);
+        Ok(outcome)
+    }
+
+    /// Uniform or random: policies from the teacher's geometry alone. Their provenance names
+    /// no teacher or command (only the method, budget and seed), so the same policy from two
+    /// proxies is the same file, and a study copies its fine-tuning between them.
+    fn run_without_data(&self) -> Result<SearchOutcome> {
+        use crate::policy::Policy;
+        let started = std::time::Instant::now();
+        if self.targets.is_empty() {
+            return Err(PipelineError::Invalid(format!(
+                "--method {} needs a budget (--target-compression, --target-bops, \
+                 --target-size-mb or --pareto)",
+                self.method.name(1.0)
+            )));
+        }
+        let cfg = Checkpoint::load(&self.teacher)?.meta.model;
+        let (_, net) = crate::train::build_fp(&cfg, tch::Device::Cpu)?;
+        let (convs, fc) = (net.convs(), net.fc_spec());
+        let geometry = search::Geometry::new(convs, fc);
+        let cands = &self.config.candidates;
+        let mut outcome = SearchOutcome::default();
+        for t in &self.targets {
+            search::check_feasible(&geometry, t, cands).map_err(search::SearchError::from)?;
+            let (policy, seed) = match self.method {
+                SearchMethod::Random => {
+                    let mut template =
+                        Policy::uniform(&cfg, convs, cands.weight[0], cands.activation[0]);
+                    template.candidates = cands.clone();
+                    let p = search::random_policy(
+                        &template,
+                        &geometry,
+                        t,
+                        0.02,
+                        self.config.seed,
+                        1_000_000,
+                    )
+                    .ok_or_else(|| {
+                        PipelineError::Invalid(format!(
+                            "no random policy fits the budget {t}: it is below the cheapest policy"
+                        ))
+                    })?;
+                    (p, Some(self.config.seed))
+                }
+                _ => {
+                    let (w, a) = search::fill::best_uniform(&geometry, t, cands).ok_or_else(|| {
+                        PipelineError::Invalid(format!(
+                            "no uniform policy with bits in both {:?} and {:?} meets the budget {t}",
+                            cands.weight, cands.activation
+                        ))
+                    })?;
+                    (Policy::uniform(&cfg, convs, w, a), None)
+                }
+            };
+            let mut policy = policy.with_totals(convs, fc);
+            let name = self.method.name(1.0);
+            policy.meta = Some(
+                PolicyMeta {
+                    seed,
+                    ..PolicyMeta::new(name, Some(*t), PolicyCost::default())
+                }
+                .to_value(),
+            );
+            let path = self.policy_path(Some(*t));
+            policy.save(&path)?;
+            let label = if seed.is_some() { "random" } else { "uniform" };
+            crate::report::bit_allocation_svg(
+                &[(label, &policy)],
+                &self.out.join(format!("bits{}.svg", self.suffix(Some(*t)))),
+            )?;
+            outcome.written.push(SearchedPolicy {
+                policy: path,
+                target: Some(*t),
+                totals: policy.totals.clone().ok_or_else(|| {
+                    PipelineError::Invalid(format!("{name} gave no policy totals"))
+                })?,
+                seconds: started.elapsed().as_secs_f64(),
+                images: 0,
+                argmax_proxy_top1: None,
+                teacher_val_top1: None,
+            });
+        }
         Ok(outcome)
     }
 

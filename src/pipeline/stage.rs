@@ -3,10 +3,9 @@
 
 use super::search::{SearchMethod, SearchRequest, VAL_IMAGES};
 use super::{context, training_done, Arm, PipelineError, Result, RunEvents};
-use crate::checkpoint::Checkpoint;
 use crate::data::{stratified_subset, DataLoader, DatasetSpec, LoaderConfig, Split, SubsetSpec};
-use crate::policy::{Candidates, Policy, PolicyCost};
-use crate::search::{Geometry, PolicyMeta, Recipe, SearchConfig, Target};
+use crate::policy::Candidates;
+use crate::search::{Recipe, SearchConfig, Target};
 use crate::train::{self, Finetune, TrainRequest};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -186,6 +185,10 @@ pub enum SearchKind {
     Hawq,
     /// uniform-fill, with HAWQ's sensitivities (default images and probes).
     UniformFill,
+    /// The best uniform policy.
+    Uniform,
+    /// A random policy drawn with the stage's seed.
+    Random,
 }
 
 /// `gmpq search`: one policy under one budget into `out/policy.json`.
@@ -248,6 +251,8 @@ impl Stage for SearchStage {
         match self.kind {
             SearchKind::Hawq => argv.extend(["--method".into(), "hawq".into()]),
             SearchKind::UniformFill => argv.extend(["--method".into(), "uniform-fill".into()]),
+            SearchKind::Uniform => argv.extend(["--method".into(), "uniform".into()]),
+            SearchKind::Random => argv.extend(["--method".into(), "random".into()]),
             SearchKind::Supernet { .. } => {}
         }
         argv.extend([
@@ -329,6 +334,8 @@ impl Stage for SearchStage {
                     images: super::HAWQ_IMAGES,
                     samples: super::HAWQ_SAMPLES,
                 },
+                SearchKind::Uniform => SearchMethod::Uniform,
+                SearchKind::Random => SearchMethod::Random,
             },
             out: self.out.clone(),
             command: self.command(),
@@ -340,137 +347,6 @@ impl Stage for SearchStage {
             (None, Some(kept)) => format!("{}: exists, kept", kept.display()),
             (None, None) => "no policy".into(),
         })
-    }
-}
-
-/// A policy that needs no search: the best uniform one, or a random one, under the budget.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct PolicyStage {
-    /// [`Arm::Uniform`] or [`Arm::Random`].
-    pub arm: Arm,
-    /// The FP checkpoint whose model the policy is for.
-    pub teacher: PathBuf,
-    pub candidates: Candidates,
-    pub target: Target,
-    /// Seeds the random draw.
-    pub seed: u64,
-    pub out: PathBuf,
-}
-
-/// The model of an FP checkpoint, its layer geometry and its budget geometry.
-fn teacher_geometry(teacher: &Path) -> Result<(crate::ModelConfig, crate::Model, Geometry)> {
-    let cfg = Checkpoint::load(teacher)?.meta.model;
-    let (_, net) = train::build_fp(&cfg, tch::Device::Cpu)?;
-    let geometry = Geometry::new(net.convs(), net.fc_spec());
-    Ok((cfg, net, geometry))
-}
-
-impl PolicyStage {
-    /// Widths both candidate sets hold (a uniform policy uses one width for both).
-    fn common_widths(&self) -> Vec<u32> {
-        let mut c = self.candidates.weight.clone();
-        c.retain(|b| self.candidates.activation.contains(b));
-        c
-    }
-
-    /// The uniform policy with the most BOPs that meets the budget (ties: more weight bits).
-    fn best_uniform(&self) -> Result<Policy> {
-        let (cfg, net, geometry) = teacher_geometry(&self.teacher)?;
-        let target = &self.target;
-        let (w, a) = crate::search::fill::best_uniform(&geometry, target, &self.candidates)
-            .ok_or_else(|| {
-                PipelineError::Invalid(format!(
-                    "no uniform policy with bits in {:?} meets the budget {target}",
-                    self.common_widths()
-                ))
-            })?;
-        let mut policy =
-            Policy::uniform(&cfg, net.convs(), w, a).with_totals(net.convs(), net.fc_spec());
-        policy.meta =
-            Some(PolicyMeta::new("uniform", Some(*target), PolicyCost::default()).to_value());
-        Ok(policy)
-    }
-
-    /// A random policy within 2 % under the budget, drawn with the seed.
-    fn random_within(&self) -> Result<Policy> {
-        let (cfg, net, geometry) = teacher_geometry(&self.teacher)?;
-        let c = &self.candidates;
-        let mut template = Policy::uniform(&cfg, net.convs(), c.weight[0], c.activation[0]);
-        template.candidates = c.clone();
-        let target = &self.target;
-        let mut policy =
-            crate::search::random_policy(&template, &geometry, target, 0.02, self.seed, 1_000_000)
-                .ok_or_else(|| {
-                    PipelineError::Invalid(format!(
-                        "no random policy fits the budget {target}: it is below the cheapest policy"
-                    ))
-                })?
-                .with_totals(net.convs(), net.fc_spec());
-        let meta = PolicyMeta {
-            seed: Some(self.seed),
-            ..PolicyMeta::new("random", Some(*target), PolicyCost::default())
-        };
-        policy.meta = Some(meta.to_value());
-        Ok(policy)
-    }
-}
-
-impl Stage for PolicyStage {
-    fn identity(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
-    }
-
-    fn name(&self) -> String {
-        format!("search-{}", self.arm.name())
-    }
-
-    fn command(&self) -> String {
-        let target = &self.target;
-        match self.arm {
-            Arm::Random => format!(
-                "(in gmpq) a random policy within 2 % under {target}, bits {} / {}, seed {}",
-                bit_list(&self.candidates.weight),
-                bit_list(&self.candidates.activation),
-                self.seed
-            ),
-            _ => format!(
-                "(in gmpq) the uniform policy with the most BOPs within {target} over the \
-                 common candidates {:?}",
-                self.common_widths()
-            ),
-        }
-    }
-
-    fn done(&self) -> Result<bool> {
-        Ok(self.out.join("policy.json").is_file())
-    }
-
-    fn run(&self, _ctx: &StageContext) -> Result<String> {
-        let policy = match self.arm {
-            Arm::Random => self.random_within()?,
-            _ => self.best_uniform()?,
-        };
-        std::fs::create_dir_all(&self.out).map_err(|source| PipelineError::Write {
-            path: self.out.clone(),
-            source,
-        })?;
-        let path = self.out.join("policy.json");
-        policy.save(&path)?;
-        crate::report::bit_allocation_svg(
-            &[(self.arm.label(), &policy)],
-            &self.out.join("bits.svg"),
-        )?;
-        let t = policy
-            .totals
-            .as_ref()
-            .ok_or_else(|| PipelineError::Invalid("policy without totals".into()))?;
-        Ok(format!(
-            "{}: {:.4} G BOPs, compression {:.2}x, size {:.3} MB",
-            path.display(),
-            t.bops as f64 / 1e9,
-            t.compression,
-            t.size_mb
-        ))
     }
 }
 
