@@ -153,13 +153,7 @@ pub(super) fn parse_spec_flag(flag: &str, s: &str) -> Result<DatasetSpec> {
 }
 
 fn subset_of(source: &dyn ImageSource, a: &SubsetArgs) -> Result<Vec<usize>> {
-    let spec = SubsetSpec {
-        limit: a.limit,
-        per_class: a.per_class,
-        seed: a.subset_seed,
-        holdout: 0,
-    };
-    Ok(stratified_subset(source, &spec)?)
+    Ok(stratified_subset(source, &a.spec())?)
 }
 
 fn train_cmd(a: TrainArgs, device: tch::Device) -> Result<()> {
@@ -227,10 +221,8 @@ fn train_request(a: &TrainArgs, finetune: Option<train::Finetune>) -> Result<Tra
     };
     r.seed = a.seed;
     r.subset = SubsetSpec {
-        limit: a.subset.limit,
-        per_class: a.subset.per_class,
-        seed: a.subset.subset_seed,
         holdout: a.holdout,
+        ..a.subset.spec()
     };
     r.test_limit = a.test_limit;
     r.resume = a.resume;

@@ -849,6 +849,18 @@ impl TrainArgs {
     }
 }
 
+impl SubsetArgs {
+    /// The subset these flags describe (nothing held out).
+    pub fn spec(&self) -> gmpq::data::SubsetSpec {
+        gmpq::data::SubsetSpec {
+            limit: self.limit,
+            per_class: self.per_class,
+            seed: self.subset_seed,
+            holdout: 0,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// train: resnet20 (default), resnet32, resnet56, resnet18, resnet50, mobilenetv2 or

@@ -2,7 +2,6 @@
 
 use super::{AttributionArgs, ExtractArgs, SearchArgs};
 use anyhow::{bail, Context, Result};
-use gmpq::data::SubsetSpec;
 use gmpq::pipeline::{SearchMethod, SearchRequest};
 use gmpq::search::{self, EpochLog, SearchConfig, SearchProgress, Target};
 use gmpq::train::Augment;
@@ -169,12 +168,7 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
     let request = SearchRequest {
         teacher: a.teacher.clone(),
         data: spec,
-        subset: SubsetSpec {
-            limit: a.subset.limit,
-            per_class: a.subset.per_class,
-            seed: a.subset.subset_seed,
-            holdout: 0,
-        },
+        subset: a.subset.spec(),
         val_images: a.val_images,
         targets,
         config,
@@ -232,12 +226,7 @@ fn rank_cmd(
         searched: searched.to_path_buf(),
         teacher: a.teacher.clone(),
         data: super::commands::parse_spec(data)?,
-        subset: SubsetSpec {
-            limit: a.subset.limit,
-            per_class: a.subset.per_class,
-            seed: a.subset.subset_seed,
-            holdout: 0,
-        },
+        subset: a.subset.spec(),
         val_images: a.val_images,
         target,
         extra: a.also.clone(),

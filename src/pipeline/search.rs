@@ -434,6 +434,38 @@ impl SearchRequest {
         Ok(outcome)
     }
 
+    /// Saves a policy of a method without a supernet (with its totals and meta) and its bits
+    /// chart; returns what was written.
+    fn write_policy(
+        &self,
+        target: &Target,
+        policy: &crate::policy::Policy,
+        label: &str,
+        seconds: f64,
+        images: usize,
+    ) -> Result<SearchedPolicy> {
+        let path = self.policy_path(Some(*target));
+        policy.save(&path)?;
+        crate::report::bit_allocation_svg(
+            &[(label, policy)],
+            &self
+                .out
+                .join(format!("bits{}.svg", self.suffix(Some(*target)))),
+        )?;
+        Ok(SearchedPolicy {
+            policy: path,
+            target: Some(*target),
+            totals: policy
+                .totals
+                .clone()
+                .ok_or_else(|| PipelineError::Invalid(format!("{label} gave no policy totals")))?,
+            seconds,
+            images,
+            argmax_proxy_top1: None,
+            teacher_val_top1: None,
+        })
+    }
+
     /// Uniform or random: policies from the teacher's geometry alone. Their provenance names
     /// no teacher or command (only the method, budget and seed), so the same policy from two
     /// proxies is the same file, and a study copies its fine-tuning between them.
@@ -494,24 +526,14 @@ impl SearchRequest {
                 }
                 .to_value(),
             );
-            let path = self.policy_path(Some(*t));
-            policy.save(&path)?;
             let label = if seed.is_some() { "random" } else { "uniform" };
-            crate::report::bit_allocation_svg(
-                &[(label, &policy)],
-                &self.out.join(format!("bits{}.svg", self.suffix(Some(*t)))),
-            )?;
-            outcome.written.push(SearchedPolicy {
-                policy: path,
-                target: Some(*t),
-                totals: policy.totals.clone().ok_or_else(|| {
-                    PipelineError::Invalid(format!("{name} gave no policy totals"))
-                })?,
-                seconds: started.elapsed().as_secs_f64(),
-                images: 0,
-                argmax_proxy_top1: None,
-                teacher_val_top1: None,
-            });
+            outcome.written.push(self.write_policy(
+                t,
+                &policy,
+                label,
+                started.elapsed().as_secs_f64(),
+                0,
+            )?);
         }
         Ok(outcome)
     }
@@ -576,27 +598,13 @@ impl SearchRequest {
                 ..self.provenance(rule.name(), Some(*t), &teacher_ck, r.seconds, r.images)
             };
             policy.meta = Some(meta.to_value());
-            let path = self.policy_path(Some(*t));
-            policy.save(&path)?;
             let label = match rule {
                 search::hawq::SensitivityRule::Hawq => "HAWQ",
                 search::hawq::SensitivityRule::UniformFill => "uniform-fill",
             };
-            crate::report::bit_allocation_svg(
-                &[(label, &policy)],
-                &self.out.join(format!("bits{}.svg", self.suffix(Some(*t)))),
-            )?;
-            outcome.written.push(SearchedPolicy {
-                policy: path,
-                target: Some(*t),
-                totals: policy.totals.clone().ok_or_else(|| {
-                    PipelineError::Invalid(format!("{} gave no policy totals", rule.name()))
-                })?,
-                seconds: r.seconds,
-                images: r.images,
-                argmax_proxy_top1: None,
-                teacher_val_top1: None,
-            });
+            outcome
+                .written
+                .push(self.write_policy(t, &policy, label, r.seconds, r.images)?);
         }
         Ok(outcome)
     }

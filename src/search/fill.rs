@@ -64,7 +64,6 @@ pub fn uniform_fill_policy(
             cands.weight, cands.activation
         ))
     })?;
-    let missing = |n: &str| ExtractionError::Invalid(format!("no sensitivity for layer {n}"));
     // −sensitivity for bits at or above the start, excluded below it.
     let values = |bits: &[u32], floor: u32, sens: &[f64]| -> Vec<f64> {
         bits.iter()
@@ -74,14 +73,7 @@ pub fn uniform_fill_policy(
     };
     let at_price = |price: f64| {
         knapsack_policy(template, geometry, target, price, |layer| {
-            let sw = sens
-                .weight
-                .get(&layer.name)
-                .ok_or_else(|| missing(&layer.name))?;
-            let sa = sens
-                .activation
-                .get(&layer.name)
-                .ok_or_else(|| missing(&layer.name))?;
+            let (sw, sa) = sens.layer(&layer.name)?;
             Ok((
                 values(&cands.weight, w0, sw),
                 values(&cands.activation, a0, sa),

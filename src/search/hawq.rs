@@ -66,6 +66,17 @@ pub struct Sensitivities {
     pub fp_loss: f64,
 }
 
+impl Sensitivities {
+    /// A layer's weight and activation sensitivities (per candidate).
+    pub fn layer(&self, name: &str) -> std::result::Result<(&[f64], &[f64]), ExtractionError> {
+        let missing = || ExtractionError::Invalid(format!("no sensitivity for layer {name}"));
+        Ok((
+            self.weight.get(name).ok_or_else(missing)?,
+            self.activation.get(name).ok_or_else(missing)?,
+        ))
+    }
+}
+
 /// Settings of the analysis.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HawqConfig {
@@ -272,18 +283,10 @@ pub fn hawq_policy(
     target: &Target,
     sens: &Sensitivities,
 ) -> std::result::Result<Policy, ExtractionError> {
-    let missing = |n: &str| ExtractionError::Invalid(format!("no sensitivity for layer {n}"));
-    let negated = |v: &Vec<f64>| v.iter().map(|x| -x).collect::<Vec<f64>>();
+    let negated = |v: &[f64]| v.iter().map(|x| -x).collect::<Vec<f64>>();
     // Equal sensitivity: spend more of the budget (a negligible bonus).
     knapsack_policy(template, geometry, target, 1e-12, |layer| {
-        let sw = sens
-            .weight
-            .get(&layer.name)
-            .ok_or_else(|| missing(&layer.name))?;
-        let sa = sens
-            .activation
-            .get(&layer.name)
-            .ok_or_else(|| missing(&layer.name))?;
+        let (sw, sa) = sens.layer(&layer.name)?;
         Ok((negated(sw), negated(sa)))
     })
 }
