@@ -83,6 +83,10 @@ pub struct CheckpointMeta {
     /// How the quantizers were calibrated, per layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibration: Option<Vec<crate::quant::LayerCalibration>>,
+    /// The class names, by label, when the training data named them (`gmpq predict` prints
+    /// them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class_names: Option<Vec<String>>,
 }
 
 impl CheckpointMeta {
@@ -99,6 +103,7 @@ impl CheckpointMeta {
             source: None,
             precision: None,
             calibration: None,
+            class_names: None,
         }
     }
 }

@@ -3,7 +3,9 @@
 //! overrides it).
 
 use crate::data::{ImageSource, Normalize, Pipeline};
-use crate::export::onnx::{INPUT, META_MODEL, META_PREPROCESSING, META_WEIGHTS, OUTPUT};
+use crate::export::onnx::{
+    INPUT, META_CLASS_NAMES, META_MODEL, META_PREPROCESSING, META_WEIGHTS, OUTPUT,
+};
 use crate::model::ModelConfig;
 use crate::train::{self, EvalMetrics, TrainError};
 use ort::session::{builder::GraphOptimizationLevel, Session};
@@ -88,6 +90,8 @@ pub struct OnnxModel {
     pub model: Option<ModelConfig>,
     /// The weights digest the exporter recorded (`gmpq.weights`; older exports have none).
     pub weights: Option<String>,
+    /// The class names by label (`gmpq.class_names`), when the model records them.
+    pub class_names: Option<Vec<String>>,
 }
 
 impl OnnxModel {
@@ -121,7 +125,7 @@ impl OnnxModel {
             builder = builder.with_optimized_model_path(p).map_err(built)?;
         }
         let session = builder.commit_from_memory(bytes).map_err(run)?;
-        let (preprocessing, model, weights) = {
+        let (preprocessing, model, weights, class_names) = {
             let meta = session.metadata().map_err(run)?;
             let pre = meta
                 .custom(META_PREPROCESSING)
@@ -129,7 +133,10 @@ impl OnnxModel {
             let model = meta
                 .custom(META_MODEL)
                 .and_then(|s| serde_json::from_str::<ModelConfig>(&s).ok());
-            (pre, model, meta.custom(META_WEIGHTS))
+            let names = meta
+                .custom(META_CLASS_NAMES)
+                .and_then(|s| serde_json::from_str::<Vec<String>>(&s).ok());
+            (pre, model, meta.custom(META_WEIGHTS), names)
         };
         if session.inputs().first().map(|i| i.name()) != Some(INPUT) {
             return Err(EngineError::Run(format!(
@@ -141,6 +148,7 @@ impl OnnxModel {
             preprocessing,
             model,
             weights,
+            class_names,
         })
     }
 

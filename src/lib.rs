@@ -16,6 +16,7 @@ pub mod import;
 pub mod model;
 pub mod pipeline;
 pub mod policy;
+pub mod predict;
 pub mod quant;
 pub mod report;
 pub mod runtime;

@@ -47,6 +47,7 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
         Command::Search(a) => super::search::search_cmd(a, device),
         Command::Extract(a) => super::search::extract_cmd(a),
         Command::Export(a) => super::deploy::export_cmd(a),
+        Command::Predict(a) => super::deploy::predict_cmd(a),
         Command::Attribution(a) => super::search::attribution_cmd(a, device),
         Command::Demo(a) => super::pipeline::demo_cmd(a, device),
         Command::Pipeline(a) => super::pipeline::pipeline_cmd(a, device),

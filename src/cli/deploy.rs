@@ -85,6 +85,28 @@ fn policy_size_bytes(network: &gmpq::quant::Network, policy: &gmpq::policy::Poli
     (size, other as f64)
 }
 
+pub(super) fn predict_cmd(a: super::PredictArgs) -> Result<()> {
+    let threads = tch::get_num_threads().max(1) as usize;
+    let mut predictor = gmpq::predict::Predictor::open(&a.model, threads)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let predictions = predictor.predict(&a.images, a.top)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&predictions)?);
+        return Ok(());
+    }
+    for p in &predictions {
+        println!("{}", p.image.display());
+        for c in &p.top {
+            let name = c
+                .name
+                .as_deref()
+                .map_or(String::new(), |n| format!("  {n}"));
+            println!("  {:>6.2}%  class {}{name}", 100.0 * c.probability, c.class);
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn bench_infer_cmd(a: super::BenchInferArgs) -> Result<()> {
     use gmpq::model::{Arch, ModelConfig, Stem};
     let arch: Arch = a.model.parse()?;

@@ -162,11 +162,31 @@ pub enum Command {
     Extract(ExtractArgs),
     /// Render attribution (CAM) heatmaps of a checkpoint on some images.
     Attribution(AttributionArgs),
+    /// The top classes a model gives image files (PNG or JPEG): a gmpq checkpoint, a packed
+    /// file or an exported ONNX model, each with the preprocessing its metadata records.
+    Predict(PredictArgs),
     /// Ship a fine-tuned checkpoint: an ONNX graph in QDQ form (quantize/dequantize pairs
     /// around each quantized conv; ONNX Runtime runs these convs in float on dequantized
     /// weights, docs/DEPLOY.md; --fp for the float network) or a packed safetensors file
     /// whose kernels are stored at their policy bitwidth.
     Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// The model: a checkpoint or packed file (.safetensors, runs in libtorch) or an ONNX
+    /// model exported by gmpq export (.onnx, runs in ONNX Runtime).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Image files (PNG or JPEG).
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    /// How many classes to show per image.
+    #[arg(long, default_value_t = 5, value_parser = positive(), allow_negative_numbers = true)]
+    pub top: usize,
+    /// Print the predictions as one JSON document on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Export formats.

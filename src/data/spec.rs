@@ -179,6 +179,48 @@ impl DatasetSpec {
         load_idx_pair(&images, &labels)
     }
 
+    /// The class names, by label, when the data states them: an image folder's sub-folder
+    /// names, CIFAR-10's `batches.meta.txt`, or a `classes.txt` (one name a line) in the
+    /// dataset's folder (the bundled subsets ship one).
+    pub fn class_names(&self) -> Option<Vec<String>> {
+        let dir = if self.path.is_file() {
+            self.path.parent()?.to_path_buf()
+        } else {
+            self.path.clone()
+        };
+        let read = |name: &str| -> Option<Vec<String>> {
+            let text = std::fs::read_to_string(dir.join(name)).ok()?;
+            let names: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect();
+            (!names.is_empty()).then_some(names)
+        };
+        match self.kind {
+            DatasetKind::Folder => {
+                let root = if dir.join("train").is_dir() {
+                    dir.join("train")
+                } else {
+                    dir
+                };
+                let mut names: Vec<String> = std::fs::read_dir(root)
+                    .ok()?
+                    .flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                names.sort();
+                (!names.is_empty()).then_some(names)
+            }
+            DatasetKind::Cifar(CifarLayout::Cifar10) => {
+                read("classes.txt").or_else(|| read("batches.meta.txt"))
+            }
+            _ => read("classes.txt"),
+        }
+    }
+
     /// Opens one split of the dataset.
     pub fn load(&self, split: Split) -> Result<Arc<dyn ImageSource>> {
         let p = &self.path;

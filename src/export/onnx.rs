@@ -42,6 +42,8 @@ pub const META_VERSION: &str = "gmpq.version";
 pub const META_PRECISION: &str = "gmpq.precision";
 /// [`crate::checkpoint::weights_digest`] of the exported network's weights.
 pub const META_WEIGHTS: &str = "gmpq.weights";
+/// The class names by label (a JSON list), when the checkpoint records them.
+pub const META_CLASS_NAMES: &str = "gmpq.class_names";
 
 /// The graph's input and output names.
 pub const INPUT: &str = "image";
@@ -251,6 +253,9 @@ pub fn export(ck: &Checkpoint, net: &Network, opts: OnnxOptions) -> Result<Vec<u
     ];
     if let Some(p) = &policy {
         meta.push((META_POLICY, json(p)));
+    }
+    if let Some(names) = &ck.meta.class_names {
+        meta.push((META_CLASS_NAMES, json(names)));
     }
     for (key, value) in meta {
         model.metadata_props.push(StringStringEntryProto {

@@ -438,6 +438,8 @@ pub struct TrainJob<'a> {
     pub test_indices: Vec<usize>,
     /// Held-out images of `train_data`, evaluated after each epoch (none: no validation).
     pub val_indices: Vec<usize>,
+    /// The data's class names, recorded in the checkpoint.
+    pub class_names: Option<Vec<String>>,
     pub dataset: String,
     pub out_dir: PathBuf,
     pub resume: bool,
@@ -660,6 +662,7 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             .map(|i| format!("fine-tuned from {}", i.checkpoint.display())),
         precision: (job.precision != Precision::Full).then(|| job.precision.clone()),
         calibration,
+        class_names: job.class_names.clone(),
     };
     let steps_per_epoch = job.train_indices.len() / cfg.batch_size;
     for epoch in start_epoch..cfg.epochs {

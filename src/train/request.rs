@@ -224,6 +224,10 @@ impl TrainRequest {
             model.num_classes,
             config.epochs
         );
+        let class_names = self
+            .data
+            .class_names()
+            .filter(|n| n.len() == train_data.num_classes());
         let meta = train(TrainJob {
             model,
             config,
@@ -232,6 +236,7 @@ impl TrainRequest {
             test_data,
             test_indices,
             val_indices,
+            class_names,
             dataset,
             out_dir: self.out.clone(),
             resume: self.resume,
