@@ -322,7 +322,11 @@ fn pipeline_killed_in_each_stage_resumes_without_redoing_finished_stages() {
         "--resume",
     ]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("precision differs"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("the precision changed"),
+        "{}",
+        stderr(&o)
+    );
 
     // A second run with the same teachers and budget: its uniform policy and fine-tuning
     // command are the first run's, so the fine-tuning is copied; GMPQ's policy records its own

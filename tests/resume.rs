@@ -101,5 +101,5 @@ fn resume_refuses_changed_settings_and_overwrite() {
     args.extend(["--lr".to_string(), "0.05".to_string()]);
     let o = gmpq().args(&args).output().unwrap();
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("training settings differs"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("the training settings changed"));
 }

@@ -730,7 +730,7 @@ fn hawq_search_meets_the_budget_and_records_its_sensitivities() {
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json is JSON");
-    assert_eq!(v[0]["target"]["compression"], 128.0);
+    assert_eq!(v["written"][0]["target"]["compression"], 128.0);
     let policy = Policy::load(&o.join("policy.json")).unwrap();
     let totals = policy.totals.clone().unwrap();
     assert!(totals.compression >= 128.0, "{}", totals.compression);

@@ -314,8 +314,12 @@ fn baseline_arm() -> impl clap::builder::TypedValueParser<Value = gmpq::pipeline
 }
 
 /// A count that must be at least 1 (clap names the flag when it is not).
-fn positive() -> clap::builder::RangedU64ValueParser<usize> {
-    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
+fn positive() -> impl clap::builder::TypedValueParser<Value = usize> {
+    clap::builder::StringValueParser::new().try_map(|s| match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(_) => Err("expected a whole number, at least 1".to_string()),
+    })
 }
 
 /// One bit width of a candidate list, in `policy::BIT_RANGE`.

@@ -268,6 +268,15 @@ pub fn sensitivities(
         }
         activation.insert(name.clone(), per_bits);
     }
+    // A teacher whose loss is not finite measures nothing: stop rather than rank by NaN.
+    let finite = |t: &BTreeMap<String, Vec<f64>>| t.values().flatten().all(|v| v.is_finite());
+    if !fp_loss.is_finite() || !finite(&weight) || !finite(&activation) {
+        return Err(SearchError::Invalid(format!(
+            "the sensitivity analysis of {} is not finite (FP loss {fp_loss}): the teacher \
+             diverged or does not fit the proxy data",
+            teacher_path.display()
+        )));
+    }
     Ok(Sensitivities {
         mean_trace,
         weight,

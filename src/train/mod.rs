@@ -57,7 +57,7 @@ pub enum TrainError {
         "{dir} already holds a checkpoint: pass --resume to continue it, or choose another --out"
     )]
     WouldOverwrite { dir: PathBuf },
-    #[error("cannot resume {path}: its {what} differs ({fields})")]
+    #[error("cannot resume {path}: {what} changed ({fields})")]
     ResumeMismatch {
         path: PathBuf,
         what: &'static str,
@@ -570,9 +570,14 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             });
         }
         let ck = Checkpoint::load(&ckpt_path)?;
-        check_same(&ckpt_path, "model", &ck.meta.model, &job.model)?;
+        check_same(&ckpt_path, "the model", &ck.meta.model, &job.model)?;
         let saved_precision = ck.meta.precision.clone().unwrap_or(Precision::Full);
-        check_same(&ckpt_path, "precision", &saved_precision, &job.precision)?;
+        check_same(
+            &ckpt_path,
+            "the precision",
+            &saved_precision,
+            &job.precision,
+        )?;
         let mut saved_cfg: TrainConfig = ck
             .meta
             .train
@@ -583,7 +588,7 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             })?;
         // More epochs may be asked for on resume; everything else must match.
         saved_cfg.epochs = cfg.epochs;
-        check_same(&ckpt_path, "training settings", &saved_cfg, cfg)?;
+        check_same(&ckpt_path, "the training settings", &saved_cfg, cfg)?;
         check_same(
             &ckpt_path,
             "dataset",
