@@ -433,6 +433,14 @@ fn mismatch_errors_are_short() {
         ),
         &["missing (", "unexpected (", ", …"],
     );
+    // 12. A successful import names the metadata file it writes beside the weights.
+    let o = run(&args(
+        "import --model mobilenetv2 --weights @mbv2.safetensors --out @mbv2-ck.safetensors",
+        &f,
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains("mbv2-ck.json"), "{said}");
 }
 
 /// 10. Errors name the flag that is wrong.
