@@ -380,7 +380,10 @@ fn search_meets_target_and_aw0_ignores_attribution() {
             // Re-running finds the policy written and keeps it instead of searching again.
             let again = run(&search_args(&t_s, o.to_str().unwrap(), aw, p));
             assert!(again.status.success(), "{}", stderr(&again));
-            assert!(String::from_utf8_lossy(&again.stdout).contains("exists, kept"));
+            // --json: one document naming the kept policy and nothing written.
+            let doc: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap();
+            assert_eq!(doc["kept"].as_array().map(Vec::len), Some(1), "{doc}");
+            assert_eq!(doc["written"].as_array().map(Vec::len), Some(0), "{doc}");
             assert_eq!(
                 Policy::load(&o.join("policy.json")).unwrap(),
                 policy_before(&o)
