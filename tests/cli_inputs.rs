@@ -4,28 +4,9 @@
 mod common;
 
 use common::{bundled, run, stderr};
-use gmpq::checkpoint::{self, Checkpoint, CheckpointMeta};
-use gmpq::data::{Normalize, Pipeline};
 use gmpq::model::{Arch, ModelConfig};
 use gmpq::quant::{self, Precision};
 use std::path::Path;
-
-/// A full-precision checkpoint of `cfg` (fresh weights) at `path`.
-fn checkpoint(cfg: &ModelConfig, path: &Path) {
-    let net = quant::build(cfg, Precision::Full, tch::Device::Cpu).unwrap();
-    Checkpoint {
-        meta: CheckpointMeta::new(
-            cfg.clone(),
-            Pipeline {
-                transforms: vec![],
-                normalize: Normalize::identity(cfg.in_channels),
-            },
-        ),
-        tensors: checkpoint::var_store_tensors(&net.vs),
-    }
-    .save(path)
-    .unwrap();
-}
 
 /// A CIFAR-10 binary with `n` records.
 fn cifar10(path: &Path, n: usize) {
@@ -167,7 +148,7 @@ fn pipeline_checks_its_inputs_before_creating_anything() {
 fn eval_names_shape_and_class_mismatches() {
     let dir = tempfile::tempdir().unwrap();
     let ck = dir.path().join("fmnist.safetensors");
-    checkpoint(&ModelConfig::new(Arch::ResNet20, 1, 10, 28), &ck);
+    common::fp_checkpoint(&ModelConfig::new(Arch::ResNet20, 1, 10, 28), &ck);
     let bin = dir.path().join("c.bin");
     cifar10(&bin, 40);
     let data = format!("cifar10:{}", bin.display());
@@ -183,7 +164,7 @@ fn eval_names_shape_and_class_mismatches() {
     );
     // 1000 classes cannot be scored against 10 labels.
     let big = dir.path().join("big.safetensors");
-    checkpoint(&ModelConfig::new(Arch::ResNet20, 1, 1000, 28), &big);
+    common::fp_checkpoint(&ModelConfig::new(Arch::ResNet20, 1, 1000, 28), &big);
     fails_with(
         &[
             "eval",

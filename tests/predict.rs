@@ -44,21 +44,7 @@ fn image_file(dir: &Path, i: usize, name: &str) -> (PathBuf, i64) {
 fn predict_reads_png_and_jpeg_through_every_model_format() {
     let dir = tempfile::tempdir().unwrap();
     let d = |n: &str| dir.path().join(n).display().to_string();
-    ok(&[
-        "--threads",
-        "1",
-        "train",
-        "--data",
-        "bundled:fashion-mnist",
-        "--limit",
-        "2000",
-        "--test-limit",
-        "100",
-        "--epochs",
-        "2",
-        "--out",
-        &d("fp"),
-    ]);
+    common::fmnist_teacher(&dir.path().join("fp"), 2000);
     let ft = d("ft");
     ok(&[
         "--threads",

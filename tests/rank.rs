@@ -12,36 +12,11 @@ use gmpq::search::{Geometry, PolicyMeta, Preferences, Target};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// A ResNet-20 teacher trained for one epoch on 1,000 bundled Fashion-MNIST images.
-fn teacher(dir: &std::path::Path) -> std::path::PathBuf {
-    let out = dir.join("teacher");
-    let o = gmpq()
-        .args([
-            "--threads",
-            "1",
-            "train",
-            "--data",
-            "bundled:fashion-mnist",
-            "--limit",
-            "1000",
-            "--test-limit",
-            "100",
-            "--epochs",
-            "2",
-            "--out",
-            out.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    out.join("last.safetensors")
-}
-
 #[test]
 fn the_ranking_keeps_the_better_starting_point_and_extract_reruns_it() {
     tch::set_num_threads(1);
     let dir = tempfile::tempdir().unwrap();
-    let path = teacher(dir.path());
+    let path = common::fmnist_teacher(&dir.path().join("teacher"), 1000);
     let ck = Checkpoint::load(&path).unwrap();
     let cfg = ck.meta.model.clone();
     let fp = quant::build(&cfg, Precision::Full, tch::Device::Cpu).unwrap();

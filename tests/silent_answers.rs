@@ -12,26 +12,8 @@ use gmpq::policy::Policy;
 use gmpq::quant::{self, Precision};
 use gmpq::search::{PolicyMeta, Preferences, Target};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Output;
-
-/// A full-precision checkpoint of `cfg` (fresh weights, seeded) at `path`.
-fn checkpoint(cfg: &ModelConfig, path: &Path) {
-    tch::manual_seed(0);
-    let net = quant::build(cfg, Precision::Full, tch::Device::Cpu).unwrap();
-    Checkpoint {
-        meta: CheckpointMeta::new(
-            cfg.clone(),
-            Pipeline {
-                transforms: vec![],
-                normalize: Normalize::identity(cfg.in_channels),
-            },
-        ),
-        tensors: checkpoint::var_store_tensors(&net.vs),
-    }
-    .save(path)
-    .unwrap();
-}
 
 fn fmnist_r20() -> ModelConfig {
     ModelConfig::new(Arch::ResNet20, 1, 10, 28)
@@ -71,10 +53,10 @@ impl Fixture {
         let f = Self {
             dir: tempfile::tempdir().unwrap(),
         };
-        checkpoint(&fmnist_r20(), &f.path("r20.safetensors"));
+        common::fp_checkpoint(&fmnist_r20(), &f.path("r20.safetensors"));
         let mut other = ModelConfig::new(Arch::ResNet20, 3, 10, 32);
         other.stem = gmpq::model::Stem::Cifar;
-        checkpoint(&other, &f.path("r20-rgb.safetensors"));
+        common::fp_checkpoint(&other, &f.path("r20-rgb.safetensors"));
         policy(Target::Compression(64.0))
             .save(&f.path("p64.json"))
             .unwrap();

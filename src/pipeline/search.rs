@@ -141,6 +141,26 @@ fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> PipelineError + 
     }
 }
 
+/// The proxy's training images and, after them in one source, `val_images` held-out images
+/// of its test split (a stratified draw with `seed`); returns the source and the held-out
+/// images' indices into it.
+fn with_held_out(
+    data: &DatasetSpec,
+    train: Arc<dyn ImageSource>,
+    val_images: usize,
+    seed: u64,
+) -> Result<(Arc<dyn ImageSource>, Vec<usize>)> {
+    let test = data.load(Split::Test)?;
+    let val = stratified_subset(
+        test.as_ref(),
+        &SubsetSpec::limited(Some(val_images.min(test.len())), seed),
+    )?;
+    // The loader takes indices into one source: the test images come after the train ones.
+    let offset = train.len();
+    let source: Arc<dyn ImageSource> = Arc::new(ConcatDataset::new(train, test));
+    Ok((source, val.into_iter().map(|i| i + offset).collect()))
+}
+
 /// Where a search folder records the request it holds.
 pub const REQUEST_FILE: &str = "search-request.json";
 
@@ -265,22 +285,18 @@ impl SearchRequest {
     pub fn run(&self, device: tch::Device, progress: &dyn SearchProgress) -> Result<SearchOutcome> {
         let config = self.config.clone();
         let c = &config;
-        for (flag, value, ok) in [
+        for (flag, value, ok, range) in [
             (
                 "--attribution-weight",
                 c.attribution_weight,
                 c.attribution_weight >= 0.0,
+                "zero or positive",
             ),
-            ("--lr", c.lr, c.lr > 0.0),
+            ("--lr", c.lr, c.lr > 0.0, "positive"),
         ] {
             if !(ok && value.is_finite()) {
                 return Err(PipelineError::Invalid(format!(
-                    "{flag} {value}: must be {}",
-                    if flag == "--lr" {
-                        "positive"
-                    } else {
-                        "zero or positive"
-                    }
+                    "{flag} {value}: must be {range}"
                 )));
             }
         }
@@ -295,15 +311,21 @@ impl SearchRequest {
                 config.alpha_frozen_epochs, config.epochs
             )));
         }
+        // Only the supernet search can run without a budget (a fixed complexity weight).
+        if self.targets.is_empty() && self.method != SearchMethod::Supernet {
+            return Err(PipelineError::Invalid(format!(
+                "--method {} needs a budget (--target-compression, --target-bops, \
+                 --target-size-mb or --pareto)",
+                self.method.name(c.attribution_weight)
+            )));
+        }
         std::fs::create_dir_all(&self.out).map_err(io(&self.out))?;
         let _lock = DirLock::acquire(&self.out)?;
-        if matches!(self.method, SearchMethod::Uniform | SearchMethod::Random) {
-            return self.run_without_data();
-        }
-        let proxy_train = self.data.load(Split::Train)?;
-        let train_indices = stratified_subset(proxy_train.as_ref(), &self.subset)?;
         let claimed = self.claim_folder()?;
-        let result = self.run_claimed(proxy_train, train_indices, config, device, progress);
+        let result = match self.method {
+            SearchMethod::Uniform | SearchMethod::Random => self.run_without_data(),
+            _ => self.run_claimed(config, device, progress),
+        };
         // A search that failed before writing anything leaves the folder as it found it.
         if result.is_err() && claimed {
             let _ = std::fs::remove_file(self.out.join(REQUEST_FILE));
@@ -311,31 +333,21 @@ impl SearchRequest {
         result
     }
 
-    /// [`Self::run`] once the folder is locked and claimed.
+    /// [`Self::run`] of the methods that read the proxy, once the folder is locked and claimed.
     fn run_claimed(
         &self,
-        proxy_train: Arc<dyn ImageSource>,
-        train_indices: Vec<usize>,
         mut config: SearchConfig,
         device: tch::Device,
         progress: &dyn SearchProgress,
     ) -> Result<SearchOutcome> {
+        let proxy_train = self.data.load(Split::Train)?;
+        let train_indices = stratified_subset(proxy_train.as_ref(), &self.subset)?;
         // HAWQ and uniform-fill measure on training images only: no held-out split to load.
         if let Some((images, samples, rule)) = self.method.sensitivity() {
             return self.run_hawq(proxy_train, &train_indices, images, samples, rule, device);
         }
-        let proxy_test = self.data.load(Split::Test)?;
-        let val_indices = stratified_subset(
-            proxy_test.as_ref(),
-            &SubsetSpec::limited(
-                Some(self.val_images.min(proxy_test.len())),
-                self.subset.seed,
-            ),
-        )?;
-        // One source for both: the loader takes indices into it; test images come after train.
-        let offset = proxy_train.len();
-        let proxy: Arc<dyn ImageSource> = Arc::new(ConcatDataset::new(proxy_train, proxy_test));
-        let val_indices: Vec<usize> = val_indices.into_iter().map(|i| i + offset).collect();
+        let (proxy, val_indices) =
+            with_held_out(&self.data, proxy_train, self.val_images, self.subset.seed)?;
         // Policies already written by an interrupted run of the same command are kept, and only
         // the missing targets are searched again.
         let mut outcome = SearchOutcome::default();
@@ -472,13 +484,6 @@ impl SearchRequest {
     fn run_without_data(&self) -> Result<SearchOutcome> {
         use crate::policy::Policy;
         let started = std::time::Instant::now();
-        if self.targets.is_empty() {
-            return Err(PipelineError::Invalid(format!(
-                "--method {} needs a budget (--target-compression, --target-bops, \
-                 --target-size-mb or --pareto)",
-                self.method.name(1.0)
-            )));
-        }
         let cfg = Checkpoint::load(&self.teacher)?.meta.model;
         let (_, net) = crate::train::build_fp(&cfg, tch::Device::Cpu)?;
         let (convs, fc) = (net.convs(), net.fc_spec());
@@ -548,13 +553,6 @@ impl SearchRequest {
         rule: search::hawq::SensitivityRule,
         device: tch::Device,
     ) -> Result<SearchOutcome> {
-        if self.targets.is_empty() {
-            return Err(PipelineError::Invalid(format!(
-                "--method {} needs a budget (--target-compression, --target-bops, \
-                 --target-size-mb or --pareto)",
-                rule.name()
-            )));
-        }
         let n = images.clamp(1, train_indices.len().max(1));
         let hawq_cfg = search::hawq::HawqConfig {
             candidates: self.config.candidates.clone(),
@@ -595,7 +593,13 @@ impl SearchRequest {
                     "analysis": analysis,
                     "reused_from": reused.as_ref().map(|(p, _)| p),
                 })),
-                ..self.provenance(rule.name(), Some(*t), &teacher_ck, r.seconds, r.images)
+                ..self.provenance(
+                    self.method.name(1.0),
+                    Some(*t),
+                    &teacher_ck,
+                    r.seconds,
+                    r.images,
+                )
             };
             policy.meta = Some(meta.to_value());
             let label = match rule {
@@ -711,14 +715,7 @@ impl RankRequest {
             .step_by(step)
             .take(search::rank::CALIBRATION_IMAGES)
             .collect();
-        let test = self.data.load(Split::Test)?;
-        let val = stratified_subset(
-            test.as_ref(),
-            &SubsetSpec::limited(Some(self.val_images.min(test.len())), self.subset.seed),
-        )?;
-        let offset = train.len();
-        let val: Vec<usize> = val.into_iter().map(|i| i + offset).collect();
-        let proxy: Arc<dyn ImageSource> = Arc::new(ConcatDataset::new(train, test));
+        let (proxy, val) = with_held_out(&self.data, train, self.val_images, self.subset.seed)?;
         let data = search::rank::RankingData {
             teacher_path: &teacher_path,
             teacher: &teacher,

@@ -211,6 +211,23 @@ pub struct SearchStage {
 }
 
 impl SearchStage {
+    /// The method `gmpq search --method` runs for this kind.
+    fn method(&self) -> SearchMethod {
+        match self.kind {
+            SearchKind::Supernet { .. } => SearchMethod::Supernet,
+            SearchKind::Hawq => SearchMethod::Hawq {
+                images: super::HAWQ_IMAGES,
+                samples: super::HAWQ_SAMPLES,
+            },
+            SearchKind::UniformFill => SearchMethod::UniformFill {
+                images: super::HAWQ_IMAGES,
+                samples: super::HAWQ_SAMPLES,
+            },
+            SearchKind::Uniform => SearchMethod::Uniform,
+            SearchKind::Random => SearchMethod::Random,
+        }
+    }
+
     /// The search settings `gmpq search` takes from the same flags.
     fn config(&self) -> SearchConfig {
         let mut config = SearchConfig {
@@ -248,12 +265,9 @@ impl Stage for SearchStage {
 
     fn command(&self) -> String {
         let mut argv: Vec<String> = vec!["search".into()];
-        match self.kind {
-            SearchKind::Hawq => argv.extend(["--method".into(), "hawq".into()]),
-            SearchKind::UniformFill => argv.extend(["--method".into(), "uniform-fill".into()]),
-            SearchKind::Uniform => argv.extend(["--method".into(), "uniform".into()]),
-            SearchKind::Random => argv.extend(["--method".into(), "random".into()]),
-            SearchKind::Supernet { .. } => {}
+        // The supernet search is the default method: its recorded commands name none.
+        if !matches!(self.kind, SearchKind::Supernet { .. }) {
+            argv.extend(["--method".into(), self.method().name(1.0).into()]);
         }
         argv.extend([
             "--teacher".into(),
@@ -324,19 +338,7 @@ impl Stage for SearchStage {
             val_images: VAL_IMAGES,
             targets: vec![self.target],
             config: self.config(),
-            method: match self.kind {
-                SearchKind::Supernet { .. } => SearchMethod::Supernet,
-                SearchKind::Hawq => SearchMethod::Hawq {
-                    images: super::HAWQ_IMAGES,
-                    samples: super::HAWQ_SAMPLES,
-                },
-                SearchKind::UniformFill => SearchMethod::UniformFill {
-                    images: super::HAWQ_IMAGES,
-                    samples: super::HAWQ_SAMPLES,
-                },
-                SearchKind::Uniform => SearchMethod::Uniform,
-                SearchKind::Random => SearchMethod::Random,
-            },
+            method: self.method(),
             out: self.out.clone(),
             command: self.command(),
             sensitivities_from: self.sensitivities_from.clone(),

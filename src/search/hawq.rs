@@ -310,16 +310,6 @@ pub enum SensitivityRule {
     UniformFill,
 }
 
-impl SensitivityRule {
-    /// The method name policies record (`meta.method`).
-    pub fn name(self) -> &'static str {
-        match self {
-            SensitivityRule::Hawq => "hawq",
-            SensitivityRule::UniformFill => "uniform-fill",
-        }
-    }
-}
-
 /// What a HAWQ run produced.
 pub struct HawqRun {
     pub sensitivities: Sensitivities,

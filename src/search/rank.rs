@@ -159,11 +159,28 @@ pub struct RankingData<'a> {
     pub device: tch::Device,
 }
 
-/// Top-1 of `policy` built from the teacher's weights and calibrated, without training.
-pub fn calibrated_top1(policy: &Policy, data: &RankingData) -> Result<f64> {
-    let model = &data.teacher.meta.model;
+/// The calibration images, decoded and prepared once for every candidate.
+fn calibration_batches(data: &RankingData) -> Result<Vec<tch::Tensor>> {
+    let loader = DataLoader::new(
+        data.proxy.clone(),
+        data.calib_indices,
+        Arc::new(data.teacher.meta.eval_pipeline.clone()),
+        LoaderConfig {
+            batch_size: 256,
+            ..Default::default()
+        },
+        0,
+    )?;
+    Ok(loader
+        .map(|b| b.map(|b| b.images))
+        .collect::<std::result::Result<_, _>>()?)
+}
+
+/// Top-1 of `policy` built from the teacher's weights and calibrated on `batches`, without
+/// training.
+fn calibrated_top1(policy: &Policy, data: &RankingData, batches: &[tch::Tensor]) -> Result<f64> {
     let network = quant::build(
-        model,
+        &data.teacher.meta.model,
         Precision::Fixed {
             policy: policy.clone(),
             per_channel: false,
@@ -171,21 +188,7 @@ pub fn calibrated_top1(policy: &Policy, data: &RankingData) -> Result<f64> {
         data.device,
     )?;
     network.load_fp_weights(data.teacher, data.teacher_path)?;
-    let pipeline = Arc::new(data.teacher.meta.eval_pipeline.clone());
-    let loader = DataLoader::new(
-        data.proxy.clone(),
-        data.calib_indices,
-        pipeline,
-        LoaderConfig {
-            batch_size: 256,
-            ..Default::default()
-        },
-        0,
-    )?;
-    let batches: Vec<tch::Tensor> = loader
-        .map(|b| b.map(|b| b.images))
-        .collect::<std::result::Result<_, _>>()?;
-    quant::calibrate(&network, &batches, data.calibration)?;
+    quant::calibrate(&network, batches, data.calibration)?;
     let m = crate::train::evaluate(
         &network.net,
         data.proxy.clone(),
@@ -207,11 +210,12 @@ pub fn rank(
 ) -> Result<(Policy, super::RankingRecord)> {
     let model = &data.teacher.meta.model;
     let net = quant::build(model, Precision::Full, tch::Device::Cpu)?;
+    let batches = calibration_batches(data)?;
     let mut records = Vec::new();
     let mut best: Option<(f64, usize)> = None;
     for (i, (source, policy)) in candidates.iter().enumerate() {
         policy.validate(model, net.net.convs())?;
-        let top1 = calibrated_top1(policy, data)?;
+        let top1 = calibrated_top1(policy, data, &batches)?;
         let p = policy
             .clone()
             .with_totals(net.net.convs(), net.net.fc_spec());

@@ -107,3 +107,45 @@ document.body.appendChild(pre);});</script>"#;
         .replace("&amp;", "&");
     serde_json::from_str(&json).unwrap()
 }
+
+/// A full-precision checkpoint of `cfg` with fresh weights (seeded) at `path`.
+pub fn fp_checkpoint(cfg: &gmpq::model::ModelConfig, path: &std::path::Path) {
+    use gmpq::checkpoint::{self, Checkpoint, CheckpointMeta};
+    use gmpq::data::{Normalize, Pipeline};
+    use gmpq::quant::{self, Precision};
+    tch::manual_seed(0);
+    let net = quant::build(cfg, Precision::Full, tch::Device::Cpu).unwrap();
+    Checkpoint {
+        meta: CheckpointMeta::new(
+            cfg.clone(),
+            Pipeline {
+                transforms: vec![],
+                normalize: Normalize::identity(cfg.in_channels),
+            },
+        ),
+        tensors: checkpoint::var_store_tensors(&net.vs),
+    }
+    .save(path)
+    .unwrap();
+}
+
+/// A ResNet-20 teacher trained (one thread) for two epochs on `limit` bundled Fashion-MNIST
+/// images into `out`; returns its checkpoint.
+pub fn fmnist_teacher(out: &std::path::Path, limit: usize) -> PathBuf {
+    let o = gmpq()
+        .args(["--threads", "1", "train", "--data", "bundled:fashion-mnist"])
+        .args([
+            "--limit",
+            &limit.to_string(),
+            "--test-limit",
+            "100",
+            "--epochs",
+            "2",
+        ])
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    out.join("last.safetensors")
+}
