@@ -231,6 +231,10 @@ pub struct InferResult {
 pub struct InferReport {
     pub results: Vec<InferResult>,
     pub qdq_optimized_ops: std::collections::BTreeMap<String, usize>,
+    /// The op types of ONNX Runtime's optimized integer graph (QLinearConv, QLinearAdd, …).
+    pub integer_optimized_ops: std::collections::BTreeMap<String, usize>,
+    /// The policy's layers (convs whose QDQ units ONNX Runtime could fuse).
+    pub quantized_convs: usize,
 }
 
 /// Times inference of `config` (random weights; speed does not depend on their values)
@@ -253,19 +257,27 @@ pub fn bench_infer(
     }
     let device = Device::Cpu;
     let fp = quant::build(config, Precision::Full, device).map_err(|e| invalid(&e))?;
-    let fixed = quant::build(
-        config,
-        Precision::Fixed {
-            policy,
-            per_channel: false,
-        },
-        device,
-    )
-    .map_err(|e| invalid(&e))?;
+    let quantized_convs = policy.layers.len();
+    let at = |numerics| {
+        quant::build(
+            config,
+            Precision::Fixed {
+                policy: policy.clone(),
+                per_channel: false,
+                numerics,
+            },
+            device,
+        )
+        .map_err(|e| invalid(&e))
+    };
+    let fixed = at(crate::quant::Numerics::FakeQuant)?;
+    let integer = at(crate::quant::Numerics::Integer)?;
     let s = config.input_size as i64;
     let probe = Tensor::rand([2, config.in_channels as i64, s, s], (Kind::Float, device));
-    // Sets the weight thresholds, as the first forward pass of fine-tuning does.
+    // Sets the weight thresholds, as the first forward pass of fine-tuning does, and the
+    // integer network's 8-bit ranges.
     let _ = tch::no_grad(|| fixed.net.forward_t(&probe, false));
+    integer.calibrate_ranges(std::slice::from_ref(&probe));
     let checkpoint_of = |net: &quant::Network| {
         let mut meta = CheckpointMeta::new(
             config.clone(),
@@ -282,24 +294,31 @@ pub fn bench_infer(
     };
     let fp_onnx =
         onnx::export(&checkpoint_of(&fp), &fp, OnnxOptions::default()).map_err(|e| invalid(&e))?;
-    let qdq_onnx = onnx::export(&checkpoint_of(&fixed), &fixed, OnnxOptions::default())
-        .map_err(|e| invalid(&e))?;
-    let dump = std::env::temp_dir().join(format!("gmpq-qdq-optimized-{}.onnx", std::process::id()));
     let opts = SessionOptions {
         threads,
         optimized_model: None,
     };
     let mut fp_session = OnnxModel::from_bytes(&fp_onnx, &opts).map_err(|e| invalid(&e))?;
-    let mut qdq_session = OnnxModel::from_bytes(
-        &qdq_onnx,
-        &SessionOptions {
-            optimized_model: Some(dump.clone()),
-            ..opts.clone()
-        },
-    )
-    .map_err(|e| invalid(&e))?;
-    let qdq_optimized_ops = crate::engine::op_counts(&dump).map_err(|e| invalid(&e))?;
-    let _ = std::fs::remove_file(&dump);
+    // A session, and the op types of the graph ONNX Runtime optimized it to.
+    let session_of = |net: &quant::Network, what: &str| {
+        let bytes = onnx::export(&checkpoint_of(net), net, OnnxOptions::default())
+            .map_err(|e| invalid(&e))?;
+        let dump =
+            std::env::temp_dir().join(format!("gmpq-{what}-optimized-{}.onnx", std::process::id()));
+        let session = OnnxModel::from_bytes(
+            &bytes,
+            &SessionOptions {
+                optimized_model: Some(dump.clone()),
+                ..opts.clone()
+            },
+        )
+        .map_err(|e| invalid(&e))?;
+        let ops = crate::engine::op_counts(&dump).map_err(|e| invalid(&e));
+        let _ = std::fs::remove_file(&dump);
+        Ok::<_, TrainError>((session, ops?))
+    };
+    let (mut qdq_session, qdq_optimized_ops) = session_of(&fixed, "qdq")?;
+    let (mut integer_session, integer_optimized_ops) = session_of(&integer, "integer")?;
     let mut results = Vec::new();
     for &batch in batch_sizes {
         let x = Tensor::rand(
@@ -326,6 +345,7 @@ pub fn bench_infer(
         record("libtorch fp32", times);
         for (engine, session) in [
             ("onnxruntime fp32", &mut fp_session),
+            ("onnxruntime integer", &mut integer_session),
             ("onnxruntime qdq", &mut qdq_session),
         ] {
             let times = time_steps(warmup, steps, || {
@@ -337,5 +357,7 @@ pub fn bench_infer(
     Ok(InferReport {
         results,
         qdq_optimized_ops,
+        integer_optimized_ops,
+        quantized_convs,
     })
 }

@@ -193,6 +193,33 @@ impl Policy {
         }
     }
 
+    /// A mixed policy that cycles through the given bits: quantized layer `i` gets
+    /// `w_cycle[i mod len]` and `a_cycle[i mod len]` (for benchmarks that need one without
+    /// a search).
+    pub fn cycled(
+        model: &ModelConfig,
+        convs: &[ConvSpec],
+        w_cycle: &[u32],
+        a_cycle: &[u32],
+    ) -> Self {
+        let mut p = Self::uniform(model, convs, w_cycle[0], a_cycle[0]);
+        for (i, l) in p.layers.iter_mut().enumerate() {
+            l.w_bits = w_cycle[i % w_cycle.len()];
+            l.a_bits = a_cycle[i % a_cycle.len()];
+        }
+        let sorted = |v: &[u32]| {
+            let mut v = v.to_vec();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        p.candidates = Candidates {
+            weight: sorted(w_cycle),
+            activation: sorted(a_cycle),
+        };
+        p
+    }
+
     pub fn load(path: &Path) -> Result<Self, PolicyError> {
         let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Io {
             path: path.to_path_buf(),

@@ -172,7 +172,7 @@ impl Predictor {
         let batch = Tensor::cat(&inputs, 0);
         let logits = match &mut self.engine {
             Engine::Libtorch(net) => {
-                tch::no_grad(|| tch::nn::ModuleT::forward_t(&net.net, &batch, false))
+                tch::no_grad(|| tch::nn::ModuleT::forward_t(&**net, &batch, false))
             }
             Engine::Onnx(m) => m.run(&batch)?,
         };

@@ -137,6 +137,7 @@ fn qdq_resnet20_matches_the_fake_quantized_network() {
             Precision::Fixed {
                 policy,
                 per_channel,
+                numerics: gmpq::quant::Numerics::FakeQuant,
             },
         );
         let (ours, theirs) = both(&ck, &net, false, 64);
@@ -168,6 +169,7 @@ fn qdq_mobilenet_with_signed_inputs_matches() {
         Precision::Fixed {
             policy,
             per_channel: true,
+            numerics: gmpq::quant::Numerics::FakeQuant,
         },
     );
     assert!(net.net.convs().iter().any(|c| c.signed_input));
@@ -199,6 +201,7 @@ fn float_export_computes_the_same_function() {
         Precision::Fixed {
             policy,
             per_channel: false,
+            numerics: gmpq::quant::Numerics::FakeQuant,
         },
     );
     let bytes = onnx::export(
@@ -230,6 +233,7 @@ fn packed_round_trip_is_exact_and_sized_by_the_policy() {
             Precision::Fixed {
                 policy: policy.clone(),
                 per_channel,
+                numerics: gmpq::quant::Numerics::FakeQuant,
             },
         );
         let path = dir.path().join(format!("p{per_channel}.safetensors"));
@@ -298,6 +302,7 @@ fn what_cannot_be_exported_is_named() {
         Precision::Fixed {
             policy,
             per_channel: false,
+            numerics: gmpq::quant::Numerics::FakeQuant,
         },
     );
     let err = onnx::export(&ck, &net, onnx::OnnxOptions::default())
@@ -325,6 +330,7 @@ fn corrupt_exports_get_errors_not_panics() {
         Precision::Fixed {
             policy: mixed_policy(&cfg),
             per_channel: false,
+            numerics: gmpq::quant::Numerics::FakeQuant,
         },
     );
     let dir = tempfile::tempdir().unwrap();

@@ -99,6 +99,7 @@ fn checkpoints() -> &'static (Vec<u8>, Vec<u8>, String) {
             Precision::Fixed {
                 policy,
                 per_channel: false,
+                numerics: gmpq::quant::Numerics::FakeQuant,
             },
             Device::Cpu,
         )

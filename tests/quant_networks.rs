@@ -118,6 +118,7 @@ fn policy_validation_names_the_layer() {
         Precision::Fixed {
             policy: p,
             per_channel: false,
+            numerics: gmpq::quant::Numerics::FakeQuant,
         },
         Device::Cpu,
     )
@@ -198,6 +199,7 @@ fn supernet_step_gives_alpha_gradients_and_policy_round_trips() {
         Precision::Fixed {
             policy: back,
             per_channel: false,
+            numerics: gmpq::quant::Numerics::FakeQuant,
         },
         Device::Cpu,
     )
@@ -235,6 +237,7 @@ fn quantized_checkpoint_round_trips_and_per_channel_thresholds() {
         Precision::Fixed {
             policy,
             per_channel: true,
+            numerics: gmpq::quant::Numerics::FakeQuant,
         },
         Device::Cpu,
     )
@@ -348,6 +351,7 @@ fn mobilenet_v2_fixed_policy_signed_inputs() {
         Precision::Fixed {
             policy,
             per_channel: true,
+            numerics: gmpq::quant::Numerics::FakeQuant,
         },
         Device::Cpu,
     )

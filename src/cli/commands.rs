@@ -97,6 +97,7 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
                 Precision::Fixed {
                     policy,
                     per_channel: false,
+                    numerics: gmpq::quant::Numerics::FakeQuant,
                 }
             } else {
                 Precision::Full
@@ -186,6 +187,7 @@ fn finetune_cmd(mut a: FinetuneArgs, device: tch::Device) -> Result<()> {
         precision: Precision::Fixed {
             policy,
             per_channel: a.per_channel,
+            numerics: a.numerics,
         },
     };
     run_training(a.train, device, Some(finetune))
@@ -319,7 +321,7 @@ fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
             }
             let r = gmpq::engine::compare(
                 &mut model,
-                &network.net,
+                &network,
                 &ck.meta.eval_pipeline,
                 data,
                 &indices,
@@ -344,7 +346,7 @@ fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
         }
         (Some((path, ck, network)), None) => {
             let m = train::evaluate(
-                &network.net,
+                &network,
                 data,
                 &indices,
                 &ck.meta.eval_pipeline,
@@ -675,6 +677,7 @@ fn quantize_cmd(a: QuantizeArgs, device: tch::Device) -> Result<()> {
         Precision::Fixed {
             policy: policy.clone(),
             per_channel: a.per_channel,
+            numerics: a.numerics,
         },
         device,
     )?;
@@ -700,6 +703,7 @@ fn quantize_cmd(a: QuantizeArgs, device: tch::Device) -> Result<()> {
         .map(|b| b.map(|b| b.images))
         .collect::<std::result::Result<_, _>>()?;
     let calibration = gmpq::quant::calibrate(&q, &batches, method)?;
+    q.calibrate_ranges(&batches);
 
     let eval_spec = match &a.eval_data {
         Some(s) => parse_spec_flag("--eval-data", s)?,
@@ -710,8 +714,7 @@ fn quantize_cmd(a: QuantizeArgs, device: tch::Device) -> Result<()> {
     let pipe = &fp_ck.meta.eval_pipeline;
     let (fp, fp_pred) =
         train::evaluate_with_predictions(&fp_net.net, test.clone(), &test_idx, pipe, 256, device)?;
-    let (qm, q_pred) =
-        train::evaluate_with_predictions(&q.net, test, &test_idx, pipe, 256, device)?;
+    let (qm, q_pred) = train::evaluate_with_predictions(&q, test, &test_idx, pipe, 256, device)?;
     let agree = fp_pred.iter().zip(&q_pred).filter(|(a, b)| a == b).count();
     let totals = policy.totals.clone().context("policy totals")?;
 

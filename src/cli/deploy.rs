@@ -116,7 +116,12 @@ pub(super) fn bench_infer_cmd(a: super::BenchInferArgs) -> Result<()> {
         check_options(ModelSource::Named(arch), &[ModelOption::Stem])?;
         cfg.stem = stem.parse::<Stem>()?;
     }
-    let policy = super::commands::uniform_policy(&cfg, &a.uniform)?;
+    let policy = if a.mixed {
+        let geometry = super::commands::model_geometry(&cfg)?;
+        gmpq::policy::Policy::cycled(&cfg, geometry.convs(), &[2, 3, 4, 6], &[6, 4, 3, 2])
+    } else {
+        super::commands::uniform_policy(&cfg, &a.uniform)?
+    };
     let threads = tch::get_num_threads().max(1) as usize;
     let report =
         gmpq::bench::bench_infer(&cfg, policy, &a.batch_sizes, a.warmup, a.steps, threads)?;
@@ -136,11 +141,20 @@ pub(super) fn bench_infer_cmd(a: super::BenchInferArgs) -> Result<()> {
             r.median_batch_seconds
         );
     }
-    let ops: Vec<String> = report
-        .qdq_optimized_ops
-        .iter()
-        .map(|(k, v)| format!("{k}×{v}"))
-        .collect();
-    println!("ONNX Runtime's optimized QDQ graph: {}", ops.join(", "));
+    let list = |ops: &std::collections::BTreeMap<String, usize>| {
+        ops.iter()
+            .map(|(k, v)| format!("{k}×{v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!(
+        "ONNX Runtime's optimized integer graph ({} quantized convs): {}",
+        report.quantized_convs,
+        list(&report.integer_optimized_ops)
+    );
+    println!(
+        "ONNX Runtime's optimized QDQ graph: {}",
+        list(&report.qdq_optimized_ops)
+    );
     Ok(())
 }

@@ -665,6 +665,11 @@ pub struct QuantizeArgs {
     /// Per-output-channel weight thresholds (the reference is per tensor).
     #[arg(long)]
     pub per_channel: bool,
+    /// integer (default): batch norm folded, int32 biases and every conv output and residual
+    /// sum re-quantized, exactly what the exported graph's integer kernels compute;
+    /// fake-quant: the reference's float batch norm and residuals (slower to deploy).
+    #[arg(long, default_value = "integer", value_parser = parse_numerics)]
+    pub numerics: gmpq::quant::Numerics,
     /// Data to evaluate on (its test split; default: --calib-data).
     #[arg(long)]
     pub eval_data: Option<String>,
@@ -973,6 +978,11 @@ pub struct FinetuneArgs {
     /// Per-output-channel weight thresholds.
     #[arg(long)]
     pub per_channel: bool,
+    /// integer (default): batch norm folded, int32 biases and every conv output and residual
+    /// sum re-quantized, exactly what the exported graph's integer kernels compute;
+    /// fake-quant: the reference's float batch norm and residuals (slower to deploy).
+    #[arg(long, default_value = "integer", value_parser = parse_numerics)]
+    pub numerics: gmpq::quant::Numerics,
     #[command(flatten)]
     pub train: TrainArgs,
 }
@@ -1059,9 +1069,13 @@ pub struct BenchInferArgs {
     /// Batch sizes to time.
     #[arg(long, value_delimiter = ',', default_value = "1,64")]
     pub batch_sizes: Vec<usize>,
-    /// The QDQ model's policy (uniform).
+    /// The quantized models' policy (uniform).
     #[arg(long, default_value = "w4a4")]
     pub uniform: String,
+    /// Instead of --uniform, a mixed policy: layer i gets w[2,3,4,6][i mod 4] and
+    /// a[6,4,3,2][i mod 4].
+    #[arg(long, conflicts_with = "uniform")]
+    pub mixed: bool,
     /// Untimed steps first (allocator and oneDNN warm-up).
     #[arg(long, default_value_t = 3, allow_negative_numbers = true)]
     pub warmup: usize,
@@ -1213,4 +1227,8 @@ mod help_tests {
             missing.join("\n")
         );
     }
+}
+
+fn parse_numerics(s: &str) -> Result<gmpq::quant::Numerics, String> {
+    s.parse()
 }

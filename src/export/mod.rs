@@ -2,6 +2,7 @@
 //! inference in any ONNX runtime) or as a bit-packed safetensors file whose size is the
 //! policy's.
 
+mod integer;
 pub mod onnx;
 pub mod packed;
 

@@ -20,7 +20,7 @@ use super::ExportError;
 use crate::checkpoint::Checkpoint;
 use crate::model::graph::{Op, Value};
 use crate::model::ConvSpec;
-use crate::quant::{Network, Precision};
+use crate::quant::{Network, Numerics, Precision};
 use onnx_protobuf::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
     AttributeProto, GraphProto, Message, ModelProto, NodeProto, OperatorSetIdProto,
@@ -108,9 +108,14 @@ pub fn export(ck: &Checkpoint, net: &Network, opts: OnnxOptions) -> Result<Vec<u
     let mean = b.constant_f32("norm.mean", &[1, c, 1, 1], &norm.mean);
     let std = b.constant_f32("norm.std", &[1, c, 1, 1], &norm.std);
     let centred = b.node("Sub", &[INPUT, &mean], vec![]);
-    let mut names: Vec<String> = vec![b.node("Div", &[&centred, &std], vec![])];
+    let normalised = b.node("Div", &[&centred, &std], vec![]);
+    let integer = !opts.full_precision && net.numerics() == Numerics::Integer;
+    if integer {
+        super::integer::emit(&mut b, net, normalised.clone())?;
+    }
+    let mut names: Vec<String> = vec![normalised];
 
-    for op in &graph.ops {
+    for op in graph.ops.iter().filter(|_| !integer) {
         let name_of = |v: Value| names[v].clone();
         let out = match op {
             Op::Pad { input, pads } => {
@@ -248,7 +253,12 @@ pub fn export(ck: &Checkpoint, net: &Network, opts: OnnxOptions) -> Result<Vec<u
         (META_PREPROCESSING, json(&ck.meta.eval_pipeline)),
         (
             META_PRECISION,
-            if policy.is_some() { "qdq" } else { "fp32" }.to_string(),
+            match (&policy, integer) {
+                (_, true) => "integer",
+                (Some(_), false) => "qdq",
+                (None, false) => "fp32",
+            }
+            .to_string(),
         ),
     ];
     if let Some(p) = &policy {
@@ -310,28 +320,28 @@ fn attr(name: &str, kind: AttributeType) -> AttributeProto {
     }
 }
 
-fn attr_int(name: &str, v: i64) -> AttributeProto {
+pub(super) fn attr_int(name: &str, v: i64) -> AttributeProto {
     AttributeProto {
         i: v,
         ..attr(name, AttributeType::INT)
     }
 }
 
-fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
+pub(super) fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
     AttributeProto {
         ints: v.to_vec(),
         ..attr(name, AttributeType::INTS)
     }
 }
 
-fn attr_float(name: &str, v: f32) -> AttributeProto {
+pub(super) fn attr_float(name: &str, v: f32) -> AttributeProto {
     AttributeProto {
         f: v,
         ..attr(name, AttributeType::FLOAT)
     }
 }
 
-fn attr_str(name: &str, v: &str) -> AttributeProto {
+pub(super) fn attr_str(name: &str, v: &str) -> AttributeProto {
     AttributeProto {
         s: v.as_bytes().to_vec(),
         ..attr(name, AttributeType::STRING)
@@ -340,7 +350,7 @@ fn attr_str(name: &str, v: &str) -> AttributeProto {
 
 /// Accumulates nodes and initializers with unique names.
 #[derive(Default)]
-struct Builder {
+pub(super) struct Builder {
     graph: GraphProto,
     count: usize,
     /// The initializers 0 and 6 of every ReLU6's Clip, made once.
@@ -353,7 +363,12 @@ impl Builder {
         format!("{stem}.{}", self.count)
     }
 
-    fn node(&mut self, op: &str, inputs: &[&str], attributes: Vec<AttributeProto>) -> String {
+    pub(super) fn node(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attributes: Vec<AttributeProto>,
+    ) -> String {
         let out = self.fresh(&op.to_ascii_lowercase());
         self.graph.node.push(NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
@@ -366,7 +381,13 @@ impl Builder {
         out
     }
 
-    fn initializer(&mut self, stem: &str, dims: &[i64], kind: DataType, raw: Vec<u8>) -> String {
+    pub(super) fn initializer(
+        &mut self,
+        stem: &str,
+        dims: &[i64],
+        kind: DataType,
+        raw: Vec<u8>,
+    ) -> String {
         let name = self.fresh(stem);
         self.graph.initializer.push(TensorProto {
             name: name.clone(),
@@ -378,16 +399,16 @@ impl Builder {
         name
     }
 
-    fn constant_f32(&mut self, stem: &str, dims: &[i64], v: &[f32]) -> String {
+    pub(super) fn constant_f32(&mut self, stem: &str, dims: &[i64], v: &[f32]) -> String {
         let raw = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.initializer(stem, dims, DataType::FLOAT, raw)
     }
 
-    fn scalar_f32(&mut self, stem: &str, v: f32) -> String {
+    pub(super) fn scalar_f32(&mut self, stem: &str, v: f32) -> String {
         self.constant_f32(stem, &[], &[v])
     }
 
-    fn relu6_bounds(&mut self) -> (String, String) {
+    pub(super) fn relu6_bounds(&mut self) -> (String, String) {
         if self.relu6.is_none() {
             let lo = self.scalar_f32("zero", 0.0);
             let hi = self.scalar_f32("six", 6.0);
@@ -396,12 +417,12 @@ impl Builder {
         self.relu6.clone().unwrap_or_default()
     }
 
-    fn constant_i64(&mut self, stem: &str, dims: &[i64], v: &[i64]) -> String {
+    pub(super) fn constant_i64(&mut self, stem: &str, dims: &[i64], v: &[i64]) -> String {
         let raw = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.initializer(stem, dims, DataType::INT64, raw)
     }
 
-    fn tensor_f32(&mut self, stem: &str, t: &Tensor) -> Result<String, ExportError> {
+    pub(super) fn tensor_f32(&mut self, stem: &str, t: &Tensor) -> Result<String, ExportError> {
         let v = floats(t)?;
         Ok(self.constant_f32(stem, &t.size(), &v))
     }

@@ -81,15 +81,16 @@ impl Graph {
 
     /// `eps` as the layer was built with (tch keeps its config private).
     pub fn batch_norm(&mut self, input: Value, bn: &tch::nn::BatchNorm, eps: f64) -> Value {
+        // Shallow clones: the integer executor trains through these (scale and shift).
         let one = |t: &Option<Tensor>, fill: f64| match t {
-            Some(t) => t.detach().copy(),
+            Some(t) => t.shallow_clone(),
             None => bn.running_mean.ones_like() * fill,
         };
         let params = BatchNormParams {
             weight: one(&bn.ws, 1.0),
             bias: one(&bn.bs, 0.0),
-            mean: bn.running_mean.detach().copy(),
-            var: bn.running_var.detach().copy(),
+            mean: bn.running_mean.shallow_clone(),
+            var: bn.running_var.shallow_clone(),
             eps,
         };
         self.push(Op::BatchNorm { input, params })
@@ -98,12 +99,12 @@ impl Graph {
     pub fn linear(&mut self, input: Value, fc: &tch::nn::Linear) -> Value {
         let pooled = self.push(Op::GlobalAvgPool { input });
         let bias = match &fc.bs {
-            Some(b) => b.detach().copy(),
+            Some(b) => b.shallow_clone(),
             None => Tensor::zeros([fc.ws.size()[0]], (fc.ws.kind(), fc.ws.device())),
         };
         self.push(Op::Linear {
             input: pooled,
-            weight: fc.ws.detach().copy(),
+            weight: fc.ws.shallow_clone(),
             bias,
         })
     }

@@ -3,6 +3,7 @@
 
 mod calibrate;
 mod fused;
+pub mod integer;
 mod layers;
 mod network;
 mod quantizer;
@@ -13,6 +14,7 @@ pub use fused::{
     quantize_activation_mix_with, quantize_weight_mix, quantize_weight_mix_with, set_kernels,
     QuantKernels,
 };
+pub use integer::Numerics;
 pub(crate) use layers::initial_threshold;
 pub use layers::{FixedPolicyConvs, Observe, QuantLayerHandle, SupernetConvs, Temperature};
 pub use network::{build, calibrate, load, LayerCalibration, Network, Precision, QuantError};

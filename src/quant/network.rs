@@ -3,6 +3,7 @@
 //! policies move between them by name.
 
 use super::calibrate::{kl_threshold, CalibrationMethod};
+use super::integer::{Executor, LayerVars, Numerics, Plan, RANGES};
 use super::layers::{FixedPolicyConvs, Observe, QuantLayerHandle, SupernetConvs, Temperature};
 use super::CLIP_INIT;
 use crate::checkpoint::{self, Checkpoint, CheckpointError};
@@ -36,6 +37,10 @@ pub enum Precision {
     Fixed {
         policy: Policy,
         per_channel: bool,
+        /// How the network computes (absent in checkpoints written before integer numerics,
+        /// which are fake-quantized).
+        #[serde(default, skip_serializing_if = "Numerics::is_fake_quant")]
+        numerics: Numerics,
     },
     /// The mixed-precision supernet over these candidate sets.
     Supernet {
@@ -51,6 +56,10 @@ pub struct Network {
     pub precision: Precision,
     /// The supernet's softmax temperature (1 and unused for other precisions).
     pub temperature: Temperature,
+    /// Integer numerics' executor (fixed policies with [`Numerics::Integer`]).
+    pub integer: Option<Executor>,
+    /// Each conv layer's kernel and clip, for the integer executor.
+    layer_vars: std::collections::HashMap<String, LayerVars>,
 }
 
 impl std::fmt::Debug for Network {
@@ -78,6 +87,7 @@ pub fn build(
         Precision::Fixed {
             policy,
             per_channel,
+            ..
         } => {
             if policy.model != config.arch.to_string() {
                 return Err(PolicyError::WrongModel {
@@ -102,13 +112,57 @@ pub fn build(
             (net, factory.handles())
         }
     };
+    let mut layer_vars = std::collections::HashMap::new();
+    let mut integer = None;
+    if let Precision::Fixed {
+        policy,
+        numerics: Numerics::Integer,
+        ..
+    } = &precision
+    {
+        let graph = net.graph();
+        let plan = Plan::new(&graph, net.convs(), &policy.bits_by_layer())?;
+        let ranges = vs
+            .root()
+            .zeros_no_train(RANGES, &[graph.ops.len() as i64 + 1]);
+        integer = Some(Executor::new(plan, ranges));
+        let vars = vs.variables();
+        for spec in net.convs() {
+            if let Some(weight) = vars.get(&format!("{}.weight", spec.name)) {
+                layer_vars.insert(
+                    spec.name.clone(),
+                    LayerVars {
+                        weight: weight.shallow_clone(),
+                        act_clip: vars
+                            .get(&format!("{}.act_clip", spec.name))
+                            .map(|t| t.shallow_clone()),
+                    },
+                );
+            }
+        }
+    }
     Ok(Network {
         vs,
         net,
         handles,
         precision,
         temperature,
+        integer,
+        layer_vars,
     })
+}
+
+impl tch::nn::ModuleT for Network {
+    /// The network's logits: the integer executor for integer numerics (in training only
+    /// once batch norm is frozen), else the model's own forward pass.
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        match &self.integer {
+            Some(e) if !train || e.training_frozen() => {
+                e.forward(&self.net.graph(), self.net.convs(), &self.layer_vars, xs)
+            }
+            _ => self.net.forward_t(xs, train),
+        }
+    }
 }
 
 impl Network {
@@ -130,9 +184,10 @@ impl Network {
     /// kernels, batch norm, head). Quantizer state (thresholds, clips, α) keeps its init.
     pub fn load_fp_weights(&self, ck: &Checkpoint, path: &Path) -> Result<(), QuantError> {
         let quantizer_state = |n: &str| {
-            [".weight_threshold", ".act_clip", ".alpha_w", ".alpha_a"]
-                .iter()
-                .any(|s| n.ends_with(s))
+            n == RANGES
+                || [".weight_threshold", ".act_clip", ".alpha_w", ".alpha_a"]
+                    .iter()
+                    .any(|s| n.ends_with(s))
         };
         checkpoint::load_into_var_store(
             &self.vs,
@@ -330,6 +385,38 @@ pub fn calibrate(
         });
     }
     Ok(out)
+}
+
+impl Network {
+    /// Sets integer numerics' 8-bit ranges from `batches` (normalised images); nothing for
+    /// other numerics.
+    pub fn calibrate_ranges(&self, batches: &[Tensor]) {
+        let Some(e) = &self.integer else {
+            return;
+        };
+        let device = self.vs.device();
+        let graph = self.net.graph();
+        e.calibrate(&graph, || {
+            tch::no_grad(|| {
+                for b in batches {
+                    let _ = e.forward(
+                        &graph,
+                        self.net.convs(),
+                        &self.layer_vars,
+                        &b.to_device(device),
+                    );
+                }
+            })
+        });
+    }
+
+    /// The precision's numerics (fake quantization for anything but a fixed policy).
+    pub fn numerics(&self) -> Numerics {
+        match &self.precision {
+            Precision::Fixed { numerics, .. } => *numerics,
+            _ => Numerics::FakeQuant,
+        }
+    }
 }
 
 /// Loads any gmpq checkpoint (full precision, fixed policy or supernet) onto `device`.

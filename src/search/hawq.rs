@@ -196,6 +196,7 @@ pub fn sensitivities(
             Precision::Fixed {
                 policy,
                 per_channel: false,
+                numerics: crate::quant::Numerics::FakeQuant,
             },
             device,
         )

@@ -512,6 +512,7 @@ pub fn fixed_from_supernet(sn: &Network, policy: &Policy) -> Result<Network> {
         Precision::Fixed {
             policy: policy.clone(),
             per_channel: false,
+            numerics: crate::quant::Numerics::FakeQuant,
         },
         sn.vs.device(),
     )?;

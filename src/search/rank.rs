@@ -184,6 +184,7 @@ fn calibrated_top1(policy: &Policy, data: &RankingData, batches: &[tch::Tensor])
         Precision::Fixed {
             policy: policy.clone(),
             per_channel: false,
+            numerics: crate::quant::Numerics::FakeQuant,
         },
         data.device,
     )?;

@@ -460,20 +460,19 @@ pub struct InitFrom {
     pub calibration_images: usize,
 }
 
-/// Calibrates a freshly initialised quantized network on a stratified subset of the
-/// training images (no augmentation).
-fn calibrate_from(
-    network: &quant::Network,
-    job: &TrainJob,
-    init: &InitFrom,
-    eval_pipe: &Pipeline,
-) -> Result<Vec<quant::LayerCalibration>> {
-    let step = (job.train_indices.len() / init.calibration_images.max(1)).max(1);
+/// Where integer numerics freeze batch norm: the fraction of the run's steps trained with
+/// float batch norm (batch statistics) before the rest trains folded, as deployed.
+pub const BN_FREEZE_AT: f64 = 0.5;
+
+/// A stratified subset of `images` training images (no augmentation), as batches: what a
+/// fine-tuning calibrates its quantizers on.
+fn calibration_batches(job: &TrainJob, images: usize, eval_pipe: &Pipeline) -> Result<Vec<Tensor>> {
+    let step = (job.train_indices.len() / images.max(1)).max(1);
     let idx: Vec<usize> = job
         .train_indices
         .iter()
         .step_by(step)
-        .take(init.calibration_images)
+        .take(images)
         .copied()
         .collect();
     let loader = DataLoader::new(
@@ -486,10 +485,9 @@ fn calibrate_from(
         },
         0,
     )?;
-    let batches: Vec<Tensor> = loader
+    Ok(loader
         .map(|b| b.map(|b| b.images))
-        .collect::<std::result::Result<_, _>>()?;
-    Ok(quant::calibrate(network, &batches, init.calibration)?)
+        .collect::<std::result::Result<_, _>>()?)
 }
 
 /// The checkpoint a run keeps in its output folder.
@@ -559,7 +557,7 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
     // Seed before the network is built: the weight init draws from libtorch's RNG.
     tch::manual_seed(cfg.seed as i64);
     let network = quant::build(&job.model, job.precision.clone(), job.device)?;
-    let (vs, net) = (&network.vs, &network.net);
+    let (vs, net) = (&network.vs, &network);
     let mut opt = Sgd::new(Sgd::trainable(vs), cfg.momentum, cfg.weight_decay);
     let train_json = serde_json::to_value(cfg).map_err(|e| TrainError::Invalid(e.to_string()))?;
 
@@ -649,8 +647,35 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
     ]);
     let (train_pipe, eval_pipe) = pipelines(native, &job.model, cfg.augment, normalize);
     let train_pipe = Arc::new(train_pipe);
+    let calibration_images = job
+        .init
+        .as_ref()
+        .map_or(request::CALIBRATION_IMAGES, |i| i.calibration_images);
+    let calib_batches = if network.handles.is_empty() {
+        Vec::new()
+    } else {
+        calibration_batches(&job, calibration_images, &eval_pipe)?
+    };
     if let (Some(init), 0, false) = (&job.init, start_epoch, network.handles.is_empty()) {
-        calibration = Some(calibrate_from(&network, &job, init, &eval_pipe)?);
+        calibration = Some(quant::calibrate(
+            &network,
+            &calib_batches,
+            init.calibration,
+        )?);
+    }
+    // Integer numerics: float batch norm until `freeze_step`, then the deployed, folded form
+    // (ranges calibrated once there, then saved); evaluation always runs the deployed form.
+    let total_steps = cfg.epochs * (job.train_indices.len() / cfg.batch_size);
+    let freeze_step = (total_steps as f64 * BN_FREEZE_AT).floor() as usize;
+    let frozen =
+        |network: &quant::Network| network.integer.as_ref().is_none_or(|e| e.training_frozen());
+    if let Some(e) = &network.integer {
+        let done = start_epoch * (job.train_indices.len() / cfg.batch_size);
+        if done >= freeze_step && start_epoch > 0 {
+            e.set_training_frozen(true);
+        } else {
+            network.calibrate_ranges(&calib_batches);
+        }
     }
 
     let mut meta = CheckpointMeta {
@@ -685,6 +710,12 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
         let mut lr = cfg.lr;
         for (b, batch) in loader.enumerate() {
             let batch = batch?;
+            if !frozen(&network) && epoch * steps_per_epoch + b >= freeze_step {
+                network.calibrate_ranges(&calib_batches);
+                if let Some(e) = &network.integer {
+                    e.set_training_frozen(true);
+                }
+            }
             let (x, y) = (
                 batch.images.to_device(job.device),
                 batch.labels.to_device(job.device),
@@ -723,6 +754,10 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
         }
         let train_seconds = started.elapsed().as_secs_f64();
         job.progress.evaluating();
+        if !frozen(&network) {
+            // Batch norm has moved since the ranges were set.
+            network.calibrate_ranges(&calib_batches);
+        }
         let test = evaluate(
             net,
             job.test_data.clone(),

@@ -39,6 +39,7 @@ impl Finetune {
             precision: Precision::Fixed {
                 policy: policy.with_totals(net.convs(), net.fc_spec()),
                 per_channel,
+                numerics: crate::quant::Numerics::FakeQuant,
             },
         })
     }

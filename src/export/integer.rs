@@ -1,0 +1,475 @@
+//! The integer network ([`crate::quant::integer`]) as ONNX: QDQ units that ONNX Runtime fuses
+//! into integer kernels, computing what gmpq trained and evaluated.
+//!
+//! - A quantized conv: `DequantizeLinear(x: uint8)`, `DequantizeLinear(kernel: int8,
+//!   per channel, axis 0)`, `DequantizeLinear(bias: int32, scale s_x·s_w)` → `Conv` →
+//!   optional `Relu` → `QuantizeLinear(uint8)`: ONNX Runtime's QLinearConv unit (the Relu is
+//!   dropped: a zero point of 0 clamps the same).
+//! - A residual add: `DequantizeLinear` on both inputs → `Add` → optional `Relu` →
+//!   `QuantizeLinear`: its QLinearAdd unit.
+//! - Values held at a conv's input bits (2–6-bit levels in a uint8): the `QuantizeLinear` is
+//!   followed by an integer `Clip` to the levels (ReLU6 folded in); an 8-bit value a conv
+//!   reads at fewer bits is re-quantized (`DequantizeLinear → QuantizeLinear → Clip`).
+//! - Signed values (after MobileNet's linear bottlenecks) are uint8 around zero point 128:
+//!   ONNX Runtime's x86 integer kernels take uint8 activations.
+//! - The float stem (its batch norm folded) and the classifier (global average pool, Gemm)
+//!   stay float; a `Pad` before a conv becomes the conv's padding.
+
+use super::onnx::{attr_int, attr_ints, floats, Builder};
+use super::ExportError;
+use crate::model::graph::{Graph, Op, Value};
+use crate::model::ConvSpec;
+use crate::quant::integer::{
+    bias_integers, eight_scale, fold, folded_threshold, input_levels, input_scale, Plan, Step,
+    RANGES, STEM_BITS,
+};
+use crate::quant::{weight_scale, Network};
+use onnx_protobuf::tensor_proto::DataType;
+use std::collections::HashMap;
+use tch::Tensor;
+
+/// An emitted value: float, or uint8 with its scale and zero point.
+#[derive(Clone)]
+enum Emitted {
+    Float(String),
+    Quant { name: String, scale: f32, zero: u8 },
+}
+
+/// A graph value as emitted: as general readers see it, and as each direct reader does.
+#[derive(Clone)]
+struct Slot {
+    general: Emitted,
+    direct: HashMap<String, Emitted>,
+}
+
+impl Slot {
+    fn float(e: Emitted) -> Self {
+        Slot {
+            general: e,
+            direct: HashMap::new(),
+        }
+    }
+}
+
+/// Writes `net`'s integer graph after `input` (the normalised image); returns the logits.
+pub(super) fn emit(b: &mut Builder, net: &Network, input: String) -> Result<String, ExportError> {
+    let e = net.integer.as_ref().ok_or_else(|| {
+        ExportError::Unsupported("the network does not compute with integer numerics".into())
+    })?;
+    let plan = &e.plan;
+    let graph = net.net.graph();
+    let vars = net.vs.variables();
+    let var = |name: &str| -> Result<Tensor, ExportError> {
+        vars.get(name)
+            .map(|t| t.detach().to_device(tch::Device::Cpu))
+            .ok_or_else(|| ExportError::Unsupported(format!("the network has no tensor '{name}'")))
+    };
+    let ranges = floats(&var(RANGES)?)?;
+    let specs: HashMap<&str, &ConvSpec> = net
+        .net
+        .convs()
+        .iter()
+        .map(|c| (c.name.as_str(), c))
+        .collect();
+    let mut w = Writer {
+        b,
+        plan,
+        graph: &graph,
+        ranges,
+        clips: HashMap::new(),
+    };
+    for name in plan.bits.keys() {
+        let clip = var(&format!("{name}.act_clip"))?;
+        if clip.numel() != 1 {
+            return Err(ExportError::Unsupported(format!(
+                "layer '{name}': {} activation clips (a supernet layer?)",
+                clip.numel()
+            )));
+        }
+        let r = clip.double_value(&[]);
+        if !(r.is_finite() && r > 0.0) {
+            return Err(ExportError::Unsupported(format!(
+                "layer '{name}': activation clip {r} is not a positive number"
+            )));
+        }
+        w.clips.insert(name.clone(), r);
+    }
+    let mut values: Vec<Option<Slot>> = vec![None; graph.ops.len() + 1];
+    values[0] = Some(match plan.held[0].eight {
+        // The image at 8 bits for the integer stem.
+        Some(_) => {
+            let mut input = Some(input);
+            let mut image = |_: &mut Writer| Ok(input.take().unwrap_or_default());
+            w.finish(&mut image, &[], 0)?
+        }
+        None => Slot::float(Emitted::Float(input)),
+    });
+    let get = |values: &[Option<Slot>], v: Value| -> Result<Slot, ExportError> {
+        values[v].clone().ok_or_else(|| {
+            ExportError::Unsupported(format!("graph value {v} used before it is set"))
+        })
+    };
+    for step in &plan.steps {
+        match step {
+            Step::Conv(u) => {
+                let Op::BatchNorm { params, .. } = &graph.ops[u.bn] else {
+                    continue;
+                };
+                let spec = specs.get(u.layer.as_str()).ok_or_else(|| {
+                    ExportError::Unsupported(format!("the network has no conv layer '{}'", u.layer))
+                })?;
+                let weight = var(&format!("{}.weight", u.layer))?;
+                let (w_f, b_f) = tch::no_grad(|| fold(&weight, params));
+                let slot = get(&values, u.input)?;
+                let (x, kernel, bias) = match plan.bits.get(&u.layer) {
+                    Some(&(w_bits, a_bits, signed)) => {
+                        let x = match slot.direct.get(&u.layer) {
+                            Some(q) => w.float(q.clone()),
+                            None => {
+                                let f = w.float(slot.general);
+                                let q = w.quantize_input(&f, &u.layer, false)?;
+                                w.float(q)
+                            }
+                        };
+                        let s_x = input_scale(w.clip(&u.layer)?, a_bits, signed);
+                        let (kernel, bias) = w.integer_kernel(&u.layer, &w_f, &b_f, s_x, w_bits)?;
+                        (x, kernel, bias)
+                    }
+                    None if plan.stem.contains(&u.layer) => {
+                        let s_x = match &slot.general {
+                            Emitted::Quant { scale, .. } => *scale,
+                            Emitted::Float(_) => {
+                                return Err(ExportError::Unsupported(format!(
+                                    "stem '{}' reads a float value",
+                                    u.layer
+                                )))
+                            }
+                        };
+                        let x = w.float(slot.general);
+                        let (kernel, bias) =
+                            w.integer_kernel(&u.layer, &w_f, &b_f, s_x, STEM_BITS)?;
+                        (x, kernel, bias)
+                    }
+                    None => {
+                        let f = w.float(slot.general);
+                        let kernel =
+                            w.b.tensor_f32(&format!("{}.weight_folded", u.layer), &w_f)?;
+                        let bias = w.b.tensor_f32(&format!("{}.bias_folded", u.layer), &b_f)?;
+                        (f, kernel, bias)
+                    }
+                };
+                let k = spec.kernel as i64;
+                let (s, p) = (spec.stride as i64, spec.padding as i64);
+                // ONNX pads: [top, left, bottom, right]; the graph's: [left, right, top, bottom].
+                let pads = match u.pads {
+                    Some([l, r, t, bt]) => [p + t, p + l, p + bt, p + r],
+                    None => [p; 4],
+                };
+                let groups = spec.groups as i64;
+                let mut conv = |w: &mut Writer| {
+                    Ok(w.b.node(
+                        "Conv",
+                        &[&x, &kernel, &bias],
+                        vec![
+                            attr_ints("kernel_shape", &[k, k]),
+                            attr_ints("strides", &[s, s]),
+                            attr_ints("pads", &pads),
+                            attr_ints("dilations", &[1, 1]),
+                            attr_int("group", groups),
+                        ],
+                    ))
+                };
+                values[u.output] = Some(w.finish(&mut conv, &u.post, u.output)?);
+            }
+            Step::Add(u) => {
+                let (a, bb) = (get(&values, u.a)?.general, get(&values, u.b)?.general);
+                // Each quantization of the sum gets its own Add (ONNX Runtime fuses one
+                // Add with one QuantizeLinear).
+                let mut add = |w: &mut Writer| {
+                    let (a, bb) = (w.float(a.clone()), w.float(bb.clone()));
+                    Ok(w.b.node("Add", &[&a, &bb], vec![]))
+                };
+                values[u.output] = Some(w.finish(&mut add, &u.post, u.output)?);
+            }
+            Step::Float(i) => {
+                let op = &graph.ops[*i];
+                let inputs: Vec<String> = crate::quant::integer::op_inputs(op)
+                    .into_iter()
+                    .map(|v| get(&values, v).map(|x| w.float(x.general)))
+                    .collect::<Result<_, _>>()?;
+                let y = w.float_op(op, &inputs)?;
+                values[i + 1] = Some(Slot::float(Emitted::Float(y)));
+            }
+        }
+    }
+    let last = get(&values, graph.ops.len())?.general;
+    Ok(w.float(last))
+}
+
+struct Writer<'a> {
+    b: &'a mut Builder,
+    plan: &'a Plan,
+    graph: &'a Graph,
+    ranges: Vec<f32>,
+    clips: HashMap<String, f64>,
+}
+
+impl Writer<'_> {
+    fn clip(&self, layer: &str) -> Result<f64, ExportError> {
+        self.clips.get(layer).copied().ok_or_else(|| {
+            ExportError::Unsupported(format!("layer '{layer}' has no activation clip"))
+        })
+    }
+
+    fn scale_and_zero(&mut self, stem: &str, scale: f32, zero: u8) -> (String, String) {
+        let s = self.b.scalar_f32(&format!("{stem}.scale"), scale);
+        let z = self.b.initializer(
+            &format!("{stem}.zero_point"),
+            &[],
+            DataType::UINT8,
+            vec![zero],
+        );
+        (s, z)
+    }
+
+    fn dequantize(&mut self, name: &str, scale: f32, zero: u8) -> String {
+        let (s, z) = self.scale_and_zero("dq", scale, zero);
+        self.b.node("DequantizeLinear", &[name, &s, &z], vec![])
+    }
+
+    /// A value as float (a `DequantizeLinear` per use, as ONNX Runtime's units want).
+    fn float(&mut self, e: Emitted) -> String {
+        match e {
+            Emitted::Float(name) => name,
+            Emitted::Quant { name, scale, zero } => self.dequantize(&name, scale, zero),
+        }
+    }
+
+    /// `QuantizeLinear` to `layer`'s input quantizer, then the integer clip to its levels
+    /// (and to ReLU6's 6 when `relu6`).
+    fn quantize_input(
+        &mut self,
+        x: &str,
+        layer: &str,
+        relu6: bool,
+    ) -> Result<Emitted, ExportError> {
+        let &(_, a_bits, signed) =
+            self.plan.bits.get(layer).ok_or_else(|| {
+                ExportError::Unsupported(format!("layer '{layer}' is not quantized"))
+            })?;
+        let scale = input_scale(self.clip(layer)?, a_bits, signed);
+        let levels = input_levels(a_bits, signed);
+        let (zero, lo, mut hi) = if signed {
+            (128u8, 128 - levels, 128 + levels)
+        } else {
+            (0u8, 0, levels)
+        };
+        if relu6 && !signed {
+            // round(6/s) with ties to even, as the quantizer rounds min(x, 6)/s.
+            let six = (6.0f32 / scale).round_ties_even() as i64;
+            hi = hi.min(six);
+        }
+        let (s, z) = self.scale_and_zero(&format!("{layer}.input"), scale, zero);
+        let q = self.b.node("QuantizeLinear", &[x, &s, &z], vec![]);
+        let lo = self.b.initializer(
+            &format!("{layer}.input_min"),
+            &[],
+            DataType::UINT8,
+            vec![lo.clamp(0, 255) as u8],
+        );
+        let hi = self.b.initializer(
+            &format!("{layer}.input_max"),
+            &[],
+            DataType::UINT8,
+            vec![hi.clamp(0, 255) as u8],
+        );
+        let clipped = self.b.node("Clip", &[&q, &lo, &hi], vec![]);
+        Ok(Emitted::Quant {
+            name: clipped,
+            scale,
+            zero,
+        })
+    }
+
+    /// The int8 kernel and int32 bias of a folded conv, each behind its `DequantizeLinear`.
+    fn integer_kernel(
+        &mut self,
+        layer: &str,
+        w_f: &Tensor,
+        b_f: &Tensor,
+        s_x: f32,
+        w_bits: u32,
+    ) -> Result<(String, String), ExportError> {
+        let (q, s_w, q_b, b_scale) = tch::no_grad(|| {
+            let t = folded_threshold(w_f, b_f, s_x, w_bits);
+            let s = weight_scale(&t, w_bits);
+            let q = (w_f.clamp_tensor(Some(&-&t), Some(&t)) / &s).round();
+            let (q_b, b_scale) = bias_integers(b_f, s_x, &s);
+            (q, s, q_b, b_scale)
+        });
+        let q = floats(&q)?;
+        let s_w = floats(&s_w)?;
+        let q_b = floats(&q_b)?;
+        let b_scale = floats(&b_scale)?;
+        let c = s_w.len() as i64;
+        let raw: Vec<u8> = q.iter().map(|&v| (v as i8) as u8).collect();
+        let qw = self.b.initializer(
+            &format!("{layer}.weight_int8"),
+            &w_f.size(),
+            DataType::INT8,
+            raw,
+        );
+        let sw = self
+            .b
+            .constant_f32(&format!("{layer}.weight_scale"), &[c], &s_w);
+        let zw = self.b.initializer(
+            &format!("{layer}.weight_zero_point"),
+            &[c],
+            DataType::INT8,
+            vec![0; c as usize],
+        );
+        let kernel = self.b.node(
+            "DequantizeLinear",
+            &[&qw, &sw, &zw],
+            vec![attr_int("axis", 0)],
+        );
+        let raw: Vec<u8> = q_b.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect();
+        let qb = self
+            .b
+            .initializer(&format!("{layer}.bias_int32"), &[c], DataType::INT32, raw);
+        let sb = self
+            .b
+            .constant_f32(&format!("{layer}.bias_scale"), &[c], &b_scale);
+        let zb = self.b.initializer(
+            &format!("{layer}.bias_zero_point"),
+            &[c],
+            DataType::INT32,
+            vec![0; 4 * c as usize],
+        );
+        let bias = self.b.node(
+            "DequantizeLinear",
+            &[&qb, &sb, &zb],
+            vec![attr_int("axis", 0)],
+        );
+        Ok((kernel, bias))
+    }
+
+    /// A unit's op (`make`, emitted once per quantization of its output), its post ops, and
+    /// the quantizations the plan holds its output in.
+    fn finish(
+        &mut self,
+        make: &mut dyn FnMut(&mut Self) -> Result<String, ExportError>,
+        post: &[usize],
+        output: Value,
+    ) -> Result<Slot, ExportError> {
+        let held = self.plan.held[output].clone();
+        let relu6 = Plan::has_relu6(self.graph, post);
+        let quantized = held.eight.is_some() || !held.direct.is_empty();
+        let mut unit = |w: &mut Self| -> Result<String, ExportError> {
+            let mut y = make(w)?;
+            for &p in post {
+                y = match &w.graph.ops[p] {
+                    // Quantized outputs: ReLU6's bound is the integer clip or the 8-bit range.
+                    Op::Relu6 { .. } if quantized => w.b.node("Relu", &[&y], vec![]),
+                    op => w.float_op(op, &[y])?,
+                };
+            }
+            Ok(y)
+        };
+        let mut direct = HashMap::new();
+        for layer in &held.direct {
+            let y = unit(self)?;
+            direct.insert(layer.clone(), self.quantize_input(&y, layer, relu6)?);
+        }
+        let general = match held.eight {
+            Some(signed) => {
+                let y = unit(self)?;
+                let range = self.ranges.get(output).copied().unwrap_or(0.0);
+                if !(range.is_finite() && range > 0.0) {
+                    return Err(ExportError::Unsupported(
+                        "the integer network's 8-bit ranges are not calibrated".into(),
+                    ));
+                }
+                let scale = eight_scale(range, signed);
+                let zero = if signed { 128 } else { 0 };
+                let (s, z) = self.scale_and_zero("q8", scale, zero);
+                let q = self.b.node("QuantizeLinear", &[&y, &s, &z], vec![]);
+                Emitted::Quant {
+                    name: q,
+                    scale,
+                    zero,
+                }
+            }
+            None => match direct.values().next() {
+                Some(d) => d.clone(),
+                None => Emitted::Float(unit(self)?),
+            },
+        };
+        Ok(Slot { general, direct })
+    }
+
+    /// An op in float (everything but convs and their units).
+    fn float_op(&mut self, op: &Op, inputs: &[String]) -> Result<String, ExportError> {
+        let x = inputs.first().cloned().unwrap_or_default();
+        Ok(match op {
+            Op::Relu { .. } => self.b.node("Relu", &[&x], vec![]),
+            Op::Relu6 { .. } => {
+                let (lo, hi) = self.b.relu6_bounds();
+                self.b.node("Clip", &[&x, &lo, &hi], vec![])
+            }
+            Op::Add { .. } => self.b.node("Add", &[&x, &inputs[1]], vec![]),
+            Op::MaxPool {
+                kernel,
+                stride,
+                padding,
+                ..
+            } => self.b.node(
+                "MaxPool",
+                &[&x],
+                vec![
+                    attr_ints("kernel_shape", &[*kernel, *kernel]),
+                    attr_ints("strides", &[*stride, *stride]),
+                    attr_ints("pads", &[*padding; 4]),
+                ],
+            ),
+            Op::GlobalAvgPool { .. } => {
+                let pooled = self.b.node("GlobalAveragePool", &[&x], vec![]);
+                self.b
+                    .node("Flatten", &[&pooled], vec![attr_int("axis", 1)])
+            }
+            Op::Linear { weight, bias, .. } => {
+                let w = self.b.tensor_f32("fc.weight", &weight.detach())?;
+                let bias = self.b.tensor_f32("fc.bias", &bias.detach())?;
+                self.b
+                    .node("Gemm", &[&x, &w, &bias], vec![attr_int("transB", 1)])
+            }
+            Op::Pad { pads, .. } => {
+                let [l, r, t, bt] = *pads;
+                let p = self
+                    .b
+                    .constant_i64("pads", &[8], &[0, 0, t, l, 0, 0, bt, r]);
+                self.b.node(
+                    "Pad",
+                    &[&x, &p],
+                    vec![super::onnx::attr_str("mode", "constant")],
+                )
+            }
+            Op::BatchNorm { params, .. } => {
+                let scale = self.b.tensor_f32("bn.scale", &params.weight.detach())?;
+                let bias = self.b.tensor_f32("bn.bias", &params.bias.detach())?;
+                let mean = self.b.tensor_f32("bn.mean", &params.mean.detach())?;
+                let var = self.b.tensor_f32("bn.var", &params.var.detach())?;
+                self.b.node(
+                    "BatchNormalization",
+                    &[&x, &scale, &bias, &mean, &var],
+                    vec![super::onnx::attr_float("epsilon", params.eps as f32)],
+                )
+            }
+            Op::Conv { layer, .. } => {
+                return Err(ExportError::Unsupported(format!(
+                    "conv '{layer}' outside a conv unit"
+                )))
+            }
+        })
+    }
+}

@@ -1,0 +1,640 @@
+//! Integer numerics: a fixed-policy network computed the way ONNX Runtime's integer kernels
+//! (QLinearConv, QLinearAdd) compute its exported graph, so that what gmpq trains and
+//! evaluates is what the deployed model returns.
+//!
+//! On the network's [`Graph`] (the same ops the exporters read):
+//! - every conv is fused with its batch norm: `w_f = w·γ/√(σ²+ε)`, `b_f = β − μ·γ/√(σ²+ε)`,
+//!   with the running statistics frozen;
+//! - a quantized conv's kernel is `w_f` quantized symmetrically per output channel at its
+//!   policy bits (`T_c = max|w_f[c]|`), its bias `b_f` rounded to int32 in units of
+//!   `s_x·s_w[c]`;
+//! - every conv output and every residual sum (after its ReLU/ReLU6/max-pool) is quantized
+//!   once: at the input quantizer of the one quantized conv that reads it (its bits and
+//!   learned clip, in an 8-bit container), or, where several ops read it, to 8 bits with a
+//!   calibrated range (unsigned after a ReLU, else signed with zero point 128); each conv
+//!   then re-quantizes that to its own input bits;
+//! - the full-precision stem computes in float (folded) and the classifier (global average
+//!   pool + linear) reads the dequantized features in float, as in training.
+//!
+//! [`Executor::forward`] computes this in libtorch with straight-through gradients (to the
+//! kernels, the batch norm's scale and shift, and the activation clips); the ONNX exporter
+//! writes the same plan as QDQ units that ONNX Runtime fuses into integer kernels.
+
+use super::fused::{quantize_activation_mix, quantize_weight_mix};
+use super::QuantError;
+use crate::model::graph::{BatchNormParams, Graph, Op, Value};
+use crate::model::ConvSpec;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use tch::{Kind, Tensor};
+
+/// How a fixed-policy network computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Numerics {
+    /// The reference's fake quantization: conv inputs and kernels quantized, batch norm,
+    /// residual adds and activations in float (what checkpoints written before integer
+    /// numerics hold).
+    #[default]
+    FakeQuant,
+    /// Integer deployment numerics (see the module docs): folded batch norm, int32 biases,
+    /// every conv output and residual sum re-quantized.
+    Integer,
+}
+
+impl Numerics {
+    pub fn name(self) -> &'static str {
+        match self {
+            Numerics::FakeQuant => "fake-quant",
+            Numerics::Integer => "integer",
+        }
+    }
+    pub fn is_fake_quant(&self) -> bool {
+        *self == Numerics::FakeQuant
+    }
+}
+
+impl std::str::FromStr for Numerics {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fake-quant" => Ok(Numerics::FakeQuant),
+            "integer" => Ok(Numerics::Integer),
+            _ => Err(format!("unknown numerics '{s}' (integer, fake-quant)")),
+        }
+    }
+}
+
+/// The name of the var-store tensor holding the 8-bit ranges, indexed by graph value.
+pub const RANGES: &str = "integer_ranges";
+
+/// How a value of the graph is held in the integer network: float (the default), and/or
+/// quantized for its readers.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Holding {
+    /// 8 bits with a calibrated range `R` (stored at the value's index in [`RANGES`]) for
+    /// every reader not in `direct`: unsigned `s = R/255`, or signed `s = R/127` around zero
+    /// point 128. Quantized convs among those readers re-quantize it to their input bits.
+    pub eight: Option<bool>,
+    /// Quantized convs that read the value at their own input quantizer (bits and clip,
+    /// uint8 container), quantized once from its float form.
+    pub direct: Vec<String>,
+}
+
+/// A conv fused with its batch norm and the ops that follow it before quantization.
+#[derive(Debug, Clone)]
+pub struct ConvUnit {
+    /// The op index of the conv.
+    pub conv: usize,
+    /// The op index of its batch norm.
+    pub bn: usize,
+    pub layer: String,
+    /// The value the conv reads (after a padding op, if any: see `pads`).
+    pub input: Value,
+    /// Zero padding `[left, right, top, bottom]` of a `Pad` op that feeds only this conv.
+    pub pads: Option<[i64; 4]>,
+    /// ReLU / ReLU6 / max-pool ops applied after the batch norm, in order.
+    pub post: Vec<usize>,
+    /// The value the unit produces (after `post`).
+    pub output: Value,
+}
+
+/// A residual add and the ops that follow it before quantization.
+#[derive(Debug, Clone)]
+pub struct AddUnit {
+    pub op: usize,
+    pub a: Value,
+    pub b: Value,
+    pub post: Vec<usize>,
+    pub output: Value,
+}
+
+/// One step of the integer network.
+#[derive(Debug, Clone)]
+pub enum Step {
+    Conv(ConvUnit),
+    Add(AddUnit),
+    /// Any other op, computed in float on dequantized values (pooling, the classifier).
+    Float(usize),
+}
+
+/// The integer network's plan over a graph: its steps and how each value is held.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    /// By value (0 = input, `i + 1` = op `i`'s output).
+    pub held: Vec<Holding>,
+    /// Quantized layers by name: `(w_bits, a_bits, signed input)`.
+    pub bits: HashMap<String, (u32, u32, bool)>,
+    /// Full-precision convs (the stem) that read the image: they run as 8-bit integer convs
+    /// on the image quantized to 8 bits (signed, calibrated range), so that every conv of the
+    /// deployed graph is an integer kernel and its layout stays channels-last end to end.
+    pub stem: Vec<String>,
+}
+
+impl Plan {
+    /// Plans `graph` for the quantized layers `bits` (others stay float); fails on a graph
+    /// shape the integer form does not cover (a conv without batch norm).
+    pub fn new(
+        graph: &Graph,
+        specs: &[ConvSpec],
+        bits: &HashMap<String, (u32, u32)>,
+    ) -> Result<Self, QuantError> {
+        let n_values = graph.ops.len() + 1;
+        let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); n_values];
+        for (i, op) in graph.ops.iter().enumerate() {
+            for v in op_inputs(op) {
+                consumers[v].push(i);
+            }
+        }
+        let qbits: HashMap<String, (u32, u32, bool)> = specs
+            .iter()
+            .filter(|s| s.quantizable)
+            .filter_map(|s| {
+                bits.get(&s.name)
+                    .map(|&(w, a)| (s.name.clone(), (w, a, s.signed_input)))
+            })
+            .collect();
+        let sole = |v: Value| -> Option<usize> {
+            match consumers[v].as_slice() {
+                [only] => Some(*only),
+                _ => None,
+            }
+        };
+        // The ops that follow value `v` while each is its input's only reader.
+        let post_of = |mut v: Value| -> (Vec<usize>, Value) {
+            let mut post = Vec::new();
+            while let Some(next) = sole(v) {
+                match graph.ops[next] {
+                    Op::Relu { .. } | Op::Relu6 { .. } | Op::MaxPool { .. } => {
+                        post.push(next);
+                        v = next + 1;
+                    }
+                    _ => break,
+                }
+            }
+            (post, v)
+        };
+        let mut steps = Vec::new();
+        let mut fused = vec![false; graph.ops.len()];
+        for (i, op) in graph.ops.iter().enumerate() {
+            if fused[i] {
+                continue;
+            }
+            match op {
+                Op::Conv { input, layer } => {
+                    let bn = sole(i + 1)
+                        .filter(|&j| matches!(graph.ops[j], Op::BatchNorm { .. }))
+                        .ok_or_else(|| {
+                            QuantError::Invalid(format!(
+                                "integer numerics: conv '{layer}' is not followed by a batch norm"
+                            ))
+                        })?;
+                    let (input, pads) = match graph.ops.get(input.wrapping_sub(1)) {
+                        Some(Op::Pad { input: src, pads }) if *input > 0 => (*src, Some(*pads)),
+                        _ => (*input, None),
+                    };
+                    let (post, output) = post_of(bn + 1);
+                    fused[bn] = true;
+                    post.iter().for_each(|&p| fused[p] = true);
+                    steps.push(Step::Conv(ConvUnit {
+                        conv: i,
+                        bn,
+                        layer: layer.clone(),
+                        input,
+                        pads,
+                        post,
+                        output,
+                    }));
+                }
+                Op::Add { a, b } => {
+                    let (post, output) = post_of(i + 1);
+                    post.iter().for_each(|&p| fused[p] = true);
+                    steps.push(Step::Add(AddUnit {
+                        op: i,
+                        a: *a,
+                        b: *b,
+                        post,
+                        output,
+                    }));
+                }
+                // A padding op is folded into the conv that reads it.
+                Op::Pad { .. }
+                    if sole(i + 1).is_some_and(|c| matches!(graph.ops[c], Op::Conv { .. })) => {}
+                _ => steps.push(Step::Float(i)),
+            }
+        }
+        // How each unit's output is held. A conv's output can feed one integer kernel's
+        // quantize op: at its one reader's input quantizer, else 8 bits. A residual sum is
+        // cheap to repeat: each quantized conv reading it gets its own sum at its input bits.
+        let mut held = vec![Holding::default(); n_values];
+        for step in &steps {
+            let (output, post, is_add) = match step {
+                Step::Conv(u) => (u.output, &u.post, false),
+                Step::Add(u) => (u.output, &u.post, true),
+                Step::Float(_) => continue,
+            };
+            let readers: Vec<usize> = consumers[output]
+                .iter()
+                .flat_map(|&r| match graph.ops[r] {
+                    Op::Pad { .. } => consumers[r + 1].clone(),
+                    _ => vec![r],
+                })
+                .collect();
+            let quantized_conv = |r: &usize| match &graph.ops[*r] {
+                Op::Conv { layer, .. } if qbits.contains_key(layer) => Some(layer.clone()),
+                _ => None,
+            };
+            let after_relu = post
+                .iter()
+                .any(|&p| matches!(graph.ops[p], Op::Relu { .. } | Op::Relu6 { .. }));
+            let direct: Vec<String> = if is_add || readers.len() == 1 {
+                readers.iter().filter_map(quantized_conv).collect()
+            } else {
+                Vec::new()
+            };
+            let others = readers.len() > direct.len();
+            held[output] = Holding {
+                eight: others.then_some(!after_relu),
+                direct,
+            };
+        }
+        let stem: Vec<String> = consumers[0]
+            .iter()
+            .filter_map(|&r| match &graph.ops[r] {
+                Op::Conv { layer, .. } if !qbits.contains_key(layer) => Some(layer.clone()),
+                _ => None,
+            })
+            .collect();
+        if !stem.is_empty() {
+            held[0] = Holding {
+                eight: Some(true),
+                direct: Vec::new(),
+            };
+        }
+        Ok(Self {
+            steps,
+            held,
+            bits: qbits,
+            stem,
+        })
+    }
+
+    /// Whether a unit's post ops end in a ReLU6 (its quantization must not pass 6).
+    pub fn has_relu6(graph: &Graph, post: &[usize]) -> bool {
+        post.iter()
+            .any(|&p| matches!(graph.ops[p], Op::Relu6 { .. }))
+    }
+}
+
+/// The values an op reads.
+pub fn op_inputs(op: &Op) -> Vec<Value> {
+    match op {
+        Op::Pad { input, .. }
+        | Op::Conv { input, .. }
+        | Op::BatchNorm { input, .. }
+        | Op::Relu { input }
+        | Op::Relu6 { input }
+        | Op::MaxPool { input, .. }
+        | Op::GlobalAvgPool { input }
+        | Op::Linear { input, .. } => vec![*input],
+        Op::Add { a, b } => vec![*a, *b],
+    }
+}
+
+/// Levels on the positive side of an activation quantizer: `2^b − 1`, or `2^(b−1) − 1` signed.
+pub fn input_levels(bits: u32, signed: bool) -> i64 {
+    if signed {
+        (1i64 << (bits - 1)) - 1
+    } else {
+        (1i64 << bits) - 1
+    }
+}
+
+/// The input quantizer's scale `r/levels`, as the quantizer computes it (double, then used
+/// in float).
+pub fn input_scale(clip: f64, bits: u32, signed: bool) -> f32 {
+    (clip / input_levels(bits, signed) as f64) as f32
+}
+
+/// The stem's weight bits (see [`Plan::stem`]).
+pub const STEM_BITS: u32 = 8;
+
+/// The 8-bit scale of a range `R`: `R/255` unsigned, `R/127` signed.
+pub fn eight_scale(range: f32, signed: bool) -> f32 {
+    range / if signed { 127.0 } else { 255.0 }
+}
+
+/// Batch norm folded into the conv before it: `(w·g, β − μ·g)` with `g = γ/√(σ²+ε)`.
+pub fn fold(weight: &Tensor, bn: &BatchNormParams) -> (Tensor, Tensor) {
+    let g = &bn.weight / (bn.var.detach() + bn.eps).sqrt();
+    let w = weight * g.view([-1, 1, 1, 1]);
+    let b = &bn.bias - bn.mean.detach() * &g;
+    (w, b)
+}
+
+/// The largest int32 bias magnitude used: leaves headroom for the accumulator.
+const BIAS_LIMIT: f64 = (1u64 << 30) as f64;
+
+/// Per-output-channel weight thresholds `[C,1,1,1]` of a folded kernel: `max|w_f[c]|`, raised
+/// where needed so the bias `b_f[c]/(s_x·s_w[c])` fits in ±2^30 (an all-zero channel would
+/// otherwise have a scale near zero and an unrepresentable bias).
+pub fn folded_threshold(w: &Tensor, b: &Tensor, s_x: f32, w_bits: u32) -> Tensor {
+    tch::no_grad(|| {
+        let levels = ((1i64 << (w_bits - 1)) - 1) as f64;
+        let max = w.abs().amax([1i64, 2, 3].as_slice(), true);
+        let for_bias = b.abs().view([-1, 1, 1, 1]) * (levels / (s_x as f64 * BIAS_LIMIT));
+        max.maximum(&for_bias)
+            .clamp_min(super::layers::MIN_THRESHOLD)
+    })
+}
+
+/// The int32 bias (as float integers) `round(b_f/(s_x·s_w))` and its scale `s_x·s_w` per
+/// channel.
+pub fn bias_integers(b: &Tensor, s_x: f32, s_w: &Tensor) -> (Tensor, Tensor) {
+    let scale = s_w.flatten(0, -1) * s_x as f64;
+    let q = (b.detach() / &scale).round();
+    (q, scale)
+}
+
+/// Straight-through: the value of `q`, the gradient of `through`.
+fn straight_through(q: &Tensor, through: &Tensor) -> Tensor {
+    q.detach() + (through - through.detach())
+}
+
+/// `clamp(round(x/s), lo, hi)·s`, gradient identity inside the range.
+fn quantize_eight(x: &Tensor, range: f32, signed: bool) -> Tensor {
+    let s = eight_scale(range, signed) as f64;
+    let (lo, hi) = if signed {
+        (-128.0, 127.0)
+    } else {
+        (0.0, 255.0)
+    };
+    let q = (x.detach() / s).round().clamp(lo, hi) * s;
+    straight_through(&q, &x.clamp(lo * s, hi * s))
+}
+
+/// Runs a plan in libtorch.
+#[derive(Debug)]
+pub struct Executor {
+    pub plan: Plan,
+    /// `[values]`: each 8-bit value's range (var store [`RANGES`]).
+    pub ranges: Tensor,
+    /// Set while calibrating: 8-bit values pass through unquantized and their maxima are
+    /// recorded here.
+    observed: Mutex<Option<Vec<f64>>>,
+    /// Whether training steps use integer numerics (after the batch-norm freeze); evaluation
+    /// always does.
+    training_frozen: AtomicBool,
+}
+
+/// A layer's tensors the executor reads (shallow clones of var-store variables).
+#[derive(Debug)]
+pub struct LayerVars {
+    pub weight: Tensor,
+    /// Absent for full-precision layers.
+    pub act_clip: Option<Tensor>,
+}
+
+impl Executor {
+    pub fn new(plan: Plan, ranges: Tensor) -> Self {
+        Self {
+            plan,
+            ranges,
+            observed: Mutex::new(None),
+            training_frozen: AtomicBool::new(false),
+        }
+    }
+
+    pub fn set_training_frozen(&self, frozen: bool) {
+        self.training_frozen.store(frozen, Ordering::Relaxed);
+    }
+    pub fn training_frozen(&self) -> bool {
+        self.training_frozen.load(Ordering::Relaxed)
+    }
+
+    /// Whether every 8-bit value has a range.
+    pub fn calibrated(&self) -> bool {
+        let ranges: Vec<f32> =
+            Vec::try_from(self.ranges.detach().to_device(tch::Device::Cpu)).unwrap_or_default();
+        self.plan
+            .held
+            .iter()
+            .enumerate()
+            .all(|(v, h)| h.eight.is_none() || ranges.get(v).is_some_and(|&r| r > 0.0))
+    }
+
+    /// Sets every 8-bit range from the maxima of `run`'s forward passes (capped at 6 after a
+    /// ReLU6, so that the 8-bit range, not a float clip, bounds the value).
+    pub fn calibrate(&self, graph: &Graph, run: impl FnOnce()) {
+        if let Ok(mut o) = self.observed.lock() {
+            *o = Some(vec![0.0; self.plan.held.len()]);
+        }
+        run();
+        let maxima = self
+            .observed
+            .lock()
+            .ok()
+            .and_then(|mut o| o.take())
+            .unwrap_or_default();
+        let mut ranges: Vec<f32> = vec![0.0; self.plan.held.len()];
+        if self.plan.held[0].eight.is_some() {
+            let r = maxima.first().copied().unwrap_or(0.0);
+            ranges[0] = if r > 0.0 { r as f32 } else { 1.0 };
+        }
+        for step in &self.plan.steps {
+            let (output, post) = match step {
+                Step::Conv(u) => (u.output, &u.post),
+                Step::Add(u) => (u.output, &u.post),
+                Step::Float(_) => continue,
+            };
+            if self.plan.held[output].eight.is_some() {
+                let mut r = maxima.get(output).copied().unwrap_or(0.0);
+                if Plan::has_relu6(graph, post) {
+                    r = r.min(6.0);
+                }
+                ranges[output] = if r > 0.0 { r as f32 } else { 1.0 };
+            }
+        }
+        tch::no_grad(|| {
+            let t = Tensor::from_slice(&ranges).to_device(self.ranges.device());
+            self.ranges.shallow_clone().copy_(&t);
+        });
+    }
+
+    fn range(&self, ranges: &[f32], v: Value) -> f32 {
+        ranges.get(v).copied().unwrap_or(1.0)
+    }
+
+    /// The value `x` (float, before quantization) held as `held[v]`.
+    fn hold(&self, x: Tensor, v: Value, ranges: &[f32], vars: &HashMap<String, LayerVars>) -> Slot {
+        let h = &self.plan.held[v];
+        let direct = h
+            .direct
+            .iter()
+            .map(|l| (l.clone(), self.quantize_input(&x, l, vars)))
+            .collect();
+        let general = match h.eight {
+            None => x,
+            Some(signed) => {
+                let observing = self.observed.lock().ok().is_some_and(|mut o| {
+                    o.as_mut().is_some_and(|m| {
+                        let seen = if signed { x.abs().max() } else { x.max() };
+                        m[v] = m[v].max(seen.double_value(&[]));
+                        true
+                    })
+                });
+                if observing {
+                    x
+                } else {
+                    quantize_eight(&x, self.range(ranges, v), signed)
+                }
+            }
+        };
+        Slot { general, direct }
+    }
+
+    fn quantize_input(&self, x: &Tensor, layer: &str, vars: &HashMap<String, LayerVars>) -> Tensor {
+        let (Some(&(_, a_bits, signed)), Some(clip)) = (
+            self.plan.bits.get(layer),
+            vars.get(layer).and_then(|v| v.act_clip.as_ref()),
+        ) else {
+            return x.shallow_clone();
+        };
+        quantize_activation_mix(x, clip, None, &[a_bits], signed)
+    }
+
+    /// The integer network's logits for the normalised images `xs`.
+    pub fn forward(
+        &self,
+        graph: &Graph,
+        specs: &[ConvSpec],
+        vars: &HashMap<String, LayerVars>,
+        xs: &Tensor,
+    ) -> Tensor {
+        let ranges: Vec<f32> =
+            Vec::try_from(self.ranges.detach().to_device(tch::Device::Cpu)).unwrap_or_default();
+        let spec_of: HashMap<&str, &ConvSpec> =
+            specs.iter().map(|s| (s.name.as_str(), s)).collect();
+        let mut values: Vec<Option<Slot>> = (0..=graph.ops.len()).map(|_| None).collect();
+        values[0] = Some(self.hold(xs.shallow_clone(), 0, &ranges, vars));
+        // The value as `layer` reads it (None: as any other reader does).
+        let get = |values: &[Option<Slot>], v: Value, layer: Option<&str>| -> (Tensor, bool) {
+            match &values[v] {
+                Some(slot) => match layer.and_then(|l| slot.direct.get(l)) {
+                    Some(t) => (t.shallow_clone(), true),
+                    None => (slot.general.shallow_clone(), false),
+                },
+                None => (Tensor::zeros([1], (Kind::Float, xs.device())), false),
+            }
+        };
+        for step in &self.plan.steps {
+            match step {
+                Step::Conv(u) => {
+                    let (mut x, quantized) = get(&values, u.input, Some(&u.layer));
+                    let Op::BatchNorm { params, .. } = &graph.ops[u.bn] else {
+                        continue;
+                    };
+                    let (Some(spec), Some(lv)) =
+                        (spec_of.get(u.layer.as_str()), vars.get(&u.layer))
+                    else {
+                        continue;
+                    };
+                    let (w_f, b_f) = fold(&lv.weight, params);
+                    let integer = match self.plan.bits.get(&u.layer) {
+                        Some(&(w_bits, a_bits, signed)) => {
+                            if !quantized {
+                                x = self.quantize_input(&x, &u.layer, vars);
+                            }
+                            let clip = lv.act_clip.as_ref().map_or(0.0, |c| c.double_value(&[]));
+                            Some((input_scale(clip, a_bits, signed), w_bits))
+                        }
+                        None if self.plan.stem.contains(&u.layer) => {
+                            Some((eight_scale(self.range(&ranges, u.input), true), STEM_BITS))
+                        }
+                        None => None,
+                    };
+                    let (w, b) = match integer {
+                        Some((s_x, w_bits)) => {
+                            let t = folded_threshold(&w_f, &b_f, s_x, w_bits);
+                            let w = quantize_weight_mix(&w_f, &t, None, &[w_bits]);
+                            let s_w = super::weight_scale(&t, w_bits);
+                            let (q, scale) = bias_integers(&b_f, s_x, &s_w);
+                            (w, straight_through(&(q * scale), &b_f))
+                        }
+                        None => (w_f, b_f),
+                    };
+                    if let Some(p) = u.pads {
+                        x = x.constant_pad_nd(p.as_slice());
+                    }
+                    let s = spec.stride as i64;
+                    let p = spec.padding as i64;
+                    let mut y = x.conv2d(&w, Some(&b), [s, s], [p, p], [1, 1], spec.groups as i64);
+                    for &op in &u.post {
+                        y = float_op(&graph.ops[op], &[y]);
+                    }
+                    values[u.output] = Some(self.hold(y, u.output, &ranges, vars));
+                }
+                Step::Add(u) => {
+                    let mut y = get(&values, u.a, None).0 + get(&values, u.b, None).0;
+                    for &op in &u.post {
+                        y = float_op(&graph.ops[op], &[y]);
+                    }
+                    values[u.output] = Some(self.hold(y, u.output, &ranges, vars));
+                }
+                Step::Float(i) => {
+                    let inputs: Vec<Tensor> = op_inputs(&graph.ops[*i])
+                        .into_iter()
+                        .map(|v| get(&values, v, None).0)
+                        .collect();
+                    values[i + 1] = Some(Slot {
+                        general: float_op(&graph.ops[*i], &inputs),
+                        direct: HashMap::new(),
+                    });
+                }
+            }
+        }
+        get(&values, graph.ops.len(), None).0
+    }
+}
+
+/// A value in the executor: as general readers see it, and as each direct reader does.
+struct Slot {
+    general: Tensor,
+    direct: HashMap<String, Tensor>,
+}
+
+/// An op other than a conv, in float.
+fn float_op(op: &Op, inputs: &[Tensor]) -> Tensor {
+    let x = &inputs[0];
+    match op {
+        Op::Relu { .. } => x.relu(),
+        Op::Relu6 { .. } => x.clamp(0.0, 6.0),
+        Op::MaxPool {
+            kernel,
+            stride,
+            padding,
+            ..
+        } => x.max_pool2d(
+            [*kernel, *kernel],
+            [*stride, *stride],
+            [*padding, *padding],
+            [1, 1],
+            false,
+        ),
+        Op::GlobalAvgPool { .. } => x.mean_dim([2i64, 3].as_slice(), false, x.kind()),
+        Op::Linear { weight, bias, .. } => x.linear(weight, Some(bias)),
+        Op::Pad { pads, .. } => x.constant_pad_nd(pads.as_slice()),
+        Op::Add { .. } => x + &inputs[1],
+        Op::BatchNorm { params, .. } => {
+            let shape = [1, -1, 1, 1];
+            (x - params.mean.view(shape)) / (params.var.view(shape) + params.eps).sqrt()
+                * params.weight.view(shape)
+                + params.bias.view(shape)
+        }
+        // Convs are units; never reached.
+        Op::Conv { .. } => x.shallow_clone(),
+    }
+}
