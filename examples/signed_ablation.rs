@@ -71,8 +71,11 @@ fn main() -> Result<()> {
             precision: Precision::Fixed {
                 policy: policy.clone(),
                 per_channel,
+                numerics: gmpq::quant::Numerics::FakeQuant,
             },
             temperature: Default::default(),
+            integer: None,
+            layer_vars: Default::default(),
         };
         q.load_fp_weights(&fp_ck, std::path::Path::new(ckpt))?;
         quant::calibrate(&q, &batches, CalibrationMethod::KlBelow5Bits)?;

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 pub const FORMAT_VERSION: u32 = 1;
-const META_KEY: &str = "gmpq";
+pub const META_KEY: &str = "gmpq";
 pub const OPTIMIZER_PREFIX: &str = "optimizer.";
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +29,11 @@ pub enum CheckpointError {
     Corrupt { path: PathBuf, reason: String },
     #[error("{path}: has no gmpq metadata (use `gmpq import` for foreign weights)")]
     NoMetadata { path: PathBuf },
+    #[error(
+        "{path} is a packed integer model, which runs in ONNX Runtime: gmpq eval --onnx {path}, \
+         gmpq predict --model {path}"
+    )]
+    RunsInOnnxRuntime { path: PathBuf },
     #[error("{path}: tensor '{name}' has unsupported dtype {dtype}")]
     Dtype {
         path: PathBuf,

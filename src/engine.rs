@@ -100,6 +100,17 @@ impl OnnxModel {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
+        // A packed integer model: its int8 kernels are unpacked here, in memory.
+        let bytes = match crate::export::packed::integer_onnx(path, &bytes) {
+            Ok(Some(onnx)) => onnx,
+            Ok(None) => bytes,
+            Err(e) => {
+                return Err(EngineError::Model {
+                    path: path.to_path_buf(),
+                    reason: e.to_string(),
+                })
+            }
+        };
         Self::from_bytes(&bytes, opts).map_err(|e| match e {
             EngineError::Run(reason) => EngineError::Model {
                 path: path.to_path_buf(),

@@ -63,7 +63,8 @@ impl Predictor {
     pub fn open(path: &Path, threads: usize) -> Result<Self> {
         let onnx = path
             .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
+            .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
+            || is_integer_packed(path);
         if onnx {
             let m = OnnxModel::open(
                 path,
@@ -199,4 +200,11 @@ impl Predictor {
         }
         Ok(out)
     }
+}
+
+/// Whether `path` is a packed integer model (it runs in ONNX Runtime).
+fn is_integer_packed(path: &Path) -> bool {
+    std::fs::read(path).is_ok_and(|bytes| {
+        crate::export::packed::integer_onnx(path, &bytes).is_ok_and(|m| m.is_some())
+    })
 }

@@ -28,6 +28,13 @@ pub(super) fn export_cmd(a: ExportArgs) -> Result<()> {
             gmpq::checkpoint::write_atomic(&a.out, &bytes)
                 .with_context(|| format!("writing {}", a.out.display()))?;
             let kind = match (&network.precision, a.fp) {
+                (
+                    Precision::Fixed {
+                        numerics: gmpq::quant::Numerics::Integer,
+                        ..
+                    },
+                    false,
+                ) => "integer",
                 (Precision::Fixed { .. }, false) => "QDQ",
                 _ => "float",
             };
@@ -45,6 +52,18 @@ pub(super) fn export_cmd(a: ExportArgs) -> Result<()> {
                 bail!("not a fixed-policy checkpoint");
             };
             let expected = policy_size_bytes(&network, policy);
+            if network.integer.is_some() {
+                println!(
+                    "wrote {}: {:.4} MB on disk, the integer graph ONNX Runtime runs (gmpq eval \
+                     --onnx, gmpq predict --model); policy size {:.4} MB, the rest (int32 \
+                     biases, scales, graph) {:.4} MB",
+                    a.out.display(),
+                    size as f64 / 1e6,
+                    expected.0 / 1e6,
+                    (size as f64 - expected.0) / 1e6,
+                );
+                return Ok(());
+            }
             println!(
                 "wrote {}: {:.4} MB on disk; policy size {:.4} MB + float parts {:.4} MB = {:.4} MB ({:+.1}%)",
                 a.out.display(),

@@ -743,6 +743,11 @@ pub struct PipelineArgs {
     /// resnet20, resnet32, resnet56, resnet18, resnet50 or mobilenetv2.
     #[arg(long, default_value = "resnet20")]
     pub model: String,
+    /// How the fine-tuned networks compute: integer (batch norm folded, every conv output
+    /// and residual sum re-quantized, as the exported integer graph; the default for a new
+    /// run) or fake-quant (the reference's; the default where the run folder recorded it).
+    #[arg(long, value_parser = parse_numerics)]
+    pub numerics: Option<gmpq::quant::Numerics>,
     /// Width multiplier of mobilenetv2 (its teachers' channels).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub width: f64,

@@ -76,6 +76,7 @@ fn settings(a: PipelineArgs) -> PipelineSettings {
         proxy_hflip: a.proxy_hflip,
         seed: a.seed,
         subset_seed: a.subset_seed,
+        numerics: a.numerics,
         out: a.out,
         reuse_from: a.reuse_from,
     }

@@ -17,7 +17,8 @@
 use super::onnx::weight_integers;
 use super::ExportError;
 use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta};
-use crate::quant::Precision;
+use crate::quant::{Numerics, Precision};
+use onnx_protobuf::{Message, ModelProto};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -28,6 +29,11 @@ pub const PACKED_KEY: &str = "gmpq.packed";
 const PACKED_FORMAT: u32 = 1;
 const KERNELS: &str = "kernels";
 const FLOATS: &str = "floats";
+
+/// The packed form of an integer-numerics checkpoint: its ONNX graph (see
+/// [`pack_integer`]).
+const PACKED_INTEGER_FORMAT: u32 = 2;
+const ONNX_GRAPH: &str = "onnx";
 
 #[derive(Debug, Serialize, Deserialize)]
 struct PackedHeader {
@@ -104,6 +110,13 @@ fn layout(meta: &CheckpointMeta) -> Result<Layout, String> {
 
 /// The packed safetensors bytes of a fixed-policy checkpoint.
 pub fn pack(ck: &Checkpoint) -> Result<Vec<u8>, ExportError> {
+    if let Some(Precision::Fixed {
+        numerics: Numerics::Integer,
+        ..
+    }) = &ck.meta.precision
+    {
+        return pack_integer(ck);
+    }
     let (shapes, layers) = layout(&ck.meta).map_err(ExportError::Unsupported)?;
     let get = |name: &str| {
         ck.tensors
@@ -144,19 +157,158 @@ pub fn pack(ck: &Checkpoint) -> Result<Vec<u8>, ExportError> {
     }
     let meta_json = serde_json::to_string(&meta)
         .map_err(|e| ExportError::Unsupported(format!("metadata: {e}")))?;
-    let header_json = serde_json::to_string(&PackedHeader {
-        format: PACKED_FORMAT,
-    })
-    .map_err(|e| ExportError::Unsupported(format!("metadata: {e}")))?;
-    let extra: HashMap<String, String> = [(PACKED_KEY.to_string(), header_json)].into();
     let tensors: BTreeMap<String, Tensor> = [
         (KERNELS.to_string(), Tensor::from_slice(&kernels)),
         (FLOATS.to_string(), Tensor::from_slice(&floats)),
     ]
     .into();
+    packed_bytes(&tensors, meta_json, PACKED_FORMAT)
+}
+
+fn packed_bytes(
+    tensors: &BTreeMap<String, Tensor>,
+    meta_json: String,
+    format: u32,
+) -> Result<Vec<u8>, ExportError> {
+    let header_json = serde_json::to_string(&PackedHeader { format })
+        .map_err(|e| ExportError::Unsupported(format!("metadata: {e}")))?;
+    let extra: HashMap<String, String> = [(PACKED_KEY.to_string(), header_json)].into();
     Ok(checkpoint::tensors_to_bytes_with(
-        &tensors, meta_json, extra,
+        tensors, meta_json, extra,
     )?)
+}
+
+/// The name stem of an int8 kernel initializer in the integer ONNX graph.
+const KERNEL_STEM: &str = ".weight_int8";
+
+/// The layer an int8 kernel initializer (`LAYER.weight_int8.N`) belongs to.
+fn kernel_layer(initializer: &str) -> Option<&str> {
+    initializer
+        .rsplit_once('.')
+        .and_then(|(stem, _)| stem.strip_suffix(KERNEL_STEM))
+}
+
+/// Weight bits of each integer-graph layer: the policy's, 8 for the stem.
+fn kernel_bits(meta: &CheckpointMeta) -> HashMap<String, u32> {
+    match &meta.precision {
+        Some(Precision::Fixed { policy, .. }) => policy
+            .layers
+            .iter()
+            .map(|l| (l.name.clone(), l.w_bits))
+            .collect(),
+        _ => HashMap::new(),
+    }
+}
+
+/// An integer-numerics checkpoint packed as what ONNX Runtime runs: its integer ONNX graph
+/// with every int8 kernel taken out and stored bit-packed at its layer's bits (`kernels`,
+/// in initializer order; the 8-bit stem at 8), the rest of the graph as bytes (`onnx`).
+/// [`integer_onnx`] puts the kernels back in memory.
+pub fn pack_integer(ck: &Checkpoint) -> Result<Vec<u8>, ExportError> {
+    let precision = ck.meta.precision.clone().unwrap_or(Precision::Full);
+    let net = crate::quant::build(&ck.meta.model, precision, tch::Device::Cpu)?;
+    checkpoint::load_into_var_store(
+        &net.vs,
+        ck.model_tensors(),
+        Path::new("(checkpoint)"),
+        |_| false,
+        |_| false,
+    )?;
+    let onnx = super::onnx::export(ck, &net, super::onnx::OnnxOptions::default())?;
+    let mut model = ModelProto::parse_from_bytes(&onnx)
+        .map_err(|e| ExportError::Unsupported(format!("the exported graph: {e}")))?;
+    let bits = kernel_bits(&ck.meta);
+    let mut kernels: Vec<u8> = Vec::new();
+    for init in model.graph.mut_or_insert_default().initializer.iter_mut() {
+        let Some(layer) = kernel_layer(&init.name) else {
+            continue;
+        };
+        let b = bits.get(layer).copied().unwrap_or(8);
+        let q: Vec<i8> = init.raw_data.iter().map(|&v| v as i8).collect();
+        kernels.extend(pack_bits(&q, b));
+        init.raw_data.clear();
+    }
+    let graph = model
+        .write_to_bytes()
+        .map_err(|e| ExportError::Unsupported(format!("cannot encode the ONNX model: {e}")))?;
+    let mut meta = ck.meta.clone();
+    meta.history.clear();
+    meta.calibration = None;
+    meta.train = None;
+    if let Some(Precision::Fixed { policy, .. }) = &mut meta.precision {
+        policy.meta = None;
+    }
+    let meta_json = serde_json::to_string(&meta)
+        .map_err(|e| ExportError::Unsupported(format!("metadata: {e}")))?;
+    let tensors: BTreeMap<String, Tensor> = [
+        (KERNELS.to_string(), Tensor::from_slice(&kernels)),
+        (ONNX_GRAPH.to_string(), Tensor::from_slice(&graph)),
+    ]
+    .into();
+    packed_bytes(&tensors, meta_json, PACKED_INTEGER_FORMAT)
+}
+
+/// The ONNX model of a packed integer file, its int8 kernels unpacked in memory; `None` when
+/// `bytes` is not one.
+pub fn integer_onnx(path: &Path, bytes: &[u8]) -> Result<Option<Vec<u8>>, CheckpointError> {
+    let corrupt = |reason: String| CheckpointError::Corrupt {
+        path: path.to_path_buf(),
+        reason: format!("packed integer model: {reason}"),
+    };
+    let Ok((_, header)) = safetensors::SafeTensors::read_metadata(bytes) else {
+        return Ok(None);
+    };
+    let Some(metadata) = header.metadata() else {
+        return Ok(None);
+    };
+    let Some(format) = metadata
+        .get(PACKED_KEY)
+        .and_then(|h| serde_json::from_str::<PackedHeader>(h).ok())
+    else {
+        return Ok(None);
+    };
+    if format.format != PACKED_INTEGER_FORMAT {
+        return Ok(None);
+    }
+    let meta: CheckpointMeta = metadata
+        .get(checkpoint::META_KEY)
+        .and_then(|m| serde_json::from_str(m).ok())
+        .ok_or_else(|| corrupt("no gmpq metadata".into()))?;
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| corrupt(e.to_string()))?;
+    let blob = |name: &str| {
+        st.tensor(name)
+            .map(|t| t.data().to_vec())
+            .map_err(|e| corrupt(format!("'{name}': {e}")))
+    };
+    let kernels = blob(KERNELS)?;
+    let graph = blob(ONNX_GRAPH)?;
+    let mut model = ModelProto::parse_from_bytes(&graph).map_err(|e| corrupt(e.to_string()))?;
+    let bits = kernel_bits(&meta);
+    let mut at = 0usize;
+    for init in model.graph.mut_or_insert_default().initializer.iter_mut() {
+        let Some(layer) = kernel_layer(&init.name) else {
+            continue;
+        };
+        let b = bits.get(layer).copied().unwrap_or(8);
+        let count = init.dims.iter().product::<i64>().max(0) as usize;
+        let len = (count * b as usize).div_ceil(8);
+        let q = kernels
+            .get(at..at + len)
+            .and_then(|bytes| unpack_bits(bytes, b, count))
+            .ok_or_else(|| corrupt(format!("the kernels end before layer '{layer}'")))?;
+        at += len;
+        init.raw_data = q.into_iter().map(|v| v as u8).collect();
+    }
+    if at != kernels.len() {
+        return Err(corrupt(format!(
+            "{} kernel bytes where the graph needs {at}",
+            kernels.len()
+        )));
+    }
+    model
+        .write_to_bytes()
+        .map(Some)
+        .map_err(|e| corrupt(e.to_string()))
 }
 
 /// The model tensors of a packed file (read from `path`: its `gmpq` metadata `meta`, its
@@ -173,6 +325,11 @@ pub fn unpack(
     };
     let header: PackedHeader =
         serde_json::from_str(header_json).map_err(|e| corrupt(e.to_string()))?;
+    if header.format == PACKED_INTEGER_FORMAT {
+        return Err(CheckpointError::RunsInOnnxRuntime {
+            path: path.to_path_buf(),
+        });
+    }
     if header.format != PACKED_FORMAT {
         return Err(corrupt(format!(
             "format {} (this gmpq reads {PACKED_FORMAT})",

@@ -809,6 +809,7 @@ mod tests {
                 init: "t.safetensors".into(),
                 policy: l.policy(Arm::Uniform),
                 lr: 0.01,
+                numerics: crate::quant::Numerics::FakeQuant,
             }),
         };
         // Their record: our identity for their paths, under a command with a renamed flag.

@@ -15,6 +15,7 @@ use super::{
 use crate::checkpoint::{Checkpoint, DirLock, LOCK_FILE};
 use crate::data::{DatasetSpec, ImageSource, Split};
 use crate::model::{Arch, ModelConfig};
+use crate::quant::Numerics;
 use crate::search::{Geometry, SearchProgress};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -192,8 +193,22 @@ pub fn run(
     events: &dyn RunEvents,
 ) -> Result<RunOutcome> {
     let started = Instant::now();
-    let s = settings;
-    let layout = RunLayout::new(&s.out);
+    let layout = RunLayout::new(&settings.out);
+    let resolved = PipelineSettings {
+        numerics: Some(match settings.numerics {
+            Some(n) => n,
+            None => match RunRecord::load(&layout.record())? {
+                Some(r) => r
+                    .settings
+                    .get("numerics")
+                    .and_then(|v| serde_json::from_value(v.clone()).ok())
+                    .unwrap_or(Numerics::FakeQuant),
+                None => Numerics::Integer,
+            },
+        }),
+        ..settings.clone()
+    };
+    let s = &resolved;
     let target = s.budget()?;
     let arms = s.arms();
     // Every input is checked before stage 1 (nothing is created for a run that cannot start).
@@ -422,6 +437,7 @@ pub fn run(
             init: target_teacher.clone(),
             policy: l.policy(arm),
             lr: s.finetune_lr,
+            numerics: s.numerics.unwrap_or_default(),
         }),
     };
     let mut finetuned = Vec::new();

@@ -3,6 +3,7 @@
 
 use super::{Arm, PipelineError, Result};
 use crate::policy::{Candidates, DEFAULT_CANDIDATES};
+use crate::quant::Numerics;
 use crate::search::{Recipe, SearchConfig, Target};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -59,6 +60,11 @@ pub struct PipelineSettings {
     pub proxy_hflip: Option<bool>,
     pub seed: u64,
     pub subset_seed: u64,
+    /// How the fine-tuned networks compute (recorded only for integer numerics). `None`: as
+    /// the run folder recorded it (fake-quant for runs recorded before integer numerics),
+    /// integer for a new run.
+    #[serde(skip_serializing_if = "is_fake_quant_or_unset")]
+    pub numerics: Option<Numerics>,
     #[serde(skip)]
     pub out: PathBuf,
     /// Runs whose finished proxy-independent stages (fine-tunings of the same command and
@@ -110,6 +116,7 @@ impl PipelineSettings {
             proxy_hflip: None,
             seed: 0,
             subset_seed: 0,
+            numerics: None,
             out,
             reuse_from: Vec::new(),
         }
@@ -238,4 +245,8 @@ mod tests {
         assert_eq!(s.record(), recorded);
         assert_eq!(s.budget().unwrap(), Target::Compression(128.0));
     }
+}
+
+fn is_fake_quant_or_unset(n: &Option<Numerics>) -> bool {
+    n.is_none_or(|n| n.is_fake_quant())
 }

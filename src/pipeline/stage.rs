@@ -5,6 +5,7 @@ use super::search::{SearchMethod, SearchRequest, VAL_IMAGES};
 use super::{context, training_done, Arm, PipelineError, Result, RunEvents};
 use crate::data::{stratified_subset, DataLoader, DatasetSpec, LoaderConfig, Split, SubsetSpec};
 use crate::policy::Candidates;
+use crate::quant::Numerics;
 use crate::search::{Recipe, SearchConfig, Target};
 use crate::train::{self, Finetune, TrainRequest};
 use std::path::{Path, PathBuf};
@@ -60,6 +61,9 @@ pub struct FinetuneOf {
     pub init: PathBuf,
     pub policy: PathBuf,
     pub lr: f64,
+    /// Recorded only for integer numerics (stages recorded before them are fake-quant).
+    #[serde(skip_serializing_if = "Numerics::is_fake_quant")]
+    pub numerics: Numerics,
 }
 
 /// `gmpq train` (an FP teacher) or `gmpq finetune` (a policy from FP weights), resumable.
@@ -118,6 +122,7 @@ impl Stage for TrainStage {
         ]);
         if let Some(f) = &self.finetune {
             argv.extend(["--lr".into(), f.lr.to_string()]);
+            argv.extend(["--numerics".into(), f.numerics.name().into()]);
         }
         if let Some(n) = self.limit {
             argv.extend(["--limit".into(), n.to_string()]);
@@ -158,7 +163,7 @@ impl Stage for TrainStage {
         match &self.finetune {
             Some(f) => {
                 r.lr = Some(f.lr);
-                r.finetune = Some(Finetune::from_files(f.init.clone(), &f.policy)?);
+                r.finetune = Some(Finetune::from_files(f.init.clone(), &f.policy, f.numerics)?);
             }
             None => {
                 r.arch = self.model.parse()?;
@@ -686,6 +691,7 @@ mod tests {
                 init: "studies/runs/fmnist-lowbit/teacher-target/last.safetensors".into(),
                 policy: format!("{run}/search-gmpq/policy.json").into(),
                 lr: 0.01,
+                numerics: Numerics::FakeQuant,
             }),
         };
         assert_eq!(
@@ -693,7 +699,8 @@ mod tests {
             format!(
                 "gmpq finetune --init studies/runs/fmnist-lowbit/teacher-target/last.safetensors \
                  --policy {run}/search-gmpq/policy.json --data idx:../shared/datasets/fashion-mnist \
-                 --epochs 1 --out {run}/finetune-gmpq --resume --lr 0.01 --hflip --seed 1"
+                 --epochs 1 --out {run}/finetune-gmpq --resume --lr 0.01 --numerics fake-quant \
+                 --hflip --seed 1"
             )
         );
     }

@@ -261,9 +261,14 @@ impl Plan {
                 direct,
             };
         }
+        // The image's readers, through a padding op (TF "SAME" stems).
         let stem: Vec<String> = consumers[0]
             .iter()
-            .filter_map(|&r| match &graph.ops[r] {
+            .flat_map(|&r| match graph.ops[r] {
+                Op::Pad { .. } => consumers[r + 1].clone(),
+                _ => vec![r],
+            })
+            .filter_map(|r| match &graph.ops[r] {
                 Op::Conv { layer, .. } if !qbits.contains_key(layer) => Some(layer.clone()),
                 _ => None,
             })
@@ -427,8 +432,15 @@ impl Executor {
     }
 
     /// Sets every 8-bit range from the maxima of `run`'s forward passes (capped at 6 after a
-    /// ReLU6, so that the 8-bit range, not a float clip, bounds the value).
-    pub fn calibrate(&self, graph: &Graph, run: impl FnOnce()) {
+    /// ReLU6, so that the 8-bit range, not a float clip, bounds the value). Two rounds: the
+    /// integer stem's scale comes from the image's range, which the first round sets.
+    pub fn calibrate(&self, graph: &Graph, run: impl Fn()) {
+        for _ in 0..2 {
+            self.calibrate_round(graph, &run);
+        }
+    }
+
+    fn calibrate_round(&self, graph: &Graph, run: &impl Fn()) {
         if let Ok(mut o) = self.observed.lock() {
             *o = Some(vec![0.0; self.plan.held.len()]);
         }

@@ -18,7 +18,7 @@ pub use integer::Numerics;
 pub(crate) use layers::initial_threshold;
 pub use layers::{FixedPolicyConvs, Observe, QuantLayerHandle, SupernetConvs, Temperature};
 pub use network::{build, calibrate, load, LayerCalibration, Network, Precision, QuantError};
-pub(crate) use quantizer::weight_scale;
+pub use quantizer::weight_scale;
 pub use quantizer::{
     expected_bits, expected_bits_from, quantize_activation, quantize_activation_signed,
     quantize_weight, softmax_mix,

@@ -59,7 +59,7 @@ pub struct Network {
     /// Integer numerics' executor (fixed policies with [`Numerics::Integer`]).
     pub integer: Option<Executor>,
     /// Each conv layer's kernel and clip, for the integer executor.
-    layer_vars: std::collections::HashMap<String, LayerVars>,
+    pub layer_vars: std::collections::HashMap<String, LayerVars>,
 }
 
 impl std::fmt::Debug for Network {

@@ -24,7 +24,7 @@ pub fn quantize_weight(w: &Tensor, threshold: &Tensor, bits: u32) -> Tensor {
 }
 
 /// The weight quantizer's scale `T/(2^(b−1)−1)`, in the threshold's precision.
-pub(crate) fn weight_scale(threshold: &Tensor, bits: u32) -> Tensor {
+pub fn weight_scale(threshold: &Tensor, bits: u32) -> Tensor {
     threshold / ((1i64 << (bits - 1)) - 1) as f64
 }
 

@@ -80,6 +80,10 @@ pub struct StudyConfig {
     /// fine-tuning leave them out; each run's chosen model is the arm best on them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holdout: Option<usize>,
+    /// How the fine-tuned networks compute; absent: fake-quant (the studies configured before
+    /// integer numerics).
+    #[serde(default, skip_serializing_if = "crate::quant::Numerics::is_fake_quant")]
+    pub numerics: crate::quant::Numerics,
 }
 
 fn default_model() -> String {

@@ -100,6 +100,7 @@ fn run_settings(
         target: config.target.data.clone(),
         target_compression: Some(run.compression),
         target_holdout: config.holdout,
+        numerics: Some(config.numerics),
         teacher: Some(proxy_teacher),
         target_teacher: Some(target_teacher),
         baseline: config

@@ -27,7 +27,12 @@ pub struct Finetune {
 
 impl Finetune {
     /// Reads `init`'s model and checks `policy` against it.
-    pub fn new(init: InitFrom, policy: Policy, per_channel: bool) -> Result<Self> {
+    pub fn new(
+        init: InitFrom,
+        policy: Policy,
+        per_channel: bool,
+        numerics: crate::quant::Numerics,
+    ) -> Result<Self> {
         let model = Checkpoint::load(&init.checkpoint)?.meta.model;
         let (_, net) = super::build_fp(&model, tch::Device::Cpu)?;
         policy
@@ -39,13 +44,17 @@ impl Finetune {
             precision: Precision::Fixed {
                 policy: policy.with_totals(net.convs(), net.fc_spec()),
                 per_channel,
-                numerics: crate::quant::Numerics::FakeQuant,
+                numerics,
             },
         })
     }
 
     /// Fine-tuning from `checkpoint` with the policy file at `policy`, default calibration.
-    pub fn from_files(checkpoint: PathBuf, policy: &std::path::Path) -> Result<Self> {
+    pub fn from_files(
+        checkpoint: PathBuf,
+        policy: &std::path::Path,
+        numerics: crate::quant::Numerics,
+    ) -> Result<Self> {
         let policy = Policy::load(policy)
             .map_err(|e| TrainError::Invalid(format!("{}: {e}", policy.display())))?;
         let init = InitFrom {
@@ -53,7 +62,7 @@ impl Finetune {
             calibration: CALIBRATION,
             calibration_images: CALIBRATION_IMAGES,
         };
-        Self::new(init, policy, false)
+        Self::new(init, policy, false, numerics)
     }
 }
 

@@ -1,0 +1,267 @@
+//! Integer numerics: batch-norm folding, int32 bias rounding, the integer ONNX graph run by
+//! ONNX Runtime (as QLinearConv/QLinearAdd kernels, agreeing with gmpq), and a fine-tuning
+//! whose saved checkpoint evaluates to what its last epoch reported.
+
+mod common;
+
+use gmpq::checkpoint::{self, Checkpoint, CheckpointMeta};
+use gmpq::data::{Normalize, Pipeline};
+use gmpq::engine::{self, OnnxModel, SessionOptions};
+use gmpq::export::onnx;
+use gmpq::model::graph::BatchNormParams;
+use gmpq::model::{Arch, ModelConfig};
+use gmpq::policy::Policy;
+use gmpq::quant::integer::{bias_integers, fold, folded_threshold};
+use gmpq::quant::{self, Network, Numerics, Precision};
+use tch::nn::ModuleT;
+use tch::{Device, Kind, Tensor};
+
+fn randn(shape: &[i64]) -> Tensor {
+    Tensor::randn(shape, (Kind::Float, Device::Cpu))
+}
+
+#[test]
+fn folded_batch_norm_equals_conv_then_batch_norm() {
+    tch::manual_seed(1);
+    let w = randn(&[8, 4, 3, 3]);
+    let bn = BatchNormParams {
+        weight: randn(&[8]),
+        bias: randn(&[8]),
+        mean: randn(&[8]),
+        var: randn(&[8]).abs() + 0.1,
+        eps: 1e-5,
+    };
+    let x = randn(&[2, 4, 10, 10]);
+    let conv = x.conv2d(&w, None::<Tensor>, [1, 1], [1, 1], [1, 1], 1);
+    let shape = [1, -1, 1, 1];
+    let reference = (&conv - bn.mean.view(shape)) / (bn.var.view(shape) + bn.eps).sqrt()
+        * bn.weight.view(shape)
+        + bn.bias.view(shape);
+    let (w_f, b_f) = fold(&w, &bn);
+    let folded = x.conv2d(&w_f, Some(&b_f), [1, 1], [1, 1], [1, 1], 1);
+    let scale = reference.abs().max().double_value(&[]);
+    let diff = (folded - reference).abs().max().double_value(&[]);
+    assert!(
+        diff <= 1e-5 * scale.max(1.0),
+        "largest difference {diff} (scale {scale})"
+    );
+}
+
+#[test]
+fn biases_round_to_int32_in_units_of_the_product_of_scales() {
+    let b = Tensor::from_slice(&[0.5f32, -1.26, 3.0, 0.125]);
+    let s_w = Tensor::from_slice(&[0.1f32, 0.2, 0.25, 0.5]);
+    let (q, scale) = bias_integers(&b, 0.5, &s_w);
+    let q: Vec<f32> = Vec::try_from(&q).unwrap();
+    let scale: Vec<f32> = Vec::try_from(&scale).unwrap();
+    // 0.5/0.05 = 10; −1.26/0.1 = −12.6 → −13; 3/0.125 = 24; 0.125/0.25 = 0.5 → 0 (to even).
+    assert_eq!(q, vec![10.0, -13.0, 24.0, 0.0]);
+    assert_eq!(scale, vec![0.05, 0.1, 0.125, 0.25]);
+
+    // An all-zero channel gets a threshold that keeps its bias within int32.
+    let w = Tensor::zeros([2, 1, 3, 3], (Kind::Float, Device::Cpu));
+    let _ = w.get(0).fill_(0.3);
+    let b = Tensor::from_slice(&[0.2f32, 7.5]);
+    let t = folded_threshold(&w, &b, 0.01, 4);
+    let s_w = quant::weight_scale(&t, 4);
+    let (q, _) = bias_integers(&b, 0.01, &s_w);
+    let q: Vec<f32> = Vec::try_from(&q).unwrap();
+    assert!(q.iter().all(|v| v.abs() <= (1u64 << 30) as f32), "{q:?}");
+    let t: Vec<f32> = Vec::try_from(t.flatten(0, -1)).unwrap();
+    assert!(
+        (t[0] - 0.3).abs() < 1e-7,
+        "a live channel keeps max|w|: {t:?}"
+    );
+}
+
+/// A policy cycling through 2-, 3-, 4- and 6-bit weights and activations.
+fn mixed_policy(cfg: &ModelConfig) -> Policy {
+    let g = quant::build(cfg, Precision::Full, Device::Cpu).unwrap();
+    Policy::cycled(cfg, g.net.convs(), &[2, 3, 4, 6], &[3, 4, 6, 2])
+        .with_totals(g.net.convs(), g.net.fc_spec())
+}
+
+fn normalize(channels: usize) -> Normalize {
+    Normalize {
+        mean: vec![0.45; channels],
+        std: vec![0.25; channels],
+    }
+}
+
+/// An integer network with non-trivial state: batch-norm statistics from training-mode
+/// passes, clips spread over [1, 4], ranges calibrated.
+fn integer_network(cfg: &ModelConfig) -> (Checkpoint, Network, Tensor) {
+    tch::manual_seed(7);
+    let net = quant::build(
+        cfg,
+        Precision::Fixed {
+            policy: mixed_policy(cfg),
+            per_channel: false,
+            numerics: Numerics::Integer,
+        },
+        Device::Cpu,
+    )
+    .unwrap();
+    let s = cfg.input_size as i64;
+    let x = Tensor::randint(
+        256,
+        [64, cfg.in_channels as i64, s, s],
+        (Kind::Float, Device::Cpu),
+    ) / 255.0;
+    let c = cfg.in_channels as i64;
+    let norm = normalize(cfg.in_channels);
+    let mean = Tensor::from_slice(&norm.mean).reshape([1, c, 1, 1]);
+    let std = Tensor::from_slice(&norm.std).reshape([1, c, 1, 1]);
+    let normalised = (&x - mean) / std;
+    tch::no_grad(|| {
+        for (name, mut v) in net.vs.variables() {
+            if name.ends_with(".act_clip") {
+                v.copy_(&(Tensor::rand_like(&v) * 3.0 + 1.0));
+            }
+        }
+        for _ in 0..3 {
+            let _ = net.net.forward_t(&normalised, true);
+        }
+    });
+    net.calibrate_ranges(std::slice::from_ref(&normalised));
+    let mut meta = CheckpointMeta::new(
+        cfg.clone(),
+        Pipeline {
+            transforms: vec![],
+            normalize: normalize(cfg.in_channels),
+        },
+    );
+    meta.precision = Some(net.precision.clone());
+    let ck = Checkpoint {
+        meta,
+        tensors: checkpoint::var_store_tensors(&net.vs),
+    };
+    (ck, net, x)
+}
+
+/// Exports `cfg`'s integer network, runs it in ONNX Runtime and checks the logits, the top-1
+/// classes and the integer kernels of ONNX Runtime's optimized graph.
+fn exported_integer_graph_agrees(cfg: ModelConfig, residual_adds: usize) {
+    engine::runtime_available().expect("ONNX Runtime (scripts/setup.sh installs it)");
+    let (ck, net, x) = integer_network(&cfg);
+    let bytes = onnx::export(&ck, &net, onnx::OnnxOptions::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("optimized.onnx");
+    let mut model = OnnxModel::from_bytes(
+        &bytes,
+        &SessionOptions {
+            threads: 1,
+            optimized_model: Some(dump.clone()),
+        },
+    )
+    .unwrap();
+    let norm = normalize(cfg.in_channels);
+    let c = cfg.in_channels as i64;
+    let mean = Tensor::from_slice(&norm.mean).reshape([1, c, 1, 1]);
+    let std = Tensor::from_slice(&norm.std).reshape([1, c, 1, 1]);
+    let ours = tch::no_grad(|| net.forward_t(&((&x - mean) / std), false));
+    let theirs = model.run(&x).unwrap();
+    let same = ours
+        .argmax(1, false)
+        .eq_tensor(&theirs.argmax(1, false))
+        .to_kind(Kind::Float)
+        .mean(Kind::Float)
+        .double_value(&[]);
+    let scale = ours.abs().max().double_value(&[]);
+    let diff = (&ours - &theirs).abs().max().double_value(&[]);
+    // Both sum the same integers; only ties of the re-quantizations can differ (float
+    // multiplier vs float division), one level at a time, in a few values.
+    assert!(same >= 0.95, "top-1 agreement {same}");
+    assert!(
+        diff <= 0.1 * scale,
+        "largest logit difference {diff} of {scale}"
+    );
+    let ops = engine::op_counts(&dump).unwrap();
+    let quantized = mixed_policy(&cfg).layers.len();
+    // Every quantized conv and the 8-bit stem run as QLinearConv; no float conv is left.
+    assert_eq!(ops.get("QLinearConv"), Some(&(quantized + 1)), "{ops:?}");
+    assert_eq!(ops.get("Conv"), None, "{ops:?}");
+    assert!(
+        ops.get("QLinearAdd").copied().unwrap_or(0) >= residual_adds,
+        "{ops:?}"
+    );
+    assert_eq!(ops.get("BatchNormalization"), None, "{ops:?}");
+}
+
+#[test]
+fn integer_resnet20_runs_as_qlinear_kernels_and_agrees() {
+    exported_integer_graph_agrees(ModelConfig::new(Arch::ResNet20, 1, 10, 28), 9);
+}
+
+#[test]
+fn integer_mobilenet_runs_as_qlinear_kernels_and_agrees() {
+    let mut cfg = ModelConfig::new(Arch::MobileNetV2, 3, 10, 32);
+    cfg.width = 0.35;
+    exported_integer_graph_agrees(cfg, 10);
+}
+
+#[test]
+fn a_saved_integer_network_computes_what_was_evaluated() {
+    let (ck, net, x) = integer_network(&ModelConfig::new(Arch::ResNet20, 1, 10, 28));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("int.safetensors");
+    ck.save(&path).unwrap();
+    let (_, loaded) = quant::load(&path, Device::Cpu).unwrap();
+    let a = tch::no_grad(|| net.forward_t(&x, false));
+    let b = tch::no_grad(|| loaded.forward_t(&x, false));
+    assert!(a.equal(&b), "the loaded network differs from the saved one");
+}
+
+/// `gmpq finetune` (integer numerics, the default), then `gmpq eval` of the checkpoint it
+/// saved: the same top-1 and loss as its last epoch reported.
+#[test]
+fn finetune_reports_what_the_saved_checkpoint_evaluates_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = common::fmnist_teacher(&dir.path().join("fp"), 600);
+    let out = dir.path().join("ft");
+    let o = common::gmpq()
+        .args(["--threads", "1", "finetune", "--init"])
+        .arg(&teacher)
+        .args(["--uniform", "w3a3", "--data", "bundled:fashion-mnist"])
+        .args([
+            "--limit",
+            "600",
+            "--test-limit",
+            "200",
+            "--epochs",
+            "2",
+            "--json",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let meta = Checkpoint::load(&out.join("last.safetensors"))
+        .unwrap()
+        .meta;
+    assert!(matches!(
+        meta.precision,
+        Some(Precision::Fixed {
+            numerics: Numerics::Integer,
+            ..
+        })
+    ));
+    let last = meta.history.last().unwrap().clone();
+    let o = common::gmpq()
+        .args(["--threads", "1", "eval", "--checkpoint"])
+        .arg(out.join("last.safetensors"))
+        .args([
+            "--data",
+            "bundled:fashion-mnist",
+            "--limit",
+            "200",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let eval: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(eval["top1"].as_f64(), Some(last.test_top1), "{eval}");
+    assert_eq!(eval["loss"].as_f64(), Some(last.test_loss), "{eval}");
+}
