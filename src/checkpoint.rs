@@ -5,16 +5,18 @@
 //! half-written checkpoint.
 
 use crate::data::Pipeline;
+use crate::files::write_atomic;
 use crate::model::ModelConfig;
 use safetensors::tensor::{Dtype, SafeTensors, View};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 pub const FORMAT_VERSION: u32 = 1;
 pub const META_KEY: &str = "gmpq";
+/// The safetensors metadata key that marks a packed file (its format: `export::packed`).
+pub const PACKED_KEY: &str = "gmpq.packed";
 pub const OPTIMIZER_PREFIX: &str = "optimizer.";
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +36,11 @@ pub enum CheckpointError {
          gmpq predict --model {path}"
     )]
     RunsInOnnxRuntime { path: PathBuf },
+    #[error(
+        "{path} is a packed file: gmpq eval, export and predict read it; training and search \
+         need the checkpoint it was packed from"
+    )]
+    Packed { path: PathBuf },
     #[error("{path}: tensor '{name}' has unsupported dtype {dtype}")]
     Dtype {
         path: PathBuf,
@@ -192,142 +199,6 @@ fn to_raw(t: &Tensor) -> Result<RawTensor> {
     })
 }
 
-/// The name of [`DirLock`]'s file inside the folder it locks.
-pub const LOCK_FILE: &str = ".gmpq.lock";
-
-/// An exclusive lock on an output folder (`DIR/.gmpq.lock`), held while one process writes
-/// there: two processes resuming the same run would otherwise interleave checkpoints and
-/// delete each other's temp files. The OS drops it when the process dies, so a killed run
-/// never leaves a stale lock behind.
-#[derive(Debug)]
-pub struct DirLock {
-    _file: std::fs::File,
-    dir: PathBuf,
-    /// The folder held nothing when it was locked: if nothing was written to it, dropping
-    /// the lock removes it, so a command that fails early leaves no empty run folder.
-    was_empty: bool,
-}
-
-impl Drop for DirLock {
-    fn drop(&mut self) {
-        if !self.was_empty {
-            return;
-        }
-        let only_lock = std::fs::read_dir(&self.dir).is_ok_and(|entries| {
-            entries
-                .flatten()
-                .all(|e| e.file_name() == std::ffi::OsStr::new(LOCK_FILE))
-        });
-        if only_lock {
-            let _ = std::fs::remove_file(self.dir.join(LOCK_FILE));
-            let _ = std::fs::remove_dir(&self.dir);
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum LockError {
-    #[error(
-        "{dir} is in use by another gmpq process{holder}; wait for it or choose another folder"
-    )]
-    Busy { dir: PathBuf, holder: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl DirLock {
-    /// Locks `dir` (created if missing) without waiting.
-    pub fn acquire(dir: &Path) -> std::result::Result<Self, LockError> {
-        let path = dir.join(LOCK_FILE);
-        let io = |source| LockError::Io {
-            path: path.clone(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let was_empty = std::fs::read_dir(dir)
-            .map_err(io)?
-            .flatten()
-            .all(|e| e.file_name() == std::ffi::OsStr::new(LOCK_FILE));
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(io)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let pid = std::fs::read_to_string(&path).unwrap_or_default();
-                let pid = pid.trim();
-                return Err(LockError::Busy {
-                    dir: dir.into(),
-                    holder: if pid.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" (pid {pid})")
-                    },
-                });
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
-        }
-        // The holder's pid, for the message another process gets.
-        file.set_len(0).map_err(io)?;
-        file.write_all(std::process::id().to_string().as_bytes())
-            .map_err(io)?;
-        Ok(Self {
-            _file: file,
-            dir: dir.to_path_buf(),
-            was_empty,
-        })
-    }
-}
-
-/// Writes `bytes` to `path` atomically: a temp file in the same folder, fsync, rename, and
-/// fsync of the folder so the rename itself is durable.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-/// Removes temp files that an interrupted [`write_atomic`] into `dir` left behind.
-pub fn remove_stale_temps(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') && name.contains(".tmp-") {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-    }
-}
-
 /// Safetensors bytes of `tensors`, with `meta_json` under the `gmpq` metadata key.
 pub fn tensors_to_bytes(tensors: &BTreeMap<String, Tensor>, meta_json: String) -> Result<Vec<u8>> {
     tensors_to_bytes_with(tensors, meta_json, HashMap::new())
@@ -381,9 +252,20 @@ impl Checkpoint {
         })
     }
 
-    /// Loads a gmpq checkpoint (tensors on the CPU); a packed one
-    /// ([`crate::export::packed`]) is unpacked.
+    /// Loads a gmpq checkpoint (tensors on the CPU). A packed file is refused: it is read
+    /// by the layer that wrote it (`export::load`), which unpacks it.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_raw(path).and_then(|(ck, packed)| match packed {
+            None => Ok(ck),
+            Some(_) => Err(CheckpointError::Packed {
+                path: path.to_path_buf(),
+            }),
+        })
+    }
+
+    /// A checkpoint file as stored, and the [`PACKED_KEY`] header of a packed one (whose
+    /// tensors are then the packed blobs).
+    pub fn load_raw(path: &Path) -> Result<(Self, Option<String>)> {
         let (mut metadata, tensors) = read_safetensors_all(path)?;
         let meta_json = metadata
             .remove(META_KEY)
@@ -395,11 +277,8 @@ impl Checkpoint {
                 path: path.to_path_buf(),
                 reason: format!("metadata: {e}"),
             })?;
-        let tensors = match metadata.get(crate::export::packed::PACKED_KEY) {
-            Some(header) => crate::export::packed::unpack(path, &meta, header, &tensors)?,
-            None => tensors,
-        };
-        Ok(Checkpoint { meta, tensors })
+        let packed = metadata.remove(PACKED_KEY);
+        Ok((Checkpoint { meta, tensors }, packed))
     }
 
     /// The model's state dict (everything but optimizer buffers).
@@ -547,34 +426,4 @@ pub fn var_store_tensors(vs: &tch::nn::VarStore) -> BTreeMap<String, Tensor> {
         .into_iter()
         .map(|(n, t)| (n, t.detach().to_device(tch::Device::Cpu)))
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn atomic_write_leaves_no_temp_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("a.bin");
-        write_atomic(&p, b"hello").unwrap();
-        write_atomic(&p, b"world").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"world");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
-    }
-
-    #[test]
-    fn a_locked_folder_is_refused_until_released() {
-        let dir = tempfile::tempdir().unwrap();
-        let run = dir.path().join("run");
-        let held = DirLock::acquire(&run).unwrap();
-        let err = DirLock::acquire(&run).unwrap_err().to_string();
-        assert!(
-            err.contains("in use by another gmpq process")
-                && err.contains(&format!("pid {}", std::process::id())),
-            "{err}"
-        );
-        drop(held);
-        DirLock::acquire(&run).unwrap();
-    }
 }

@@ -12,6 +12,7 @@ pub mod data;
 pub mod engine;
 pub mod export;
 pub mod fields;
+pub mod files;
 pub mod import;
 pub mod model;
 pub mod pipeline;

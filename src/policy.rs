@@ -273,7 +273,7 @@ impl Policy {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        crate::checkpoint::write_atomic(path, &json).map_err(|source| PolicyError::Io {
+        crate::files::write_atomic(path, &json).map_err(|source| PolicyError::Io {
             path: path.to_path_buf(),
             source,
         })

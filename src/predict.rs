@@ -16,6 +16,8 @@ pub enum PredictError {
     #[error(transparent)]
     Quant(#[from] QuantError),
     #[error(transparent)]
+    Export(#[from] crate::export::ExportError),
+    #[error(transparent)]
     Data(#[from] crate::data::DataError),
     #[error("{path}: {reason}")]
     Image { path: PathBuf, reason: String },
@@ -92,7 +94,7 @@ impl Predictor {
                 class_names,
             });
         }
-        let (ck, network) = crate::quant::load(path, tch::Device::Cpu)?;
+        let (ck, network) = crate::export::load(path, tch::Device::Cpu)?;
         Ok(Self {
             engine: Engine::Libtorch(Box::new(network)),
             model: ck.meta.model.clone(),

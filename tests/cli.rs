@@ -367,7 +367,7 @@ fn study_skips_a_run_another_process_holds() {
     let out = dir.path().join("out");
     let run_dir = out.join("a-to-b-c64-seed0");
     // This test process stands in for a second study working on the run.
-    let held = gmpq::checkpoint::DirLock::acquire(&run_dir).unwrap();
+    let held = gmpq::files::DirLock::acquire(&run_dir).unwrap();
     let (c, o) = (config.to_str().unwrap(), out.to_str().unwrap());
     let r = run(&["--threads", "1", "study", c, "--out", o]);
     assert!(r.status.success(), "{}", stderr(&r));

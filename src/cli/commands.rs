@@ -280,7 +280,7 @@ fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
             } else {
                 device
             };
-            let (ck, network) = gmpq::quant::load(path, on)
+            let (ck, network) = gmpq::export::load(path, on)
                 .with_context(|| format!("loading {}", path.display()))?;
             check_classes(&spec, data.as_ref(), ck.meta.model.num_classes)?;
             check_input(&spec, data.as_ref(), &ck.meta.eval_pipeline, &ck.meta.model)?;

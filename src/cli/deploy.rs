@@ -2,7 +2,7 @@
 
 use super::{ExportArgs, ExportFormat};
 use anyhow::{bail, Context, Result};
-use gmpq::export::{onnx, packed};
+use gmpq::export::{onnx, Format};
 use gmpq::quant::Precision;
 
 /// Export reads the checkpoint's tensors on the CPU, whatever `--device` says.
@@ -10,23 +10,23 @@ pub(super) fn export_cmd(a: ExportArgs) -> Result<()> {
     if a.fp && a.format != ExportFormat::Onnx {
         bail!("--fp applies to --format onnx only");
     }
-    let (ck, network) = gmpq::quant::load(&a.checkpoint, tch::Device::Cpu)
+    let (ck, network) = gmpq::export::load(&a.checkpoint, tch::Device::Cpu)
         .with_context(|| format!("loading {}", a.checkpoint.display()))?;
     if let Some(dir) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    let format = match (a.format, a.fp) {
+        (ExportFormat::Onnx, false) => Format::Onnx,
+        (ExportFormat::Onnx, true) => Format::OnnxFloat,
+        (ExportFormat::Packed, _) => Format::Packed,
+    };
+    let bytes = format
+        .write(&ck, &network)
+        .with_context(|| format!("exporting {}", a.checkpoint.display()))?;
+    gmpq::files::write_atomic(&a.out, &bytes)
+        .with_context(|| format!("writing {}", a.out.display()))?;
     match a.format {
         ExportFormat::Onnx => {
-            let bytes = onnx::export(
-                &ck,
-                &network,
-                onnx::OnnxOptions {
-                    full_precision: a.fp,
-                },
-            )
-            .with_context(|| format!("exporting {}", a.checkpoint.display()))?;
-            gmpq::checkpoint::write_atomic(&a.out, &bytes)
-                .with_context(|| format!("writing {}", a.out.display()))?;
             let kind = match (&network.precision, a.fp) {
                 (
                     Precision::Fixed {
@@ -46,8 +46,7 @@ pub(super) fn export_cmd(a: ExportArgs) -> Result<()> {
             );
         }
         ExportFormat::Packed => {
-            let size = packed::save(&ck, &a.out)
-                .with_context(|| format!("packing {}", a.checkpoint.display()))?;
+            let size = bytes.len();
             let Some(Precision::Fixed { policy, .. }) = &ck.meta.precision else {
                 bail!("not a fixed-policy checkpoint");
             };

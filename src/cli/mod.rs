@@ -1200,6 +1200,10 @@ pub fn init_logging(verbose: u8) {
         .try_init();
 }
 
+fn parse_numerics(s: &str) -> Result<gmpq::quant::Numerics, String> {
+    s.parse()
+}
+
 #[cfg(test)]
 mod help_tests {
     use super::Cli;
@@ -1232,8 +1236,4 @@ mod help_tests {
             missing.join("\n")
         );
     }
-}
-
-fn parse_numerics(s: &str) -> Result<gmpq::quant::Numerics, String> {
-    s.parse()
 }

@@ -54,7 +54,7 @@ pub fn write_idx(path: &Path, magic: u32, dims: &[usize], data: &[u8]) -> Result
     } else {
         raw
     };
-    crate::checkpoint::write_atomic(path, &bytes).map_err(|e| DataError::io(path, e))
+    crate::files::write_atomic(path, &bytes).map_err(|e| DataError::io(path, e))
 }
 
 fn parse_idx(path: &Path, bytes: &[u8], expected_magic: u32) -> Result<IdxArray> {

@@ -15,7 +15,8 @@
 //! - The float stem (its batch norm folded) and the classifier (global average pool, Gemm)
 //!   stay float; a `Pad` before a conv becomes the conv's padding.
 
-use super::onnx::{attr_int, attr_ints, floats, Builder};
+use super::floats;
+use super::onnx::{attr_int, attr_ints, Builder};
 use super::ExportError;
 use crate::model::graph::{Graph, Op, Value};
 use crate::model::ConvSpec;
@@ -79,7 +80,7 @@ pub(super) fn emit(b: &mut Builder, net: &Network, input: String) -> Result<Stri
         clips: HashMap::new(),
     };
     for name in plan.bits.keys() {
-        let clip = var(&format!("{name}.act_clip"))?;
+        let clip = var(&crate::quant::QuantizerTensor::ActClip.of(name))?;
         if clip.numel() != 1 {
             return Err(ExportError::Unsupported(format!(
                 "layer '{name}': {} activation clips (a supernet layer?)",

@@ -16,18 +16,18 @@
 //! conv kernels (QLinearConv) take 8-bit types; its 4-bit types are supported only for
 //! weight-only MatMul, which no layer here is.
 
-use super::ExportError;
+use super::{floats, weight_integers, ExportError};
 use crate::checkpoint::Checkpoint;
 use crate::model::graph::{Op, Value};
 use crate::model::ConvSpec;
-use crate::quant::{Network, Numerics, Precision};
+use crate::quant::{Network, Numerics, Precision, QuantizerTensor};
 use onnx_protobuf::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
     AttributeProto, GraphProto, Message, ModelProto, NodeProto, OperatorSetIdProto,
     StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use std::collections::HashMap;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// The ONNX opset of exported graphs (ONNX Runtime 1.31 runs it).
 pub const OPSET: i64 = 21;
@@ -135,8 +135,8 @@ pub fn export(ck: &Checkpoint, net: &Network, opts: OnnxOptions) -> Result<Vec<u
                 let x = name_of(*input);
                 let (x, w) = match quant.get(layer.as_str()) {
                     Some(&(w_bits, a_bits)) if spec.quantizable => {
-                        let clip = var(&format!("{layer}.act_clip"))?;
-                        let threshold = var(&format!("{layer}.weight_threshold"))?;
+                        let clip = var(&QuantizerTensor::ActClip.of(layer))?;
+                        let threshold = var(&QuantizerTensor::WeightThreshold.of(layer))?;
                         let x = b.activation_qdq(layer, &x, &clip, a_bits, spec.signed_input)?;
                         let w = b.weight_qdq(layer, &weight, &threshold, w_bits)?;
                         (x, w)
@@ -505,35 +505,4 @@ impl Builder {
         };
         Ok(self.node("DequantizeLinear", &[&qw, &s, &zp], attrs))
     }
-}
-
-/// A float tensor's values (any layout), row-major.
-pub(crate) fn floats(t: &Tensor) -> Result<Vec<f32>, ExportError> {
-    Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().flatten(0, -1))
-        .map_err(|e| ExportError::Unsupported(format!("cannot read a tensor: {e}")))
-}
-
-/// The weight quantizer's integers `round(clamp(w, −T, T)/s)` and scales `s = T/(2^(b−1)−1)`
-/// (one per tensor, or one per output channel), computed with the quantizer's own float
-/// operations so `q·s` is its output exactly. An unset threshold (0) is `max|w|`, as the
-/// quantizer's first forward pass sets it.
-/// Also returns the threshold used.
-pub(crate) fn weight_integers(
-    w: &Tensor,
-    threshold: &Tensor,
-    bits: u32,
-) -> (Vec<i8>, Vec<f32>, Tensor) {
-    tch::no_grad(|| {
-        let w = w.to_kind(Kind::Float);
-        let t = if threshold.min().double_value(&[]) > 0.0 {
-            threshold.to_kind(Kind::Float)
-        } else {
-            crate::quant::initial_threshold(&w, threshold.dim() != 0)
-        };
-        let s = crate::quant::weight_scale(&t, bits);
-        let q = (w.clamp_tensor(Some(&-&t), Some(&t)) / &s).round();
-        let q: Vec<f32> = Vec::try_from(q.flatten(0, -1)).unwrap_or_default();
-        let s: Vec<f32> = Vec::try_from(s.flatten(0, -1)).unwrap_or_default();
-        (q.into_iter().map(|v| v as i8).collect(), s, t)
-    })
 }

@@ -14,18 +14,17 @@
 //! sets `NAME.weight = q·s`, the quantizer's output, which it maps to itself: the unpacked
 //! network computes exactly what the fine-tuned one did.
 
-use super::onnx::weight_integers;
+use super::weight_integers;
 use super::ExportError;
 use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta};
-use crate::quant::{Numerics, Precision};
+use crate::quant::{Numerics, Precision, QuantizerTensor};
 use onnx_protobuf::{Message, ModelProto};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use tch::{Kind, Tensor};
 
-/// The safetensors metadata key that marks a packed checkpoint.
-pub const PACKED_KEY: &str = "gmpq.packed";
+pub use crate::checkpoint::PACKED_KEY;
 const PACKED_FORMAT: u32 = 1;
 const KERNELS: &str = "kernels";
 const FLOATS: &str = "floats";
@@ -131,7 +130,7 @@ pub fn pack(ck: &Checkpoint) -> Result<Vec<u8>, ExportError> {
                 "layer '{name}' has {bits}-bit weights: the packed format holds 2 to 8 bits"
             )));
         }
-        let t_name = format!("{name}.weight_threshold");
+        let t_name = QuantizerTensor::WeightThreshold.of(name);
         // An unset threshold becomes max|w|, as the quantizer's first forward pass sets it.
         let (q, _, threshold) =
             weight_integers(get(&format!("{name}.weight"))?, get(&t_name)?, *bits);
@@ -146,7 +145,7 @@ pub fn pack(ck: &Checkpoint) -> Result<Vec<u8>, ExportError> {
             Some(t) => t,
             None => get(name)?,
         };
-        floats.extend(super::onnx::floats(t)?);
+        floats.extend(super::floats(t)?);
     }
     let mut meta = ck.meta.clone();
     meta.history.clear();
@@ -381,7 +380,7 @@ pub fn unpack(
         let q = unpack_bits(bytes, *bits, count)
             .ok_or_else(|| corrupt(format!("layer '{name}': bad packed kernel")))?;
         at += len;
-        let s = crate::quant::weight_scale(&out[&format!("{name}.weight_threshold")], *bits);
+        let s = crate::quant::weight_scale(&out[&QuantizerTensor::WeightThreshold.of(name)], *bits);
         let qf: Vec<f32> = q.iter().map(|&v| v as f32).collect();
         out.insert(
             format!("{name}.weight"),
@@ -400,9 +399,24 @@ pub fn unpack(
 /// Writes `ck` packed to `path` atomically; returns the file's size in bytes.
 pub fn save(ck: &Checkpoint, path: &Path) -> Result<u64, ExportError> {
     let bytes = pack(ck)?;
-    checkpoint::write_atomic(path, &bytes).map_err(|source| ExportError::Io {
+    crate::files::write_atomic(path, &bytes).map_err(|source| ExportError::Io {
         path: path.to_path_buf(),
         source,
     })?;
     Ok(bytes.len() as u64)
+}
+
+/// Reads a checkpoint or a packed file (unpacked to the network's tensors).
+pub fn read(path: &Path) -> Result<Checkpoint, CheckpointError> {
+    let (ck, packed) = Checkpoint::load_raw(path)?;
+    match packed {
+        None => Ok(ck),
+        Some(header) => {
+            let tensors = unpack(path, &ck.meta, &header, &ck.tensors)?;
+            Ok(Checkpoint {
+                meta: ck.meta,
+                tensors,
+            })
+        }
+    }
 }

@@ -54,7 +54,7 @@ pub enum PipelineError {
     #[error(transparent)]
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
     #[error(transparent)]
-    Lock(#[from] crate::checkpoint::LockError),
+    Lock(#[from] crate::files::LockError),
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
     #[error(transparent)]
@@ -92,7 +92,7 @@ impl PipelineError {
     /// The folder whose lock another process holds, when that is what failed.
     pub fn busy_folder(&self) -> Option<&Path> {
         match self {
-            PipelineError::Lock(checkpoint::LockError::Busy { dir, .. }) => Some(dir),
+            PipelineError::Lock(crate::files::LockError::Busy { dir, .. }) => Some(dir),
             PipelineError::Context { source, .. } => source.busy_folder(),
             _ => None,
         }
@@ -354,7 +354,7 @@ impl RunRecord {
             path: path.into(),
             reason: e.to_string(),
         })?;
-        checkpoint::write_atomic(path, &bytes).map_err(|source| PipelineError::Write {
+        crate::files::write_atomic(path, &bytes).map_err(|source| PipelineError::Write {
             path: path.into(),
             source,
         })
@@ -496,7 +496,7 @@ pub fn copy_stage_output(from: &Path, to: &Path) -> Result<()> {
     for f in files {
         let bytes = std::fs::read(&f).map_err(|e| io(&f, e))?;
         let dest = to.join(f.file_name().unwrap_or_default());
-        checkpoint::write_atomic(&dest, &bytes).map_err(|e| io(&dest, e))?;
+        crate::files::write_atomic(&dest, &bytes).map_err(|e| io(&dest, e))?;
     }
     Ok(())
 }

@@ -12,8 +12,9 @@ use super::{
     PipelineSettings, Result, RunLayout, RunRecord, RunSummary, StageKey, StageRecord, StageStatus,
     RECORD_FILE, RECORD_FORMAT,
 };
-use crate::checkpoint::{Checkpoint, DirLock, LOCK_FILE};
+use crate::checkpoint::Checkpoint;
 use crate::data::{DatasetSpec, ImageSource, Split};
+use crate::files::{DirLock, LOCK_FILE};
 use crate::model::{Arch, ModelConfig};
 use crate::quant::Numerics;
 use crate::search::{Geometry, SearchProgress};
@@ -477,7 +478,7 @@ pub fn run(
     }
     let bytes = serde_json::to_vec_pretty(&summary)
         .map_err(|e| PipelineError::Invalid(format!("summary: {e}")))?;
-    crate::checkpoint::write_atomic(&layout.summary(), &bytes).map_err(|source| {
+    crate::files::write_atomic(&layout.summary(), &bytes).map_err(|source| {
         PipelineError::Write {
             path: layout.summary(),
             source,

@@ -3,8 +3,9 @@
 //! provenance, the epoch log and the charts into its folder.
 
 use super::{PipelineError, Result};
-use crate::checkpoint::{Checkpoint, DirLock};
+use crate::checkpoint::Checkpoint;
 use crate::data::{stratified_subset, ConcatDataset, DatasetSpec, ImageSource, Split, SubsetSpec};
+use crate::files::DirLock;
 use crate::policy::{PolicyCost, PolicyTotals};
 use crate::search::{self, PolicyMeta, SearchConfig, SearchJob, SearchProgress, Target};
 use std::io::Write;
@@ -237,7 +238,7 @@ impl SearchRequest {
         }
         let bytes = serde_json::to_vec_pretty(&identity)
             .map_err(|e| PipelineError::Invalid(format!("search request: {e}")))?;
-        crate::checkpoint::write_atomic(&path, &bytes).map_err(io(&path))?;
+        crate::files::write_atomic(&path, &bytes).map_err(io(&path))?;
         Ok(true)
     }
 

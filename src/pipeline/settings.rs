@@ -186,6 +186,10 @@ pub fn split_subset(s: &str) -> (String, Option<usize>) {
     (s.to_string(), None)
 }
 
+fn is_fake_quant_or_unset(n: &Option<Numerics>) -> bool {
+    n.is_none_or(|n| n.is_fake_quant())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -245,8 +249,4 @@ mod tests {
         assert_eq!(s.record(), recorded);
         assert_eq!(s.budget().unwrap(), Target::Compression(128.0));
     }
-}
-
-fn is_fake_quant_or_unset(n: &Option<Numerics>) -> bool {
-    n.is_none_or(|n| n.is_fake_quant())
 }

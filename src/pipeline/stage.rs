@@ -492,7 +492,7 @@ impl Stage for ExportStage {
             },
         )?;
         let write = |path: &Path, bytes: &[u8]| {
-            crate::checkpoint::write_atomic(path, bytes).map_err(|source| PipelineError::Write {
+            crate::files::write_atomic(path, bytes).map_err(|source| PipelineError::Write {
                 path: path.into(),
                 source,
             })

@@ -145,6 +145,60 @@ impl Temperature {
     }
 }
 
+/// A quantized layer's own tensors in the var store, beside its kernel (`LAYER.weight`):
+/// the one place their names are spelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantizerTensor {
+    /// The weight quantizer's threshold `T` (a scalar, or `[C_out,1,1,1]` per channel).
+    WeightThreshold,
+    /// The activation quantizer's learnable clip `r` (one per candidate in a supernet).
+    ActClip,
+    /// The supernet's weight-bit architecture parameters α.
+    AlphaW,
+    /// The supernet's activation-bit architecture parameters α.
+    AlphaA,
+}
+
+impl QuantizerTensor {
+    pub const ALL: [Self; 4] = [
+        Self::WeightThreshold,
+        Self::ActClip,
+        Self::AlphaW,
+        Self::AlphaA,
+    ];
+
+    /// The name under the layer's path.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Self::WeightThreshold => "weight_threshold",
+            Self::ActClip => "act_clip",
+            Self::AlphaW => "alpha_w",
+            Self::AlphaA => "alpha_a",
+        }
+    }
+
+    /// `LAYER.SUFFIX`, its var-store name.
+    pub fn of(self, layer: &str) -> String {
+        format!("{layer}.{}", self.suffix())
+    }
+
+    /// The layer whose tensor of this kind `name` is.
+    pub fn layer_of(self, name: &str) -> Option<&str> {
+        name.strip_suffix(self.suffix())
+            .and_then(|n| n.strip_suffix('.'))
+    }
+
+    /// What quantizer tensor `name` is, if any.
+    pub fn kind_of(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.layer_of(name).is_some())
+    }
+
+    /// Whether `name` is an architecture parameter α.
+    pub fn is_alpha(name: &str) -> bool {
+        matches!(Self::kind_of(name), Some(Self::AlphaW | Self::AlphaA))
+    }
+}
+
 /// The smallest weight threshold: keeps the scale of an all-zero kernel (or channel) positive.
 pub(crate) const MIN_THRESHOLD: f64 = 1e-12;
 
@@ -185,8 +239,13 @@ impl QuantCore {
         QuantCore {
             spec: spec.clone(),
             weight: conv.ws,
-            weight_threshold: path.zeros_no_train("weight_threshold", &threshold_shape),
-            act_clip: path.var("act_clip", &clip_shape, nn::Init::Const(CLIP_INIT)),
+            weight_threshold: path
+                .zeros_no_train(QuantizerTensor::WeightThreshold.suffix(), &threshold_shape),
+            act_clip: path.var(
+                QuantizerTensor::ActClip.suffix(),
+                &clip_shape,
+                nn::Init::Const(CLIP_INIT),
+            ),
             threshold_ready: Cell::new(false),
         }
     }
@@ -391,12 +450,12 @@ impl LayerFactory for SupernetConvs {
         let core = QuantCore::new(&path, spec, self.a_bits.len() as i64, false);
         let h = new_handle(spec, None);
         let alpha_w = path.var(
-            "alpha_w",
+            QuantizerTensor::AlphaW.suffix(),
             &[self.w_bits.len() as i64],
             nn::Init::Const(ALPHA_INIT),
         );
         let alpha_a = path.var(
-            "alpha_a",
+            QuantizerTensor::AlphaA.suffix(),
             &[self.a_bits.len() as i64],
             nn::Init::Const(ALPHA_INIT),
         );

@@ -16,8 +16,12 @@ pub use fused::{
 };
 pub use integer::Numerics;
 pub(crate) use layers::initial_threshold;
-pub use layers::{FixedPolicyConvs, Observe, QuantLayerHandle, SupernetConvs, Temperature};
-pub use network::{build, calibrate, load, LayerCalibration, Network, Precision, QuantError};
+pub use layers::{
+    FixedPolicyConvs, Observe, QuantLayerHandle, QuantizerTensor, SupernetConvs, Temperature,
+};
+pub use network::{
+    build, calibrate, load, network_of, LayerCalibration, Network, Precision, QuantError,
+};
 pub use quantizer::weight_scale;
 pub use quantizer::{
     expected_bits, expected_bits_from, quantize_activation, quantize_activation_signed,

@@ -4,7 +4,9 @@
 
 use super::calibrate::{kl_threshold, CalibrationMethod};
 use super::integer::{Executor, LayerVars, Numerics, Plan, RANGES};
-use super::layers::{FixedPolicyConvs, Observe, QuantLayerHandle, SupernetConvs, Temperature};
+use super::layers::{
+    FixedPolicyConvs, Observe, QuantLayerHandle, QuantizerTensor, SupernetConvs, Temperature,
+};
 use super::CLIP_INIT;
 use crate::checkpoint::{self, Checkpoint, CheckpointError};
 use crate::model::{FullPrecisionConvs, Model, ModelConfig, ModelError};
@@ -134,7 +136,7 @@ pub fn build(
                     LayerVars {
                         weight: weight.shallow_clone(),
                         act_clip: vars
-                            .get(&format!("{}.act_clip", spec.name))
+                            .get(&QuantizerTensor::ActClip.of(&spec.name))
                             .map(|t| t.shallow_clone()),
                     },
                 );
@@ -183,12 +185,7 @@ impl Network {
     /// Copies a full-precision state dict into this network's shared variables (conv
     /// kernels, batch norm, head). Quantizer state (thresholds, clips, α) keeps its init.
     pub fn load_fp_weights(&self, ck: &Checkpoint, path: &Path) -> Result<(), QuantError> {
-        let quantizer_state = |n: &str| {
-            n == RANGES
-                || [".weight_threshold", ".act_clip", ".alpha_w", ".alpha_a"]
-                    .iter()
-                    .any(|s| n.ends_with(s))
-        };
+        let quantizer_state = |n: &str| n == RANGES || QuantizerTensor::kind_of(n).is_some();
         checkpoint::load_into_var_store(
             &self.vs,
             ck.model_tensors(),
@@ -228,8 +225,14 @@ impl Network {
             .map(|h| {
                 Ok(LayerBits {
                     name: h.spec.name.clone(),
-                    w_bits: argmax(&format!("{}.alpha_w", h.spec.name), &candidates.weight)?,
-                    a_bits: argmax(&format!("{}.alpha_a", h.spec.name), &candidates.activation)?,
+                    w_bits: argmax(
+                        &QuantizerTensor::AlphaW.of(&h.spec.name),
+                        &candidates.weight,
+                    )?,
+                    a_bits: argmax(
+                        &QuantizerTensor::AlphaA.of(&h.spec.name),
+                        &candidates.activation,
+                    )?,
                 })
             })
             .collect::<Result<Vec<_>, QuantError>>()?;
@@ -254,7 +257,7 @@ impl Network {
             .vs
             .variables()
             .into_iter()
-            .filter(|(n, _)| n.ends_with(".alpha_w") || n.ends_with(".alpha_a"))
+            .filter(|(n, _)| QuantizerTensor::is_alpha(n))
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
@@ -266,9 +269,7 @@ impl Network {
             .vs
             .variables()
             .into_iter()
-            .filter(|(n, t)| {
-                t.requires_grad() && !n.ends_with(".alpha_w") && !n.ends_with(".alpha_a")
-            })
+            .filter(|(n, t)| t.requires_grad() && !QuantizerTensor::is_alpha(n))
             .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
@@ -360,11 +361,11 @@ pub fn calibrate(
         };
         h.set_observe(Observe::Off);
         tch::no_grad(|| {
-            if let Some(c) = vars.get(&format!("{}.act_clip", h.spec.name)) {
+            if let Some(c) = vars.get(&QuantizerTensor::ActClip.of(&h.spec.name)) {
                 let _ = c.shallow_clone().fill_(clip);
             }
             if let (Some(t), Some(w)) = (
-                vars.get(&format!("{}.weight_threshold", h.spec.name)),
+                vars.get(&QuantizerTensor::WeightThreshold.of(&h.spec.name)),
                 vars.get(&format!("{}.weight", h.spec.name)),
             ) {
                 let m = if t.dim() == 0 {
@@ -421,7 +422,15 @@ impl Network {
 
 /// Loads any gmpq checkpoint (full precision, fixed policy or supernet) onto `device`.
 pub fn load(path: &Path, device: Device) -> Result<(Checkpoint, Network), QuantError> {
-    let ck = Checkpoint::load(path)?;
+    network_of(Checkpoint::load(path)?, path, device)
+}
+
+/// The network of a checkpoint read from `path`, on `device`.
+pub fn network_of(
+    ck: Checkpoint,
+    path: &Path,
+    device: Device,
+) -> Result<(Checkpoint, Network), QuantError> {
     let precision = ck.meta.precision.clone().unwrap_or(Precision::Full);
     let network = build(&ck.meta.model, precision, device)?;
     checkpoint::load_into_var_store(&network.vs, ck.model_tensors(), path, |_| false, |_| false)?;

@@ -221,7 +221,7 @@ pub fn heatmaps_png(
         image::ImageFormat::Png,
     )
     .map_err(|e| werr(path, e))?;
-    crate::checkpoint::write_atomic(path, &bytes).map_err(|e| werr(path, e))
+    crate::files::write_atomic(path, &bytes).map_err(|e| werr(path, e))
 }
 
 /// A named series of (x, y) points, e.g. test top-1 per epoch.

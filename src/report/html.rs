@@ -328,6 +328,6 @@ pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, ReportError> {
         esc(&serde_json::to_string_pretty(&record.settings).unwrap_or_default())
     );
     let out = layout.report();
-    crate::checkpoint::write_atomic(&out, page.as_bytes()).map_err(|e| werr(&out, e))?;
+    crate::files::write_atomic(&out, page.as_bytes()).map_err(|e| werr(&out, e))?;
     Ok(out)
 }

@@ -256,7 +256,7 @@ pub fn sensitivities(
             let q = fixed(uniform16(&|n| if n == name { a } else { 16 }))?;
             tch::no_grad(|| {
                 for (var_name, var) in q.vs.variables() {
-                    let value = match var_name.strip_suffix(".act_clip") {
+                    let value = match crate::quant::QuantizerTensor::ActClip.layer_of(&var_name) {
                         Some(layer) => {
                             Tensor::from(clip(layer, if layer == name { a } else { 16 }) as f32)
                         }

@@ -26,7 +26,7 @@ use crate::attribution::{self, capacity_aware_p};
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::{DataLoader, ImageSource, LoaderConfig, Pipeline};
 use crate::policy::{Candidates, Policy};
-use crate::quant::{self, expected_bits_from, Network, Precision, QuantError};
+use crate::quant::{self, expected_bits_from, Network, Precision, QuantError, QuantizerTensor};
 use crate::train::{evaluate, pipelines, Adam, Augment, Sgd, TrainError};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -464,11 +464,11 @@ pub fn expected_layer_bits(net: &Network, vars: &HashMap<String, Tensor>) -> Vec
             let t = &net.temperature;
             (
                 expected_bits_from(
-                    &t.softmax(&vars[&format!("{n}.alpha_w")]),
+                    &t.softmax(&vars[&QuantizerTensor::AlphaW.of(n)]),
                     &candidates.weight,
                 ),
                 expected_bits_from(
-                    &t.softmax(&vars[&format!("{n}.alpha_a")]),
+                    &t.softmax(&vars[&QuantizerTensor::AlphaA.of(n)]),
                     &candidates.activation,
                 ),
             )
@@ -520,7 +520,7 @@ pub fn fixed_from_supernet(sn: &Network, policy: &Policy) -> Result<Network> {
     let bits = policy.bits_by_layer();
     tch::no_grad(|| {
         for (name, var) in fixed.vs.variables() {
-            let value = match name.strip_suffix(".act_clip") {
+            let value = match QuantizerTensor::ActClip.layer_of(&name) {
                 Some(layer) => {
                     let a = bits.get(layer).map_or(0, |b| b.1);
                     let i = candidates

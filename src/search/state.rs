@@ -4,7 +4,8 @@
 //! epoch, so a resumed search sees the batches an uninterrupted one would.
 
 use super::{AlphaOpt, EpochLog, Result, SearchConfig};
-use crate::checkpoint::{read_safetensors, tensors_to_bytes, var_store_tensors, write_atomic};
+use crate::checkpoint::{read_safetensors, tensors_to_bytes, var_store_tensors};
+use crate::files::write_atomic;
 use crate::train::Sgd;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

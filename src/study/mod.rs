@@ -451,7 +451,7 @@ pub fn write_results(
     }
     let write = |name: &str, bytes: &[u8]| {
         let path = out.join(name);
-        crate::checkpoint::write_atomic(&path, bytes)
+        crate::files::write_atomic(&path, bytes)
             .map_err(|source| StudyError::Write { path, source })
     };
     write("results.csv", csv.as_bytes())?;

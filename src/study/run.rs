@@ -230,7 +230,7 @@ fn keep_config(config: &StudyConfig, out: &Path) -> Result<()> {
     let saved = out.join(CONFIG_FILE);
     let bytes = serde_json::to_vec_pretty(config)
         .map_err(|e| StudyError::Invalid(format!("study config: {e}")))?;
-    crate::checkpoint::write_atomic(&saved, &bytes).map_err(|source| StudyError::Write {
+    crate::files::write_atomic(&saved, &bytes).map_err(|source| StudyError::Write {
         path: saved,
         source,
     })
@@ -425,11 +425,9 @@ pub fn write_tables(config: &StudyConfig, out: &Path, runs: &[StudyRun]) -> Resu
     }
     page.push_str("</ul></body></html>\n");
     let path = out.join("study.html");
-    crate::checkpoint::write_atomic(&path, page.as_bytes()).map_err(|source| {
-        StudyError::Write {
-            path: path.clone(),
-            source,
-        }
+    crate::files::write_atomic(&path, page.as_bytes()).map_err(|source| StudyError::Write {
+        path: path.clone(),
+        source,
     })?;
     Ok(path)
 }

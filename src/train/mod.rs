@@ -33,7 +33,7 @@ pub enum TrainError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
-    Lock(#[from] checkpoint::LockError),
+    Lock(#[from] crate::files::LockError),
     #[error(transparent)]
     Quant(#[from] QuantError),
     #[error(
@@ -551,9 +551,9 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
         path: job.out_dir.clone(),
         source,
     })?;
-    let _lock = checkpoint::DirLock::acquire(&job.out_dir)?;
+    let _lock = crate::files::DirLock::acquire(&job.out_dir)?;
     let ckpt_path = last_checkpoint(&job.out_dir);
-    checkpoint::remove_stale_temps(&job.out_dir);
+    crate::files::remove_stale_temps(&job.out_dir);
     // Seed before the network is built: the weight init draws from libtorch's RNG.
     tch::manual_seed(cfg.seed as i64);
     let network = quant::build(&job.model, job.precision.clone(), job.device)?;
