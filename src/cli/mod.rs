@@ -165,10 +165,10 @@ pub enum Command {
     /// The top classes a model gives image files (PNG or JPEG): a gmpq checkpoint, a packed
     /// file or an exported ONNX model, each with the preprocessing its metadata records.
     Predict(PredictArgs),
-    /// Ship a fine-tuned checkpoint: an ONNX graph in QDQ form (quantize/dequantize pairs
-    /// around each quantized conv; ONNX Runtime runs these convs in float on dequantized
-    /// weights, docs/DEPLOY.md; --fp for the float network) or a packed safetensors file
-    /// whose kernels are stored at their policy bitwidth.
+    /// Ship a fine-tuned checkpoint: an ONNX graph (integer numerics: QDQ units ONNX Runtime
+    /// runs as QLinearConv/QLinearAdd; fake-quant: QDQ around each conv's input, run as float
+    /// convs; --fp for the float network; docs/DEPLOY.md) or a packed safetensors file whose
+    /// kernels are stored at their policy bitwidth (an integer model's is the ONNX graph).
     Export(ExportArgs),
 }
 
@@ -192,7 +192,7 @@ pub struct PredictArgs {
 /// Export formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportFormat {
-    /// ONNX (opset 21): QuantizeLinear/DequantizeLinear around every quantized conv.
+    /// ONNX (opset 21): the integer graph, or QDQ for a fake-quant checkpoint.
     Onnx,
     /// safetensors with bit-packed kernels (`gmpq eval` and `gmpq export` read it).
     Packed,
