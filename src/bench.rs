@@ -235,6 +235,50 @@ pub struct InferReport {
     pub integer_optimized_ops: std::collections::BTreeMap<String, usize>,
     /// The policy's layers (convs whose QDQ units ONNX Runtime could fuse).
     pub quantized_convs: usize,
+    /// The CPU and the features the integer and float kernels' speed depends on.
+    pub cpu: CpuInfo,
+}
+
+/// The CPU model and which of the instruction sets ONNX Runtime's and oneDNN's kernels use it
+/// has (the integer/float ratios depend on them: VNNI and AMX speed up int8 dot products).
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuInfo {
+    pub model: String,
+    pub cores: usize,
+    /// Of `avx2`, `avx512f`, `avx512_vnni`, `avx_vnni`, `amx_int8`, `amx_bf16`: those present.
+    pub features: Vec<String>,
+}
+
+impl CpuInfo {
+    /// From `/proc/cpuinfo` (Linux); elsewhere the model is "unknown" and no feature is listed.
+    pub fn detect() -> Self {
+        const WANTED: [&str; 6] = [
+            "avx2",
+            "avx512f",
+            "avx512_vnni",
+            "avx_vnni",
+            "amx_int8",
+            "amx_bf16",
+        ];
+        let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let field = |key: &str| {
+            text.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        };
+        let flags = field("flags").unwrap_or_default();
+        let flags: std::collections::HashSet<&str> = flags.split_whitespace().collect();
+        Self {
+            model: field("model name").unwrap_or_else(|| "unknown".into()),
+            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            features: WANTED
+                .iter()
+                .filter(|f| flags.contains(*f))
+                .map(|f| f.to_string())
+                .collect(),
+        }
+    }
 }
 
 /// Times inference of `config` (random weights; speed does not depend on their values)
@@ -359,5 +403,6 @@ pub fn bench_infer(
         qdq_optimized_ops,
         integer_optimized_ops,
         quantized_convs,
+        cpu: CpuInfo::detect(),
     })
 }

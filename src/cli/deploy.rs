@@ -147,9 +147,19 @@ pub(super) fn bench_infer_cmd(a: super::BenchInferArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
+    println!(
+        "CPU: {} ({} cores), features: {}",
+        report.cpu.model,
+        report.cpu.cores,
+        if report.cpu.features.is_empty() {
+            "none of avx2/avx512/vnni/amx".to_string()
+        } else {
+            report.cpu.features.join(", ")
+        }
+    );
     for r in &report.results {
         println!(
-            "{} {:?} {:<17} batch {:>3} threads {}: {:>8.1} img/s (median batch {:.5} s)",
+            "{} {:?} {:<19} batch {:>3} threads {}: {:>8.1} img/s (median batch {:.5} s)",
             r.model,
             r.input,
             r.engine,
