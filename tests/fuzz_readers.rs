@@ -193,7 +193,7 @@ proptest! {
     #[test]
     fn packed_reader(d in damage()) {
         let (_dir, path) = file("p.safetensors", &apply(&checkpoints().1, &d));
-        let _ = quant::load(&path, Device::Cpu);
+        let _ = gmpq::export::load(&path, Device::Cpu);
     }
 }
 

