@@ -124,6 +124,43 @@ fn checkpoints() -> &'static (Vec<u8>, Vec<u8>, String) {
     })
 }
 
+/// A packed integer-numerics ResNet-20 (ranges calibrated on random images).
+fn integer_packed() -> &'static [u8] {
+    static P: OnceLock<Vec<u8>> = OnceLock::new();
+    P.get_or_init(|| {
+        let cfg = ModelConfig::new(Arch::ResNet20, 1, 10, 28);
+        let g = quant::build(&cfg, Precision::Full, Device::Cpu).unwrap();
+        let policy = Policy::cycled(&cfg, g.net.convs(), &[2, 3, 4, 6], &[4, 3]);
+        let net = quant::build(
+            &cfg,
+            Precision::Fixed {
+                policy,
+                per_channel: false,
+                numerics: gmpq::quant::Numerics::Integer,
+            },
+            Device::Cpu,
+        )
+        .unwrap();
+        net.calibrate_ranges(&[tch::Tensor::rand(
+            [4, 1, 28, 28],
+            (tch::Kind::Float, Device::Cpu),
+        )]);
+        let mut meta = CheckpointMeta::new(
+            cfg,
+            Pipeline {
+                transforms: vec![],
+                normalize: Normalize::identity(1),
+            },
+        );
+        meta.precision = Some(net.precision.clone());
+        let ck = Checkpoint {
+            meta,
+            tensors: checkpoint::var_store_tensors(&net.vs),
+        };
+        gmpq::export::packed::pack(&ck).unwrap()
+    })
+}
+
 fn png_bytes() -> Vec<u8> {
     let img = image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([x as u8 * 30, y as u8 * 30, 7]));
     let mut out = std::io::Cursor::new(Vec::new());
@@ -188,6 +225,14 @@ proptest! {
     fn checkpoint_reader(d in damage()) {
         let (_dir, path) = file("c.safetensors", &apply(&checkpoints().0, &d));
         let _ = quant::load(&path, Device::Cpu);
+    }
+
+    #[test]
+    fn packed_integer_reader(d in damage()) {
+        let (_dir, path) = file("i.safetensors", &apply(integer_packed(), &d));
+        let bytes = std::fs::read(&path).unwrap();
+        let _ = gmpq::export::packed::integer_onnx(&path, &bytes);
+        let _ = gmpq::export::load(&path, Device::Cpu);
     }
 
     #[test]

@@ -289,10 +289,20 @@ pub fn integer_onnx(path: &Path, bytes: &[u8]) -> Result<Option<Vec<u8>>, Checkp
             continue;
         };
         let b = bits.get(layer).copied().unwrap_or(8);
-        let count = init.dims.iter().product::<i64>().max(0) as usize;
-        let len = (count * b as usize).div_ceil(8);
-        let q = kernels
-            .get(at..at + len)
+        let count = init
+            .dims
+            .iter()
+            .try_fold(1usize, |n, &d| {
+                usize::try_from(d).ok().and_then(|d| n.checked_mul(d))
+            })
+            .ok_or_else(|| corrupt(format!("layer '{layer}': bad kernel shape")))?;
+        let len = count
+            .checked_mul(b as usize)
+            .map(|bits| bits.div_ceil(8))
+            .ok_or_else(|| corrupt(format!("layer '{layer}': bad kernel shape")))?;
+        let q = at
+            .checked_add(len)
+            .and_then(|end| kernels.get(at..end))
             .and_then(|bytes| unpack_bits(bytes, b, count))
             .ok_or_else(|| corrupt(format!("the kernels end before layer '{layer}'")))?;
         at += len;
