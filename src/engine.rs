@@ -67,6 +67,11 @@ fn environment() -> Result<&'static ort::environment::Environment, EngineError> 
         .map_err(|e| EngineError::NoRuntime(e.clone()))
 }
 
+/// The loaded ONNX Runtime's own build description (version, git commit), once loaded.
+pub fn runtime_build_info() -> Result<&'static str, EngineError> {
+    environment().map(|_| ort::info())
+}
+
 /// Whether ONNX Runtime can be loaded (for tests that must say why they skip).
 pub fn runtime_available() -> Result<(), EngineError> {
     environment().map(|_| ())

@@ -92,3 +92,25 @@ fn cuda(i: usize) -> Result<tch::Device, String> {
         ))
     }
 }
+
+/// The libtorch this process loaded: its library's path (from the process's memory map) and
+/// the version its wheel records beside it (`torch/version.py`); `None` where neither can be
+/// read (not Linux, or libtorch not from a wheel).
+pub fn loaded_libtorch() -> Option<(std::path::PathBuf, Option<String>)> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let lib = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libtorch_cpu.so"))
+        .map(std::path::PathBuf::from)?;
+    let version = lib
+        .parent()
+        .and_then(|d| d.parent())
+        .and_then(|torch| std::fs::read_to_string(torch.join("version.py")).ok())
+        .and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("__version__"))
+                .and_then(|v| v.split(['\'', '"']).nth(1).map(str::to_string))
+        });
+    Some((lib, version))
+}

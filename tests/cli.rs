@@ -223,6 +223,28 @@ fn omp_spinning_is_bounded_unless_user_configures_it() {
     assert!(String::from_utf8_lossy(&o.stdout).contains("threads: 1"));
 }
 
+/// `gmpq info` asks the libraries it loaded: the wheel's libtorch version beside the library
+/// in this process's memory map, ONNX Runtime's own build description and path.
+#[test]
+fn info_reports_the_loaded_libraries() {
+    let o = run(&["info"]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let torch = text.lines().find(|l| l.starts_with("libtorch: ")).unwrap();
+    assert!(
+        torch.contains("2.13.0") && torch.contains("libtorch_cpu.so"),
+        "{text}"
+    );
+    let ort = text
+        .lines()
+        .find(|l| l.starts_with("onnx runtime: "))
+        .unwrap();
+    assert!(
+        ort.contains("ORT Build Info") && ort.contains("libonnxruntime"),
+        "{text}"
+    );
+}
+
 #[test]
 fn help_lists_commands() {
     let o = run(&["--help"]);

@@ -60,7 +60,18 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
         }
         Command::Info => {
             println!("gmpq {}", env!("CARGO_PKG_VERSION"));
-            println!("libtorch: 2.13.0 via tch 0.26.0");
+            match gmpq::runtime::loaded_libtorch() {
+                Some((lib, version)) => println!(
+                    "libtorch: {} ({})",
+                    version
+                        .as_deref()
+                        .unwrap_or("version not recorded beside it"),
+                    lib.display()
+                ),
+                None => println!(
+                    "libtorch: loaded, but its library was not found in the process's memory map"
+                ),
+            }
             println!("threads: {}", tch::get_num_threads());
             for var in [
                 gmpq::runtime::OMP_WAIT_POLICY,
@@ -76,7 +87,11 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
             match gmpq::engine::runtime_library()
                 .and_then(|lib| gmpq::engine::runtime_available().map(|_| lib))
             {
-                Ok(lib) => println!("onnx runtime: {}", lib.display()),
+                Ok(lib) => println!(
+                    "onnx runtime: {} ({})",
+                    gmpq::engine::runtime_build_info().unwrap_or("build info unavailable"),
+                    lib.display()
+                ),
                 Err(e) => println!("onnx runtime: unavailable ({e})"),
             }
             Ok(())
