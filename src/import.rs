@@ -65,6 +65,10 @@ pub fn import_pretrained(weights: &Path, config: &ModelConfig) -> Result<Checkpo
     )?;
     let mut meta = CheckpointMeta::new(config.clone(), pretrained_pipeline(config));
     meta.source = Some(format!("pretrained state dict {}", weights.display()));
+    // The pretrained torchvision and EfficientNet-Lite0 weights are ImageNet-1k classifiers.
+    if config.num_classes == 1000 {
+        meta.class_names = Some(crate::data::imagenet_classes());
+    }
     Ok(Checkpoint {
         meta,
         tensors: checkpoint::var_store_tensors(&vs),

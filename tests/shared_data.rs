@@ -151,6 +151,20 @@ fn efficientnet_lite0_on_imagenet_samples() {
         100.0,
         "20/20 top-5 expected: {m}"
     );
+    // The import records ImageNet's class names: `gmpq predict` names the thatched roof.
+    let o = common::run(&[
+        "predict",
+        "--model",
+        ck.to_str().unwrap(),
+        root.join("samples/imagenet/853/05.jpg").to_str().unwrap(),
+        "--top",
+        "1",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let p: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(p[0]["top"][0]["class"], 853, "{p}");
+    assert_eq!(p[0]["top"][0]["name"], "thatch", "{p}");
 
     let q = dir.path().join("lite0-w8a8.safetensors");
     let o = common::run(&[

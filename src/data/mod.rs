@@ -131,3 +131,24 @@ pub fn write_idx_split(
         &labels,
     )
 }
+
+/// The 1,000 ImageNet-1k class names by label, as torchvision ships them
+/// (`data/imagenet/README.md` says where they come from).
+pub const IMAGENET_CLASSES: &str = include_str!("../../data/imagenet/classes.txt");
+
+/// [`IMAGENET_CLASSES`] as a list.
+pub fn imagenet_classes() -> Vec<String> {
+    IMAGENET_CLASSES.lines().map(String::from).collect()
+}
+
+#[cfg(test)]
+mod imagenet_tests {
+    #[test]
+    fn imagenet_names_are_the_thousand_by_label() {
+        let names = super::imagenet_classes();
+        assert_eq!(names.len(), 1000);
+        assert_eq!(names[0], "tench");
+        assert_eq!(names[853], "thatch");
+        assert_eq!(names[999], "toilet tissue");
+    }
+}

@@ -183,6 +183,9 @@ impl DatasetSpec {
     /// names, CIFAR-10's `batches.meta.txt`, or a `classes.txt` (one name a line) in the
     /// dataset's folder (the bundled subsets ship one).
     pub fn class_names(&self) -> Option<Vec<String>> {
+        if self.kind == DatasetKind::ImagenetFolder {
+            return Some(super::imagenet_classes());
+        }
         let dir = if self.path.is_file() {
             self.path.parent()?.to_path_buf()
         } else {
