@@ -105,6 +105,15 @@ impl OnnxModel {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
+        Self::open_bytes(path, bytes, opts)
+    }
+
+    /// [`Self::open`] of a file's bytes, already read from `path`.
+    pub fn open_bytes(
+        path: &Path,
+        bytes: Vec<u8>,
+        opts: &SessionOptions,
+    ) -> Result<Self, EngineError> {
         // A packed integer model: its int8 kernels are unpacked here, in memory.
         let bytes = match crate::export::packed::integer_onnx(path, &bytes) {
             Ok(Some(onnx)) => onnx,

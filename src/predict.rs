@@ -63,13 +63,16 @@ impl Predictor {
     /// An ONNX model (`.onnx`) runs in ONNX Runtime; anything else is read as a gmpq
     /// checkpoint or packed file and runs in libtorch.
     pub fn open(path: &Path, threads: usize) -> Result<Self> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| PredictError::Model(format!("{}: {e}", path.display())))?;
         let onnx = path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("onnx"))
-            || is_integer_packed(path);
+            || crate::export::packed::is_integer(&bytes);
         if onnx {
-            let m = OnnxModel::open(
+            let m = OnnxModel::open_bytes(
                 path,
+                bytes,
                 &SessionOptions {
                     threads,
                     optimized_model: None,
@@ -202,11 +205,4 @@ impl Predictor {
         }
         Ok(out)
     }
-}
-
-/// Whether `path` is a packed integer model (it runs in ONNX Runtime).
-fn is_integer_packed(path: &Path) -> bool {
-    std::fs::read(path).is_ok_and(|bytes| {
-        crate::export::packed::integer_onnx(path, &bytes).is_ok_and(|m| m.is_some())
-    })
 }

@@ -21,8 +21,7 @@ use super::ExportError;
 use crate::model::graph::{Graph, Op, Value};
 use crate::model::ConvSpec;
 use crate::quant::integer::{
-    bias_integers, eight_scale, fold, folded_threshold, input_levels, input_scale, Plan, Step,
-    RANGES, STEM_BITS,
+    bias_integers, eight_scale, fold, folded_threshold, input_scale, Plan, Step, RANGES, STEM_BITS,
 };
 use crate::quant::{weight_scale, Network};
 use onnx_protobuf::tensor_proto::DataType;
@@ -194,11 +193,12 @@ pub(super) fn emit(b: &mut Builder, net: &Network, input: String) -> Result<Stri
             }
             Step::Float(i) => {
                 let op = &graph.ops[*i];
-                let inputs: Vec<String> = crate::quant::integer::op_inputs(op)
+                let inputs: Vec<String> = op
+                    .inputs()
                     .into_iter()
                     .map(|v| get(&values, v).map(|x| w.float(x.general)))
                     .collect::<Result<_, _>>()?;
-                let y = w.float_op(op, &inputs)?;
+                let y = w.b.float_op(op, &inputs)?;
                 values[i + 1] = Some(Slot::float(Emitted::Float(y)));
             }
         }
@@ -259,7 +259,7 @@ impl Writer<'_> {
                 ExportError::Unsupported(format!("layer '{layer}' is not quantized"))
             })?;
         let scale = input_scale(self.clip(layer)?, a_bits, signed);
-        let levels = input_levels(a_bits, signed);
+        let levels = crate::quant::activation_levels(a_bits, signed);
         let (zero, lo, mut hi) = if signed {
             (128u8, 128 - levels, 128 + levels)
         } else {
@@ -372,7 +372,7 @@ impl Writer<'_> {
                 y = match &w.graph.ops[p] {
                     // Quantized outputs: ReLU6's bound is the integer clip or the 8-bit range.
                     Op::Relu6 { .. } if quantized => w.b.node("Relu", &[&y], vec![]),
-                    op => w.float_op(op, &[y])?,
+                    op => w.b.float_op(op, &[y])?,
                 };
             }
             Ok(y)
@@ -407,70 +407,5 @@ impl Writer<'_> {
             },
         };
         Ok(Slot { general, direct })
-    }
-
-    /// An op in float (everything but convs and their units).
-    fn float_op(&mut self, op: &Op, inputs: &[String]) -> Result<String, ExportError> {
-        let x = inputs.first().cloned().unwrap_or_default();
-        Ok(match op {
-            Op::Relu { .. } => self.b.node("Relu", &[&x], vec![]),
-            Op::Relu6 { .. } => {
-                let (lo, hi) = self.b.relu6_bounds();
-                self.b.node("Clip", &[&x, &lo, &hi], vec![])
-            }
-            Op::Add { .. } => self.b.node("Add", &[&x, &inputs[1]], vec![]),
-            Op::MaxPool {
-                kernel,
-                stride,
-                padding,
-                ..
-            } => self.b.node(
-                "MaxPool",
-                &[&x],
-                vec![
-                    attr_ints("kernel_shape", &[*kernel, *kernel]),
-                    attr_ints("strides", &[*stride, *stride]),
-                    attr_ints("pads", &[*padding; 4]),
-                ],
-            ),
-            Op::GlobalAvgPool { .. } => {
-                let pooled = self.b.node("GlobalAveragePool", &[&x], vec![]);
-                self.b
-                    .node("Flatten", &[&pooled], vec![attr_int("axis", 1)])
-            }
-            Op::Linear { weight, bias, .. } => {
-                let w = self.b.tensor_f32("fc.weight", &weight.detach())?;
-                let bias = self.b.tensor_f32("fc.bias", &bias.detach())?;
-                self.b
-                    .node("Gemm", &[&x, &w, &bias], vec![attr_int("transB", 1)])
-            }
-            Op::Pad { pads, .. } => {
-                let [l, r, t, bt] = *pads;
-                let p = self
-                    .b
-                    .constant_i64("pads", &[8], &[0, 0, t, l, 0, 0, bt, r]);
-                self.b.node(
-                    "Pad",
-                    &[&x, &p],
-                    vec![super::onnx::attr_str("mode", "constant")],
-                )
-            }
-            Op::BatchNorm { params, .. } => {
-                let scale = self.b.tensor_f32("bn.scale", &params.weight.detach())?;
-                let bias = self.b.tensor_f32("bn.bias", &params.bias.detach())?;
-                let mean = self.b.tensor_f32("bn.mean", &params.mean.detach())?;
-                let var = self.b.tensor_f32("bn.var", &params.var.detach())?;
-                self.b.node(
-                    "BatchNormalization",
-                    &[&x, &scale, &bias, &mean, &var],
-                    vec![super::onnx::attr_float("epsilon", params.eps as f32)],
-                )
-            }
-            Op::Conv { layer, .. } => {
-                return Err(ExportError::Unsupported(format!(
-                    "conv '{layer}' outside a conv unit"
-                )))
-            }
-        })
     }
 }

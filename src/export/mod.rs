@@ -60,7 +60,9 @@ pub fn load(
     path: &std::path::Path,
     device: tch::Device,
 ) -> Result<(crate::checkpoint::Checkpoint, crate::quant::Network), ExportError> {
-    Ok(crate::quant::network_of(packed::read(path)?, path, device)?)
+    let ck = packed::read(path)?;
+    let network = crate::quant::network_of(&ck, path, device)?;
+    Ok((ck, network))
 }
 
 /// A float tensor's values (any layout), row-major.

@@ -20,7 +20,7 @@ use super::{floats, weight_integers, ExportError};
 use crate::checkpoint::Checkpoint;
 use crate::model::graph::{Op, Value};
 use crate::model::ConvSpec;
-use crate::quant::{Network, Numerics, Precision, QuantizerTensor};
+use crate::quant::{activation_levels, Network, Numerics, Precision, QuantizerTensor};
 use onnx_protobuf::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
     AttributeProto, GraphProto, Message, ModelProto, NodeProto, OperatorSetIdProto,
@@ -110,23 +110,13 @@ pub fn export(ck: &Checkpoint, net: &Network, opts: OnnxOptions) -> Result<Vec<u
     let centred = b.node("Sub", &[INPUT, &mean], vec![]);
     let normalised = b.node("Div", &[&centred, &std], vec![]);
     let integer = !opts.full_precision && net.numerics() == Numerics::Integer;
+    let mut names: Vec<String> = vec![normalised.clone()];
     if integer {
-        super::integer::emit(&mut b, net, normalised.clone())?;
+        super::integer::emit(&mut b, net, normalised)?;
     }
-    let mut names: Vec<String> = vec![normalised];
-
     for op in graph.ops.iter().filter(|_| !integer) {
         let name_of = |v: Value| names[v].clone();
         let out = match op {
-            Op::Pad { input, pads } => {
-                let [l, r, t, bt] = *pads;
-                let p = b.constant_i64("pads", &[8], &[0, 0, t, l, 0, 0, bt, r]);
-                b.node(
-                    "Pad",
-                    &[&name_of(*input), &p],
-                    vec![attr_str("mode", "constant")],
-                )
-            }
             Op::Conv { input, layer } => {
                 let spec = specs.get(layer.as_str()).ok_or_else(|| {
                     ExportError::Unsupported(format!("the network has no conv layer '{layer}'"))
@@ -157,53 +147,9 @@ pub fn export(ck: &Checkpoint, net: &Network, opts: OnnxOptions) -> Result<Vec<u
                     ],
                 )
             }
-            Op::BatchNorm { input, params } => {
-                let scale = b.tensor_f32("bn.scale", &params.weight)?;
-                let bias = b.tensor_f32("bn.bias", &params.bias)?;
-                let mean = b.tensor_f32("bn.mean", &params.mean)?;
-                let var = b.tensor_f32("bn.var", &params.var)?;
-                b.node(
-                    "BatchNormalization",
-                    &[&name_of(*input), &scale, &bias, &mean, &var],
-                    vec![attr_float("epsilon", params.eps as f32)],
-                )
-            }
-            Op::Relu { input } => b.node("Relu", &[&name_of(*input)], vec![]),
-            Op::Relu6 { input } => {
-                let (lo, hi) = b.relu6_bounds();
-                b.node("Clip", &[&name_of(*input), &lo, &hi], vec![])
-            }
-            Op::Add { a, b: other } => b.node("Add", &[&name_of(*a), &name_of(*other)], vec![]),
-            Op::MaxPool {
-                input,
-                kernel,
-                stride,
-                padding,
-            } => b.node(
-                "MaxPool",
-                &[&name_of(*input)],
-                vec![
-                    attr_ints("kernel_shape", &[*kernel, *kernel]),
-                    attr_ints("strides", &[*stride, *stride]),
-                    attr_ints("pads", &[*padding; 4]),
-                ],
-            ),
-            Op::GlobalAvgPool { input } => {
-                let pooled = b.node("GlobalAveragePool", &[&name_of(*input)], vec![]);
-                b.node("Flatten", &[&pooled], vec![attr_int("axis", 1)])
-            }
-            Op::Linear {
-                input,
-                weight,
-                bias,
-            } => {
-                let w = b.tensor_f32("fc.weight", weight)?;
-                let bias = b.tensor_f32("fc.bias", bias)?;
-                b.node(
-                    "Gemm",
-                    &[&name_of(*input), &w, &bias],
-                    vec![attr_int("transB", 1)],
-                )
+            other => {
+                let inputs: Vec<String> = other.inputs().into_iter().map(name_of).collect();
+                b.float_op(other, &inputs)?
             }
         };
         names.push(out);
@@ -417,6 +363,63 @@ impl Builder {
         self.relu6.clone().unwrap_or_default()
     }
 
+    /// An op other than a conv, on float inputs (the graph's values it reads, in order).
+    pub(super) fn float_op(&mut self, op: &Op, inputs: &[String]) -> Result<String, ExportError> {
+        let x = inputs.first().cloned().unwrap_or_default();
+        Ok(match op {
+            Op::Relu { .. } => self.node("Relu", &[&x], vec![]),
+            Op::Relu6 { .. } => {
+                let (lo, hi) = self.relu6_bounds();
+                self.node("Clip", &[&x, &lo, &hi], vec![])
+            }
+            Op::Add { .. } => self.node("Add", &[&x, &inputs[1]], vec![]),
+            Op::MaxPool {
+                kernel,
+                stride,
+                padding,
+                ..
+            } => self.node(
+                "MaxPool",
+                &[&x],
+                vec![
+                    attr_ints("kernel_shape", &[*kernel, *kernel]),
+                    attr_ints("strides", &[*stride, *stride]),
+                    attr_ints("pads", &[*padding; 4]),
+                ],
+            ),
+            Op::GlobalAvgPool { .. } => {
+                let pooled = self.node("GlobalAveragePool", &[&x], vec![]);
+                self.node("Flatten", &[&pooled], vec![attr_int("axis", 1)])
+            }
+            Op::Linear { weight, bias, .. } => {
+                let w = self.tensor_f32("fc.weight", weight)?;
+                let bias = self.tensor_f32("fc.bias", bias)?;
+                self.node("Gemm", &[&x, &w, &bias], vec![attr_int("transB", 1)])
+            }
+            Op::Pad { pads, .. } => {
+                let [l, r, t, bt] = *pads;
+                let p = self.constant_i64("pads", &[8], &[0, 0, t, l, 0, 0, bt, r]);
+                self.node("Pad", &[&x, &p], vec![attr_str("mode", "constant")])
+            }
+            Op::BatchNorm { params, .. } => {
+                let scale = self.tensor_f32("bn.scale", &params.weight)?;
+                let bias = self.tensor_f32("bn.bias", &params.bias)?;
+                let mean = self.tensor_f32("bn.mean", &params.mean)?;
+                let var = self.tensor_f32("bn.var", &params.var)?;
+                self.node(
+                    "BatchNormalization",
+                    &[&x, &scale, &bias, &mean, &var],
+                    vec![attr_float("epsilon", params.eps as f32)],
+                )
+            }
+            Op::Conv { layer, .. } => {
+                return Err(ExportError::Unsupported(format!(
+                    "conv '{layer}' is written with its quantizers, not as a float op"
+                )))
+            }
+        })
+    }
+
     pub(super) fn constant_i64(&mut self, stem: &str, dims: &[i64], v: &[i64]) -> String {
         let raw = v.iter().flat_map(|x| x.to_le_bytes()).collect();
         self.initializer(stem, dims, DataType::INT64, raw)
@@ -450,9 +453,9 @@ impl Builder {
         }
         // The quantizer's arithmetic: the scale is computed in double, used in float.
         let (levels, lo, zero_kind) = if signed {
-            (((1i64 << (bits - 1)) - 1) as f64, -r, DataType::INT8)
+            (activation_levels(bits, true) as f64, -r, DataType::INT8)
         } else {
-            (((1i64 << bits) - 1) as f64, 0.0, DataType::UINT8)
+            (activation_levels(bits, false) as f64, 0.0, DataType::UINT8)
         };
         let scale = (r / levels) as f32;
         let lo = self.scalar_f32(&format!("{layer}.clip_min"), lo as f32);

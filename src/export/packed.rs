@@ -147,7 +147,22 @@ pub fn pack(ck: &Checkpoint) -> Result<Vec<u8>, ExportError> {
         };
         floats.extend(super::floats(t)?);
     }
-    let mut meta = ck.meta.clone();
+    let tensors: BTreeMap<String, Tensor> = [
+        (KERNELS.to_string(), Tensor::from_slice(&kernels)),
+        (FLOATS.to_string(), Tensor::from_slice(&floats)),
+    ]
+    .into();
+    packed_bytes(&tensors, &ck.meta, PACKED_FORMAT)
+}
+
+/// The packed file's bytes: `tensors`, the checkpoint's metadata without its training
+/// history, calibration record and search details (they stay in the original), the format.
+fn packed_bytes(
+    tensors: &BTreeMap<String, Tensor>,
+    meta: &CheckpointMeta,
+    format: u32,
+) -> Result<Vec<u8>, ExportError> {
+    let mut meta = meta.clone();
     meta.history.clear();
     meta.calibration = None;
     meta.train = None;
@@ -156,19 +171,6 @@ pub fn pack(ck: &Checkpoint) -> Result<Vec<u8>, ExportError> {
     }
     let meta_json = serde_json::to_string(&meta)
         .map_err(|e| ExportError::Unsupported(format!("metadata: {e}")))?;
-    let tensors: BTreeMap<String, Tensor> = [
-        (KERNELS.to_string(), Tensor::from_slice(&kernels)),
-        (FLOATS.to_string(), Tensor::from_slice(&floats)),
-    ]
-    .into();
-    packed_bytes(&tensors, meta_json, PACKED_FORMAT)
-}
-
-fn packed_bytes(
-    tensors: &BTreeMap<String, Tensor>,
-    meta_json: String,
-    format: u32,
-) -> Result<Vec<u8>, ExportError> {
     let header_json = serde_json::to_string(&PackedHeader { format })
         .map_err(|e| ExportError::Unsupported(format!("metadata: {e}")))?;
     let extra: HashMap<String, String> = [(PACKED_KEY.to_string(), header_json)].into();
@@ -204,15 +206,7 @@ fn kernel_bits(meta: &CheckpointMeta) -> HashMap<String, u32> {
 /// in initializer order; the 8-bit stem at 8), the rest of the graph as bytes (`onnx`).
 /// [`integer_onnx`] puts the kernels back in memory.
 pub fn pack_integer(ck: &Checkpoint) -> Result<Vec<u8>, ExportError> {
-    let precision = ck.meta.precision.clone().unwrap_or(Precision::Full);
-    let net = crate::quant::build(&ck.meta.model, precision, tch::Device::Cpu)?;
-    checkpoint::load_into_var_store(
-        &net.vs,
-        ck.model_tensors(),
-        Path::new("(checkpoint)"),
-        |_| false,
-        |_| false,
-    )?;
+    let net = crate::quant::network_of(ck, Path::new("(checkpoint)"), tch::Device::Cpu)?;
     let onnx = super::onnx::export(ck, &net, super::onnx::OnnxOptions::default())?;
     let mut model = ModelProto::parse_from_bytes(&onnx)
         .map_err(|e| ExportError::Unsupported(format!("the exported graph: {e}")))?;
@@ -230,21 +224,24 @@ pub fn pack_integer(ck: &Checkpoint) -> Result<Vec<u8>, ExportError> {
     let graph = model
         .write_to_bytes()
         .map_err(|e| ExportError::Unsupported(format!("cannot encode the ONNX model: {e}")))?;
-    let mut meta = ck.meta.clone();
-    meta.history.clear();
-    meta.calibration = None;
-    meta.train = None;
-    if let Some(Precision::Fixed { policy, .. }) = &mut meta.precision {
-        policy.meta = None;
-    }
-    let meta_json = serde_json::to_string(&meta)
-        .map_err(|e| ExportError::Unsupported(format!("metadata: {e}")))?;
     let tensors: BTreeMap<String, Tensor> = [
         (KERNELS.to_string(), Tensor::from_slice(&kernels)),
         (ONNX_GRAPH.to_string(), Tensor::from_slice(&graph)),
     ]
     .into();
-    packed_bytes(&tensors, meta_json, PACKED_INTEGER_FORMAT)
+    packed_bytes(&tensors, &ck.meta, PACKED_INTEGER_FORMAT)
+}
+
+/// Whether `bytes` are a packed integer model (from the safetensors header alone).
+pub fn is_integer(bytes: &[u8]) -> bool {
+    safetensors::SafeTensors::read_metadata(bytes).is_ok_and(|(_, header)| {
+        header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(PACKED_KEY))
+            .and_then(|h| serde_json::from_str::<PackedHeader>(h).ok())
+            .is_some_and(|h| h.format == PACKED_INTEGER_FORMAT)
+    })
 }
 
 /// The ONNX model of a packed integer file, its int8 kernels unpacked in memory; `None` when
@@ -254,23 +251,16 @@ pub fn integer_onnx(path: &Path, bytes: &[u8]) -> Result<Option<Vec<u8>>, Checkp
         path: path.to_path_buf(),
         reason: format!("packed integer model: {reason}"),
     };
+    if !is_integer(bytes) {
+        return Ok(None);
+    }
     let Ok((_, header)) = safetensors::SafeTensors::read_metadata(bytes) else {
         return Ok(None);
     };
-    let Some(metadata) = header.metadata() else {
-        return Ok(None);
-    };
-    let Some(format) = metadata
-        .get(PACKED_KEY)
-        .and_then(|h| serde_json::from_str::<PackedHeader>(h).ok())
-    else {
-        return Ok(None);
-    };
-    if format.format != PACKED_INTEGER_FORMAT {
-        return Ok(None);
-    }
-    let meta: CheckpointMeta = metadata
-        .get(checkpoint::META_KEY)
+    let meta: CheckpointMeta = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(checkpoint::META_KEY))
         .and_then(|m| serde_json::from_str(m).ok())
         .ok_or_else(|| corrupt("no gmpq metadata".into()))?;
     let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| corrupt(e.to_string()))?;

@@ -63,6 +63,23 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// The values the op reads.
+    pub fn inputs(&self) -> Vec<Value> {
+        match self {
+            Op::Pad { input, .. }
+            | Op::Conv { input, .. }
+            | Op::BatchNorm { input, .. }
+            | Op::Relu { input }
+            | Op::Relu6 { input }
+            | Op::MaxPool { input, .. }
+            | Op::GlobalAvgPool { input }
+            | Op::Linear { input, .. } => vec![*input],
+            Op::Add { a, b } => vec![*a, *b],
+        }
+    }
+}
+
 /// The forward pass; its output is the last op's value.
 #[derive(Debug, Default)]
 pub struct Graph {

@@ -21,6 +21,7 @@
 //! writes the same plan as QDQ units that ONNX Runtime fuses into integer kernels.
 
 use super::fused::{quantize_activation_mix, quantize_weight_mix};
+use super::quantizer::{activation_levels, straight_through, weight_levels};
 use super::QuantError;
 use crate::model::graph::{BatchNormParams, Graph, Op, Value};
 use crate::model::ConvSpec;
@@ -86,8 +87,6 @@ pub struct Holding {
 /// A conv fused with its batch norm and the ops that follow it before quantization.
 #[derive(Debug, Clone)]
 pub struct ConvUnit {
-    /// The op index of the conv.
-    pub conv: usize,
     /// The op index of its batch norm.
     pub bn: usize,
     pub layer: String,
@@ -104,7 +103,6 @@ pub struct ConvUnit {
 /// A residual add and the ops that follow it before quantization.
 #[derive(Debug, Clone)]
 pub struct AddUnit {
-    pub op: usize,
     pub a: Value,
     pub b: Value,
     pub post: Vec<usize>,
@@ -145,7 +143,7 @@ impl Plan {
         let n_values = graph.ops.len() + 1;
         let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); n_values];
         for (i, op) in graph.ops.iter().enumerate() {
-            for v in op_inputs(op) {
+            for v in op.inputs() {
                 consumers[v].push(i);
             }
         }
@@ -157,6 +155,16 @@ impl Plan {
                     .map(|&(w, a)| (s.name.clone(), (w, a, s.signed_input)))
             })
             .collect();
+        // The ops that read value `v`, looking through a padding op (folded into its conv).
+        let readers = |v: Value| -> Vec<usize> {
+            consumers[v]
+                .iter()
+                .flat_map(|&r| match graph.ops[r] {
+                    Op::Pad { .. } => consumers[r + 1].clone(),
+                    _ => vec![r],
+                })
+                .collect()
+        };
         let sole = |v: Value| -> Option<usize> {
             match consumers[v].as_slice() {
                 [only] => Some(*only),
@@ -200,7 +208,6 @@ impl Plan {
                     fused[bn] = true;
                     post.iter().for_each(|&p| fused[p] = true);
                     steps.push(Step::Conv(ConvUnit {
-                        conv: i,
                         bn,
                         layer: layer.clone(),
                         input,
@@ -213,7 +220,6 @@ impl Plan {
                     let (post, output) = post_of(i + 1);
                     post.iter().for_each(|&p| fused[p] = true);
                     steps.push(Step::Add(AddUnit {
-                        op: i,
                         a: *a,
                         b: *b,
                         post,
@@ -236,13 +242,7 @@ impl Plan {
                 Step::Add(u) => (u.output, &u.post, true),
                 Step::Float(_) => continue,
             };
-            let readers: Vec<usize> = consumers[output]
-                .iter()
-                .flat_map(|&r| match graph.ops[r] {
-                    Op::Pad { .. } => consumers[r + 1].clone(),
-                    _ => vec![r],
-                })
-                .collect();
+            let readers = readers(output);
             let quantized_conv = |r: &usize| match &graph.ops[*r] {
                 Op::Conv { layer, .. } if qbits.contains_key(layer) => Some(layer.clone()),
                 _ => None,
@@ -261,13 +261,9 @@ impl Plan {
                 direct,
             };
         }
-        // The image's readers, through a padding op (TF "SAME" stems).
-        let stem: Vec<String> = consumers[0]
-            .iter()
-            .flat_map(|&r| match graph.ops[r] {
-                Op::Pad { .. } => consumers[r + 1].clone(),
-                _ => vec![r],
-            })
+        // The image's readers (through a TF "SAME" stem's padding).
+        let stem: Vec<String> = readers(0)
+            .into_iter()
             .filter_map(|r| match &graph.ops[r] {
                 Op::Conv { layer, .. } if !qbits.contains_key(layer) => Some(layer.clone()),
                 _ => None,
@@ -294,34 +290,10 @@ impl Plan {
     }
 }
 
-/// The values an op reads.
-pub fn op_inputs(op: &Op) -> Vec<Value> {
-    match op {
-        Op::Pad { input, .. }
-        | Op::Conv { input, .. }
-        | Op::BatchNorm { input, .. }
-        | Op::Relu { input }
-        | Op::Relu6 { input }
-        | Op::MaxPool { input, .. }
-        | Op::GlobalAvgPool { input }
-        | Op::Linear { input, .. } => vec![*input],
-        Op::Add { a, b } => vec![*a, *b],
-    }
-}
-
-/// Levels on the positive side of an activation quantizer: `2^b − 1`, or `2^(b−1) − 1` signed.
-pub fn input_levels(bits: u32, signed: bool) -> i64 {
-    if signed {
-        (1i64 << (bits - 1)) - 1
-    } else {
-        (1i64 << bits) - 1
-    }
-}
-
 /// The input quantizer's scale `r/levels`, as the quantizer computes it (double, then used
 /// in float).
 pub fn input_scale(clip: f64, bits: u32, signed: bool) -> f32 {
-    (clip / input_levels(bits, signed) as f64) as f32
+    (clip / activation_levels(bits, signed) as f64) as f32
 }
 
 /// The stem's weight bits (see [`Plan::stem`]).
@@ -348,7 +320,7 @@ const BIAS_LIMIT: f64 = (1u64 << 30) as f64;
 /// otherwise have a scale near zero and an unrepresentable bias).
 pub fn folded_threshold(w: &Tensor, b: &Tensor, s_x: f32, w_bits: u32) -> Tensor {
     tch::no_grad(|| {
-        let levels = ((1i64 << (w_bits - 1)) - 1) as f64;
+        let levels = weight_levels(w_bits) as f64;
         let max = w.abs().amax([1i64, 2, 3].as_slice(), true);
         let for_bias = b.abs().view([-1, 1, 1, 1]) * (levels / (s_x as f64 * BIAS_LIMIT));
         max.maximum(&for_bias)
@@ -362,11 +334,6 @@ pub fn bias_integers(b: &Tensor, s_x: f32, s_w: &Tensor) -> (Tensor, Tensor) {
     let scale = s_w.flatten(0, -1) * s_x as f64;
     let q = (b.detach() / &scale).round();
     (q, scale)
-}
-
-/// Straight-through: the value of `q`, the gradient of `through`.
-fn straight_through(q: &Tensor, through: &Tensor) -> Tensor {
-    q.detach() + (through - through.detach())
 }
 
 /// `clamp(round(x/s), lo, hi)·s`, gradient identity inside the range.
@@ -418,17 +385,6 @@ impl Executor {
     }
     pub fn training_frozen(&self) -> bool {
         self.training_frozen.load(Ordering::Relaxed)
-    }
-
-    /// Whether every 8-bit value has a range.
-    pub fn calibrated(&self) -> bool {
-        let ranges: Vec<f32> =
-            Vec::try_from(self.ranges.detach().to_device(tch::Device::Cpu)).unwrap_or_default();
-        self.plan
-            .held
-            .iter()
-            .enumerate()
-            .all(|(v, h)| h.eight.is_none() || ranges.get(v).is_some_and(|&r| r > 0.0))
     }
 
     /// Sets every 8-bit range from the maxima of `run`'s forward passes (capped at 6 after a
@@ -597,7 +553,8 @@ impl Executor {
                     values[u.output] = Some(self.hold(y, u.output, &ranges, vars));
                 }
                 Step::Float(i) => {
-                    let inputs: Vec<Tensor> = op_inputs(&graph.ops[*i])
+                    let inputs: Vec<Tensor> = graph.ops[*i]
+                        .inputs()
                         .into_iter()
                         .map(|v| get(&values, v, None).0)
                         .collect();

@@ -22,7 +22,7 @@ pub use layers::{
 pub use network::{
     build, calibrate, load, network_of, LayerCalibration, Network, Precision, QuantError,
 };
-pub use quantizer::weight_scale;
+pub use quantizer::{activation_levels, weight_levels, weight_scale};
 pub use quantizer::{
     expected_bits, expected_bits_from, quantize_activation, quantize_activation_signed,
     quantize_weight, softmax_mix,

@@ -422,17 +422,15 @@ impl Network {
 
 /// Loads any gmpq checkpoint (full precision, fixed policy or supernet) onto `device`.
 pub fn load(path: &Path, device: Device) -> Result<(Checkpoint, Network), QuantError> {
-    network_of(Checkpoint::load(path)?, path, device)
+    let ck = Checkpoint::load(path)?;
+    let network = network_of(&ck, path, device)?;
+    Ok((ck, network))
 }
 
-/// The network of a checkpoint read from `path`, on `device`.
-pub fn network_of(
-    ck: Checkpoint,
-    path: &Path,
-    device: Device,
-) -> Result<(Checkpoint, Network), QuantError> {
+/// The network of a checkpoint (read from `path`, which errors name), on `device`.
+pub fn network_of(ck: &Checkpoint, path: &Path, device: Device) -> Result<Network, QuantError> {
     let precision = ck.meta.precision.clone().unwrap_or(Precision::Full);
     let network = build(&ck.meta.model, precision, device)?;
     checkpoint::load_into_var_store(&network.vs, ck.model_tensors(), path, |_| false, |_| false)?;
-    Ok((ck, network))
+    Ok(network)
 }

@@ -8,7 +8,7 @@
 use tch::{Kind, Tensor};
 
 /// Straight-through: the value of `q`, the gradient of `through`.
-fn straight_through(q: &Tensor, through: &Tensor) -> Tensor {
+pub(crate) fn straight_through(q: &Tensor, through: &Tensor) -> Tensor {
     q.detach() + (through - through.detach())
 }
 
@@ -25,7 +25,22 @@ pub fn quantize_weight(w: &Tensor, threshold: &Tensor, bits: u32) -> Tensor {
 
 /// The weight quantizer's scale `T/(2^(b−1)−1)`, in the threshold's precision.
 pub fn weight_scale(threshold: &Tensor, bits: u32) -> Tensor {
-    threshold / ((1i64 << (bits - 1)) - 1) as f64
+    threshold / weight_levels(bits) as f64
+}
+
+/// Levels on each side of the symmetric weight quantizer: `2^(b−1) − 1`.
+pub fn weight_levels(bits: u32) -> i64 {
+    (1i64 << (bits - 1)) - 1
+}
+
+/// Levels on the positive side of an activation quantizer: `2^b − 1` (half-wave), or
+/// `2^(b−1) − 1` (signed).
+pub fn activation_levels(bits: u32, signed: bool) -> i64 {
+    if signed {
+        weight_levels(bits)
+    } else {
+        (1i64 << bits) - 1
+    }
 }
 
 /// Half-wave (unsigned) activation quantizer with learnable clip `r`:
@@ -35,7 +50,7 @@ pub fn quantize_activation(x: &Tensor, clip: &Tensor, bits: u32) -> Tensor {
     // The reference reads r with `.item()`: no gradient flows through the scale.
     let r = clip.double_value(&[]);
     let clipped = (x.abs() - (x - clip).abs() + clip) * 0.5;
-    let s = r / ((1i64 << bits) - 1) as f64;
+    let s = r / activation_levels(bits, false) as f64;
     let q = (&clipped / s).round() * s;
     straight_through(&q, &clipped)
 }
@@ -47,7 +62,7 @@ pub fn quantize_activation(x: &Tensor, clip: &Tensor, bits: u32) -> Tensor {
 pub fn quantize_activation_signed(x: &Tensor, clip: &Tensor, bits: u32) -> Tensor {
     let r = clip.double_value(&[]);
     let clipped = ((x + clip).abs() - (x - clip).abs()) * 0.5;
-    let s = r / ((1i64 << (bits - 1)) - 1) as f64;
+    let s = r / activation_levels(bits, true) as f64;
     let q = (&clipped / s).round() * s;
     straight_through(&q, &clipped)
 }
