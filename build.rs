@@ -6,11 +6,15 @@
 //!   `tch::Cuda::is_available()` would say false on a GPU machine.
 //! - `csrc/fused_quant.cpp` (custom autograd functions, see src/quant/fused.rs) compiled
 //!   against the same libtorch headers, with the flags torch-sys uses for its own C++.
+//! - `csrc/dist.cpp` (PyTorch's distributed engine c10d, see src/dist/), with the Gloo
+//!   declarations the wheel does not ship (`csrc/third_party/gloo`, see its README).
 use std::path::PathBuf;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csrc/fused_quant.cpp");
+    println!("cargo:rerun-if-changed=csrc/dist.cpp");
+    println!("cargo:rerun-if-changed=csrc/third_party/gloo");
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
     // torch-sys (links = "tch") exports the libtorch lib dir it linked against.
     let Some(lib_dir) = std::env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from) else {
@@ -39,6 +43,14 @@ fn main() {
         }
         println!("cargo:rerun-if-changed={}", capi.display());
     }
+    // torchrun from the same virtualenv (venv/lib/pythonX.Y/site-packages/torch/lib →
+    // venv/bin/torchrun): the distributed tests launch through it.
+    if let Some(venv) = lib_dir.ancestors().nth(5) {
+        println!(
+            "cargo:rustc-env=GMPQ_TORCHRUN={}",
+            venv.join("bin/torchrun").display()
+        );
+    }
     // The wheel's layout: torch/lib beside torch/include.
     let include = lib_dir
         .parent()
@@ -46,18 +58,45 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from("include"));
     // The same default as torch-sys: the PyPI wheels use the C++11 ABI.
     let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
-    cc::Build::new()
-        .cpp(true)
-        .pic(true)
-        .warnings(false)
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
-        .flag("-DGLOG_USE_GLOG_EXPORT")
-        // Bit-exact float arithmetic: no contraction into FMA, no fast-math.
-        .flag("-ffp-contract=off")
-        .opt_level(3)
-        .file("csrc/fused_quant.cpp")
-        .compile("gmpq_fused");
+    let build = |file: &str, lib: &str, extra: &[PathBuf], defines: &[&str]| {
+        let mut b = cc::Build::new();
+        b.cpp(true)
+            .pic(true)
+            .warnings(false)
+            .include(&include)
+            .include(include.join("torch/csrc/api/include"));
+        for dir in extra {
+            b.include(dir);
+        }
+        for d in defines {
+            b.define(d, None);
+        }
+        b.flag("-std=c++17")
+            .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+            .flag("-DGLOG_USE_GLOG_EXPORT")
+            // Bit-exact float arithmetic: no contraction into FMA, no fast-math.
+            .flag("-ffp-contract=off")
+            .opt_level(3)
+            .file(file)
+            .compile(lib);
+    };
+    build("csrc/fused_quant.cpp", "gmpq_fused", &[], &[]);
+    let mut dist_includes = vec![PathBuf::from("csrc/third_party/gloo")];
+    let mut dist_defines = vec!["USE_C10D_GLOO", "USE_DISTRIBUTED"];
+    if std::env::var_os("CARGO_FEATURE_NCCL").is_some() {
+        // The CUDA runtime headers (nvidia-cuda-runtime wheel) and NCCL's (nvidia-nccl wheel)
+        // beside torch in site-packages.
+        if let Some(site) = lib_dir.parent().and_then(|t| t.parent()) {
+            for sub in [
+                "nvidia/cuda_runtime/include",
+                "nvidia/nccl/include",
+                "nvidia/cu13/include",
+            ] {
+                dist_includes.push(site.join(sub));
+            }
+        }
+        dist_defines.push("GMPQ_NCCL");
+        dist_defines.push("USE_C10D_NCCL");
+    }
+    build("csrc/dist.cpp", "gmpq_dist", &dist_includes, &dist_defines);
 }

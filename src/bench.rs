@@ -119,6 +119,7 @@ pub fn bench_search_step(
         alpha_opt: &mut a_opt,
         macs: &macs,
         vars: &vars,
+        group: None,
     };
     let times = time_steps(warmup, steps, || {
         step.run(

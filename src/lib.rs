@@ -9,6 +9,7 @@ pub mod attribution;
 pub mod bench;
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod engine;
 pub mod export;
 pub mod fields;

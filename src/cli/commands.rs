@@ -29,9 +29,46 @@ pub fn run(cli: Cli) -> Result<()> {
     }
     let threads = gmpq::runtime::set_threads(cli.engine.threads);
     gmpq::quant::set_kernels(cli.engine.quant_kernels.into());
-    let device = gmpq::runtime::parse_device(&cli.engine.device).map_err(anyhow::Error::msg)?;
+    let mut device = gmpq::runtime::parse_device(&cli.engine.device).map_err(anyhow::Error::msg)?;
+    device = join_process_group(&cli.command, device)?;
     tracing::debug!("libtorch threads: {threads}, device: {device:?}");
     dispatch(cli.command, device)
+}
+
+/// Under torchrun or srun with several ranks: joins the process group (NCCL on CUDA, Gloo
+/// on CPU) for the commands that run data-parallel, and puts each rank on its node-local
+/// CUDA device. Other commands refuse to run as several ranks.
+fn join_process_group(command: &Command, device: tch::Device) -> Result<tch::Device> {
+    let parallel = matches!(
+        command,
+        Command::Train(_) | Command::Finetune(_) | Command::Search(_) | Command::Info
+    );
+    let launch = gmpq::dist::Rendezvous::from_vars(|n| std::env::var(n).ok())?;
+    let Some(r) = launch else {
+        return Ok(device);
+    };
+    if !parallel {
+        bail!(
+            "this command runs as one process, but it was launched as rank {} of {}              (train, finetune and search run data-parallel; launch others without torchrun/srun)",
+            r.rank,
+            r.world
+        );
+    }
+    let device = match device {
+        tch::Device::Cuda(_) => tch::Device::Cuda(r.local_rank),
+        d => d,
+    };
+    let g = gmpq::dist::init_from_env(device.is_cuda())?;
+    if let Some(g) = g {
+        tracing::info!(
+            "rank {} of {} ({:?}, local rank {}, device {device:?})",
+            g.rank,
+            g.world,
+            g.backend,
+            g.local_rank
+        );
+    }
+    Ok(device)
 }
 
 /// Runs one parsed command (the pipeline runs its stages through here too).
@@ -84,6 +121,27 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
             println!("cuda devices: {}", tch::Cuda::device_count());
             println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
             println!("device: {device:?}");
+            if let Some(g) = gmpq::dist::current() {
+                // One all-reduce of every rank's number: proves the group computes.
+                let t = tch::Tensor::from_slice(&[g.rank as f64 + 1.0]);
+                let started = std::time::Instant::now();
+                g.all_reduce_sum(&t)?;
+                let sum = t.double_value(&[0]);
+                let expected = (g.world * (g.world + 1) / 2) as f64;
+                println!(
+                    "process group: rank {} of {} ({:?}), all-reduce check {} ({sum} = {expected}, {:.1} ms)",
+                    g.rank,
+                    g.world,
+                    g.backend,
+                    if sum == expected { "passed" } else { "FAILED" },
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+                if sum != expected {
+                    bail!("the process group's all-reduce gave {sum}, not {expected}");
+                }
+            } else {
+                println!("process group: none (a single process)");
+            }
             match gmpq::engine::runtime_library()
                 .and_then(|lib| gmpq::engine::runtime_available().map(|_| lib))
             {
@@ -255,6 +313,9 @@ fn run_training(
 ) -> Result<()> {
     let bars = TrainBars::new();
     let outcome = train_request(&a, finetune)?.run(device, &bars)?;
+    if !gmpq::dist::is_main() {
+        return Ok(()); // rank 0 reports
+    }
     let meta = &outcome.meta;
     let last = meta.history.last().context("no epoch was run")?;
     if a.json {

@@ -193,6 +193,9 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
     let outcome = request.run(device, &bars);
     bars.finish();
     let outcome = outcome?;
+    if !gmpq::dist::is_main() {
+        return Ok(()); // rank 0 reports
+    }
     if a.json {
         // One JSON document on stdout, whether the policies were searched now or kept.
         println!(

@@ -18,6 +18,23 @@ pub struct LoaderConfig {
     pub seed: u64,
     /// How many batches may wait ready ahead of the consumer.
     pub prefetch: usize,
+    /// Data-parallel share: this rank's part of every batch (see [`Shard`]).
+    pub shard: Shard,
+}
+
+/// Rank `rank` of `world` takes the `rank`-th of `world` equal parts of every batch of
+/// `batch_size` images, so that the ranks together see exactly the batches one process would
+/// (same order, same augmentation draws). `batch_size` must be a multiple of `world`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self { rank: 0, world: 1 }
+    }
 }
 
 impl Default for LoaderConfig {
@@ -28,6 +45,7 @@ impl Default for LoaderConfig {
             drop_last: false,
             seed: 0,
             prefetch: 2,
+            shard: Shard::default(),
         }
     }
 }
@@ -41,7 +59,13 @@ impl LoaderConfig {
             drop_last: true,
             seed,
             prefetch: 3,
+            shard: Shard::default(),
         }
+    }
+
+    /// The same batches, as this rank's share of each (see [`Shard`]).
+    pub fn sharded(self, shard: Shard) -> Self {
+        Self { shard, ..self }
     }
 }
 
@@ -81,6 +105,17 @@ impl DataLoader {
         if config.batch_size == 0 {
             return Err(DataError::BadSubset("batch size must be positive".into()));
         }
+        let Shard { rank, world } = config.shard;
+        if world == 0
+            || rank >= world
+            || !config.batch_size.is_multiple_of(world)
+            || (world > 1 && !config.drop_last)
+        {
+            return Err(DataError::BadSubset(format!(
+                "a batch of {} cannot be split into {world} equal shares",
+                config.batch_size
+            )));
+        }
         let input_shape = match source.native_shape() {
             Some(s) => s,
             None => {
@@ -103,7 +138,7 @@ impl DataLoader {
             order.len().div_ceil(batch_size)
         };
         let samples = if config.drop_last {
-            batches * batch_size
+            batches * batch_size / world
         } else {
             order.len()
         };
@@ -112,13 +147,20 @@ impl DataLoader {
             .name("gmpq-loader".into())
             .spawn(move || {
                 let sample_len: usize = shape.iter().product();
-                for (b, chunk) in order.chunks(batch_size).take(batches).enumerate() {
+                for (b, batch) in order.chunks(batch_size).take(batches).enumerate() {
+                    // Sharded batches are full (drop_last): each rank's share is equal.
+                    let (first, chunk) = if world == 1 {
+                        (0, batch)
+                    } else {
+                        let share = batch_size / world;
+                        (rank * share, &batch[rank * share..(rank + 1) * share])
+                    };
                     let mut pixels = vec![0f32; chunk.len() * sample_len];
                     let built: Result<()> = pixels
                         .par_chunks_mut(sample_len)
                         .zip(chunk.par_iter().enumerate())
                         .try_for_each(|(out, (j, &idx))| {
-                            let pos = (b * batch_size + j) as u64;
+                            let pos = (b * batch_size + first + j) as u64;
                             let mut rng = rand::rngs::StdRng::seed_from_u64(sample_seed(
                                 config.seed,
                                 epoch,

@@ -13,7 +13,7 @@ mod transform;
 pub use cifar::{read_cifar, CifarLayout};
 pub use folder::{ClassIndex, ImageFolder};
 pub use idx::{read_idx, write_idx, IdxArray, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC};
-pub use loader::{Batch, DataLoader, LoaderConfig};
+pub use loader::{Batch, DataLoader, LoaderConfig, Shard};
 pub use source::{ConcatDataset, ImageSource, ImageU8, InMemoryDataset};
 pub use spec::{bundled_data_dir, load_idx_pair, DatasetKind, DatasetSpec, Split};
 pub use subset::{holdout_indices, stratified_subset, SubsetSpec, HOLDOUT_SEED};

@@ -21,7 +21,7 @@ use super::ExportError;
 use crate::model::graph::{Graph, Op, Value};
 use crate::model::ConvSpec;
 use crate::quant::integer::{
-    bias_integers, eight_scale, fold, folded_threshold, input_scale, Plan, Step, RANGES, STEM_BITS,
+    bias_integers, eight_scale, fold, input_scale, Folded, Plan, Step, RANGES, STEM_BITS,
 };
 use crate::quant::{weight_scale, Network};
 use onnx_protobuf::tensor_proto::DataType;
@@ -119,7 +119,10 @@ pub(super) fn emit(b: &mut Builder, net: &Network, input: String) -> Result<Stri
                     ExportError::Unsupported(format!("the network has no conv layer '{}'", u.layer))
                 })?;
                 let weight = var(&format!("{}.weight", u.layer))?;
-                let (w_f, b_f) = tch::no_grad(|| fold(&weight, params));
+                let folded = tch::no_grad(|| fold(&weight, params));
+                let threshold = vars
+                    .get(&crate::quant::QuantizerTensor::WeightThreshold.of(&u.layer))
+                    .map(|t| t.detach().to_device(tch::Device::Cpu));
                 let slot = get(&values, u.input)?;
                 let (x, kernel, bias) = match plan.bits.get(&u.layer) {
                     Some(&(w_bits, a_bits, signed)) => {
@@ -132,7 +135,13 @@ pub(super) fn emit(b: &mut Builder, net: &Network, input: String) -> Result<Stri
                             }
                         };
                         let s_x = input_scale(w.clip(&u.layer)?, a_bits, signed);
-                        let (kernel, bias) = w.integer_kernel(&u.layer, &w_f, &b_f, s_x, w_bits)?;
+                        let (kernel, bias) = w.integer_kernel(
+                            &u.layer,
+                            &folded,
+                            threshold.as_ref().map(|t| (&weight, t)),
+                            s_x,
+                            w_bits,
+                        )?;
                         (x, kernel, bias)
                     }
                     None if plan.stem.contains(&u.layer) => {
@@ -147,14 +156,15 @@ pub(super) fn emit(b: &mut Builder, net: &Network, input: String) -> Result<Stri
                         };
                         let x = w.float(slot.general);
                         let (kernel, bias) =
-                            w.integer_kernel(&u.layer, &w_f, &b_f, s_x, STEM_BITS)?;
+                            w.integer_kernel(&u.layer, &folded, None, s_x, STEM_BITS)?;
                         (x, kernel, bias)
                     }
                     None => {
                         let f = w.float(slot.general);
                         let kernel =
-                            w.b.tensor_f32(&format!("{}.weight_folded", u.layer), &w_f)?;
-                        let bias = w.b.tensor_f32(&format!("{}.bias_folded", u.layer), &b_f)?;
+                            w.b.tensor_f32(&format!("{}.weight_folded", u.layer), &folded.weight)?;
+                        let bias =
+                            w.b.tensor_f32(&format!("{}.bias_folded", u.layer), &folded.bias)?;
                         (f, kernel, bias)
                     }
                 };
@@ -296,16 +306,16 @@ impl Writer<'_> {
     fn integer_kernel(
         &mut self,
         layer: &str,
-        w_f: &Tensor,
-        b_f: &Tensor,
+        folded: &Folded,
+        own_threshold: Option<(&Tensor, &Tensor)>,
         s_x: f32,
         w_bits: u32,
     ) -> Result<(String, String), ExportError> {
         let (q, s_w, q_b, b_scale) = tch::no_grad(|| {
-            let t = folded_threshold(w_f, b_f, s_x, w_bits);
+            let t = folded.threshold(own_threshold, s_x, w_bits);
             let s = weight_scale(&t, w_bits);
-            let q = (w_f.clamp_tensor(Some(&-&t), Some(&t)) / &s).round();
-            let (q_b, b_scale) = bias_integers(b_f, s_x, &s);
+            let q = (folded.weight.clamp_tensor(Some(&-&t), Some(&t)) / &s).round();
+            let (q_b, b_scale) = bias_integers(&folded.bias, s_x, &s);
             (q, s, q_b, b_scale)
         });
         let q = floats(&q)?;
@@ -316,7 +326,7 @@ impl Writer<'_> {
         let raw: Vec<u8> = q.iter().map(|&v| (v as i8) as u8).collect();
         let qw = self.b.initializer(
             &format!("{layer}.weight_int8"),
-            &w_f.size(),
+            &folded.weight.size(),
             DataType::INT8,
             raw,
         );

@@ -320,9 +320,17 @@ impl SearchRequest {
                 self.method.name(c.attribution_weight)
             )));
         }
+        // Data-parallel: every rank trains the supernet; rank 0 owns the folder and writes.
+        let main = crate::dist::is_main();
+        if crate::dist::current().is_some() && self.method != SearchMethod::Supernet {
+            return Err(PipelineError::Invalid(format!(
+                "--method {} runs as one process; only the supernet search runs data-parallel",
+                self.method.name(c.attribution_weight)
+            )));
+        }
         std::fs::create_dir_all(&self.out).map_err(io(&self.out))?;
-        let _lock = DirLock::acquire(&self.out)?;
-        let claimed = self.claim_folder()?;
+        let _lock = main.then(|| DirLock::acquire(&self.out)).transpose()?;
+        let claimed = main && self.claim_folder()?;
         let result = match self.method {
             SearchMethod::Uniform | SearchMethod::Random => self.run_without_data(),
             _ => self.run_claimed(config, device, progress),
@@ -378,6 +386,9 @@ impl SearchRequest {
             progress,
             state_dir: Some(self.out.clone()),
         })?;
+        if !crate::dist::is_main() {
+            return Ok(outcome);
+        }
         let log_path = self.out.join("search-log.jsonl");
         let mut log_file = std::fs::OpenOptions::new()
             .create(true)

@@ -304,28 +304,57 @@ pub fn eight_scale(range: f32, signed: bool) -> f32 {
     range / if signed { 127.0 } else { 255.0 }
 }
 
-/// Batch norm folded into the conv before it: `(w·g, β − μ·g)` with `g = γ/√(σ²+ε)`.
-pub fn fold(weight: &Tensor, bn: &BatchNormParams) -> (Tensor, Tensor) {
+/// A conv with the batch norm after it folded in: `w·g` and `β − μ·g`, `g = γ/√(σ²+ε)`.
+pub struct Folded {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    /// `g`, per output channel `[C,1,1,1]`.
+    gain: Tensor,
+}
+
+/// Batch norm folded into the conv before it.
+pub fn fold(weight: &Tensor, bn: &BatchNormParams) -> Folded {
     let g = &bn.weight / (bn.var.detach() + bn.eps).sqrt();
-    let w = weight * g.view([-1, 1, 1, 1]);
-    let b = &bn.bias - bn.mean.detach() * &g;
-    (w, b)
+    let gain = g.view([-1, 1, 1, 1]);
+    Folded {
+        weight: weight * &gain,
+        bias: &bn.bias - bn.mean.detach() * &g,
+        gain,
+    }
 }
 
 /// The largest int32 bias magnitude used: leaves headroom for the accumulator.
 const BIAS_LIMIT: f64 = (1u64 << 30) as f64;
 
-/// Per-output-channel weight thresholds `[C,1,1,1]` of a folded kernel: `max|w_f[c]|`, raised
-/// where needed so the bias `b_f[c]/(s_x·s_w[c])` fits in ±2^30 (an all-zero channel would
-/// otherwise have a scale near zero and an unrepresentable bias).
-pub fn folded_threshold(w: &Tensor, b: &Tensor, s_x: f32, w_bits: u32) -> Tensor {
-    tch::no_grad(|| {
-        let levels = weight_levels(w_bits) as f64;
-        let max = w.abs().amax([1i64, 2, 3].as_slice(), true);
-        let for_bias = b.abs().view([-1, 1, 1, 1]) * (levels / (s_x as f64 * BIAS_LIMIT));
-        max.maximum(&for_bias)
-            .clamp_min(super::layers::MIN_THRESHOLD)
-    })
+impl Folded {
+    /// Per-output-channel thresholds `[C,1,1,1]` of the folded kernel. A quantized layer's
+    /// own threshold `T` (`weight_threshold`, the one fake quantization trains with; `max|w|`
+    /// if not yet set) is carried through the fold as `T·|g|`: since
+    /// `Q(w·g; T·|g|) = g·Q(w; T)`, the folded kernel keeps the grid the layer was trained on
+    /// (a per-channel `max|w·g|` grid moved every 2-bit weight at the batch-norm freeze).
+    /// Without one (the 8-bit stem) `max|w·g|`. Raised where needed so the bias
+    /// `b/(s_x·s_w[c])` fits in ±2^30 (an all-zero channel would otherwise have a scale near
+    /// zero and an unrepresentable bias).
+    pub fn threshold(&self, layer: Option<(&Tensor, &Tensor)>, s_x: f32, w_bits: u32) -> Tensor {
+        tch::no_grad(|| {
+            let base = match layer {
+                Some((weight, t)) => {
+                    let t = if t.numel() > 0 && t.min().double_value(&[]) > 0.0 {
+                        t.detach()
+                    } else {
+                        super::layers::initial_threshold(weight, t.dim() != 0)
+                    };
+                    t * self.gain.abs()
+                }
+                None => self.weight.abs().amax([1i64, 2, 3].as_slice(), true),
+            };
+            let levels = weight_levels(w_bits) as f64;
+            let for_bias =
+                self.bias.abs().view([-1, 1, 1, 1]) * (levels / (s_x as f64 * BIAS_LIMIT));
+            base.maximum(&for_bias)
+                .clamp_min(super::layers::MIN_THRESHOLD)
+        })
+    }
 }
 
 /// The int32 bias (as float integers) `round(b_f/(s_x·s_w))` and its scale `s_x·s_w` per
@@ -368,6 +397,8 @@ pub struct LayerVars {
     pub weight: Tensor,
     /// Absent for full-precision layers.
     pub act_clip: Option<Tensor>,
+    /// The weight quantizer's threshold; absent for full-precision layers.
+    pub weight_threshold: Option<Tensor>,
 }
 
 impl Executor {
@@ -510,29 +541,32 @@ impl Executor {
                     else {
                         continue;
                     };
-                    let (w_f, b_f) = fold(&lv.weight, params);
+                    let folded = fold(&lv.weight, params);
                     let integer = match self.plan.bits.get(&u.layer) {
                         Some(&(w_bits, a_bits, signed)) => {
                             if !quantized {
                                 x = self.quantize_input(&x, &u.layer, vars);
                             }
                             let clip = lv.act_clip.as_ref().map_or(0.0, |c| c.double_value(&[]));
-                            Some((input_scale(clip, a_bits, signed), w_bits))
+                            let own = lv.weight_threshold.as_ref().map(|t| (&lv.weight, t));
+                            Some((input_scale(clip, a_bits, signed), w_bits, own))
                         }
-                        None if self.plan.stem.contains(&u.layer) => {
-                            Some((eight_scale(self.range(&ranges, u.input), true), STEM_BITS))
-                        }
+                        None if self.plan.stem.contains(&u.layer) => Some((
+                            eight_scale(self.range(&ranges, u.input), true),
+                            STEM_BITS,
+                            None,
+                        )),
                         None => None,
                     };
                     let (w, b) = match integer {
-                        Some((s_x, w_bits)) => {
-                            let t = folded_threshold(&w_f, &b_f, s_x, w_bits);
-                            let w = quantize_weight_mix(&w_f, &t, None, &[w_bits]);
+                        Some((s_x, w_bits, own)) => {
+                            let t = folded.threshold(own, s_x, w_bits);
+                            let w = quantize_weight_mix(&folded.weight, &t, None, &[w_bits]);
                             let s_w = super::weight_scale(&t, w_bits);
-                            let (q, scale) = bias_integers(&b_f, s_x, &s_w);
-                            (w, straight_through(&(q * scale), &b_f))
+                            let (q, scale) = bias_integers(&folded.bias, s_x, &s_w);
+                            (w, straight_through(&(q * scale), &folded.bias))
                         }
-                        None => (w_f, b_f),
+                        None => (folded.weight, folded.bias),
                     };
                     if let Some(p) = u.pads {
                         x = x.constant_pad_nd(p.as_slice());

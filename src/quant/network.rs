@@ -138,6 +138,9 @@ pub fn build(
                         act_clip: vars
                             .get(&QuantizerTensor::ActClip.of(&spec.name))
                             .map(|t| t.shallow_clone()),
+                        weight_threshold: vars
+                            .get(&QuantizerTensor::WeightThreshold.of(&spec.name))
+                            .map(|t| t.shallow_clone()),
                     },
                 );
             }

@@ -24,7 +24,7 @@ pub use state::remove_snapshots;
 
 use crate::attribution::{self, capacity_aware_p};
 use crate::checkpoint::{self, Checkpoint};
-use crate::data::{DataLoader, ImageSource, LoaderConfig, Pipeline};
+use crate::data::{DataLoader, ImageSource, LoaderConfig, Pipeline, Shard};
 use crate::policy::{Candidates, Policy};
 use crate::quant::{self, expected_bits_from, Network, Precision, QuantError, QuantizerTensor};
 use crate::train::{evaluate, pipelines, Adam, Augment, Sgd, TrainError};
@@ -39,6 +39,8 @@ use tch::{Device, Kind, Tensor};
 pub enum SearchError {
     #[error(transparent)]
     Quant(#[from] QuantError),
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
     #[error(transparent)]
     Train(#[from] TrainError),
     #[error(transparent)]
@@ -207,6 +209,17 @@ impl AlphaOpt {
             Self::Adam(o) => o.zero_grad(),
         }
     }
+    /// Averages the α gradients over the ranks of `group`.
+    pub fn average_grads(
+        &mut self,
+        group: &crate::dist::Group,
+    ) -> std::result::Result<(), crate::dist::DistError> {
+        match self {
+            Self::Sgd(o) => o.average_grads(group),
+            Self::Adam(o) => o.average_grads(group),
+        }
+    }
+
     pub fn step(&mut self, lr: f64) {
         match self {
             Self::Sgd(o) => o.step(lr),
@@ -842,6 +855,8 @@ pub struct SearchStep<'a> {
     pub macs: &'a [f64],
     /// The supernet's variables by name.
     pub vars: &'a HashMap<String, Tensor>,
+    /// Data-parallel: the ranks whose gradients (weights and α) each step averages.
+    pub group: Option<&'a crate::dist::Group>,
 }
 
 impl SearchStep<'_> {
@@ -888,7 +903,11 @@ impl SearchStep<'_> {
                 loss += deviation.square() * weight;
             }
         }
-        let loss_v = loss.double_value(&[]);
+        let mut loss_v = loss.double_value(&[]);
+        if let Some(g) = self.group {
+            // Every rank sees a NaN on any rank, and stops with it.
+            loss_v = g.sum_f64(&[loss_v])?[0] / g.world as f64;
+        }
         if !loss_v.is_finite() {
             return Err(SearchError::NonFiniteLoss {
                 epoch,
@@ -898,6 +917,10 @@ impl SearchStep<'_> {
         self.weight_opt.zero_grad();
         self.alpha_opt.zero_grad();
         loss.backward();
+        if let Some(g) = self.group {
+            self.weight_opt.average_grads(g)?;
+            self.alpha_opt.average_grads(g)?;
+        }
         self.weight_opt.step(lr);
         if let Some(alpha_lr) = alpha_lr {
             self.alpha_opt.step(alpha_lr);
@@ -944,7 +967,7 @@ impl Ctx<'_> {
     /// Re-estimates a fixed network's batch-norm statistics on training batches: the
     /// supernet's statistics describe its softmax-mixed inputs, not one branch's, and make
     /// the argmax network look far worse than it is.
-    fn recalibrate_batch_norm(&self, fixed: &Network, epoch: usize) -> Result<()> {
+    fn recalibrate_batch_norm(&self, fixed: &Network, epoch: usize, shard: Shard) -> Result<()> {
         // Momentum 0.1: after 30 batches the supernet's statistics weigh 0.9^30 ≈ 4%.
         const BATCHES: usize = 30;
         let job = self.job;
@@ -955,7 +978,7 @@ impl Ctx<'_> {
                 job.proxy.clone(),
                 &job.train_indices,
                 self.train_pipe.clone(),
-                LoaderConfig::training(self.cfg.batch_size, self.cfg.seed ^ 0xB4),
+                LoaderConfig::training(self.cfg.batch_size, self.cfg.seed ^ 0xB4).sharded(shard),
                 (epoch as u64) << 8 | round,
             )?;
             let before = done;
@@ -1015,8 +1038,23 @@ impl Ctx<'_> {
         let vars = sn.vs.variables();
         let macs: Vec<f64> = sn.handles.iter().map(|h| h.spec.macs() as f64).collect();
         let steps = job.train_indices.len() / cfg.batch_size;
-        job.progress
-            .phase(&phase.name, phase.epochs.end - first, steps);
+        // Data-parallel: rank 0's supernet for all; each rank its share of every batch; rank 0
+        // reports and saves.
+        let group = crate::dist::current();
+        let shard = group.map_or(Shard::default(), |g| Shard {
+            rank: g.rank,
+            world: g.world,
+        });
+        if let Some(g) = group {
+            g.broadcast_var_store(&sn.vs)?;
+        }
+        let quiet = Quiet;
+        let progress: &dyn SearchProgress = if crate::dist::is_main() {
+            job.progress
+        } else {
+            &quiet
+        };
+        progress.phase(&phase.name, phase.epochs.end - first, steps);
         for epoch in first..phase.epochs.end {
             let t0 = Instant::now();
             let decay = 0.1f64.powi((epoch / cfg.step_epochs.max(1)) as i32);
@@ -1028,7 +1066,7 @@ impl Ctx<'_> {
                 job.proxy.clone(),
                 &job.train_indices,
                 self.train_pipe.clone(),
-                LoaderConfig::training(cfg.batch_size, cfg.seed),
+                LoaderConfig::training(cfg.batch_size, cfg.seed).sharded(shard),
                 epoch as u64,
             )?;
             let (mut ce_sum, mut attr_sum, mut comp_sum, mut p_last, mut n) =
@@ -1046,6 +1084,7 @@ impl Ctx<'_> {
                     alpha_opt: &mut a_opt,
                     macs: &macs,
                     vars: &vars,
+                    group,
                 }
                 .run(
                     &x,
@@ -1067,19 +1106,29 @@ impl Ctx<'_> {
                 comp_sum += out.complexity_loss;
                 p_last = out.p;
                 n += 1;
-                images += y.size()[0] as usize;
-                job.progress.step(c, at, expected);
+                images += y.size()[0] as usize * shard.world;
+                progress.step(c, at, expected);
+            }
+            if let Some(g) = group {
+                // The epoch's mean losses over all ranks' shares; batch norm as their mean.
+                let all = g.sum_f64(&[ce_sum, attr_sum, comp_sum])?;
+                let w = g.world as f64;
+                (ce_sum, attr_sum, comp_sum) = (all[0] / w, all[1] / w, all[2] / w);
+                g.average_running_stats(&sn.vs)?;
             }
             let argmax = sn.argmax_policy()?;
             let fixed = fixed_from_supernet(sn, &argmax)?;
-            self.recalibrate_batch_norm(&fixed, epoch)?;
-            let val = evaluate(
+            self.recalibrate_batch_norm(&fixed, epoch, shard)?;
+            if let Some(g) = group {
+                g.average_running_stats(&fixed.vs)?;
+            }
+            let val = crate::train::evaluate_shared(
                 &fixed.net,
                 job.proxy.clone(),
                 &job.val_indices,
                 &self.teacher.pipeline,
-                256,
                 job.device,
+                group,
             )?;
             let (a_t, a_s, _) = tch::no_grad(|| self.maps(sn, &self.probe, false));
             let log = EpochLog {
@@ -1097,9 +1146,15 @@ impl Ctx<'_> {
                 seconds: t0.elapsed().as_secs_f64(),
                 images,
             };
-            job.progress.epoch(&log);
+            progress.epoch(&log);
             logs.push(log);
-            if let Some(path) = &snapshot {
+            if let Some(g) = group {
+                g.check_same_var_store(
+                    &sn.vs,
+                    &format!("{} after epoch {}", phase.name, epoch + 1),
+                )?;
+            }
+            if let (Some(path), true) = (&snapshot, crate::dist::is_main()) {
                 let st = state::PhaseState {
                     config: cfg.clone(),
                     phase: phase.name.clone(),

@@ -12,7 +12,7 @@ use crate::checkpoint::{
     self, Checkpoint, CheckpointError, CheckpointMeta, EpochMetrics, OPTIMIZER_PREFIX,
 };
 use crate::data::{
-    DataError, DataLoader, ImageSource, LoaderConfig, Normalize, Pipeline, Transform,
+    DataError, DataLoader, ImageSource, LoaderConfig, Normalize, Pipeline, Shard, Transform,
 };
 use crate::model::{Model, ModelConfig, ModelError};
 use crate::quant::{self, CalibrationMethod, Precision, QuantError};
@@ -36,6 +36,8 @@ pub enum TrainError {
     Lock(#[from] crate::files::LockError),
     #[error(transparent)]
     Quant(#[from] QuantError),
+    #[error(transparent)]
+    Dist(#[from] crate::dist::DistError),
     #[error(
         "loss became {value} at epoch {epoch}, batch {batch}: training diverged (try a lower --lr)"
     )]
@@ -428,6 +430,37 @@ pub fn evaluate_by(
     ))
 }
 
+/// [`evaluate`] at batch 256, split over the ranks of `group` (each evaluates every
+/// `world`-th image; the sums are all-reduced).
+pub fn evaluate_shared(
+    model: &dyn ModuleT,
+    source: Arc<dyn ImageSource>,
+    indices: &[usize],
+    pipeline: &Pipeline,
+    device: Device,
+    group: Option<&crate::dist::Group>,
+) -> Result<EvalMetrics> {
+    let Some(g) = group else {
+        return evaluate(model, source, indices, pipeline, 256, device);
+    };
+    let mine: Vec<usize> = indices
+        .iter()
+        .skip(g.rank)
+        .step_by(g.world)
+        .copied()
+        .collect();
+    let m = evaluate(model, source, &mine, pipeline, 256, device)?;
+    let n = m.images as f64;
+    let s = g.sum_f64(&[m.loss * n, m.top1 * n, m.top5 * n, n])?;
+    let d = s[3].max(1.0);
+    Ok(EvalMetrics {
+        loss: s[0] / d,
+        top1: s[1] / d,
+        top5: s[2] / d,
+        images: s[3] as usize,
+    })
+}
+
 /// What a training run needs besides hyper-parameters.
 pub struct TrainJob<'a> {
     pub model: ModelConfig,
@@ -547,13 +580,32 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
         "training set",
     )
     .map_err(TrainError::Invalid)?;
+    // Data-parallel: each rank computes its share of every batch; rank 0 owns the run folder.
+    let group = crate::dist::current();
+    let main = group.is_none_or(|g| g.is_main());
+    let shard = group.map_or(Shard::default(), |g| Shard {
+        rank: g.rank,
+        world: g.world,
+    });
+    if !cfg.batch_size.is_multiple_of(shard.world) {
+        return Err(TrainError::Invalid(format!(
+            "--batch-size {} (the batch of all ranks together) must be a multiple of the {} ranks",
+            cfg.batch_size, shard.world
+        )));
+    }
+    let silent = Silent;
+    let progress: &dyn Progress = if main { job.progress } else { &silent };
     std::fs::create_dir_all(&job.out_dir).map_err(|source| TrainError::Io {
         path: job.out_dir.clone(),
         source,
     })?;
-    let _lock = crate::files::DirLock::acquire(&job.out_dir)?;
+    let _lock = main
+        .then(|| crate::files::DirLock::acquire(&job.out_dir))
+        .transpose()?;
     let ckpt_path = last_checkpoint(&job.out_dir);
-    crate::files::remove_stale_temps(&job.out_dir);
+    if main {
+        crate::files::remove_stale_temps(&job.out_dir);
+    }
     // Seed before the network is built: the weight init draws from libtorch's RNG.
     tch::manual_seed(cfg.seed as i64);
     let network = quant::build(&job.model, job.precision.clone(), job.device)?;
@@ -677,6 +729,18 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             network.calibrate_ranges(&calib_batches);
         }
     }
+    // Every rank starts from rank 0's network (weights, statistics, quantizer state).
+    if let Some(g) = group {
+        g.broadcast_var_store(vs)?;
+    }
+    // Ranges set on rank 0 are the ones every rank uses.
+    let calibrate_ranges = |network: &quant::Network| -> Result<()> {
+        network.calibrate_ranges(&calib_batches);
+        if let (Some(g), Some(e)) = (group, &network.integer) {
+            g.broadcast(&e.ranges, 0)?;
+        }
+        Ok(())
+    };
 
     let mut meta = CheckpointMeta {
         format: checkpoint::FORMAT_VERSION,
@@ -700,18 +764,17 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             job.train_data.clone(),
             &job.train_indices,
             train_pipe.clone(),
-            LoaderConfig::training(cfg.batch_size, cfg.seed),
+            LoaderConfig::training(cfg.batch_size, cfg.seed).sharded(shard),
             epoch as u64,
         )?;
-        job.progress
-            .epoch_start(epoch + 1, cfg.epochs, loader.batches());
+        progress.epoch_start(epoch + 1, cfg.epochs, loader.batches());
         let started = Instant::now();
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0.0f64, 0usize);
         let mut lr = cfg.lr;
         for (b, batch) in loader.enumerate() {
             let batch = batch?;
             if !frozen(&network) && epoch * steps_per_epoch + b >= freeze_step {
-                network.calibrate_ranges(&calib_batches);
+                calibrate_ranges(&network)?;
                 if let Some(e) = &network.integer {
                     e.set_training_frozen(true);
                 }
@@ -727,7 +790,19 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             );
             let logits = net.forward_t(&x, true);
             let loss = logits.cross_entropy_for_logits(&y);
-            let loss_value = loss.double_value(&[]);
+            let n = y.size()[0] as f64;
+            let hits = logits
+                .argmax(1, false)
+                .eq_tensor(&y)
+                .sum(Kind::Float)
+                .double_value(&[]);
+            // The batch's loss, hits and size over all ranks (a NaN on one stops them all).
+            let mut step = [loss.double_value(&[]) * n, hits, n];
+            if let Some(g) = group {
+                let all = g.sum_f64(&step)?;
+                step.copy_from_slice(&all);
+            }
+            let loss_value = step[0] / step[2];
             if !loss_value.is_finite() {
                 return Err(TrainError::NonFiniteLoss {
                     epoch: epoch + 1,
@@ -737,45 +812,46 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             }
             opt.zero_grad();
             loss.backward();
+            if let Some(g) = group {
+                opt.average_grads(g)?;
+            }
             opt.step(lr);
-            let n = y.size()[0] as usize;
-            loss_sum += loss_value * n as f64;
-            correct += logits
-                .argmax(1, false)
-                .eq_tensor(&y)
-                .sum(Kind::Float)
-                .double_value(&[]);
-            seen += n;
-            job.progress.batch(
+            loss_sum += step[0];
+            correct += step[1];
+            seen += step[2] as usize;
+            progress.batch(
                 loss_value,
                 lr,
                 seen as f64 / started.elapsed().as_secs_f64(),
             );
         }
         let train_seconds = started.elapsed().as_secs_f64();
-        job.progress.evaluating();
+        progress.evaluating();
+        if let Some(g) = group {
+            g.average_running_stats(vs)?;
+        }
         if !frozen(&network) {
             // Batch norm has moved since the ranges were set.
-            network.calibrate_ranges(&calib_batches);
+            calibrate_ranges(&network)?;
         }
-        let test = evaluate(
+        let test = evaluate_shared(
             net,
             job.test_data.clone(),
             &job.test_indices,
             &eval_pipe,
-            256,
             job.device,
+            group,
         )?;
         let val = if job.val_indices.is_empty() {
             None
         } else {
-            Some(evaluate(
+            Some(evaluate_shared(
                 net,
                 job.train_data.clone(),
                 &job.val_indices,
                 &eval_pipe,
-                256,
                 job.device,
+                group,
             )?)
         };
         // A diverged network can keep a finite training loss while its outputs overflow: every
@@ -814,6 +890,12 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
         history.push(m.clone());
         meta.epoch = epoch + 1;
         meta.history = history.clone();
+        if let Some(g) = group {
+            g.check_same_var_store(vs, &format!("after epoch {}", epoch + 1))?;
+        }
+        if !main {
+            continue;
+        }
         let mut tensors = checkpoint::var_store_tensors(vs);
         for (name, buf) in opt.state() {
             tensors.insert(
@@ -826,7 +908,7 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             tensors,
         }
         .save(&ckpt_path)?;
-        job.progress.epoch_end(&m);
+        progress.epoch_end(&m);
     }
     Ok(meta)
 }

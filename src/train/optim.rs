@@ -160,6 +160,16 @@ impl Sgd {
         let _ = self.flat_grad.zero_();
     }
 
+    /// Averages the gradients over the ranks of `group`: one all-reduce of the flat gradient
+    /// buffer (a single bucket), after which every rank steps with the same bits.
+    pub fn average_grads(
+        &mut self,
+        group: &crate::dist::Group,
+    ) -> Result<(), crate::dist::DistError> {
+        self.bind_grads();
+        group.all_reduce_mean(&self.flat_grad)
+    }
+
     /// `buf = m·buf + (g + wd·p)`; `p -= lr·buf` (the first step sets `buf = g + wd·p`).
     pub fn step(&mut self, lr: f64) {
         self.bind_grads();
@@ -372,6 +382,47 @@ impl Adam {
         for (_, p) in &mut self.params {
             p.zero_grad();
         }
+    }
+
+    /// Averages the gradients over the ranks of `group` in one all-reduce (a parameter
+    /// without a gradient counts as zero, so every rank reduces the same buffer).
+    pub fn average_grads(
+        &mut self,
+        group: &crate::dist::Group,
+    ) -> Result<(), crate::dist::DistError> {
+        if self.params.is_empty() {
+            return Ok(());
+        }
+        let flat = tch::no_grad(|| {
+            let grads: Vec<Tensor> = self
+                .params
+                .iter()
+                .map(|(_, p)| {
+                    let g = p.grad();
+                    if g.defined() {
+                        g.flatten(0, -1)
+                    } else {
+                        p.zeros_like().flatten(0, -1)
+                    }
+                })
+                .collect();
+            Tensor::cat(&grads, 0)
+        });
+        group.all_reduce_mean(&flat)?;
+        let mut off = 0;
+        for (_, p) in &mut self.params {
+            let n = p.numel() as i64;
+            let avg = flat.narrow(0, off, n).view_as(p);
+            let g = p.grad();
+            if g.defined() {
+                tch::no_grad(|| g.shallow_clone().copy_(&avg));
+            } else {
+                // tch cannot assign a gradient: let autograd define it as `avg`.
+                (&*p * avg.detach()).sum(p.kind()).backward();
+            }
+            off += n;
+        }
+        Ok(())
     }
 
     pub fn step(&mut self, lr: f64) {
