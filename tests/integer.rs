@@ -107,7 +107,10 @@ fn a_folded_kernel_keeps_the_grid_its_layer_trained_on() {
         let expected = layer_q * g.view([-1, 1, 1, 1]);
         let diff = (folded_q - &expected).abs().max().double_value(&[]);
         let scale = expected.abs().max().double_value(&[]);
-        assert!(diff <= 1e-5 * scale, "{bits} bits: largest difference {diff}");
+        assert!(
+            diff <= 1e-5 * scale,
+            "{bits} bits: largest difference {diff}"
+        );
     }
 }
 
