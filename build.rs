@@ -84,19 +84,15 @@ fn main() {
     let mut dist_includes = vec![PathBuf::from("csrc/third_party/gloo")];
     let mut dist_defines = vec!["USE_C10D_GLOO", "USE_DISTRIBUTED"];
     if std::env::var_os("CARGO_FEATURE_NCCL").is_some() {
-        // The CUDA runtime headers (nvidia-cuda-runtime wheel) and NCCL's (nvidia-nccl wheel)
-        // beside torch in site-packages.
+        // The CUDA headers (torch's nvidia-cuda-runtime wheel, plus nvidia-cuda-crt and
+        // nvidia-cuda-cccl, which `GMPQ_NCCL=1 scripts/setup.sh` adds) and NCCL's, beside
+        // torch in site-packages.
         if let Some(site) = lib_dir.parent().and_then(|t| t.parent()) {
-            for sub in [
-                "nvidia/cuda_runtime/include",
-                "nvidia/nccl/include",
-                "nvidia/cu13/include",
-            ] {
+            for sub in ["nvidia/cu13/include", "nvidia/nccl/include"] {
                 dist_includes.push(site.join(sub));
             }
         }
-        dist_defines.push("GMPQ_NCCL");
-        dist_defines.push("USE_C10D_NCCL");
+        dist_defines.extend(["GMPQ_NCCL", "USE_C10D_NCCL", "USE_CUDA"]);
     }
     build("csrc/dist.cpp", "gmpq_dist", &dist_includes, &dist_defines);
 }

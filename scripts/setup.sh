@@ -52,4 +52,11 @@ if ! have_ort; then
   "$venv/bin/python" -m pip install --disable-pip-version-check --quiet --no-deps "onnxruntime==${ort_version}"
   have_ort || { echo "gmpq setup: onnxruntime ${ort_version} did not install into $venv" >&2; exit 1; }
 fi
+# The NCCL process group (`cargo build --features nccl`, docs/SCALE.md) compiles against the CUDA
+# headers the torch wheel leaves out: the compiler-runtime and CCCL headers of torch's CUDA 13.0.
+if [ "${GMPQ_NCCL:-0}" = 1 ] && ! ls "$venv"/lib/python3*/site-packages/nvidia/cu13/include/crt/host_config.h >/dev/null 2>&1; then
+  echo "gmpq setup: installing the CUDA 13.0 headers for the nccl feature" >&2
+  "$venv/bin/python" -m pip install --disable-pip-version-check --quiet --no-deps \
+    "nvidia-cuda-crt==13.0.88" "nvidia-cuda-cccl==13.0.85"
+fi
 echo "gmpq setup: done" >&2

@@ -73,22 +73,23 @@ impl DirLock {
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
-                let pid = std::fs::read_to_string(&path).unwrap_or_default();
-                let pid = pid.trim();
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = holder.trim();
                 return Err(LockError::Busy {
                     dir: dir.into(),
-                    holder: if pid.is_empty() {
+                    holder: if holder.is_empty() {
                         String::new()
                     } else {
-                        format!(" (pid {pid})")
+                        format!(" (pid {holder})")
                     },
                 });
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
         }
-        // The holder's pid, for the message another process gets.
+        // The holder, for the message another process gets (the folder may be shared by
+        // several machines, e.g. a cluster's nodes).
         file.set_len(0).map_err(io)?;
-        file.write_all(std::process::id().to_string().as_bytes())
+        file.write_all(format!("{} on {}", std::process::id(), hostname()).as_bytes())
             .map_err(io)?;
         Ok(Self {
             _file: file,
@@ -96,6 +97,18 @@ impl DirLock {
             was_empty,
         })
     }
+}
+
+/// This machine's host name (`?` if it has none).
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "?".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 /// Writes `bytes` to `path` atomically: a temp file in the same folder, fsync, rename, and

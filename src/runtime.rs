@@ -114,3 +114,51 @@ pub fn loaded_libtorch() -> Option<(std::path::PathBuf, Option<String>)> {
         });
     Some((lib, version))
 }
+
+/// The signal that asked this process to stop (0: none yet), set by [`install_stop_signals`].
+static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+#[cfg(unix)]
+extern "C" fn remember_stop_signal(signal: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    STOP_SIGNAL.store(signal, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Makes SIGTERM and SIGUSR1 (what Slurm sends before a job's time limit, and what a
+/// scheduler's preemption sends) ask training and search to stop at the next step instead of
+/// killing the process: the run then ends with an error naming the signal, its folder locks
+/// released and its last checkpoint (the last finished epoch) intact for the resume.
+#[cfg(unix)]
+pub fn install_stop_signals() {
+    // SAFETY: installs a handler that only stores into an atomic.
+    unsafe {
+        libc::signal(
+            libc::SIGTERM,
+            remember_stop_signal as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGUSR1,
+            remember_stop_signal as *const () as libc::sighandler_t,
+        );
+    }
+}
+
+#[cfg(not(unix))]
+pub fn install_stop_signals() {}
+
+/// The signal that asked this process to stop, if one has.
+pub fn stop_requested() -> Option<i32> {
+    match STOP_SIGNAL.load(std::sync::atomic::Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// The signal's name for messages.
+pub fn signal_name(signal: i32) -> String {
+    match signal {
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGUSR1 => "SIGUSR1".into(),
+        s => format!("signal {s}"),
+    }
+}

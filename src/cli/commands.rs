@@ -88,7 +88,9 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
         Command::Attribution(a) => super::search::attribution_cmd(a, device),
         Command::Demo(a) => super::pipeline::demo_cmd(a, device),
         Command::Pipeline(a) => super::pipeline::pipeline_cmd(a, device),
-        Command::Study(a) => super::study::study_cmd(a, device),
+        Command::Study(a) => {
+            super::study::study_cmd(a, tch::get_num_threads().max(1) as usize, device)
+        }
         Command::Report(a) => {
             let page = gmpq::report::write_run_report(&a.run_dir)
                 .with_context(|| format!("writing the report of {}", a.run_dir.display()))?;

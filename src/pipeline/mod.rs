@@ -92,7 +92,10 @@ impl PipelineError {
     /// The folder whose lock another process holds, when that is what failed.
     pub fn busy_folder(&self) -> Option<&Path> {
         match self {
-            PipelineError::Lock(crate::files::LockError::Busy { dir, .. }) => Some(dir),
+            PipelineError::Lock(crate::files::LockError::Busy { dir, .. })
+            | PipelineError::Train(crate::train::TrainError::Lock(
+                crate::files::LockError::Busy { dir, .. },
+            )) => Some(dir),
             PipelineError::Context { source, .. } => source.busy_folder(),
             _ => None,
         }

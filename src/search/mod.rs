@@ -41,6 +41,11 @@ pub enum SearchError {
     Quant(#[from] QuantError),
     #[error(transparent)]
     Dist(#[from] crate::dist::DistError),
+    #[error(
+        "stopped by {signal} in epoch {epoch}; the last finished epoch's state is kept: run the \
+         same command again to resume"
+    )]
+    Stopped { signal: String, epoch: usize },
     #[error(transparent)]
     Train(#[from] TrainError),
     #[error(transparent)]
@@ -904,9 +909,22 @@ impl SearchStep<'_> {
             }
         }
         let mut loss_v = loss.double_value(&[]);
+        let stop = crate::runtime::stop_requested();
+        let mut stopping = stop.is_some();
         if let Some(g) = self.group {
-            // Every rank sees a NaN on any rank, and stops with it.
-            loss_v = g.sum_f64(&[loss_v])?[0] / g.world as f64;
+            // Every rank sees a NaN, or a stop signal, on any rank, and stops with it.
+            let all = g.sum_f64(&[loss_v, stop.map_or(0.0, f64::from)])?;
+            loss_v = all[0] / g.world as f64;
+            stopping = all[1] != 0.0;
+        }
+        if stopping {
+            return Err(SearchError::Stopped {
+                signal: stop.map_or(
+                    "another rank's stop signal".into(),
+                    crate::runtime::signal_name,
+                ),
+                epoch,
+            });
         }
         if !loss_v.is_finite() {
             return Err(SearchError::NonFiniteLoss {

@@ -2,8 +2,10 @@
 //! each run at the same budget and fine-tuning recipe, aggregated into one results table.
 
 mod run;
+mod slurm;
 
-pub use run::{check_inputs, run, tables_only, write_tables};
+pub use run::{array_index_from_env, check_inputs, run, run_selected, tables_only, write_tables};
+pub use slurm::{sbatch_script, ArraySettings};
 
 use crate::pipeline::{Arm, ArmSummary, PipelineError, RunLayout, RunSummary};
 use crate::policy::{Policy, PolicyError};

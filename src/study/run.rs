@@ -41,15 +41,52 @@ fn teacher(
         out: dir.into(),
         finetune: None,
     };
-    if stage.done()? {
-        ctx.events
-            .message(&format!("[study] teacher {} done, skipped", dir.display()));
-    } else {
+    // Several processes (a job array's tasks) may need the same teacher: one trains it, the
+    // others wait for its folder lock (released when it finishes or dies) and then find it done.
+    let mut waiting = false;
+    loop {
+        if stage.done()? {
+            ctx.events
+                .message(&format!("[study] teacher {} done, skipped", dir.display()));
+            break;
+        }
         ctx.events.message(&format!("[study] {}", stage.command()));
-        let outcome = stage.run(ctx)?;
-        ctx.events.message(&format!("[study] {outcome}"));
+        match stage.run(ctx) {
+            Ok(outcome) => {
+                ctx.events.message(&format!("[study] {outcome}"));
+                break;
+            }
+            Err(e) if e.busy_folder().is_some() => {
+                if !waiting {
+                    ctx.events.message(&format!(
+                        "[study] {e}: waiting for the teacher another process is training"
+                    ));
+                    waiting = true;
+                }
+                std::thread::sleep(TEACHER_POLL);
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(crate::train::last_checkpoint(dir))
+}
+
+/// How often a process waiting for a shared teacher looks again.
+const TEACHER_POLL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The run a job-array task takes: `SLURM_ARRAY_TASK_ID` (Slurm), else
+/// `JOB_COMPLETION_INDEX` (a Kubernetes indexed Job); `None` when neither is set.
+pub fn array_index_from_env() -> Result<Option<usize>> {
+    for var in ["SLURM_ARRAY_TASK_ID", "JOB_COMPLETION_INDEX"] {
+        if let Ok(v) = std::env::var(var) {
+            return v
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| StudyError::Invalid(format!("{var}={v:?} is not a run index")));
+        }
+    }
+    Ok(None)
 }
 
 /// Every data set and budget of the study (of the pairs it runs; all when `pairs` is empty) is
@@ -137,6 +174,28 @@ pub fn run(
     device: tch::Device,
     events: &dyn RunEvents,
 ) -> Result<PathBuf> {
+    run_selected(config, out, pairs, None, command, device, events)
+}
+
+/// [`run`], or with `only = Some(i)` just the study's run `i` (0-based, in the order of
+/// [`StudyConfig::runs`]) and the teachers it needs: one task of a job array. A run another
+/// process holds (a duplicated or requeued task) is left to it.
+pub fn run_selected(
+    config: &StudyConfig,
+    out: &Path,
+    pairs: &[String],
+    only: Option<usize>,
+    command: &str,
+    device: tch::Device,
+    events: &dyn RunEvents,
+) -> Result<PathBuf> {
+    let count = config.runs(out).len();
+    if let Some(i) = only.filter(|&i| i >= count) {
+        return Err(StudyError::Invalid(format!(
+            "run index {i}: the study has {count} runs (0–{})",
+            count.saturating_sub(1)
+        )));
+    }
     if let Some(unknown) = pairs
         .iter()
         .find(|n| !config.pairs.iter().any(|p| &p.name == *n))
@@ -161,7 +220,7 @@ pub fn run(
     // Runs another study process is working on (same out): it owns them, this one moves on.
     let mut held = Vec::new();
     for (i, r) in runs.iter().enumerate() {
-        if !pairs.is_empty() && !pairs.contains(&r.pair) {
+        if (!pairs.is_empty() && !pairs.contains(&r.pair)) || only.is_some_and(|o| o != i) {
             continue;
         }
         let proxy = config

@@ -39,6 +39,15 @@ pub enum TrainError {
     #[error(transparent)]
     Dist(#[from] crate::dist::DistError),
     #[error(
+        "stopped by {signal} in epoch {epoch}; {kept}: run the same command with --resume to \
+         go on"
+    )]
+    Stopped {
+        signal: String,
+        epoch: usize,
+        kept: String,
+    },
+    #[error(
         "loss became {value} at epoch {epoch}, batch {batch}: training diverged (try a lower --lr)"
     )]
     NonFiniteLoss {
@@ -770,6 +779,8 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
         progress.epoch_start(epoch + 1, cfg.epochs, loader.batches());
         let started = Instant::now();
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0.0f64, 0usize);
+        // Seconds this rank spent in the step's collectives (data-parallel runs).
+        let mut comm = 0.0f64;
         let mut lr = cfg.lr;
         for (b, batch) in loader.enumerate() {
             let batch = batch?;
@@ -796,11 +807,34 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
                 .eq_tensor(&y)
                 .sum(Kind::Float)
                 .double_value(&[]);
-            // The batch's loss, hits and size over all ranks (a NaN on one stops them all).
-            let mut step = [loss.double_value(&[]) * n, hits, n];
+            // The batch's loss, hits and size over all ranks (a NaN on one stops them all), and
+            // whether any rank was asked to stop (they all stop at the same step).
+            let stop = crate::runtime::stop_requested();
+            let mut step = [
+                loss.double_value(&[]) * n,
+                hits,
+                n,
+                stop.map_or(0.0, f64::from),
+            ];
             if let Some(g) = group {
+                let t = Instant::now();
                 let all = g.sum_f64(&step)?;
                 step.copy_from_slice(&all);
+                comm += t.elapsed().as_secs_f64();
+            }
+            if step[3] != 0.0 {
+                return Err(TrainError::Stopped {
+                    signal: stop.map_or(
+                        "another rank's stop signal".into(),
+                        crate::runtime::signal_name,
+                    ),
+                    epoch: epoch + 1,
+                    kept: if ckpt_path.exists() {
+                        format!("{} keeps epoch {epoch}", ckpt_path.display())
+                    } else {
+                        "no epoch had finished".into()
+                    },
+                });
             }
             let loss_value = step[0] / step[2];
             if !loss_value.is_finite() {
@@ -813,7 +847,9 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             opt.zero_grad();
             loss.backward();
             if let Some(g) = group {
+                let t = Instant::now();
                 opt.average_grads(g)?;
+                comm += t.elapsed().as_secs_f64();
             }
             opt.step(lr);
             loss_sum += step[0];
@@ -826,6 +862,17 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             );
         }
         let train_seconds = started.elapsed().as_secs_f64();
+        if let (Some(g), true) = (group, main) {
+            let steps = steps_per_epoch.max(1) as f64;
+            tracing::info!(
+                "data-parallel, {} ranks: {:.2} ms of collectives per step on rank 0 ({:.1} % of \
+                 its {:.1} ms step)",
+                g.world,
+                1e3 * comm / steps,
+                100.0 * comm / train_seconds.max(1e-9),
+                1e3 * train_seconds / steps
+            );
+        }
         progress.evaluating();
         if let Some(g) = group {
             g.average_running_stats(vs)?;
