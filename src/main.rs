@@ -12,7 +12,6 @@ fn main() {
     }
     // Before libtorch's OpenMP runtime initialises: bound how long idle workers spin.
     gmpq::runtime::ensure_bounded_omp_spinning();
-    gmpq::runtime::install_stop_signals();
     let args = cli::Cli::parse();
     cli::init_logging(args.verbose);
     if let Err(err) = cli::run(args) {

@@ -120,14 +120,19 @@ static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32:
 
 #[cfg(unix)]
 extern "C" fn remember_stop_signal(signal: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
-    STOP_SIGNAL.store(signal, std::sync::atomic::Ordering::SeqCst);
+    // Only an atomic swap and _exit: async-signal-safe. A second signal ends the process at
+    // once (as the default action would have).
+    if STOP_SIGNAL.swap(signal, std::sync::atomic::Ordering::SeqCst) != 0 {
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(128 + signal) };
+    }
 }
 
 /// Makes SIGTERM and SIGUSR1 (what Slurm sends before a job's time limit, and what a
 /// scheduler's preemption sends) ask training and search to stop at the next step instead of
 /// killing the process: the run then ends with an error naming the signal, its folder locks
-/// released and its last checkpoint (the last finished epoch) intact for the resume.
+/// released and its last checkpoint (the last finished epoch) intact for the resume. A second
+/// signal ends the process at once. For the commands that train or search only.
 #[cfg(unix)]
 pub fn install_stop_signals() {
     // SAFETY: installs a handler that only stores into an atomic.

@@ -482,3 +482,49 @@ fn torchrun_launches_two_ranks() {
         1
     );
 }
+
+#[test]
+fn a_stop_signal_ends_a_run_cleanly_and_it_resumes() {
+    // What Slurm sends before a job's time limit (SIGUSR1 via the batch script, SIGTERM on
+    // preemption): the run stops at the next step, keeps its last finished epoch, and the
+    // same command with --resume finishes it.
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = common::fmnist_teacher(&dir.path().join("fp"), 300);
+    let out = dir.path().join("ft");
+    let args = finetune_args(&teacher, &out, 1024, 3);
+    let mut child = common::gmpq()
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !out.join("last.json").is_file() {
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signals our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let o = child.wait_with_output().unwrap();
+    assert!(!o.status.success());
+    let err = common::stderr(&o);
+    assert!(err.contains("stopped by SIGTERM"), "{err}");
+    assert!(
+        err.contains("keeps epoch 1") || err.contains("keeps epoch 2"),
+        "{err}"
+    );
+    let mut resumed = args.clone();
+    resumed.push("--resume".into());
+    let o = common::gmpq().args(&resumed).output().unwrap();
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert_eq!(
+        Checkpoint::load(&out.join("last.safetensors"))
+            .unwrap()
+            .meta
+            .epoch,
+        3
+    );
+}

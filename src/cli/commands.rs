@@ -31,6 +31,18 @@ pub fn run(cli: Cli) -> Result<()> {
     gmpq::quant::set_kernels(cli.engine.quant_kernels.into());
     let mut device = gmpq::runtime::parse_device(&cli.engine.device).map_err(anyhow::Error::msg)?;
     device = join_process_group(&cli.command, device)?;
+    if matches!(
+        cli.command,
+        Command::Train(_)
+            | Command::Finetune(_)
+            | Command::Search(_)
+            | Command::Pipeline(_)
+            | Command::Demo(_)
+            | Command::Study(_)
+    ) {
+        // A scheduler's stop signal ends these at the next step, resumable.
+        gmpq::runtime::install_stop_signals();
+    }
     tracing::debug!("libtorch threads: {threads}, device: {device:?}");
     dispatch(cli.command, device)
 }

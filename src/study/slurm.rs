@@ -70,9 +70,9 @@ wait "$child"
 TASK
 )
 array=${{array%%;*}}
-sbatch --parsable --job-name=gmpq-study-tables --dependency=afterany:"$array" \
-  --chdir={workdir} --output={out}/slurm/tables-%j.out --wrap "{exe} study {config} --out {out} --tables-only"
-echo "submitted job array $array ({runs} tasks) and its tables job"
+tables=$(sbatch --parsable --job-name=gmpq-study-tables --dependency=afterany:"$array" \
+  --chdir={workdir} --output={out}/slurm/tables-%j.out --wrap "{exe} study {config} --out {out} --tables-only")
+echo "submitted job array $array ({runs} tasks) and its tables job ${{tables%%;*}}"
 "#,
         runs = s.runs,
     )
