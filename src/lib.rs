@@ -3,7 +3,8 @@
 //! The crate is laid out as the pipeline: [`data`] → [`model`] → [`quant`] → [`train`] (with
 //! [`checkpoint`] persistence) → [`policy`] (bits per layer, BOPs, size) → [`search`] →
 //! [`report`]; [`pipeline`] lays out a whole run; [`import`] reads
-//! foreign weights and [`runtime`] holds process-level engine settings. The `gmpq` binary is a thin CLI over this library.
+//! foreign weights, [`runtime`] holds process-level engine settings and [`dist`] the
+//! process group of a data-parallel run. The `gmpq` binary is a thin CLI over this library.
 
 pub mod attribution;
 pub mod bench;
