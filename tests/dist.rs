@@ -492,7 +492,7 @@ fn a_stop_signal_ends_a_run_cleanly_and_it_resumes() {
     let teacher = common::fmnist_teacher(&dir.path().join("fp"), 300);
     let out = dir.path().join("ft");
     let args = finetune_args(&teacher, &out, 1024, 3);
-    let mut child = common::gmpq()
+    let child = common::gmpq()
         .args(&args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
