@@ -321,7 +321,9 @@ fn a_folder_in_use_is_refused_and_freed_when_its_process_dies() {
     let mut first = gmpq().args(args).spawn().unwrap();
     let lock = out.join(".gmpq.lock");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while std::fs::read_to_string(&lock).unwrap_or_default().trim() != first.id().to_string() {
+    // The lock names its holder: "PID on HOST".
+    let holder = format!("{} on {}", first.id(), gmpq::files::hostname());
+    while std::fs::read_to_string(&lock).unwrap_or_default().trim() != holder {
         assert!(std::time::Instant::now() < deadline, "no lock appeared");
         assert!(first.try_wait().unwrap().is_none(), "training ended early");
         std::thread::sleep(std::time::Duration::from_millis(20));

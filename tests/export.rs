@@ -261,6 +261,8 @@ fn packed_round_trip_is_exact_and_sized_by_the_policy() {
             "{err:?}"
         );
         let x = images(&cfg, 8);
+        // A loaded network holds its kernels channels-last, as training does.
+        net.use_channels_last_weights();
         let a = tch::no_grad(|| net.net.forward_t(&x, false));
         let b = tch::no_grad(|| unpacked.net.forward_t(&x, false));
         assert!(

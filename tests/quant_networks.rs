@@ -280,6 +280,8 @@ fn quantized_checkpoint_round_trips_and_per_channel_thresholds() {
         vars["layer3.0.conv1.weight_threshold"].size(),
         vec![64, 1, 1, 1]
     );
+    // A loaded network holds its kernels channels-last, as training does.
+    q.use_channels_last_weights();
     let out = tch::no_grad(|| q.net.forward_t(&x, false));
 
     let mut meta = fp_ck.meta.clone();

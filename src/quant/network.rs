@@ -174,11 +174,18 @@ impl Network {
     /// Stores every convolution kernel channels-last (NHWC order, NCHW shape) for a network
     /// that only runs forward, such as the search's frozen teacher: oneDNN then convolves
     /// without reordering (training gets the same layout from its optimizer's flat buffers).
+    ///
+    /// The strides are exactly those of the training optimizer's flat buffer (`[out, kh, kw,
+    /// in]` in memory, also for the size-1 dimensions of 1×1 and single-channel kernels):
+    /// libtorch picks a convolution's memory format from them, and a loaded network must
+    /// compute bit for bit what its training evaluated.
     pub fn use_channels_last_weights(&self) {
         tch::no_grad(|| {
             for (_, mut var) in self.vs.variables() {
-                if var.dim() == 4 {
-                    let nhwc = var.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+                if let &[o, i, h, w] = var.size().as_slice() {
+                    let nhwc = Tensor::empty([o, h, w, i], (var.kind(), var.device()))
+                        .permute([0, 3, 1, 2]);
+                    nhwc.shallow_clone().copy_(&var);
                     var.set_data(&nhwc);
                 }
             }
@@ -430,10 +437,14 @@ pub fn load(path: &Path, device: Device) -> Result<(Checkpoint, Network), QuantE
     Ok((ck, network))
 }
 
-/// The network of a checkpoint (read from `path`, which errors name), on `device`.
+/// The network of a checkpoint (read from `path`, which errors name), on `device`. Its
+/// kernels are laid out channels-last, as training holds them (the optimizer's flat buffer):
+/// the loaded network then computes bit for bit what its training evaluated (oneDNN sums a
+/// channels-last and an NCHW kernel in different orders), and convolves without reordering.
 pub fn network_of(ck: &Checkpoint, path: &Path, device: Device) -> Result<Network, QuantError> {
     let precision = ck.meta.precision.clone().unwrap_or(Precision::Full);
     let network = build(&ck.meta.model, precision, device)?;
     checkpoint::load_into_var_store(&network.vs, ck.model_tensors(), path, |_| false, |_| false)?;
+    network.use_channels_last_weights();
     Ok(network)
 }
