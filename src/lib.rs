@@ -1,10 +1,13 @@
 //! gmpq — generalizable mixed-precision quantization for CNNs, on libtorch.
 //!
-//! The crate is laid out as the pipeline: [`data`] → [`model`] → [`quant`] → [`train`] (with
-//! [`checkpoint`] persistence) → [`policy`] (bits per layer, BOPs, size) → [`search`] →
-//! [`report`]; [`pipeline`] lays out a whole run; [`import`] reads
-//! foreign weights, [`runtime`] holds process-level engine settings and [`dist`] the
-//! process group of a data-parallel run. The `gmpq` binary is a thin CLI over this library.
+//! The crate is laid out as the pipeline: [`data`] → [`model`] → [`quant`] (quantizers,
+//! fixed-policy and supernet layers, integer numerics) → [`attribution`] → [`search`] →
+//! [`train`] (with [`checkpoint`] persistence) → [`policy`] (bits per layer, BOPs, size) →
+//! [`export`] / [`engine`] (ONNX and packed files, ONNX Runtime) → [`pipeline`] (a whole run)
+//! → [`report`] → [`study`] (many runs and their tables). Beside them: [`import`] reads foreign
+//! weights, [`predict`] classifies images, [`bench`] measures, [`files`] holds atomic writes
+//! and folder locks, [`runtime`] process-level engine settings and [`dist`] the process
+//! group of a data-parallel run. The `gmpq` binary is a thin CLI over this library.
 
 pub mod attribution;
 pub mod bench;
