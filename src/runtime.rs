@@ -54,10 +54,17 @@ pub fn ensure_bounded_omp_spinning() {
 #[cfg(not(unix))]
 pub fn ensure_bounded_omp_spinning() {}
 
-/// Sets libtorch's intra-op thread count; `None` means all cores.
+/// Sets libtorch's intra-op thread count; `None` means `OMP_NUM_THREADS` when it is set (as
+/// torchrun sets it for each of several ranks on a node), else all cores.
 pub fn set_threads(threads: Option<usize>) -> usize {
     let n = threads
         .filter(|&n| n > 0)
+        .or_else(|| {
+            std::env::var("OMP_NUM_THREADS")
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .filter(|&n| n > 0)
+        })
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     tch::set_num_threads(n as i32);
     n

@@ -93,7 +93,8 @@ pub struct Cli {
 
 #[derive(Debug, Args)]
 pub struct EngineArgs {
-    /// libtorch threads (default: all cores).
+    /// libtorch threads (default: OMP_NUM_THREADS when set, as torchrun sets it for each rank;
+    /// else all cores).
     #[arg(long, global = true, help_heading = "Global options", value_parser = positive(), allow_negative_numbers = true)]
     pub threads: Option<usize>,
     /// cpu, cuda, cuda:N or auto.
