@@ -483,7 +483,8 @@ pub struct SearchArgs {
     /// Shared warm-up epochs of a --pareto run (default: epochs/3).
     #[arg(long, allow_negative_numbers = true)]
     pub warmup_epochs: Option<usize>,
-    /// Images per step.
+    /// Images per step (of all ranks together in a data-parallel run: each of N ranks
+    /// computes B/N).
     #[arg(long, default_value_t = search_defaults().batch_size, value_parser = positive(), allow_negative_numbers = true)]
     pub batch_size: usize,
     /// Weight learning rate.
@@ -942,7 +943,8 @@ pub struct TrainArgs {
     /// Passes over the training images.
     #[arg(long, default_value_t = train_defaults().epochs, value_parser = positive(), allow_negative_numbers = true)]
     pub epochs: usize,
-    /// Images per step.
+    /// Images per step (of all ranks together in a data-parallel run: each of N ranks
+    /// computes B/N).
     #[arg(long, default_value_t = train_defaults().batch_size, value_parser = positive(), allow_negative_numbers = true)]
     pub batch_size: usize,
     /// Learning rate [default: 0.1; finetune: 0.01].
