@@ -83,23 +83,46 @@ fn distance(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).norm().double_value(&[])
 }
 
+/// Rank `rank` of 2 in this process (rank 0 hosts the store).
+fn local_group(rank: usize, port: u16, prefix: &str) -> Group {
+    let rv = Rendezvous {
+        addr: "127.0.0.1".into(),
+        port,
+        rank,
+        world: 2,
+        local_rank: rank,
+        host_store: rank == 0,
+        prefix: prefix.into(),
+        timeout: Duration::from_secs(60),
+    };
+    Group::join(&rv, Backend::Gloo).unwrap()
+}
+
+/// One SGD step (momentum 0.9, lr 0.1) of a linear least-squares model from `w0` on (x, y),
+/// its gradients averaged over `group` if given; the weights after it.
+fn sgd_step(x: &Tensor, y: &Tensor, w0: &Tensor, group: Option<&Group>) -> Tensor {
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let w = vs.root().var_copy("w", w0);
+    let mut opt = gmpq::train::Sgd::new(gmpq::train::Sgd::trainable(&vs), 0.9, 0.0);
+    opt.zero_grad();
+    (x.matmul(&w.tr()) - y)
+        .square()
+        .mean(Kind::Float)
+        .backward();
+    if let Some(g) = group {
+        opt.average_grads(g).unwrap();
+    }
+    opt.step(0.1);
+    w.detach().copy()
+}
+
 #[test]
 fn collectives_agree_and_a_divergence_is_caught() {
     let port = free_port();
     let handles: Vec<_> = (0..2)
         .map(|r| {
             std::thread::spawn(move || {
-                let rv = Rendezvous {
-                    addr: "127.0.0.1".into(),
-                    port,
-                    rank: r,
-                    world: 2,
-                    local_rank: r,
-                    host_store: r == 0,
-                    prefix: "test/".into(),
-                    timeout: Duration::from_secs(60),
-                };
-                let g = Group::join(&rv, Backend::Gloo).unwrap();
+                let g = local_group(r, port, "test/");
                 let x = Tensor::from_slice(&[1.0f32 + r as f32, 10.0 * r as f32]);
                 g.all_reduce_sum(&x).unwrap();
                 let sum = Vec::<f32>::try_from(&x).unwrap();
@@ -148,45 +171,14 @@ fn averaged_half_batch_gradients_equal_the_full_batch_gradient() {
     let x = Tensor::randn([8, 5], (Kind::Float, Device::Cpu));
     let y = Tensor::randn([8, 2], (Kind::Float, Device::Cpu));
     let w0 = Tensor::randn([2, 5], (Kind::Float, Device::Cpu));
-    let full = {
-        let vs = tch::nn::VarStore::new(Device::Cpu);
-        let w = vs.root().var_copy("w", &w0);
-        let mut opt = gmpq::train::Sgd::new(gmpq::train::Sgd::trainable(&vs), 0.9, 0.0);
-        opt.zero_grad();
-        (x.matmul(&w.tr()) - &y)
-            .square()
-            .mean(Kind::Float)
-            .backward();
-        opt.step(0.1);
-        w.detach().copy()
-    };
+    let full = sgd_step(&x, &y, &w0, None);
     let port = free_port();
     let halves: Vec<Tensor> = (0..2)
         .map(|r| {
             let (x, y, w0) = (x.narrow(0, 4 * r, 4), y.narrow(0, 4 * r, 4), w0.copy());
             std::thread::spawn(move || {
-                let rv = Rendezvous {
-                    addr: "127.0.0.1".into(),
-                    port,
-                    rank: r as usize,
-                    world: 2,
-                    local_rank: 0,
-                    host_store: r == 0,
-                    prefix: "grad/".into(),
-                    timeout: Duration::from_secs(60),
-                };
-                let g = Group::join(&rv, Backend::Gloo).unwrap();
-                let vs = tch::nn::VarStore::new(Device::Cpu);
-                let w = vs.root().var_copy("w", &w0);
-                let mut opt = gmpq::train::Sgd::new(gmpq::train::Sgd::trainable(&vs), 0.9, 0.0);
-                opt.zero_grad();
-                (x.matmul(&w.tr()) - &y)
-                    .square()
-                    .mean(Kind::Float)
-                    .backward();
-                opt.average_grads(&g).unwrap();
-                opt.step(0.1);
-                w.detach().copy()
+                let g = local_group(r as usize, port, "grad/");
+                sgd_step(&x, &y, &w0, Some(&g))
             })
         })
         .collect::<Vec<_>>()
