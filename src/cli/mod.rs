@@ -732,16 +732,16 @@ pub struct StudyArgs {
     pub tables_only: bool,
     /// Run only the study's run N (0-based; `--sbatch` prints how many there are) and the
     /// teachers it needs: one task of a job array.
-    #[arg(long, value_name = "N", conflicts_with_all = ["array", "tables_only"])]
+    #[arg(long, value_name = "N", conflicts_with_all = ["array", "tables_only", "pair"])]
     pub run: Option<usize>,
     /// As --run, with N from the scheduler: SLURM_ARRAY_TASK_ID (a Slurm job array) or
     /// JOB_COMPLETION_INDEX (a Kubernetes indexed Job).
-    #[arg(long, conflicts_with = "tables_only")]
+    #[arg(long, conflicts_with_all = ["tables_only", "pair"])]
     pub array: bool,
     /// Print a bash script that submits the study as a Slurm job array (one task per run,
     /// requeued before its time limit, resumed where it stopped) and a job that writes the
     /// tables when all have ended; runs nothing.
-    #[arg(long, conflicts_with_all = ["run", "array", "tables_only"])]
+    #[arg(long, conflicts_with_all = ["run", "array", "tables_only", "pair"])]
     pub sbatch: bool,
     /// With --sbatch: the time limit of one task (Slurm's --time).
     #[arg(long, default_value = "12:00:00", requires = "sbatch")]
