@@ -635,6 +635,15 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
             "warm-up must be shorter than the search".into(),
         ));
     }
+    if let Some(g) = crate::dist::current() {
+        if !cfg.batch_size.is_multiple_of(g.world) {
+            return Err(SearchError::Invalid(format!(
+                "--batch-size {} (the batch of all ranks together) must be a multiple of the {} \
+                 ranks",
+                cfg.batch_size, g.world
+            )));
+        }
+    }
     tch::manual_seed(cfg.seed as i64);
     let started = Instant::now();
     let (teacher_ck, teacher) = load_teacher(&job)?;
