@@ -166,6 +166,11 @@ pub fn stop_requested() -> Option<i32> {
     }
 }
 
+/// What stopped a data-parallel step: this process's signal (`local`), else a peer's.
+pub fn stop_cause(local: Option<i32>) -> String {
+    local.map_or("another rank's stop signal".into(), signal_name)
+}
+
 /// The signal's name for messages.
 pub fn signal_name(signal: i32) -> String {
     match signal {

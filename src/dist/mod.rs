@@ -10,6 +10,7 @@
 //! [`current`] for it. With no such variables, or a world of one, there is no group and every
 //! run computes exactly as a single process.
 
+use crate::data::Shard;
 use std::ffi::{c_void, CStr, CString};
 use std::os::raw::c_char;
 use std::sync::OnceLock;
@@ -345,8 +346,7 @@ impl Group {
         vs: &tch::nn::VarStore,
         what: &str,
     ) -> Result<(), DistError> {
-        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let vars = sorted_vars(vs, |_| true);
         let sums: Vec<f64> = tch::no_grad(|| {
             vars.iter()
                 .flat_map(|(_, v)| {
@@ -384,8 +384,7 @@ impl Group {
     /// Rank 0's values of every variable in `vs` (parameters, batch-norm statistics,
     /// quantizer state), in name order, so that all ranks start from the same network.
     pub fn broadcast_var_store(&self, vs: &tch::nn::VarStore) -> Result<(), DistError> {
-        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let vars = sorted_vars(vs, |_| true);
         tch::no_grad(|| {
             for (_, v) in &vars {
                 self.broadcast(v, 0)?;
@@ -397,12 +396,9 @@ impl Group {
     /// Averages the batch-norm running statistics of `vs` over the ranks (each saw its own
     /// shard of every batch).
     pub fn average_running_stats(&self, vs: &tch::nn::VarStore) -> Result<(), DistError> {
-        let mut vars: Vec<(String, Tensor)> = vs
-            .variables()
-            .into_iter()
-            .filter(|(n, _)| n.ends_with("running_mean") || n.ends_with("running_var"))
-            .collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let vars = sorted_vars(vs, |n| {
+            n.ends_with("running_mean") || n.ends_with("running_var")
+        });
         tch::no_grad(|| {
             for (_, v) in &vars {
                 self.all_reduce_mean(v)?;
@@ -410,6 +406,18 @@ impl Group {
             Ok(())
         })
     }
+}
+
+/// The variables of `vs` whose names `keep` accepts, in name order: every rank walks them in
+/// the same order, so their collectives pair up.
+fn sorted_vars(vs: &tch::nn::VarStore, keep: impl Fn(&str) -> bool) -> Vec<(String, Tensor)> {
+    let mut vars: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(n, _)| keep(n))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
 }
 
 impl Drop for Group {
@@ -445,9 +453,22 @@ pub fn is_main() -> bool {
     current().is_none_or(Group::is_main)
 }
 
-/// Rank and world size (0 of 1 for a lone process).
-pub fn rank_and_world() -> (usize, usize) {
-    current().map_or((0, 1), |g| (g.rank, g.world))
+/// This process's share of every batch of `batch_size` images (all of it for a lone
+/// process); refused, with the reason, when the ranks cannot share the batch equally.
+pub fn shard(batch_size: usize) -> Result<Shard, String> {
+    let shard = current().map_or(Shard::default(), |g| Shard {
+        rank: g.rank,
+        world: g.world,
+    });
+    if batch_size.is_multiple_of(shard.world) {
+        Ok(shard)
+    } else {
+        Err(format!(
+            "--batch-size {batch_size} (the batch of all ranks together) must be a multiple of \
+             the {} ranks",
+            shard.world
+        ))
+    }
 }
 
 #[cfg(test)]

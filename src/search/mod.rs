@@ -635,15 +635,8 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
             "warm-up must be shorter than the search".into(),
         ));
     }
-    if let Some(g) = crate::dist::current() {
-        if !cfg.batch_size.is_multiple_of(g.world) {
-            return Err(SearchError::Invalid(format!(
-                "--batch-size {} (the batch of all ranks together) must be a multiple of the {} \
-                 ranks",
-                cfg.batch_size, g.world
-            )));
-        }
-    }
+    // Data-parallel: each rank trains on its share of every batch.
+    let shard = crate::dist::shard(cfg.batch_size).map_err(SearchError::Invalid)?;
     tch::manual_seed(cfg.seed as i64);
     let started = Instant::now();
     let (teacher_ck, teacher) = load_teacher(&job)?;
@@ -702,6 +695,7 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
         teacher: &teacher,
         train_pipe: Arc::new(train_pipe),
         probe,
+        shard,
     };
     let mut images_shared = 0usize;
     let mut shared_log = Vec::new();
@@ -928,10 +922,7 @@ impl SearchStep<'_> {
         }
         if stopping {
             return Err(SearchError::Stopped {
-                signal: stop.map_or(
-                    "another rank's stop signal".into(),
-                    crate::runtime::signal_name,
-                ),
+                signal: crate::runtime::stop_cause(stop),
                 epoch,
             });
         }
@@ -968,6 +959,8 @@ struct Ctx<'a> {
     teacher: &'a Teacher,
     train_pipe: Arc<Pipeline>,
     probe: Tensor,
+    /// This rank's share of every batch (all of it for a lone process).
+    shard: Shard,
 }
 
 fn probe_batch(job: &SearchJob, pipeline: &Pipeline) -> Result<Tensor> {
@@ -994,7 +987,7 @@ impl Ctx<'_> {
     /// Re-estimates a fixed network's batch-norm statistics on training batches: the
     /// supernet's statistics describe its softmax-mixed inputs, not one branch's, and make
     /// the argmax network look far worse than it is.
-    fn recalibrate_batch_norm(&self, fixed: &Network, epoch: usize, shard: Shard) -> Result<()> {
+    fn recalibrate_batch_norm(&self, fixed: &Network, epoch: usize) -> Result<()> {
         // Momentum 0.1: after 30 batches the supernet's statistics weigh 0.9^30 ≈ 4%.
         const BATCHES: usize = 30;
         let job = self.job;
@@ -1005,7 +998,8 @@ impl Ctx<'_> {
                 job.proxy.clone(),
                 &job.train_indices,
                 self.train_pipe.clone(),
-                LoaderConfig::training(self.cfg.batch_size, self.cfg.seed ^ 0xB4).sharded(shard),
+                LoaderConfig::training(self.cfg.batch_size, self.cfg.seed ^ 0xB4)
+                    .sharded(self.shard),
                 (epoch as u64) << 8 | round,
             )?;
             let before = done;
@@ -1068,10 +1062,7 @@ impl Ctx<'_> {
         // Data-parallel: rank 0's supernet for all; each rank its share of every batch; rank 0
         // reports and saves.
         let group = crate::dist::current();
-        let shard = group.map_or(Shard::default(), |g| Shard {
-            rank: g.rank,
-            world: g.world,
-        });
+        let shard = self.shard;
         if let Some(g) = group {
             g.broadcast_var_store(&sn.vs)?;
         }
@@ -1145,7 +1136,7 @@ impl Ctx<'_> {
             }
             let argmax = sn.argmax_policy()?;
             let fixed = fixed_from_supernet(sn, &argmax)?;
-            self.recalibrate_batch_norm(&fixed, epoch, shard)?;
+            self.recalibrate_batch_norm(&fixed, epoch)?;
             if let Some(g) = group {
                 g.average_running_stats(&fixed.vs)?;
             }

@@ -16,7 +16,7 @@ use crate::checkpoint::{
     self, Checkpoint, CheckpointError, CheckpointMeta, EpochMetrics, OPTIMIZER_PREFIX,
 };
 use crate::data::{
-    DataError, DataLoader, ImageSource, LoaderConfig, Normalize, Pipeline, Shard, Transform,
+    DataError, DataLoader, ImageSource, LoaderConfig, Normalize, Pipeline, Transform,
 };
 use crate::model::{Model, ModelConfig, ModelError};
 use crate::quant::{self, CalibrationMethod, Precision, QuantError};
@@ -436,16 +436,7 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
     // Data-parallel: each rank computes its share of every batch; rank 0 owns the run folder.
     let group = crate::dist::current();
     let main = group.is_none_or(|g| g.is_main());
-    let shard = group.map_or(Shard::default(), |g| Shard {
-        rank: g.rank,
-        world: g.world,
-    });
-    if !cfg.batch_size.is_multiple_of(shard.world) {
-        return Err(TrainError::Invalid(format!(
-            "--batch-size {} (the batch of all ranks together) must be a multiple of the {} ranks",
-            cfg.batch_size, shard.world
-        )));
-    }
+    let shard = crate::dist::shard(cfg.batch_size).map_err(TrainError::Invalid)?;
     let silent = Silent;
     let progress: &dyn Progress = if main { job.progress } else { &silent };
     std::fs::create_dir_all(&job.out_dir).map_err(|source| TrainError::Io {
@@ -668,10 +659,7 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
             }
             if step[3] != 0.0 {
                 return Err(TrainError::Stopped {
-                    signal: stop.map_or(
-                        "another rank's stop signal".into(),
-                        crate::runtime::signal_name,
-                    ),
+                    signal: crate::runtime::stop_cause(stop),
                     epoch: epoch + 1,
                     kept: if ckpt_path.exists() {
                         format!("{} keeps epoch {epoch}", ckpt_path.display())
