@@ -166,6 +166,17 @@ pub fn parse_uniform(name: &str) -> Result<(u32, u32), PolicyError> {
 }
 
 impl Policy {
+    /// Whether `other` quantizes the same network the same way: same model and input, the
+    /// same bits per layer, the same full-precision layers and quantizers. The candidates,
+    /// totals and provenance do not change a fine-tuning, so they are not compared.
+    pub fn same_allocation(&self, other: &Policy) -> bool {
+        self.model == other.model
+            && self.input_size == other.input_size
+            && self.layers == other.layers
+            && self.fp_layers == other.fp_layers
+            && self.quantizer == other.quantizer
+    }
+
     /// The same bits for every quantized layer.
     pub fn uniform(model: &ModelConfig, convs: &[ConvSpec], w_bits: u32, a_bits: u32) -> Self {
         let layers = convs

@@ -387,3 +387,38 @@ fn study_checks_its_inputs_before_creating_anything() {
     fails_with(&args, &["pair a", "300", "w2a2", "256.9×"]);
     assert!(!out.exists(), "a study that cannot start leaves no folder");
 }
+
+/// `--method edmips` is the supernet search without the attribution term: a contradicting
+/// `--attribution-weight` is refused before anything is read.
+#[test]
+fn edmips_refuses_an_attribution_weight() {
+    fails_with(
+        &[
+            "search",
+            "--method",
+            "edmips",
+            "--attribution-weight",
+            "5",
+            "--teacher",
+            "/nonexistent/t.safetensors",
+            "--data",
+            "bundled:mnist",
+            "--target-compression",
+            "32",
+        ],
+        &["--method edmips", "--attribution-weight 5"],
+    );
+    // clap's own message lists the methods.
+    let o = run(&[
+        "search",
+        "--method",
+        "hawk",
+        "--teacher",
+        "x",
+        "--data",
+        "bundled:mnist",
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("'hawk'") && e.contains("uniform-fill"), "{e}");
+}

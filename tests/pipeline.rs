@@ -427,7 +427,7 @@ fn pipeline_runs_the_hawq_arm() {
     let out = dir.path().join("run");
     let mut args = pipeline_args(&out);
     let i = args.iter().position(|a| a == "--baseline").unwrap();
-    args[i + 1] = "hawq,uniform-fill,gmpq-ranked".into();
+    args[i + 1] = "hawq,uniform,uniform-fill,gmpq-ranked".into();
     // One epoch of everything: this test is about the arm, not the training.
     for flag in [
         "--finetune-epochs",
@@ -438,7 +438,12 @@ fn pipeline_runs_the_hawq_arm() {
         let i = args.iter().position(|a| a == flag).unwrap();
         args[i + 1] = "1".into();
     }
-    args.push("--json".into());
+    // w4a4's own compression (64.235×): a grid budget, where uniform-fill is uniform.
+    args.extend([
+        "--target-compression".into(),
+        "64.235".into(),
+        "--json".into(),
+    ]);
     let o = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(o.status.success(), "{}", stderr(&o));
     // --json: stdout is exactly one JSON document (stage lines and logs go to stderr).
@@ -481,13 +486,13 @@ fn pipeline_runs_the_hawq_arm() {
     assert_eq!(meta["method"], "hawq");
     assert!(meta["hawq"]["sensitivities"]["weight"].is_object());
     assert!(p.totals.unwrap().compression >= 64.0);
-    // uniform-fill took HAWQ's sensitivities instead of measuring them again; at 64× (the
+    // uniform-fill took HAWQ's sensitivities instead of measuring them again; at 64.235× (the
     // grid point w4a4) it is the uniform policy.
     let fill = gmpq::policy::Policy::load(&out.join("search-uniform-fill/policy.json")).unwrap();
     let fill_meta = fill.meta.clone().unwrap();
     assert_eq!(fill_meta["method"], "uniform-fill");
     assert!(fill_meta["hawq"]["reused_from"].is_string(), "{fill_meta}");
-    assert!(fill.totals.unwrap().compression >= 64.0);
+    assert!(fill.totals.as_ref().unwrap().compression >= 64.0);
     // The ranked arm scored its candidates (uniform-fill's among them) and kept the best.
     let ranked = gmpq::policy::Policy::load(&out.join("search-gmpq-ranked/policy.json")).unwrap();
     let ranking = &ranked.meta.clone().unwrap()["ranking"];
@@ -506,6 +511,36 @@ fn pipeline_runs_the_hawq_arm() {
     let chosen = ranking["chosen"].as_u64().unwrap() as usize;
     assert_eq!(candidates[chosen]["val_top1"].as_f64().unwrap(), best);
     assert!(out.join("finetune-hawq").join("last.safetensors").is_file());
+    // uniform-fill's policy is uniform's (a grid budget): its fine-tuning is uniform's, copied
+    // and recorded as such, not computed twice.
+    let uniform = gmpq::policy::Policy::load(&out.join("search-uniform/policy.json")).unwrap();
+    let bits = |p: &gmpq::policy::Policy| {
+        let mut p = p.clone();
+        (p.meta, p.totals) = (None, None);
+        serde_json::to_string(&p).unwrap()
+    };
+    assert!(
+        fill.same_allocation(&uniform),
+        "{}\n{}",
+        bits(&fill),
+        bits(&uniform)
+    );
+    let stage = record["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "finetune-uniform-fill")
+        .unwrap();
+    assert!(
+        stage["reused_from"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("finetune-uniform")),
+        "{stage}"
+    );
+    assert_eq!(
+        std::fs::read(out.join("finetune-uniform-fill/last.safetensors")).unwrap(),
+        std::fs::read(out.join("finetune-uniform/last.safetensors")).unwrap()
+    );
     let report = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(report.contains("HAWQ"), "the report names the arm");
 

@@ -215,19 +215,13 @@ pub struct ExportArgs {
     pub out: PathBuf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SearchMethodArg {
-    /// The supernet search (GMPQ; EdMIPS with --attribution-weight 0).
-    Gmpq,
-    /// HAWQ-style sensitivities minimised under the budget.
-    Hawq,
-    /// The best uniform policy, the rest of the budget spent on the layers HAWQ's
-    /// sensitivities rank highest (equals the uniform policy at a grid budget).
-    UniformFill,
-    /// The uniform policy with the most BOPs within the budget (no search, no data).
-    Uniform,
-    /// Per-layer bits drawn with --seed, within 2 % under the budget (no search, no data).
-    Random,
+/// `--method`'s values, with their help, from the library's list.
+fn method_names() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(
+        gmpq::search::method::METHOD_NAMES
+            .iter()
+            .map(|(name, help)| clap::builder::PossibleValue::new(*name).help(*help)),
+    )
 }
 
 /// Search recipes (see `gmpq::search::Recipe`).
@@ -463,9 +457,10 @@ pub struct SearchArgs {
     /// they share the supernet warm-up.
     #[arg(long, group = "budget", value_delimiter = ',')]
     pub pareto: Vec<String>,
-    /// Weight of the attribution loss; 0 is the EdMIPS baseline.
-    #[arg(long, default_value_t = search_defaults().attribution_weight, allow_negative_numbers = true)]
-    pub attribution_weight: f64,
+    /// Weight of the attribution loss; 0 is the EdMIPS baseline (default: 0 with --method
+    /// edmips, else the library's, 20).
+    #[arg(long, allow_negative_numbers = true)]
+    pub attribution_weight: Option<f64>,
     /// Fixed attribution exponent p (default: capacity-aware, 24·mean 1/(E[b_w]E[b_a])).
     #[arg(long, allow_negative_numbers = true)]
     pub p: Option<f64>,
@@ -493,14 +488,14 @@ pub struct SearchArgs {
     /// α learning rate (default: the recipe's; reference 0.01).
     #[arg(long, allow_negative_numbers = true)]
     pub alpha_lr: Option<f64>,
-    /// gmpq (the supernet search), hawq (the practitioner's baseline: per-layer Hessian-trace
-    /// weight sensitivities and measured activation sensitivities of the FP teacher,
-    /// minimised under the budget by the exact knapsack; no supernet training) or
-    /// uniform-fill (the best uniform policy under the budget, then what it leaves of the
-    /// budget spent where those sensitivities fall most; no supernet training); uniform and
-    /// random are the pipeline's reference policies (no search).
-    #[arg(long, value_enum, default_value = "gmpq")]
-    pub method: SearchMethodArg,
+    /// The allocation method: gmpq (the supernet search), edmips (the same without the
+    /// attribution term), hawq (the practitioner's baseline: per-layer Hessian-trace weight
+    /// sensitivities and measured activation sensitivities of the FP teacher, minimised under
+    /// the budget by the exact knapsack; no supernet training), uniform-fill (the best uniform
+    /// policy under the budget, then what it leaves of the budget spent where those
+    /// sensitivities fall most), uniform or random (no data).
+    #[arg(long, default_value = "gmpq", value_parser = method_names())]
+    pub method: String,
     /// hawq, uniform-fill: proxy images the sensitivities are measured on (from the --limit
     /// subset).
     #[arg(long, default_value_t = gmpq::pipeline::HAWQ_IMAGES, value_parser = positive(), allow_negative_numbers = true)]

@@ -2,7 +2,7 @@
 
 use super::{AttributionArgs, ExtractArgs, SearchArgs};
 use anyhow::{bail, Context, Result};
-use gmpq::pipeline::{SearchMethod, SearchRequest};
+use gmpq::pipeline::SearchRequest;
 use gmpq::search::{self, EpochLog, SearchConfig, SearchProgress, Target};
 use gmpq::train::Augment;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -106,6 +106,17 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
     for p in &a.pareto {
         targets.push(parse_pareto(p)?);
     }
+    let (method, method_weight) =
+        gmpq::search::Method::from_name(&a.method, a.hawq_images, a.hawq_samples)?;
+    let attribution_weight = match (method_weight, a.attribution_weight) {
+        (Some(w), Some(given)) if given != w => bail!(
+            "--method {} is the supernet search with attribution weight {w}: drop \
+             --attribution-weight {given}, or use --method gmpq",
+            a.method
+        ),
+        (Some(w), _) | (None, Some(w)) => w,
+        (None, None) => SearchConfig::default().attribution_weight,
+    };
     let config = SearchConfig {
         candidates: a.bits.candidates()?,
         epochs: a.epochs,
@@ -117,7 +128,7 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
         batch_size: a.batch_size,
         lr: a.lr,
         step_epochs: a.step_epochs,
-        attribution_weight: a.attribution_weight,
+        attribution_weight,
         p: a.p,
         complexity_weight: a.cd,
         attribution: a.attribution.into(),
@@ -172,19 +183,7 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
         val_images: a.val_images,
         targets,
         config,
-        method: match a.method {
-            super::SearchMethodArg::Gmpq => SearchMethod::Supernet,
-            super::SearchMethodArg::Hawq => SearchMethod::Hawq {
-                images: a.hawq_images,
-                samples: a.hawq_samples,
-            },
-            super::SearchMethodArg::UniformFill => SearchMethod::UniformFill {
-                images: a.hawq_images,
-                samples: a.hawq_samples,
-            },
-            super::SearchMethodArg::Uniform => SearchMethod::Uniform,
-            super::SearchMethodArg::Random => SearchMethod::Random,
-        },
+        method,
         out: a.out.clone(),
         command: shell_words::join(std::env::args()),
         sensitivities_from: None,

@@ -9,8 +9,8 @@ mod stage;
 
 pub use run::{budget_geometry, check_data, run, target_model, RunEvents, RunOutcome};
 pub use search::{
-    RankRequest, SearchMethod, SearchOutcome, SearchRequest, SearchedPolicy, HAWQ_IMAGES,
-    HAWQ_SAMPLES, VAL_IMAGES,
+    RankRequest, SearchOutcome, SearchRequest, SearchedPolicy, HAWQ_IMAGES, HAWQ_SAMPLES,
+    VAL_IMAGES,
 };
 pub use settings::{
     split_subset, PipelineSettings, DEFAULT_BUDGET, FINETUNE_EPOCHS, TARGET_HOLDOUT, TEACHER_EPOCHS,
@@ -474,6 +474,40 @@ pub fn reusable_training(
                 && read(&theirs.policy(arm))? == ours)
         },
     )
+}
+
+/// A fine-tuning of another arm of this run (`done`, in run order) that is `arm`'s own: its
+/// policy quantizes the network exactly as `arm`'s does ([`Policy::same_allocation`]; at a
+/// grid budget uniform-fill and often the ranked choice are the uniform policy) and it has
+/// finished `epochs` epochs. Same data, seed and recipe, so the same computation: copied.
+pub fn same_policy_training(
+    layout: &RunLayout,
+    done: &[Arm],
+    arm: Arm,
+    stage: &str,
+    epochs: usize,
+) -> Result<Option<StageRecord>> {
+    let ours = crate::policy::Policy::load(&layout.policy(arm))?;
+    for &other in done.iter().filter(|&&a| a != arm) {
+        let dir = layout.finetune(other);
+        if !training_done(&dir, epochs)? {
+            continue;
+        }
+        let Ok(theirs) = crate::policy::Policy::load(&layout.policy(other)) else {
+            continue;
+        };
+        if theirs.same_allocation(&ours) {
+            return Ok(Some(StageRecord {
+                name: stage.into(),
+                command: String::new(),
+                seconds: 0.0,
+                status: StageStatus::Done,
+                reused_from: Some(dir),
+                identity: None,
+            }));
+        }
+    }
+    Ok(None)
 }
 
 /// Copies a finished stage's files into `to` (each atomically, the JSON files last, so that

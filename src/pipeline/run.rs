@@ -8,9 +8,9 @@ use super::stage::{
     StageContext, TrainStage,
 };
 use super::{
-    context, copy_stage_output, reusable_stage, reusable_training, Arm, PipelineError,
-    PipelineSettings, Result, RunLayout, RunRecord, RunSummary, StageKey, StageRecord, StageStatus,
-    RECORD_FILE, RECORD_FORMAT,
+    context, copy_stage_output, reusable_stage, reusable_training, same_policy_training, Arm,
+    PipelineError, PipelineSettings, Result, RunLayout, RunRecord, RunSummary, StageKey,
+    StageRecord, StageStatus, RECORD_FILE, RECORD_FORMAT,
 };
 use crate::checkpoint::Checkpoint;
 use crate::data::{DatasetSpec, ImageSource, Split};
@@ -441,20 +441,31 @@ pub fn run(
             numerics: s.numerics.unwrap_or_default(),
         }),
     };
-    let mut finetuned = Vec::new();
+    let (mut finetuned, mut finetuned_arms) = (Vec::new(), Vec::new());
     for &arm in &all_arms {
         let stage = finetune(&layout, arm);
         let dir = layout.finetune(arm);
         run.stage_or_copy(&stage, &dir, || {
-            reusable_training(
+            let ours = same_policy_training(
                 &layout,
-                &s.reuse_from,
+                &finetuned_arms,
                 arm,
                 &stage.name(),
                 s.finetune_epochs,
-                |l| StageKey::of(&finetune(l, arm)),
-            )
+            )?;
+            match ours {
+                Some(found) => Ok(Some(found)),
+                None => reusable_training(
+                    &layout,
+                    &s.reuse_from,
+                    arm,
+                    &stage.name(),
+                    s.finetune_epochs,
+                    |l| StageKey::of(&finetune(l, arm)),
+                ),
+            }
         })?;
+        finetuned_arms.push(arm);
         finetuned.push(crate::train::last_checkpoint(&dir));
     }
 

@@ -7,7 +7,8 @@ use crate::checkpoint::Checkpoint;
 use crate::data::{stratified_subset, ConcatDataset, DatasetSpec, ImageSource, Split, SubsetSpec};
 use crate::files::DirLock;
 use crate::policy::{PolicyCost, PolicyTotals};
-use crate::search::{self, PolicyMeta, SearchConfig, SearchJob, SearchProgress, Target};
+use crate::search::method::{Allocation, AllocationInput, Allocator, Evidence, ProxyData, Reads};
+use crate::search::{self, Method, PolicyMeta, SearchConfig, SearchProgress, Target};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,51 +20,6 @@ pub const HAWQ_IMAGES: usize = 512;
 /// HAWQ: Hutchinson probes per batch (`--hawq-samples`).
 pub const HAWQ_SAMPLES: usize = 16;
 
-/// How the policy is found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SearchMethod {
-    /// The differentiable supernet search (GMPQ; EdMIPS with attribution weight 0).
-    Supernet,
-    /// The teacher's Hessian-trace and activation sensitivities under the knapsack.
-    Hawq { images: usize, samples: usize },
-    /// The best uniform policy, the rest of the budget spent by the same sensitivities.
-    UniformFill { images: usize, samples: usize },
-    /// The uniform policy with the most BOPs within the budget (no data needed).
-    Uniform,
-    /// Per-layer bits drawn with the seed, rejection-sampled until the cost lies within 2 %
-    /// under the budget (no data needed).
-    Random,
-}
-
-impl SearchMethod {
-    /// The name `--method` and the policies' `meta.method` give it.
-    pub fn name(self, attribution_weight: f64) -> &'static str {
-        match self {
-            SearchMethod::Supernet if attribution_weight == 0.0 => "edmips",
-            SearchMethod::Supernet => "gmpq",
-            SearchMethod::Hawq { .. } => "hawq",
-            SearchMethod::UniformFill { .. } => "uniform-fill",
-            SearchMethod::Uniform => "uniform",
-            SearchMethod::Random => "random",
-        }
-    }
-
-    /// The sensitivity analysis's settings and rule, for the methods that use one.
-    fn sensitivity(self) -> Option<(usize, usize, search::hawq::SensitivityRule)> {
-        use search::hawq::SensitivityRule;
-        match self {
-            SearchMethod::Supernet | SearchMethod::Uniform | SearchMethod::Random => None,
-            SearchMethod::Hawq { images, samples } => {
-                Some((images, samples, SensitivityRule::Hawq))
-            }
-            SearchMethod::UniformFill { images, samples } => {
-                Some((images, samples, SensitivityRule::UniformFill))
-            }
-        }
-    }
-}
-
 /// A search: teacher, proxy data, budgets, settings, output folder.
 #[derive(Debug, Clone)]
 pub struct SearchRequest {
@@ -74,7 +30,7 @@ pub struct SearchRequest {
     /// One budget, several (a Pareto run), or none (the fixed complexity weight).
     pub targets: Vec<Target>,
     pub config: SearchConfig,
-    pub method: SearchMethod,
+    pub method: Method,
     pub out: PathBuf,
     /// The command line recorded in each policy's `meta.command`.
     pub command: String,
@@ -284,8 +240,7 @@ impl SearchRequest {
 
     /// Searches and writes every policy (keeping those an interrupted run already wrote).
     pub fn run(&self, device: tch::Device, progress: &dyn SearchProgress) -> Result<SearchOutcome> {
-        let config = self.config.clone();
-        let c = &config;
+        let c = &self.config;
         for (flag, value, ok, range) in [
             (
                 "--attribution-weight",
@@ -301,40 +256,38 @@ impl SearchRequest {
                 )));
             }
         }
-        if config.epochs == 0 {
+        if c.epochs == 0 {
             return Err(PipelineError::Invalid(
                 "--epochs 0: must be at least 1".into(),
             ));
         }
-        if config.alpha_frozen_epochs >= config.epochs {
+        if c.alpha_frozen_epochs >= c.epochs {
             return Err(PipelineError::Invalid(format!(
                 "--alpha-frozen-epochs {} leaves α no epoch to move in a {}-epoch search",
-                config.alpha_frozen_epochs, config.epochs
+                c.alpha_frozen_epochs, c.epochs
             )));
         }
+        let allocator = self.method.allocator(c);
         // Only the supernet search can run without a budget (a fixed complexity weight).
-        if self.targets.is_empty() && self.method != SearchMethod::Supernet {
+        if self.targets.is_empty() && self.method != Method::Supernet {
             return Err(PipelineError::Invalid(format!(
                 "--method {} needs a budget (--target-compression, --target-bops, \
                  --target-size-mb or --pareto)",
-                self.method.name(c.attribution_weight)
+                allocator.name()
             )));
         }
         // Data-parallel: every rank trains the supernet; rank 0 owns the folder and writes.
         let main = crate::dist::is_main();
-        if crate::dist::current().is_some() && self.method != SearchMethod::Supernet {
+        if crate::dist::current().is_some() && !allocator.data_parallel() {
             return Err(PipelineError::Invalid(format!(
                 "--method {} runs as one process; only the supernet search runs data-parallel",
-                self.method.name(c.attribution_weight)
+                allocator.name()
             )));
         }
         std::fs::create_dir_all(&self.out).map_err(io(&self.out))?;
         let _lock = main.then(|| DirLock::acquire(&self.out)).transpose()?;
         let claimed = main && self.claim_folder()?;
-        let result = match self.method {
-            SearchMethod::Uniform | SearchMethod::Random => self.run_without_data(),
-            _ => self.run_claimed(config, device, progress),
-        };
+        let result = self.run_claimed(allocator.as_ref(), device, progress);
         // A search that failed before writing anything leaves the folder as it found it.
         if result.is_err() && claimed {
             let _ = std::fs::remove_file(self.out.join(REQUEST_FILE));
@@ -342,21 +295,45 @@ impl SearchRequest {
         result
     }
 
-    /// [`Self::run`] of the methods that read the proxy, once the folder is locked and claimed.
+    /// What a sensitivity analysis of `images` proxy images would measure: a recorded
+    /// analysis with the same key is the same one.
+    fn analysis_key(&self, images: usize) -> Option<serde_json::Value> {
+        let (Method::Hawq { samples, .. } | Method::UniformFill { samples, .. }) = self.method
+        else {
+            return None;
+        };
+        let settings = search::hawq::HawqConfig {
+            candidates: self.config.candidates.clone(),
+            samples,
+        };
+        Some(serde_json::json!({
+            "teacher": self.teacher, "data": self.data.to_string(), "subset": self.subset,
+            "images": images, "settings": settings,
+        }))
+    }
+
+    /// The sensitivities `sensitivities_from` recorded for exactly the analysis `key`.
+    fn reusable_sensitivities(
+        &self,
+        key: &serde_json::Value,
+    ) -> Option<(PathBuf, search::hawq::Sensitivities)> {
+        let path = self.sensitivities_from.as_ref()?;
+        let p = crate::policy::Policy::load(path).ok()?;
+        let hawq = PolicyMeta::of(&p).ok()??.hawq?;
+        (hawq.get("analysis")? == key)
+            .then(|| serde_json::from_value(hawq.get("sensitivities")?.clone()).ok())
+            .flatten()
+            .map(|s| (path.clone(), s))
+    }
+
+    /// [`Self::run`] once the folder is locked and claimed: loads what the method reads, runs
+    /// it for the budgets without a policy yet, writes each policy.
     fn run_claimed(
         &self,
-        mut config: SearchConfig,
+        allocator: &dyn Allocator,
         device: tch::Device,
         progress: &dyn SearchProgress,
     ) -> Result<SearchOutcome> {
-        let proxy_train = self.data.load(Split::Train)?;
-        let train_indices = stratified_subset(proxy_train.as_ref(), &self.subset)?;
-        // HAWQ and uniform-fill measure on training images only: no held-out split to load.
-        if let Some((images, samples, rule)) = self.method.sensitivity() {
-            return self.run_hawq(proxy_train, &train_indices, images, samples, rule, device);
-        }
-        let (proxy, val_indices) =
-            with_held_out(&self.data, proxy_train, self.val_images, self.subset.seed)?;
         // Policies already written by an interrupted run of the same command are kept, and only
         // the missing targets are searched again.
         let mut outcome = SearchOutcome::default();
@@ -372,16 +349,48 @@ impl SearchRequest {
         if !self.targets.is_empty() && remaining.is_empty() {
             return Ok(outcome);
         }
-        if remaining.len() <= 1 {
-            config.warmup_epochs = 0;
-        }
-        let results = search::search(SearchJob {
-            teacher: self.teacher.clone(),
+        let mut analysis = None;
+        let proxy = match allocator.reads() {
+            Reads::Geometry => None,
+            reads => {
+                let train = self.data.load(Split::Train)?;
+                let train_indices = stratified_subset(train.as_ref(), &self.subset)?;
+                if let Reads::ProxyTrain { images } = reads {
+                    // The analyses measure on training images only: no held-out split.
+                    let key = self.analysis_key(images.clamp(1, train_indices.len().max(1)));
+                    let reused = key.as_ref().and_then(|k| self.reusable_sensitivities(k));
+                    analysis = key.map(|k| (k, reused));
+                    Some(ProxyData {
+                        source: train,
+                        train_indices,
+                        val_indices: Vec::new(),
+                    })
+                } else {
+                    let (source, val_indices) =
+                        with_held_out(&self.data, train, self.val_images, self.subset.seed)?;
+                    Some(ProxyData {
+                        source,
+                        train_indices,
+                        val_indices,
+                    })
+                }
+            }
+        };
+        let proxy_note = proxy.as_ref().map(|p| {
+            format!(
+                "{} ({} images, subset seed {})",
+                self.data,
+                p.train_indices.len(),
+                self.subset.seed
+            )
+        });
+        let allocations = allocator.allocate(AllocationInput {
+            teacher: &self.teacher,
+            targets: &remaining,
             proxy,
-            train_indices: train_indices.clone(),
-            val_indices,
-            config: config.clone(),
-            targets: remaining,
+            sensitivities: analysis
+                .as_ref()
+                .and_then(|(_, reused)| reused.as_ref().map(|(_, s)| s.clone())),
             device,
             progress,
             state_dir: Some(self.out.clone()),
@@ -389,240 +398,132 @@ impl SearchRequest {
         if !crate::dist::is_main() {
             return Ok(outcome);
         }
-        let log_path = self.out.join("search-log.jsonl");
-        let mut log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(io(&log_path))?;
-        let teacher_ck = Checkpoint::load(&self.teacher)?;
-        let edmips = config.attribution_weight == 0.0;
-        for r in &results {
-            let suffix = self.suffix(r.target);
-            let mut policy = r.policy.clone();
-            let totals = policy
-                .totals
-                .clone()
-                .ok_or_else(|| PipelineError::Invalid("the search gave no policy totals".into()))?;
-            let meta = PolicyMeta {
-                argmax_policy_bops: r.argmax.totals.as_ref().map(|t| t.bops),
-                alpha: Some(r.alpha.clone()),
-                search: serde_json::to_value(&config).ok(),
-                proxy: Some(format!(
-                    "{} ({} images, subset seed {})",
-                    self.data,
-                    train_indices.len(),
-                    self.subset.seed
-                )),
-                teacher_proxy_val_top1: Some(r.teacher_val_top1),
-                ..self.provenance(
-                    if edmips { "edmips" } else { "gmpq" },
-                    r.target,
-                    &teacher_ck,
-                    r.seconds,
-                    r.images,
-                )
-            };
-            policy.meta = Some(meta.to_value());
-            let path = self.policy_path(r.target);
-            policy.save(&path)?;
+        // Uniform and random policies name no teacher: see `write_allocation`.
+        let teacher = match allocator.reads() {
+            Reads::Geometry => None,
+            _ => Some(Checkpoint::load(&self.teacher)?),
+        };
+        for allocation in allocations {
+            let written = self.write_allocation(
+                allocator,
+                allocation,
+                teacher.as_ref(),
+                proxy_note.as_deref(),
+                analysis.as_ref(),
+            )?;
+            outcome.written.push(written);
+        }
+        // Every policy is on disk: the supernet's per-epoch snapshots have done their job.
+        if allocator.data_parallel() {
+            search::remove_snapshots(&self.out);
+        }
+        Ok(outcome)
+    }
+
+    /// Saves one allocation's policy with its provenance, its bits chart and (a supernet
+    /// search) its epoch log and attribution maps. Uniform and random policies record only
+    /// the method, budget and seed (no teacher or command), so the same policy from two
+    /// proxies is the same file and a study copies its fine-tuning between them.
+    fn write_allocation(
+        &self,
+        allocator: &dyn Allocator,
+        allocation: Allocation,
+        teacher: Option<&Checkpoint>,
+        proxy: Option<&str>,
+        analysis: Option<&(
+            serde_json::Value,
+            Option<(PathBuf, search::hawq::Sensitivities)>,
+        )>,
+    ) -> Result<SearchedPolicy> {
+        let Allocation {
+            target,
+            mut policy,
+            seconds,
+            images,
+            evidence,
+        } = allocation;
+        let name = allocator.name();
+        let provenance = |teacher: Option<&Checkpoint>| match teacher {
+            Some(t) => Ok(self.provenance(name, target, t, seconds, images)),
+            None => Err(PipelineError::Invalid(format!(
+                "{name}: no teacher to record"
+            ))),
+        };
+        let mut supernet = None;
+        let meta = match evidence {
+            Evidence::Geometry { seed } => PolicyMeta {
+                seed,
+                ..PolicyMeta::new(name, target, PolicyCost::default())
+            },
+            Evidence::Sensitivities {
+                settings,
+                sensitivities,
+            } => PolicyMeta {
+                hawq: Some(serde_json::json!({
+                    "settings": settings, "sensitivities": sensitivities,
+                    "analysis": analysis.map(|(k, _)| k),
+                    "reused_from": analysis.and_then(|(_, r)| r.as_ref().map(|(p, _)| p)),
+                })),
+                ..provenance(teacher)?
+            },
+            Evidence::Supernet(r) => {
+                let meta = PolicyMeta {
+                    argmax_policy_bops: r.argmax.totals.as_ref().map(|t| t.bops),
+                    alpha: Some(r.alpha.clone()),
+                    search: serde_json::to_value(&self.config).ok(),
+                    proxy: proxy.map(str::to_string),
+                    teacher_proxy_val_top1: Some(r.teacher_val_top1),
+                    ..provenance(teacher)?
+                };
+                supernet = Some(r);
+                meta
+            }
+        };
+        policy.meta = Some(meta.to_value());
+        let totals = policy
+            .totals
+            .clone()
+            .ok_or_else(|| PipelineError::Invalid(format!("{name} gave no policy totals")))?;
+        let path = self.policy_path(target);
+        policy.save(&path)?;
+        let suffix = self.suffix(target);
+        crate::report::bit_allocation_svg(
+            &[(allocator.label(), &policy)],
+            &self.out.join(format!("bits{suffix}.svg")),
+        )?;
+        let mut written = SearchedPolicy {
+            policy: path,
+            target,
+            totals,
+            seconds,
+            images,
+            argmax_proxy_top1: None,
+            teacher_val_top1: None,
+        };
+        if let (Some(r), Some(teacher)) = (supernet, teacher) {
+            let log_path = self.out.join("search-log.jsonl");
+            let mut log_file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(io(&log_path))?;
             for l in &r.log {
                 let line = serde_json::to_string(l)
                     .map_err(|e| PipelineError::Invalid(format!("epoch log: {e}")))?;
                 writeln!(log_file, "{line}").map_err(io(&log_path))?;
             }
-            crate::report::bit_allocation_svg(
-                &[(if edmips { "EdMIPS" } else { "GMPQ" }, &policy)],
-                &self.out.join(format!("bits{suffix}.svg")),
-            )?;
             let [img, t, s] = &r.heatmaps;
             crate::report::heatmaps_png(
                 img,
-                &teacher_ck.meta.eval_pipeline.normalize,
+                &teacher.meta.eval_pipeline.normalize,
                 &[t, s],
                 &["image".into(), "teacher".into(), "supernet".into()],
                 &self.out.join(format!("attribution{suffix}.png")),
             )?;
-            outcome.written.push(SearchedPolicy {
-                policy: path,
-                target: r.target,
-                totals,
-                seconds: r.seconds,
-                images: r.images,
-                argmax_proxy_top1: Some(r.log.last().map_or(0.0, |l| l.argmax_proxy_top1)),
-                teacher_val_top1: Some(r.teacher_val_top1),
-            });
+            written.argmax_proxy_top1 = Some(r.log.last().map_or(0.0, |l| l.argmax_proxy_top1));
+            written.teacher_val_top1 = Some(r.teacher_val_top1);
         }
-        // Every policy is on disk: the per-epoch snapshots have done their job.
-        search::remove_snapshots(&self.out);
-        Ok(outcome)
-    }
-
-    /// Saves a policy of a method without a supernet (with its totals and meta) and its bits
-    /// chart; returns what was written.
-    fn write_policy(
-        &self,
-        target: &Target,
-        policy: &crate::policy::Policy,
-        label: &str,
-        seconds: f64,
-        images: usize,
-    ) -> Result<SearchedPolicy> {
-        let path = self.policy_path(Some(*target));
-        policy.save(&path)?;
-        crate::report::bit_allocation_svg(
-            &[(label, policy)],
-            &self
-                .out
-                .join(format!("bits{}.svg", self.suffix(Some(*target)))),
-        )?;
-        Ok(SearchedPolicy {
-            policy: path,
-            target: Some(*target),
-            totals: policy
-                .totals
-                .clone()
-                .ok_or_else(|| PipelineError::Invalid(format!("{label} gave no policy totals")))?,
-            seconds,
-            images,
-            argmax_proxy_top1: None,
-            teacher_val_top1: None,
-        })
-    }
-
-    /// Uniform or random: policies from the teacher's geometry alone. Their provenance names
-    /// no teacher or command (only the method, budget and seed), so the same policy from two
-    /// proxies is the same file, and a study copies its fine-tuning between them.
-    fn run_without_data(&self) -> Result<SearchOutcome> {
-        use crate::policy::Policy;
-        let started = std::time::Instant::now();
-        let cfg = Checkpoint::load(&self.teacher)?.meta.model;
-        let (_, net) = crate::train::build_fp(&cfg, tch::Device::Cpu)?;
-        let (convs, fc) = (net.convs(), net.fc_spec());
-        let geometry = search::Geometry::new(convs, fc);
-        let cands = &self.config.candidates;
-        let mut outcome = SearchOutcome::default();
-        for t in &self.targets {
-            search::check_feasible(&geometry, t, cands).map_err(search::SearchError::from)?;
-            let (policy, seed) = match self.method {
-                SearchMethod::Random => {
-                    let mut template =
-                        Policy::uniform(&cfg, convs, cands.weight[0], cands.activation[0]);
-                    template.candidates = cands.clone();
-                    let p = search::random_policy(
-                        &template,
-                        &geometry,
-                        t,
-                        0.02,
-                        self.config.seed,
-                        1_000_000,
-                    )
-                    .ok_or_else(|| {
-                        PipelineError::Invalid(format!(
-                            "no random policy fits the budget {t}: it is below the cheapest policy"
-                        ))
-                    })?;
-                    (p, Some(self.config.seed))
-                }
-                _ => {
-                    let (w, a) = search::fill::best_uniform(&geometry, t, cands).ok_or_else(|| {
-                        PipelineError::Invalid(format!(
-                            "no uniform policy with bits in both {:?} and {:?} meets the budget {t}",
-                            cands.weight, cands.activation
-                        ))
-                    })?;
-                    (Policy::uniform(&cfg, convs, w, a), None)
-                }
-            };
-            let mut policy = policy.with_totals(convs, fc);
-            let name = self.method.name(1.0);
-            policy.meta = Some(
-                PolicyMeta {
-                    seed,
-                    ..PolicyMeta::new(name, Some(*t), PolicyCost::default())
-                }
-                .to_value(),
-            );
-            let label = if seed.is_some() { "random" } else { "uniform" };
-            outcome.written.push(self.write_policy(
-                t,
-                &policy,
-                label,
-                started.elapsed().as_secs_f64(),
-                0,
-            )?);
-        }
-        Ok(outcome)
-    }
-
-    /// HAWQ or uniform-fill: sensitivities of the teacher, one knapsack policy per target.
-    fn run_hawq(
-        &self,
-        proxy: Arc<dyn ImageSource>,
-        train_indices: &[usize],
-        images: usize,
-        samples: usize,
-        rule: search::hawq::SensitivityRule,
-        device: tch::Device,
-    ) -> Result<SearchOutcome> {
-        let n = images.clamp(1, train_indices.len().max(1));
-        let hawq_cfg = search::hawq::HawqConfig {
-            candidates: self.config.candidates.clone(),
-            samples,
-        };
-        // What the analysis measures: a recorded analysis with the same key is the same one.
-        let analysis = serde_json::json!({
-            "teacher": self.teacher, "data": self.data.to_string(), "subset": self.subset,
-            "images": n, "settings": hawq_cfg,
-        });
-        let reused = self.sensitivities_from.as_ref().and_then(|path| {
-            let p = crate::policy::Policy::load(path).ok()?;
-            let hawq = PolicyMeta::of(&p).ok()??.hawq?;
-            (hawq.get("analysis")? == &analysis)
-                .then(|| serde_json::from_value(hawq.get("sensitivities")?.clone()).ok())
-                .flatten()
-                .map(|s: search::hawq::Sensitivities| (path.clone(), s))
-        });
-        let r = search::hawq::run(
-            &self.teacher,
-            search::hawq::ProxyImages {
-                source: proxy,
-                indices: &train_indices[..n.min(train_indices.len())],
-            },
-            &self.targets,
-            &hawq_cfg,
-            rule,
-            reused.as_ref().map(|(_, s)| s.clone()),
-            device,
-        )?;
-        let teacher_ck = Checkpoint::load(&self.teacher)?;
-        let mut outcome = SearchOutcome::default();
-        for (t, policy) in &r.policies {
-            let mut policy = policy.clone();
-            let meta = PolicyMeta {
-                hawq: Some(serde_json::json!({
-                    "settings": hawq_cfg, "sensitivities": r.sensitivities,
-                    "analysis": analysis,
-                    "reused_from": reused.as_ref().map(|(p, _)| p),
-                })),
-                ..self.provenance(
-                    self.method.name(1.0),
-                    Some(*t),
-                    &teacher_ck,
-                    r.seconds,
-                    r.images,
-                )
-            };
-            policy.meta = Some(meta.to_value());
-            let label = match rule {
-                search::hawq::SensitivityRule::Hawq => "HAWQ",
-                search::hawq::SensitivityRule::UniformFill => "uniform-fill",
-            };
-            outcome
-                .written
-                .push(self.write_policy(t, &policy, label, r.seconds, r.images)?);
-        }
-        Ok(outcome)
+        Ok(written)
     }
 }
 

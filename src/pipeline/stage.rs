@@ -1,11 +1,12 @@
 //! The stages of a run as typed values. Each runs itself and states the `gmpq` command line
 //! that does the same (recorded in `pipeline.json`); none goes through flag strings.
 
-use super::search::{SearchMethod, SearchRequest, VAL_IMAGES};
+use super::search::{SearchRequest, VAL_IMAGES};
 use super::{context, training_done, Arm, PipelineError, Result, RunEvents};
 use crate::data::{stratified_subset, DataLoader, DatasetSpec, LoaderConfig, Split, SubsetSpec};
 use crate::policy::Candidates;
 use crate::quant::Numerics;
+use crate::search::Method;
 use crate::search::{Recipe, SearchConfig, Target};
 use crate::train::{self, Finetune, TrainRequest};
 use std::path::{Path, PathBuf};
@@ -217,19 +218,19 @@ pub struct SearchStage {
 
 impl SearchStage {
     /// The method `gmpq search --method` runs for this kind.
-    fn method(&self) -> SearchMethod {
+    fn method(&self) -> Method {
         match self.kind {
-            SearchKind::Supernet { .. } => SearchMethod::Supernet,
-            SearchKind::Hawq => SearchMethod::Hawq {
+            SearchKind::Supernet { .. } => Method::Supernet,
+            SearchKind::Hawq => Method::Hawq {
                 images: super::HAWQ_IMAGES,
                 samples: super::HAWQ_SAMPLES,
             },
-            SearchKind::UniformFill => SearchMethod::UniformFill {
+            SearchKind::UniformFill => Method::UniformFill {
                 images: super::HAWQ_IMAGES,
                 samples: super::HAWQ_SAMPLES,
             },
-            SearchKind::Uniform => SearchMethod::Uniform,
-            SearchKind::Random => SearchMethod::Random,
+            SearchKind::Uniform => Method::Uniform,
+            SearchKind::Random => Method::Random,
         }
     }
 

@@ -8,6 +8,7 @@ mod budget;
 mod extract;
 pub mod fill;
 pub mod hawq;
+pub mod method;
 mod provenance;
 pub mod rank;
 mod state;
@@ -19,6 +20,7 @@ pub use extract::{
     argmax_policy, check_feasible, solve as solve_knapsack, ArgmaxRepair, Choice, Extraction,
     ExtractionError, ExtractionRule, Item, Knapsack, SPEND_FLOOR,
 };
+pub use method::{Allocator, Method};
 pub use provenance::{ExtractionRecord, PolicyMeta, RankingRecord};
 pub use state::remove_snapshots;
 
