@@ -56,7 +56,11 @@ static ENVIRONMENT: OnceLock<Result<ort::environment::Environment, String>> = On
 fn environment() -> Result<&'static ort::environment::Environment, EngineError> {
     ENVIRONMENT
         .get_or_init(|| {
-            let lib = runtime_library().map_err(|e| e.to_string())?;
+            // Kept as the inner reason: `NoRuntime` adds the how-to once.
+            let lib = runtime_library().map_err(|e| match e {
+                EngineError::NoRuntime(reason) => reason,
+                other => other.to_string(),
+            })?;
             ort::init_from(&lib)
                 .map_err(|e| format!("cannot load {}: {e}", lib.display()))?
                 .with_name("gmpq")

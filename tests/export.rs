@@ -1,6 +1,8 @@
 //! Export: ONNX (QDQ and float) through ONNX Runtime against the libtorch network, the
 //! packed format's exact round trip and size, and clear errors on what cannot be exported.
 
+mod common;
+
 use gmpq::checkpoint::{self, Checkpoint, CheckpointMeta};
 use gmpq::data::{Normalize, Pipeline};
 use gmpq::engine::{self, OnnxModel, SessionOptions};
@@ -11,15 +13,10 @@ use gmpq::quant::{self, Network, Precision};
 use tch::nn::ModuleT;
 use tch::{Device, Kind, Tensor};
 
-/// ONNX Runtime must be installed by scripts/setup.sh; without it these tests say so.
+/// ONNX Runtime must be installed by scripts/setup.sh; without it these tests say so (and
+/// fail under `GMPQ_STRICT_TESTS=1`).
 fn runtime_or_skip(test: &str) -> bool {
-    match engine::runtime_available() {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("SKIPPED {test}: {e}");
-            false
-        }
-    }
+    common::onnx_runtime(test)
 }
 
 /// A policy cycling through 2-, 3-, 4- and 6-bit weights and activations.

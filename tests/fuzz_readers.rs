@@ -2,6 +2,8 @@
 //! gzipped), CIFAR binaries, image folders, policy JSON, checkpoints, packed checkpoints and
 //! ONNX models. Each must answer with a value or an error: never a panic, never a hang.
 
+mod common;
+
 use gmpq::checkpoint::{self, Checkpoint, CheckpointMeta};
 use gmpq::data::{
     read_cifar, read_idx, write_idx, CifarLayout, ClassIndex, ImageFolder, ImageSource, Normalize,
@@ -244,8 +246,7 @@ proptest! {
 
 #[test]
 fn onnx_reader() {
-    if let Err(e) = gmpq::engine::runtime_available() {
-        eprintln!("SKIPPED onnx_reader: {e}");
+    if !common::onnx_runtime("onnx_reader") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

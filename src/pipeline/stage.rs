@@ -549,13 +549,34 @@ impl Stage for AttributionStage {
         Ok(false)
     }
 
+    /// A fine-tuned checkpoint may be absent where only its record was kept (a committed
+    /// study keeps `last.json`, not the weights): the picture is then drawn from those
+    /// present, or, when one exists already, kept as it is.
     fn run(&self, ctx: &StageContext) -> Result<String> {
         let data = parse_spec("--data", &self.data)?;
-        let n = attribution_grid(&self.checkpoints, &data, self.count, &self.out, ctx.device)?;
+        let (present, missing): (Vec<PathBuf>, Vec<PathBuf>) =
+            self.checkpoints.iter().cloned().partition(|c| c.is_file());
+        if !missing.is_empty() && self.out.is_file() {
+            return Ok(format!(
+                "{} kept: {} of the checkpoints are not here (only their records are), e.g. {}",
+                self.out.display(),
+                missing.len(),
+                missing[0].display()
+            ));
+        }
+        if present.is_empty() {
+            return Err(PipelineError::Invalid(format!(
+                "no checkpoint to draw attribution maps of (first missing: {})",
+                self.checkpoints
+                    .first()
+                    .map_or("none".into(), |c| c.display().to_string())
+            )));
+        }
+        let n = attribution_grid(&present, &data, self.count, &self.out, ctx.device)?;
         Ok(format!(
             "{} ({n} images × {} maps)",
             self.out.display(),
-            self.checkpoints.len()
+            present.len()
         ))
     }
 }

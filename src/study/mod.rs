@@ -173,12 +173,22 @@ impl StudyRun {
             return Ok(false);
         }
         let summary = RunSummary::collect(&layout, arms)?;
-        Ok(arms.iter().all(|arm| {
+        let trained = arms.iter().all(|arm| {
             summary
                 .arms
                 .iter()
                 .any(|s| s.arm == *arm && finished_top1(s, finetune_epochs).is_some())
-        }))
+        });
+        // The run's summary and report were written after every arm, not before an arm was
+        // added to the study (or before a pass that failed after its fine-tunings).
+        let reported = std::fs::read(layout.summary())
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<RunSummary>(&bytes).ok())
+            .is_some_and(|written| {
+                arms.iter()
+                    .all(|arm| written.arms.iter().any(|s| s.arm == *arm))
+            });
+        Ok(trained && reported)
     }
 }
 
@@ -660,6 +670,17 @@ mod tests {
         crate::pipeline::write_finished_training(&layout.finetune(Arm::Uniform), 1);
         assert!(!run.finished(&arms, 1).unwrap(), "no report yet");
         std::fs::write(layout.report(), "<html>").unwrap();
+        assert!(!run.finished(&arms, 1).unwrap(), "no summary yet");
+        let write_summary = |arms: &[Arm]| {
+            let summary = RunSummary::collect(&layout, arms).unwrap();
+            std::fs::write(layout.summary(), serde_json::to_vec(&summary).unwrap()).unwrap();
+        };
+        write_summary(&arms[..1]);
+        assert!(
+            !run.finished(&arms, 1).unwrap(),
+            "a summary from before an arm was added"
+        );
+        write_summary(&arms);
         assert!(run.finished(&arms, 1).unwrap());
         assert!(
             !run.finished(&arms, 2).unwrap(),

@@ -18,20 +18,38 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// `../shared/datasets` beside the repository, when this machine has it. Tests that need it
-/// print a SKIPPED line (in CI logs too) instead of passing silently.
+/// The switch that makes a check that cannot run a failure (`.ci/run` sets it).
+pub const STRICT: &str = "GMPQ_STRICT_TESTS";
+
+/// A test that cannot run on this machine. With `GMPQ_STRICT_TESTS=1` (as in CI) that fails
+/// the test; otherwise it prints a SKIPPED line to the process's stderr (the harness captures
+/// `eprintln!` of passing tests, and a skip must show in CI logs).
+pub fn cannot_run(test: &str, why: &str) {
+    if std::env::var(STRICT).is_ok_and(|v| v == "1") {
+        panic!("{test} cannot run: {why} ({STRICT}=1: a check that cannot run fails)");
+    }
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
+
+/// ONNX Runtime, which scripts/setup.sh installs; `false` (or a failure, strict) without it.
+pub fn onnx_runtime(test: &str) -> bool {
+    match gmpq::engine::runtime_available() {
+        Ok(()) => true,
+        Err(e) => {
+            cannot_run(test, &e.to_string());
+            false
+        }
+    }
+}
+
+/// `../shared/datasets` beside the repository, when this machine has it.
 pub fn shared_datasets(test: &str) -> Option<PathBuf> {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/datasets");
     if p.is_dir() {
         Some(p)
     } else {
-        // Straight to the process's stderr: the test harness captures `eprintln!` of passing
-        // tests, and a skip must show in CI logs.
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED {test}: ../shared/datasets not found"
-        );
+        cannot_run(test, "../shared/datasets not found");
         None
     }
 }
@@ -49,10 +67,9 @@ pub fn chromium(test: &str) -> Option<PathBuf> {
         .map(|n| PathBuf::from("/usr/bin").join(n))
         .find(|p| p.is_file());
     if found.is_none() {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED {test}: chromium not found (apt-get install chromium; .ci/run does)"
+        cannot_run(
+            test,
+            "chromium not found (apt-get install chromium; .ci/run does)",
         );
     }
     found
