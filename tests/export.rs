@@ -5,7 +5,7 @@ mod common;
 
 use gmpq::checkpoint::{self, Checkpoint, CheckpointMeta};
 use gmpq::data::{Normalize, Pipeline};
-use gmpq::engine::{self, OnnxModel, SessionOptions};
+use gmpq::engine::{OnnxModel, SessionOptions};
 use gmpq::export::{onnx, packed};
 use gmpq::model::{Arch, ModelConfig, Stem};
 use gmpq::policy::Policy;
