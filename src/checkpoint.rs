@@ -91,10 +91,10 @@ pub struct CheckpointMeta {
     pub source: Option<String>,
     /// Full precision when absent; a fixed policy or a supernet otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub precision: Option<crate::quant::Precision>,
+    pub precision: Option<crate::policy::Precision>,
     /// How the quantizers were calibrated, per layer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub calibration: Option<Vec<crate::quant::LayerCalibration>>,
+    pub calibration: Option<Vec<crate::policy::LayerCalibration>>,
     /// The class names, by label, when the training data named them (`gmpq predict` prints
     /// them).
     #[serde(default, skip_serializing_if = "Option::is_none")]

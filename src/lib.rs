@@ -1,13 +1,19 @@
 //! gmpq — generalizable mixed-precision quantization for CNNs, on libtorch.
 //!
-//! The crate is laid out as the pipeline: [`data`] → [`model`] → [`quant`] (quantizers,
-//! fixed-policy and supernet layers, integer numerics) → [`attribution`] → [`search`] →
-//! [`train`] (with [`checkpoint`] persistence) → [`policy`] (bits per layer, BOPs, size) →
-//! [`export`] / [`engine`] (ONNX and packed files, ONNX Runtime) → [`pipeline`] (a whole run)
-//! → [`report`] → [`study`] (many runs and their tables). Beside them: [`import`] reads foreign
-//! weights, [`predict`] classifies images, [`bench`] measures, [`files`] holds atomic writes
-//! and folder locks, [`runtime`] process-level engine settings and [`dist`] the process
-//! group of a data-parallel run. The `gmpq` binary is a thin CLI over this library.
+//! The crate is laid out in layers; each module uses only modules of the layers above it
+//! (no import circle: `tests/architecture.rs` reads every `crate::` path and checks):
+//!
+//! 1. [`model`], [`attribution`], [`files`], [`fields`], [`runtime`]: networks, CAM maps,
+//!    atomic writes and locks, field diffs, process-level engine settings.
+//! 2. [`data`] (images, loaders), [`policy`] (bits per layer, BOPs, size, and the numeric
+//!    form a checkpoint records), [`dist`] (the process group of a data-parallel run).
+//! 3. [`checkpoint`] (persistence) → [`quant`] (quantizers, fixed-policy and supernet layers,
+//!    integer numerics) → [`train`] and [`export`] → [`search`] (allocation methods: the
+//!    supernet, HAWQ, uniform-fill, uniform, random) and [`engine`] (ONNX Runtime).
+//! 4. [`report`] (charts only), [`import`], [`predict`], [`bench`].
+//! 5. [`pipeline`] (a whole run and its page) → [`study`] (many runs and their tables).
+//!
+//! The `gmpq` binary is a thin CLI over this library.
 
 pub mod attribution;
 pub mod bench;

@@ -139,7 +139,7 @@ pub fn candidate_set(bits: &[u32]) -> Result<Vec<u32>, PolicyError> {
     Ok(set.into_iter().collect())
 }
 
-/// What producing a policy cost, recorded in its `meta.cost` ([`crate::search::PolicyMeta`])
+/// What producing a policy cost, recorded in its `meta.cost` (`PolicyMeta` of the search module)
 /// by every producer (searches, HAWQ, the uniform and random arms) and read by the pipeline's
 /// summary.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
@@ -442,4 +442,72 @@ fn totals_of(rows: &[LayerCost]) -> PolicyTotals {
         size_mb: size_bits as f64 / 8e6,
         fp_size_mb: fp_size_bits as f64 / 8e6,
     }
+}
+
+/// The numeric form of a network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+#[allow(clippy::large_enum_variant)] // one per network: boxing the policy would buy nothing
+pub enum Precision {
+    Full,
+    /// Fixed per-layer bits; `per_channel` weight thresholds (off by default, as the reference).
+    Fixed {
+        policy: Policy,
+        per_channel: bool,
+        /// How the network computes (absent in checkpoints written before integer numerics,
+        /// which are fake-quantized).
+        #[serde(default, skip_serializing_if = "Numerics::is_fake_quant")]
+        numerics: Numerics,
+    },
+    /// The mixed-precision supernet over these candidate sets.
+    Supernet {
+        candidates: Candidates,
+    },
+}
+
+/// How a fixed-policy network computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Numerics {
+    /// The reference's fake quantization: conv inputs and kernels quantized, batch norm,
+    /// residual adds and activations in float (what checkpoints written before integer
+    /// numerics hold).
+    #[default]
+    FakeQuant,
+    /// Integer deployment numerics (see the module docs): folded batch norm, int32 biases,
+    /// every conv output and residual sum re-quantized.
+    Integer,
+}
+
+impl Numerics {
+    pub fn name(self) -> &'static str {
+        match self {
+            Numerics::FakeQuant => "fake-quant",
+            Numerics::Integer => "integer",
+        }
+    }
+    pub fn is_fake_quant(&self) -> bool {
+        *self == Numerics::FakeQuant
+    }
+}
+
+impl std::str::FromStr for Numerics {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fake-quant" => Ok(Numerics::FakeQuant),
+            "integer" => Ok(Numerics::Integer),
+            _ => Err(format!("unknown numerics '{s}' (integer, fake-quant)")),
+        }
+    }
+}
+
+/// What calibration chose for one layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayerCalibration {
+    pub name: String,
+    pub a_bits: u32,
+    pub max: f64,
+    pub clip: f64,
+    pub method: String,
 }

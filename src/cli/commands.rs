@@ -104,7 +104,7 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
             super::study::study_cmd(a, tch::get_num_threads().max(1) as usize, device)
         }
         Command::Report(a) => {
-            let page = gmpq::report::write_run_report(&a.run_dir)
+            let page = gmpq::pipeline::write_run_report(&a.run_dir)
                 .with_context(|| format!("writing the report of {}", a.run_dir.display()))?;
             println!("{}", page.display());
             Ok(())

@@ -2,11 +2,13 @@
 //! each stage writes, and the record of what ran, so an interrupted pipeline resumes stage by
 //! stage and the report can show the exact commands.
 
+mod page;
 mod run;
 mod search;
 mod settings;
 mod stage;
 
+pub use page::write_run_report;
 pub use run::{budget_geometry, check_data, run, target_model, RunEvents, RunOutcome};
 pub use search::{
     RankRequest, SearchOutcome, SearchRequest, SearchedPolicy, HAWQ_IMAGES, HAWQ_SAMPLES,

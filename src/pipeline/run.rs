@@ -495,7 +495,7 @@ pub fn run(
             source,
         }
     })?;
-    let report = crate::report::write_run_report(&s.out)?;
+    let report = super::write_run_report(&s.out)?;
     Ok(RunOutcome {
         summary,
         report,

@@ -25,48 +25,12 @@ use super::quantizer::{activation_levels, straight_through, weight_levels};
 use super::QuantError;
 use crate::model::graph::{BatchNormParams, Graph, Op, Value};
 use crate::model::ConvSpec;
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use tch::{Kind, Tensor};
 
-/// How a fixed-policy network computes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Numerics {
-    /// The reference's fake quantization: conv inputs and kernels quantized, batch norm,
-    /// residual adds and activations in float (what checkpoints written before integer
-    /// numerics hold).
-    #[default]
-    FakeQuant,
-    /// Integer deployment numerics (see the module docs): folded batch norm, int32 biases,
-    /// every conv output and residual sum re-quantized.
-    Integer,
-}
-
-impl Numerics {
-    pub fn name(self) -> &'static str {
-        match self {
-            Numerics::FakeQuant => "fake-quant",
-            Numerics::Integer => "integer",
-        }
-    }
-    pub fn is_fake_quant(&self) -> bool {
-        *self == Numerics::FakeQuant
-    }
-}
-
-impl std::str::FromStr for Numerics {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "fake-quant" => Ok(Numerics::FakeQuant),
-            "integer" => Ok(Numerics::Integer),
-            _ => Err(format!("unknown numerics '{s}' (integer, fake-quant)")),
-        }
-    }
-}
+pub use crate::policy::Numerics;
 
 /// The name of the var-store tensor holding the 8-bit ranges, indexed by graph value.
 pub const RANGES: &str = "integer_ranges";

@@ -3,15 +3,14 @@
 //! policies move between them by name.
 
 use super::calibrate::{kl_threshold, CalibrationMethod};
-use super::integer::{Executor, LayerVars, Numerics, Plan, RANGES};
+use super::integer::{Executor, LayerVars, Plan, RANGES};
 use super::layers::{
     FixedPolicyConvs, Observe, QuantLayerHandle, QuantizerTensor, SupernetConvs, Temperature,
 };
 use super::CLIP_INIT;
 use crate::checkpoint::{self, Checkpoint, CheckpointError};
 use crate::model::{FullPrecisionConvs, Model, ModelConfig, ModelError};
-use crate::policy::{Candidates, LayerBits, Policy, PolicyError};
-use serde::{Deserialize, Serialize};
+use crate::policy::{LayerBits, LayerCalibration, Numerics, Policy, PolicyError, Precision};
 use std::path::Path;
 use std::sync::Arc;
 use tch::nn::{self, ModuleT};
@@ -27,27 +26,6 @@ pub enum QuantError {
     Checkpoint(#[from] CheckpointError),
     #[error("{0}")]
     Invalid(String),
-}
-
-/// The numeric form of a network.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "kind")]
-#[allow(clippy::large_enum_variant)] // one per network: boxing the policy would buy nothing
-pub enum Precision {
-    Full,
-    /// Fixed per-layer bits; `per_channel` weight thresholds (off by default, as the reference).
-    Fixed {
-        policy: Policy,
-        per_channel: bool,
-        /// How the network computes (absent in checkpoints written before integer numerics,
-        /// which are fake-quantized).
-        #[serde(default, skip_serializing_if = "Numerics::is_fake_quant")]
-        numerics: Numerics,
-    },
-    /// The mixed-precision supernet over these candidate sets.
-    Supernet {
-        candidates: Candidates,
-    },
 }
 
 /// A built network: its variables, the module, and handles on its quantized layers.
@@ -284,16 +262,6 @@ impl Network {
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
-}
-
-/// What calibration chose for one layer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LayerCalibration {
-    pub name: String,
-    pub a_bits: u32,
-    pub max: f64,
-    pub clip: f64,
-    pub method: String,
 }
 
 /// Calibrates a fixed-policy network from full-precision activations on `batches`:

@@ -1,15 +1,22 @@
-//! The HTML report of a pipeline run: one self-contained page (SVG inline, PNG as data URIs)
+//! The HTML page of a pipeline run (`report.html`): one self-contained page (SVG inline, PNG as data URIs)
 //! built from whatever the run directory holds, so it also works for a partial run.
 
-use super::{charts, werr, ReportError};
+use super::{training_meta, Arm, PipelineError, RunLayout, RunRecord, RunSummary, StageStatus};
 use crate::checkpoint::CheckpointMeta;
-use crate::pipeline::{training_meta, Arm, RunLayout, RunRecord, RunSummary};
 use crate::policy::Policy;
+use crate::report as charts;
 use crate::search::EpochLog;
 use base64::Engine;
 use html_escape::encode_text as esc;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+
+fn file_error(path: &Path, e: impl std::fmt::Display) -> PipelineError {
+    PipelineError::Read {
+        path: path.into(),
+        reason: e.to_string(),
+    }
+}
 
 const STYLE: &str = "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}\
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}\
@@ -40,8 +47,8 @@ fn search_log(dir: &Path) -> Vec<EpochLog> {
     logs
 }
 
-fn inline_svg(path: &Path) -> Result<String, ReportError> {
-    let svg = std::fs::read_to_string(path).map_err(|e| werr(path, e))?;
+fn inline_svg(path: &Path) -> Result<String, PipelineError> {
+    let svg = std::fs::read_to_string(path).map_err(|e| file_error(path, e))?;
     // The XML declaration is not allowed inside HTML.
     Ok(match svg.find("<svg") {
         Some(i) => svg[i..].to_string(),
@@ -49,8 +56,8 @@ fn inline_svg(path: &Path) -> Result<String, ReportError> {
     })
 }
 
-fn png_img(path: &Path, alt: &str) -> Result<String, ReportError> {
-    let bytes = std::fs::read(path).map_err(|e| werr(path, e))?;
+fn png_img(path: &Path, alt: &str) -> Result<String, PipelineError> {
+    let bytes = std::fs::read(path).map_err(|e| file_error(path, e))?;
     Ok(format!(
         "<img alt=\"{}\" src=\"data:image/png;base64,{}\">",
         esc(alt),
@@ -81,16 +88,16 @@ fn training_runs(layout: &RunLayout, arms: &[Arm]) -> Vec<(String, CheckpointMet
 
 /// Writes `report.html` (and its chart files under `report/`) for a run directory and
 /// returns the page's path.
-pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, ReportError> {
+pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, PipelineError> {
     let layout = RunLayout::new(run_dir);
     let record = RunRecord::load(&layout.record())?.ok_or_else(|| {
-        werr(
+        file_error(
             &layout.record(),
             "not found: is this a `gmpq pipeline` run directory?",
         )
     })?;
     let assets = layout.report_assets();
-    std::fs::create_dir_all(&assets).map_err(|e| werr(&assets, e))?;
+    std::fs::create_dir_all(&assets).map_err(|e| file_error(&assets, e))?;
     let arms = record.arms.clone();
     let summary = RunSummary::collect(&layout, &arms)?;
     let mut page = String::new();
@@ -309,7 +316,7 @@ pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, ReportError> {
             "<tr><td>{}</td><td>{:.0} s{}</td><td style=\"text-align:left\"><code>{}</code>{}</td></tr>",
             esc(&s.name),
             s.seconds,
-            if s.status == crate::pipeline::StageStatus::Running {
+            if s.status == StageStatus::Running {
                 " (interrupted)"
             } else {
                 ""
@@ -328,6 +335,6 @@ pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, ReportError> {
         esc(&serde_json::to_string_pretty(&record.settings).unwrap_or_default())
     );
     let out = layout.report();
-    crate::files::write_atomic(&out, page.as_bytes()).map_err(|e| werr(&out, e))?;
+    crate::files::write_atomic(&out, page.as_bytes()).map_err(|e| file_error(&out, e))?;
     Ok(out)
 }

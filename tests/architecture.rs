@@ -1,0 +1,117 @@
+//! The library's layout is its architecture: no import circle between its top-level modules.
+//! Every `crate::MODULE` path in a module's files (comments and unit tests left out) is an
+//! edge; the graph must have no cycle, so each module can be read with only those below it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            rust_files(&p, out);
+        } else if p.extension().is_some_and(|e| e == "rs") {
+            out.push(p);
+        }
+    }
+}
+
+/// The code of a file without comments and without its `#[cfg(test)] mod tests`.
+fn code(text: &str) -> String {
+    let text = text
+        .split("#[cfg(test)]\nmod tests")
+        .next()
+        .unwrap_or_default();
+    text.lines()
+        .map(|l| l.split("//").next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Top-level module → the top-level modules its files name through `crate::`.
+fn module_graph() -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for f in &files {
+        let rel = f.strip_prefix(&src).unwrap();
+        let first = rel
+            .components()
+            .next()
+            .unwrap()
+            .as_os_str()
+            .to_string_lossy();
+        let module = first.trim_end_matches(".rs").to_string();
+        if module == "lib" || module == "main" {
+            continue;
+        }
+        let text = code(&std::fs::read_to_string(f).unwrap());
+        let deps = graph.entry(module.clone()).or_default();
+        for (i, _) in text.match_indices("crate::") {
+            let name: String = text[i + 7..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if !name.is_empty() && name != module {
+                deps.insert(name);
+            }
+        }
+    }
+    let known: BTreeSet<String> = graph.keys().cloned().collect();
+    for deps in graph.values_mut() {
+        deps.retain(|d| known.contains(d));
+    }
+    graph
+}
+
+/// A cycle through `start`, if any (depth-first).
+fn cycle_from(graph: &BTreeMap<String, BTreeSet<String>>, start: &str) -> Option<Vec<String>> {
+    fn walk(
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        start: &str,
+        path: &mut Vec<String>,
+        seen: &mut BTreeSet<String>,
+    ) -> bool {
+        let here = path.last().unwrap().clone();
+        for next in &graph[&here] {
+            if next == start {
+                path.push(next.clone());
+                return true;
+            }
+            if seen.insert(next.clone()) {
+                path.push(next.clone());
+                if walk(graph, start, path, seen) {
+                    return true;
+                }
+                path.pop();
+            }
+        }
+        false
+    }
+    let mut path = vec![start.to_string()];
+    walk(graph, start, &mut path, &mut BTreeSet::new()).then_some(path)
+}
+
+#[test]
+fn no_import_circle_between_modules() {
+    let graph = module_graph();
+    assert!(
+        graph.len() > 15 && graph["pipeline"].contains("search"),
+        "the scan found the modules: {graph:?}"
+    );
+    for module in graph.keys() {
+        if let Some(cycle) = cycle_from(&graph, module) {
+            panic!("import circle: {}", cycle.join(" → "));
+        }
+    }
+}
+
+/// The check finds a circle where there is one.
+#[test]
+fn a_circle_is_found() {
+    let mut graph = module_graph();
+    graph.get_mut("policy").unwrap().insert("search".into());
+    let cycle = cycle_from(&graph, "policy").expect("policy → search → policy");
+    assert_eq!(cycle.first(), cycle.last());
+}
