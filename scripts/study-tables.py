@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
-"""Markdown tables for docs/RESULTS.md from a study folder (and the ablation runs beside it).
+"""Markdown tables of the experiments beside a study, for docs/RESULTS.md.
+
+The study's own tables (means, spreads, per seed, paired differences) come from gmpq itself:
+`gmpq study CONFIG --out STUDY --tables-only` prints them (and writes STUDY/results.md). This
+script only lays out what lies beside a study in folders of its own:
 
     python3 scripts/study-tables.py runs/study runs/ablation
     python3 scripts/study-tables.py studies/runs/fmnist-lowbit --extra studies/runs/fmnist-lowbit-extra
 
-Reads STUDY/results.json (written by `gmpq study`, `--tables-only` refreshes it) and, if given,
-ABLATION/*/summary.json (scripts/ablation.sh) or, with --extra, the low-bit study's two checks
-(studies/fmnist-lowbit-extra.sh: 10-epoch fine-tunings, a 5-epoch EdMIPS search on the target). Only finished arms (all fine-tuning epochs) are in
-results.json's aggregates; per-seed rows show what exists.
+ABLATION/*/summary.json (scripts/ablation.sh), or with --extra the low-bit study's two checks
+(studies/fmnist-lowbit-extra.sh: 10-epoch fine-tunings, a 5-epoch EdMIPS search on the target).
 """
 import json
 import pathlib
@@ -27,21 +29,6 @@ LABEL = {
 
 def fmt(v, digits=2):
     return "—" if v is None else f"{v:.{digits}f}"
-
-
-def paired(res, pair, budget):
-    """GMPQ minus each other arm, seed by seed (results.json's gmpq_paired)."""
-    lines = []
-    diffs = [d for d in res.get("gmpq_paired", []) if d["pair"] == pair and d["compression_target"] == budget]
-    for d in sorted(diffs, key=lambda d: list(LABEL).index(d["against"])):
-        cells = ", ".join(f"{s}: {v:+.2f}" for s, v in d["per_seed"])
-        n = len(d["per_seed"])
-        lines.append(f"| {LABEL[d['against']]} | {d['mean']:+.2f} | {d['gmpq_ahead']} of {n} | {cells} |")
-    if lines:
-        print(f"\nGMPQ minus each arm, paired by seed ({pair}, {budget:g}×):\n")
-        print("| against | mean difference | GMPQ ahead | per seed |")
-        print("|---|---|---|---|")
-        print("\n".join(lines))
 
 
 def history(training):
@@ -110,34 +97,11 @@ def main():
         del args[i : i + 2]
     sys.argv[1:] = args
     study = pathlib.Path(sys.argv[1])
-    res = json.loads((study / "results.json").read_text())
-    rows = res["rows"]
+    rows = json.loads((study / "results.json").read_text())["rows"]
     per_seed = defaultdict(dict)
     for r in rows:
         if r["top1"] is not None:
             per_seed[(r["pair"], r["compression_target"], r["arm"])][r["seed"]] = r["top1"]
-    groups = sorted({(a["pair"], a["compression_target"]) for a in res["arms"]})
-    for pair, budget in groups:
-        arms = [a for a in res["arms"] if a["pair"] == pair and a["compression_target"] == budget]
-        seeds = sorted({s for a in arms for s in per_seed[(pair, budget, a["arm"])]})
-        print(f"\n### {pair}, {budget:g}×\n")
-        head = "| arm | seeds | top-1 mean ± std | " + " | ".join(f"seed {s}" for s in seeds)
-        print(head + " | BOPs (G) | size (MB) | search images | search s |")
-        print("|---" * (len(seeds) + 7) + "|")
-        for a in sorted(arms, key=lambda a: list(LABEL).index(a["arm"])):
-            cells = [fmt(per_seed[(pair, budget, a["arm"])].get(s)) for s in seeds]
-            spread = f" ± {a['top1_std']:.2f}" if a["seeds"] > 1 else ""
-            print(
-                f"| {LABEL[a['arm']]} | {a['seeds']} | {a['top1_mean']:.2f}{spread} | "
-                + " | ".join(cells)
-                + f" | {a['bops_mean'] / 1e9:.4f} | {a['size_mb_mean']:.3f} | "
-                f"{a['search_images_mean']:.0f} | {a['search_seconds_mean']:.0f} |"
-            )
-        fp = {r["fp_top1"] for r in rows if r["pair"] == pair and r["compression_target"] == budget}
-        fp = sorted(v for v in fp if v is not None)
-        if fp:
-            print(f"\nFP target teacher: {fp[0]:.2f} % top-1.")
-        paired(res, pair, budget)
     if extra_dir is not None:
         extra(study, extra_dir)
     if len(sys.argv) > 2:

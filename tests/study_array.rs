@@ -109,6 +109,16 @@ fn a_job_array_with_a_duplicated_task_gives_the_one_process_tables() {
         .unwrap();
     assert!(o.status.success(), "{}", common::stderr(&o));
     assert_eq!(results_without_timing(&one), results_without_timing(&array));
+    // --tables-only prints the tables (Markdown) that results.md holds.
+    let printed = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        printed.contains("| arm | seeds | top-1 mean ± std |") && printed.contains("### "),
+        "{printed}"
+    );
+    assert_eq!(
+        printed,
+        std::fs::read_to_string(array.join("results.md")).unwrap()
+    );
 
     // An index past the study's runs, or --array without a scheduler, is refused.
     let o = common::gmpq()

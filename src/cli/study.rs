@@ -27,9 +27,20 @@ pub fn study_cmd(a: StudyArgs, threads: usize, device: tch::Device) -> Result<()
         );
         return Ok(());
     }
-    let page = if a.tables_only {
-        gmpq::study::tables_only(&config, &a.out)?
-    } else {
+    if a.tables_only {
+        // The tables on stdout (Markdown, as docs/RESULTS.md quotes them), the page's path
+        // on stderr.
+        let page = gmpq::study::tables_only(&config, &a.out)?;
+        let tables = a.out.join("results.md");
+        print!(
+            "{}",
+            std::fs::read_to_string(&tables)
+                .with_context(|| format!("reading {}", tables.display()))?
+        );
+        eprintln!("[study] results: {}", page.display());
+        return Ok(());
+    }
+    let page = {
         let only =
             match (a.run, a.array) {
                 (Some(i), _) => Some(i),

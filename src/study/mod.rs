@@ -3,9 +3,16 @@
 
 mod run;
 mod slurm;
+mod tables;
+
+use tables::group_key;
 
 pub use run::{array_index_from_env, check_inputs, run, run_selected, tables_only, write_tables};
 pub use slurm::{sbatch_script, ArraySettings};
+pub use tables::{
+    aggregate, collect, markdown, mean_std, paired_differences, write_results, ArmStats,
+    PairedDifference, ResultRow, LEADS,
+};
 
 use crate::pipeline::{Arm, ArmSummary, PipelineError, RunLayout, RunSummary};
 use crate::policy::{Policy, PolicyError};
@@ -199,179 +206,6 @@ fn finished_top1(arm: &ArmSummary, finetune_epochs: usize) -> Option<f64> {
         .filter(|_| arm.finetune_epochs >= finetune_epochs.max(1))
 }
 
-/// One row of the results table: one arm of one run.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ResultRow {
-    pub pair: String,
-    pub compression_target: f64,
-    pub seed: u64,
-    pub arm: Arm,
-    pub top1: Option<f64>,
-    pub bops: Option<f64>,
-    pub size_mb: Option<f64>,
-    pub compression: Option<f64>,
-    pub search_seconds: Option<f64>,
-    pub search_images: Option<u64>,
-    pub fp_top1: Option<f64>,
-}
-
-/// Mean and sample standard deviation of an arm over seeds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ArmStats {
-    pub pair: String,
-    pub compression_target: f64,
-    pub arm: Arm,
-    pub seeds: usize,
-    pub top1_mean: f64,
-    pub top1_std: f64,
-    pub bops_mean: f64,
-    pub size_mb_mean: f64,
-    pub search_seconds_mean: f64,
-    pub search_images_mean: f64,
-}
-
-pub fn mean_std(v: &[f64]) -> (f64, f64) {
-    if v.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    let m = v.iter().sum::<f64>() / v.len() as f64;
-    if v.len() < 2 {
-        return (m, 0.0);
-    }
-    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64;
-    (m, var.sqrt())
-}
-
-/// Reads every run's outputs (as far as they got) into rows. An arm has an accuracy only
-/// once its fine-tuning has run all `finetune_epochs`: a half-trained network's accuracy
-/// must not enter the means.
-pub fn collect(
-    runs: &[StudyRun],
-    arms: &[Arm],
-    finetune_epochs: usize,
-) -> Result<Vec<ResultRow>, StudyError> {
-    let mut rows = Vec::new();
-    for r in runs {
-        let s = RunSummary::collect(&RunLayout::new(&r.dir), arms)?;
-        // The run's chosen model, as one more row (runs with a validation split).
-        let chosen = s
-            .chosen
-            .and_then(|c| s.arms.iter().find(|a| a.arm == c))
-            .map(|a| ArmSummary {
-                arm: Arm::Chosen,
-                ..a.clone()
-            });
-        for a in s.arms.into_iter().chain(chosen) {
-            rows.push(ResultRow {
-                pair: r.pair.clone(),
-                compression_target: r.compression,
-                seed: r.seed,
-                arm: a.arm,
-                top1: finished_top1(&a, finetune_epochs),
-                bops: a.bops,
-                size_mb: a.size_mb,
-                compression: a.compression,
-                search_seconds: a.search_seconds,
-                search_images: a.search_images,
-                fp_top1: s.fp_top1,
-            });
-        }
-    }
-    Ok(rows)
-}
-
-/// The (pair, budget, arm) a row or policy is aggregated under; the budget formatted so that
-/// it sorts numerically and compares exactly.
-fn group_key(pair: &str, compression: f64, arm: Arm) -> (String, String, Arm) {
-    (pair.to_string(), format!("{compression:012.3}"), arm)
-}
-
-/// Aggregates finished rows (those with an accuracy) per (pair, budget, arm).
-pub fn aggregate(rows: &[ResultRow]) -> Vec<ArmStats> {
-    let mut groups: BTreeMap<(String, String, Arm), Vec<&ResultRow>> = BTreeMap::new();
-    for r in rows.iter().filter(|r| r.top1.is_some()) {
-        groups
-            .entry(group_key(&r.pair, r.compression_target, r.arm))
-            .or_default()
-            .push(r);
-    }
-    groups
-        .into_values()
-        .map(|g| {
-            let f = |k: fn(&ResultRow) -> Option<f64>| -> Vec<f64> {
-                g.iter().filter_map(|r| k(r)).collect()
-            };
-            let (top1_mean, top1_std) = mean_std(&f(|r| r.top1));
-            ArmStats {
-                pair: g[0].pair.clone(),
-                compression_target: g[0].compression_target,
-                arm: g[0].arm,
-                seeds: g.len(),
-                top1_mean,
-                top1_std,
-                bops_mean: mean_std(&f(|r| r.bops)).0,
-                size_mb_mean: mean_std(&f(|r| r.size_mb)).0,
-                search_seconds_mean: mean_std(&f(|r| r.search_seconds)).0,
-                search_images_mean: mean_std(&f(|r| r.search_images.map(|n| n as f64))).0,
-            }
-        })
-        .collect()
-}
-
-/// GMPQ against another arm of the same (pair, budget), seed by seed: the claim is about
-/// this paired difference, and pairing removes the spread that the shared teacher, search seed
-/// and fine-tuning seed put into both arms.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PairedDifference {
-    pub pair: String,
-    pub compression_target: f64,
-    pub against: Arm,
-    /// (seed, GMPQ top-1 − the other arm's top-1), over the seeds where both finished.
-    pub per_seed: Vec<(u64, f64)>,
-    pub mean: f64,
-    /// Seeds where GMPQ is strictly ahead.
-    pub gmpq_ahead: usize,
-}
-
-/// [`PairedDifference`]s of GMPQ against every other arm, from finished rows.
-pub fn paired_differences(rows: &[ResultRow]) -> Vec<PairedDifference> {
-    // (pair, budget, arm) → (budget, seed → top-1)
-    type Finished = BTreeMap<(String, String, Arm), (f64, BTreeMap<u64, f64>)>;
-    let mut top1 = Finished::new();
-    for r in rows {
-        if let Some(t) = r.top1 {
-            top1.entry(group_key(&r.pair, r.compression_target, r.arm))
-                .or_insert_with(|| (r.compression_target, BTreeMap::new()))
-                .1
-                .insert(r.seed, t);
-        }
-    }
-    let mut out = Vec::new();
-    for ((pair, budget, arm), (compression_target, other)) in &top1 {
-        let gmpq = match top1.get(&(pair.clone(), budget.clone(), Arm::Gmpq)) {
-            Some((_, g)) if *arm != Arm::Gmpq => g,
-            _ => continue,
-        };
-        let per_seed: Vec<(u64, f64)> = other
-            .iter()
-            .filter_map(|(seed, t)| gmpq.get(seed).map(|g| (*seed, g - t)))
-            .collect();
-        if per_seed.is_empty() {
-            continue;
-        }
-        let diffs: Vec<f64> = per_seed.iter().map(|(_, d)| *d).collect();
-        out.push(PairedDifference {
-            pair: pair.clone(),
-            compression_target: *compression_target,
-            against: *arm,
-            mean: mean_std(&diffs).0,
-            gmpq_ahead: diffs.iter().filter(|d| **d > 0.0).count(),
-            per_seed,
-        });
-    }
-    out
-}
-
 /// Mean weight and activation bits per layer of one arm, over the runs of a (pair, budget)
 /// group whose search has written its policy.
 #[derive(Debug, Clone, Serialize)]
@@ -431,47 +265,6 @@ pub fn mean_bits(runs: &[StudyRun], arms: &[Arm]) -> Result<Vec<MeanBits>, Study
             g
         })
         .collect())
-}
-
-/// Writes `results.csv` (one row per arm and run) and `results.json` (rows, aggregates and
-/// GMPQ's paired differences).
-pub fn write_results(
-    out: &Path,
-    rows: &[ResultRow],
-    stats: &[ArmStats],
-    paired: &[PairedDifference],
-) -> Result<(), StudyError> {
-    let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v}"));
-    let mut csv = String::from(
-        "pair,compression_target,seed,arm,top1,fp_top1,bops,compression,size_mb,search_seconds,search_images\n",
-    );
-    for r in rows {
-        csv.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{},{}\n",
-            r.pair,
-            r.compression_target,
-            r.seed,
-            r.arm.name(),
-            opt(r.top1),
-            opt(r.fp_top1),
-            opt(r.bops),
-            opt(r.compression),
-            opt(r.size_mb),
-            opt(r.search_seconds),
-            r.search_images.map_or(String::new(), |n| n.to_string()),
-        ));
-    }
-    let write = |name: &str, bytes: &[u8]| {
-        let path = out.join(name);
-        crate::files::write_atomic(&path, bytes)
-            .map_err(|source| StudyError::Write { path, source })
-    };
-    write("results.csv", csv.as_bytes())?;
-    let json = serde_json::to_vec_pretty(
-        &serde_json::json!({"rows": rows, "arms": stats, "gmpq_paired": paired}),
-    )
-    .unwrap_or_default();
-    write("results.json", &json)
 }
 
 #[cfg(test)]
@@ -535,9 +328,9 @@ mod tests {
         assert_eq!(p.len(), 2);
         let e = p.iter().find(|d| d.against == Arm::Edmips).unwrap();
         assert_eq!(e.per_seed, vec![(0, 0.5), (1, -0.5)]);
-        assert_eq!((e.mean, e.gmpq_ahead, e.compression_target), (0.0, 1, 64.0));
+        assert_eq!((e.mean, e.ahead, e.compression_target), (0.0, 1, 64.0));
         let u = p.iter().find(|d| d.against == Arm::Uniform).unwrap();
-        assert_eq!((u.per_seed.clone(), u.gmpq_ahead), (vec![(0, 0.0)], 0));
+        assert_eq!((u.per_seed.clone(), u.ahead), (vec![(0, 0.0)], 0));
     }
 
     #[test]
@@ -646,10 +439,18 @@ mod tests {
         let (gmpq, uniform) = (layout.finetune(Arm::Gmpq), layout.finetune(Arm::Uniform));
         crate::pipeline::write_validated_training(&gmpq, 3, Some(90.0));
         crate::pipeline::write_validated_training(&uniform, 2, Some(91.0));
-        let rows = collect(&[run], &[Arm::Gmpq, Arm::Uniform], 2).unwrap();
+        let rows = collect(std::slice::from_ref(&run), &[Arm::Gmpq, Arm::Uniform], 2).unwrap();
         let top1 = |arm| rows.iter().find(|r| r.arm == arm).unwrap().top1;
         assert_eq!(top1(Arm::Chosen), top1(Arm::Uniform));
         assert_eq!(top1(Arm::Chosen), Some(92.0));
+        // While an arm is still to finish, the run has no chosen row yet.
+        let rows = collect(
+            std::slice::from_ref(&run),
+            &[Arm::Gmpq, Arm::Uniform, Arm::Hawq],
+            2,
+        )
+        .unwrap();
+        assert!(rows.iter().all(|r| r.arm != Arm::Chosen), "{rows:?}");
         assert!(StudyConfig::load(Path::new("/nonexistent")).is_err());
     }
 

@@ -445,8 +445,8 @@ pub fn write_tables(config: &StudyConfig, out: &Path, runs: &[StudyRun]) -> Resu
     page.push_str("</table>");
     if !paired.is_empty() {
         page.push_str(
-            "<h2>GMPQ minus each arm, paired by seed</h2><table><tr><th>pair</th><th>budget</th>\
-             <th>against</th><th>mean difference</th><th>GMPQ ahead</th><th>per seed</th></tr>",
+            "<h2>Paired by seed: lead minus arm</h2><table><tr><th>pair</th><th>budget</th>\
+             <th>lead</th><th>minus</th><th>mean difference</th><th>lead ahead</th><th>per seed</th></tr>",
         );
         for d in &paired {
             let seeds: Vec<String> = d
@@ -456,12 +456,13 @@ pub fn write_tables(config: &StudyConfig, out: &Path, runs: &[StudyRun]) -> Resu
                 .collect();
             let _ = write!(
                 page,
-                "<tr><td>{}</td><td>{}×</td><td>{}</td><td>{:+.2}</td><td>{} of {}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{}×</td><td>{}</td><td>{}</td><td>{:+.2}</td><td>{} of {}</td><td>{}</td></tr>",
                 d.pair,
                 d.compression_target,
+                d.lead.label(),
                 d.against.label(),
                 d.mean,
-                d.gmpq_ahead,
+                d.ahead,
                 d.per_seed.len(),
                 seeds.join(", ")
             );
