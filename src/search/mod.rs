@@ -4,7 +4,9 @@
 //! the final α under that budget (`extract`: the exact knapsack, or argmax + repair).
 //! `aw = 0` is the EdMIPS baseline on the same code path.
 
+mod alpha;
 mod budget;
+mod config;
 mod extract;
 pub mod fill;
 pub mod hawq;
@@ -12,10 +14,13 @@ pub mod method;
 mod provenance;
 pub mod rank;
 mod state;
+mod step;
 
+pub use alpha::{complexity_loss, expected_layer_bits, fixed_from_supernet, preferences, AlphaOpt};
 pub use budget::{
     parse_bops, random_policy, repair, BudgetMode, DualWeight, Geometry, Preferences, Target,
 };
+pub use config::{AlphaOptimizer, AttributionMethod, Recipe, SearchConfig, TemperatureSchedule};
 pub use extract::{
     argmax_policy, check_feasible, solve as solve_knapsack, ArgmaxRepair, Choice, Extraction,
     ExtractionError, ExtractionRule, Item, Knapsack, SPEND_FLOOR,
@@ -23,19 +28,20 @@ pub use extract::{
 pub use method::{Allocator, Method};
 pub use provenance::{ExtractionRecord, PolicyMeta, RankingRecord};
 pub use state::remove_snapshots;
+use step::attribution_maps;
+pub use step::{ComplexityTerm, SearchStep, StepOutcome};
 
-use crate::attribution::{self, capacity_aware_p};
+use crate::attribution;
 use crate::checkpoint::{self, Checkpoint};
 use crate::data::{DataLoader, ImageSource, LoaderConfig, Pipeline, Shard};
 use crate::policy::{Candidates, Policy};
-use crate::quant::{self, expected_bits_from, Network, Precision, QuantError, QuantizerTensor};
-use crate::train::{evaluate, pipelines, Adam, Augment, Sgd, TrainError};
+use crate::quant::{self, Network, Precision, QuantError};
+use crate::train::{evaluate, pipelines, Sgd, TrainError};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SearchError {
@@ -71,276 +77,6 @@ pub enum SearchError {
 }
 
 pub type Result<T> = std::result::Result<T, SearchError>;
-
-/// How the student's attribution is computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum AttributionMethod {
-    /// `g_k = W_fc[c,k]` (exact for GAP → linear heads; no second backward).
-    Cam,
-    /// Gradient of the class logit w.r.t. the feature map, with `create_graph`.
-    GradCam,
-}
-
-/// The optimizer of the architecture parameters α.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum AlphaOptimizer {
-    /// SGD with the search's momentum (the reference).
-    #[default]
-    Sgd,
-    /// Adam, β = (0.5, 0.999), as DARTS-style searches train α.
-    Adam,
-}
-
-/// The softmax temperature over the search: `start` at the first epoch, `end` at the last,
-/// geometric in between. (1, 1) is the reference's plain softmax.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct TemperatureSchedule {
-    pub start: f64,
-    pub end: f64,
-}
-
-impl Default for TemperatureSchedule {
-    fn default() -> Self {
-        Self {
-            start: 1.0,
-            end: 1.0,
-        }
-    }
-}
-
-impl TemperatureSchedule {
-    /// T during `epoch` (0-based) of `epochs`.
-    pub fn at(&self, epoch: usize, epochs: usize) -> f64 {
-        if epochs <= 1 || self.start == self.end {
-            return self.end;
-        }
-        let f = epoch.min(epochs - 1) as f64 / (epochs - 1) as f64;
-        self.start * (self.end / self.start).powf(f)
-    }
-}
-
-/// Named sets of search settings (`--recipe`), each recorded in full in the policy's meta.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum Recipe {
-    /// The reference implementation's α dynamics: SGD at lr 0.01 with the weights' step
-    /// decay, an upper-bound budget, plain softmax, argmax + repair extraction (the faithful
-    /// reproduction and the ablation baseline).
-    #[default]
-    Reference,
-    /// α that move on small proxies and a budget that is spent: Adam for α at lr 0.03
-    /// without decay or weight decay, α frozen for the first 20 % of the epochs, the budget
-    /// as an equality held by the penalty `μ·(E[cost]/limit − 1)²` (μ = 10), the temperature
-    /// annealed 1 → 0.2, and the exact knapsack extraction (docs/SEARCH.md).
-    Scarce,
-}
-
-impl Recipe {
-    /// The recipe's name, as `--recipe` takes it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Recipe::Reference => "reference",
-            Recipe::Scarce => "scarce",
-        }
-    }
-
-    /// Sets this recipe's levers in `cfg` (other settings stay).
-    pub fn apply(self, cfg: &mut SearchConfig) {
-        cfg.recipe = self;
-        match self {
-            Recipe::Reference => {
-                // The reference's values are the config defaults, defined once there.
-                let d = SearchConfig::default();
-                cfg.alpha_optimizer = d.alpha_optimizer;
-                cfg.alpha_lr = d.alpha_lr;
-                cfg.alpha_weight_decay = d.alpha_weight_decay;
-                cfg.alpha_lr_decay = d.alpha_lr_decay;
-                cfg.alpha_frozen_epochs = d.alpha_frozen_epochs;
-                cfg.budget_mode = d.budget_mode;
-                cfg.dual_rate = d.dual_rate;
-                cfg.budget_penalty = d.budget_penalty;
-                cfg.temperature = d.temperature;
-                cfg.extraction = d.extraction;
-            }
-            Recipe::Scarce => {
-                cfg.alpha_optimizer = AlphaOptimizer::Adam;
-                // ~375 α steps on a 2,000-image proxy: DARTS' 3e-4 over ~20k steps scaled
-                // to the step count (3e-3 moved α too slowly to follow the budget).
-                cfg.alpha_lr = 0.03;
-                cfg.alpha_weight_decay = 0.0;
-                cfg.alpha_lr_decay = false;
-                cfg.alpha_frozen_epochs = cfg.epochs / 5;
-                cfg.budget_mode = BudgetMode::Penalty;
-                cfg.budget_penalty = default_budget_penalty();
-                cfg.temperature = TemperatureSchedule {
-                    start: 1.0,
-                    end: 0.2,
-                };
-                cfg.extraction = ExtractionRule::Knapsack;
-            }
-        }
-    }
-}
-
-impl std::fmt::Display for Recipe {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Recipe::Reference => "reference",
-            Recipe::Scarce => "scarce",
-        })
-    }
-}
-
-/// The α optimizer a search runs with.
-pub enum AlphaOpt {
-    Sgd(Sgd),
-    Adam(Adam),
-}
-
-impl AlphaOpt {
-    pub fn new(cfg: &SearchConfig, alphas: Vec<(String, Tensor)>) -> Self {
-        match cfg.alpha_optimizer {
-            AlphaOptimizer::Sgd => {
-                Self::Sgd(Sgd::new(alphas, cfg.momentum, cfg.alpha_weight_decay))
-            }
-            AlphaOptimizer::Adam => {
-                Self::Adam(Adam::new(alphas, 0.5, 0.999, cfg.alpha_weight_decay))
-            }
-        }
-    }
-    pub fn zero_grad(&mut self) {
-        match self {
-            Self::Sgd(o) => o.zero_grad(),
-            Self::Adam(o) => o.zero_grad(),
-        }
-    }
-    /// Averages the α gradients over the ranks of `group`.
-    pub fn average_grads(
-        &mut self,
-        group: &crate::dist::Group,
-    ) -> std::result::Result<(), crate::dist::DistError> {
-        match self {
-            Self::Sgd(o) => o.average_grads(group),
-            Self::Adam(o) => o.average_grads(group),
-        }
-    }
-
-    pub fn step(&mut self, lr: f64) {
-        match self {
-            Self::Sgd(o) => o.step(lr),
-            Self::Adam(o) => o.step(lr),
-        }
-    }
-    pub fn state(&self) -> BTreeMap<String, Tensor> {
-        match self {
-            Self::Sgd(o) => o.state(),
-            Self::Adam(o) => o.state(),
-        }
-    }
-    pub fn load_state(&mut self, state: BTreeMap<String, Tensor>) {
-        match self {
-            Self::Sgd(o) => o.load_state(state),
-            Self::Adam(o) => o.load_state(state),
-        }
-    }
-}
-
-/// Search hyper-parameters (saved into every policy the search writes).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SearchConfig {
-    pub candidates: Candidates,
-    pub epochs: usize,
-    /// Epochs of the shared warm-up (no complexity term) before per-target search in a
-    /// Pareto run; 0 for a single target.
-    pub warmup_epochs: usize,
-    pub batch_size: usize,
-    pub lr: f64,
-    pub alpha_lr: f64,
-    pub momentum: f64,
-    pub weight_decay: f64,
-    pub alpha_weight_decay: f64,
-    /// Both learning rates ×0.1 every this many epochs.
-    pub step_epochs: usize,
-    pub attribution_weight: f64,
-    /// Fixed attribution exponent; `None`: the capacity-aware rule.
-    pub p: Option<f64>,
-    /// Complexity weight: fixed without a target, the starting λ with one.
-    pub complexity_weight: f64,
-    /// Dual-ascent rate of λ (per step).
-    pub dual_rate: f64,
-    pub attribution: AttributionMethod,
-    pub augment: Augment,
-    pub seed: u64,
-    /// How the policy is taken from the final α under the budget.
-    #[serde(default)]
-    pub extraction: ExtractionRule,
-    /// The preset these settings started from (`--recipe`).
-    #[serde(default)]
-    pub recipe: Recipe,
-    #[serde(default)]
-    pub alpha_optimizer: AlphaOptimizer,
-    /// Whether α's learning rate follows the weights' ×0.1 step decay.
-    #[serde(default = "yes")]
-    pub alpha_lr_decay: bool,
-    /// Epochs at the start with α frozen (weights only) before α starts moving.
-    #[serde(default)]
-    pub alpha_frozen_epochs: usize,
-    #[serde(default)]
-    pub budget_mode: BudgetMode,
-    #[serde(default)]
-    pub temperature: TemperatureSchedule,
-    /// μ of [`BudgetMode::Penalty`]: the loss `μ·(E[cost]/limit − 1)²`.
-    #[serde(default = "default_budget_penalty")]
-    pub budget_penalty: f64,
-}
-
-fn default_budget_penalty() -> f64 {
-    10.0
-}
-
-fn yes() -> bool {
-    true
-}
-
-impl Default for SearchConfig {
-    fn default() -> Self {
-        Self {
-            candidates: Candidates {
-                weight: crate::policy::DEFAULT_CANDIDATES.to_vec(),
-                activation: crate::policy::DEFAULT_CANDIDATES.to_vec(),
-            },
-            epochs: 25,
-            warmup_epochs: 0,
-            batch_size: 128,
-            lr: 0.1,
-            alpha_lr: 0.01,
-            momentum: 0.9,
-            weight_decay: 1e-4,
-            alpha_weight_decay: 1e-4,
-            step_epochs: 10,
-            attribution_weight: 20.0,
-            p: None,
-            complexity_weight: 3e-4,
-            dual_rate: 0.05,
-            attribution: AttributionMethod::Cam,
-            augment: Augment {
-                crop_padding: 2,
-                hflip: false,
-            },
-            seed: 0,
-            extraction: ExtractionRule::ArgmaxRepair,
-            recipe: Recipe::Reference,
-            alpha_optimizer: AlphaOptimizer::Sgd,
-            alpha_lr_decay: true,
-            alpha_frozen_epochs: 0,
-            budget_mode: BudgetMode::UpperBound,
-            temperature: TemperatureSchedule::default(),
-            budget_penalty: default_budget_penalty(),
-        }
-    }
-}
 
 /// One line of the per-epoch search log.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -459,103 +195,6 @@ pub fn re_extract(
     });
     policy.meta = Some(meta.to_value());
     Ok(policy)
-}
-
-/// `L_complexity = Σ_l MACs_l·E[b_a]_l·E[b_w]_l / MACs_0`, `MACs_0` the first quantized
-/// layer's MACs.
-pub fn complexity_loss(bits: &[(Tensor, Tensor)], macs: &[f64]) -> Tensor {
-    let macs0 = macs.first().copied().unwrap_or(1.0);
-    bits.iter()
-        .zip(macs)
-        .map(|((w, a), m)| w * a * (m / macs0))
-        .reduce(|x, y| x + y)
-        .unwrap_or_else(|| Tensor::zeros([], (Kind::Float, Device::Cpu)))
-}
-
-/// Per-layer `(E[b_w], E[b_a])` tensors of a supernet, in forward order.
-pub fn expected_layer_bits(net: &Network, vars: &HashMap<String, Tensor>) -> Vec<(Tensor, Tensor)> {
-    let Precision::Supernet { candidates } = &net.precision else {
-        return Vec::new();
-    };
-    net.handles
-        .iter()
-        .map(|h| {
-            let n = &h.spec.name;
-            let t = &net.temperature;
-            (
-                expected_bits_from(
-                    &t.softmax(&vars[&QuantizerTensor::AlphaW.of(n)]),
-                    &candidates.weight,
-                ),
-                expected_bits_from(
-                    &t.softmax(&vars[&QuantizerTensor::AlphaA.of(n)]),
-                    &candidates.activation,
-                ),
-            )
-        })
-        .collect()
-}
-
-fn alpha_table(net: &Network, suffix: &str) -> BTreeMap<String, Vec<f64>> {
-    let vars = net.vs.variables();
-    net.handles
-        .iter()
-        .filter_map(|h| {
-            let t = vars.get(&format!("{}.{suffix}", h.spec.name))?;
-            let v: Vec<f32> = Vec::try_from(&t.detach().to_device(Device::Cpu)).ok()?;
-            Some((h.spec.name.clone(), v.into_iter().map(f64::from).collect()))
-        })
-        .collect()
-}
-
-/// The supernet's current α as repair preferences.
-pub fn preferences(net: &Network) -> Preferences {
-    Preferences {
-        alpha_w: alpha_table(net, "alpha_w"),
-        alpha_a: alpha_table(net, "alpha_a"),
-        temperature: net.temperature.get(),
-        bits: match &net.precision {
-            Precision::Supernet { candidates } => Some(candidates.clone()),
-            _ => None,
-        },
-    }
-}
-
-/// A fixed-policy network carrying the supernet's weights, batch norm and thresholds, and
-/// the clip of each layer's chosen activation branch.
-pub fn fixed_from_supernet(sn: &Network, policy: &Policy) -> Result<Network> {
-    let Precision::Supernet { candidates } = &sn.precision else {
-        return Err(SearchError::Invalid("not a supernet".into()));
-    };
-    let fixed = quant::build(
-        sn.net.config(),
-        Precision::Fixed {
-            policy: policy.clone(),
-            per_channel: false,
-            numerics: crate::quant::Numerics::FakeQuant,
-        },
-        sn.vs.device(),
-    )?;
-    let src = sn.vs.variables();
-    let bits = policy.bits_by_layer();
-    tch::no_grad(|| {
-        for (name, var) in fixed.vs.variables() {
-            let value = match QuantizerTensor::ActClip.layer_of(&name) {
-                Some(layer) => {
-                    let a = bits.get(layer).map_or(0, |b| b.1);
-                    let i = candidates
-                        .activation
-                        .iter()
-                        .position(|&b| b == a)
-                        .unwrap_or(0);
-                    src[&name].get(i as i64)
-                }
-                None => src[&name].shallow_clone(),
-            };
-            var.shallow_clone().copy_(&value);
-        }
-    });
-    Ok(fixed)
 }
 
 struct Teacher {
@@ -802,157 +441,6 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
         });
     }
     Ok(results)
-}
-
-/// Teacher and student attribution maps of `x` (student with gradient), and the student's
-/// logits.
-fn attribution_maps(
-    teacher: &crate::model::Model,
-    sn: &Network,
-    method: AttributionMethod,
-    x: &Tensor,
-    train: bool,
-) -> (Tensor, Tensor, Tensor) {
-    let a_t = tch::no_grad(|| {
-        let f = teacher.features(x, false);
-        let logits = teacher.head(&f);
-        attribution::cam(&f, teacher.fc_weight(), &attribution::top1(&logits))
-    });
-    let f_s = sn.net.features(x, train);
-    let logits = sn.net.head(&f_s);
-    let classes = attribution::top1(&logits);
-    let a_s = match method {
-        AttributionMethod::Cam => attribution::cam(&f_s, sn.net.fc_weight(), &classes),
-        AttributionMethod::GradCam => attribution::grad_cam(&f_s, &logits, &classes),
-    };
-    (a_t, a_s, logits)
-}
-
-/// What one search step measured.
-#[derive(Debug, Clone)]
-pub struct StepOutcome {
-    pub ce: f64,
-    pub attribution_loss: f64,
-    pub complexity_loss: f64,
-    pub p: f64,
-    /// Per-layer `(E[b_w], E[b_a])` before the update.
-    pub expected_bits: Vec<(f64, f64)>,
-}
-
-/// The complexity term of one search step.
-#[derive(Debug, Clone, Copy)]
-pub enum ComplexityTerm<'g> {
-    /// No complexity term (a shared warm-up).
-    Off,
-    /// `λ·L_complexity`: the fixed weight, or the dual λ of a budgeted search.
-    Weighted(f64),
-    /// `μ·(E[cost]/limit − 1)²` ([`BudgetMode::Penalty`]).
-    Penalty {
-        weight: f64,
-        geometry: &'g Geometry,
-        target: Target,
-    },
-}
-
-/// The supernet, its teacher and the two optimizers of one search step.
-pub struct SearchStep<'a> {
-    pub supernet: &'a Network,
-    pub teacher: &'a crate::model::Model,
-    pub config: &'a SearchConfig,
-    pub weight_opt: &'a mut Sgd,
-    pub alpha_opt: &'a mut AlphaOpt,
-    /// Per-layer MACs of the quantized layers, in forward order.
-    pub macs: &'a [f64],
-    /// The supernet's variables by name.
-    pub vars: &'a HashMap<String, Tensor>,
-    /// Data-parallel: the ranks whose gradients (weights and α) each step averages.
-    pub group: Option<&'a crate::dist::Group>,
-}
-
-impl SearchStep<'_> {
-    /// One step of `L = CE + aw·L_attr + complexity`: forward through teacher and
-    /// supernet, backward, and both optimizer updates. `alpha_lr`: `None` while α is
-    /// frozen. `epoch` only labels a divergence.
-    pub fn run(
-        &mut self,
-        x: &Tensor,
-        y: &Tensor,
-        complexity: ComplexityTerm,
-        lr: f64,
-        alpha_lr: Option<f64>,
-        epoch: usize,
-    ) -> Result<StepOutcome> {
-        let cfg = self.config;
-        let (a_t, a_s, logits) =
-            attribution_maps(self.teacher, self.supernet, cfg.attribution, x, true);
-        let ce = logits.cross_entropy_for_logits(y);
-        let bits = expected_layer_bits(self.supernet, self.vars);
-        let bits_f: Vec<(f64, f64)> = bits
-            .iter()
-            .map(|(w, a)| (w.double_value(&[]), a.double_value(&[])))
-            .collect();
-        // p follows the current α but is not itself optimised (no gradient through p).
-        let p = cfg.p.unwrap_or_else(|| capacity_aware_p(&bits_f));
-        let l_attr = if cfg.attribution_weight != 0.0 {
-            attribution::attribution_loss(&a_t, &a_s, p)
-        } else {
-            Tensor::zeros([], (Kind::Float, x.device()))
-        };
-        let l_comp = complexity_loss(&bits, self.macs);
-        let mut loss = &ce + &l_attr * cfg.attribution_weight;
-        match complexity {
-            ComplexityTerm::Off => {}
-            ComplexityTerm::Weighted(l) => loss += &l_comp * l,
-            ComplexityTerm::Penalty {
-                weight,
-                geometry,
-                target,
-            } => {
-                let deviation =
-                    geometry.measure_tensor(&target, &bits) / geometry.limit(&target) - 1.0;
-                loss += deviation.square() * weight;
-            }
-        }
-        let mut loss_v = loss.double_value(&[]);
-        let stop = crate::runtime::stop_requested();
-        let mut stopping = stop.is_some();
-        if let Some(g) = self.group {
-            // Every rank sees a NaN, or a stop signal, on any rank, and stops with it.
-            let all = g.sum_f64(&[loss_v, stop.map_or(0.0, f64::from)])?;
-            loss_v = all[0] / g.world as f64;
-            stopping = all[1] != 0.0;
-        }
-        if stopping {
-            return Err(SearchError::Stopped {
-                signal: crate::runtime::stop_cause(stop),
-                epoch,
-            });
-        }
-        if !loss_v.is_finite() {
-            return Err(SearchError::NonFiniteLoss {
-                epoch,
-                value: loss_v,
-            });
-        }
-        self.weight_opt.zero_grad();
-        self.alpha_opt.zero_grad();
-        loss.backward();
-        if let Some(g) = self.group {
-            self.weight_opt.average_grads(g)?;
-            self.alpha_opt.average_grads(g)?;
-        }
-        self.weight_opt.step(lr);
-        if let Some(alpha_lr) = alpha_lr {
-            self.alpha_opt.step(alpha_lr);
-        }
-        Ok(StepOutcome {
-            ce: ce.double_value(&[]),
-            attribution_loss: l_attr.double_value(&[]),
-            complexity_loss: l_comp.double_value(&[]),
-            p,
-            expected_bits: bits_f,
-        })
-    }
 }
 
 struct Ctx<'a> {
