@@ -7,10 +7,11 @@
 //!    atomic writes and locks, field diffs, process-level engine settings.
 //! 2. [`data`] (images, loaders), [`policy`] (bits per layer, BOPs, size, and the numeric
 //!    form a checkpoint records), [`dist`] (the process group of a data-parallel run).
-//! 3. [`checkpoint`] (persistence) → [`quant`] (quantizers, fixed-policy and supernet layers,
-//!    integer numerics) → [`train`] and [`export`] → [`search`] (allocation methods: the
-//!    supernet, HAWQ, uniform-fill, uniform, random) and [`engine`] (ONNX Runtime).
-//! 4. [`report`] (charts only), [`import`], [`predict`], [`bench`].
+//! 3. [`report`] (charts only: they draw plain values), [`checkpoint`] (persistence) →
+//!    [`quant`] (quantizers, fixed-policy and supernet layers, integer numerics) → [`train`]
+//!    and [`export`] → [`search`] (allocation methods: the supernet, HAWQ, uniform-fill,
+//!    uniform, random; the search request `gmpq search` runs) and [`engine`] (ONNX Runtime).
+//! 4. [`import`], [`predict`], [`bench`].
 //! 5. [`pipeline`] (a whole run and its page) → [`study`] (many runs and their tables).
 //!
 //! The `gmpq` binary is a thin CLI over this library.

@@ -418,7 +418,7 @@ pub struct ExtractArgs {
     #[command(flatten)]
     pub subset: SubsetArgs,
     /// --rank: held-out proxy images (from the test split) each candidate is scored on.
-    #[arg(long = "val-limit", value_name = "N", default_value_t = gmpq::pipeline::VAL_IMAGES, value_parser = positive(), allow_negative_numbers = true)]
+    #[arg(long = "val-limit", value_name = "N", default_value_t = gmpq::search::VAL_IMAGES, value_parser = positive(), allow_negative_numbers = true)]
     pub val_images: usize,
     /// --rank: the proxy teacher (default: the search's, meta.teacher).
     #[arg(long)]
@@ -442,7 +442,7 @@ pub struct SearchArgs {
     #[command(flatten)]
     pub subset: SubsetArgs,
     /// Held-out proxy images (from the test split) for the argmax policy's accuracy.
-    #[arg(long = "val-limit", value_name = "N", alias = "val-images", default_value_t = gmpq::pipeline::VAL_IMAGES, value_parser = positive(), allow_negative_numbers = true)]
+    #[arg(long = "val-limit", value_name = "N", alias = "val-images", default_value_t = gmpq::search::VAL_IMAGES, value_parser = positive(), allow_negative_numbers = true)]
     pub val_images: usize,
     /// Budget: policy BOPs at most this (e.g. 1.2e9, 1.2G, 800M).
     #[arg(long, group = "budget")]
@@ -498,10 +498,10 @@ pub struct SearchArgs {
     pub method: String,
     /// hawq, uniform-fill: proxy images the sensitivities are measured on (from the --limit
     /// subset).
-    #[arg(long, default_value_t = gmpq::pipeline::HAWQ_IMAGES, value_parser = positive(), allow_negative_numbers = true)]
+    #[arg(long, default_value_t = gmpq::search::HAWQ_IMAGES, value_parser = positive(), allow_negative_numbers = true)]
     pub hawq_images: usize,
     /// hawq, uniform-fill: Hutchinson probes per batch for the Hessian traces.
-    #[arg(long, default_value_t = gmpq::pipeline::HAWQ_SAMPLES, value_parser = positive(), allow_negative_numbers = true)]
+    #[arg(long, default_value_t = gmpq::search::HAWQ_SAMPLES, value_parser = positive(), allow_negative_numbers = true)]
     pub hawq_samples: usize,
     /// Preset α dynamics, recorded in the policy's meta: scarce (the default: Adam for α at
     /// lr 0.03, α frozen for the first 20 % of the epochs, the budget held by the penalty

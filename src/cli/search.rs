@@ -2,7 +2,7 @@
 
 use super::{AttributionArgs, ExtractArgs, SearchArgs};
 use anyhow::{bail, Context, Result};
-use gmpq::pipeline::SearchRequest;
+use gmpq::search::SearchRequest;
 use gmpq::search::{self, EpochLog, SearchConfig, SearchProgress, Target};
 use gmpq::train::Augment;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -224,7 +224,7 @@ fn rank_cmd(
     target: Option<search::Target>,
 ) -> Result<()> {
     let data = a.data.as_deref().context("--rank needs --data")?;
-    let request = gmpq::pipeline::RankRequest {
+    let request = gmpq::search::RankRequest {
         searched: searched.to_path_buf(),
         teacher: a.teacher.clone(),
         data: super::commands::parse_spec(data)?,

@@ -4,16 +4,11 @@
 
 mod page;
 mod run;
-mod search;
 mod settings;
 mod stage;
 
 pub use page::write_run_report;
 pub use run::{budget_geometry, check_data, run, target_model, RunEvents, RunOutcome};
-pub use search::{
-    RankRequest, SearchOutcome, SearchRequest, SearchedPolicy, HAWQ_IMAGES, HAWQ_SAMPLES,
-    VAL_IMAGES,
-};
 pub use settings::{
     split_subset, PipelineSettings, DEFAULT_BUDGET, FINETUNE_EPOCHS, TARGET_HOLDOUT, TEACHER_EPOCHS,
 };
@@ -96,6 +91,9 @@ impl PipelineError {
         match self {
             PipelineError::Lock(crate::files::LockError::Busy { dir, .. })
             | PipelineError::Train(crate::train::TrainError::Lock(
+                crate::files::LockError::Busy { dir, .. },
+            ))
+            | PipelineError::Search(crate::search::SearchError::Lock(
                 crate::files::LockError::Busy { dir, .. },
             )) => Some(dir),
             PipelineError::Context { source, .. } => source.busy_folder(),

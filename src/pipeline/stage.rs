@@ -1,12 +1,12 @@
 //! The stages of a run as typed values. Each runs itself and states the `gmpq` command line
 //! that does the same (recorded in `pipeline.json`); none goes through flag strings.
 
-use super::search::{SearchRequest, VAL_IMAGES};
 use super::{context, training_done, Arm, PipelineError, Result, RunEvents};
 use crate::data::{stratified_subset, DataLoader, DatasetSpec, LoaderConfig, Split, SubsetSpec};
 use crate::policy::Candidates;
 use crate::quant::Numerics;
 use crate::search::Method;
+use crate::search::{RankRequest, SearchRequest, HAWQ_IMAGES, HAWQ_SAMPLES, VAL_IMAGES};
 use crate::search::{Recipe, SearchConfig, Target};
 use crate::train::{self, Finetune, TrainRequest};
 use std::path::{Path, PathBuf};
@@ -222,12 +222,12 @@ impl SearchStage {
         match self.kind {
             SearchKind::Supernet { .. } => Method::Supernet,
             SearchKind::Hawq => Method::Hawq {
-                images: super::HAWQ_IMAGES,
-                samples: super::HAWQ_SAMPLES,
+                images: HAWQ_IMAGES,
+                samples: HAWQ_SAMPLES,
             },
             SearchKind::UniformFill => Method::UniformFill {
-                images: super::HAWQ_IMAGES,
-                samples: super::HAWQ_SAMPLES,
+                images: HAWQ_IMAGES,
+                samples: HAWQ_SAMPLES,
             },
             SearchKind::Uniform => Method::Uniform,
             SearchKind::Random => Method::Random,
@@ -359,7 +359,7 @@ impl Stage for SearchStage {
 }
 
 /// `gmpq extract --rank`: GMPQ's policy chosen among candidates by their calibrated accuracy
-/// on held-out proxy images ([`super::RankRequest`]).
+/// on held-out proxy images ([`RankRequest`]).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RankStage {
     pub name: String,
@@ -415,7 +415,7 @@ impl Stage for RankStage {
     }
 
     fn run(&self, ctx: &StageContext) -> Result<String> {
-        let request = super::RankRequest {
+        let request = RankRequest {
             searched: self.searched.clone(),
             teacher: Some(self.teacher.clone()),
             data: parse_spec("--data", &self.data)?,

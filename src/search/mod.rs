@@ -13,6 +13,7 @@ pub mod hawq;
 pub mod method;
 mod provenance;
 pub mod rank;
+mod request;
 mod state;
 mod step;
 
@@ -27,6 +28,10 @@ pub use extract::{
 };
 pub use method::{Allocator, Method};
 pub use provenance::{ExtractionRecord, PolicyMeta, RankingRecord};
+pub use request::{
+    RankRequest, SearchOutcome, SearchRequest, SearchedPolicy, HAWQ_IMAGES, HAWQ_SAMPLES,
+    REQUEST_FILE, VAL_IMAGES,
+};
 pub use state::remove_snapshots;
 use step::attribution_maps;
 pub use step::{ComplexityTerm, SearchStep, StepOutcome};
@@ -68,6 +73,12 @@ pub enum SearchError {
     NonFiniteLoss { epoch: usize, value: f64 },
     #[error("{0}")]
     Invalid(String),
+    #[error("{path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Lock(#[from] crate::files::LockError),
+    #[error(transparent)]
+    Report(Box<crate::report::ReportError>),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -77,6 +88,12 @@ pub enum SearchError {
 }
 
 pub type Result<T> = std::result::Result<T, SearchError>;
+
+impl From<crate::report::ReportError> for SearchError {
+    fn from(e: crate::report::ReportError) -> Self {
+        SearchError::Report(Box::new(e))
+    }
+}
 
 /// One line of the per-epoch search log.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -2,13 +2,14 @@
 //! searches (or, for HAWQ, measures sensitivities), then writes each policy with its
 //! provenance, the epoch log and the charts into its folder.
 
-use super::{PipelineError, Result};
+use super::method::{Allocation, AllocationInput, Allocator, Evidence, ProxyData, Reads};
+use super::{Method, PolicyMeta, SearchConfig, SearchProgress, Target};
+use super::{Result, SearchError};
 use crate::checkpoint::Checkpoint;
 use crate::data::{stratified_subset, ConcatDataset, DatasetSpec, ImageSource, Split, SubsetSpec};
 use crate::files::DirLock;
 use crate::policy::{PolicyCost, PolicyTotals};
-use crate::search::method::{Allocation, AllocationInput, Allocator, Evidence, ProxyData, Reads};
-use crate::search::{self, Method, PolicyMeta, SearchConfig, SearchProgress, Target};
+use crate::search;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -91,8 +92,8 @@ pub struct SearchOutcome {
     pub kept: Vec<PathBuf>,
 }
 
-fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> PipelineError + '_ {
-    move |source| PipelineError::Write {
+fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> SearchError + '_ {
+    move |source| SearchError::Io {
         path: path.into(),
         source,
     }
@@ -145,12 +146,12 @@ impl SearchRequest {
         match std::fs::read(&path) {
             Ok(bytes) => {
                 let recorded: serde_json::Value =
-                    serde_json::from_slice(&bytes).map_err(|e| PipelineError::Read {
+                    serde_json::from_slice(&bytes).map_err(|e| SearchError::Read {
                         path: path.clone(),
                         reason: e.to_string(),
                     })?;
                 if recorded != identity {
-                    return Err(PipelineError::Invalid(format!(
+                    return Err(SearchError::Invalid(format!(
                         "{} holds another search ({}): choose another --out, or delete it to \
                          search there again",
                         self.out.display(),
@@ -160,7 +161,7 @@ impl SearchRequest {
                 return Ok(false);
             }
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(PipelineError::Read {
+                return Err(SearchError::Read {
                     path,
                     reason: e.to_string(),
                 })
@@ -185,7 +186,7 @@ impl SearchRequest {
             .iter()
             .find(|t| t.is_none_or(|t| !self.targets.contains(&t)))
         {
-            return Err(PipelineError::Invalid(format!(
+            return Err(SearchError::Invalid(format!(
                 "{} holds a policy for {} (not a budget of this search): choose another --out, \
                  or delete it to search there again",
                 self.out.display(),
@@ -193,7 +194,7 @@ impl SearchRequest {
             )));
         }
         let bytes = serde_json::to_vec_pretty(&identity)
-            .map_err(|e| PipelineError::Invalid(format!("search request: {e}")))?;
+            .map_err(|e| SearchError::Invalid(format!("search request: {e}")))?;
         crate::files::write_atomic(&path, &bytes).map_err(io(&path))?;
         Ok(true)
     }
@@ -251,18 +252,18 @@ impl SearchRequest {
             ("--lr", c.lr, c.lr > 0.0, "positive"),
         ] {
             if !(ok && value.is_finite()) {
-                return Err(PipelineError::Invalid(format!(
+                return Err(SearchError::Invalid(format!(
                     "{flag} {value}: must be {range}"
                 )));
             }
         }
         if c.epochs == 0 {
-            return Err(PipelineError::Invalid(
+            return Err(SearchError::Invalid(
                 "--epochs 0: must be at least 1".into(),
             ));
         }
         if c.alpha_frozen_epochs >= c.epochs {
-            return Err(PipelineError::Invalid(format!(
+            return Err(SearchError::Invalid(format!(
                 "--alpha-frozen-epochs {} leaves α no epoch to move in a {}-epoch search",
                 c.alpha_frozen_epochs, c.epochs
             )));
@@ -270,7 +271,7 @@ impl SearchRequest {
         let allocator = self.method.allocator(c);
         // Only the supernet search can run without a budget (a fixed complexity weight).
         if self.targets.is_empty() && self.method != Method::Supernet {
-            return Err(PipelineError::Invalid(format!(
+            return Err(SearchError::Invalid(format!(
                 "--method {} needs a budget (--target-compression, --target-bops, \
                  --target-size-mb or --pareto)",
                 allocator.name()
@@ -279,7 +280,7 @@ impl SearchRequest {
         // Data-parallel: every rank trains the supernet; rank 0 owns the folder and writes.
         let main = crate::dist::is_main();
         if crate::dist::current().is_some() && !allocator.data_parallel() {
-            return Err(PipelineError::Invalid(format!(
+            return Err(SearchError::Invalid(format!(
                 "--method {} runs as one process; only the supernet search runs data-parallel",
                 allocator.name()
             )));
@@ -445,7 +446,7 @@ impl SearchRequest {
         let name = allocator.name();
         let provenance = |teacher: Option<&Checkpoint>| match teacher {
             Some(t) => Ok(self.provenance(name, target, t, seconds, images)),
-            None => Err(PipelineError::Invalid(format!(
+            None => Err(SearchError::Invalid(format!(
                 "{name}: no teacher to record"
             ))),
         };
@@ -483,7 +484,7 @@ impl SearchRequest {
         let totals = policy
             .totals
             .clone()
-            .ok_or_else(|| PipelineError::Invalid(format!("{name} gave no policy totals")))?;
+            .ok_or_else(|| SearchError::Invalid(format!("{name} gave no policy totals")))?;
         let path = self.policy_path(target);
         policy.save(&path)?;
         let suffix = self.suffix(target);
@@ -509,7 +510,7 @@ impl SearchRequest {
                 .map_err(io(&log_path))?;
             for l in &r.log {
                 let line = serde_json::to_string(l)
-                    .map_err(|e| PipelineError::Invalid(format!("epoch log: {e}")))?;
+                    .map_err(|e| SearchError::Invalid(format!("epoch log: {e}")))?;
                 writeln!(log_file, "{line}").map_err(io(&log_path))?;
             }
             let [img, t, s] = &r.heatmaps;
@@ -560,26 +561,26 @@ impl RankRequest {
         let started = std::time::Instant::now();
         let searched = Policy::load(&self.searched)?;
         let meta = PolicyMeta::of(&searched)
-            .map_err(|e| PipelineError::Invalid(format!("{}: meta: {e}", self.searched.display())))?
+            .map_err(|e| SearchError::Invalid(format!("{}: meta: {e}", self.searched.display())))?
             .ok_or_else(|| {
-                PipelineError::Invalid(format!(
+                SearchError::Invalid(format!(
                     "{}: no meta (not a gmpq search policy)",
                     self.searched.display()
                 ))
             })?;
         let prefs = meta.alpha.clone().ok_or_else(|| {
-            PipelineError::Invalid(format!(
+            SearchError::Invalid(format!(
                 "{}: no meta.alpha to rank candidates from",
                 self.searched.display()
             ))
         })?;
         let target = self.target.or(meta.target).ok_or_else(|| {
-            PipelineError::Invalid("ranking needs a budget (the search had none)".into())
+            SearchError::Invalid("ranking needs a budget (the search had none)".into())
         })?;
         let teacher_path = match (&self.teacher, &meta.teacher) {
             (Some(t), _) | (None, Some(t)) => t.clone(),
             (None, None) => {
-                return Err(PipelineError::Invalid(format!(
+                return Err(SearchError::Invalid(format!(
                     "{}: no meta.teacher; give --teacher",
                     self.searched.display()
                 )))
@@ -588,7 +589,7 @@ impl RankRequest {
         let teacher = Checkpoint::load(&teacher_path)?;
         let model = &teacher.meta.model;
         let fp = crate::quant::build(model, crate::quant::Precision::Full, tch::Device::Cpu)
-            .map_err(search::SearchError::from)?;
+            .map_err(SearchError::from)?;
         let (convs, fc) = (fp.net.convs(), fp.net.fc_spec());
         searched.validate(model, convs)?;
         let geometry = search::Geometry::new(convs, fc);
@@ -600,7 +601,7 @@ impl RankRequest {
             &prefs,
             search::rank::ALPHA_ALTERNATIVES,
         )
-        .map_err(search::SearchError::from)?;
+        .map_err(SearchError::from)?;
         if let Some((w, a)) = search::fill::best_uniform(&geometry, &target, &cands) {
             let mut u = Policy::uniform(model, convs, w, a);
             u.candidates = cands.clone();
