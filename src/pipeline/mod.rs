@@ -3,11 +3,19 @@
 //! stage and the report can show the exact commands.
 
 mod page;
+mod record;
 mod run;
 mod settings;
 mod stage;
+mod summary;
+
+use record::RecordedTeachers;
 
 pub use page::write_run_report;
+pub use record::{
+    copy_stage_output, reusable_stage, reusable_training, same_policy_training, training_done,
+    training_meta, RunRecord, StageKey, StageRecord, StageStatus, RECORD_FILE, RECORD_FORMAT,
+};
 pub use run::{budget_geometry, check_data, run, target_model, RunEvents, RunOutcome};
 pub use settings::{
     split_subset, PipelineSettings, DEFAULT_BUDGET, FINETUNE_EPOCHS, TARGET_HOLDOUT, TEACHER_EPOCHS,
@@ -16,14 +24,11 @@ pub use stage::{
     attribution_grid, AttributionStage, ExportStage, FinetuneOf, RankStage, SearchKind,
     SearchStage, Stage, StageContext, TrainStage,
 };
+pub use summary::{chosen_arm, ArmSummary, RunSummary};
 
-use crate::checkpoint::{self, CheckpointMeta};
-use crate::policy::{Policy, PolicyError};
+use crate::policy::PolicyError;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-
-pub const RECORD_FILE: &str = "pipeline.json";
-pub const RECORD_FORMAT: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -265,414 +270,6 @@ impl RunLayout {
     }
 }
 
-/// The part of a run's recorded settings the library reads back.
-#[derive(Deserialize)]
-struct RecordedTeachers {
-    /// The `--target-teacher` checkpoint, when the run was given one.
-    #[serde(default)]
-    target_teacher: Option<PathBuf>,
-}
-
-/// How one stage went the last time the pipeline passed it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StageRecord {
-    pub name: String,
-    /// The exact `gmpq …` command line the stage ran (empty for in-process steps).
-    pub command: String,
-    /// Wall seconds of the run that produced the output (kept when a later pass skips it).
-    pub seconds: f64,
-    pub status: StageStatus,
-    /// Where the output was copied from instead of being computed (see [`reusable_stage`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reused_from: Option<PathBuf>,
-    /// The stage's typed identity ([`Stage::identity`]); records written before identities
-    /// were have none and are matched by their command.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub identity: Option<serde_json::Value>,
-}
-
-/// What identifies a stage's computation when looking for it in another run.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StageKey {
-    pub command: String,
-    pub identity: serde_json::Value,
-}
-
-impl StageKey {
-    pub fn of(stage: &dyn Stage) -> Self {
-        Self {
-            command: stage.command(),
-            identity: stage.identity(),
-        }
-    }
-
-    /// Whether `record` is this computation: by identity, or by command for a record written
-    /// before identities were (the committed studies' runs).
-    pub fn matches(&self, record: &StageRecord) -> bool {
-        match &record.identity {
-            Some(id) => *id == self.identity,
-            None => record.command == self.command,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum StageStatus {
-    Running,
-    Done,
-}
-
-/// `pipeline.json`: the settings a run was started with and its stages.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunRecord {
-    pub format: u32,
-    /// The pipeline's own command line, as last run.
-    pub command: String,
-    /// Settings that must not change within one run directory (arms may be added).
-    pub settings: serde_json::Value,
-    pub arms: Vec<Arm>,
-    pub stages: Vec<StageRecord>,
-}
-
-impl RunRecord {
-    pub fn load(path: &Path) -> Result<Option<Self>> {
-        if !path.exists() {
-            return Ok(None);
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| PipelineError::Read {
-            path: path.into(),
-            reason: e.to_string(),
-        })?;
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| PipelineError::Read {
-                path: path.into(),
-                reason: format!("not a pipeline record: {e}"),
-            })
-    }
-
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(self).map_err(|e| PipelineError::Read {
-            path: path.into(),
-            reason: e.to_string(),
-        })?;
-        crate::files::write_atomic(path, &bytes).map_err(|source| PipelineError::Write {
-            path: path.into(),
-            source,
-        })
-    }
-
-    /// Refuses to continue a run whose settings differ from `settings`, naming the fields.
-    pub fn check_settings(&self, dir: &Path, settings: &serde_json::Value) -> Result<()> {
-        if &self.settings == settings {
-            return Ok(());
-        }
-        let fields = crate::fields::changed_fields_of(&self.settings, settings);
-        Err(PipelineError::SettingsChanged {
-            dir: dir.into(),
-            fields,
-        })
-    }
-
-    pub fn stage(&self, name: &str) -> Option<&StageRecord> {
-        self.stages.iter().find(|s| s.name == name)
-    }
-
-    /// Inserts or replaces the record of a stage, keeping first-run order.
-    pub fn set_stage(&mut self, record: StageRecord) {
-        match self.stages.iter_mut().find(|s| s.name == record.name) {
-            Some(s) => *s = record,
-            None => self.stages.push(record),
-        }
-    }
-}
-
-/// The metadata of a training run's last checkpoint (its JSON sidecar), if it exists.
-pub fn training_meta(run_dir: &Path) -> Result<Option<CheckpointMeta>> {
-    let path = checkpoint::sidecar_path(&crate::train::last_checkpoint(run_dir));
-    if !path.exists() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path).map_err(|e| PipelineError::Read {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| PipelineError::Read {
-            path,
-            reason: format!("not a checkpoint sidecar: {e}"),
-        })
-}
-
-/// A stage finished in another run folder that is the very computation `layout` is about to
-/// run: the stage `stage` is done there with the same command line once each run's own paths are
-/// put in (`command_for`), and `finished` holds there (its output is complete, and whatever
-/// input the command line does not name — a policy file — is the same). The record returned says
-/// where the output is (`output`), to be copied rather than computed again.
-pub fn reusable_stage(
-    layout: &RunLayout,
-    others: &[PathBuf],
-    stage: &str,
-    key_for: impl Fn(&RunLayout) -> StageKey,
-    output: impl Fn(&RunLayout) -> PathBuf,
-    finished: impl Fn(&RunLayout) -> Result<bool>,
-) -> Result<Option<StageRecord>> {
-    for other in others.iter().filter(|o| **o != layout.dir) {
-        let theirs = RunLayout::new(other);
-        if !finished(&theirs)? {
-            continue;
-        }
-        let Some(record) = RunRecord::load(&theirs.record())? else {
-            continue;
-        };
-        if let Some(done) = record
-            .stage(stage)
-            .filter(|s| s.status == StageStatus::Done && key_for(&theirs).matches(s))
-        {
-            return Ok(Some(StageRecord {
-                reused_from: Some(output(&theirs)),
-                ..done.clone()
-            }));
-        }
-    }
-    Ok(None)
-}
-
-/// A fine-tuning of `arm` finished elsewhere that is ours ([`reusable_stage`]): `epochs` epochs
-/// done there from a byte-identical policy file. Used for arms that do not depend on the proxy
-/// (uniform, random, edmips-target) when runs of a study differ only in the proxy.
-pub fn reusable_training(
-    layout: &RunLayout,
-    others: &[PathBuf],
-    arm: Arm,
-    stage: &str,
-    epochs: usize,
-    key_for: impl Fn(&RunLayout) -> StageKey,
-) -> Result<Option<StageRecord>> {
-    // A run with nowhere to copy from reads no policy file.
-    if others.is_empty() {
-        return Ok(None);
-    }
-    let read = |path: &Path| {
-        std::fs::read(path).map_err(|e| PipelineError::Read {
-            path: path.into(),
-            reason: e.to_string(),
-        })
-    };
-    let ours = read(&layout.policy(arm))?;
-    reusable_stage(
-        layout,
-        others,
-        stage,
-        key_for,
-        |l| l.finetune(arm),
-        |theirs| {
-            Ok(training_done(&theirs.finetune(arm), epochs)?
-                && theirs.policy(arm).exists()
-                && read(&theirs.policy(arm))? == ours)
-        },
-    )
-}
-
-/// A fine-tuning of another arm of this run (`done`, in run order) that is `arm`'s own: its
-/// policy quantizes the network exactly as `arm`'s does ([`Policy::same_allocation`]; at a
-/// grid budget uniform-fill and often the ranked choice are the uniform policy) and it has
-/// finished `epochs` epochs. Same data, seed and recipe, so the same computation: copied.
-pub fn same_policy_training(
-    layout: &RunLayout,
-    done: &[Arm],
-    arm: Arm,
-    stage: &str,
-    epochs: usize,
-) -> Result<Option<StageRecord>> {
-    let ours = crate::policy::Policy::load(&layout.policy(arm))?;
-    for &other in done.iter().filter(|&&a| a != arm) {
-        let dir = layout.finetune(other);
-        if !training_done(&dir, epochs)? {
-            continue;
-        }
-        let Ok(theirs) = crate::policy::Policy::load(&layout.policy(other)) else {
-            continue;
-        };
-        if theirs.same_allocation(&ours) {
-            return Ok(Some(StageRecord {
-                name: stage.into(),
-                command: String::new(),
-                seconds: 0.0,
-                status: StageStatus::Done,
-                reused_from: Some(dir),
-                identity: None,
-            }));
-        }
-    }
-    Ok(None)
-}
-
-/// Copies a finished stage's files into `to` (each atomically, the JSON files last, so that
-/// [`training_done`] or a search's `policy.json` turns up only once the rest is in place).
-pub fn copy_stage_output(from: &Path, to: &Path) -> Result<()> {
-    let io = |path: &Path, e: std::io::Error| PipelineError::Write {
-        path: path.into(),
-        source: e,
-    };
-    std::fs::create_dir_all(to).map_err(|e| io(to, e))?;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(from)
-        .map_err(|e| io(from, e))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.is_file()
-                && !p
-                    .file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
-        })
-        .collect();
-    files.sort_by_key(|p| p.extension().is_some_and(|e| e == "json"));
-    for f in files {
-        let bytes = std::fs::read(&f).map_err(|e| io(&f, e))?;
-        let dest = to.join(f.file_name().unwrap_or_default());
-        crate::files::write_atomic(&dest, &bytes).map_err(|e| io(&dest, e))?;
-    }
-    Ok(())
-}
-
-/// Whether a training run has completed `epochs` epochs.
-pub fn training_done(run_dir: &Path, epochs: usize) -> Result<bool> {
-    Ok(training_meta(run_dir)?.is_some_and(|m| m.epoch >= epochs))
-}
-
-/// One arm's results, as far as the run has got.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ArmSummary {
-    pub arm: Arm,
-    /// The policy file (absolute path).
-    pub policy: Option<PathBuf>,
-    /// The fine-tuned checkpoint (absolute path), once fine-tuning has finished an epoch.
-    #[serde(default)]
-    pub checkpoint: Option<PathBuf>,
-    pub bops: Option<f64>,
-    pub compression: Option<f64>,
-    pub size_mb: Option<f64>,
-    /// Search wall time and images processed (0 for the uniform arm).
-    pub search_seconds: Option<f64>,
-    pub search_images: Option<u64>,
-    pub finetune_epochs: usize,
-    pub top1: Option<f64>,
-    pub top5: Option<f64>,
-    /// Top-1 on the held-out validation images of the target's train split (runs with a
-    /// validation split): what the chosen model is chosen by.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub val_top1: Option<f64>,
-}
-
-fn summary_units() -> String {
-    "top1/top5: % of the target test images; val_top1: % of the held-out validation images of \
-     the target's train split; bops: bit operations of the quantized layers; size_mb: 10^6 \
-     bytes; search_seconds: wall time"
-        .into()
-}
-
-/// The arm whose fine-tuned model scores best on validation: the model a user should take.
-/// Ties go to the uniform policy, then uniform-fill (the simpler policies), then the arms'
-/// order. `None` when no arm has a validation score.
-pub fn chosen_arm(arms: &[ArmSummary]) -> Option<Arm> {
-    let rank = |a: Arm| match a {
-        Arm::Uniform => 0,
-        Arm::UniformFill => 1,
-        _ => 2,
-    };
-    arms.iter()
-        .enumerate()
-        .filter_map(|(i, a)| a.val_top1.map(|v| (v, rank(a.arm), i, a.arm)))
-        .max_by(|x, y| x.0.total_cmp(&y.0).then(y.1.cmp(&x.1)).then(y.2.cmp(&x.2)))
-        .map(|(.., arm)| arm)
-}
-
-/// An absolute form of `p` (as given when it cannot be resolved).
-fn absolute(p: &Path) -> PathBuf {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
-}
-
-/// The headline numbers of a run: every arm next to the full-precision target teacher.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunSummary {
-    /// The model every arm fine-tunes (the target teacher's).
-    #[serde(default)]
-    pub model: Option<crate::model::ModelConfig>,
-    /// The target data the accuracies are measured on.
-    #[serde(default)]
-    pub target_data: Option<String>,
-    /// Units of the numbers below.
-    #[serde(default = "summary_units")]
-    pub units: String,
-    pub fp_top1: Option<f64>,
-    pub fp_top5: Option<f64>,
-    pub fp_bops: Option<f64>,
-    pub fp_size_mb: Option<f64>,
-    pub arms: Vec<ArmSummary>,
-    /// The arm best on the validation split ([`chosen_arm`]); chosen without the test set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub chosen: Option<Arm>,
-}
-
-impl RunSummary {
-    /// Reads whatever outputs exist in the run directory.
-    pub fn collect(layout: &RunLayout, arms: &[Arm]) -> Result<Self> {
-        let teacher = training_meta(&layout.used_target_teacher())?;
-        let last = teacher.as_ref().and_then(|m| m.history.last());
-        let mut summary = RunSummary {
-            model: teacher.as_ref().map(|m| m.model.clone()),
-            target_data: teacher.as_ref().and_then(|m| m.dataset.clone()),
-            units: summary_units(),
-            fp_top1: last.map(|m| m.test_top1),
-            fp_top5: last.map(|m| m.test_top5),
-            fp_bops: None,
-            fp_size_mb: None,
-            arms: Vec::new(),
-            chosen: None,
-        };
-        for &arm in arms {
-            let path = layout.policy(arm);
-            let policy = if path.exists() {
-                Some(Policy::load(&path)?)
-            } else {
-                None
-            };
-            let totals = policy.as_ref().and_then(|p| p.totals.clone());
-            if let Some(t) = &totals {
-                summary.fp_bops = Some(t.fp_bops as f64);
-                summary.fp_size_mb = Some(t.fp_size_mb);
-            }
-            let cost = policy
-                .as_ref()
-                .and_then(|p| crate::search::PolicyMeta::of(p).ok().flatten())
-                .and_then(|m| m.cost);
-            let ft = training_meta(&layout.finetune(arm))?;
-            let ft_last = ft.as_ref().and_then(|m| m.history.last());
-            summary.arms.push(ArmSummary {
-                arm,
-                policy: policy.is_some().then(|| absolute(&path)),
-                checkpoint: ft
-                    .is_some()
-                    .then(|| absolute(&crate::train::last_checkpoint(&layout.finetune(arm)))),
-                bops: totals.as_ref().map(|t| t.bops as f64),
-                compression: totals.as_ref().map(|t| t.compression),
-                size_mb: totals.as_ref().map(|t| t.size_mb),
-                search_seconds: cost.map(|c| c.wall_seconds),
-                search_images: cost.map(|c| c.images_processed),
-                finetune_epochs: ft.as_ref().map_or(0, |m| m.epoch),
-                top1: ft_last.map(|m| m.test_top1),
-                top5: ft_last.map(|m| m.test_top5),
-                val_top1: ft_last.and_then(|m| m.val_top1),
-            });
-        }
-        summary.chosen = chosen_arm(&summary.arms);
-        Ok(summary)
-    }
-}
-
 /// Writes the sidecar of a training that ran `epochs` epochs (test top-1 90 + epoch), as a
 /// finished or interrupted run leaves it, without training anything.
 #[cfg(test)]
@@ -685,7 +282,7 @@ pub(crate) fn write_finished_training(dir: &Path, epochs: usize) {
 pub(crate) fn write_validated_training(dir: &Path, epochs: usize, val_top1: Option<f64>) {
     use crate::checkpoint::EpochMetrics;
     let model = crate::model::ModelConfig::new(crate::model::Arch::ResNet20, 1, 10, 28);
-    let mut meta = CheckpointMeta::new(
+    let mut meta = crate::checkpoint::CheckpointMeta::new(
         model,
         crate::data::Pipeline {
             transforms: vec![],
@@ -712,7 +309,7 @@ pub(crate) fn write_validated_training(dir: &Path, epochs: usize, val_top1: Opti
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(&checkpoint, b"weights").unwrap();
     std::fs::write(
-        checkpoint::sidecar_path(&checkpoint),
+        crate::checkpoint::sidecar_path(&checkpoint),
         serde_json::to_vec(&meta).unwrap(),
     )
     .unwrap();

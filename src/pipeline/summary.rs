@@ -1,0 +1,137 @@
+//! A run's headline numbers (`summary.json`): every arm next to the full-precision teacher,
+//! and the arm chosen on the validation split.
+
+use super::{training_meta, Arm, Result, RunLayout};
+use crate::policy::Policy;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// One arm's results, as far as the run has got.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArmSummary {
+    pub arm: Arm,
+    /// The policy file (absolute path).
+    pub policy: Option<PathBuf>,
+    /// The fine-tuned checkpoint (absolute path), once fine-tuning has finished an epoch.
+    #[serde(default)]
+    pub checkpoint: Option<PathBuf>,
+    pub bops: Option<f64>,
+    pub compression: Option<f64>,
+    pub size_mb: Option<f64>,
+    /// Search wall time and images processed (0 for the uniform arm).
+    pub search_seconds: Option<f64>,
+    pub search_images: Option<u64>,
+    pub finetune_epochs: usize,
+    pub top1: Option<f64>,
+    pub top5: Option<f64>,
+    /// Top-1 on the held-out validation images of the target's train split (runs with a
+    /// validation split): what the chosen model is chosen by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_top1: Option<f64>,
+}
+
+fn summary_units() -> String {
+    "top1/top5: % of the target test images; val_top1: % of the held-out validation images of \
+     the target's train split; bops: bit operations of the quantized layers; size_mb: 10^6 \
+     bytes; search_seconds: wall time"
+        .into()
+}
+
+/// The arm whose fine-tuned model scores best on validation: the model a user should take.
+/// Ties go to the uniform policy, then uniform-fill (the simpler policies), then the arms'
+/// order. `None` when no arm has a validation score.
+pub fn chosen_arm(arms: &[ArmSummary]) -> Option<Arm> {
+    let rank = |a: Arm| match a {
+        Arm::Uniform => 0,
+        Arm::UniformFill => 1,
+        _ => 2,
+    };
+    arms.iter()
+        .enumerate()
+        .filter_map(|(i, a)| a.val_top1.map(|v| (v, rank(a.arm), i, a.arm)))
+        .max_by(|x, y| x.0.total_cmp(&y.0).then(y.1.cmp(&x.1)).then(y.2.cmp(&x.2)))
+        .map(|(.., arm)| arm)
+}
+
+/// An absolute form of `p` (as given when it cannot be resolved).
+fn absolute(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The headline numbers of a run: every arm next to the full-precision target teacher.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// The model every arm fine-tunes (the target teacher's).
+    #[serde(default)]
+    pub model: Option<crate::model::ModelConfig>,
+    /// The target data the accuracies are measured on.
+    #[serde(default)]
+    pub target_data: Option<String>,
+    /// Units of the numbers below.
+    #[serde(default = "summary_units")]
+    pub units: String,
+    pub fp_top1: Option<f64>,
+    pub fp_top5: Option<f64>,
+    pub fp_bops: Option<f64>,
+    pub fp_size_mb: Option<f64>,
+    pub arms: Vec<ArmSummary>,
+    /// The arm best on the validation split ([`chosen_arm`]); chosen without the test set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chosen: Option<Arm>,
+}
+
+impl RunSummary {
+    /// Reads whatever outputs exist in the run directory.
+    pub fn collect(layout: &RunLayout, arms: &[Arm]) -> Result<Self> {
+        let teacher = training_meta(&layout.used_target_teacher())?;
+        let last = teacher.as_ref().and_then(|m| m.history.last());
+        let mut summary = RunSummary {
+            model: teacher.as_ref().map(|m| m.model.clone()),
+            target_data: teacher.as_ref().and_then(|m| m.dataset.clone()),
+            units: summary_units(),
+            fp_top1: last.map(|m| m.test_top1),
+            fp_top5: last.map(|m| m.test_top5),
+            fp_bops: None,
+            fp_size_mb: None,
+            arms: Vec::new(),
+            chosen: None,
+        };
+        for &arm in arms {
+            let path = layout.policy(arm);
+            let policy = if path.exists() {
+                Some(Policy::load(&path)?)
+            } else {
+                None
+            };
+            let totals = policy.as_ref().and_then(|p| p.totals.clone());
+            if let Some(t) = &totals {
+                summary.fp_bops = Some(t.fp_bops as f64);
+                summary.fp_size_mb = Some(t.fp_size_mb);
+            }
+            let cost = policy
+                .as_ref()
+                .and_then(|p| crate::search::PolicyMeta::of(p).ok().flatten())
+                .and_then(|m| m.cost);
+            let ft = training_meta(&layout.finetune(arm))?;
+            let ft_last = ft.as_ref().and_then(|m| m.history.last());
+            summary.arms.push(ArmSummary {
+                arm,
+                policy: policy.is_some().then(|| absolute(&path)),
+                checkpoint: ft
+                    .is_some()
+                    .then(|| absolute(&crate::train::last_checkpoint(&layout.finetune(arm)))),
+                bops: totals.as_ref().map(|t| t.bops as f64),
+                compression: totals.as_ref().map(|t| t.compression),
+                size_mb: totals.as_ref().map(|t| t.size_mb),
+                search_seconds: cost.map(|c| c.wall_seconds),
+                search_images: cost.map(|c| c.images_processed),
+                finetune_epochs: ft.as_ref().map_or(0, |m| m.epoch),
+                top1: ft_last.map(|m| m.test_top1),
+                top5: ft_last.map(|m| m.test_top5),
+                val_top1: ft_last.and_then(|m| m.val_top1),
+            });
+        }
+        summary.chosen = chosen_arm(&summary.arms);
+        Ok(summary)
+    }
+}
