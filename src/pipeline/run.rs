@@ -479,6 +479,20 @@ pub fn run(
         out: layout.target_attribution(),
     })?;
     let summary = RunSummary::collect(&layout, &all_arms)?;
+    // A policy that does not learn with this recipe is a finding, not a result to ship: say
+    // so where the run is watched (the tables keep it; the choice passes it over).
+    if let Some(model) = &summary.model {
+        let chance = 100.0 / model.num_classes.max(1) as f64;
+        for a in &summary.arms {
+            if let Some(top1) = a.top1.filter(|t| *t < 1.5 * chance) {
+                tracing::warn!(
+                    "{}: fine-tuned to {top1:.2}% test top-1 (chance {chance:.2}%): its policy \
+                     does not learn with this recipe",
+                    a.arm.name()
+                );
+            }
+        }
+    }
     // The chosen model is what a user ships: export it.
     if let Some(arm) = summary.chosen {
         run.stage(&ExportStage {
