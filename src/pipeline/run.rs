@@ -16,8 +16,9 @@ use crate::checkpoint::Checkpoint;
 use crate::data::{DatasetSpec, ImageSource, Split};
 use crate::files::{DirLock, LOCK_FILE};
 use crate::model::{Arch, ModelConfig};
+use crate::policy::Candidates;
 use crate::quant::Numerics;
-use crate::search::{Geometry, SearchProgress};
+use crate::search::{Geometry, SearchProgress, Target};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -195,7 +196,33 @@ pub fn run(
 ) -> Result<RunOutcome> {
     let started = Instant::now();
     let layout = RunLayout::new(&settings.out);
-    let resolved = PipelineSettings {
+    let s = &with_numerics(settings, &layout)?;
+    let plan = Plan::check(s)?;
+    std::fs::create_dir_all(&s.out).map_err(|source| PipelineError::Write {
+        path: s.out.clone(),
+        source,
+    })?;
+    let _lock = DirLock::acquire(&s.out)?;
+    let mut run = Runner {
+        record: open_record(s, &layout, command)?,
+        layout,
+        ctx: StageContext { device, events },
+    };
+    run.save()?;
+    let proxy_teacher = run.proxy_teacher(s, &plan)?;
+    run.proxy_policies(s, &plan, &proxy_teacher)?;
+    let target_teacher = run.target_teacher(s)?;
+    run.edmips_target(s, &plan, &target_teacher)?;
+    let finetuned = run.finetunes(s, &target_teacher)?;
+    let mut outcome = run.finish(s, &target_teacher, finetuned)?;
+    outcome.seconds = started.elapsed().as_secs_f64();
+    Ok(outcome)
+}
+
+/// `settings` with their numerics settled: as given, as the run recorded them (runs from
+/// before integer numerics are fake-quant), or integer for a new run.
+fn with_numerics(settings: &PipelineSettings, layout: &RunLayout) -> Result<PipelineSettings> {
+    Ok(PipelineSettings {
         numerics: Some(match settings.numerics {
             Some(n) => n,
             None => match RunRecord::load(&layout.record())? {
@@ -208,207 +235,242 @@ pub fn run(
             },
         }),
         ..settings.clone()
-    };
-    let s = &resolved;
-    let target = s.budget()?;
-    let arms = s.arms();
-    // Every input is checked before stage 1 (nothing is created for a run that cannot start).
-    let (proxy, proxy_limit) = split_subset(&s.proxy);
-    check_data("--proxy", &proxy)?;
-    let target_train = check_data("--target", &split_subset(&s.target).0)?;
-    let candidates = s.candidates()?;
-    if let Some(t) = &s.teacher {
-        check_teacher(t, &s.model, "--teacher")?;
+    })
+}
+
+/// What every stage of a run shares, from its checked inputs.
+struct Plan {
+    target: Target,
+    /// The proxy data and the size of its subset.
+    proxy: String,
+    proxy_limit: Option<usize>,
+    candidates: Candidates,
+    /// The proxy may be data that must not be flipped (digits) while the target is flipped.
+    proxy_hflip: bool,
+}
+
+impl Plan {
+    /// Checks every input before stage 1, so nothing is created for a run that cannot start;
+    /// an unreachable budget is refused here, not after the teachers have trained.
+    fn check(s: &PipelineSettings) -> Result<Self> {
+        let target = s.budget()?;
+        let (proxy, proxy_limit) = split_subset(&s.proxy);
+        check_data("--proxy", &proxy)?;
+        let target_train = check_data("--target", &split_subset(&s.target).0)?;
+        let candidates = s.candidates()?;
+        if let Some(t) = &s.teacher {
+            check_teacher(t, &s.model, "--teacher")?;
+        }
+        let model = target_model(
+            &s.model,
+            s.width,
+            s.target_teacher.as_deref(),
+            target_train.as_ref(),
+        )?;
+        crate::search::check_feasible(&budget_geometry(&model)?, &target, &candidates)
+            .map_err(crate::search::SearchError::from)?;
+        Ok(Plan {
+            target,
+            proxy,
+            proxy_limit,
+            candidates,
+            proxy_hflip: s.proxy_hflip.unwrap_or(s.hflip),
+        })
     }
-    // An unreachable budget is refused here, not after the teachers have trained.
-    let model = target_model(
-        &s.model,
-        s.width,
-        s.target_teacher.as_deref(),
-        target_train.as_ref(),
-    )?;
-    crate::search::check_feasible(&budget_geometry(&model)?, &target, &candidates)
-        .map_err(crate::search::SearchError::from)?;
+}
 
-    std::fs::create_dir_all(&s.out).map_err(|source| PipelineError::Write {
-        path: s.out.clone(),
-        source,
-    })?;
-    let _lock = DirLock::acquire(&s.out)?;
+/// The run's record: the folder's own (its settings must be these; new arms are added), or a
+/// new one in an empty folder.
+fn open_record(s: &PipelineSettings, layout: &RunLayout, command: &str) -> Result<RunRecord> {
     let recorded = s.record();
-    let record = match RunRecord::load(&layout.record())? {
-        Some(mut r) => {
-            r.check_settings(&s.out, &recorded)?;
-            for arm in &arms {
-                if !r.arms.contains(arm) {
-                    r.arms.push(*arm);
-                }
-            }
-            r.command = command.into();
-            r
-        }
-        None => {
-            let mut entries = std::fs::read_dir(&s.out)
-                .map_err(|source| PipelineError::Write {
-                    path: s.out.clone(),
-                    source,
-                })?
-                .flatten();
-            if entries.any(|e| e.file_name() != LOCK_FILE) {
-                return Err(PipelineError::Invalid(format!(
-                    "{} is not empty and holds no {RECORD_FILE}: choose another --out",
-                    s.out.display()
-                )));
-            }
-            RunRecord {
-                format: RECORD_FORMAT,
-                command: command.into(),
-                settings: recorded,
-                arms: arms.clone(),
-                stages: Vec::new(),
+    let arms = s.arms();
+    if let Some(mut r) = RunRecord::load(&layout.record())? {
+        r.check_settings(&s.out, &recorded)?;
+        for arm in &arms {
+            if !r.arms.contains(arm) {
+                r.arms.push(*arm);
             }
         }
-    };
-    let all_arms = record.arms.clone();
-    let mut run = Runner {
-        layout: layout.clone(),
-        record,
-        ctx: StageContext { device, events },
-    };
-    run.save()?;
-    // The proxy may be data that must not be flipped (digits) while the target is flipped.
-    let proxy_hflip = s.proxy_hflip.unwrap_or(s.hflip);
+        r.command = command.into();
+        return Ok(r);
+    }
+    let mut entries = std::fs::read_dir(&s.out)
+        .map_err(|source| PipelineError::Write {
+            path: s.out.clone(),
+            source,
+        })?
+        .flatten();
+    if entries.any(|e| e.file_name() != LOCK_FILE) {
+        return Err(PipelineError::Invalid(format!(
+            "{} is not empty and holds no {RECORD_FILE}: choose another --out",
+            s.out.display()
+        )));
+    }
+    Ok(RunRecord {
+        format: RECORD_FORMAT,
+        command: command.into(),
+        settings: recorded,
+        arms,
+        stages: Vec::new(),
+    })
+}
 
-    // 1. FP teacher on the proxy.
-    let proxy_teacher = match &s.teacher {
-        Some(t) => t.clone(),
-        None => {
-            let dir = layout.proxy_teacher();
-            run.stage(&TrainStage {
-                name: "teacher-proxy".into(),
-                model: s.model.clone(),
-                width: s.width,
-                data: proxy.clone(),
-                limit: proxy_limit,
-                subset_seed: s.subset_seed,
-                holdout: 0,
-                test_limit: Some(1000),
-                epochs: s.teacher_epochs,
-                hflip: proxy_hflip,
-                seed: s.seed,
-                out: dir.clone(),
-                finetune: None,
-            })?;
-            crate::train::last_checkpoint(&dir)
-        }
-    };
-
-    // 2. Policies that need no target teacher: searches on the proxy, uniform, random, HAWQ.
-    let proxy_search = |arm: Arm, kind: SearchKind| SearchStage {
-        name: format!("search-{}", arm.name()),
-        teacher: proxy_teacher.clone(),
-        data: proxy.clone(),
-        limit: proxy_limit,
-        subset_seed: s.subset_seed,
-        target,
-        candidates: candidates.clone(),
-        hflip: proxy_hflip,
-        seed: s.seed,
-        out: layout.search(arm),
-        kind,
-        // uniform-fill measures what the run's HAWQ arm measured: reuse it when it ran.
-        sensitivities_from: (arm == Arm::UniformFill).then(|| layout.policy(Arm::Hawq)),
-    };
-    let supernet = |attribution_weight: f64, epochs: usize| SearchKind::Supernet {
+/// The supernet search as the run's settings state it.
+fn supernet(s: &PipelineSettings, attribution_weight: f64, epochs: usize) -> SearchKind {
+    SearchKind::Supernet {
         attribution_weight,
         epochs,
         step_epochs: s.search_step_epochs,
         recipe: s.recipe,
         p: None,
-    };
-    // The ranked GMPQ arm needs GMPQ's search (and uniform-fill's policy): it comes after.
-    for &arm in all_arms
-        .iter()
-        .filter(|a| !matches!(a, Arm::EdmipsTarget | Arm::GmpqRanked))
-    {
-        match arm {
-            Arm::Uniform => run.stage(&proxy_search(arm, SearchKind::Uniform))?,
-            Arm::Random => run.stage(&proxy_search(arm, SearchKind::Random))?,
-            Arm::Hawq => run.stage(&proxy_search(arm, SearchKind::Hawq))?,
-            Arm::UniformFill => run.stage(&proxy_search(arm, SearchKind::UniformFill))?,
-            Arm::Edmips => run.stage(&proxy_search(arm, supernet(0.0, s.search_epochs)))?,
-            _ => {
-                let mut kind = supernet(s.attribution_weight, s.search_epochs);
-                if let SearchKind::Supernet { p, .. } = &mut kind {
-                    *p = s.p;
-                }
-                run.stage(&proxy_search(arm, kind))?
-            }
-        }
     }
+}
 
-    if all_arms.contains(&Arm::GmpqRanked) {
-        run.stage(&RankStage {
-            name: format!("search-{}", Arm::GmpqRanked.name()),
-            searched: layout.policy(Arm::Gmpq),
-            teacher: proxy_teacher.clone(),
-            data: proxy.clone(),
-            limit: proxy_limit,
+impl Runner<'_> {
+    /// Stage 1: the FP teacher on the proxy (or the one given).
+    fn proxy_teacher(&mut self, s: &PipelineSettings, plan: &Plan) -> Result<PathBuf> {
+        if let Some(t) = &s.teacher {
+            return Ok(t.clone());
+        }
+        let dir = self.layout.proxy_teacher();
+        self.stage(&TrainStage {
+            name: "teacher-proxy".into(),
+            model: s.model.clone(),
+            width: s.width,
+            data: plan.proxy.clone(),
+            limit: plan.proxy_limit,
             subset_seed: s.subset_seed,
-            target,
-            extra: all_arms
-                .contains(&Arm::UniformFill)
-                .then(|| layout.policy(Arm::UniformFill))
-                .into_iter()
-                .collect(),
-            out: layout.search(Arm::GmpqRanked),
+            holdout: 0,
+            test_limit: Some(1000),
+            epochs: s.teacher_epochs,
+            hflip: plan.proxy_hflip,
+            seed: s.seed,
+            out: dir.clone(),
+            finetune: None,
         })?;
+        Ok(crate::train::last_checkpoint(&dir))
     }
 
-    // 3. FP teacher on the target.
-    let target_teacher = match &s.target_teacher {
-        Some(t) => t.clone(),
-        None => {
-            let dir = layout.target_teacher();
-            run.stage(&TrainStage {
-                name: "teacher-target".into(),
-                model: s.model.clone(),
-                width: s.width,
-                data: s.target.clone(),
-                limit: s.target_limit,
-                subset_seed: 0,
-                holdout: s.target_holdout.unwrap_or(0),
-                test_limit: s.target_test_limit,
-                epochs: s.target_teacher_epochs,
-                hflip: s.hflip,
-                seed: s.seed,
-                out: dir.clone(),
-                finetune: None,
-            })?;
-            crate::train::last_checkpoint(&dir)
-        }
-    };
-
-    // The conventional route: EdMIPS searched on the target itself, guided by its teacher. It
-    // does not depend on the proxy, so another pair's run at this budget and seed has done it.
-    if all_arms.contains(&Arm::EdmipsTarget) {
-        let arm = Arm::EdmipsTarget;
-        let target_search = |l: &RunLayout| SearchStage {
+    /// Stage 2: the policies that need no target teacher: the searches on the proxy, uniform,
+    /// random, HAWQ, uniform-fill, then the ranked GMPQ arm (it needs GMPQ's search and
+    /// uniform-fill's policy).
+    fn proxy_policies(
+        &mut self,
+        s: &PipelineSettings,
+        plan: &Plan,
+        proxy_teacher: &Path,
+    ) -> Result<()> {
+        let layout = self.layout.clone();
+        let proxy_search = |arm: Arm, kind: SearchKind| SearchStage {
             name: format!("search-{}", arm.name()),
-            teacher: target_teacher.clone(),
+            teacher: proxy_teacher.to_path_buf(),
+            data: plan.proxy.clone(),
+            limit: plan.proxy_limit,
+            subset_seed: s.subset_seed,
+            target: plan.target,
+            candidates: plan.candidates.clone(),
+            hflip: plan.proxy_hflip,
+            seed: s.seed,
+            out: layout.search(arm),
+            kind,
+            // uniform-fill measures what the run's HAWQ arm measured: reuse it when it ran.
+            sensitivities_from: (arm == Arm::UniformFill).then(|| layout.policy(Arm::Hawq)),
+        };
+        let all_arms = self.record.arms.clone();
+        for &arm in all_arms
+            .iter()
+            .filter(|a| !matches!(a, Arm::EdmipsTarget | Arm::GmpqRanked))
+        {
+            let kind = match arm {
+                Arm::Uniform => SearchKind::Uniform,
+                Arm::Random => SearchKind::Random,
+                Arm::Hawq => SearchKind::Hawq,
+                Arm::UniformFill => SearchKind::UniformFill,
+                Arm::Edmips => supernet(s, 0.0, s.search_epochs),
+                _ => {
+                    let mut kind = supernet(s, s.attribution_weight, s.search_epochs);
+                    if let SearchKind::Supernet { p, .. } = &mut kind {
+                        *p = s.p;
+                    }
+                    kind
+                }
+            };
+            self.stage(&proxy_search(arm, kind))?;
+        }
+        if all_arms.contains(&Arm::GmpqRanked) {
+            self.stage(&RankStage {
+                name: format!("search-{}", Arm::GmpqRanked.name()),
+                searched: layout.policy(Arm::Gmpq),
+                teacher: proxy_teacher.to_path_buf(),
+                data: plan.proxy.clone(),
+                limit: plan.proxy_limit,
+                subset_seed: s.subset_seed,
+                target: plan.target,
+                extra: all_arms
+                    .contains(&Arm::UniformFill)
+                    .then(|| layout.policy(Arm::UniformFill))
+                    .into_iter()
+                    .collect(),
+                out: layout.search(Arm::GmpqRanked),
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Stage 3: the FP teacher on the target (or the one given).
+    fn target_teacher(&mut self, s: &PipelineSettings) -> Result<PathBuf> {
+        if let Some(t) = &s.target_teacher {
+            return Ok(t.clone());
+        }
+        let dir = self.layout.target_teacher();
+        self.stage(&TrainStage {
+            name: "teacher-target".into(),
+            model: s.model.clone(),
+            width: s.width,
             data: s.target.clone(),
             limit: s.target_limit,
             subset_seed: 0,
-            target,
-            candidates: candidates.clone(),
+            holdout: s.target_holdout.unwrap_or(0),
+            test_limit: s.target_test_limit,
+            epochs: s.target_teacher_epochs,
+            hflip: s.hflip,
+            seed: s.seed,
+            out: dir.clone(),
+            finetune: None,
+        })?;
+        Ok(crate::train::last_checkpoint(&dir))
+    }
+
+    /// The conventional route: EdMIPS searched on the target itself, guided by its teacher.
+    /// It does not depend on the proxy, so another pair's run at this budget and seed may
+    /// have done it (copied).
+    fn edmips_target(
+        &mut self,
+        s: &PipelineSettings,
+        plan: &Plan,
+        target_teacher: &Path,
+    ) -> Result<()> {
+        if !self.record.arms.contains(&Arm::EdmipsTarget) {
+            return Ok(());
+        }
+        let arm = Arm::EdmipsTarget;
+        let target_search = |l: &RunLayout| SearchStage {
+            name: format!("search-{}", arm.name()),
+            teacher: target_teacher.to_path_buf(),
+            data: s.target.clone(),
+            limit: s.target_limit,
+            subset_seed: 0,
+            target: plan.target,
+            candidates: plan.candidates.clone(),
             hflip: s.hflip,
             seed: s.seed,
             out: l.search(arm),
-            kind: supernet(0.0, s.target_search_epochs.unwrap_or(s.search_epochs)),
+            kind: supernet(s, 0.0, s.target_search_epochs.unwrap_or(s.search_epochs)),
             sensitivities_from: None,
         };
+        let layout = self.layout.clone();
         let stage = target_search(&layout);
-        run.stage_or_copy(&stage, &layout.search(arm), || {
+        self.stage_or_copy(&stage, &layout.search(arm), || {
             reusable_stage(
                 &layout,
                 &s.reuse_from,
@@ -417,102 +479,122 @@ pub fn run(
                 |l| l.search(arm),
                 |l| target_search(l).done(),
             )
-        })?;
+        })
     }
 
-    // 4. Fine-tune every arm's policy on the target (evaluated on its test split each epoch).
-    let finetune = |l: &RunLayout, arm: Arm| TrainStage {
-        name: format!("finetune-{}", arm.name()),
-        model: s.model.clone(),
-        width: s.width,
-        data: s.target.clone(),
-        limit: s.target_limit,
-        subset_seed: 0,
-        holdout: s.target_holdout.unwrap_or(0),
-        test_limit: s.target_test_limit,
-        epochs: s.finetune_epochs,
-        hflip: s.hflip,
-        seed: s.seed,
-        out: l.finetune(arm),
-        finetune: Some(FinetuneOf {
-            init: target_teacher.clone(),
-            policy: l.policy(arm),
-            lr: s.finetune_lr,
-            numerics: s.numerics.unwrap_or_default(),
-        }),
-    };
-    let (mut finetuned, mut finetuned_arms) = (Vec::new(), Vec::new());
-    for &arm in &all_arms {
-        let stage = finetune(&layout, arm);
-        let dir = layout.finetune(arm);
-        run.stage_or_copy(&stage, &dir, || {
-            let ours = same_policy_training(
-                &layout,
-                &finetuned_arms,
-                arm,
-                &stage.name(),
-                s.finetune_epochs,
-            )?;
-            match ours {
-                Some(found) => Ok(Some(found)),
-                None => reusable_training(
+    /// Stage 4: every arm's policy fine-tuned on the target (evaluated on its test split each
+    /// epoch); a fine-tuning another arm of this run, or the same run elsewhere, already did
+    /// is copied. Returns the fine-tuned checkpoints, in arm order.
+    fn finetunes(&mut self, s: &PipelineSettings, target_teacher: &Path) -> Result<Vec<PathBuf>> {
+        let finetune = |l: &RunLayout, arm: Arm| TrainStage {
+            name: format!("finetune-{}", arm.name()),
+            model: s.model.clone(),
+            width: s.width,
+            data: s.target.clone(),
+            limit: s.target_limit,
+            subset_seed: 0,
+            holdout: s.target_holdout.unwrap_or(0),
+            test_limit: s.target_test_limit,
+            epochs: s.finetune_epochs,
+            hflip: s.hflip,
+            seed: s.seed,
+            out: l.finetune(arm),
+            finetune: Some(FinetuneOf {
+                init: target_teacher.to_path_buf(),
+                policy: l.policy(arm),
+                lr: s.finetune_lr,
+                numerics: s.numerics.unwrap_or_default(),
+            }),
+        };
+        let layout = self.layout.clone();
+        let (mut finetuned, mut finetuned_arms) = (Vec::new(), Vec::new());
+        for arm in self.record.arms.clone() {
+            let stage = finetune(&layout, arm);
+            let dir = layout.finetune(arm);
+            self.stage_or_copy(&stage, &dir, || {
+                let ours = same_policy_training(
                     &layout,
-                    &s.reuse_from,
+                    &finetuned_arms,
                     arm,
                     &stage.name(),
                     s.finetune_epochs,
-                    |l| StageKey::of(&finetune(l, arm)),
-                ),
-            }
-        })?;
-        finetuned_arms.push(arm);
-        finetuned.push(crate::train::last_checkpoint(&dir));
+                )?;
+                match ours {
+                    Some(found) => Ok(Some(found)),
+                    None => reusable_training(
+                        &layout,
+                        &s.reuse_from,
+                        arm,
+                        &stage.name(),
+                        s.finetune_epochs,
+                        |l| StageKey::of(&finetune(l, arm)),
+                    ),
+                }
+            })?;
+            finetuned_arms.push(arm);
+            finetuned.push(crate::train::last_checkpoint(&dir));
+        }
+        Ok(finetuned)
     }
 
-    // 5. Attribution of teacher and students on target images, summary, report.
-    let mut checkpoints = vec![target_teacher.clone()];
-    checkpoints.extend(finetuned);
-    run.stage(&AttributionStage {
-        checkpoints,
-        data: s.target.clone(),
-        count: 6,
-        out: layout.target_attribution(),
-    })?;
-    let summary = RunSummary::collect(&layout, &all_arms)?;
-    // A policy that does not learn with this recipe is a finding, not a result to ship: say
-    // so where the run is watched (the tables keep it; the choice passes it over).
-    if let Some(model) = &summary.model {
-        let chance = 100.0 / model.num_classes.max(1) as f64;
-        for a in &summary.arms {
-            if let Some(top1) = a.top1.filter(|t| *t < 1.5 * chance) {
-                tracing::warn!(
-                    "{}: fine-tuned to {top1:.2}% test top-1 (chance {chance:.2}%): its policy \
-                     does not learn with this recipe",
-                    a.arm.name()
-                );
-            }
-        }
-    }
-    // The chosen model is what a user ships: export it.
-    if let Some(arm) = summary.chosen {
-        run.stage(&ExportStage {
-            arm,
-            checkpoint: crate::train::last_checkpoint(&layout.finetune(arm)),
-            layout_dir: layout.dir.clone(),
+    /// Stage 5: attribution of teacher and students on target images, the summary (with a warning
+    /// for an arm at chance), the chosen model's export, the report.
+    fn finish(
+        &mut self,
+        s: &PipelineSettings,
+        target_teacher: &Path,
+        finetuned: Vec<PathBuf>,
+    ) -> Result<RunOutcome> {
+        let layout = self.layout.clone();
+        let mut checkpoints = vec![target_teacher.to_path_buf()];
+        checkpoints.extend(finetuned);
+        self.stage(&AttributionStage {
+            checkpoints,
+            data: s.target.clone(),
+            count: 6,
+            out: layout.target_attribution(),
         })?;
-    }
-    let bytes = serde_json::to_vec_pretty(&summary)
-        .map_err(|e| PipelineError::Invalid(format!("summary: {e}")))?;
-    crate::files::write_atomic(&layout.summary(), &bytes).map_err(|source| {
-        PipelineError::Write {
-            path: layout.summary(),
-            source,
+        let summary = RunSummary::collect(&layout, &self.record.arms)?;
+        warn_at_chance(&summary);
+        // The chosen model is what a user ships: export it.
+        if let Some(arm) = summary.chosen {
+            self.stage(&ExportStage {
+                arm,
+                checkpoint: crate::train::last_checkpoint(&layout.finetune(arm)),
+                layout_dir: layout.dir.clone(),
+            })?;
         }
-    })?;
-    let report = super::write_run_report(&s.out)?;
-    Ok(RunOutcome {
-        summary,
-        report,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+        let bytes = serde_json::to_vec_pretty(&summary)
+            .map_err(|e| PipelineError::Invalid(format!("summary: {e}")))?;
+        crate::files::write_atomic(&layout.summary(), &bytes).map_err(|source| {
+            PipelineError::Write {
+                path: layout.summary(),
+                source,
+            }
+        })?;
+        let report = super::write_run_report(&s.out)?;
+        Ok(RunOutcome {
+            summary,
+            report,
+            seconds: 0.0,
+        })
+    }
+}
+
+/// A policy that does not learn with this recipe is a finding, not a result to ship: said
+/// where the run is watched (the tables keep it; the choice passes it over).
+fn warn_at_chance(summary: &RunSummary) {
+    let Some(model) = &summary.model else {
+        return;
+    };
+    let chance = 100.0 / model.num_classes.max(1) as f64;
+    for a in &summary.arms {
+        if let Some(top1) = a.top1.filter(|t| *t < 1.5 * chance) {
+            tracing::warn!(
+                "{}: fine-tuned to {top1:.2}% test top-1 (chance {chance:.2}%): its policy \
+                 does not learn with this recipe",
+                a.arm.name()
+            );
+        }
+    }
 }
