@@ -108,7 +108,20 @@ pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, PipelineError> {
         t = esc(&title)
     );
 
-    // Headline table.
+    results_table(&mut page, &summary);
+    accuracy_section(&mut page, &summary, &assets)?;
+    bits_section(&mut page, &layout, &arms, &assets)?;
+    training_section(&mut page, &layout, &arms, &assets)?;
+    let searches = search_section(&mut page, &layout, &arms, &assets)?;
+    heatmap_section(&mut page, &layout, &arms, &searches)?;
+    stages_section(&mut page, &record);
+    let out = layout.report();
+    crate::files::write_atomic(&out, page.as_bytes()).map_err(|e| file_error(&out, e))?;
+    Ok(out)
+}
+
+/// The headline table: every arm next to the full-precision teacher, the chosen one marked.
+fn results_table(page: &mut String, summary: &RunSummary) {
     page.push_str("<h2>Results on the target test set</h2>\n<table><tr><th>arm</th><th>policy BOPs (G)</th><th>compression</th><th>size (MB)</th><th>search time</th><th>search images</th><th>fine-tune epochs</th><th>top-1</th><th>top-5</th><th>top-1 vs FP</th><th>validation top-1</th></tr>\n");
     let _ = writeln!(
         page,
@@ -152,8 +165,14 @@ pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, PipelineError> {
         );
     }
     page.push_str("</table>\n<p>BOPs count the quantized layers (MACs·b<sub>w</sub>·b<sub>a</sub>); compression is full-precision BOPs (all layers at 32×32 bits) over policy BOPs; size counts quantized weights at their bits and the full-precision stem and head at 32 bits (MB = 10<sup>6</sup> bytes). Search time is wall time on this machine, including the per-epoch evaluation of the argmax policy.</p>\n");
+}
 
-    // Accuracy vs BOPs.
+/// Accuracy against BOPs, one point per arm.
+fn accuracy_section(
+    page: &mut String,
+    summary: &RunSummary,
+    assets: &Path,
+) -> Result<(), PipelineError> {
     let points: Vec<charts::CostPoint> = summary
         .arms
         .iter()
@@ -174,8 +193,16 @@ pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, PipelineError> {
             "Fine-tuned top-1 on the target test set against policy BOPs, one point per arm; dashed: the full-precision teacher.",
         ));
     }
+    Ok(())
+}
 
-    // Bit allocation.
+/// Each arm's bits per layer.
+fn bits_section(
+    page: &mut String,
+    layout: &RunLayout,
+    arms: &[Arm],
+    assets: &Path,
+) -> Result<(), PipelineError> {
     let policies: Vec<(Arm, Policy)> = arms
         .iter()
         .filter_map(|&a| Policy::load(&layout.policy(a)).ok().map(|p| (a, p)))
@@ -194,9 +221,17 @@ pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, PipelineError> {
             ));
         }
     }
+    Ok(())
+}
 
-    // Training curves.
-    let runs = training_runs(&layout, &arms);
+/// The fine-tunings' (and teachers') curves on the target data.
+fn training_section(
+    page: &mut String,
+    layout: &RunLayout,
+    arms: &[Arm],
+    assets: &Path,
+) -> Result<(), PipelineError> {
+    let runs = training_runs(layout, arms);
     if !runs.is_empty() {
         page.push_str("<h2>Training curves (target data)</h2>\n");
         let series = |f: fn(&crate::checkpoint::EpochMetrics) -> f64| -> Vec<charts::Series> {
@@ -233,8 +268,16 @@ pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, PipelineError> {
             page.push_str(&figure(&inline_svg(&path)?, caption));
         }
     }
+    Ok(())
+}
 
-    // Search curves.
+/// The searches' curves on the proxy data; returns the searched arms with their logs.
+fn search_section(
+    page: &mut String,
+    layout: &RunLayout,
+    arms: &[Arm],
+    assets: &Path,
+) -> Result<Vec<(Arm, Vec<EpochLog>)>, PipelineError> {
     let searches: Vec<(Arm, Vec<EpochLog>)> = arms
         .iter()
         .filter(|a| a.searched())
@@ -278,10 +321,18 @@ pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, PipelineError> {
             page.push_str(&figure(&inline_svg(&path)?, caption));
         }
     }
+    Ok(searches)
+}
 
-    // Attribution heatmaps.
+/// The attribution heatmaps of the searches and of the fine-tuned arms.
+fn heatmap_section(
+    page: &mut String,
+    layout: &RunLayout,
+    arms: &[Arm],
+    searches: &[(Arm, Vec<EpochLog>)],
+) -> Result<(), PipelineError> {
     let mut maps = Vec::new();
-    for (a, _) in &searches {
+    for (a, _) in searches {
         let p = layout.search(*a).join("attribution.png");
         if p.exists() {
             maps.push((p, format!("{}: proxy images; columns: image, FP teacher, supernet at the end of the search.", a.label())));
@@ -307,8 +358,11 @@ pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, PipelineError> {
             page.push_str(&figure(&png_img(&p, &caption)?, &caption));
         }
     }
+    Ok(())
+}
 
-    // Settings and commands.
+/// Every stage with its wall time and command, the run's command and settings.
+fn stages_section(page: &mut String, record: &RunRecord) {
     page.push_str("<h2>Stages and commands</h2>\n<table><tr><th>stage</th><th>wall time</th><th>command</th></tr>\n");
     for s in &record.stages {
         let _ = writeln!(
@@ -334,7 +388,4 @@ pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, PipelineError> {
         esc(&record.command),
         esc(&serde_json::to_string_pretty(&record.settings).unwrap_or_default())
     );
-    let out = layout.report();
-    crate::files::write_atomic(&out, page.as_bytes()).map_err(|e| file_error(&out, e))?;
-    Ok(out)
 }
