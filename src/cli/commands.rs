@@ -28,7 +28,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
     }
     let threads = gmpq::runtime::set_threads(cli.engine.threads);
-    gmpq::quant::set_kernels(cli.engine.quant_kernels.into());
+    gmpq::quant::set_kernels(cli.engine.quant_kernels);
     let mut device = gmpq::runtime::parse_device(&cli.engine.device).map_err(anyhow::Error::msg)?;
     device = join_process_group(&cli.command, device)?;
     if matches!(
@@ -267,7 +267,7 @@ fn finetune_cmd(mut a: FinetuneArgs, device: tch::Device) -> Result<()> {
     let finetune = train::Finetune {
         init: train::InitFrom {
             checkpoint: a.init.clone(),
-            calibration: a.calibration.into(),
+            calibration: a.calibration,
             calibration_images: a.calib_images,
         },
         model: ck.meta.model,
@@ -761,7 +761,7 @@ fn quantize_cmd(a: QuantizeArgs, device: tch::Device) -> Result<()> {
     let cfg = fp_ck.meta.model.clone();
     let policy = chosen_policy(&a.policy, &cfg, &fp_net.net)?
         .context("give --policy FILE or --uniform wXaY")?;
-    let method: CalibrationMethod = a.calibration.into();
+    let method: CalibrationMethod = a.calibration;
     let q = gmpq::quant::build(
         &cfg,
         Precision::Fixed {

@@ -114,7 +114,7 @@ pub struct EngineArgs {
         value_enum,
         default_value = "fused"
     )]
-    pub quant_kernels: KernelsArg,
+    pub quant_kernels: gmpq::quant::QuantKernels,
 }
 
 #[derive(Debug, Subcommand)]
@@ -224,55 +224,6 @@ fn method_names() -> clap::builder::PossibleValuesParser {
     )
 }
 
-/// Search recipes (see `gmpq::search::Recipe`).
-#[derive(Debug, Clone, Copy, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RecipeArg {
-    Reference,
-    Scarce,
-}
-
-impl From<RecipeArg> for gmpq::search::Recipe {
-    fn from(r: RecipeArg) -> Self {
-        match r {
-            RecipeArg::Reference => Self::Reference,
-            RecipeArg::Scarce => Self::Scarce,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum AlphaOptimizerArg {
-    Sgd,
-    Adam,
-}
-
-impl From<AlphaOptimizerArg> for gmpq::search::AlphaOptimizer {
-    fn from(a: AlphaOptimizerArg) -> Self {
-        match a {
-            AlphaOptimizerArg::Sgd => Self::Sgd,
-            AlphaOptimizerArg::Adam => Self::Adam,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum BudgetModeArg {
-    UpperBound,
-    Equality,
-    Penalty,
-}
-
-impl From<BudgetModeArg> for gmpq::search::BudgetMode {
-    fn from(b: BudgetModeArg) -> Self {
-        match b {
-            BudgetModeArg::UpperBound => Self::UpperBound,
-            BudgetModeArg::Equality => Self::Equality,
-            BudgetModeArg::Penalty => Self::Penalty,
-        }
-    }
-}
-
 /// The search defaults, defined once in the library (`SearchConfig::default()`).
 /// The library's training recipe, whose values are the flags' defaults.
 fn train_defaults() -> gmpq::train::TrainConfig {
@@ -323,43 +274,6 @@ fn bit_width() -> clap::builder::RangedI64ValueParser<u32> {
     clap::value_parser!(u32).range(i64::from(*r.start())..=i64::from(*r.end()))
 }
 
-/// Attribution methods (see `gmpq::search::AttributionMethod`).
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum AttributionArg {
-    Cam,
-    GradCam,
-}
-
-impl From<AttributionArg> for gmpq::search::AttributionMethod {
-    fn from(a: AttributionArg) -> Self {
-        match a {
-            AttributionArg::Cam => Self::Cam,
-            AttributionArg::GradCam => Self::GradCam,
-        }
-    }
-}
-
-/// Calibration rules (see `gmpq::quant::CalibrationMethod`).
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum CalibrationArg {
-    /// KL search below 5 bits, max above.
-    Kl,
-    /// The largest absolute value seen, at every bitwidth.
-    Max,
-    /// KL below 5 bits, max capped at 6 above.
-    Reference,
-}
-
-impl From<CalibrationArg> for gmpq::quant::CalibrationMethod {
-    fn from(c: CalibrationArg) -> Self {
-        match c {
-            CalibrationArg::Kl => Self::KlBelow5Bits,
-            CalibrationArg::Max => Self::Max,
-            CalibrationArg::Reference => Self::Reference,
-        }
-    }
-}
-
 /// Dataset splits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SplitArg {
@@ -369,29 +283,13 @@ pub enum SplitArg {
     Val,
 }
 
-/// The extraction rules (see `gmpq::search::ExtractionRule`).
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum ExtractionArg {
-    Knapsack,
-    ArgmaxRepair,
-}
-
-impl From<ExtractionArg> for gmpq::search::ExtractionRule {
-    fn from(e: ExtractionArg) -> Self {
-        match e {
-            ExtractionArg::Knapsack => Self::Knapsack,
-            ExtractionArg::ArgmaxRepair => Self::ArgmaxRepair,
-        }
-    }
-}
-
 #[derive(Debug, Args)]
 pub struct ExtractArgs {
     /// A search run folder (its policy.json) or a searched policy file.
     pub run: PathBuf,
     /// The extraction rule (default: the one the search used).
     #[arg(long, value_enum)]
-    pub rule: Option<ExtractionArg>,
+    pub rule: Option<gmpq::search::ExtractionRule>,
     /// Budget: policy BOPs at most this (e.g. 1.2e9, 1.2G, 800M). Default: the search's own.
     #[arg(long, group = "budget")]
     pub target_bops: Option<String>,
@@ -503,16 +401,13 @@ pub struct SearchArgs {
     /// hawq, uniform-fill: Hutchinson probes per batch for the Hessian traces.
     #[arg(long, default_value_t = gmpq::search::HAWQ_SAMPLES, value_parser = positive(), allow_negative_numbers = true)]
     pub hawq_samples: usize,
-    /// Preset α dynamics, recorded in the policy's meta: scarce (the default: Adam for α at
-    /// lr 0.03, α frozen for the first 20 % of the epochs, the budget held by the penalty
-    /// μ·(E[cost]/limit − 1)², temperature 1 → 0.2, knapsack extraction) or reference (the
-    /// authors' recipe, for reproduction and ablation; docs/SEARCH.md). The flags below
+    /// Preset α dynamics, recorded in the policy's meta (docs/SEARCH.md); the flags below
     /// override single settings.
-    #[arg(long, value_enum, default_value_t = RecipeArg::Scarce)]
-    pub recipe: RecipeArg,
+    #[arg(long, value_enum, default_value_t = gmpq::search::Recipe::Scarce)]
+    pub recipe: gmpq::search::Recipe,
     /// α optimizer (default: the recipe's).
     #[arg(long, value_enum)]
-    pub alpha_optimizer: Option<AlphaOptimizerArg>,
+    pub alpha_optimizer: Option<gmpq::search::AlphaOptimizer>,
     /// Epochs with α frozen (weights only) at the start (default: the recipe's).
     #[arg(long, allow_negative_numbers = true)]
     pub alpha_frozen_epochs: Option<usize>,
@@ -520,7 +415,7 @@ pub struct SearchArgs {
     /// dual) or an equality held by the penalty μ·(E[cost]/limit − 1)² (default: the
     /// recipe's).
     #[arg(long, value_enum)]
-    pub budget_mode: Option<BudgetModeArg>,
+    pub budget_mode: Option<gmpq::search::BudgetMode>,
     /// μ of `--budget-mode penalty` (default: the recipe's).
     #[arg(long, allow_negative_numbers = true)]
     pub budget_penalty: Option<f64>,
@@ -533,12 +428,12 @@ pub struct SearchArgs {
     pub step_epochs: usize,
     /// cam (GAP → linear heads) or grad-cam (general, double backward).
     #[arg(long, value_enum, default_value = "cam")]
-    pub attribution: AttributionArg,
+    pub attribution: gmpq::search::AttributionMethod,
     /// How the policy is taken from the final α under the budget: knapsack (exact, maximises
     /// Σ log softmax(α/T) within the budget) or argmax-repair (argmax, then greedy repair).
     /// Default: the recipe's (reference: argmax-repair).
     #[arg(long, value_enum)]
-    pub extraction: Option<ExtractionArg>,
+    pub extraction: Option<gmpq::search::ExtractionRule>,
     /// Random horizontal flips of the proxy images (not for digits).
     #[arg(long)]
     pub hflip: bool,
@@ -655,10 +550,9 @@ pub struct QuantizeArgs {
     /// Calibration images (a stratified subset of the train split).
     #[arg(long = "calib-limit", value_name = "N", alias = "calib-images", default_value_t = gmpq::train::CALIBRATION_IMAGES, value_parser = positive(), allow_negative_numbers = true)]
     pub calib_images: usize,
-    /// kl (KL search below 5 bits, max above), max, or reference (KL below 5 bits, max
-    /// capped at 6 above: suits networks trained with clipped activations).
+    /// How the activation clips are calibrated.
     #[arg(long, value_enum, default_value = "kl")]
-    pub calibration: CalibrationArg,
+    pub calibration: gmpq::quant::CalibrationMethod,
     /// Per-output-channel weight thresholds (the reference is per tensor).
     #[arg(long)]
     pub per_channel: bool,
@@ -836,10 +730,9 @@ pub struct PipelineArgs {
     /// Fixed attribution exponent p of the GMPQ arm (default: the capacity-aware rule).
     #[arg(long, allow_negative_numbers = true)]
     pub p: Option<f64>,
-    /// Search recipe of the searched arms (gmpq, edmips, edmips-target): scarce or
-    /// reference (`gmpq search --help`, docs/SEARCH.md).
-    #[arg(long, value_enum, default_value_t = RecipeArg::Scarce)]
-    pub recipe: RecipeArg,
+    /// Search recipe of the searched arms (gmpq, edmips, edmips-target).
+    #[arg(long, value_enum, default_value_t = gmpq::search::Recipe::Scarce)]
+    pub recipe: gmpq::search::Recipe,
     #[command(flatten)]
     pub bits: BitCandidateArgs,
     /// Random horizontal flips in training and search (not for digits).
@@ -991,9 +884,9 @@ pub struct FinetuneArgs {
     pub init: PathBuf,
     #[command(flatten)]
     pub policy: PolicyChoice,
-    /// kl (KL below 5 bits, max above), max, or reference (max capped at 6 above 4 bits).
+    /// How the activation clips are calibrated.
     #[arg(long, value_enum, default_value = "kl")]
-    pub calibration: CalibrationArg,
+    pub calibration: gmpq::quant::CalibrationMethod,
     /// Training images used to calibrate before fine-tuning.
     #[arg(long = "calib-limit", value_name = "N", alias = "calib-images", default_value_t = gmpq::train::CALIBRATION_IMAGES, value_parser = positive(), allow_negative_numbers = true)]
     pub calib_images: usize,
@@ -1107,24 +1000,6 @@ pub struct BenchInferArgs {
     /// Print the result as one JSON document on stdout.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Which quantizer implementation to time.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum KernelsArg {
-    /// One-pass fused CPU kernels (the default).
-    Fused,
-    /// The reference's arithmetic composed from libtorch ops.
-    Reference,
-}
-
-impl From<KernelsArg> for gmpq::quant::QuantKernels {
-    fn from(k: KernelsArg) -> Self {
-        match k {
-            KernelsArg::Fused => Self::Fused,
-            KernelsArg::Reference => Self::Reference,
-        }
-    }
 }
 
 #[derive(Debug, Args)]

@@ -69,7 +69,7 @@ fn settings(a: PipelineArgs) -> PipelineSettings {
         finetune_lr: a.finetune_lr,
         attribution_weight: a.attribution_weight,
         p: a.p,
-        recipe: a.recipe.into(),
+        recipe: a.recipe,
         w_bits: a.bits.w_bits,
         a_bits: a.bits.a_bits,
         hflip: a.hflip,

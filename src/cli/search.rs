@@ -131,7 +131,7 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
         attribution_weight,
         p: a.p,
         complexity_weight: a.cd,
-        attribution: a.attribution.into(),
+        attribution: a.attribution,
         augment: Augment {
             crop_padding: 2,
             hflip: a.hflip,
@@ -140,7 +140,7 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
         ..Default::default()
     };
     let mut config = config;
-    gmpq::search::Recipe::from(a.recipe).apply(&mut config);
+    a.recipe.apply(&mut config);
     if let Some(v) = a.alpha_lr {
         config.alpha_lr = v;
     }
@@ -148,13 +148,13 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
         config.dual_rate = v;
     }
     if let Some(v) = a.alpha_optimizer {
-        config.alpha_optimizer = v.into();
+        config.alpha_optimizer = v;
     }
     if let Some(v) = a.alpha_frozen_epochs {
         config.alpha_frozen_epochs = v;
     }
     if let Some(v) = a.budget_mode {
-        config.budget_mode = v.into();
+        config.budget_mode = v;
     }
     if let Some(v) = a.budget_penalty {
         anyhow::ensure!(
@@ -174,7 +174,7 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
         config.temperature = gmpq::search::TemperatureSchedule { start, end };
     }
     if let Some(v) = a.extraction {
-        config.extraction = v.into();
+        config.extraction = v;
     }
     let request = SearchRequest {
         teacher: a.teacher.clone(),
@@ -307,7 +307,7 @@ pub fn extract_cmd(a: ExtractArgs) -> Result<()> {
     }
     // Policies written before the rule was recorded were extracted by argmax + repair.
     let rule: gmpq::search::ExtractionRule = match a.rule {
-        Some(r) => r.into(),
+        Some(r) => r,
         None => meta
             .extraction_rule()
             .unwrap_or(gmpq::search::ExtractionRule::ArgmaxRepair),

@@ -6,10 +6,12 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum CalibrationMethod {
     /// `max x` for every layer.
     Max,
     /// KL search for `b < 5`, `max x` otherwise (the default).
+    #[cfg_attr(feature = "cli", value(name = "kl"))]
     KlBelow5Bits,
     /// The reference's rule: KL search for `b < 5`, `min(max x, 6)` otherwise. The cap suits
     /// networks trained with clipped activations (init 6); a network trained with plain ReLUs

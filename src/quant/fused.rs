@@ -37,6 +37,7 @@ extern "C" {
 
 /// Which implementation of the quantizers the layers use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum QuantKernels {
     /// One-pass CPU kernels (float32 on the CPU; anything else falls back to `Reference`).
     Fused,

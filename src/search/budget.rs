@@ -198,6 +198,7 @@ impl Geometry {
 /// How the budget acts on the search.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum BudgetMode {
     /// An upper bound (the reference-style default): λ > 0 only pushes the expected cost
     /// down, and decays while the cost is under budget.

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 /// How the student's attribution is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum AttributionMethod {
     /// `g_k = W_fc[c,k]` (exact for GAP → linear heads; no second backward).
     Cam,
@@ -20,6 +21,7 @@ pub enum AttributionMethod {
 /// The optimizer of the architecture parameters α.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum AlphaOptimizer {
     /// SGD with the search's momentum (the reference).
     #[default]
@@ -59,6 +61,7 @@ impl TemperatureSchedule {
 /// Named sets of search settings (`--recipe`), each recorded in full in the policy's meta.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum Recipe {
     /// The reference implementation's α dynamics: SGD at lr 0.01 with the weights' step
     /// decay, an upper-bound budget, plain softmax, argmax + repair extraction (the faithful

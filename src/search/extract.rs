@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 /// The extraction rules, by name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum ExtractionRule {
     /// Exact multiple-choice knapsack over the softmax log-probabilities.
     #[default]
