@@ -128,6 +128,48 @@ pub struct Policy {
     pub meta: Option<serde_json::Value>,
 }
 
+/// Where a policy comes from on a command line: a file, or a uniform name (`w4a4`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PolicySource {
+    File(PathBuf),
+    Uniform { w_bits: u32, a_bits: u32 },
+}
+
+impl PolicySource {
+    /// `--policy FILE` or `--uniform wXaY` (the name checked); `None` when neither is given.
+    pub fn from_flags(
+        file: Option<&Path>,
+        uniform: Option<&str>,
+    ) -> Result<Option<Self>, PolicyError> {
+        Ok(match (file, uniform) {
+            (Some(path), _) => Some(PolicySource::File(path.to_path_buf())),
+            (None, Some(name)) => {
+                let (w_bits, a_bits) = parse_uniform(name)?;
+                Some(PolicySource::Uniform { w_bits, a_bits })
+            }
+            (None, None) => None,
+        })
+    }
+
+    /// The policy for the network `model` with these layers, checked against it and with
+    /// its totals.
+    pub fn resolve(
+        &self,
+        model: &ModelConfig,
+        convs: &[ConvSpec],
+        fc: &LinearSpec,
+    ) -> Result<Policy, PolicyError> {
+        let policy = match self {
+            PolicySource::File(path) => Policy::load(path)?,
+            PolicySource::Uniform { w_bits, a_bits } => {
+                Policy::uniform(model, convs, *w_bits, *a_bits)
+            }
+        };
+        policy.validate(model, convs)?;
+        Ok(policy.with_totals(convs, fc))
+    }
+}
+
 /// Parses `2,3,4,6`.
 /// A candidate set as a sorted list without repeats; empty or out-of-range sets are refused.
 pub fn candidate_set(bits: &[u32]) -> Result<Vec<u32>, PolicyError> {

@@ -11,8 +11,8 @@ use gmpq::data::{stratified_subset, DatasetSpec, ImageSource, Split, SubsetSpec}
 use gmpq::model::options::{check_options, ModelOption, ModelSource};
 use gmpq::model::Model;
 use gmpq::model::{Arch, ModelConfig, Stem};
-use gmpq::policy::{parse_uniform, LayerCost, Policy, PolicyTotals};
-use gmpq::quant::{CalibrationMethod, Precision};
+use gmpq::policy::{LayerCost, Policy, PolicyError, PolicySource, PolicyTotals};
+use gmpq::quant::Precision;
 use gmpq::train::{self, Augment, TrainRequest};
 use std::sync::Arc;
 
@@ -546,7 +546,7 @@ fn subset_cmd(a: SubsetCmdArgs) -> Result<()> {
 
 /// The uniform policy `name` (`w4a4`, …) of `cfg`'s quantized layers.
 pub(super) fn uniform_policy(cfg: &ModelConfig, name: &str) -> Result<Policy> {
-    let (w, a) = parse_uniform(name)?;
+    let (w, a) = gmpq::policy::parse_uniform(name)?;
     Ok(Policy::uniform(cfg, model_geometry(cfg)?.convs(), w, a))
 }
 
@@ -580,18 +580,17 @@ fn model_config(a: &ModelArgs, arch: Option<Arch>) -> Result<ModelConfig> {
 
 /// The policy chosen on the command line (file or uniform name), checked against the model.
 fn chosen_policy(choice: &PolicyChoice, cfg: &ModelConfig, net: &Model) -> Result<Option<Policy>> {
-    let policy = match (&choice.policy, &choice.uniform) {
-        (Some(path), _) => Policy::load(path)?,
-        (None, Some(name)) => {
-            let (w, a) = parse_uniform(name)?;
-            Policy::uniform(cfg, net.convs(), w, a)
-        }
-        (None, None) => return Ok(None),
+    let Some(source) =
+        PolicySource::from_flags(choice.policy.as_deref(), choice.uniform.as_deref())?
+    else {
+        return Ok(None);
     };
-    policy
-        .validate(cfg, net.convs())
-        .with_context(|| "the policy does not fit the model".to_string())?;
-    Ok(Some(policy.with_totals(net.convs(), net.fc_spec())))
+    match source.resolve(cfg, net.convs(), net.fc_spec()) {
+        Ok(p) => Ok(Some(p)),
+        // Reading the file failed: its own message says where and why.
+        Err(e @ (PolicyError::Io { .. } | PolicyError::Parse { .. })) => Err(e.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("the policy does not fit the model")),
+    }
 }
 
 fn fmt_bits(b: Option<u32>) -> String {
@@ -750,107 +749,46 @@ fn bops_cmd(a: BopsArgs) -> Result<()> {
 }
 
 fn quantize_cmd(a: QuantizeArgs, device: tch::Device) -> Result<()> {
-    let (fp_ck, fp_net) = gmpq::quant::load(&a.checkpoint, device)
-        .with_context(|| format!("loading {}", a.checkpoint.display()))?;
-    if fp_net.precision != Precision::Full {
-        bail!(
-            "{} is already quantized; give a full-precision checkpoint",
-            a.checkpoint.display()
-        );
-    }
-    let cfg = fp_ck.meta.model.clone();
-    let policy = chosen_policy(&a.policy, &cfg, &fp_net.net)?
-        .context("give --policy FILE or --uniform wXaY")?;
-    let method: CalibrationMethod = a.calibration;
-    let q = gmpq::quant::build(
-        &cfg,
-        Precision::Fixed {
-            policy: policy.clone(),
-            per_channel: a.per_channel,
-            numerics: a.numerics,
+    let calib_data = parse_spec_flag("--calib-data", &a.calib_data)?;
+    let request = train::PtqRequest {
+        checkpoint: a.checkpoint.clone(),
+        policy: PolicySource::from_flags(a.policy.policy.as_deref(), a.policy.uniform.as_deref())?
+            .context("give --policy FILE or --uniform wXaY")?,
+        per_channel: a.per_channel,
+        numerics: a.numerics,
+        calibration: a.calibration,
+        eval_data: match &a.eval_data {
+            Some(s) => parse_spec_flag("--eval-data", s)?,
+            None => calib_data.clone(),
         },
-        device,
-    )?;
-    q.load_fp_weights(&fp_ck, &a.checkpoint)?;
-
-    let calib_spec = parse_spec_flag("--calib-data", &a.calib_data)?;
-    let calib_data = calib_spec.load(Split::Train)?;
-    let calib_idx = stratified_subset(
-        calib_data.as_ref(),
-        &SubsetSpec::limited(Some(a.calib_images.min(calib_data.len())), 0),
-    )?;
-    let loader = gmpq::data::DataLoader::new(
         calib_data,
-        &calib_idx,
-        Arc::new(fp_ck.meta.eval_pipeline.clone()),
-        gmpq::data::LoaderConfig {
-            batch_size: 256,
-            ..Default::default()
-        },
-        0,
-    )?;
-    let batches: Vec<tch::Tensor> = loader
-        .map(|b| b.map(|b| b.images))
-        .collect::<std::result::Result<_, _>>()?;
-    let calibration = gmpq::quant::calibrate(&q, &batches, method)?;
-    q.calibrate_ranges(&batches);
-
-    let eval_spec = match &a.eval_data {
-        Some(s) => parse_spec_flag("--eval-data", s)?,
-        None => calib_spec,
+        calib_images: a.calib_images,
+        eval_limit: a.eval_limit,
+        out: a.out.clone(),
     };
-    let test = eval_spec.load(Split::Test)?;
-    let test_idx = stratified_subset(test.as_ref(), &SubsetSpec::limited(a.eval_limit, 0))?;
-    let pipe = &fp_ck.meta.eval_pipeline;
-    let (fp, fp_pred) =
-        train::evaluate_with_predictions(&fp_net.net, test.clone(), &test_idx, pipe, 256, device)?;
-    let (qm, q_pred) = train::evaluate_with_predictions(&q, test, &test_idx, pipe, 256, device)?;
-    let agree = fp_pred.iter().zip(&q_pred).filter(|(a, b)| a == b).count();
-    let totals = policy.totals.clone().context("policy totals")?;
-
-    let mut meta = fp_ck.meta.clone();
-    meta.precision = Some(q.precision.clone());
-    meta.calibration = Some(calibration);
-    meta.train = None;
-    meta.history = Vec::new();
-    meta.source = Some(format!("calibrated from {}", a.checkpoint.display()));
-    if let Some(dir) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    Checkpoint {
-        meta,
-        tensors: gmpq::checkpoint::var_store_tensors(&q.vs),
-    }
-    .save(&a.out)?;
+    let r = request.run(device)?;
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "checkpoint": a.out, "fp": fp, "quantized": qm,
-                "top1_agreement": agree, "images": q_pred.len(),
-                "top1_drop": fp.top1 - qm.top1, "totals": totals, "calibration": method,
-            }))?
-        );
-    } else {
-        println!(
-            "FP top-1 {:.2}% → quantized top-1 {:.2}% (drop {:.2} pt), top-5 {:.2}%, on {} images",
-            fp.top1,
-            qm.top1,
-            fp.top1 - qm.top1,
-            qm.top5,
-            qm.images
-        );
-        println!(
-            "top-1 agreement with the FP model: {agree}/{} images",
-            q_pred.len()
-        );
-        println!(
-            "policy: {:.4} G BOPs, compression {:.2}x, size {:.3} MB; saved {}",
-            totals.bops as f64 / 1e9,
-            totals.compression,
-            totals.size_mb,
-            a.out.display()
-        );
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
     }
+    println!(
+        "FP top-1 {:.2}% → quantized top-1 {:.2}% (drop {:.2} pt), top-5 {:.2}%, on {} images",
+        r.fp.top1,
+        r.quantized.top1,
+        r.fp.top1 - r.quantized.top1,
+        r.quantized.top5,
+        r.quantized.images
+    );
+    println!(
+        "top-1 agreement with the FP model: {}/{} images",
+        r.top1_agreement, r.images
+    );
+    println!(
+        "policy: {:.4} G BOPs, compression {:.2}x, size {:.3} MB; saved {}",
+        r.totals.bops as f64 / 1e9,
+        r.totals.compression,
+        r.totals.size_mb,
+        a.out.display()
+    );
     Ok(())
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "snake_case")]
 #[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
 pub enum CalibrationMethod {
-    /// `max x` for every layer.
+    /// The largest absolute value seen (`max x`), at every bitwidth.
     Max,
     /// KL search for `b < 5`, `max x` otherwise (the default).
     #[cfg_attr(feature = "cli", value(name = "kl"))]

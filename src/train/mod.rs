@@ -5,6 +5,7 @@
 mod eval;
 mod fit;
 mod optim;
+mod ptq;
 mod request;
 
 pub use eval::{
@@ -12,6 +13,7 @@ pub use eval::{
 };
 pub use fit::train;
 pub use optim::{Adam, ParamLayout, Sgd};
+pub use ptq::{PtqOutcome, PtqRequest};
 pub use request::{Finetune, TrainOutcome, TrainRequest, CALIBRATION, CALIBRATION_IMAGES};
 
 use crate::checkpoint::{CheckpointError, EpochMetrics};
@@ -38,6 +40,8 @@ pub enum TrainError {
     Lock(#[from] crate::files::LockError),
     #[error(transparent)]
     Quant(#[from] QuantError),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
     #[error(transparent)]
     Dist(#[from] crate::dist::DistError),
     #[error(
