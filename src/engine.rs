@@ -2,7 +2,9 @@
 //! that scripts/setup.sh installs (its path is compiled in by build.rs; `ORT_DYLIB_PATH`
 //! overrides it).
 
-use crate::data::{ImageSource, Normalize, Pipeline};
+use crate::data::{
+    stratified_subset, DatasetSpec, ImageSource, Normalize, Pipeline, Split, SubsetSpec,
+};
 use crate::export::onnx::{
     INPUT, META_CLASS_NAMES, META_MODEL, META_PREPROCESSING, META_WEIGHTS, OUTPUT,
 };
@@ -26,6 +28,13 @@ pub enum EngineError {
     Run(String),
     #[error(transparent)]
     Eval(#[from] TrainError),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    /// Loading a checkpoint failed (its message names the file).
+    #[error(transparent)]
+    Load(#[from] crate::export::ExportError),
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Where libonnxruntime.so is: `ORT_DYLIB_PATH`, else the wheel's copy found at build time.
@@ -310,4 +319,139 @@ pub fn op_counts(path: &Path) -> Result<std::collections::BTreeMap<String, usize
         *counts.entry(node.op_type.clone()).or_insert(0) += 1;
     }
     Ok(counts)
+}
+
+/// What `gmpq eval` runs: a checkpoint (in libtorch), an exported model (in ONNX Runtime), or
+/// both on the same images, compared.
+#[derive(Debug, Clone)]
+pub struct EvalRequest {
+    pub data: DatasetSpec,
+    pub split: Split,
+    pub subset: SubsetSpec,
+    pub checkpoint: Option<PathBuf>,
+    pub onnx: Option<PathBuf>,
+    pub batch_size: usize,
+}
+
+/// What an evaluation measured.
+#[derive(Debug, Clone)]
+pub enum EvalOutcome {
+    /// One model's metrics; `label` names it.
+    One { label: String, metrics: EvalMetrics },
+    /// The checkpoint and its export on the same batches.
+    Both {
+        checkpoint: PathBuf,
+        onnx: PathBuf,
+        agreement: Agreement,
+    },
+}
+
+/// A data set whose label space is not the model's gives a meaningless accuracy, and images
+/// that are not the model's input a meaningless one too: both are refused, naming the shapes.
+pub fn check_fits(
+    spec: &DatasetSpec,
+    data: &dyn ImageSource,
+    pipeline: &Pipeline,
+    model: &ModelConfig,
+) -> Result<(), EngineError> {
+    if data.num_classes() != model.num_classes {
+        let hint = if spec.to_string().starts_with("folder:") {
+            " (folders named by class index, as ImageNet's: use imagenet-folder:PATH)"
+        } else {
+            ""
+        };
+        return Err(EngineError::Invalid(format!(
+            "{spec} has {} classes but the model predicts {}: their labels cannot match{hint}",
+            data.num_classes(),
+            model.num_classes
+        )));
+    }
+    match train::input_mismatch(data, pipeline, model) {
+        Some(problem) => Err(EngineError::Invalid(format!("{spec} {problem}"))),
+        None => Ok(()),
+    }
+}
+
+impl EvalRequest {
+    /// Loads both models and checks them against the data before any image is read; with
+    /// both, the checkpoint runs on the CPU beside ONNX Runtime.
+    pub fn run(&self, device: tch::Device) -> Result<EvalOutcome, EngineError> {
+        let spec = &self.data;
+        let data = spec.load(self.split)?;
+        let checkpoint = match &self.checkpoint {
+            Some(path) => {
+                let on = if self.onnx.is_some() {
+                    tch::Device::Cpu
+                } else {
+                    device
+                };
+                let (ck, network) = crate::export::load(path, on)?;
+                check_fits(spec, data.as_ref(), &ck.meta.eval_pipeline, &ck.meta.model)?;
+                Some((path, ck, network))
+            }
+            None => None,
+        };
+        let onnx = match &self.onnx {
+            Some(path) => {
+                let opts = SessionOptions {
+                    threads: tch::get_num_threads().max(1) as usize,
+                    optimized_model: None,
+                };
+                let model = OnnxModel::open(path, &opts)?;
+                if let (Some(cfg), Some(pre)) = (&model.model, &model.preprocessing) {
+                    check_fits(spec, data.as_ref(), pre, cfg)?;
+                }
+                Some((path, model))
+            }
+            None => None,
+        };
+        let indices = stratified_subset(data.as_ref(), &self.subset)?;
+        let data: Arc<dyn ImageSource> = data;
+        match (checkpoint, onnx) {
+            (Some((path, ck, network)), Some((onnx_path, mut model))) => {
+                // A comparison of two different networks would read as a disagreement of
+                // engines.
+                if let Some(recorded) = &model.weights {
+                    let digest = crate::checkpoint::weights_digest(&network.vs);
+                    if *recorded != digest {
+                        return Err(EngineError::Invalid(format!(
+                            "{} was not exported from {} (its weights digest {recorded}, the \
+                             checkpoint's {digest}): export this checkpoint to compare them",
+                            onnx_path.display(),
+                            path.display()
+                        )));
+                    }
+                }
+                let agreement = compare(
+                    &mut model,
+                    &network,
+                    &ck.meta.eval_pipeline,
+                    data,
+                    &indices,
+                    self.batch_size,
+                )?;
+                Ok(EvalOutcome::Both {
+                    checkpoint: path.clone(),
+                    onnx: onnx_path.clone(),
+                    agreement,
+                })
+            }
+            (Some((path, ck, network)), None) => Ok(EvalOutcome::One {
+                label: path.display().to_string(),
+                metrics: train::evaluate(
+                    &network,
+                    data,
+                    &indices,
+                    &ck.meta.eval_pipeline,
+                    self.batch_size,
+                    device,
+                )?,
+            }),
+            (None, Some((path, mut model))) => Ok(EvalOutcome::One {
+                label: format!("{} (ONNX Runtime)", path.display()),
+                metrics: model.evaluate(data, &indices, self.batch_size)?.0,
+            }),
+            (None, None) => Err(EngineError::Invalid("give --checkpoint or --onnx".into())),
+        }
+    }
 }

@@ -3,7 +3,7 @@
 use super::progress::TrainBars;
 use super::{
     BenchCommand, BopsArgs, Cli, Command, EvalArgs, FinetuneArgs, ImportArgs, ModelArgs,
-    PolicyChoice, QuantizeArgs, SplitArg, SubsetArgs, SubsetCmdArgs, TrainArgs,
+    PolicyChoice, QuantizeArgs, SplitArg, SubsetCmdArgs, TrainArgs,
 };
 use anyhow::{bail, Context, Result};
 use gmpq::checkpoint::Checkpoint;
@@ -14,7 +14,6 @@ use gmpq::model::{Arch, ModelConfig, Stem};
 use gmpq::policy::{LayerCost, Policy, PolicyError, PolicySource, PolicyTotals};
 use gmpq::quant::Precision;
 use gmpq::train::{self, Augment, TrainRequest};
-use std::sync::Arc;
 
 pub fn run(cli: Cli) -> Result<()> {
     if let (Some(n), Ok(cores)) = (cli.engine.threads, std::thread::available_parallelism()) {
@@ -241,10 +240,6 @@ pub(super) fn parse_spec_flag(flag: &str, s: &str) -> Result<DatasetSpec> {
         .with_context(|| format!("{flag} {s}"))
 }
 
-fn subset_of(source: &dyn ImageSource, a: &SubsetArgs) -> Result<Vec<usize>> {
-    Ok(stratified_subset(source, &a.spec())?)
-}
-
 fn train_cmd(a: TrainArgs, device: tch::Device) -> Result<()> {
     run_training(a, device, None)
 }
@@ -360,71 +355,29 @@ fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
         ) => Split::Test,
         (SplitArg::Val, _) => bail!("{spec} has train and test splits (val is for image folders)"),
     };
-    let data = spec.load(split)?;
-    // Both models are loaded and checked against the data before any image is read; with
-    // both, the checkpoint runs on the CPU beside ONNX Runtime.
-    let checkpoint = match &a.checkpoint {
-        Some(path) => {
-            let on = if a.onnx.is_some() {
-                tch::Device::Cpu
-            } else {
-                device
-            };
-            let (ck, network) = gmpq::export::load(path, on)
-                .with_context(|| format!("loading {}", path.display()))?;
-            check_classes(&spec, data.as_ref(), ck.meta.model.num_classes)?;
-            check_input(&spec, data.as_ref(), &ck.meta.eval_pipeline, &ck.meta.model)?;
-            Some((path, ck, network))
-        }
-        None => None,
-    };
-    let onnx = match &a.onnx {
-        Some(path) => {
-            let opts = gmpq::engine::SessionOptions {
-                threads: tch::get_num_threads().max(1) as usize,
-                optimized_model: None,
-            };
-            let model = gmpq::engine::OnnxModel::open(path, &opts)?;
-            if let (Some(cfg), Some(pre)) = (&model.model, &model.preprocessing) {
-                check_classes(&spec, data.as_ref(), cfg.num_classes)?;
-                check_input(&spec, data.as_ref(), pre, cfg)?;
-            }
-            Some((path, model))
-        }
-        None => None,
-    };
-    let indices = subset_of(data.as_ref(), &a.subset)?;
-    let data: Arc<dyn ImageSource> = data;
-    let (label, m) = match (checkpoint, onnx) {
-        (Some((path, ck, network)), Some((onnx_path, mut model))) => {
-            // A comparison of two different networks would read as a disagreement of engines.
-            if let Some(recorded) = &model.weights {
-                let digest = gmpq::checkpoint::weights_digest(&network.vs);
-                if *recorded != digest {
-                    bail!(
-                        "{} was not exported from {} (its weights digest {recorded}, the \
-                         checkpoint's {digest}): export this checkpoint to compare them",
-                        onnx_path.display(),
-                        path.display()
-                    );
-                }
-            }
-            let r = gmpq::engine::compare(
-                &mut model,
-                &network,
-                &ck.meta.eval_pipeline,
-                data,
-                &indices,
-                a.batch_size,
-            )?;
+    let outcome = gmpq::engine::EvalRequest {
+        data: spec.clone(),
+        split,
+        subset: a.subset.spec(),
+        checkpoint: a.checkpoint.clone(),
+        onnx: a.onnx.clone(),
+        batch_size: a.batch_size,
+    }
+    .run(device)?;
+    match outcome {
+        gmpq::engine::EvalOutcome::Both {
+            checkpoint,
+            onnx,
+            agreement: r,
+        } => {
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 println!(
                     "{} vs {} (ONNX Runtime) on {spec}, {} images: top-1 {:.2}% vs {:.2}%, \
                      same top-1 class on {:.2}%, largest logit difference {:.3e}",
-                    path.display(),
-                    onnx_path.display(),
+                    checkpoint.display(),
+                    onnx.display(),
                     r.images,
                     r.libtorch.top1,
                     r.onnx.top1,
@@ -432,63 +385,19 @@ fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
                     r.max_logit_difference
                 );
             }
-            return Ok(());
         }
-        (Some((path, ck, network)), None) => {
-            let m = train::evaluate(
-                &network,
-                data,
-                &indices,
-                &ck.meta.eval_pipeline,
-                a.batch_size,
-                device,
-            )?;
-            (path.display().to_string(), m)
+        gmpq::engine::EvalOutcome::One { label, metrics: m } => {
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                println!(
+                    "{label} on {spec}: top-1 {:.2}%, top-5 {:.2}%, loss {:.4} ({} images)",
+                    m.top1, m.top5, m.loss, m.images
+                );
+            }
         }
-        (None, Some((path, mut model))) => {
-            let (m, _) = model.evaluate(data, &indices, a.batch_size)?;
-            (format!("{} (ONNX Runtime)", path.display()), m)
-        }
-        (None, None) => bail!("give --checkpoint or --onnx"),
-    };
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&m)?);
-    } else {
-        println!(
-            "{label} on {spec}: top-1 {:.2}%, top-5 {:.2}%, loss {:.4} ({} images)",
-            m.top1, m.top5, m.loss, m.images
-        );
     }
     Ok(())
-}
-
-/// A dataset whose label space is not the model's gives a meaningless accuracy: refuse it.
-fn check_classes(spec: &DatasetSpec, data: &dyn ImageSource, model_classes: usize) -> Result<()> {
-    if data.num_classes() != model_classes {
-        let hint = if spec.to_string().starts_with("folder:") {
-            " (folders named by class index, as ImageNet's: use imagenet-folder:PATH)"
-        } else {
-            ""
-        };
-        bail!(
-            "{spec} has {} classes but the model predicts {model_classes}: their labels cannot match{hint}",
-            data.num_classes(),
-        );
-    }
-    Ok(())
-}
-
-/// Images of `data` after `pipeline` must be the model's input: names both shapes.
-pub(super) fn check_input(
-    spec: &DatasetSpec,
-    data: &dyn ImageSource,
-    pipeline: &gmpq::data::Pipeline,
-    model: &ModelConfig,
-) -> Result<()> {
-    match train::input_mismatch(data, pipeline, model) {
-        Some(problem) => bail!("{spec} {problem}"),
-        None => Ok(()),
-    }
 }
 
 fn import_cmd(a: ImportArgs) -> Result<()> {
