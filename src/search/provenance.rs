@@ -71,6 +71,11 @@ pub struct RankingRecord {
     /// Held-out proxy images scored, and training images calibrated on.
     pub val_images: usize,
     pub calib_images: usize,
+    /// The gain over the search's own policy (in top-1 points) the best candidate needed to
+    /// be kept instead ([`super::rank::resolvable_gain`]); absent in rankings from before the
+    /// rule, which kept the best score.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_gain: Option<f64>,
 }
 
 /// How `gmpq extract` took a policy again.

@@ -6,8 +6,11 @@
 //! feasible candidates — the knapsack's best under α, the best solutions that differ from it
 //! in one layer's weight or activation bits, the best uniform policy and any others given
 //! (uniform-fill) — builds each from the teacher's full-precision weights, calibrates it
-//! without training, scores its top-1 on held-out proxy images and keeps the best. Every
-//! candidate and its score go into the policy's provenance (`meta.ranking`).
+//! without training, and scores its top-1 on held-out proxy images. The search's own policy
+//! (α's best) is kept unless another candidate beats it by more than those images can
+//! resolve ([`resolvable_gain`]): at budgets where every candidate calibrates to chance the
+//! scores are noise, and choosing by them would trade the search's preference for a coin
+//! toss. Every candidate and its score go into the policy's provenance (`meta.ranking`).
 //!
 //! The held-out images come from the proxy (its test split), not the target: the method's
 //! premise is that the search sees only the proxy and its teacher, and the ranking is part of
@@ -201,8 +204,41 @@ fn calibrated_top1(policy: &Policy, data: &RankingData, batches: &[tch::Tensor])
     Ok(m.top1)
 }
 
-/// Scores every candidate and returns the best (ties: the earlier, i.e. the more preferred
-/// by α) with the record of every candidate, in the order given.
+/// z of the one-sided test a candidate's gain over the search's own policy must pass.
+pub const RESOLVABLE_Z: f64 = 2.0;
+
+/// The smallest top-1 gain (in points) over a policy scoring `base` % that `images` held-out
+/// images resolve: `z·√(2·p(1−p)/n)` for two proportions near `p`, with `p` the mean of the
+/// two scores.
+pub fn resolvable_gain(base: f64, best: f64, images: usize) -> f64 {
+    let p = ((base + best) / 200.0).clamp(0.0, 1.0);
+    100.0 * RESOLVABLE_Z * (2.0 * p * (1.0 - p) / images.max(1) as f64).sqrt()
+}
+
+/// The candidate to keep from their scores (the first is the search's own): the best (ties:
+/// the earlier, i.e. the more preferred by α) when its gain over the first is resolvable on
+/// `images` images, else the first.
+pub fn choose(scores: &[f64], images: usize) -> usize {
+    let best = best_score(scores);
+    match scores.first() {
+        Some(&base) if scores[best] - base > resolvable_gain(base, scores[best], images) => best,
+        _ => 0,
+    }
+}
+
+/// The index of the best score (ties: the earlier); 0 for none.
+fn best_score(scores: &[f64]) -> usize {
+    let mut best = 0;
+    for (i, s) in scores.iter().enumerate() {
+        if *s > scores[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Scores every candidate (the first is the search's own) and returns the one [`choose`]
+/// keeps, with the record of every candidate, in the order given.
 pub fn rank(
     candidates: Vec<(String, Policy)>,
     prefs: &Preferences,
@@ -213,8 +249,7 @@ pub fn rank(
     let net = quant::build(model, Precision::Full, tch::Device::Cpu)?;
     let batches = calibration_batches(data)?;
     let mut records = Vec::new();
-    let mut best: Option<(f64, usize)> = None;
-    for (i, (source, policy)) in candidates.iter().enumerate() {
+    for (source, policy) in &candidates {
         policy.validate(model, net.net.convs())?;
         let top1 = calibrated_top1(policy, data, &batches)?;
         let p = policy
@@ -237,11 +272,12 @@ pub fn rank(
                 .map(|l| format!("{}/{}", l.w_bits, l.a_bits))
                 .collect(),
         });
-        if best.is_none_or(|(s, _)| top1 > s) {
-            best = Some((top1, i));
-        }
     }
-    let (_, i) = best.ok_or_else(|| SearchError::Invalid("no candidate to rank".into()))?;
+    if records.is_empty() {
+        return Err(SearchError::Invalid("no candidate to rank".into()));
+    }
+    let scores: Vec<f64> = records.iter().map(|r| r.val_top1).collect();
+    let i = choose(&scores, data.val_indices.len());
     Ok((
         candidates[i].1.clone(),
         super::RankingRecord {
@@ -249,6 +285,11 @@ pub fn rank(
             chosen: i,
             val_images: data.val_indices.len(),
             calib_images: data.calib_indices.len(),
+            min_gain: Some(resolvable_gain(
+                scores[0],
+                scores[best_score(&scores)],
+                data.val_indices.len(),
+            )),
         },
     ))
 }
@@ -298,6 +339,23 @@ mod tests {
             bits: None,
         };
         (template, Geometry::new(&convs, &fc), prefs)
+    }
+
+    /// Scores the held-out images cannot tell apart keep the search's own policy; a gain
+    /// beyond the noise takes the better candidate.
+    #[test]
+    fn the_ranking_moves_only_on_a_resolvable_gain() {
+        // Every candidate near chance (the 2-bit budgets of the studies): noise.
+        assert_eq!(choose(&[9.8, 12.0, 9.8, 9.6], 500), 0);
+        assert_eq!(choose(&[11.6, 11.0, 11.2, 9.8, 12.4], 500), 0);
+        // One that calibrates: taken.
+        assert_eq!(choose(&[4.6, 10.6, 57.2, 55.2], 500), 2);
+        assert_eq!(choose(&[21.8, 27.0, 30.8], 500), 2);
+        // The margin shrinks with more images.
+        assert!(resolvable_gain(10.0, 12.0, 500) > 3.0);
+        assert!(resolvable_gain(10.0, 12.0, 50_000) < 0.5);
+        assert_eq!(choose(&[10.0, 12.0], 50_000), 1);
+        assert_eq!(choose(&[], 500), 0);
     }
 
     #[test]
