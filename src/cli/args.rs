@@ -470,3 +470,17 @@ pub(super) fn parse_numerics(s: &str) -> Result<gmpq::quant::Numerics, String> {
 pub(super) fn train_defaults() -> gmpq::train::TrainConfig {
     gmpq::train::TrainConfig::default()
 }
+
+/// A policy's budget, in one of three measures (METHOD.md's BOPs, compression and size).
+#[derive(Debug, Clone, Args)]
+pub struct BudgetArgs {
+    /// Budget: policy BOPs at most this (e.g. 1.2e9, 1.2G, 800M).
+    #[arg(long, group = "budget")]
+    pub target_bops: Option<String>,
+    /// Budget: FP BOPs / policy BOPs at least this (64 ≈ 4-bit equivalent).
+    #[arg(long, group = "budget", allow_negative_numbers = true)]
+    pub target_compression: Option<f64>,
+    /// Budget: model size at most this many MB.
+    #[arg(long, group = "budget", allow_negative_numbers = true)]
+    pub target_size_mb: Option<f64>,
+}

@@ -142,7 +142,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// The whole method into one run folder: FP teacher on the proxy → search → FP teacher on
     /// the target → fine-tune with the policy → evaluate → report. Finished stages are skipped,
-    /// so an interrupted pipeline resumes; --baseline adds comparison arms.
+    /// so an interrupted pipeline resumes; --baseline adds comparison arms. Without a budget,
+    /// compression 64.
     Pipeline(PipelineArgs),
     /// Write the HTML report of a pipeline run folder (report.html, charts in report/).
     Report(ReportArgs),
@@ -160,8 +161,8 @@ pub enum Command {
     /// GMPQ search: find a per-layer bit policy on a small proxy dataset, guided by a
     /// full-precision teacher's attribution, that meets a BOPs / compression / size budget.
     Search(SearchArgs),
-    /// Take a policy again from a finished search's saved α, under another rule or budget,
-    /// without searching again.
+    /// Take a policy again from a finished search's saved α, under another rule or budget
+    /// (default: the search's own), without searching again.
     Extract(ExtractArgs),
     /// Render attribution (CAM) heatmaps of a checkpoint on some images.
     Attribution(AttributionArgs),

@@ -34,15 +34,8 @@ pub struct ExtractArgs {
     /// The extraction rule (default: the one the search used).
     #[arg(long, value_enum)]
     pub rule: Option<gmpq::search::ExtractionRule>,
-    /// Budget: policy BOPs at most this (e.g. 1.2e9, 1.2G, 800M). Default: the search's own.
-    #[arg(long, group = "budget")]
-    pub target_bops: Option<String>,
-    /// Budget: FP BOPs / policy BOPs at least this.
-    #[arg(long, group = "budget", allow_negative_numbers = true)]
-    pub target_compression: Option<f64>,
-    /// Budget: model size at most this many MB.
-    #[arg(long, group = "budget", allow_negative_numbers = true)]
-    pub target_size_mb: Option<f64>,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
     /// Where to write the policy (default: RUN/policy-RULE-TARGET.json; with --rank
     /// RUN/policy-ranked-TARGET.json).
     #[arg(long)]
@@ -86,15 +79,8 @@ pub struct SearchArgs {
     /// Held-out proxy images (from the test split) for the argmax policy's accuracy.
     #[arg(long = "val-limit", value_name = "N", alias = "val-images", default_value_t = gmpq::search::VAL_IMAGES, value_parser = positive(), allow_negative_numbers = true)]
     pub val_images: usize,
-    /// Budget: policy BOPs at most this (e.g. 1.2e9, 1.2G, 800M).
-    #[arg(long, group = "budget")]
-    pub target_bops: Option<String>,
-    /// Budget: FP BOPs / policy BOPs at least this (64 ≈ 4-bit equivalent).
-    #[arg(long, group = "budget", allow_negative_numbers = true)]
-    pub target_compression: Option<f64>,
-    /// Budget: model size at most this many MB.
-    #[arg(long, group = "budget", allow_negative_numbers = true)]
-    pub target_size_mb: Option<f64>,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
     /// Several budgets in one run, as compression ratios (16,32,64) or BOPs (1.2G,600M);
     /// they share the supernet warm-up.
     #[arg(long, group = "budget", value_delimiter = ',')]
@@ -298,16 +284,8 @@ pub struct PipelineArgs {
     /// them is the run's chosen model (test top-1 is reported, never used to choose). 0: none.
     #[arg(long, default_value_t = gmpq::pipeline::TARGET_HOLDOUT, allow_negative_numbers = true)]
     pub target_holdout: usize,
-    /// Budget: FP BOPs / policy BOPs at least this (64 ≈ 4-bit equivalent; the default
-    /// when no budget is given).
-    #[arg(long, group = "budget", allow_negative_numbers = true)]
-    pub target_compression: Option<f64>,
-    /// Budget: policy BOPs at most this (e.g. 1.2G, 800M).
-    #[arg(long, group = "budget")]
-    pub target_bops: Option<String>,
-    /// Budget: model size at most this many MB.
-    #[arg(long, group = "budget", allow_negative_numbers = true)]
-    pub target_size_mb: Option<f64>,
+    #[command(flatten)]
+    pub budget: BudgetArgs,
     /// An FP teacher for the search (instead of training one on the proxy).
     #[arg(long)]
     pub teacher: Option<PathBuf>,

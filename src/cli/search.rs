@@ -97,9 +97,9 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
     let spec = super::commands::parse_spec(&a.data)?;
 
     let mut targets: Vec<Target> = parse_target(
-        a.target_bops.as_deref(),
-        a.target_compression,
-        a.target_size_mb,
+        a.budget.target_bops.as_deref(),
+        a.budget.target_compression,
+        a.budget.target_size_mb,
     )?
     .into_iter()
     .collect();
@@ -298,9 +298,9 @@ pub fn extract_cmd(a: ExtractArgs) -> Result<()> {
         (None, None) => bail!("{}: no meta.model_config or meta.teacher", path.display()),
     };
     let target = parse_target(
-        a.target_bops.as_deref(),
-        a.target_compression,
-        a.target_size_mb,
+        a.budget.target_bops.as_deref(),
+        a.budget.target_compression,
+        a.budget.target_size_mb,
     )?;
     if a.rank {
         return rank_cmd(&a, &path, target);
