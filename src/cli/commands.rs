@@ -108,98 +108,8 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
             println!("{}", page.display());
             Ok(())
         }
-        Command::Info => {
-            println!("gmpq {}", env!("CARGO_PKG_VERSION"));
-            match gmpq::runtime::loaded_libtorch() {
-                Some((lib, version)) => println!(
-                    "libtorch: {} ({})",
-                    version
-                        .as_deref()
-                        .unwrap_or("version not recorded beside it"),
-                    lib.display()
-                ),
-                None => println!(
-                    "libtorch: loaded, but its library was not found in the process's memory map"
-                ),
-            }
-            println!("threads: {}", tch::get_num_threads());
-            for var in [
-                gmpq::runtime::OMP_WAIT_POLICY,
-                gmpq::runtime::GOMP_SPINCOUNT,
-            ] {
-                let value = std::env::var(var).unwrap_or_else(|_| "(unset)".into());
-                println!("{var}: {value}");
-            }
-            println!("cuda available: {}", tch::Cuda::is_available());
-            println!("cuda devices: {}", tch::Cuda::device_count());
-            println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
-            println!("device: {device:?}");
-            if let Some(g) = gmpq::dist::current() {
-                // One all-reduce of every rank's number: proves the group computes.
-                let t = tch::Tensor::from_slice(&[g.rank as f64 + 1.0]);
-                let started = std::time::Instant::now();
-                g.all_reduce_sum(&t)?;
-                let sum = t.double_value(&[0]);
-                let expected = (g.world * (g.world + 1) / 2) as f64;
-                println!(
-                    "process group: rank {} of {} ({:?}), all-reduce check {} ({sum} = {expected}, {:.1} ms)",
-                    g.rank,
-                    g.world,
-                    g.backend,
-                    if sum == expected { "passed" } else { "FAILED" },
-                    started.elapsed().as_secs_f64() * 1e3
-                );
-                if sum != expected {
-                    bail!("the process group's all-reduce gave {sum}, not {expected}");
-                }
-            } else {
-                println!("process group: none (a single process)");
-            }
-            match gmpq::engine::runtime_library()
-                .and_then(|lib| gmpq::engine::runtime_available().map(|_| lib))
-            {
-                Ok(lib) => println!(
-                    "onnx runtime: {} ({})",
-                    gmpq::engine::runtime_build_info().unwrap_or("build info unavailable"),
-                    lib.display()
-                ),
-                Err(e) => println!("onnx runtime: unavailable ({e})"),
-            }
-            Ok(())
-        }
-        Command::Bench(BenchCommand::Train(a)) => {
-            let arch: Arch = a.model.parse()?;
-            let cfg = ModelConfig::new(arch, a.channels, a.classes, a.input_size);
-            let policy = match (&a.policy, &a.uniform) {
-                (Some(path), _) => Some(Policy::load(path)?),
-                (None, Some(u)) => Some(uniform_policy(&cfg, u)?),
-                (None, None) => None,
-            };
-            let precision = if a.supernet {
-                Precision::Supernet {
-                    candidates: a.bits.candidates()?,
-                }
-            } else if let Some(policy) = policy {
-                Precision::Fixed {
-                    policy,
-                    per_channel: false,
-                    numerics: gmpq::quant::Numerics::FakeQuant,
-                }
-            } else {
-                Precision::Full
-            };
-            let layout = a.param_layout.parse().map_err(anyhow::Error::msg)?;
-            let r = gmpq::bench::bench_train(
-                &cfg,
-                precision,
-                a.batch_size,
-                a.warmup,
-                a.steps,
-                layout,
-                device,
-            )?;
-            print_bench(&r, a.json)
-        }
+        Command::Info => info_cmd(device),
+        Command::Bench(BenchCommand::Train(a)) => bench_train_cmd(a, device),
         Command::Bench(BenchCommand::Infer(a)) => super::deploy::bench_infer_cmd(a),
         Command::Bench(BenchCommand::SearchStep(a)) => {
             let arch: Arch = a.model.parse()?;
@@ -215,6 +125,103 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
             print_bench(&r, a.json)
         }
     }
+}
+
+/// `gmpq info`: the versions loaded, the threads, the devices, the process group (checked
+/// with one all-reduce) and ONNX Runtime.
+fn info_cmd(device: tch::Device) -> Result<()> {
+    println!("gmpq {}", env!("CARGO_PKG_VERSION"));
+    match gmpq::runtime::loaded_libtorch() {
+        Some((lib, version)) => println!(
+            "libtorch: {} ({})",
+            version
+                .as_deref()
+                .unwrap_or("version not recorded beside it"),
+            lib.display()
+        ),
+        None => {
+            println!("libtorch: loaded, but its library was not found in the process's memory map")
+        }
+    }
+    println!("threads: {}", tch::get_num_threads());
+    for var in [
+        gmpq::runtime::OMP_WAIT_POLICY,
+        gmpq::runtime::GOMP_SPINCOUNT,
+    ] {
+        let value = std::env::var(var).unwrap_or_else(|_| "(unset)".into());
+        println!("{var}: {value}");
+    }
+    println!("cuda available: {}", tch::Cuda::is_available());
+    println!("cuda devices: {}", tch::Cuda::device_count());
+    println!("cudnn available: {}", tch::Cuda::cudnn_is_available());
+    println!("device: {device:?}");
+    if let Some(g) = gmpq::dist::current() {
+        // One all-reduce of every rank's number: proves the group computes.
+        let t = tch::Tensor::from_slice(&[g.rank as f64 + 1.0]);
+        let started = std::time::Instant::now();
+        g.all_reduce_sum(&t)?;
+        let sum = t.double_value(&[0]);
+        let expected = (g.world * (g.world + 1) / 2) as f64;
+        println!(
+            "process group: rank {} of {} ({:?}), all-reduce check {} ({sum} = {expected}, {:.1} ms)",
+            g.rank,
+            g.world,
+            g.backend,
+            if sum == expected { "passed" } else { "FAILED" },
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        if sum != expected {
+            bail!("the process group's all-reduce gave {sum}, not {expected}");
+        }
+    } else {
+        println!("process group: none (a single process)");
+    }
+    match gmpq::engine::runtime_library()
+        .and_then(|lib| gmpq::engine::runtime_available().map(|_| lib))
+    {
+        Ok(lib) => println!(
+            "onnx runtime: {} ({})",
+            gmpq::engine::runtime_build_info().unwrap_or("build info unavailable"),
+            lib.display()
+        ),
+        Err(e) => println!("onnx runtime: unavailable ({e})"),
+    }
+    Ok(())
+}
+
+/// `gmpq bench train`: images per second of the full training step.
+fn bench_train_cmd(a: super::BenchTrainArgs, device: tch::Device) -> Result<()> {
+    let arch: Arch = a.model.parse()?;
+    let cfg = ModelConfig::new(arch, a.channels, a.classes, a.input_size);
+    let policy = match (&a.policy, &a.uniform) {
+        (Some(path), _) => Some(Policy::load(path)?),
+        (None, Some(u)) => Some(uniform_policy(&cfg, u)?),
+        (None, None) => None,
+    };
+    let precision = if a.supernet {
+        Precision::Supernet {
+            candidates: a.bits.candidates()?,
+        }
+    } else if let Some(policy) = policy {
+        Precision::Fixed {
+            policy,
+            per_channel: false,
+            numerics: gmpq::quant::Numerics::FakeQuant,
+        }
+    } else {
+        Precision::Full
+    };
+    let layout = a.param_layout.parse().map_err(anyhow::Error::msg)?;
+    let r = gmpq::bench::bench_train(
+        &cfg,
+        precision,
+        a.batch_size,
+        a.warmup,
+        a.steps,
+        layout,
+        device,
+    )?;
+    print_bench(&r, a.json)
 }
 
 fn print_bench(r: &gmpq::bench::BenchResult, json: bool) -> Result<()> {

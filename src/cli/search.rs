@@ -108,6 +108,54 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
     }
     let (method, method_weight) =
         gmpq::search::Method::from_name(&a.method, a.hawq_images, a.hawq_samples)?;
+    let config = search_config(&a, method_weight, targets.len())?;
+    let request = SearchRequest {
+        teacher: a.teacher.clone(),
+        data: spec,
+        subset: a.subset.spec(),
+        val_images: a.val_images,
+        targets,
+        config,
+        method,
+        out: a.out.clone(),
+        command: shell_words::join(std::env::args()),
+        sensitivities_from: None,
+    };
+    let bars = Bars::new();
+    let outcome = request.run(device, &bars);
+    bars.finish();
+    let outcome = outcome?;
+    if !gmpq::dist::is_main() {
+        return Ok(()); // rank 0 reports
+    }
+    if a.json {
+        // One JSON document on stdout, whether the policies were searched now or kept.
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "written": outcome.written, "kept": outcome.kept,
+            }))?
+        );
+        return Ok(());
+    }
+    for path in &outcome.kept {
+        println!(
+            "{}: the same search finished here before, kept (delete it to search again)",
+            path.display()
+        );
+    }
+    for p in &outcome.written {
+        println!("{}", p.one_line());
+    }
+    Ok(())
+}
+
+/// The search settings the flags state: the recipe's, then each flag that overrides one.
+fn search_config(
+    a: &SearchArgs,
+    method_weight: Option<f64>,
+    targets: usize,
+) -> Result<SearchConfig> {
     let attribution_weight = match (method_weight, a.attribution_weight) {
         (Some(w), Some(given)) if given != w => bail!(
             "--method {} is the supernet search with attribution weight {w}: drop \
@@ -120,7 +168,7 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
     let config = SearchConfig {
         candidates: a.bits.candidates()?,
         epochs: a.epochs,
-        warmup_epochs: if targets.len() > 1 {
+        warmup_epochs: if targets > 1 {
             a.warmup_epochs.unwrap_or(a.epochs / 3)
         } else {
             0
@@ -176,45 +224,7 @@ pub fn search_cmd(a: SearchArgs, device: tch::Device) -> Result<()> {
     if let Some(v) = a.extraction {
         config.extraction = v;
     }
-    let request = SearchRequest {
-        teacher: a.teacher.clone(),
-        data: spec,
-        subset: a.subset.spec(),
-        val_images: a.val_images,
-        targets,
-        config,
-        method,
-        out: a.out.clone(),
-        command: shell_words::join(std::env::args()),
-        sensitivities_from: None,
-    };
-    let bars = Bars::new();
-    let outcome = request.run(device, &bars);
-    bars.finish();
-    let outcome = outcome?;
-    if !gmpq::dist::is_main() {
-        return Ok(()); // rank 0 reports
-    }
-    if a.json {
-        // One JSON document on stdout, whether the policies were searched now or kept.
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "written": outcome.written, "kept": outcome.kept,
-            }))?
-        );
-        return Ok(());
-    }
-    for path in &outcome.kept {
-        println!(
-            "{}: the same search finished here before, kept (delete it to search again)",
-            path.display()
-        );
-    }
-    for p in &outcome.written {
-        println!("{}", p.one_line());
-    }
-    Ok(())
+    Ok(config)
 }
 
 /// `gmpq extract --rank`: the ranked choice among a finished search's candidates.
