@@ -282,6 +282,57 @@ impl CpuInfo {
     }
 }
 
+/// A checkpoint of `net` as the exporter reads it (identity normalisation: the benchmark
+/// feeds the network's input directly).
+fn bench_checkpoint(config: &ModelConfig, net: &quant::Network) -> crate::checkpoint::Checkpoint {
+    use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
+    let mut meta = CheckpointMeta::new(
+        config.clone(),
+        crate::data::Pipeline {
+            transforms: vec![],
+            normalize: crate::data::Normalize::identity(config.in_channels),
+        },
+    );
+    meta.precision = Some(net.precision.clone());
+    Checkpoint {
+        meta,
+        tensors: checkpoint::var_store_tensors(&net.vs),
+    }
+}
+
+/// An ONNX Runtime session of `net`'s export, and the op types of the graph ONNX Runtime
+/// optimized it to (`what` names the dump file).
+fn optimized_session(
+    config: &ModelConfig,
+    net: &quant::Network,
+    what: &str,
+    opts: &crate::engine::SessionOptions,
+) -> Result<
+    (
+        crate::engine::OnnxModel,
+        std::collections::BTreeMap<String, usize>,
+    ),
+    TrainError,
+> {
+    use crate::export::onnx::{self, OnnxOptions};
+    let invalid = |e: &dyn std::fmt::Display| TrainError::Invalid(e.to_string());
+    let bytes = onnx::export(&bench_checkpoint(config, net), net, OnnxOptions::default())
+        .map_err(|e| invalid(&e))?;
+    let dump =
+        std::env::temp_dir().join(format!("gmpq-{what}-optimized-{}.onnx", std::process::id()));
+    let session = crate::engine::OnnxModel::from_bytes(
+        &bytes,
+        &crate::engine::SessionOptions {
+            optimized_model: Some(dump.clone()),
+            ..opts.clone()
+        },
+    )
+    .map_err(|e| invalid(&e))?;
+    let ops = crate::engine::op_counts(&dump).map_err(|e| invalid(&e));
+    let _ = std::fs::remove_file(&dump);
+    Ok((session, ops?))
+}
+
 /// Times inference of `config` (random weights; speed does not depend on their values)
 /// three ways: gmpq's FP32 libtorch network, its FP32 ONNX export and its QDQ export under
 /// `policy`, both through ONNX Runtime with `threads` intra-op threads.
@@ -293,7 +344,6 @@ pub fn bench_infer(
     steps: usize,
     threads: usize,
 ) -> Result<InferReport, TrainError> {
-    use crate::checkpoint::{self, Checkpoint, CheckpointMeta};
     use crate::engine::{OnnxModel, SessionOptions};
     use crate::export::onnx::{self, OnnxOptions};
     let invalid = |e: &dyn std::fmt::Display| TrainError::Invalid(e.to_string());
@@ -323,47 +373,16 @@ pub fn bench_infer(
     // integer network's 8-bit ranges.
     let _ = tch::no_grad(|| fixed.net.forward_t(&probe, false));
     integer.calibrate_ranges(std::slice::from_ref(&probe));
-    let checkpoint_of = |net: &quant::Network| {
-        let mut meta = CheckpointMeta::new(
-            config.clone(),
-            crate::data::Pipeline {
-                transforms: vec![],
-                normalize: crate::data::Normalize::identity(config.in_channels),
-            },
-        );
-        meta.precision = Some(net.precision.clone());
-        Checkpoint {
-            meta,
-            tensors: checkpoint::var_store_tensors(&net.vs),
-        }
-    };
-    let fp_onnx =
-        onnx::export(&checkpoint_of(&fp), &fp, OnnxOptions::default()).map_err(|e| invalid(&e))?;
+    let fp_onnx = onnx::export(&bench_checkpoint(config, &fp), &fp, OnnxOptions::default())
+        .map_err(|e| invalid(&e))?;
     let opts = SessionOptions {
         threads,
         optimized_model: None,
     };
     let mut fp_session = OnnxModel::from_bytes(&fp_onnx, &opts).map_err(|e| invalid(&e))?;
-    // A session, and the op types of the graph ONNX Runtime optimized it to.
-    let session_of = |net: &quant::Network, what: &str| {
-        let bytes = onnx::export(&checkpoint_of(net), net, OnnxOptions::default())
-            .map_err(|e| invalid(&e))?;
-        let dump =
-            std::env::temp_dir().join(format!("gmpq-{what}-optimized-{}.onnx", std::process::id()));
-        let session = OnnxModel::from_bytes(
-            &bytes,
-            &SessionOptions {
-                optimized_model: Some(dump.clone()),
-                ..opts.clone()
-            },
-        )
-        .map_err(|e| invalid(&e))?;
-        let ops = crate::engine::op_counts(&dump).map_err(|e| invalid(&e));
-        let _ = std::fs::remove_file(&dump);
-        Ok::<_, TrainError>((session, ops?))
-    };
-    let (mut qdq_session, qdq_optimized_ops) = session_of(&fixed, "qdq")?;
-    let (mut integer_session, integer_optimized_ops) = session_of(&integer, "integer")?;
+    let (mut qdq_session, qdq_optimized_ops) = optimized_session(config, &fixed, "qdq", &opts)?;
+    let (mut integer_session, integer_optimized_ops) =
+        optimized_session(config, &integer, "integer", &opts)?;
     let mut results = Vec::new();
     for &batch in batch_sizes {
         let x = Tensor::rand(
