@@ -97,7 +97,10 @@ pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, PipelineError> {
         )
     })?;
     let assets = layout.report_assets();
-    std::fs::create_dir_all(&assets).map_err(|e| file_error(&assets, e))?;
+    std::fs::create_dir_all(&assets).map_err(|source| PipelineError::Write {
+        path: assets.clone(),
+        source,
+    })?;
     let arms = record.arms.clone();
     let summary = RunSummary::collect(&layout, &arms)?;
     let mut page = String::new();
@@ -116,7 +119,10 @@ pub fn write_run_report(run_dir: &Path) -> Result<PathBuf, PipelineError> {
     heatmap_section(&mut page, &layout, &arms, &searches)?;
     stages_section(&mut page, &record);
     let out = layout.report();
-    crate::files::write_atomic(&out, page.as_bytes()).map_err(|e| file_error(&out, e))?;
+    crate::files::write_atomic(&out, page.as_bytes()).map_err(|source| PipelineError::Write {
+        path: out.clone(),
+        source,
+    })?;
     Ok(out)
 }
 

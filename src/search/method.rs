@@ -262,6 +262,12 @@ impl Allocator for Supernet {
     }
 }
 
+/// How many of `available` proxy training images a sensitivity analysis asked for `requested`
+/// measures on (the first ones of the subset; at least one where there is one).
+pub fn analysis_images(requested: usize, available: usize) -> usize {
+    requested.clamp(1, available.max(1)).min(available)
+}
+
 /// The settings HAWQ and uniform-fill share.
 pub struct Sensitivity {
     pub candidates: Candidates,
@@ -290,12 +296,12 @@ impl Sensitivity {
             candidates: self.candidates.clone(),
             samples: self.samples,
         };
-        let n = self.images.clamp(1, proxy.train_indices.len().max(1));
+        let n = analysis_images(self.images, proxy.train_indices.len());
         let run = hawq::run(
             input.teacher,
             hawq::ProxyImages {
                 source: proxy.source,
-                indices: &proxy.train_indices[..n.min(proxy.train_indices.len())],
+                indices: &proxy.train_indices[..n],
             },
             input.targets,
             &settings,

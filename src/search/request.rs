@@ -358,7 +358,8 @@ impl SearchRequest {
                 let train_indices = stratified_subset(train.as_ref(), &self.subset)?;
                 if let Reads::ProxyTrain { images } = reads {
                     // The analyses measure on training images only: no held-out split.
-                    let key = self.analysis_key(images.clamp(1, train_indices.len().max(1)));
+                    let key = self
+                        .analysis_key(search::method::analysis_images(images, train_indices.len()));
                     let reused = key.as_ref().and_then(|k| self.reusable_sensitivities(k));
                     analysis = key.map(|k| (k, reused));
                     Some(ProxyData {

@@ -180,12 +180,7 @@ impl StudyRun {
             return Ok(false);
         }
         let summary = RunSummary::collect(&layout, arms)?;
-        let trained = arms.iter().all(|arm| {
-            summary
-                .arms
-                .iter()
-                .any(|s| s.arm == *arm && finished_top1(s, finetune_epochs).is_some())
-        });
+        let trained = every_arm_finished(&summary, arms, finetune_epochs);
         // The run's summary and report were written after every arm, not before an arm was
         // added to the study (or before a pass that failed after its fine-tunings).
         let reported = std::fs::read(layout.summary())
@@ -197,6 +192,16 @@ impl StudyRun {
             });
         Ok(trained && reported)
     }
+}
+
+/// Whether every arm of `arms` has run all its `finetune_epochs` in the run `summary` describes.
+fn every_arm_finished(summary: &RunSummary, arms: &[Arm], finetune_epochs: usize) -> bool {
+    arms.iter().all(|arm| {
+        summary
+            .arms
+            .iter()
+            .any(|s| s.arm == *arm && finished_top1(s, finetune_epochs).is_some())
+    })
 }
 
 /// An arm's accuracy once its fine-tuning has run all `finetune_epochs`: a half-trained

@@ -1,7 +1,7 @@
 //! The study's tables from its runs' records: one row per arm and run, the mean and spread
 //! per (pair, budget, arm), the paired differences, written as CSV, JSON and Markdown.
 
-use super::{finished_top1, StudyError, StudyRun};
+use super::{every_arm_finished, finished_top1, StudyError, StudyRun};
 use crate::pipeline::{Arm, ArmSummary, RunLayout, RunSummary};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -63,11 +63,7 @@ pub fn collect(
         let s = RunSummary::collect(&RunLayout::new(&r.dir), arms)?;
         // The run's chosen model, as one more row (runs with a validation split), once every
         // arm has finished: a choice among some arms is not the run's.
-        let all_finished = arms.iter().all(|arm| {
-            s.arms
-                .iter()
-                .any(|a| a.arm == *arm && finished_top1(a, finetune_epochs).is_some())
-        });
+        let all_finished = every_arm_finished(&s, arms, finetune_epochs);
         let chosen = s
             .chosen
             .filter(|_| all_finished)

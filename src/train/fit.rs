@@ -102,8 +102,14 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
         g.broadcast_var_store(&network.vs)?;
     }
 
-    let mut meta = first_meta(&job, eval_pipe.clone(), train_json, start_epoch, &history);
-    meta.calibration = calibration;
+    let mut meta = first_meta(
+        &job,
+        eval_pipe.clone(),
+        train_json,
+        start_epoch,
+        &history,
+        calibration,
+    );
     for epoch in start_epoch..cfg.epochs {
         let started = Instant::now();
         let totals = run.train_epoch(epoch, &mut opt, &train_pipe)?;
@@ -136,13 +142,15 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
     Ok(meta)
 }
 
-/// The checkpoint metadata of a run about to train from `epoch` with `history` behind it.
+/// The checkpoint metadata of a run about to train from `epoch` with `history` behind it and
+/// its quantizers calibrated as `calibration` records.
 fn first_meta(
     job: &TrainJob,
     eval_pipeline: Pipeline,
     train: serde_json::Value,
     epoch: usize,
     history: &[EpochMetrics],
+    calibration: Option<Vec<LayerCalibration>>,
 ) -> CheckpointMeta {
     CheckpointMeta {
         format: checkpoint::FORMAT_VERSION,
@@ -157,7 +165,7 @@ fn first_meta(
             .as_ref()
             .map(|i| format!("fine-tuned from {}", i.checkpoint.display())),
         precision: (job.precision != Precision::Full).then(|| job.precision.clone()),
-        calibration: None,
+        calibration,
         class_names: job.class_names.clone(),
     }
 }

@@ -5,7 +5,7 @@
 use super::{evaluate_with_predictions, EvalMetrics, Result, TrainError};
 use crate::checkpoint::Checkpoint;
 use crate::data::{stratified_subset, DataLoader, DatasetSpec, LoaderConfig, Split, SubsetSpec};
-use crate::policy::{LayerCalibration, Numerics, PolicySource, PolicyTotals, Precision};
+use crate::policy::{Numerics, PolicySource, PolicyTotals, Precision};
 use crate::quant::{self, CalibrationMethod};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,8 +42,6 @@ pub struct PtqOutcome {
     pub top1_drop: f64,
     pub totals: PolicyTotals,
     pub calibration: CalibrationMethod,
-    #[serde(skip)]
-    pub layers: Vec<LayerCalibration>,
 }
 
 impl PtqRequest {
@@ -108,7 +106,7 @@ impl PtqRequest {
 
         let mut meta = fp_ck.meta.clone();
         meta.precision = Some(q.precision.clone());
-        meta.calibration = Some(layers.clone());
+        meta.calibration = Some(layers);
         meta.train = None;
         meta.history = Vec::new();
         meta.source = Some(format!("calibrated from {}", self.checkpoint.display()));
@@ -132,7 +130,6 @@ impl PtqRequest {
             top1_drop: fp.top1 - quantized.top1,
             totals,
             calibration: self.calibration,
-            layers,
         })
     }
 }
