@@ -115,3 +115,74 @@ fn a_circle_is_found() {
     let cycle = cycle_from(&graph, "policy").expect("policy → search → policy");
     assert_eq!(cycle.first(), cycle.last());
 }
+
+/// The CLI's files → the sibling files each names through `super::` (`mod` for an item of
+/// `cli/mod.rs`, which declares and re-exports every sibling).
+fn cli_file_graph() -> BTreeMap<String, BTreeSet<String>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/cli");
+    let mut files = Vec::new();
+    rust_files(&dir, &mut files);
+    let stems: BTreeSet<String> = files
+        .iter()
+        .map(|f| f.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for f in &files {
+        let stem = f.file_stem().unwrap().to_string_lossy().into_owned();
+        let text = code(&std::fs::read_to_string(f).unwrap());
+        let deps = graph.entry(stem.clone()).or_default();
+        if stem == "mod" {
+            deps.extend(stems.iter().filter(|s| *s != "mod").cloned());
+            continue;
+        }
+        // A test module's `use super::…` names its own file.
+        let text = text.split("#[cfg(test)]").next().unwrap_or_default();
+        for (i, _) in text.match_indices("super::") {
+            let name: String = text[i + 7..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if name.is_empty() {
+                continue; // `super::{…}`: read below
+            }
+            deps.insert(if stems.contains(&name) {
+                name
+            } else {
+                "mod".into()
+            });
+        }
+        for (i, _) in text.match_indices("super::{") {
+            let list: String = text[i + 8..].chars().take_while(|c| *c != '}').collect();
+            for name in list
+                .split(',')
+                .map(|n| n.trim().split("::").next().unwrap_or(""))
+            {
+                if !name.is_empty() {
+                    let name = name.to_string();
+                    deps.insert(if stems.contains(&name) {
+                        name
+                    } else {
+                        "mod".into()
+                    });
+                }
+            }
+        }
+        deps.remove(&stem);
+    }
+    graph
+}
+
+/// The CLI's files use each other in one direction: commands → the printing files → args.
+#[test]
+fn no_import_circle_between_the_cli_files() {
+    let graph = cli_file_graph();
+    assert!(
+        graph.len() >= 5 && graph["commands"].contains("args"),
+        "the scan found the files: {graph:?}"
+    );
+    for file in graph.keys() {
+        if let Some(cycle) = cycle_from(&graph, file) {
+            panic!("import circle in src/cli: {}", cycle.join(" → "));
+        }
+    }
+}

@@ -1,449 +1,77 @@
-//! The commands' arguments: each command's flags, with their help, defaults and parsers.
+//! The arguments the CLI itself owns: what it prints and the few commands that are one
+//! library call. Each other command's flags are its library settings type (derived with
+//! the `cli` feature), e.g. `gmpq::train::TrainArgs`.
 
-use clap::builder::TypedValueParser as _;
-use clap::Args;
+use clap::{Args, Parser, Subcommand};
+use gmpq::bops::BopsArgs;
+use gmpq::data::SubsetCmdArgs;
+use gmpq::engine::EvalArgs;
+use gmpq::export::ExportArgs;
+use gmpq::import::ImportArgs;
+use gmpq::predict::PredictArgs;
+use gmpq::search::{ExtractArgs, SearchArgs};
+use gmpq::study::StudyArgs;
+use gmpq::train::{FinetuneArgs, QuantizeArgs, TrainArgs};
 use std::path::PathBuf;
 
 #[derive(Debug, Args)]
-pub struct PredictArgs {
-    /// The model: a checkpoint or packed file (.safetensors, runs in libtorch) or an ONNX
-    /// model exported by gmpq export (.onnx, runs in ONNX Runtime).
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Image files (PNG or JPEG).
-    #[arg(required = true)]
-    pub images: Vec<PathBuf>,
-    /// How many classes to show per image.
-    #[arg(long, default_value_t = 5, value_parser = positive(), allow_negative_numbers = true)]
-    pub top: usize,
-    /// Print the predictions as one JSON document on stdout.
-    #[arg(long)]
-    pub json: bool,
-}
-
-/// Export formats.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ExportFormat {
-    /// ONNX (opset 21): the integer graph, or QDQ for a fake-quant checkpoint.
-    Onnx,
-    /// safetensors with bit-packed kernels (`gmpq eval` and `gmpq export` read it).
-    Packed,
-}
-
-#[derive(Debug, Args)]
-pub struct ExportArgs {
-    /// The fine-tuned (fixed-policy) checkpoint, or a packed one.
+pub struct AttributionArgs {
+    /// The network whose attribution maps to draw (a checkpoint of train, finetune, import
+    /// or quantize).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// What to write.
-    #[arg(long, value_enum, default_value = "onnx")]
-    pub format: ExportFormat,
-    /// With --format onnx: the float network, quantizers left out (for comparison).
+    /// A second checkpoint to show beside the first (e.g. the FP teacher).
     #[arg(long)]
-    pub fp: bool,
-    /// Output file (.onnx or .safetensors).
-    #[arg(long)]
-    pub out: PathBuf,
-}
-
-/// The bit candidates of a supernet search (or a HAWQ allocation).
-#[derive(Debug, Clone, Args)]
-pub struct BitCandidateArgs {
-    /// Weight bit candidates, comma-separated.
-    #[arg(long, value_delimiter = ',', value_parser = bit_width(), default_values_t = gmpq::policy::DEFAULT_CANDIDATES)]
-    pub w_bits: Vec<u32>,
-    /// Activation bit candidates, comma-separated.
-    #[arg(long, value_delimiter = ',', value_parser = bit_width(), default_values_t = gmpq::policy::DEFAULT_CANDIDATES)]
-    pub a_bits: Vec<u32>,
-}
-
-impl BitCandidateArgs {
-    /// The candidate sets, sorted and without repeats.
-    pub fn candidates(&self) -> Result<gmpq::policy::Candidates, gmpq::policy::PolicyError> {
-        gmpq::policy::Candidates::new(&self.w_bits, &self.a_bits)
-    }
-}
-
-/// A count that must be at least 1 (clap names the flag when it is not).
-pub(super) fn positive() -> impl clap::builder::TypedValueParser<Value = usize> {
-    clap::builder::StringValueParser::new().try_map(|s| match s.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".to_string()),
-        Ok(n) => Ok(n),
-        Err(_) => Err("expected a whole number, at least 1".to_string()),
-    })
-}
-
-/// One bit width of a candidate list, in `policy::BIT_RANGE`.
-pub(super) fn bit_width() -> clap::builder::RangedI64ValueParser<u32> {
-    let r = gmpq::policy::BIT_RANGE;
-    clap::value_parser!(u32).range(i64::from(*r.start())..=i64::from(*r.end()))
-}
-
-/// Dataset splits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SplitArg {
-    Train,
-    Test,
-    /// Image folders' val/ (their test images).
-    Val,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct ModelArgs {
-    /// resnet20, resnet32, resnet56, resnet18, resnet50, mobilenetv2 or efficientnet-lite0
-    /// [default: resnet20].
-    #[arg(long)]
-    pub model: Option<String>,
-    /// Square input resolution [default: 32].
-    #[arg(long, alias = "input", value_parser = positive(), allow_negative_numbers = true)]
-    pub input_size: Option<usize>,
-    /// Input channels [default: 3].
-    #[arg(long, alias = "in-channels", value_parser = positive(), allow_negative_numbers = true)]
-    pub channels: Option<usize>,
-    /// Classes the model predicts [default: 10].
-    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
-    pub classes: Option<usize>,
-    /// Stem of resnet18/50 and mobilenetv2: cifar or imagenet (default: cifar below 64 px).
-    #[arg(long)]
-    pub stem: Option<String>,
-    /// Width multiplier of mobilenetv2 [default: 1].
-    #[arg(long, allow_negative_numbers = true)]
-    pub width: Option<f64>,
-}
-
-impl ModelArgs {
-    /// The shaping options given on the command line.
-    pub fn given(&self) -> Vec<gmpq::model::options::ModelOption> {
-        use gmpq::model::options::ModelOption as O;
-        [
-            (self.model.is_some(), O::Model),
-            (self.input_size.is_some(), O::InputSize),
-            (self.channels.is_some(), O::Channels),
-            (self.classes.is_some(), O::Classes),
-            (self.stem.is_some(), O::Stem),
-            (self.width.is_some(), O::Width),
-        ]
-        .into_iter()
-        .filter_map(|(given, o)| given.then_some(o))
-        .collect()
-    }
-}
-
-#[derive(Debug, Args)]
-#[group(required = false, multiple = false)]
-pub struct PolicyChoice {
-    /// A policy JSON file.
-    #[arg(long)]
-    pub policy: Option<PathBuf>,
-    /// A uniform policy: w4a4, w8a8, w2a2, …
-    #[arg(long)]
-    pub uniform: Option<String>,
-}
-
-#[derive(Debug, Args)]
-pub struct BopsArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    #[command(flatten)]
-    pub policy: PolicyChoice,
-    /// Read model and policy from a quantized checkpoint instead.
-    #[arg(long, conflicts_with_all = ["policy", "uniform"])]
-    pub checkpoint: Option<PathBuf>,
-    /// Also draw the per-layer bit allocation as an SVG chart.
-    #[arg(long)]
-    pub chart: Option<PathBuf>,
-    /// Print the result as one JSON document on stdout.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct QuantizeArgs {
-    /// Full-precision checkpoint (from `gmpq train` or `gmpq import`).
-    #[arg(long)]
-    pub checkpoint: PathBuf,
-    #[command(flatten)]
-    pub policy: PolicyChoice,
-    /// Data to calibrate on (its train split), KIND:PATH.
-    #[arg(long)]
-    pub calib_data: String,
-    /// Calibration images (a stratified subset of the train split).
-    #[arg(long = "calib-limit", value_name = "N", alias = "calib-images", default_value_t = gmpq::train::CALIBRATION_IMAGES, value_parser = positive(), allow_negative_numbers = true)]
-    pub calib_images: usize,
-    /// How the activation clips are calibrated.
-    #[arg(long, value_enum, default_value = "kl")]
-    pub calibration: gmpq::quant::CalibrationMethod,
-    /// Per-output-channel weight thresholds (the reference is per tensor).
-    #[arg(long)]
-    pub per_channel: bool,
-    /// integer (default): batch norm folded, int32 biases and every conv output and residual
-    /// sum re-quantized, exactly what the exported graph's integer kernels compute;
-    /// fake-quant: the reference's float batch norm and residuals (slower to deploy).
-    #[arg(long, default_value = "integer", value_parser = parse_numerics)]
-    pub numerics: gmpq::quant::Numerics,
-    /// Data to evaluate on (its test split; default: --calib-data).
-    #[arg(long)]
-    pub eval_data: Option<String>,
-    /// Evaluate on at most this many test images (stratified).
-    #[arg(long = "test-limit", value_name = "N", alias = "eval-limit", value_parser = positive(), allow_negative_numbers = true)]
-    pub eval_limit: Option<usize>,
-    /// Where to save the quantized checkpoint.
-    #[arg(long)]
-    pub out: PathBuf,
-    /// Print the result as one JSON document on stdout.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct SubsetCmdArgs {
-    /// An IDX dataset, e.g. idx:../shared/datasets/mnist.
+    pub compare: Option<PathBuf>,
+    /// Images: KIND:PATH (its test split).
     #[arg(long)]
     pub data: String,
-    /// Training images to keep (stratified).
-    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
-    pub train: usize,
-    /// Test images to keep (stratified).
-    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
-    pub test: usize,
-    /// Seed of the draw.
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
-    pub seed: u64,
-    /// Output folder.
+    /// How many images (a stratified subset).
+    #[arg(long = "limit", value_name = "N", alias = "count", default_value_t = 6, value_parser = gmpq::flags::positive(), allow_negative_numbers = true)]
+    pub count: usize,
+    /// Output PNG.
     #[arg(long)]
     pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]
-pub struct SubsetArgs {
-    /// Use a stratified subset of this many images (proportional per class).
-    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
-    pub limit: Option<usize>,
-    /// Use at most this many images per class.
-    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
-    pub per_class: Option<usize>,
-    /// Seed of the subset draw.
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
-    pub subset_seed: u64,
-}
-
-impl TrainArgs {
-    /// The shaping options given on the command line.
-    pub fn given(&self) -> Vec<gmpq::model::options::ModelOption> {
-        use gmpq::model::options::ModelOption as O;
-        [
-            (self.model.is_some(), O::Model),
-            (self.input_size.is_some(), O::InputSize),
-            (self.rgb, O::Rgb),
-            (self.stem.is_some(), O::Stem),
-            (self.width.is_some(), O::Width),
-        ]
-        .into_iter()
-        .filter_map(|(given, o)| given.then_some(o))
-        .collect()
-    }
-}
-
-impl SubsetArgs {
-    /// The subset these flags describe (nothing held out).
-    pub fn spec(&self) -> gmpq::data::SubsetSpec {
-        gmpq::data::SubsetSpec {
-            limit: self.limit,
-            per_class: self.per_class,
-            seed: self.subset_seed,
-            holdout: 0,
-        }
-    }
-}
-
-#[derive(Debug, Args)]
-pub struct TrainArgs {
-    /// train: resnet20 (default), resnet32, resnet56, resnet18, resnet50, mobilenetv2 or
-    /// efficientnet-lite0. finetune takes the model from --init and refuses this flag.
-    #[arg(long)]
-    pub model: Option<String>,
-    /// Training data, KIND:PATH (the test split of the same spec is evaluated each epoch).
-    #[arg(long, default_value = "bundled:fashion-mnist")]
-    pub data: String,
-    /// Separate evaluation data (default: the test split of --data).
-    #[arg(long)]
-    pub test_data: Option<String>,
-    /// Model input resolution (default: the data's own).
-    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
-    pub input_size: Option<usize>,
-    /// Expand gray images to 3 channels.
-    #[arg(long)]
-    pub rgb: bool,
-    /// Stem of resnet18/50 and mobilenetv2: cifar or imagenet (default: cifar below 64 px).
-    #[arg(long)]
-    pub stem: Option<String>,
-    /// Width multiplier of mobilenetv2 [default: 1].
-    #[arg(long, allow_negative_numbers = true)]
-    pub width: Option<f64>,
-    /// Passes over the training images.
-    #[arg(long, default_value_t = train_defaults().epochs, value_parser = positive(), allow_negative_numbers = true)]
-    pub epochs: usize,
-    /// Images per step (of all ranks together in a data-parallel run: each of N ranks
-    /// computes B/N).
-    #[arg(long, default_value_t = train_defaults().batch_size, value_parser = positive(), allow_negative_numbers = true)]
-    pub batch_size: usize,
-    /// Learning rate [default: 0.1; finetune: 0.01].
-    #[arg(long, allow_negative_numbers = true)]
-    pub lr: Option<f64>,
-    /// SGD momentum.
-    #[arg(long, default_value_t = train_defaults().momentum, allow_negative_numbers = true)]
-    pub momentum: f64,
-    /// Weight decay [default: 5e-4; finetune: 4e-5].
-    #[arg(long = "wd", value_name = "WD", allow_negative_numbers = true)]
-    pub weight_decay: Option<f64>,
-    /// cosine, constant, or step:EPOCHS:GAMMA (e.g. step:10:0.1).
-    #[arg(long, default_value = "cosine")]
-    pub schedule: String,
-    /// Random-crop padding in pixels (0 disables random crops).
-    #[arg(long, default_value_t = train_defaults().augment.crop_padding, allow_negative_numbers = true)]
-    pub crop_padding: usize,
-    /// Random horizontal flips (not for digits).
-    #[arg(long)]
-    pub hflip: bool,
-    /// Seed of the weights, the batches and the augmentation.
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
-    pub seed: u64,
-    #[command(flatten)]
-    pub subset: SubsetArgs,
-    /// Hold out this many training images (a fixed stratified draw, the same for every
-    /// seed) for validation: never trained on, evaluated after each epoch (val top-1).
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
-    pub holdout: usize,
-    /// Evaluate on at most this many test images (stratified).
-    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
-    pub test_limit: Option<usize>,
-    /// Output folder (checkpoint last.safetensors + last.json); default runs/train (train),
-    /// runs/finetune (finetune).
-    #[arg(long)]
-    pub out: Option<PathBuf>,
-    /// Continue from the last complete epoch in --out.
-    #[arg(long)]
-    pub resume: bool,
-    /// Print the final metrics as JSON on stdout.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct FinetuneArgs {
-    /// Full-precision checkpoint to start from (from `gmpq train` or `gmpq import`).
-    #[arg(long)]
-    pub init: PathBuf,
-    #[command(flatten)]
-    pub policy: PolicyChoice,
-    /// How the activation clips are calibrated.
-    #[arg(long, value_enum, default_value = "kl")]
-    pub calibration: gmpq::quant::CalibrationMethod,
-    /// Training images used to calibrate before fine-tuning.
-    #[arg(long = "calib-limit", value_name = "N", alias = "calib-images", default_value_t = gmpq::train::CALIBRATION_IMAGES, value_parser = positive(), allow_negative_numbers = true)]
-    pub calib_images: usize,
-    /// Per-output-channel weight thresholds.
-    #[arg(long)]
-    pub per_channel: bool,
-    /// integer (default): batch norm folded, int32 biases and every conv output and residual
-    /// sum re-quantized, exactly what the exported graph's integer kernels compute;
-    /// fake-quant: the reference's float batch norm and residuals (slower to deploy).
-    #[arg(long, default_value = "integer", value_parser = parse_numerics)]
-    pub numerics: gmpq::quant::Numerics,
-    #[command(flatten)]
-    pub train: TrainArgs,
-}
-
-#[derive(Debug, Args)]
-#[command(group(clap::ArgGroup::new("model").required(true).multiple(true).args(["checkpoint", "onnx"])))]
-pub struct EvalArgs {
-    /// A gmpq checkpoint (full precision, fine-tuned, or packed).
-    #[arg(long)]
-    pub checkpoint: Option<PathBuf>,
-    /// An ONNX model from `gmpq export`, run through ONNX Runtime. With --checkpoint too,
-    /// both run on the same batches and their agreement is reported.
-    #[arg(long)]
-    pub onnx: Option<PathBuf>,
-    /// KIND:PATH of the data to evaluate on.
-    #[arg(long)]
-    pub data: String,
-    /// train, test, or val (image folders: their val/ folder, the same as test).
-    #[arg(long, value_enum, default_value = "test")]
-    pub split: SplitArg,
-    #[command(flatten)]
-    pub subset: SubsetArgs,
-    /// Images per forward pass.
-    #[arg(long, default_value_t = 256, value_parser = positive(), allow_negative_numbers = true)]
-    pub batch_size: usize,
-    /// Print the result as one JSON document on stdout.
-    #[arg(long)]
-    pub json: bool,
-}
-
-#[derive(Debug, Args)]
-pub struct ImportArgs {
-    /// resnet18, resnet50, mobilenetv2 or efficientnet-lite0.
-    #[arg(long)]
-    pub model: String,
-    /// A .safetensors file with the state dict.
-    #[arg(long)]
-    pub weights: PathBuf,
-    /// Output checkpoint (.safetensors).
-    #[arg(long)]
+pub struct DemoArgs {
+    /// Run folder (an interrupted demo resumes from it).
+    #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
-    /// Classes the model predicts.
-    #[arg(long, alias = "num-classes", default_value_t = 1000, value_parser = positive(), allow_negative_numbers = true)]
-    pub classes: usize,
-    /// Square input resolution (default 224; efficientnet-lite0: 224 only).
-    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
-    pub input_size: Option<usize>,
-    /// cifar or imagenet (default imagenet; not for efficientnet-lite0).
+    /// Print the summary as JSON on stdout.
     #[arg(long)]
-    pub stem: Option<String>,
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
-pub struct BenchTrainArgs {
-    /// Network to time (resnet20, resnet32, resnet56, resnet18, resnet50, mobilenetv2).
-    #[arg(long, default_value = "resnet20")]
-    pub model: String,
-    /// Images per step.
-    #[arg(long, default_value_t = 64, value_parser = positive(), allow_negative_numbers = true)]
-    pub batch_size: usize,
-    /// Input height and width in pixels.
-    #[arg(long, default_value_t = 32, value_parser = positive(), allow_negative_numbers = true)]
-    pub input_size: usize,
-    /// Input channels (1 for grey images, 3 for colour).
-    #[arg(long, default_value_t = 3, value_parser = positive(), allow_negative_numbers = true)]
-    pub channels: usize,
-    /// Output classes.
-    #[arg(long, default_value_t = 10, value_parser = positive(), allow_negative_numbers = true)]
-    pub classes: usize,
-    /// Untimed steps first (allocator and oneDNN warm-up).
-    #[arg(long, default_value_t = 5, allow_negative_numbers = true)]
-    pub warmup: usize,
-    /// Timed steps.
-    #[arg(long, default_value_t = 30, value_parser = positive(), allow_negative_numbers = true)]
-    pub steps: usize,
-    /// Time the mixed-precision supernet step instead of the full-precision one.
-    #[arg(long, conflicts_with_all = ["policy", "uniform"])]
-    pub supernet: bool,
-    /// Time the quantization-aware training step under this policy file (e.g.
-    /// bench/resnet20-mixed.json, every layer cycling through 2/3/4/6 bits).
-    #[arg(long, conflicts_with = "uniform")]
-    pub policy: Option<PathBuf>,
-    /// Time the quantization-aware training step under a uniform policy: w4a4, w2a2, …
-    #[arg(long)]
-    pub uniform: Option<String>,
+pub struct ReportArgs {
+    /// A run folder written by `gmpq pipeline` or `gmpq demo`.
+    pub run_dir: PathBuf,
+}
+
+/// `gmpq pipeline`: the library's settings, and how to print the summary.
+#[derive(Debug, Args)]
+pub struct PipelineArgs {
     #[command(flatten)]
-    pub bits: BitCandidateArgs,
-    /// Memory layout of the convolution weights: channels-last (what training uses) or
-    /// contiguous (PyTorch's default), to measure the difference.
-    #[arg(long, default_value = "channels-last", value_parser = ["channels-last", "contiguous"])]
-    pub param_layout: String,
-    /// Print the result as one JSON document on stdout.
+    pub settings: gmpq::pipeline::PipelineSettings,
+    /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Images/s of the full training step on synthetic data: full precision, a fixed
+    /// quantization policy (--policy, --uniform: the QAT step) or the supernet (--supernet).
+    Train(gmpq::bench::BenchTrainArgs),
+    /// Seconds of one full GMPQ search step on synthetic data: teacher and supernet forward,
+    /// attribution, CE + attribution + complexity loss, backward, weight and α updates.
+    SearchStep(gmpq::bench::BenchSearchStepArgs),
+    /// Inference images/s: gmpq's FP32 libtorch network, its FP32 ONNX export and its QDQ
+    /// export through ONNX Runtime (random weights), with the op types ONNX Runtime's
+    /// optimized QDQ graph runs (QLinearConv = integer convolutions).
+    Infer(gmpq::bench::BenchInferArgs),
 }
 
 pub fn init_logging(verbose: u8) {
@@ -462,25 +90,141 @@ pub fn init_logging(verbose: u8) {
         .try_init();
 }
 
-pub(super) fn parse_numerics(s: &str) -> Result<gmpq::quant::Numerics, String> {
-    s.parse()
+#[derive(Debug, Parser)]
+#[command(
+    name = "gmpq",
+    version,
+    about = "Generalizable mixed-precision quantization for CNNs (libtorch engine)",
+    long_about = "gmpq finds mixed-precision quantization policies for CNNs (GMPQ): it trains full-precision \
+        teachers, searches per-layer weight/activation bitwidths on a small proxy dataset under a BOPs, \
+        compression or size budget, and calibrates or fine-tunes the quantized network.\n\n\
+        Datasets are given as KIND:PATH, e.g. idx:data/fashion-mnist, cifar10:cifar-10-batches-bin, \
+        cifar100:cifar-100-binary, cifar100-fine-only:file.bin, folder:imagenet, imagenet-folder:samples, \
+        or bundled:mnist / bundled:fashion-mnist for the subsets shipped with gmpq."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// More log output (-v: debug, -vv: trace).
+    #[arg(short, long, global = true, help_heading = "Global options", action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
 }
 
-/// The library's training recipe, whose values are the flags' defaults.
-pub(super) fn train_defaults() -> gmpq::train::TrainConfig {
-    gmpq::train::TrainConfig::default()
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// libtorch threads (default: OMP_NUM_THREADS when set, as torchrun sets it for each rank;
+    /// else all cores).
+    #[arg(long, global = true, help_heading = "Global options", value_parser = gmpq::flags::positive(), allow_negative_numbers = true)]
+    pub threads: Option<usize>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        default_value = "auto"
+    )]
+    pub device: String,
+    /// Quantizer implementation: fused one-pass CPU kernels, or the reference's arithmetic
+    /// composed from libtorch ops (same values; for comparison and benchmarks).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        value_enum,
+        default_value = "fused"
+    )]
+    pub quant_kernels: gmpq::quant::QuantKernels,
 }
 
-/// A policy's budget, in one of three measures (METHOD.md's BOPs, compression and size).
-#[derive(Debug, Clone, Args)]
-pub struct BudgetArgs {
-    /// Budget: policy BOPs at most this (e.g. 1.2e9, 1.2G, 800M).
-    #[arg(long, group = "budget")]
-    pub target_bops: Option<String>,
-    /// Budget: FP BOPs / policy BOPs at least this (64 ≈ 4-bit equivalent).
-    #[arg(long, group = "budget", allow_negative_numbers = true)]
-    pub target_compression: Option<f64>,
-    /// Budget: model size at most this many MB.
-    #[arg(long, group = "budget", allow_negative_numbers = true)]
-    pub target_size_mb: Option<f64>,
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Train a full-precision network.
+    Train(TrainArgs),
+    /// Quantization-aware fine-tuning: a fixed-policy network initialised from FP weights,
+    /// calibrated, then trained (the model comes from --init).
+    Finetune(FinetuneArgs),
+    /// Evaluate a checkpoint on a dataset (top-1/top-5).
+    Eval(EvalArgs),
+    /// Convert pretrained weights (.safetensors state dict) to a gmpq checkpoint: torchvision
+    /// ResNet-18/50 or MobileNetV2, efficientnet_pytorch EfficientNet-Lite0.
+    Import(ImportArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// Write a stratified, seeded subset of an IDX dataset (both splits) as gzipped IDX.
+    Subset(SubsetCmdArgs),
+    /// The whole method on the bundled Fashion-MNIST subset in a few minutes: teachers, GMPQ
+    /// search on a 1,000-image proxy, fine-tuning, the uniform and EdMIPS baselines, a report
+    /// (the README's main job).
+    Demo(DemoArgs),
+    /// The whole method into one run folder: FP teacher on the proxy → search → FP teacher on
+    /// the target → fine-tune with the policy → evaluate → report. Finished stages are skipped,
+    /// so an interrupted pipeline resumes; --baseline adds comparison arms. Without a budget,
+    /// compression 64.
+    Pipeline(PipelineArgs),
+    /// Write the HTML report of a pipeline run folder (report.html, charts in report/).
+    Report(ReportArgs),
+    /// The generalisation study: shared teachers, one pipeline per (proxy → target pair,
+    /// budget, seed) with every arm, and one results table (results.csv, results.json,
+    /// study.html). Resumes after an interruption.
+    Study(StudyArgs),
+    /// Engine facts: versions, threads, OpenMP wait policy, CUDA.
+    Info,
+    /// Per-layer MACs, params, bits, BOPs and size of a model under a policy, with totals.
+    Bops(BopsArgs),
+    /// Quantize a full-precision checkpoint to a fixed policy by calibration alone (no
+    /// training), evaluate it next to the FP model, and save it.
+    Quantize(QuantizeArgs),
+    /// GMPQ search: find a per-layer bit policy on a small proxy dataset, guided by a
+    /// full-precision teacher's attribution, that meets a BOPs / compression / size budget.
+    Search(SearchArgs),
+    /// Take a policy again from a finished search's saved α, under another rule or budget
+    /// (default: the search's own), without searching again.
+    Extract(ExtractArgs),
+    /// Render attribution (CAM) heatmaps of a checkpoint on some images.
+    Attribution(AttributionArgs),
+    /// The top classes a model gives image files (PNG or JPEG): a gmpq checkpoint, a packed
+    /// file or an exported ONNX model, each with the preprocessing its metadata records.
+    Predict(PredictArgs),
+    /// Ship a fine-tuned checkpoint: an ONNX graph (integer numerics: QDQ units ONNX Runtime
+    /// runs as QLinearConv/QLinearAdd; fake-quant: QDQ around each conv's input, run as float
+    /// convs; --fp for the float network; docs/DEPLOY.md) or a packed safetensors file whose
+    /// kernels are stored at their policy bitwidth (an integer model's is the ONNX graph).
+    Export(ExportArgs),
+}
+
+#[cfg(test)]
+mod help_tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    fn undescribed(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
+        let path = format!("{path} {}", cmd.get_name());
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" || arg.is_hide_set() {
+                continue;
+            }
+            if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                out.push(format!("{path} --{}", arg.get_long().unwrap_or(id)));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            undescribed(sub, &path, out);
+        }
+    }
+
+    /// Every flag of every command says what it does (`--help` is the reference).
+    #[test]
+    fn every_flag_is_described() {
+        let mut missing = Vec::new();
+        undescribed(&Cli::command(), "", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "flags without a description:\n{}",
+            missing.join("\n")
+        );
+    }
 }

@@ -1,19 +1,16 @@
 //! One function per command; each turns arguments into library calls.
 
+use super::args::{BenchCommand, Cli, Command};
 use super::progress::TrainBars;
-use super::{
-    BenchCommand, BopsArgs, Cli, Command, EvalArgs, FinetuneArgs, ImportArgs, ModelArgs,
-    PolicyChoice, QuantizeArgs, SplitArg, SubsetCmdArgs, TrainArgs,
-};
 use anyhow::{bail, Context, Result};
-use gmpq::checkpoint::Checkpoint;
-use gmpq::data::{stratified_subset, DatasetSpec, ImageSource, Split, SubsetSpec};
-use gmpq::model::options::{check_options, ModelOption, ModelSource};
-use gmpq::model::Model;
-use gmpq::model::{Arch, ModelConfig, Stem};
-use gmpq::policy::{LayerCost, Policy, PolicyError, PolicySource, PolicyTotals};
-use gmpq::quant::Precision;
-use gmpq::train::{self, Augment, TrainRequest};
+use gmpq::bops::BopsArgs;
+use gmpq::data::{
+    parse_spec_flag, stratified_subset, ImageSource, Split, SubsetCmdArgs, SubsetSpec,
+};
+use gmpq::engine::EvalArgs;
+use gmpq::import::ImportArgs;
+use gmpq::policy::{LayerCost, PolicyTotals};
+use gmpq::train::{FinetuneArgs, QuantizeArgs, TrainArgs, TrainRequest};
 
 pub fn run(cli: Cli) -> Result<()> {
     if let (Some(n), Ok(cores)) = (cli.engine.threads, std::thread::available_parallelism()) {
@@ -109,21 +106,9 @@ pub(super) fn dispatch(command: Command, device: tch::Device) -> Result<()> {
             Ok(())
         }
         Command::Info => info_cmd(device),
-        Command::Bench(BenchCommand::Train(a)) => bench_train_cmd(a, device),
+        Command::Bench(BenchCommand::Train(a)) => print_bench(&a.run(device)?, a.json),
         Command::Bench(BenchCommand::Infer(a)) => super::deploy::bench_infer_cmd(a),
-        Command::Bench(BenchCommand::SearchStep(a)) => {
-            let arch: Arch = a.model.parse()?;
-            let cfg = ModelConfig::new(arch, a.channels, a.classes, a.input_size);
-            let r = gmpq::bench::bench_search_step(
-                &cfg,
-                a.bits.candidates()?,
-                a.batch_size,
-                a.warmup,
-                a.steps,
-                device,
-            )?;
-            print_bench(&r, a.json)
-        }
+        Command::Bench(BenchCommand::SearchStep(a)) => print_bench(&a.run(device)?, a.json),
     }
 }
 
@@ -189,41 +174,6 @@ fn info_cmd(device: tch::Device) -> Result<()> {
     Ok(())
 }
 
-/// `gmpq bench train`: images per second of the full training step.
-fn bench_train_cmd(a: super::BenchTrainArgs, device: tch::Device) -> Result<()> {
-    let arch: Arch = a.model.parse()?;
-    let cfg = ModelConfig::new(arch, a.channels, a.classes, a.input_size);
-    let policy = match (&a.policy, &a.uniform) {
-        (Some(path), _) => Some(Policy::load(path)?),
-        (None, Some(u)) => Some(uniform_policy(&cfg, u)?),
-        (None, None) => None,
-    };
-    let precision = if a.supernet {
-        Precision::Supernet {
-            candidates: a.bits.candidates()?,
-        }
-    } else if let Some(policy) = policy {
-        Precision::Fixed {
-            policy,
-            per_channel: false,
-            numerics: gmpq::quant::Numerics::FakeQuant,
-        }
-    } else {
-        Precision::Full
-    };
-    let layout = a.param_layout.parse().map_err(anyhow::Error::msg)?;
-    let r = gmpq::bench::bench_train(
-        &cfg,
-        precision,
-        a.batch_size,
-        a.warmup,
-        a.steps,
-        layout,
-        device,
-    )?;
-    print_bench(&r, a.json)
-}
-
 fn print_bench(r: &gmpq::bench::BenchResult, json: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(r)?);
@@ -237,104 +187,29 @@ fn print_bench(r: &gmpq::bench::BenchResult, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn parse_spec(s: &str) -> Result<DatasetSpec> {
-    parse_spec_flag("--data", s)
-}
-
-/// Parses the KIND:PATH given to `flag`, naming the flag in the error.
-pub(super) fn parse_spec_flag(flag: &str, s: &str) -> Result<DatasetSpec> {
-    s.parse::<DatasetSpec>()
-        .with_context(|| format!("{flag} {s}"))
-}
-
 fn train_cmd(a: TrainArgs, device: tch::Device) -> Result<()> {
-    run_training(a, device, None)
+    let request = a.request(None)?;
+    run_training(request, a.json, device)
 }
 
-fn finetune_cmd(mut a: FinetuneArgs, device: tch::Device) -> Result<()> {
-    check_options(
-        ModelSource::File {
-            flag: "--init",
-            path: &a.init,
-        },
-        &a.train.given(),
-    )?;
-    a.train.out.get_or_insert_with(|| "runs/finetune".into());
-    let ck = Checkpoint::load(&a.init).with_context(|| format!("loading {}", a.init.display()))?;
-    let geometry = model_geometry(&ck.meta.model)?;
-    let policy = chosen_policy(&a.policy, &ck.meta.model, &geometry)?
-        .context("give --policy FILE or --uniform wXaY")?;
-    // chosen_policy has checked the policy against the model and set its totals: no second
-    // load and network build through Finetune::new.
-    let finetune = train::Finetune {
-        init: train::InitFrom {
-            checkpoint: a.init.clone(),
-            calibration: a.calibration,
-            calibration_images: a.calib_images,
-        },
-        model: ck.meta.model,
-        precision: Precision::Fixed {
-            policy,
-            per_channel: a.per_channel,
-            numerics: a.numerics,
-        },
-    };
-    run_training(a.train, device, Some(finetune))
+fn finetune_cmd(a: FinetuneArgs, device: tch::Device) -> Result<()> {
+    let json = a.train.json;
+    let init = a.init.clone();
+    let request = a
+        .request()
+        .with_context(|| format!("fine-tuning from {}", init.display()))?;
+    run_training(request, json, device)
 }
 
-/// The library's training request of `gmpq train`'s flags.
-fn train_request(a: &TrainArgs, finetune: Option<train::Finetune>) -> Result<TrainRequest> {
-    let mut r = TrainRequest::new(
-        parse_spec(&a.data)?,
-        a.out.clone().unwrap_or_else(|| "runs/train".into()),
-    );
-    r.arch = a.model.as_deref().unwrap_or("resnet20").parse()?;
-    if finetune.is_none() {
-        check_options(ModelSource::Named(r.arch), &a.given())?;
-    }
-    r.test_data = a
-        .test_data
-        .as_deref()
-        .map(|t| parse_spec_flag("--test-data", t))
-        .transpose()?;
-    r.input_size = a.input_size;
-    r.rgb = a.rgb;
-    r.stem = a.stem.as_deref().map(str::parse::<Stem>).transpose()?;
-    r.width = a.width.unwrap_or(1.0);
-    r.epochs = a.epochs;
-    r.batch_size = a.batch_size;
-    r.lr = a.lr;
-    r.momentum = a.momentum;
-    r.weight_decay = a.weight_decay;
-    r.schedule = a.schedule.parse()?;
-    r.augment = Augment {
-        crop_padding: a.crop_padding,
-        hflip: a.hflip,
-    };
-    r.seed = a.seed;
-    r.subset = SubsetSpec {
-        holdout: a.holdout,
-        ..a.subset.spec()
-    };
-    r.test_limit = a.test_limit;
-    r.resume = a.resume;
-    r.finetune = finetune;
-    Ok(r)
-}
-
-fn run_training(
-    a: TrainArgs,
-    device: tch::Device,
-    finetune: Option<train::Finetune>,
-) -> Result<()> {
+fn run_training(request: TrainRequest, json: bool, device: tch::Device) -> Result<()> {
     let bars = TrainBars::new();
-    let outcome = train_request(&a, finetune)?.run(device, &bars)?;
+    let outcome = request.run(device, &bars)?;
     if !gmpq::dist::is_main() {
         return Ok(()); // rank 0 reports
     }
     let meta = &outcome.meta;
     let last = meta.history.last().context("no epoch was run")?;
-    if a.json {
+    if json {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
@@ -351,26 +226,9 @@ fn run_training(
 }
 
 fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
-    let spec = parse_spec(&a.data)?;
-    let split = match (a.split, spec.kind) {
-        (SplitArg::Train, _) => Split::Train,
-        (SplitArg::Test, _) => Split::Test,
-        // Image folders keep their test images in val/.
-        (
-            SplitArg::Val,
-            gmpq::data::DatasetKind::Folder | gmpq::data::DatasetKind::ImagenetFolder,
-        ) => Split::Test,
-        (SplitArg::Val, _) => bail!("{spec} has train and test splits (val is for image folders)"),
-    };
-    let outcome = gmpq::engine::EvalRequest {
-        data: spec.clone(),
-        split,
-        subset: a.subset.spec(),
-        checkpoint: a.checkpoint.clone(),
-        onnx: a.onnx.clone(),
-        batch_size: a.batch_size,
-    }
-    .run(device)?;
+    let request = a.request()?;
+    let spec = request.data.clone();
+    let outcome = request.run(device)?;
     match outcome {
         gmpq::engine::EvalOutcome::Both {
             checkpoint,
@@ -408,18 +266,7 @@ fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
 }
 
 fn import_cmd(a: ImportArgs) -> Result<()> {
-    let arch: Arch = a.model.parse()?;
-    if arch == Arch::EfficientNetLite0 {
-        // Its weights fix both: TF "SAME" padding is laid out for 224 px and its stem.
-        if a.input_size.is_some_and(|s| s != 224) {
-            bail!("--input-size does not apply to efficientnet-lite0 (its weights are for 224 px)");
-        }
-        if a.stem.is_some() {
-            bail!("--stem does not apply to efficientnet-lite0 (it has one stem)");
-        }
-    }
-    let mut cfg = ModelConfig::new(arch, 3, a.classes, a.input_size.unwrap_or(224));
-    cfg.stem = a.stem.as_deref().unwrap_or("imagenet").parse()?;
+    let cfg = a.config()?;
     let ck = gmpq::import::import_pretrained(&a.weights, &cfg)
         .with_context(|| format!("importing {}", a.weights.display()))?;
     if let Some(dir) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -436,7 +283,7 @@ fn import_cmd(a: ImportArgs) -> Result<()> {
 }
 
 fn subset_cmd(a: SubsetCmdArgs) -> Result<()> {
-    let spec = parse_spec(&a.data)?;
+    let spec = parse_spec_flag("--data", &a.data)?;
     // Both splits are drawn before either is written: a bad --test leaves no half subset.
     let mut drawn = Vec::new();
     for (split, n, flag, prefix) in [
@@ -458,55 +305,6 @@ fn subset_cmd(a: SubsetCmdArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The uniform policy `name` (`w4a4`, …) of `cfg`'s quantized layers.
-pub(super) fn uniform_policy(cfg: &ModelConfig, name: &str) -> Result<Policy> {
-    let (w, a) = gmpq::policy::parse_uniform(name)?;
-    Ok(Policy::uniform(cfg, model_geometry(cfg)?.convs(), w, a))
-}
-
-/// Builds the spec-only view of a model (conv geometry and head) for BOPs tables.
-pub(super) fn model_geometry(cfg: &ModelConfig) -> Result<Model> {
-    Ok(train::build_fp(cfg, tch::Device::Cpu)?.1)
-}
-
-/// The network `a` describes (`--model`, or `arch` when a file names it), its flags checked
-/// against the table of which options apply to which network.
-fn model_config(a: &ModelArgs, arch: Option<Arch>) -> Result<ModelConfig> {
-    let arch = match arch {
-        Some(arch) => arch,
-        None => a.model.as_deref().unwrap_or("resnet20").parse()?,
-    };
-    check_options(ModelSource::Named(arch), &a.given())?;
-    let mut cfg = ModelConfig::new(
-        arch,
-        a.channels.unwrap_or(3),
-        a.classes.unwrap_or(10),
-        a.input_size.unwrap_or(32),
-    );
-    if let Some(stem) = &a.stem {
-        cfg.stem = stem.parse::<Stem>()?;
-    }
-    if let Some(w) = a.width {
-        cfg.width = w;
-    }
-    Ok(cfg)
-}
-
-/// The policy chosen on the command line (file or uniform name), checked against the model.
-fn chosen_policy(choice: &PolicyChoice, cfg: &ModelConfig, net: &Model) -> Result<Option<Policy>> {
-    let Some(source) =
-        PolicySource::from_flags(choice.policy.as_deref(), choice.uniform.as_deref())?
-    else {
-        return Ok(None);
-    };
-    match source.resolve(cfg, net.convs(), net.fc_spec()) {
-        Ok(p) => Ok(Some(p)),
-        // Reading the file failed: its own message says where and why.
-        Err(e @ (PolicyError::Io { .. } | PolicyError::Parse { .. })) => Err(e.into()),
-        Err(e) => Err(anyhow::Error::new(e).context("the policy does not fit the model")),
-    }
 }
 
 fn fmt_bits(b: Option<u32>) -> String {
@@ -553,135 +351,25 @@ fn print_bops_table(rows: &[LayerCost], totals: &PolicyTotals) {
 }
 
 fn bops_cmd(a: BopsArgs) -> Result<()> {
-    // The totals a policy file states, to compare with what they measure here.
-    let mut recorded: Option<PolicyTotals> = None;
-    let given = a.model.given();
-    let (cfg, policy) = if let Some(path) = &a.checkpoint {
-        let source = ModelSource::File {
-            flag: "--checkpoint",
-            path,
-        };
-        check_options(source, &given)?;
-        let ck = Checkpoint::load(path)?;
-        let policy = match ck.meta.precision {
-            Some(Precision::Fixed { policy, .. }) => Some(policy),
-            _ => None,
-        };
-        (ck.meta.model, policy)
-    } else if let Some(path) = &a.policy.policy {
-        // A policy file names its model and input size (and, from a search, the whole
-        // model config): its costs are measured on that geometry, not on --model/--input.
-        let policy = Policy::load(path)?;
-        recorded = policy.totals.clone();
-        let meta = gmpq::search::PolicyMeta::of(&policy)
-            .with_context(|| format!("{}: malformed meta", path.display()))?;
-        let source = ModelSource::File {
-            flag: "--policy",
-            path,
-        };
-        let cfg = match meta.and_then(|m| m.model_config) {
-            Some(cfg) => {
-                check_options(source, &given)?;
-                cfg
-            }
-            None => {
-                // The file names its model and input size but not its channels and classes.
-                let named: Vec<ModelOption> = given
-                    .iter()
-                    .copied()
-                    .filter(|o| matches!(o, ModelOption::Model | ModelOption::InputSize))
-                    .collect();
-                check_options(source, &named)?;
-                let mut args = a.model.clone();
-                args.model = None;
-                let mut cfg = model_config(&args, Some(policy.model.parse()?))?;
-                cfg.input_size = policy.input_size;
-                cfg
-            }
-        };
-        (cfg, None)
-    } else {
-        (model_config(&a.model, None)?, None)
-    };
-    let net = model_geometry(&cfg)?;
-    let policy = match policy {
-        Some(p) => Some(p),
-        None => chosen_policy(&a.policy, &cfg, &net)?,
-    };
-    // Without a policy, every quantized layer is shown at 32/32 bits.
-    let policy = policy.unwrap_or_else(|| Policy::uniform(&cfg, net.convs(), 32, 32));
-    let (rows, totals) = policy.cost(net.convs(), net.fc_spec());
-    // A file that records its totals but not its model config (older files, hand-written
-    // ones) is measured on --channels/--classes: say so when the two disagree.
-    if let (Some(path), Some(recorded)) = (&a.policy.policy, &recorded) {
-        if recorded.bops != totals.bops || recorded.fp_bops != totals.fp_bops {
-            eprintln!(
-                "warning: {} records {:.2}x ({} BOPs of {} FP) but {} at {} channels, {} px, \
-                 {} classes gives {:.2}x ({} of {}); the file does not name its model config: \
-                 give its --channels and --classes",
-                path.display(),
-                recorded.compression,
-                recorded.bops,
-                recorded.fp_bops,
-                cfg.arch,
-                cfg.in_channels,
-                cfg.input_size,
-                cfg.num_classes,
-                totals.compression,
-                totals.bops,
-                totals.fp_bops
-            );
-        }
-    }
-    if let Some(chart) = &a.chart {
-        if let Some(dir) = chart
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty() && !d.is_dir())
-        {
-            bail!(
-                "--chart {}: the folder {} does not exist",
-                chart.display(),
-                dir.display()
-            );
-        }
-        gmpq::report::bit_allocation_svg(&[("policy", &policy)], chart)
-            .with_context(|| format!("writing the chart {}", chart.display()))?;
+    let costs = a.measure()?;
+    if let Some(w) = &costs.warning {
+        eprintln!("warning: {w}");
     }
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "model": cfg, "layers": rows, "totals": totals,
-            }))?
-        );
-    } else {
-        println!(
-            "{} ({} ch, {}x{} input, {} classes)",
-            cfg.arch, cfg.in_channels, cfg.input_size, cfg.input_size, cfg.num_classes
-        );
-        print_bops_table(&rows, &totals);
+        println!("{}", serde_json::to_string_pretty(&costs)?);
+        return Ok(());
     }
+    let cfg = &costs.model;
+    println!(
+        "{} ({} ch, {}x{} input, {} classes)",
+        cfg.arch, cfg.in_channels, cfg.input_size, cfg.input_size, cfg.num_classes
+    );
+    print_bops_table(&costs.layers, &costs.totals);
     Ok(())
 }
 
 fn quantize_cmd(a: QuantizeArgs, device: tch::Device) -> Result<()> {
-    let calib_data = parse_spec_flag("--calib-data", &a.calib_data)?;
-    let request = train::PtqRequest {
-        checkpoint: a.checkpoint.clone(),
-        policy: PolicySource::from_flags(a.policy.policy.as_deref(), a.policy.uniform.as_deref())?
-            .context("give --policy FILE or --uniform wXaY")?,
-        per_channel: a.per_channel,
-        numerics: a.numerics,
-        calibration: a.calibration,
-        eval_data: match &a.eval_data {
-            Some(s) => parse_spec_flag("--eval-data", s)?,
-            None => calib_data.clone(),
-        },
-        calib_data,
-        calib_images: a.calib_images,
-        eval_limit: a.eval_limit,
-        out: a.out.clone(),
-    };
+    let request = a.request()?;
     let r = request.run(device)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);

@@ -1,109 +1,51 @@
 //! `gmpq export`: ONNX (QDQ or float) and packed safetensors.
 
-use super::{ExportArgs, ExportFormat};
-use anyhow::{bail, Context, Result};
-use gmpq::export::{onnx, Format};
-use gmpq::quant::Precision;
+use anyhow::{Context, Result};
+use gmpq::export::{ExportArgs, Exported};
 
-/// Export reads the checkpoint's tensors on the CPU, whatever `--device` says.
 pub(super) fn export_cmd(a: ExportArgs) -> Result<()> {
-    if a.fp && a.format != ExportFormat::Onnx {
-        bail!("--fp applies to --format onnx only");
-    }
-    let (ck, network) = gmpq::export::load(&a.checkpoint, tch::Device::Cpu)
-        .with_context(|| format!("loading {}", a.checkpoint.display()))?;
-    if let Some(dir) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let format = match (a.format, a.fp) {
-        (ExportFormat::Onnx, false) => Format::Onnx,
-        (ExportFormat::Onnx, true) => Format::OnnxFloat,
-        (ExportFormat::Packed, _) => Format::Packed,
-    };
-    let bytes = format
-        .write(&ck, &network)
+    let exported = a
+        .run()
         .with_context(|| format!("exporting {}", a.checkpoint.display()))?;
-    gmpq::files::write_atomic(&a.out, &bytes)
-        .with_context(|| format!("writing {}", a.out.display()))?;
-    match a.format {
-        ExportFormat::Onnx => {
-            let kind = match (&network.precision, a.fp) {
-                (
-                    Precision::Fixed {
-                        numerics: gmpq::quant::Numerics::Integer,
-                        ..
-                    },
-                    false,
-                ) => "integer",
-                (Precision::Fixed { .. }, false) => "QDQ",
-                _ => "float",
-            };
-            println!(
-                "wrote {} ({kind} ONNX, opset {}, {:.3} MB)",
-                a.out.display(),
-                onnx::OPSET,
-                bytes.len() as f64 / 1e6
-            );
-        }
-        ExportFormat::Packed => {
-            let size = bytes.len();
-            let Some(Precision::Fixed { policy, .. }) = &ck.meta.precision else {
-                bail!("not a fixed-policy checkpoint");
-            };
-            let expected = policy_size_bytes(&network, policy);
-            if network.integer.is_some() {
-                println!(
-                    "wrote {}: {:.4} MB on disk, the integer graph ONNX Runtime runs (gmpq eval \
-                     --onnx, gmpq predict --model); policy size {:.4} MB, the rest (int32 \
-                     biases, scales, graph) {:.4} MB",
-                    a.out.display(),
-                    size as f64 / 1e6,
-                    expected.0 / 1e6,
-                    (size as f64 - expected.0) / 1e6,
-                );
-                return Ok(());
-            }
-            println!(
-                "wrote {}: {:.4} MB on disk; policy size {:.4} MB + float parts {:.4} MB = {:.4} MB ({:+.1}%)",
-                a.out.display(),
-                size as f64 / 1e6,
-                expected.0 / 1e6,
-                expected.1 / 1e6,
-                (expected.0 + expected.1) / 1e6,
-                100.0 * (size as f64 / (expected.0 + expected.1) - 1.0)
-            );
-        }
+    let out = a.out.display();
+    let mb = |b: f64| b / 1e6;
+    match exported {
+        Exported::Onnx { kind, bytes } => println!(
+            "wrote {out} ({kind} ONNX, opset {}, {:.3} MB)",
+            gmpq::export::onnx::OPSET,
+            mb(bytes as f64)
+        ),
+        Exported::Packed {
+            bytes,
+            policy_bytes,
+            integer: true,
+            ..
+        } => println!(
+            "wrote {out}: {:.4} MB on disk, the integer graph ONNX Runtime runs (gmpq eval \
+             --onnx, gmpq predict --model); policy size {:.4} MB, the rest (int32 biases, \
+             scales, graph) {:.4} MB",
+            mb(bytes as f64),
+            mb(policy_bytes),
+            mb(bytes as f64 - policy_bytes),
+        ),
+        Exported::Packed {
+            bytes,
+            policy_bytes,
+            float_bytes,
+            integer: false,
+        } => println!(
+            "wrote {out}: {:.4} MB on disk; policy size {:.4} MB + float parts {:.4} MB = {:.4} MB ({:+.1}%)",
+            mb(bytes as f64),
+            mb(policy_bytes),
+            mb(float_bytes),
+            mb(policy_bytes + float_bytes),
+            100.0 * (bytes as f64 / (policy_bytes + float_bytes) - 1.0)
+        ),
     }
     Ok(())
 }
 
-/// The policy's model size in bytes (quantized kernels at their bits, the FP stem and head at
-/// 32 bits, as METHOD.md counts it) and the other float tensors' bytes (batch norm, clips,
-/// thresholds, biases).
-fn policy_size_bytes(network: &gmpq::quant::Network, policy: &gmpq::policy::Policy) -> (f64, f64) {
-    let size = policy
-        .cost(network.net.convs(), network.net.fc_spec())
-        .1
-        .size_mb
-        * 1e6;
-    let counted: std::collections::HashSet<String> = network
-        .net
-        .convs()
-        .iter()
-        .map(|c| format!("{}.weight", c.name))
-        .chain(["fc.weight".to_string(), "fc.bias".to_string()])
-        .collect();
-    let other: usize = network
-        .vs
-        .variables()
-        .iter()
-        .filter(|(n, _)| !counted.contains(*n))
-        .map(|(_, t)| t.numel() * 4)
-        .sum();
-    (size, other as f64)
-}
-
-pub(super) fn predict_cmd(a: super::PredictArgs) -> Result<()> {
+pub(super) fn predict_cmd(a: gmpq::predict::PredictArgs) -> Result<()> {
     let threads = tch::get_num_threads().max(1) as usize;
     let mut predictor = gmpq::predict::Predictor::open(&a.model, threads)
         .with_context(|| format!("loading {}", a.model.display()))?;
@@ -125,24 +67,8 @@ pub(super) fn predict_cmd(a: super::PredictArgs) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn bench_infer_cmd(a: super::BenchInferArgs) -> Result<()> {
-    use gmpq::model::{Arch, ModelConfig, Stem};
-    let arch: Arch = a.model.parse()?;
-    let mut cfg = ModelConfig::new(arch, a.channels, a.classes, a.input_size);
-    if let Some(stem) = &a.stem {
-        use gmpq::model::options::{check_options, ModelOption, ModelSource};
-        check_options(ModelSource::Named(arch), &[ModelOption::Stem])?;
-        cfg.stem = stem.parse::<Stem>()?;
-    }
-    let policy = if a.mixed {
-        let geometry = super::commands::model_geometry(&cfg)?;
-        gmpq::policy::Policy::cycled(&cfg, geometry.convs(), &[2, 3, 4, 6], &[6, 4, 3, 2])
-    } else {
-        super::commands::uniform_policy(&cfg, &a.uniform)?
-    };
-    let threads = tch::get_num_threads().max(1) as usize;
-    let report =
-        gmpq::bench::bench_infer(&cfg, policy, &a.batch_sizes, a.warmup, a.steps, threads)?;
+pub(super) fn bench_infer_cmd(a: gmpq::bench::BenchInferArgs) -> Result<()> {
+    let report = a.run(tch::get_num_threads().max(1) as usize)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());

@@ -1,37 +1,18 @@
-//! Argument parsing and command dispatch.
+//! The command line: `args` (the `Cli` and the flags it owns), `commands` (one function per
+//! command: parse, call the library, print), and the printing of the long-running commands.
+//! Files use their siblings in one direction only (commands → deploy/pipeline/search/study
+//! → progress, args).
 
+mod args;
 mod commands;
+mod deploy;
+mod pipeline;
+mod progress;
+mod search;
+mod study;
 
-/// While alive, whatever is written to stdout (stage lines, the nested commands' output)
-/// goes to stderr, so a `--json` command prints exactly one JSON document on stdout.
-pub(crate) struct StdoutToStderr {
-    saved: libc::c_int,
-}
-
-impl StdoutToStderr {
-    pub(crate) fn new() -> Option<Self> {
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-        // SAFETY: plain descriptor duplication on the process's own stdout/stderr.
-        let saved = unsafe { libc::dup(1) };
-        if saved < 0 || unsafe { libc::dup2(2, 1) } < 0 {
-            return None;
-        }
-        Some(Self { saved })
-    }
-}
-
-impl Drop for StdoutToStderr {
-    fn drop(&mut self) {
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-        // SAFETY: restores the descriptor saved in `new`.
-        unsafe {
-            libc::dup2(self.saved, 1);
-            libc::close(self.saved);
-        }
-    }
-}
+pub use args::{init_logging, Cli};
+pub use commands::run;
 
 /// The error and its causes on one line, outermost first, leaving out a cause whose text the
 /// line already ends with (a typed error that shows its source, e.g. `PATH: OS error`, and
@@ -56,156 +37,4 @@ pub fn one_line(err: &anyhow::Error) -> String {
         line.push_str(&text);
     }
     line
-}
-mod args;
-mod deploy;
-mod pipeline;
-mod progress;
-mod run_args;
-mod search;
-mod study;
-
-use clap::{Args, Parser, Subcommand};
-
-pub use args::*;
-pub use commands::run;
-pub use run_args::*;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "gmpq",
-    version,
-    about = "Generalizable mixed-precision quantization for CNNs (libtorch engine)",
-    long_about = "gmpq finds mixed-precision quantization policies for CNNs (GMPQ): it trains full-precision \
-        teachers, searches per-layer weight/activation bitwidths on a small proxy dataset under a BOPs, \
-        compression or size budget, and calibrates or fine-tunes the quantized network.\n\n\
-        Datasets are given as KIND:PATH, e.g. idx:data/fashion-mnist, cifar10:cifar-10-batches-bin, \
-        cifar100:cifar-100-binary, cifar100-fine-only:file.bin, folder:imagenet, imagenet-folder:samples, \
-        or bundled:mnist / bundled:fashion-mnist for the subsets shipped with gmpq."
-)]
-pub struct Cli {
-    #[command(flatten)]
-    pub engine: EngineArgs,
-    /// More log output (-v: debug, -vv: trace).
-    #[arg(short, long, global = true, help_heading = "Global options", action = clap::ArgAction::Count)]
-    pub verbose: u8,
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Args)]
-pub struct EngineArgs {
-    /// libtorch threads (default: OMP_NUM_THREADS when set, as torchrun sets it for each rank;
-    /// else all cores).
-    #[arg(long, global = true, help_heading = "Global options", value_parser = positive(), allow_negative_numbers = true)]
-    pub threads: Option<usize>,
-    /// cpu, cuda, cuda:N or auto.
-    #[arg(
-        long,
-        global = true,
-        help_heading = "Global options",
-        default_value = "auto"
-    )]
-    pub device: String,
-    /// Quantizer implementation: fused one-pass CPU kernels, or the reference's arithmetic
-    /// composed from libtorch ops (same values; for comparison and benchmarks).
-    #[arg(
-        long,
-        global = true,
-        help_heading = "Global options",
-        value_enum,
-        default_value = "fused"
-    )]
-    pub quant_kernels: gmpq::quant::QuantKernels,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Train a full-precision network.
-    Train(TrainArgs),
-    /// Quantization-aware fine-tuning: a fixed-policy network initialised from FP weights,
-    /// calibrated, then trained (the model comes from --init).
-    Finetune(FinetuneArgs),
-    /// Evaluate a checkpoint on a dataset (top-1/top-5).
-    Eval(EvalArgs),
-    /// Convert pretrained weights (.safetensors state dict) to a gmpq checkpoint: torchvision
-    /// ResNet-18/50 or MobileNetV2, efficientnet_pytorch EfficientNet-Lite0.
-    Import(ImportArgs),
-    /// Benchmarks.
-    #[command(subcommand)]
-    Bench(BenchCommand),
-    /// Write a stratified, seeded subset of an IDX dataset (both splits) as gzipped IDX.
-    Subset(SubsetCmdArgs),
-    /// The whole method on the bundled Fashion-MNIST subset in a few minutes: teachers, GMPQ
-    /// search on a 1,000-image proxy, fine-tuning, the uniform and EdMIPS baselines, a report
-    /// (the README's main job).
-    Demo(DemoArgs),
-    /// The whole method into one run folder: FP teacher on the proxy → search → FP teacher on
-    /// the target → fine-tune with the policy → evaluate → report. Finished stages are skipped,
-    /// so an interrupted pipeline resumes; --baseline adds comparison arms. Without a budget,
-    /// compression 64.
-    Pipeline(PipelineArgs),
-    /// Write the HTML report of a pipeline run folder (report.html, charts in report/).
-    Report(ReportArgs),
-    /// The generalisation study: shared teachers, one pipeline per (proxy → target pair,
-    /// budget, seed) with every arm, and one results table (results.csv, results.json,
-    /// study.html). Resumes after an interruption.
-    Study(StudyArgs),
-    /// Engine facts: versions, threads, OpenMP wait policy, CUDA.
-    Info,
-    /// Per-layer MACs, params, bits, BOPs and size of a model under a policy, with totals.
-    Bops(BopsArgs),
-    /// Quantize a full-precision checkpoint to a fixed policy by calibration alone (no
-    /// training), evaluate it next to the FP model, and save it.
-    Quantize(QuantizeArgs),
-    /// GMPQ search: find a per-layer bit policy on a small proxy dataset, guided by a
-    /// full-precision teacher's attribution, that meets a BOPs / compression / size budget.
-    Search(SearchArgs),
-    /// Take a policy again from a finished search's saved α, under another rule or budget
-    /// (default: the search's own), without searching again.
-    Extract(ExtractArgs),
-    /// Render attribution (CAM) heatmaps of a checkpoint on some images.
-    Attribution(AttributionArgs),
-    /// The top classes a model gives image files (PNG or JPEG): a gmpq checkpoint, a packed
-    /// file or an exported ONNX model, each with the preprocessing its metadata records.
-    Predict(PredictArgs),
-    /// Ship a fine-tuned checkpoint: an ONNX graph (integer numerics: QDQ units ONNX Runtime
-    /// runs as QLinearConv/QLinearAdd; fake-quant: QDQ around each conv's input, run as float
-    /// convs; --fp for the float network; docs/DEPLOY.md) or a packed safetensors file whose
-    /// kernels are stored at their policy bitwidth (an integer model's is the ONNX graph).
-    Export(ExportArgs),
-}
-
-#[cfg(test)]
-mod help_tests {
-    use super::Cli;
-    use clap::CommandFactory;
-
-    fn undescribed(cmd: &clap::Command, path: &str, out: &mut Vec<String>) {
-        let path = format!("{path} {}", cmd.get_name());
-        for arg in cmd.get_arguments() {
-            let id = arg.get_id().as_str();
-            if id == "help" || id == "version" || arg.is_hide_set() {
-                continue;
-            }
-            if arg.get_help().is_none() && arg.get_long_help().is_none() {
-                out.push(format!("{path} --{}", arg.get_long().unwrap_or(id)));
-            }
-        }
-        for sub in cmd.get_subcommands() {
-            undescribed(sub, &path, out);
-        }
-    }
-
-    /// Every flag of every command says what it does (`--help` is the reference).
-    #[test]
-    fn every_flag_is_described() {
-        let mut missing = Vec::new();
-        undescribed(&Cli::command(), "", &mut missing);
-        assert!(
-            missing.is_empty(),
-            "flags without a description:\n{}",
-            missing.join("\n")
-        );
-    }
 }

@@ -1,8 +1,8 @@
 //! `gmpq pipeline`, `gmpq demo`: parse, run the library's pipeline, print its summary.
 
+use super::args::{DemoArgs, PipelineArgs};
 use super::progress::TrainBars;
 use super::search::Bars;
-use super::{DemoArgs, PipelineArgs};
 use anyhow::Result;
 use gmpq::pipeline::{PipelineSettings, RunEvents, RunLayout, RunSummary};
 use gmpq::search::SearchProgress;
@@ -44,44 +44,6 @@ impl RunEvents for PrintedEvents {
     }
 }
 
-/// The library's settings of `gmpq pipeline`'s flags.
-fn settings(a: PipelineArgs) -> PipelineSettings {
-    PipelineSettings {
-        model: a.model,
-        width: a.width,
-        proxy: a.proxy,
-        target: a.target,
-        target_limit: a.target_limit,
-        target_test_limit: a.target_test_limit,
-        target_holdout: (a.target_holdout > 0).then_some(a.target_holdout),
-        target_compression: a.budget.target_compression,
-        target_bops: a.budget.target_bops,
-        target_size_mb: a.budget.target_size_mb,
-        teacher: a.teacher,
-        target_teacher: a.target_teacher,
-        baseline: a.baseline,
-        teacher_epochs: a.teacher_epochs,
-        target_teacher_epochs: a.target_teacher_epochs,
-        search_epochs: a.search_epochs,
-        target_search_epochs: a.target_search_epochs,
-        search_step_epochs: a.search_step_epochs,
-        finetune_epochs: a.finetune_epochs,
-        finetune_lr: a.finetune_lr,
-        attribution_weight: a.attribution_weight,
-        p: a.p,
-        recipe: a.recipe,
-        w_bits: a.bits.w_bits,
-        a_bits: a.bits.a_bits,
-        hflip: a.hflip,
-        proxy_hflip: a.proxy_hflip,
-        seed: a.seed,
-        subset_seed: a.subset_seed,
-        numerics: a.numerics,
-        out: a.out,
-        reuse_from: a.reuse_from,
-    }
-}
-
 /// Runs `settings`, printing stages as they go (to stderr with `json`) and the summary last.
 pub(super) fn run_pipeline(
     settings: &PipelineSettings,
@@ -89,11 +51,7 @@ pub(super) fn run_pipeline(
     device: tch::Device,
 ) -> Result<()> {
     // --json: the summary is the only thing on stdout.
-    let quiet = if json {
-        super::StdoutToStderr::new()
-    } else {
-        None
-    };
+    let quiet = if json { StdoutToStderr::new() } else { None };
     let events = PrintedEvents::new();
     let command = shell_words::join(std::env::args());
     let outcome = gmpq::pipeline::run(settings, &command, device, &events)?;
@@ -108,8 +66,7 @@ pub(super) fn run_pipeline(
 }
 
 pub fn pipeline_cmd(a: PipelineArgs, device: tch::Device) -> Result<()> {
-    let json = a.json;
-    run_pipeline(&settings(a), json, device)
+    run_pipeline(&a.settings, a.json, device)
 }
 
 pub fn demo_cmd(a: DemoArgs, device: tch::Device) -> Result<()> {
@@ -132,52 +89,7 @@ fn print_summary(
         );
         return Ok(());
     }
-    let pct = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.2}%"));
-    let validated = s.arms.iter().any(|a| a.val_top1.is_some());
-    let val_column = |v: Option<f64>| {
-        if validated {
-            format!(" {:>9}", pct(v))
-        } else {
-            String::new()
-        }
-    };
-    println!();
-    println!(
-        "{:<20} {:>10} {:>12} {:>10} {:>10} {:>9}{}",
-        "arm",
-        "BOPs (G)",
-        "compression",
-        "size MB",
-        "search",
-        "top-1",
-        if validated { "   val top-1" } else { "" }
-    );
-    println!(
-        "{:<20} {:>10} {:>12} {:>10} {:>10} {:>9}",
-        "FP",
-        s.fp_bops.map_or("—".into(), |b| format!("{:.4}", b / 1e9)),
-        "1.00x",
-        s.fp_size_mb.map_or("—".into(), |v| format!("{v:.3}")),
-        "—",
-        pct(s.fp_top1)
-    );
-    for a in &s.arms {
-        let label = if s.chosen == Some(a.arm) {
-            format!("{} (chosen)", a.arm.label())
-        } else {
-            a.arm.label().to_string()
-        };
-        println!(
-            "{:<20} {:>10} {:>12} {:>10} {:>10} {:>9}{}",
-            label,
-            a.bops.map_or("—".into(), |b| format!("{:.4}", b / 1e9)),
-            a.compression.map_or("—".into(), |c| format!("{c:.2}x")),
-            a.size_mb.map_or("—".into(), |v| format!("{v:.3}")),
-            a.search_seconds.map_or("—".into(), |v| format!("{v:.0} s")),
-            pct(a.top1),
-            val_column(a.val_top1)
-        );
-    }
+    print!("\n{}", s.table());
     if let Some(arm) = s.chosen {
         println!(
             "\nchosen: {} (best top-1 on the held-out validation images; test top-1 is not used to choose)",
@@ -201,58 +113,33 @@ fn print_summary(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::super::Cli;
-    use super::*;
-    use clap::Parser;
-    use gmpq::pipeline::Arm;
+/// While alive, whatever is written to stdout (stage lines, the nested commands' output)
+/// goes to stderr, so a `--json` command prints exactly one JSON document on stdout.
+struct StdoutToStderr {
+    saved: libc::c_int,
+}
 
-    /// pipeline.json records the values used, typed: numbers, lists and arm names; the
-    /// defaults of the flags are the library's.
-    #[test]
-    fn recorded_settings_are_typed_values() {
-        let argv = [
-            "gmpq",
-            "pipeline",
-            "--proxy",
-            "bundled:mnist:500",
-            "--target",
-            "bundled:fashion-mnist",
-            "--w-bits",
-            "4,2,2",
-            "--baseline",
-            "uniform,hawq",
-        ];
-        let Ok(Cli {
-            command: super::super::Command::Pipeline(a),
-            ..
-        }) = Cli::try_parse_from(argv)
-        else {
-            panic!("pipeline arguments did not parse");
-        };
-        assert_eq!(a.baseline, vec![Arm::Uniform, Arm::Hawq]);
-        let out = a.out.clone();
-        let settings = settings(a);
-        let s = settings.record();
-        assert_eq!(s["finetune_lr"], serde_json::json!(0.01));
-        assert_eq!(s["w_bits"], serde_json::json!([4, 2, 2]));
-        assert_eq!(s["a_bits"], serde_json::json!([2, 3, 4, 6]));
-        assert_eq!(s["recipe"], "scarce");
-        assert!(s.get("baseline").is_none() && s.get("bits").is_none());
-        assert_eq!(settings.candidates().unwrap().weight, vec![2, 4]);
-        // Every default of the flags is the library's own.
-        let library = PipelineSettings {
-            baseline: settings.baseline.clone(),
-            w_bits: vec![4, 2, 2],
-            ..PipelineSettings::new("bundled:mnist:500", "bundled:fashion-mnist", out)
-        };
-        assert_eq!(settings, library);
-        // GMPQ always runs: it is not a baseline; bits outside 2..=16 are refused.
-        for bad in [["--baseline", "gmpq"], ["--w-bits", "1,4"]] {
-            let mut v = argv[..6].to_vec();
-            v.extend(bad);
-            assert!(Cli::try_parse_from(v).is_err(), "{bad:?} accepted");
+impl StdoutToStderr {
+    fn new() -> Option<Self> {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        // SAFETY: plain descriptor duplication on the process's own stdout/stderr.
+        let saved = unsafe { libc::dup(1) };
+        if saved < 0 || unsafe { libc::dup2(2, 1) } < 0 {
+            return None;
+        }
+        Some(Self { saved })
+    }
+}
+
+impl Drop for StdoutToStderr {
+    fn drop(&mut self) {
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        // SAFETY: restores the descriptor saved in `new`.
+        unsafe {
+            libc::dup2(self.saved, 1);
+            libc::close(self.saved);
         }
     }
 }

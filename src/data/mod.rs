@@ -1,6 +1,8 @@
 //! Image-classification data: readers for IDX, CIFAR binary and image folders, seeded
 //! transforms, stratified subsets and a parallel, prefetching batch loader.
 
+#[cfg(feature = "cli")]
+mod args;
 mod cifar;
 mod folder;
 mod idx;
@@ -10,6 +12,8 @@ mod spec;
 mod subset;
 mod transform;
 
+#[cfg(feature = "cli")]
+pub use args::{parse_spec_flag, SubsetArgs, SubsetCmdArgs};
 pub use cifar::{read_cifar, CifarLayout};
 pub use folder::{ClassIndex, ImageFolder};
 pub use idx::{read_idx, write_idx, IdxArray, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC};

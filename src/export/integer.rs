@@ -21,7 +21,7 @@ use super::ExportError;
 use crate::model::graph::{Graph, Op, Value};
 use crate::model::ConvSpec;
 use crate::quant::integer::{
-    bias_integers, eight_scale, fold, input_scale, Folded, Plan, Step, RANGES, STEM_BITS,
+    bias_integers, eight_scale, fold, input_scale, ConvUnit, Folded, Plan, Step, RANGES, STEM_BITS,
 };
 use crate::quant::{weight_scale, Network};
 use onnx_protobuf::tensor_proto::DataType;
@@ -51,6 +51,31 @@ impl Slot {
     }
 }
 
+/// Every quantized layer's activation clip, checked: one positive number each.
+fn read_clips(
+    plan: &Plan,
+    var: &dyn Fn(&str) -> Result<Tensor, ExportError>,
+) -> Result<HashMap<String, f64>, ExportError> {
+    let mut clips = HashMap::new();
+    for name in plan.bits.keys() {
+        let clip = var(&crate::quant::QuantizerTensor::ActClip.of(name))?;
+        if clip.numel() != 1 {
+            return Err(ExportError::Unsupported(format!(
+                "layer '{name}': {} activation clips (a supernet layer?)",
+                clip.numel()
+            )));
+        }
+        let r = clip.double_value(&[]);
+        if !(r.is_finite() && r > 0.0) {
+            return Err(ExportError::Unsupported(format!(
+                "layer '{name}': activation clip {r} is not a positive number"
+            )));
+        }
+        clips.insert(name.clone(), r);
+    }
+    Ok(clips)
+}
+
 /// Writes `net`'s integer graph after `input` (the normalised image); returns the logits.
 pub(super) fn emit(b: &mut Builder, net: &Network, input: String) -> Result<String, ExportError> {
     let e = net.integer.as_ref().ok_or_else(|| {
@@ -78,22 +103,7 @@ pub(super) fn emit(b: &mut Builder, net: &Network, input: String) -> Result<Stri
         ranges,
         clips: HashMap::new(),
     };
-    for name in plan.bits.keys() {
-        let clip = var(&crate::quant::QuantizerTensor::ActClip.of(name))?;
-        if clip.numel() != 1 {
-            return Err(ExportError::Unsupported(format!(
-                "layer '{name}': {} activation clips (a supernet layer?)",
-                clip.numel()
-            )));
-        }
-        let r = clip.double_value(&[]);
-        if !(r.is_finite() && r > 0.0) {
-            return Err(ExportError::Unsupported(format!(
-                "layer '{name}': activation clip {r} is not a positive number"
-            )));
-        }
-        w.clips.insert(name.clone(), r);
-    }
+    w.clips = read_clips(plan, &var)?;
     let mut values: Vec<Option<Slot>> = vec![None; graph.ops.len() + 1];
     values[0] = Some(match plan.held[0].eight {
         // The image at 8 bits for the integer stem.
@@ -124,50 +134,8 @@ pub(super) fn emit(b: &mut Builder, net: &Network, input: String) -> Result<Stri
                     .get(&crate::quant::QuantizerTensor::WeightThreshold.of(&u.layer))
                     .map(|t| t.detach().to_device(tch::Device::Cpu));
                 let slot = get(&values, u.input)?;
-                let (x, kernel, bias) = match plan.bits.get(&u.layer) {
-                    Some(&(w_bits, a_bits, signed)) => {
-                        let x = match slot.direct.get(&u.layer) {
-                            Some(q) => w.float(q.clone()),
-                            None => {
-                                let f = w.float(slot.general);
-                                let q = w.quantize_input(&f, &u.layer, false)?;
-                                w.float(q)
-                            }
-                        };
-                        let s_x = input_scale(w.clip(&u.layer)?, a_bits, signed);
-                        let (kernel, bias) = w.integer_kernel(
-                            &u.layer,
-                            &folded,
-                            threshold.as_ref().map(|t| (&weight, t)),
-                            s_x,
-                            w_bits,
-                        )?;
-                        (x, kernel, bias)
-                    }
-                    None if plan.stem.contains(&u.layer) => {
-                        let s_x = match &slot.general {
-                            Emitted::Quant { scale, .. } => *scale,
-                            Emitted::Float(_) => {
-                                return Err(ExportError::Unsupported(format!(
-                                    "stem '{}' reads a float value",
-                                    u.layer
-                                )))
-                            }
-                        };
-                        let x = w.float(slot.general);
-                        let (kernel, bias) =
-                            w.integer_kernel(&u.layer, &folded, None, s_x, STEM_BITS)?;
-                        (x, kernel, bias)
-                    }
-                    None => {
-                        let f = w.float(slot.general);
-                        let kernel =
-                            w.b.tensor_f32(&format!("{}.weight_folded", u.layer), &folded.weight)?;
-                        let bias =
-                            w.b.tensor_f32(&format!("{}.bias_folded", u.layer), &folded.bias)?;
-                        (f, kernel, bias)
-                    }
-                };
+                let (x, kernel, bias) =
+                    w.conv_operands(u, slot, &folded, &weight, threshold.as_ref())?;
                 let k = spec.kernel as i64;
                 let (s, p) = (spec.stride as i64, spec.padding as i64);
                 // ONNX pads: [top, left, bottom, right]; the graph's: [left, right, top, bottom].
@@ -226,6 +194,64 @@ struct Writer<'a> {
 }
 
 impl Writer<'_> {
+    /// A conv unit's input, kernel and bias: integer for a quantized layer or the stem, the
+    /// folded float ones otherwise.
+    fn conv_operands(
+        &mut self,
+        u: &ConvUnit,
+        slot: Slot,
+        folded: &Folded,
+        weight: &Tensor,
+        threshold: Option<&Tensor>,
+    ) -> Result<(String, String, String), ExportError> {
+        Ok(match self.plan.bits.get(&u.layer) {
+            Some(&(w_bits, a_bits, signed)) => {
+                let x = match slot.direct.get(&u.layer) {
+                    Some(q) => self.float(q.clone()),
+                    None => {
+                        let f = self.float(slot.general);
+                        let q = self.quantize_input(&f, &u.layer, false)?;
+                        self.float(q)
+                    }
+                };
+                let s_x = input_scale(self.clip(&u.layer)?, a_bits, signed);
+                let (kernel, bias) = self.integer_kernel(
+                    &u.layer,
+                    folded,
+                    threshold.map(|t| (weight, t)),
+                    s_x,
+                    w_bits,
+                )?;
+                (x, kernel, bias)
+            }
+            None if self.plan.stem.contains(&u.layer) => {
+                let s_x = match &slot.general {
+                    Emitted::Quant { scale, .. } => *scale,
+                    Emitted::Float(_) => {
+                        return Err(ExportError::Unsupported(format!(
+                            "stem '{}' reads a float value",
+                            u.layer
+                        )))
+                    }
+                };
+                let x = self.float(slot.general);
+                let (kernel, bias) =
+                    self.integer_kernel(&u.layer, folded, None, s_x, STEM_BITS)?;
+                (x, kernel, bias)
+            }
+            None => {
+                let f = self.float(slot.general);
+                let kernel = self
+                    .b
+                    .tensor_f32(&format!("{}.weight_folded", u.layer), &folded.weight)?;
+                let bias = self
+                    .b
+                    .tensor_f32(&format!("{}.bias_folded", u.layer), &folded.bias)?;
+                (f, kernel, bias)
+            }
+        })
+    }
+
     fn clip(&self, layer: &str) -> Result<f64, ExportError> {
         self.clips.get(layer).copied().ok_or_else(|| {
             ExportError::Unsupported(format!("layer '{layer}' has no activation clip"))

@@ -2,9 +2,14 @@
 //! inference in any ONNX runtime) or as a bit-packed safetensors file whose size is the
 //! policy's.
 
+#[cfg(feature = "cli")]
+mod args;
 mod integer;
 pub mod onnx;
 pub mod packed;
+
+#[cfg(feature = "cli")]
+pub use args::{ExportArgs, ExportFormat, Exported};
 
 /// The formats a fine-tuned network ships in, behind one call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -58,27 +58,7 @@ pub struct OnnxOptions {
 
 /// Builds the ONNX model of `net` (loaded from `ck`).
 pub fn export(ck: &Checkpoint, net: &Network, opts: OnnxOptions) -> Result<Vec<u8>, ExportError> {
-    let (policy, quant) =
-        match (&net.precision, opts.full_precision) {
-            (Precision::Supernet { .. }, _) => return Err(ExportError::Unsupported(
-                "a supernet checkpoint cannot be exported: extract its policy and fine-tune it \
-                 (gmpq finetune), then export the fine-tuned checkpoint"
-                    .into(),
-            )),
-            (Precision::Fixed { policy, .. }, false) => {
-                for l in &policy.layers {
-                    if l.w_bits > 8 || l.a_bits > 8 {
-                        return Err(ExportError::Unsupported(format!(
-                        "layer '{}' has w{}a{}: ONNX export supports at most 8 bits (int8/uint8); \
-                         use --fp for a float model",
-                        l.name, l.w_bits, l.a_bits
-                    )));
-                    }
-                }
-                (Some(policy.clone()), policy.bits_by_layer())
-            }
-            _ => (None, HashMap::new()),
-        };
+    let (policy, quant) = exported_policy(net, opts)?;
     let vars = net.vs.variables();
     let var = |name: &str| -> Result<Tensor, ExportError> {
         vars.get(name)
@@ -159,6 +139,50 @@ pub fn export(ck: &Checkpoint, net: &Network, opts: OnnxOptions) -> Result<Vec<u
         last.output = vec![OUTPUT.to_string()];
     }
 
+    encode(b, ck, net, policy.as_ref(), integer)
+}
+
+/// The policy an export carries and its bits by layer (none for a float export); a supernet
+/// or a layer above 8 bits is refused.
+#[allow(clippy::type_complexity)]
+fn exported_policy(
+    net: &Network,
+    opts: OnnxOptions,
+) -> Result<(Option<crate::policy::Policy>, HashMap<String, (u32, u32)>), ExportError> {
+    Ok(match (&net.precision, opts.full_precision) {
+        (Precision::Supernet { .. }, _) => {
+            return Err(ExportError::Unsupported(
+                "a supernet checkpoint cannot be exported: extract its policy and fine-tune it \
+                 (gmpq finetune), then export the fine-tuned checkpoint"
+                    .into(),
+            ))
+        }
+        (Precision::Fixed { policy, .. }, false) => {
+            for l in &policy.layers {
+                if l.w_bits > 8 || l.a_bits > 8 {
+                    return Err(ExportError::Unsupported(format!(
+                        "layer '{}' has w{}a{}: ONNX export supports at most 8 bits (int8/uint8); \
+                         use --fp for a float model",
+                        l.name, l.w_bits, l.a_bits
+                    )));
+                }
+            }
+            (Some(policy.clone()), policy.bits_by_layer())
+        }
+        _ => (None, HashMap::new()),
+    })
+}
+
+/// The graph `b` built, with its input, output, opset and gmpq's metadata, encoded.
+fn encode(
+    mut b: Builder,
+    ck: &Checkpoint,
+    net: &Network,
+    policy: Option<&crate::policy::Policy>,
+    integer: bool,
+) -> Result<Vec<u8>, ExportError> {
+    let cfg = net.net.config();
+    let c = cfg.in_channels as i64;
     let size = cfg.input_size as i64;
     b.graph.name = format!("gmpq-{}", cfg.arch);
     b.graph.input.push(value_info(
@@ -207,7 +231,7 @@ pub fn export(ck: &Checkpoint, net: &Network, opts: OnnxOptions) -> Result<Vec<u
             .to_string(),
         ),
     ];
-    if let Some(p) = &policy {
+    if let Some(p) = policy {
         meta.push((META_POLICY, json(p)));
     }
     if let Some(names) = &ck.meta.class_names {

@@ -5,7 +5,7 @@
 use super::graph::{Graph, Op, Value};
 use super::layers::{path_for, ConvLayer, ConvSpec, LayerFactory, LinearSpec};
 use super::resnet::{batch_norm, conv_out};
-use super::{Arch, ModelConfig, ModelError, Stem};
+use super::{Arch, ModelConfig, ModelError, Network, Stem};
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
@@ -332,39 +332,102 @@ pub struct MobileNet {
     fc_spec: LinearSpec,
 }
 
+/// Refuses a configuration the family cannot lay out.
+fn check_config(config: &ModelConfig, lite: bool, cifar: bool) -> Result<(), ModelError> {
+    if config.in_channels == 0 || config.num_classes == 0 {
+        return Err(ModelError::Invalid(
+            "input channels and class count must be positive".into(),
+        ));
+    }
+    if !(config.width > 0.0 && config.width.is_finite()) {
+        return Err(ModelError::Invalid(format!(
+            "width multiplier {} must be positive",
+            config.width
+        )));
+    }
+    if lite && config.width != 1.0 {
+        return Err(ModelError::Invalid(
+            "efficientnet-lite0 has a fixed width (1.0)".into(),
+        ));
+    }
+    let min_input = if cifar { 8 } else { 32 };
+    if config.input_size < min_input {
+        return Err(ModelError::InputTooSmall {
+            arch: config.arch.to_string(),
+            input: config.input_size,
+            min: min_input,
+        });
+    }
+    Ok(())
+}
+
+/// The head: a 1×1 conv to 1280 channels (more above width 1) and the classifier.
+fn head(
+    b: &mut Builder<'_, '_>,
+    root: &nn::Path,
+    config: &ModelConfig,
+    c_in: usize,
+    n_blocks: usize,
+    lite: bool,
+) -> Result<(ConvBn, nn::Linear, LinearSpec), ModelError> {
+    let naming = b.naming;
+    let last = if lite {
+        1280
+    } else {
+        make_divisible(1280.0 * config.width.max(1.0))
+    };
+    let head_name = format!("features.{}", n_blocks + 1);
+    let (head_conv_name, head_bn_name) = match naming {
+        Naming::Torchvision => (format!("{head_name}.0"), format!("{head_name}.1")),
+        Naming::EfficientNetPytorch => ("_conv_head".to_string(), "_bn1".to_string()),
+    };
+    let head_conv = b.conv_bn(ConvDef {
+        conv: &head_conv_name,
+        bn: &head_bn_name,
+        c_in,
+        c_out: last,
+        kernel: 1,
+        stride: 1,
+        groups: 1,
+        quantizable: true,
+        signed_input: true,
+    })?;
+    let fc_name = match naming {
+        Naming::Torchvision => "classifier.1",
+        Naming::EfficientNetPytorch => "_fc",
+    };
+    let fc_spec = LinearSpec {
+        name: fc_name.into(),
+        in_features: last,
+        out_features: config.num_classes,
+    };
+    // torchvision's classifier init: N(0, 0.01), zero bias.
+    let fc = nn::linear(
+        path_for(root, fc_name),
+        last as i64,
+        config.num_classes as i64,
+        nn::LinearConfig {
+            ws_init: nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.01,
+            },
+            bs_init: Some(nn::Init::Const(0.0)),
+            bias: true,
+        },
+    );
+    Ok((head_conv, fc, fc_spec))
+}
+
 impl MobileNet {
     pub fn new(
         root: &nn::Path,
         config: &ModelConfig,
         factory: &dyn LayerFactory,
     ) -> Result<Self, ModelError> {
-        if config.in_channels == 0 || config.num_classes == 0 {
-            return Err(ModelError::Invalid(
-                "input channels and class count must be positive".into(),
-            ));
-        }
-        if !(config.width > 0.0 && config.width.is_finite()) {
-            return Err(ModelError::Invalid(format!(
-                "width multiplier {} must be positive",
-                config.width
-            )));
-        }
         let lite = config.arch == Arch::EfficientNetLite0;
-        if lite && config.width != 1.0 {
-            return Err(ModelError::Invalid(
-                "efficientnet-lite0 has a fixed width (1.0)".into(),
-            ));
-        }
         // The CIFAR variant runs the stem and the first stride-2 stage at stride 1 (8× down).
         let cifar = !lite && config.stem == Stem::Cifar;
-        let min_input = if cifar { 8 } else { 32 };
-        if config.input_size < min_input {
-            return Err(ModelError::InputTooSmall {
-                arch: config.arch.to_string(),
-                input: config.input_size,
-                min: min_input,
-            });
-        }
+        check_config(config, lite, cifar)?;
         let (stages, naming, bn_eps) = if lite {
             (&EFFICIENTNET_LITE0, Naming::EfficientNetPytorch, 1e-3)
         } else {
@@ -414,50 +477,7 @@ impl MobileNet {
                 c_in = c_out;
             }
         }
-        let last = if lite {
-            1280
-        } else {
-            make_divisible(1280.0 * config.width.max(1.0))
-        };
-        let head_name = format!("features.{}", blocks.len() + 1);
-        let (head_conv_name, head_bn_name) = match naming {
-            Naming::Torchvision => (format!("{head_name}.0"), format!("{head_name}.1")),
-            Naming::EfficientNetPytorch => ("_conv_head".to_string(), "_bn1".to_string()),
-        };
-        let head_conv = b.conv_bn(ConvDef {
-            conv: &head_conv_name,
-            bn: &head_bn_name,
-            c_in,
-            c_out: last,
-            kernel: 1,
-            stride: 1,
-            groups: 1,
-            quantizable: true,
-            signed_input: true,
-        })?;
-        let fc_name = match naming {
-            Naming::Torchvision => "classifier.1",
-            Naming::EfficientNetPytorch => "_fc",
-        };
-        let fc_spec = LinearSpec {
-            name: fc_name.into(),
-            in_features: last,
-            out_features: config.num_classes,
-        };
-        // torchvision's classifier init: N(0, 0.01), zero bias.
-        let fc = nn::linear(
-            path_for(root, fc_name),
-            last as i64,
-            config.num_classes as i64,
-            nn::LinearConfig {
-                ws_init: nn::Init::Randn {
-                    mean: 0.0,
-                    stdev: 0.01,
-                },
-                bs_init: Some(nn::Init::Const(0.0)),
-                bias: true,
-            },
-        );
+        let (head_conv, fc, fc_spec) = head(&mut b, root, config, c_in, blocks.len(), lite)?;
         Ok(MobileNet {
             config: config.clone(),
             stem,
@@ -468,21 +488,23 @@ impl MobileNet {
             fc_spec,
         })
     }
+}
 
-    pub fn config(&self) -> &ModelConfig {
+impl Network for MobileNet {
+    fn config(&self) -> &ModelConfig {
         &self.config
     }
 
-    pub fn convs(&self) -> &[ConvSpec] {
+    fn convs(&self) -> &[ConvSpec] {
         &self.convs
     }
 
-    pub fn fc_spec(&self) -> &LinearSpec {
+    fn fc_spec(&self) -> &LinearSpec {
         &self.fc_spec
     }
 
     /// The head conv's ReLU6 output, before global average pooling.
-    pub fn features(&self, xs: &Tensor, train: bool) -> Tensor {
+    fn features(&self, xs: &Tensor, train: bool) -> Tensor {
         let mut h = self.stem.forward_t(xs, train).clamp(0.0, 6.0);
         for b in &self.blocks {
             h = b.forward_t(&h, train);
@@ -491,7 +513,7 @@ impl MobileNet {
     }
 
     /// The inference forward pass as graph operations (see [`Graph`]).
-    pub fn graph(&self) -> Graph {
+    fn graph(&self) -> Graph {
         let mut g = Graph::default();
         let x = self.stem.graph(&mut g, Graph::INPUT);
         let mut h = g.push(Op::Relu6 { input: x });
@@ -505,11 +527,11 @@ impl MobileNet {
     }
 
     /// Global average pool + linear (the reference's dropout before it is left out).
-    pub fn head(&self, features: &Tensor) -> Tensor {
+    fn head(&self, features: &Tensor) -> Tensor {
         super::layers::gap_linear(&self.fc, features)
     }
 
-    pub fn fc_weight(&self) -> &Tensor {
+    fn fc_weight(&self) -> &Tensor {
         &self.fc.ws
     }
 }

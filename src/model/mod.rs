@@ -2,12 +2,16 @@
 //! (`conv1`, `layer1.0.conv1`, `layer2.0.downsample.0`, …) and a [`ConvSpec`] describing its
 //! geometry, so quantization policies and BOPs can refer to layers by name.
 
+#[cfg(feature = "cli")]
+mod args;
 pub mod graph;
 mod layers;
 mod mobile;
 pub mod options;
 mod resnet;
 
+#[cfg(feature = "cli")]
+pub use args::ModelArgs;
 pub use layers::{
     fp_conv, path_for, ConvLayer, ConvSpec, FullPrecisionConvs, LayerFactory, LinearSpec,
 };
@@ -20,9 +24,7 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error(
-        "unknown model '{0}' (resnet20, resnet32, resnet56, resnet18, resnet50, mobilenetv2, efficientnet-lite0)"
-    )]
+    #[error("unknown model '{0}' ({names})", names = arch_names())]
     UnknownArch(String),
     #[error("input size {input} is too small for {arch} (needs at least {min})")]
     InputTooSmall {
@@ -49,43 +51,154 @@ pub enum Arch {
     EfficientNetLite0,
 }
 
-impl Arch {
-    pub fn name(self) -> &'static str {
-        match self {
-            Arch::ResNet20 => "resnet20",
-            Arch::ResNet32 => "resnet32",
-            Arch::ResNet56 => "resnet56",
-            Arch::ResNet18 => "resnet18",
-            Arch::ResNet50 => "resnet50",
-            Arch::MobileNetV2 => "mobilenetv2",
-            Arch::EfficientNetLite0 => "efficientnet-lite0",
+/// One registered network: its name on the command line and in checkpoints, and how its
+/// family lays it out.
+pub struct ArchEntry {
+    pub arch: Arch,
+    pub name: &'static str,
+    build: Build,
+    /// `--stem` chooses between the CIFAR and ImageNet stems.
+    pub stem_choice: bool,
+    /// `--width` scales its channels.
+    pub width_multiplier: bool,
+    /// `gmpq import` reads its torchvision / efficientnet_pytorch weights.
+    pub importable: bool,
+    /// Its pretrained weights fix the input size and the stem (TF "SAME" padding laid out
+    /// for 224 px).
+    pub fixed_geometry: bool,
+}
+
+#[cfg(test)]
+mod arch_tests {
+    use super::*;
+
+    #[test]
+    fn every_arch_has_its_row_and_its_name_parses_back() {
+        for (i, e) in ARCHS.iter().enumerate() {
+            assert_eq!(e.arch as usize, i, "{} out of order in ARCHS", e.name);
+            assert_eq!(e.name.parse::<Arch>().unwrap(), e.arch);
+            assert_eq!(e.arch.to_string(), e.name);
         }
+        assert!("resnet-20".parse::<Arch>().is_ok());
+        assert!("vgg16"
+            .parse::<Arch>()
+            .unwrap_err()
+            .to_string()
+            .contains("mobilenetv2"));
+    }
+}
+
+fn resnet(
+    r: &nn::Path,
+    c: &ModelConfig,
+    f: &dyn LayerFactory,
+) -> Result<Box<dyn Network>, ModelError> {
+    Ok(Box::new(ResNet::new(r, c, f)?))
+}
+
+fn mobile(
+    r: &nn::Path,
+    c: &ModelConfig,
+    f: &dyn LayerFactory,
+) -> Result<Box<dyn Network>, ModelError> {
+    Ok(Box::new(MobileNet::new(r, c, f)?))
+}
+
+/// Every network gmpq knows, in the order help texts list them.
+pub const ARCHS: [ArchEntry; 7] = [
+    ArchEntry {
+        arch: Arch::ResNet20,
+        name: "resnet20",
+        build: resnet,
+        stem_choice: false,
+        width_multiplier: false,
+        importable: false,
+        fixed_geometry: false,
+    },
+    ArchEntry {
+        arch: Arch::ResNet32,
+        name: "resnet32",
+        build: resnet,
+        stem_choice: false,
+        width_multiplier: false,
+        importable: false,
+        fixed_geometry: false,
+    },
+    ArchEntry {
+        arch: Arch::ResNet56,
+        name: "resnet56",
+        build: resnet,
+        stem_choice: false,
+        width_multiplier: false,
+        importable: false,
+        fixed_geometry: false,
+    },
+    ArchEntry {
+        arch: Arch::ResNet18,
+        name: "resnet18",
+        build: resnet,
+        stem_choice: true,
+        width_multiplier: false,
+        importable: true,
+        fixed_geometry: false,
+    },
+    ArchEntry {
+        arch: Arch::ResNet50,
+        name: "resnet50",
+        build: resnet,
+        stem_choice: true,
+        width_multiplier: false,
+        importable: true,
+        fixed_geometry: false,
+    },
+    ArchEntry {
+        arch: Arch::MobileNetV2,
+        name: "mobilenetv2",
+        build: mobile,
+        stem_choice: true,
+        width_multiplier: true,
+        importable: true,
+        fixed_geometry: false,
+    },
+    ArchEntry {
+        arch: Arch::EfficientNetLite0,
+        name: "efficientnet-lite0",
+        build: mobile,
+        stem_choice: false,
+        width_multiplier: false,
+        importable: true,
+        fixed_geometry: true,
+    },
+];
+
+impl Arch {
+    pub fn entry(self) -> &'static ArchEntry {
+        // ARCHS lists the variants in declaration order (checked by a test).
+        &ARCHS[self as usize]
+    }
+    pub fn name(self) -> &'static str {
+        self.entry().name
     }
     /// The CIFAR ResNets (20/32/56) always use the 3×3 stride-1 stem.
     pub fn is_cifar_resnet(self) -> bool {
         matches!(self, Arch::ResNet20 | Arch::ResNet32 | Arch::ResNet56)
     }
-    /// Inverted-residual networks with depthwise convs and ReLU6.
-    pub fn is_mobile(self) -> bool {
-        matches!(self, Arch::MobileNetV2 | Arch::EfficientNetLite0)
-    }
+}
+
+/// Every network's name, comma-separated (for help and errors).
+pub fn arch_names() -> String {
+    ARCHS.map(|e| e.name).join(", ")
 }
 
 impl std::str::FromStr for Arch {
     type Err = ModelError;
     fn from_str(s: &str) -> Result<Self, ModelError> {
-        Ok(
-            match s.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
-                "resnet20" => Arch::ResNet20,
-                "resnet32" => Arch::ResNet32,
-                "resnet56" => Arch::ResNet56,
-                "resnet18" => Arch::ResNet18,
-                "resnet50" => Arch::ResNet50,
-                "mobilenetv2" => Arch::MobileNetV2,
-                "efficientnetlite0" => Arch::EfficientNetLite0,
-                _ => return Err(ModelError::UnknownArch(s.to_string())),
-            },
-        )
+        let key = |n: &str| n.to_ascii_lowercase().replace(['-', '_'], "");
+        ARCHS
+            .iter()
+            .find(|e| key(e.name) == key(s))
+            .map(|e| e.arch)
+            .ok_or_else(|| ModelError::UnknownArch(s.to_string()))
     }
 }
 
@@ -158,14 +271,31 @@ impl ModelConfig {
     }
 }
 
-/// Any of the networks, behind one interface: conv geometry, features for attribution,
-/// the GAP + linear head.
-#[derive(Debug)]
-#[allow(clippy::large_enum_variant)] // a handful per process: boxing would buy nothing
-pub enum Model {
-    ResNet(ResNet),
-    Mobile(MobileNet),
+/// A network family: lays out its layers for a [`ModelConfig`] and exposes what
+/// quantization, attribution and export read. A new network is one file implementing this
+/// plus one row in [`ARCHS`].
+pub trait Network: std::fmt::Debug + Send {
+    fn config(&self) -> &ModelConfig;
+    /// Every conv layer in forward order, stem first.
+    fn convs(&self) -> &[ConvSpec];
+    fn fc_spec(&self) -> &LinearSpec;
+    /// The last feature map (N×C×H×W) before global average pooling: where attribution is
+    /// taken.
+    fn features(&self, xs: &Tensor, train: bool) -> Tensor;
+    /// Global average pool + linear head.
+    fn head(&self, features: &Tensor) -> Tensor;
+    /// The head's weight matrix (num_classes × C): the CAM weights.
+    fn fc_weight(&self) -> &Tensor;
+    /// The inference forward pass as graph operations, for exporters.
+    fn graph(&self) -> graph::Graph;
 }
+
+/// Lays out a family's network under a root with conv layers from a factory.
+type Build = fn(&nn::Path, &ModelConfig, &dyn LayerFactory) -> Result<Box<dyn Network>, ModelError>;
+
+/// Any of the networks, behind one interface ([`Network`], reached through `Deref`).
+#[derive(Debug)]
+pub struct Model(Box<dyn Network>);
 
 impl Model {
     /// Lays out `config`'s network under `root` with conv layers from `factory`.
@@ -174,66 +304,14 @@ impl Model {
         config: &ModelConfig,
         factory: &dyn LayerFactory,
     ) -> Result<Self, ModelError> {
-        if config.arch.is_mobile() {
-            Ok(Model::Mobile(MobileNet::new(root, config, factory)?))
-        } else {
-            Ok(Model::ResNet(ResNet::new(root, config, factory)?))
-        }
+        Ok(Model((config.arch.entry().build)(root, config, factory)?))
     }
+}
 
-    /// The inference forward pass as graph operations, for exporters.
-    pub fn graph(&self) -> graph::Graph {
-        match self {
-            Model::ResNet(n) => n.graph(),
-            Model::Mobile(n) => n.graph(),
-        }
-    }
-
-    pub fn config(&self) -> &ModelConfig {
-        match self {
-            Model::ResNet(n) => n.config(),
-            Model::Mobile(n) => n.config(),
-        }
-    }
-
-    /// Every conv layer in forward order, stem first.
-    pub fn convs(&self) -> &[ConvSpec] {
-        match self {
-            Model::ResNet(n) => n.convs(),
-            Model::Mobile(n) => n.convs(),
-        }
-    }
-
-    pub fn fc_spec(&self) -> &LinearSpec {
-        match self {
-            Model::ResNet(n) => n.fc_spec(),
-            Model::Mobile(n) => n.fc_spec(),
-        }
-    }
-
-    /// The last feature map (N×C×H×W) before global average pooling: where attribution is
-    /// taken.
-    pub fn features(&self, xs: &Tensor, train: bool) -> Tensor {
-        match self {
-            Model::ResNet(n) => n.features(xs, train),
-            Model::Mobile(n) => n.features(xs, train),
-        }
-    }
-
-    /// Global average pool + linear head.
-    pub fn head(&self, features: &Tensor) -> Tensor {
-        match self {
-            Model::ResNet(n) => n.head(features),
-            Model::Mobile(n) => n.head(features),
-        }
-    }
-
-    /// The head's weight matrix (num_classes × C): the CAM weights.
-    pub fn fc_weight(&self) -> &Tensor {
-        match self {
-            Model::ResNet(n) => n.fc_weight(),
-            Model::Mobile(n) => n.fc_weight(),
-        }
+impl std::ops::Deref for Model {
+    type Target = dyn Network;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref()
     }
 }
 

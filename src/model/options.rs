@@ -29,14 +29,12 @@ impl ModelOption {
         }
     }
 
-    /// The table: whether the option shapes `arch`. The CIFAR ResNets and EfficientNet-Lite0
-    /// have one stem; only MobileNetV2 has a width multiplier.
+    /// Whether the option shapes `arch`, from its row in [`super::ARCHS`] (the CIFAR ResNets
+    /// and EfficientNet-Lite0 have one stem; only MobileNetV2 has a width multiplier).
     pub fn applies_to(self, arch: Arch) -> bool {
         match self {
-            ModelOption::Stem => {
-                matches!(arch, Arch::ResNet18 | Arch::ResNet50 | Arch::MobileNetV2)
-            }
-            ModelOption::Width => arch == Arch::MobileNetV2,
+            ModelOption::Stem => arch.entry().stem_choice,
+            ModelOption::Width => arch.entry().width_multiplier,
             ModelOption::Model
             | ModelOption::InputSize
             | ModelOption::Channels
@@ -45,16 +43,6 @@ impl ModelOption {
         }
     }
 }
-
-const ARCHS: [Arch; 7] = [
-    Arch::ResNet20,
-    Arch::ResNet32,
-    Arch::ResNet56,
-    Arch::ResNet18,
-    Arch::ResNet50,
-    Arch::MobileNetV2,
-    Arch::EfficientNetLite0,
-];
 
 /// Where a command's network comes from.
 #[derive(Debug, Clone, Copy)]
@@ -70,10 +58,10 @@ pub fn check_options(source: ModelSource, given: &[ModelOption]) -> Result<(), M
     for &option in given {
         match source {
             ModelSource::Named(arch) if !option.applies_to(arch) => {
-                let to: Vec<&str> = ARCHS
+                let to: Vec<&str> = super::ARCHS
                     .iter()
-                    .filter(|a| option.applies_to(**a))
-                    .map(|a| a.name())
+                    .filter(|e| option.applies_to(e.arch))
+                    .map(|e| e.name)
                     .collect();
                 return Err(ModelError::Invalid(format!(
                     "{} applies to {} only, not {arch}",

@@ -3,7 +3,7 @@
 
 use super::graph::{Graph, Op, Value};
 use super::layers::{path_for, ConvLayer, ConvSpec, LayerFactory, LinearSpec};
-use super::{Arch, ModelConfig, ModelError, Stem};
+use super::{Arch, ModelConfig, ModelError, Network, Stem};
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
@@ -369,23 +369,25 @@ impl ResNet {
             fc_spec,
         })
     }
+}
 
-    pub fn config(&self) -> &ModelConfig {
+impl Network for ResNet {
+    fn config(&self) -> &ModelConfig {
         &self.config
     }
 
     /// Every conv layer in forward order, stem first.
-    pub fn convs(&self) -> &[ConvSpec] {
+    fn convs(&self) -> &[ConvSpec] {
         &self.convs
     }
 
-    pub fn fc_spec(&self) -> &LinearSpec {
+    fn fc_spec(&self) -> &LinearSpec {
         &self.fc_spec
     }
 
     /// The last feature map (N×C×H×W), before global average pooling: where attribution is
     /// taken.
-    pub fn features(&self, xs: &Tensor, train: bool) -> Tensor {
+    fn features(&self, xs: &Tensor, train: bool) -> Tensor {
         let mut h = self.stem.forward_t(xs, train).relu();
         if self.max_pool {
             h = h.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false);
@@ -397,7 +399,7 @@ impl ResNet {
     }
 
     /// The inference forward pass as graph operations (see [`Graph`]).
-    pub fn graph(&self) -> Graph {
+    fn graph(&self) -> Graph {
         let mut g = Graph::default();
         let h = self.stem.graph(&mut g, Graph::INPUT);
         let mut h = g.push(Op::Relu { input: h });
@@ -417,12 +419,12 @@ impl ResNet {
     }
 
     /// Global average pool + linear head.
-    pub fn head(&self, features: &Tensor) -> Tensor {
+    fn head(&self, features: &Tensor) -> Tensor {
         super::layers::gap_linear(&self.fc, features)
     }
 
     /// The head's weight matrix (num_classes × C): the CAM weights.
-    pub fn fc_weight(&self) -> &Tensor {
+    fn fc_weight(&self) -> &Tensor {
         &self.fc.ws
     }
 }

@@ -2,75 +2,155 @@
 //! have the same), from which every stage is built.
 
 use super::{Arm, PipelineError, Result};
-use crate::policy::{Candidates, DEFAULT_CANDIDATES};
+use crate::policy::{BitCandidateArgs, Candidates};
 use crate::quant::Numerics;
-use crate::search::{Recipe, SearchConfig, Target};
+use crate::search::{BudgetArgs, Recipe, SearchConfig, Target};
 use serde::Serialize;
 use std::path::PathBuf;
 
-/// Everything a pipeline run does. The serialized fields are the run's recorded settings;
-/// the others (`baseline`, `out`, `reuse_from`) say where and what to run.
+/// Everything a pipeline run does: `gmpq pipeline`'s flags. The serialized fields are the
+/// run's recorded settings (a resumed run must have the same); the others (`baseline`,
+/// `out`, `reuse_from`) say where and what to run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct PipelineSettings {
-    /// resnet20, resnet32, …
+    /// resnet20, resnet32, resnet56, resnet18, resnet50 or mobilenetv2.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "resnet20"))]
     pub model: String,
-    /// The width multiplier of mobilenetv2 (recorded only where it is not 1).
+    /// Width multiplier of mobilenetv2 (its teachers' channels; recorded only where it is
+    /// not 1).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, default_value_t = 1.0, allow_negative_numbers = true)
+    )]
     #[serde(skip_serializing_if = "is_unit")]
     pub width: f64,
-    /// Proxy data, `KIND:PATH[:N]` (N: a stratified N-image subset of its train split).
+    /// Proxy data for the search, KIND:PATH[:N]; N keeps a stratified subset of N training
+    /// images (e.g. idx:../shared/datasets/fashion-mnist:2000).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub proxy: String,
-    /// Target data, `KIND:PATH`.
+    /// Target data, KIND:PATH: the target teacher and the fine-tuned networks train on its
+    /// train split; results are on its test split.
+    #[cfg_attr(feature = "cli", arg(long))]
     pub target: String,
+    /// Train on a stratified subset of this many target images.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = crate::flags::positive(), allow_negative_numbers = true))]
     pub target_limit: Option<usize>,
+    /// Evaluate on at most this many target test images (stratified).
+    #[cfg_attr(feature = "cli", arg(long, value_parser = crate::flags::positive(), allow_negative_numbers = true))]
     pub target_test_limit: Option<usize>,
-    /// Target training images held out for validation: the target teacher and the
-    /// fine-tunings never train on them, and the arm best on them is the run's chosen model.
-    /// `None`: no validation split (runs recorded before it existed).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub target_holdout: Option<usize>,
-    pub target_compression: Option<f64>,
-    pub target_bops: Option<String>,
-    pub target_size_mb: Option<f64>,
-    /// A proxy teacher to use instead of training one.
+    /// Target training images held out for validation (a fixed stratified draw): the target
+    /// teacher and the fine-tunings never train on them, and the arm with the best top-1 on
+    /// them is the run's chosen model (test top-1 is reported, never used to choose). 0: none
+    /// (as runs recorded before it existed, which do not record it).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = TARGET_HOLDOUT, allow_negative_numbers = true))]
+    #[serde(skip_serializing_if = "no_holdout")]
+    pub target_holdout: usize,
+    #[cfg_attr(feature = "cli", command(flatten))]
+    #[serde(flatten)]
+    pub budget: BudgetArgs,
+    /// An FP teacher for the search (instead of training one on the proxy).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub teacher: Option<PathBuf>,
-    /// A target teacher to use instead of training one.
+    /// An FP network to fine-tune from (instead of training one on the target).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub target_teacher: Option<PathBuf>,
-    /// The arms besides GMPQ.
+    /// Comparison arms under the same budget and recipe, comma-separated: edmips (the search
+    /// without the attribution term), uniform (the best uniform policy within the budget),
+    /// edmips-target (EdMIPS searched on the target data), random (random bits within 2 %
+    /// under the budget, drawn with --seed), hawq (Hessian-trace and activation
+    /// sensitivities of the proxy teacher on 512 proxy images, minimised by the knapsack).
+    #[cfg_attr(feature = "cli", arg(long, value_delimiter = ',', value_parser = baseline_arm()))]
     #[serde(skip)]
     pub baseline: Vec<Arm>,
+    /// Epochs of the proxy teacher.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = TEACHER_EPOCHS, value_parser = crate::flags::positive(), allow_negative_numbers = true))]
     pub teacher_epochs: usize,
+    /// Epochs of the target teacher.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = TEACHER_EPOCHS, value_parser = crate::flags::positive(), allow_negative_numbers = true))]
     pub target_teacher_epochs: usize,
+    /// Epochs of the proxy searches (gmpq, edmips).
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = SearchConfig::default().epochs, value_parser = crate::flags::positive(), allow_negative_numbers = true))]
     pub search_epochs: usize,
-    /// Epochs of the target search (edmips-target); default: `search_epochs`.
+    /// Epochs of the edmips-target search (default: --search-epochs).
+    #[cfg_attr(feature = "cli", arg(long, value_parser = crate::flags::positive(), allow_negative_numbers = true))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_search_epochs: Option<usize>,
+    /// Search learning rates ×0.1 every this many epochs.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = SearchConfig::default().step_epochs, value_parser = crate::flags::positive(), allow_negative_numbers = true))]
     pub search_step_epochs: usize,
+    /// Fine-tuning epochs of every arm on the target.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = FINETUNE_EPOCHS, value_parser = crate::flags::positive(), allow_negative_numbers = true))]
     pub finetune_epochs: usize,
+    /// Fine-tuning learning rate.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = crate::train::FINETUNE_LR, allow_negative_numbers = true))]
     pub finetune_lr: f64,
+    /// Weight of the attribution loss in the GMPQ arm.
+    #[cfg_attr(feature = "cli", arg(long, default_value_t = SearchConfig::default().attribution_weight, allow_negative_numbers = true))]
     pub attribution_weight: f64,
+    /// Fixed attribution exponent p of the GMPQ arm (default: the capacity-aware rule).
+    #[cfg_attr(feature = "cli", arg(long, allow_negative_numbers = true))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p: Option<f64>,
+    /// Search recipe of the searched arms (gmpq, edmips, edmips-target).
+    #[cfg_attr(feature = "cli", arg(long, value_enum, default_value_t = Recipe::Scarce))]
     pub recipe: Recipe,
-    pub w_bits: Vec<u32>,
-    pub a_bits: Vec<u32>,
-    /// Random flips of the target images.
+    #[cfg_attr(feature = "cli", command(flatten))]
+    #[serde(flatten)]
+    pub bits: BitCandidateArgs,
+    /// Random horizontal flips in training and search (not for digits).
+    #[cfg_attr(feature = "cli", arg(long))]
     pub hflip: bool,
-    /// Random flips of the proxy images (default: `hflip`).
+    /// Flips on the proxy side (proxy teacher, proxy searches): a switch like --hflip
+    /// (`--proxy-hflip false` turns them off); default: as --hflip.
+    #[cfg_attr(feature = "cli", arg(long, num_args = 0..=1, default_missing_value = "true"))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub proxy_hflip: Option<bool>,
+    /// Seed of training, search and fine-tuning (the proxy subset has its own).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, default_value_t = 0, allow_negative_numbers = true)
+    )]
     pub seed: u64,
+    /// Seed of the proxy subset draw.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, default_value_t = 0, allow_negative_numbers = true)
+    )]
     pub subset_seed: u64,
-    /// How the fine-tuned networks compute (recorded only for integer numerics). `None`: as
-    /// the run folder recorded it (fake-quant for runs recorded before integer numerics),
-    /// integer for a new run.
+    /// How the fine-tuned networks compute: integer (batch norm folded, every conv output
+    /// and residual sum re-quantized, as the exported integer graph; the default for a new
+    /// run) or fake-quant (the reference's; the default where the run folder recorded it).
+    /// Recorded only for integer numerics.
+    #[cfg_attr(feature = "cli", arg(long, value_parser = crate::policy::parse_numerics))]
     #[serde(skip_serializing_if = "is_fake_quant_or_unset")]
     pub numerics: Option<Numerics>,
+    /// Run folder.
+    #[cfg_attr(feature = "cli", arg(long, default_value = "runs/pipeline"))]
     #[serde(skip)]
     pub out: PathBuf,
-    /// Runs whose finished proxy-independent stages (fine-tunings of the same command and
-    /// policy, the edmips-target search of the same command) are copied.
+    /// Another run folder (repeatable) whose finished stages that do not depend on the proxy
+    /// may be copied: a fine-tuning with the same command (same teacher, data, recipe and seed)
+    /// and a byte-identical policy, or the edmips-target search with the same command, is the
+    /// same computation, so it is copied instead of run again (pipeline.json says so).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long, value_name = "RUN_DIR", alias = "reuse-finetunes-from")
+    )]
     #[serde(skip)]
     pub reuse_from: Vec<PathBuf>,
+}
+
+/// A `--baseline` arm: any arm but GMPQ, which always runs.
+#[cfg(feature = "cli")]
+fn baseline_arm() -> impl clap::builder::TypedValueParser<Value = Arm> {
+    use clap::builder::TypedValueParser as _;
+    clap::builder::PossibleValuesParser::new(Arm::BASELINES.map(Arm::name))
+        .try_map(|s| s.parse::<Arm>())
+}
+
+fn no_holdout(h: &usize) -> bool {
+    *h == 0
 }
 
 /// Teacher epochs of `gmpq pipeline` (proxy and target).
@@ -93,10 +173,8 @@ impl PipelineSettings {
             target: target.into(),
             target_limit: None,
             target_test_limit: None,
-            target_holdout: Some(TARGET_HOLDOUT),
-            target_compression: None,
-            target_bops: None,
-            target_size_mb: None,
+            target_holdout: TARGET_HOLDOUT,
+            budget: BudgetArgs::default(),
             teacher: None,
             target_teacher: None,
             baseline: Vec::new(),
@@ -110,8 +188,7 @@ impl PipelineSettings {
             attribution_weight: search.attribution_weight,
             p: None,
             recipe: Recipe::Scarce,
-            w_bits: DEFAULT_CANDIDATES.to_vec(),
-            a_bits: DEFAULT_CANDIDATES.to_vec(),
+            bits: BitCandidateArgs::default(),
             hflip: false,
             proxy_hflip: None,
             seed: 0,
@@ -126,7 +203,10 @@ impl PipelineSettings {
     /// in minutes on two cores (GMPQ, uniform and EdMIPS at 64×).
     pub fn demo(out: PathBuf) -> Self {
         Self {
-            target_compression: Some(64.0),
+            budget: BudgetArgs {
+                target_compression: Some(64.0),
+                ..Default::default()
+            },
             baseline: vec![Arm::Uniform, Arm::Edmips],
             teacher_epochs: 15,
             target_teacher_epochs: 12,
@@ -141,9 +221,9 @@ impl PipelineSettings {
     /// The budget (64× compression when none is given).
     pub fn budget(&self) -> Result<Target> {
         Ok(Target::from_parts(
-            self.target_bops.as_deref(),
-            self.target_compression,
-            self.target_size_mb,
+            self.budget.target_bops.as_deref(),
+            self.budget.target_compression,
+            self.budget.target_size_mb,
         )
         .map_err(PipelineError::Invalid)?
         .unwrap_or(DEFAULT_BUDGET))
@@ -151,7 +231,7 @@ impl PipelineSettings {
 
     /// The bit candidates, checked.
     pub fn candidates(&self) -> Result<Candidates> {
-        Ok(Candidates::new(&self.w_bits, &self.a_bits)?)
+        Ok(self.bits.candidates()?)
     }
 
     /// GMPQ, then each baseline once.
@@ -230,7 +310,10 @@ mod tests {
         let s = PipelineSettings {
             proxy: "idx:../shared/datasets/mnist:2000".into(),
             target: "idx:../shared/datasets/fashion-mnist".into(),
-            target_compression: Some(128.0),
+            budget: BudgetArgs {
+                target_compression: Some(128.0),
+                ..Default::default()
+            },
             teacher: Some(
                 "studies/runs/fmnist-lowbit/teacher-mnist-to-fmnist/last.safetensors".into(),
             ),
@@ -243,10 +326,67 @@ mod tests {
             finetune_epochs: 1,
             proxy_hflip: Some(false),
             seed: 1,
-            target_holdout: None,
+            target_holdout: 0,
             ..PipelineSettings::demo("x".into())
         };
         assert_eq!(s.record(), recorded);
         assert_eq!(s.budget().unwrap(), Target::Compression(128.0));
+    }
+}
+
+#[cfg(all(test, feature = "cli"))]
+mod flag_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: PipelineSettings,
+    }
+
+    /// pipeline.json records the values used, typed: numbers, lists and arm names; the
+    /// defaults of the flags are the library's.
+    #[test]
+    fn recorded_settings_are_typed_values() {
+        let argv = [
+            "pipeline",
+            "--proxy",
+            "bundled:mnist:500",
+            "--target",
+            "bundled:fashion-mnist",
+            "--w-bits",
+            "4,2,2",
+            "--baseline",
+            "uniform,hawq",
+        ];
+        let Ok(Cli { settings }) = Cli::try_parse_from(argv) else {
+            panic!("pipeline arguments did not parse");
+        };
+        assert_eq!(settings.baseline, vec![Arm::Uniform, Arm::Hawq]);
+        let out = settings.out.clone();
+        let s = settings.record();
+        assert_eq!(s["finetune_lr"], serde_json::json!(0.01));
+        assert_eq!(s["w_bits"], serde_json::json!([4, 2, 2]));
+        assert_eq!(s["a_bits"], serde_json::json!([2, 3, 4, 6]));
+        assert_eq!(s["recipe"], "scarce");
+        assert!(s.get("baseline").is_none() && s.get("bits").is_none());
+        assert_eq!(settings.candidates().unwrap().weight, vec![2, 4]);
+        // Every default of the flags is the library's own.
+        let library = PipelineSettings {
+            baseline: settings.baseline.clone(),
+            bits: BitCandidateArgs {
+                w_bits: vec![4, 2, 2],
+                ..Default::default()
+            },
+            ..PipelineSettings::new("bundled:mnist:500", "bundled:fashion-mnist", out)
+        };
+        assert_eq!(settings, library);
+        // GMPQ always runs: it is not a baseline; bits outside 2..=16 are refused.
+        for bad in [["--baseline", "gmpq"], ["--w-bits", "1,4"]] {
+            let mut v = argv[..5].to_vec();
+            v.extend(bad);
+            assert!(Cli::try_parse_from(v).is_err(), "{bad:?} accepted");
+        }
     }
 }

@@ -135,3 +135,65 @@ impl RunSummary {
         Ok(summary)
     }
 }
+
+impl RunSummary {
+    /// The printed table: one row per arm (BOPs, compression, size, search time, test top-1
+    /// and, with a validation split, val top-1), the FP model first, the chosen arm marked.
+    pub fn table(&self) -> String {
+        use std::fmt::Write as _;
+        let s = self;
+        let mut out = String::new();
+        let pct = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.2}%"));
+        let validated = s.arms.iter().any(|a| a.val_top1.is_some());
+        let val_column = |v: Option<f64>| {
+            if validated {
+                format!(" {:>9}", pct(v))
+            } else {
+                String::new()
+            }
+        };
+        writeln!(
+            out,
+            "{:<20} {:>10} {:>12} {:>10} {:>10} {:>9}{}",
+            "arm",
+            "BOPs (G)",
+            "compression",
+            "size MB",
+            "search",
+            "top-1",
+            if validated { "   val top-1" } else { "" }
+        )
+        .ok();
+        writeln!(
+            out,
+            "{:<20} {:>10} {:>12} {:>10} {:>10} {:>9}",
+            "FP",
+            s.fp_bops.map_or("—".into(), |b| format!("{:.4}", b / 1e9)),
+            "1.00x",
+            s.fp_size_mb.map_or("—".into(), |v| format!("{v:.3}")),
+            "—",
+            pct(s.fp_top1)
+        )
+        .ok();
+        for a in &s.arms {
+            let label = if s.chosen == Some(a.arm) {
+                format!("{} (chosen)", a.arm.label())
+            } else {
+                a.arm.label().to_string()
+            };
+            writeln!(
+                out,
+                "{:<20} {:>10} {:>12} {:>10} {:>10} {:>9}{}",
+                label,
+                a.bops.map_or("—".into(), |b| format!("{:.4}", b / 1e9)),
+                a.compression.map_or("—".into(), |c| format!("{c:.2}x")),
+                a.size_mb.map_or("—".into(), |v| format!("{v:.3}")),
+                a.search_seconds.map_or("—".into(), |v| format!("{v:.0} s")),
+                pct(a.top1),
+                val_column(a.val_top1)
+            )
+            .ok();
+        }
+        out
+    }
+}

@@ -96,79 +96,81 @@ pub struct Plan {
     pub stem: Vec<String>,
 }
 
-impl Plan {
-    /// Plans `graph` for the quantized layers `bits` (others stay float); fails on a graph
-    /// shape the integer form does not cover (a conv without batch norm).
-    pub fn new(
-        graph: &Graph,
-        specs: &[ConvSpec],
-        bits: &HashMap<String, (u32, u32)>,
-    ) -> Result<Self, QuantError> {
-        let n_values = graph.ops.len() + 1;
-        let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); n_values];
+/// Who reads each value of a graph.
+struct Reads<'a> {
+    graph: &'a Graph,
+    consumers: Vec<Vec<usize>>,
+}
+
+impl<'a> Reads<'a> {
+    fn new(graph: &'a Graph) -> Self {
+        let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); graph.ops.len() + 1];
         for (i, op) in graph.ops.iter().enumerate() {
             for v in op.inputs() {
                 consumers[v].push(i);
             }
         }
-        let qbits: HashMap<String, (u32, u32, bool)> = specs
+        Self { graph, consumers }
+    }
+
+    /// The ops that read value `v`, looking through a padding op (folded into its conv).
+    fn readers(&self, v: Value) -> Vec<usize> {
+        self.consumers[v]
             .iter()
-            .filter(|s| s.quantizable)
-            .filter_map(|s| {
-                bits.get(&s.name)
-                    .map(|&(w, a)| (s.name.clone(), (w, a, s.signed_input)))
+            .flat_map(|&r| match self.graph.ops[r] {
+                Op::Pad { .. } => self.consumers[r + 1].clone(),
+                _ => vec![r],
             })
-            .collect();
-        // The ops that read value `v`, looking through a padding op (folded into its conv).
-        let readers = |v: Value| -> Vec<usize> {
-            consumers[v]
-                .iter()
-                .flat_map(|&r| match graph.ops[r] {
-                    Op::Pad { .. } => consumers[r + 1].clone(),
-                    _ => vec![r],
-                })
-                .collect()
-        };
-        let sole = |v: Value| -> Option<usize> {
-            match consumers[v].as_slice() {
-                [only] => Some(*only),
-                _ => None,
-            }
-        };
-        // The ops that follow value `v` while each is its input's only reader.
-        let post_of = |mut v: Value| -> (Vec<usize>, Value) {
-            let mut post = Vec::new();
-            while let Some(next) = sole(v) {
-                match graph.ops[next] {
-                    Op::Relu { .. } | Op::Relu6 { .. } | Op::MaxPool { .. } => {
-                        post.push(next);
-                        v = next + 1;
-                    }
-                    _ => break,
+            .collect()
+    }
+
+    fn sole(&self, v: Value) -> Option<usize> {
+        match self.consumers[v].as_slice() {
+            [only] => Some(*only),
+            _ => None,
+        }
+    }
+
+    /// The ops that follow value `v` while each is its input's only reader.
+    fn post_of(&self, mut v: Value) -> (Vec<usize>, Value) {
+        let mut post = Vec::new();
+        while let Some(next) = self.sole(v) {
+            match self.graph.ops[next] {
+                Op::Relu { .. } | Op::Relu6 { .. } | Op::MaxPool { .. } => {
+                    post.push(next);
+                    v = next + 1;
                 }
+                _ => break,
             }
-            (post, v)
-        };
+        }
+        (post, v)
+    }
+
+    /// The graph as units: each conv with its batch norm (and padding) and the activations
+    /// and pooling that follow it alone, each residual sum with what follows it, the rest
+    /// in float.
+    fn units(&self) -> Result<Vec<Step>, QuantError> {
         let mut steps = Vec::new();
-        let mut fused = vec![false; graph.ops.len()];
-        for (i, op) in graph.ops.iter().enumerate() {
+        let mut fused = vec![false; self.graph.ops.len()];
+        for (i, op) in self.graph.ops.iter().enumerate() {
             if fused[i] {
                 continue;
             }
             match op {
                 Op::Conv { input, layer } => {
-                    let bn = sole(i + 1)
-                        .filter(|&j| matches!(graph.ops[j], Op::BatchNorm { .. }))
+                    let bn = self
+                        .sole(i + 1)
+                        .filter(|&j| matches!(self.graph.ops[j], Op::BatchNorm { .. }))
                         .ok_or_else(|| {
                             QuantError::Invalid(format!(
                                 "integer numerics: conv '{layer}' is not followed by a batch norm"
                             ))
                         })?;
-                    let (input, pads) = match graph.ops.get(input.wrapping_sub(1)) {
+                    let (input, pads) = match self.graph.ops.get(input.wrapping_sub(1)) {
                         Some(Op::Pad { input: src, pads }) if *input > 0 => (*src, Some(*pads)),
                         _ => (*input, None),
                     };
-                    let (post, output) = post_of(bn + 1);
+                    let (post, output) = self.post_of(bn + 1);
                     fused[bn] = true;
                     post.iter().for_each(|&p| fused[p] = true);
                     steps.push(Step::Conv(ConvUnit {
@@ -181,7 +183,7 @@ impl Plan {
                     }));
                 }
                 Op::Add { a, b } => {
-                    let (post, output) = post_of(i + 1);
+                    let (post, output) = self.post_of(i + 1);
                     post.iter().for_each(|&p| fused[p] = true);
                     steps.push(Step::Add(AddUnit {
                         a: *a,
@@ -192,28 +194,35 @@ impl Plan {
                 }
                 // A padding op is folded into the conv that reads it.
                 Op::Pad { .. }
-                    if sole(i + 1).is_some_and(|c| matches!(graph.ops[c], Op::Conv { .. })) => {}
+                    if self
+                        .sole(i + 1)
+                        .is_some_and(|c| matches!(self.graph.ops[c], Op::Conv { .. })) => {}
                 _ => steps.push(Step::Float(i)),
             }
         }
+        Ok(steps)
+    }
+
+    /// How each unit's output is held: see [`Holding`].
+    fn holdings(&self, steps: &[Step], qbits: &HashMap<String, (u32, u32, bool)>) -> Vec<Holding> {
         // How each unit's output is held. A conv's output can feed one integer kernel's
         // quantize op: at its one reader's input quantizer, else 8 bits. A residual sum is
         // cheap to repeat: each quantized conv reading it gets its own sum at its input bits.
-        let mut held = vec![Holding::default(); n_values];
-        for step in &steps {
+        let mut held = vec![Holding::default(); self.graph.ops.len() + 1];
+        for step in steps {
             let (output, post, is_add) = match step {
                 Step::Conv(u) => (u.output, &u.post, false),
                 Step::Add(u) => (u.output, &u.post, true),
                 Step::Float(_) => continue,
             };
-            let readers = readers(output);
-            let quantized_conv = |r: &usize| match &graph.ops[*r] {
+            let readers = self.readers(output);
+            let quantized_conv = |r: &usize| match &self.graph.ops[*r] {
                 Op::Conv { layer, .. } if qbits.contains_key(layer) => Some(layer.clone()),
                 _ => None,
             };
             let after_relu = post
                 .iter()
-                .any(|&p| matches!(graph.ops[p], Op::Relu { .. } | Op::Relu6 { .. }));
+                .any(|&p| matches!(self.graph.ops[p], Op::Relu { .. } | Op::Relu6 { .. }));
             let direct: Vec<String> = if is_add || readers.len() == 1 {
                 readers.iter().filter_map(quantized_conv).collect()
             } else {
@@ -225,8 +234,32 @@ impl Plan {
                 direct,
             };
         }
+        held
+    }
+}
+
+impl Plan {
+    /// Plans `graph` for the quantized layers `bits` (others stay float); fails on a graph
+    /// shape the integer form does not cover (a conv without batch norm).
+    pub fn new(
+        graph: &Graph,
+        specs: &[ConvSpec],
+        bits: &HashMap<String, (u32, u32)>,
+    ) -> Result<Self, QuantError> {
+        let qbits: HashMap<String, (u32, u32, bool)> = specs
+            .iter()
+            .filter(|s| s.quantizable)
+            .filter_map(|s| {
+                bits.get(&s.name)
+                    .map(|&(w, a)| (s.name.clone(), (w, a, s.signed_input)))
+            })
+            .collect();
+        let reads = Reads::new(graph);
+        let steps = reads.units()?;
+        let mut held = reads.holdings(&steps, &qbits);
         // The image's readers (through a TF "SAME" stem's padding).
-        let stem: Vec<String> = readers(0)
+        let stem: Vec<String> = reads
+            .readers(0)
             .into_iter()
             .filter_map(|r| match &graph.ops[r] {
                 Op::Conv { layer, .. } if !qbits.contains_key(layer) => Some(layer.clone()),

@@ -130,7 +130,41 @@ pub fn sensitivities(
         .filter(|c| c.quantizable)
         .map(|c| c.name.clone())
         .collect();
-    // Hessian traces of the kernels, averaged over the batches.
+    let (mean_trace, weight) = weight_sensitivities(&fp, &quantized, batches, cfg)?;
+    let probe = ActivationProbe {
+        teacher_path,
+        teacher,
+        quantized: &quantized,
+        batches,
+        device,
+    };
+    let activation = probe.sensitivities(cfg, fp_loss)?;
+    // A teacher whose loss is not finite measures nothing: stop rather than rank by NaN.
+    let finite = |t: &BTreeMap<String, Vec<f64>>| t.values().flatten().all(|v| v.is_finite());
+    if !fp_loss.is_finite() || !finite(&weight) || !finite(&activation) {
+        return Err(SearchError::Invalid(format!(
+            "the sensitivity analysis of {} is not finite (FP loss {fp_loss}): the teacher \
+             diverged or does not fit the proxy data",
+            teacher_path.display()
+        )));
+    }
+    Ok(Sensitivities {
+        mean_trace,
+        weight,
+        activation,
+        fp_loss,
+    })
+}
+
+/// Per layer: the kernel's mean Hessian trace (averaged over the batches) and, per weight
+/// bit candidate, ½·trace·‖Q(w) − w‖².
+#[allow(clippy::type_complexity)]
+fn weight_sensitivities(
+    fp: &quant::Network,
+    quantized: &[String],
+    batches: &[(Tensor, Tensor)],
+    cfg: &HawqConfig,
+) -> Result<(BTreeMap<String, f64>, BTreeMap<String, Vec<f64>>)> {
     let vars = fp.vs.variables();
     let kernels: Vec<Tensor> = quantized
         .iter()
@@ -166,124 +200,142 @@ pub fn sensitivities(
         });
         weight.insert(name.clone(), per_bits);
     }
-    // Activations: only layer l's input quantized, everything else at 16 bits. One network
-    // at 16 bits observes every layer's input once (maximum, then a histogram for the KL
-    // clip); each (layer, bits) network copies its weights and takes its clips from there.
-    let uniform16 = |a_of: &dyn Fn(&str) -> u32| Policy {
-        format: crate::policy::POLICY_FORMAT,
-        fp_layers: Vec::new(),
-        quantizer: Default::default(),
-        model: teacher.meta.model.arch.to_string(),
-        input_size: teacher.meta.model.input_size,
-        candidates: Candidates {
-            weight: vec![16],
-            activation: crate::policy::BIT_RANGE.collect(),
-        },
-        layers: quantized
-            .iter()
-            .map(|n| LayerBits {
-                name: n.clone(),
-                w_bits: 16,
-                a_bits: a_of(n),
-            })
-            .collect(),
-        totals: None,
-        meta: None,
-    };
-    let fixed = |policy: Policy| {
-        quant::build(
-            &teacher.meta.model,
-            Precision::Fixed {
-                policy,
-                per_channel: false,
-                numerics: crate::quant::Numerics::FakeQuant,
-            },
-            device,
-        )
-    };
-    let base = fixed(uniform16(&|_| 16))?;
-    base.load_fp_weights(teacher, teacher_path)?;
-    let observe = |mode: &dyn Fn(&QuantLayerHandle) -> Observe| {
-        for h in &base.handles {
-            h.set_observe(mode(h));
-        }
-        tch::no_grad(|| {
-            for (x, _) in batches {
-                let _ = base.net.forward_t(x, false);
-            }
-        });
-    };
-    observe(&|_| Observe::Max);
-    let maxima: HashMap<String, f64> = base
-        .handles
-        .iter()
-        .map(|h| (h.spec.name.clone(), h.take_observation().max))
-        .collect();
-    const BINS: usize = 2048;
-    observe(&|h| Observe::Histogram {
-        max: maxima[&h.spec.name],
-        bins: BINS,
-    });
-    let histograms: HashMap<String, (Vec<f64>, bool)> = base
-        .handles
-        .iter()
-        .map(|h| {
-            h.set_observe(Observe::Off);
-            (
-                h.spec.name.clone(),
-                (h.take_observation().histogram, h.spec.signed_input),
-            )
-        })
-        .collect();
-    // The clip `gmpq quantize` would calibrate: KL below 5 bits, the maximum otherwise.
-    let clip = |name: &str, a: u32| -> f64 {
-        let max = maxima[name];
+    Ok((mean_trace, weight))
+}
+
+/// The activation sensitivities: only layer l's input quantized, everything else at 16 bits.
+/// One network at 16 bits observes every layer's input once (maximum, then a histogram for
+/// the KL clip); each (layer, bits) network copies its weights and takes its clips from there.
+struct ActivationProbe<'a> {
+    teacher_path: &'a Path,
+    teacher: &'a Checkpoint,
+    quantized: &'a [String],
+    batches: &'a [(Tensor, Tensor)],
+    device: tch::Device,
+}
+
+/// Per layer: its input's largest value and its histogram (and whether it is signed).
+struct Observed {
+    maxima: HashMap<String, f64>,
+    histograms: HashMap<String, (Vec<f64>, bool)>,
+}
+
+impl Observed {
+    /// The clip `gmpq quantize` would calibrate: KL below 5 bits, the maximum otherwise.
+    fn clip(&self, name: &str, a: u32) -> f64 {
+        let max = self.maxima[name];
         if max <= 0.0 {
             return quant::CLIP_INIT;
         }
-        let (hist, signed) = &histograms[name];
+        let (hist, signed) = &self.histograms[name];
         if a < 5 {
             quant::kl_threshold(hist, max, 1usize << (a - u32::from(*signed)))
         } else {
             max
         }
-    };
-    let base_vars = base.vs.variables();
-    let mut activation = BTreeMap::new();
-    for name in &quantized {
-        let mut per_bits = Vec::new();
-        for &a in &cfg.candidates.activation {
-            let q = fixed(uniform16(&|n| if n == name { a } else { 16 }))?;
+    }
+}
+
+impl ActivationProbe<'_> {
+    /// 16-bit weights everywhere, activation bits from `a_of`.
+    fn network(&self, a_of: &dyn Fn(&str) -> u32) -> Result<quant::Network> {
+        let model = &self.teacher.meta.model;
+        let policy = Policy {
+            format: crate::policy::POLICY_FORMAT,
+            fp_layers: Vec::new(),
+            quantizer: Default::default(),
+            model: model.arch.to_string(),
+            input_size: model.input_size,
+            candidates: Candidates {
+                weight: vec![16],
+                activation: crate::policy::BIT_RANGE.collect(),
+            },
+            layers: self
+                .quantized
+                .iter()
+                .map(|n| LayerBits {
+                    name: n.clone(),
+                    w_bits: 16,
+                    a_bits: a_of(n),
+                })
+                .collect(),
+            totals: None,
+            meta: None,
+        };
+        let precision = Precision::Fixed {
+            policy,
+            per_channel: false,
+            numerics: crate::quant::Numerics::FakeQuant,
+        };
+        Ok(quant::build(model, precision, self.device)?)
+    }
+
+    /// Every layer's input, observed on the 16-bit network.
+    fn observe(&self, base: &quant::Network) -> Observed {
+        let observe = |mode: &dyn Fn(&QuantLayerHandle) -> Observe| {
+            for h in &base.handles {
+                h.set_observe(mode(h));
+            }
             tch::no_grad(|| {
-                for (var_name, var) in q.vs.variables() {
-                    let value = match crate::quant::QuantizerTensor::ActClip.layer_of(&var_name) {
-                        Some(layer) => {
-                            Tensor::from(clip(layer, if layer == name { a } else { 16 }) as f32)
-                        }
-                        None => base_vars[&var_name].shallow_clone(),
-                    };
-                    var.shallow_clone().copy_(&value.to_device(var.device()));
+                for (x, _) in self.batches {
+                    let _ = base.net.forward_t(x, false);
                 }
             });
-            per_bits.push((loss_on(&q, batches) - fp_loss).max(0.0));
+        };
+        observe(&|_| Observe::Max);
+        let maxima: HashMap<String, f64> = base
+            .handles
+            .iter()
+            .map(|h| (h.spec.name.clone(), h.take_observation().max))
+            .collect();
+        const BINS: usize = 2048;
+        observe(&|h| Observe::Histogram {
+            max: maxima[&h.spec.name],
+            bins: BINS,
+        });
+        let histograms = base
+            .handles
+            .iter()
+            .map(|h| {
+                h.set_observe(Observe::Off);
+                (
+                    h.spec.name.clone(),
+                    (h.take_observation().histogram, h.spec.signed_input),
+                )
+            })
+            .collect();
+        Observed { maxima, histograms }
+    }
+
+    /// Per layer and activation bit candidate: the loss increase over the FP loss.
+    fn sensitivities(&self, cfg: &HawqConfig, fp_loss: f64) -> Result<BTreeMap<String, Vec<f64>>> {
+        let base = self.network(&|_| 16)?;
+        base.load_fp_weights(self.teacher, self.teacher_path)?;
+        let observed = self.observe(&base);
+        let base_vars = base.vs.variables();
+        let mut activation = BTreeMap::new();
+        for name in self.quantized {
+            let mut per_bits = Vec::new();
+            for &a in &cfg.candidates.activation {
+                let q = self.network(&|n| if n == name { a } else { 16 })?;
+                tch::no_grad(|| {
+                    for (var_name, var) in q.vs.variables() {
+                        let value = match crate::quant::QuantizerTensor::ActClip.layer_of(&var_name)
+                        {
+                            Some(layer) => Tensor::from(
+                                observed.clip(layer, if layer == name { a } else { 16 }) as f32,
+                            ),
+                            None => base_vars[&var_name].shallow_clone(),
+                        };
+                        var.shallow_clone().copy_(&value.to_device(var.device()));
+                    }
+                });
+                per_bits.push((loss_on(&q, self.batches) - fp_loss).max(0.0));
+            }
+            activation.insert(name.clone(), per_bits);
         }
-        activation.insert(name.clone(), per_bits);
+        Ok(activation)
     }
-    // A teacher whose loss is not finite measures nothing: stop rather than rank by NaN.
-    let finite = |t: &BTreeMap<String, Vec<f64>>| t.values().flatten().all(|v| v.is_finite());
-    if !fp_loss.is_finite() || !finite(&weight) || !finite(&activation) {
-        return Err(SearchError::Invalid(format!(
-            "the sensitivity analysis of {} is not finite (FP loss {fp_loss}): the teacher \
-             diverged or does not fit the proxy data",
-            teacher_path.display()
-        )));
-    }
-    Ok(Sensitivities {
-        mean_trace,
-        weight,
-        activation,
-        fp_loss,
-    })
 }
 
 /// The policy of least summed sensitivity within `target` (the exact knapsack).

@@ -5,6 +5,8 @@
 //! `aw = 0` is the EdMIPS baseline on the same code path.
 
 mod alpha;
+#[cfg(feature = "cli")]
+mod args;
 mod budget;
 mod config;
 mod extract;
@@ -18,8 +20,11 @@ mod state;
 mod step;
 
 pub use alpha::{complexity_loss, expected_layer_bits, fixed_from_supernet, preferences, AlphaOpt};
+#[cfg(feature = "cli")]
+pub use args::{method_names, ExtractArgs, Extracted, SearchArgs};
 pub use budget::{
-    parse_bops, random_policy, repair, BudgetMode, DualWeight, Geometry, Preferences, Target,
+    parse_bops, random_policy, repair, BudgetArgs, BudgetMode, DualWeight, Geometry, Preferences,
+    Target,
 };
 pub use config::{AlphaOptimizer, AttributionMethod, Recipe, SearchConfig, TemperatureSchedule};
 pub use extract::{
@@ -281,6 +286,72 @@ impl Phase<'_> {
 /// `warmup_epochs` of supernet training without the complexity term.
 pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
     let cfg = job.config.clone();
+    let shard = check_run(&job, &cfg)?;
+    tch::manual_seed(cfg.seed as i64);
+    let started = Instant::now();
+    let (teacher_ck, teacher) = load_teacher(&job)?;
+    // The teacher has the supernet's layers: its geometry measures every budget. An
+    // unreachable budget fails here, before any training.
+    let geometry = Geometry::new(teacher.network.net.convs(), teacher.network.net.fc_spec());
+    for t in &job.targets {
+        check_feasible(&geometry, t, &cfg.candidates)?;
+        warn_if_slack(&geometry, t, &cfg.candidates);
+    }
+    let (train_pipe, teacher_val) = proxy_pipeline(&job, &cfg, &teacher_ck, &teacher)?;
+    let probe = probe_batch(&job, &teacher.pipeline)?;
+
+    let mut base = Some(supernet_from(&teacher_ck, &job)?);
+    let ctx = Ctx {
+        job: &job,
+        cfg: &cfg,
+        teacher: &teacher,
+        train_pipe: Arc::new(train_pipe),
+        probe,
+        shard,
+    };
+    let warm = if job.targets.len() > 1 && cfg.warmup_epochs > 0 {
+        let sn = base
+            .as_ref()
+            .ok_or_else(|| SearchError::Invalid("no supernet".into()))?;
+        Some(ctx.warm_up(sn, &geometry)?)
+    } else {
+        None
+    };
+    let warm_secs =
+        started.elapsed().as_secs_f64() + warm.as_ref().map_or(0.0, |w| w.resumed_seconds);
+    let targets: Vec<Option<Target>> = if job.targets.is_empty() {
+        vec![None]
+    } else {
+        job.targets.iter().copied().map(Some).collect()
+    };
+    let mut results = Vec::new();
+    for target in targets {
+        let t0 = Instant::now();
+        let sn = match (&warm, base.take()) {
+            (Some(w), _) => {
+                let sn = supernet_from(&teacher_ck, &job)?;
+                tch::no_grad(|| {
+                    for (name, var) in sn.vs.variables() {
+                        var.shallow_clone()
+                            .copy_(&w.state[&name].to_device(job.device));
+                    }
+                });
+                sn
+            }
+            // The first target of a run without warm-up trains the base supernet itself.
+            (None, Some(b)) => b,
+            (None, None) => supernet_from(&teacher_ck, &job)?,
+        };
+        let mut result = ctx.search_target(&sn, target, warm.as_ref(), &geometry)?;
+        result.teacher_val_top1 = teacher_val;
+        result.seconds += t0.elapsed().as_secs_f64() + warm_secs;
+        results.push(result);
+    }
+    Ok(results)
+}
+
+/// Refuses a run the proxy set cannot feed; this rank's share of every batch.
+fn check_run(job: &SearchJob, cfg: &SearchConfig) -> Result<Shard> {
     crate::train::check_run_size(
         cfg.epochs,
         cfg.batch_size,
@@ -294,34 +365,32 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
         ));
     }
     // Data-parallel: each rank trains on its share of every batch.
-    let shard = crate::dist::shard(cfg.batch_size).map_err(SearchError::Invalid)?;
-    tch::manual_seed(cfg.seed as i64);
-    let started = Instant::now();
-    let (teacher_ck, teacher) = load_teacher(&job)?;
-    // The teacher has the supernet's layers: its geometry measures every budget. An
-    // unreachable budget fails here, before any training.
-    let geometry = Geometry::new(teacher.network.net.convs(), teacher.network.net.fc_spec());
-    for t in &job.targets {
-        check_feasible(&geometry, t, &cfg.candidates)?;
-        warn_if_slack(&geometry, t, &cfg.candidates);
-    }
-    if let Some(problem) = crate::train::input_mismatch(
-        job.proxy.as_ref(),
-        &teacher.pipeline,
-        &teacher_ck.meta.model,
-    ) {
+    crate::dist::shard(cfg.batch_size).map_err(SearchError::Invalid)
+}
+
+/// The proxy's training pipeline, after checking that the teacher fits the proxy images;
+/// the teacher's held-out proxy top-1 (a warning when near chance).
+fn proxy_pipeline(
+    job: &SearchJob,
+    cfg: &SearchConfig,
+    teacher_ck: &Checkpoint,
+    teacher: &Teacher,
+) -> Result<(Pipeline, f64)> {
+    let model = &teacher_ck.meta.model;
+    if let Some(problem) =
+        crate::train::input_mismatch(job.proxy.as_ref(), &teacher.pipeline, model)
+    {
         return Err(SearchError::Invalid(format!(
             "the proxy data {problem}: the teacher does not fit it"
         )));
     }
-    let native = job.proxy.native_shape().unwrap_or([
-        teacher_ck.meta.model.in_channels,
-        teacher_ck.meta.model.input_size,
-        teacher_ck.meta.model.input_size,
-    ]);
+    let native =
+        job.proxy
+            .native_shape()
+            .unwrap_or([model.in_channels, model.input_size, model.input_size]);
     let (train_pipe, _) = pipelines(
         native,
-        &teacher_ck.meta.model,
+        model,
         cfg.augment,
         teacher.pipeline.normalize.clone(),
     );
@@ -334,7 +403,7 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
         job.device,
     )?;
     // A teacher near chance on the proxy guides the search towards nothing.
-    let chance = 100.0 / teacher_ck.meta.model.num_classes.max(1) as f64;
+    let chance = 100.0 / model.num_classes.max(1) as f64;
     if !job.val_indices.is_empty() && teacher_val.top1 < 2.0 * chance {
         tracing::warn!(
             "the teacher {} scores {:.2}% on held-out proxy images (chance {chance:.2}%): \
@@ -343,121 +412,33 @@ pub fn search(job: SearchJob) -> Result<Vec<SearchResult>> {
             teacher_val.top1
         );
     }
-    let probe = probe_batch(&job, &teacher.pipeline)?;
+    Ok((train_pipe, teacher_val.top1))
+}
 
-    let base = supernet_from(&teacher_ck, &job)?;
-    let mut base = Some(base);
-    let ctx = Ctx {
-        job: &job,
-        cfg: &cfg,
-        teacher: &teacher,
-        train_pipe: Arc::new(train_pipe),
-        probe,
-        shard,
-    };
-    let mut images_shared = 0usize;
-    let mut shared_log = Vec::new();
-    let mut warm_resumed = 0.0;
-    let shared_state = if job.targets.len() > 1 && cfg.warmup_epochs > 0 {
-        let phase = Phase {
-            name: "warm-up".into(),
-            target: None,
-            epochs: 0..cfg.warmup_epochs,
-            lambda: DualWeight {
-                lambda: 0.0,
-                rate: 0.0,
-                mode: cfg.budget_mode,
-                scale: 0.0,
-            },
-            complexity: false,
-            geometry: &geometry,
-        };
-        let warm = base
-            .as_ref()
-            .ok_or_else(|| SearchError::Invalid("no supernet".into()))?;
-        let run = ctx.run(warm, phase)?;
-        images_shared = run.images;
-        shared_log = run.logs;
-        warm_resumed = run.resumed_seconds;
-        Some(checkpoint::var_store_tensors(&warm.vs))
+/// The progress to report to: rank 0 reports, the other ranks stay quiet.
+fn main_progress(progress: &dyn SearchProgress) -> &dyn SearchProgress {
+    if crate::dist::is_main() {
+        progress
     } else {
-        None
-    };
-    let warm_secs = started.elapsed().as_secs_f64() + warm_resumed;
-    let targets: Vec<Option<Target>> = if job.targets.is_empty() {
-        vec![None]
-    } else {
-        job.targets.iter().copied().map(Some).collect()
-    };
-    let mut results = Vec::new();
-    for target in targets {
-        let t0 = Instant::now();
-        let sn = match (&shared_state, base.take()) {
-            (Some(state), _) => {
-                let sn = supernet_from(&teacher_ck, &job)?;
-                tch::no_grad(|| {
-                    for (name, var) in sn.vs.variables() {
-                        var.shallow_clone()
-                            .copy_(&state[&name].to_device(job.device));
-                    }
-                });
-                sn
-            }
-            // The first target of a run without warm-up trains the base supernet itself.
-            (None, Some(b)) => b,
-            (None, None) => supernet_from(&teacher_ck, &job)?,
-        };
-        let start = if shared_state.is_some() {
-            cfg.warmup_epochs
-        } else {
-            0
-        };
-        let phase = Phase {
-            name: target.map_or("search".to_string(), |t| format!("search {t}")),
-            target,
-            epochs: start..cfg.epochs,
-            lambda: DualWeight {
-                // The log's λ column shows μ under the penalty (it stays fixed).
-                lambda: match (cfg.budget_mode, target) {
-                    (BudgetMode::Penalty, Some(_)) => cfg.budget_penalty,
-                    _ => cfg.complexity_weight,
-                },
-                rate: if target.is_some() { cfg.dual_rate } else { 0.0 },
-                mode: cfg.budget_mode,
-                scale: cfg.complexity_weight,
-            },
-            complexity: true,
-            geometry: &geometry,
-        };
-        let PhaseRun {
-            logs: mut log,
-            images,
-            resumed_seconds,
-        } = ctx.run(&sn, phase)?;
-        let argmax = sn.argmax_policy()?;
-        let alpha = preferences(&sn);
-        let policy = cfg
-            .extraction
-            .strategy()
-            .extract(&argmax, &geometry, target.as_ref(), &alpha)?
-            .with_totals(sn.net.convs(), sn.net.fc_spec());
-        let mut full_log = shared_log.clone();
-        full_log.append(&mut log);
-        let probe = ctx.probe.narrow(0, 0, ctx.probe.size()[0].min(6));
-        let (a_t, a_s, _) = tch::no_grad(|| ctx.maps(&sn, &probe, false));
-        results.push(SearchResult {
-            target,
-            policy,
-            argmax,
-            alpha,
-            log: full_log,
-            teacher_val_top1: teacher_val.top1,
-            seconds: t0.elapsed().as_secs_f64() + resumed_seconds + warm_secs,
-            images: images + images_shared,
-            heatmaps: [probe, a_t, a_s],
-        });
+        &Quiet
     }
-    Ok(results)
+}
+
+/// The epoch's mean losses over all ranks' shares; batch norm as their mean.
+fn mean_over_ranks(g: &crate::dist::Group, sums: [f64; 3], sn: &Network) -> Result<[f64; 3]> {
+    let all = g.sum_f64(&sums)?;
+    let w = g.world as f64;
+    g.average_running_stats(&sn.vs)?;
+    Ok([all[0] / w, all[1] / w, all[2] / w])
+}
+
+/// The shared warm-up of a several-budget run: its log, images and the weights every
+/// budget's search starts from.
+struct WarmUp {
+    state: std::collections::BTreeMap<String, Tensor>,
+    logs: Vec<EpochLog>,
+    images: usize,
+    resumed_seconds: f64,
 }
 
 struct Ctx<'a> {
@@ -491,6 +472,87 @@ fn probe_batch(job: &SearchJob, pipeline: &Pipeline) -> Result<Tensor> {
 }
 
 impl Ctx<'_> {
+    /// Weights only, no complexity term, over the warm-up epochs.
+    fn warm_up(&self, sn: &Network, geometry: &Geometry) -> Result<WarmUp> {
+        let phase = Phase {
+            name: "warm-up".into(),
+            target: None,
+            epochs: 0..self.cfg.warmup_epochs,
+            lambda: DualWeight {
+                lambda: 0.0,
+                rate: 0.0,
+                mode: self.cfg.budget_mode,
+                scale: 0.0,
+            },
+            complexity: false,
+            geometry,
+        };
+        let run = self.run(sn, phase)?;
+        Ok(WarmUp {
+            state: checkpoint::var_store_tensors(&sn.vs),
+            logs: run.logs,
+            images: run.images,
+            resumed_seconds: run.resumed_seconds,
+        })
+    }
+
+    /// One budget's search on `sn` (after the warm-up, if any) and the policy it gives.
+    /// `seconds` counts this phase only and `teacher_val_top1` is left 0: the caller adds
+    /// the shared parts.
+    fn search_target(
+        &self,
+        sn: &Network,
+        target: Option<Target>,
+        warm: Option<&WarmUp>,
+        geometry: &Geometry,
+    ) -> Result<SearchResult> {
+        let cfg = self.cfg;
+        let phase = Phase {
+            name: target.map_or("search".to_string(), |t| format!("search {t}")),
+            target,
+            epochs: warm.map_or(0, |_| cfg.warmup_epochs)..cfg.epochs,
+            lambda: DualWeight {
+                // The log's λ column shows μ under the penalty (it stays fixed).
+                lambda: match (cfg.budget_mode, target) {
+                    (BudgetMode::Penalty, Some(_)) => cfg.budget_penalty,
+                    _ => cfg.complexity_weight,
+                },
+                rate: if target.is_some() { cfg.dual_rate } else { 0.0 },
+                mode: cfg.budget_mode,
+                scale: cfg.complexity_weight,
+            },
+            complexity: true,
+            geometry,
+        };
+        let PhaseRun {
+            logs: mut log,
+            images,
+            resumed_seconds,
+        } = self.run(sn, phase)?;
+        let argmax = sn.argmax_policy()?;
+        let alpha = preferences(sn);
+        let policy = cfg
+            .extraction
+            .strategy()
+            .extract(&argmax, geometry, target.as_ref(), &alpha)?
+            .with_totals(sn.net.convs(), sn.net.fc_spec());
+        let mut full_log = warm.map_or_else(Vec::new, |w| w.logs.clone());
+        full_log.append(&mut log);
+        let probe = self.probe.narrow(0, 0, self.probe.size()[0].min(6));
+        let (a_t, a_s, _) = tch::no_grad(|| self.maps(sn, &probe, false));
+        Ok(SearchResult {
+            target,
+            policy,
+            argmax,
+            alpha,
+            log: full_log,
+            teacher_val_top1: 0.0,
+            seconds: resumed_seconds,
+            images: images + warm.map_or(0, |w| w.images),
+            heatmaps: [probe, a_t, a_s],
+        })
+    }
+
     /// Re-estimates a fixed network's batch-norm statistics on training batches: the
     /// supernet's statistics describe its softmax-mixed inputs, not one branch's, and make
     /// the argmax network look far worse than it is.
@@ -537,31 +599,81 @@ impl Ctx<'_> {
         )
     }
 
+    /// The end of an epoch: the argmax policy's network, batch norm recalibrated, scored on
+    /// the held-out proxy images, and the attribution rank correlation on the probe. The
+    /// training sums are the caller's to fill in.
+    fn epoch_log(
+        &self,
+        sn: &Network,
+        epoch: usize,
+        group: Option<&crate::dist::Group>,
+    ) -> Result<EpochLog> {
+        let argmax = sn.argmax_policy()?;
+        let fixed = fixed_from_supernet(sn, &argmax)?;
+        self.recalibrate_batch_norm(&fixed, epoch)?;
+        if let Some(g) = group {
+            g.average_running_stats(&fixed.vs)?;
+        }
+        let val = crate::train::evaluate_shared(
+            &fixed.net,
+            self.job.proxy.clone(),
+            &self.job.val_indices,
+            &self.teacher.pipeline,
+            self.job.device,
+            group,
+        )?;
+        let (a_t, a_s, _) = tch::no_grad(|| self.maps(sn, &self.probe, false));
+        Ok(EpochLog {
+            target: None,
+            epoch: epoch + 1,
+            ce: 0.0,
+            attribution_loss: 0.0,
+            complexity_loss: 0.0,
+            p: 0.0,
+            lambda: 0.0,
+            expected_bops: 0.0,
+            argmax_bops: argmax.totals.as_ref().map_or(0.0, |t| t.bops as f64),
+            argmax_proxy_top1: val.top1,
+            rank_correlation: attribution::spearman(&a_t, &a_s),
+            seconds: 0.0,
+            images: 0,
+        })
+    }
+
+    /// The phase's saved state, if one fits: the first epoch to run, the log so far, the
+    /// images seen and the seconds spent (λ and the optimizers restored in place).
+    fn resume(
+        &self,
+        path: &std::path::Path,
+        sn: &Network,
+        phase: &mut Phase,
+        w_opt: &mut Sgd,
+        a_opt: &mut AlphaOpt,
+    ) -> Result<(usize, Vec<EpochLog>, usize, f64)> {
+        let Some(st) = state::load(path, self.cfg, &phase.name, &sn.vs, w_opt, a_opt)? else {
+            return Ok((phase.epochs.start, Vec::new(), 0, 0.0));
+        };
+        tracing::info!(
+            "{}: resuming after epoch {} ({})",
+            phase.name,
+            st.epochs_done,
+            path.display()
+        );
+        phase.lambda.lambda = st.lambda;
+        let first = st.epochs_done.clamp(phase.epochs.start, phase.epochs.end);
+        Ok((first, st.logs, st.images, st.seconds))
+    }
+
     fn run(&self, sn: &Network, mut phase: Phase) -> Result<PhaseRun> {
         let cfg = self.cfg;
         let job = self.job;
         let mut w_opt = Sgd::new(sn.weight_parameters(), cfg.momentum, cfg.weight_decay);
         let mut a_opt = AlphaOpt::new(cfg, sn.alpha_parameters());
         let snapshot = job.state_dir.as_ref().map(|d| state::path(d, &phase.name));
-        let mut logs = Vec::new();
-        let mut images = 0usize;
-        let mut resumed_seconds = 0.0;
-        let mut first = phase.epochs.start;
-        if let Some(path) = &snapshot {
-            if let Some(st) = state::load(path, cfg, &phase.name, &sn.vs, &mut w_opt, &mut a_opt)? {
-                tracing::info!(
-                    "{}: resuming after epoch {} ({})",
-                    phase.name,
-                    st.epochs_done,
-                    path.display()
-                );
-                first = st.epochs_done.clamp(phase.epochs.start, phase.epochs.end);
-                phase.lambda.lambda = st.lambda;
-                logs = st.logs;
-                images = st.images;
-                resumed_seconds = st.seconds;
-            }
-        }
+        let (first, mut logs, mut images, resumed_seconds) = match &snapshot {
+            Some(path) => self.resume(path, sn, &mut phase, &mut w_opt, &mut a_opt)?,
+            None => (phase.epochs.start, Vec::new(), 0, 0.0),
+        };
         let phase_started = Instant::now();
         let vars = sn.vs.variables();
         let macs: Vec<f64> = sn.handles.iter().map(|h| h.spec.macs() as f64).collect();
@@ -573,12 +685,7 @@ impl Ctx<'_> {
         if let Some(g) = group {
             g.broadcast_var_store(&sn.vs)?;
         }
-        let quiet = Quiet;
-        let progress: &dyn SearchProgress = if crate::dist::is_main() {
-            job.progress
-        } else {
-            &quiet
-        };
+        let progress = main_progress(job.progress);
         progress.phase(&phase.name, phase.epochs.end - first, steps);
         for epoch in first..phase.epochs.end {
             let t0 = Instant::now();
@@ -635,42 +742,17 @@ impl Ctx<'_> {
                 progress.step(c, at, expected);
             }
             if let Some(g) = group {
-                // The epoch's mean losses over all ranks' shares; batch norm as their mean.
-                let all = g.sum_f64(&[ce_sum, attr_sum, comp_sum])?;
-                let w = g.world as f64;
-                (ce_sum, attr_sum, comp_sum) = (all[0] / w, all[1] / w, all[2] / w);
-                g.average_running_stats(&sn.vs)?;
+                [ce_sum, attr_sum, comp_sum] =
+                    mean_over_ranks(g, [ce_sum, attr_sum, comp_sum], sn)?;
             }
-            let argmax = sn.argmax_policy()?;
-            let fixed = fixed_from_supernet(sn, &argmax)?;
-            self.recalibrate_batch_norm(&fixed, epoch)?;
-            if let Some(g) = group {
-                g.average_running_stats(&fixed.vs)?;
-            }
-            let val = crate::train::evaluate_shared(
-                &fixed.net,
-                job.proxy.clone(),
-                &job.val_indices,
-                &self.teacher.pipeline,
-                job.device,
-                group,
-            )?;
-            let (a_t, a_s, _) = tch::no_grad(|| self.maps(sn, &self.probe, false));
-            let log = EpochLog {
-                target: phase.target.map(|t| t.to_string()),
-                epoch: epoch + 1,
-                ce: ce_sum / n.max(1) as f64,
-                attribution_loss: attr_sum / n.max(1) as f64,
-                complexity_loss: comp_sum / n.max(1) as f64,
-                p: p_last,
-                lambda: phase.lambda.lambda,
-                expected_bops: expected,
-                argmax_bops: argmax.totals.as_ref().map_or(0.0, |t| t.bops as f64),
-                argmax_proxy_top1: val.top1,
-                rank_correlation: attribution::spearman(&a_t, &a_s),
-                seconds: t0.elapsed().as_secs_f64(),
-                images,
-            };
+            let n = n.max(1) as f64;
+            let mut log = self.epoch_log(sn, epoch, group)?;
+            log.target = phase.target.map(|t| t.to_string());
+            (log.ce, log.attribution_loss, log.complexity_loss) =
+                (ce_sum / n, attr_sum / n, comp_sum / n);
+            (log.p, log.lambda, log.expected_bops) = (p_last, phase.lambda.lambda, expected);
+            log.seconds = t0.elapsed().as_secs_f64();
+            log.images = images;
             progress.epoch(&log);
             logs.push(log);
             if let Some(g) = group {
@@ -680,6 +762,7 @@ impl Ctx<'_> {
                 )?;
             }
             if let (Some(path), true) = (&snapshot, crate::dist::is_main()) {
+                let seconds = resumed_seconds + phase_started.elapsed().as_secs_f64();
                 let st = state::PhaseState {
                     config: cfg.clone(),
                     phase: phase.name.clone(),
@@ -687,7 +770,7 @@ impl Ctx<'_> {
                     lambda: phase.lambda.lambda,
                     logs: logs.clone(),
                     images,
-                    seconds: resumed_seconds + phase_started.elapsed().as_secs_f64(),
+                    seconds,
                 };
                 state::save(path, &st, &sn.vs, &w_opt, &a_opt)?;
             }

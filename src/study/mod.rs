@@ -1,12 +1,16 @@
 //! The generalisation study: several (proxy → target) pairs, budgets and seeds, every arm of
 //! each run at the same budget and fine-tuning recipe, aggregated into one results table.
 
+#[cfg(feature = "cli")]
+mod args;
 mod run;
 mod slurm;
 mod tables;
 
 use tables::group_key;
 
+#[cfg(feature = "cli")]
+pub use args::{StudyArgs, StudyOutcome};
 pub use run::{array_index_from_env, check_inputs, run, run_selected, tables_only, write_tables};
 pub use slurm::{sbatch_script, ArraySettings};
 pub use tables::{

@@ -135,8 +135,11 @@ fn run_settings(
         width: config.width,
         proxy: pair.proxy.data.clone(),
         target: config.target.data.clone(),
-        target_compression: Some(run.compression),
-        target_holdout: config.holdout,
+        budget: crate::search::BudgetArgs {
+            target_compression: Some(run.compression),
+            ..Default::default()
+        },
+        target_holdout: config.holdout.unwrap_or(0),
         numerics: Some(config.numerics),
         teacher: Some(proxy_teacher),
         target_teacher: Some(target_teacher),

@@ -18,6 +18,21 @@ use std::time::Instant;
 use tch::nn::ModuleT;
 use tch::{Device, Kind, Tensor};
 
+/// Creates the run folder; rank 0 locks it (for the run's length) and clears what an
+/// interrupted write left.
+fn open_out_dir(dir: &std::path::Path, main: bool) -> Result<Option<crate::files::DirLock>> {
+    std::fs::create_dir_all(dir).map_err(|source| TrainError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if !main {
+        return Ok(None);
+    }
+    let lock = crate::files::DirLock::acquire(dir)?;
+    crate::files::remove_stale_temps(dir);
+    Ok(Some(lock))
+}
+
 /// Trains (or resumes) a network at `job.precision` — from scratch, or fine-tuning from FP
 /// weights after calibrating its quantizers — and returns the final checkpoint's metadata.
 pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
@@ -28,17 +43,8 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
     let main = group.is_none_or(|g| g.is_main());
     let shard = crate::dist::shard(cfg.batch_size).map_err(TrainError::Invalid)?;
     let progress: &dyn Progress = if main { job.progress } else { &Silent };
-    std::fs::create_dir_all(&job.out_dir).map_err(|source| TrainError::Io {
-        path: job.out_dir.clone(),
-        source,
-    })?;
-    let _lock = main
-        .then(|| crate::files::DirLock::acquire(&job.out_dir))
-        .transpose()?;
+    let _lock = open_out_dir(&job.out_dir, main)?;
     let ckpt_path = last_checkpoint(&job.out_dir);
-    if main {
-        crate::files::remove_stale_temps(&job.out_dir);
-    }
     // Seed before the network is built: the weight init draws from libtorch's RNG.
     tch::manual_seed(cfg.seed as i64);
     let network = quant::build(&job.model, job.precision.clone(), job.device)?;

@@ -2,12 +2,16 @@
 //! learning-rate schedules, top-1/top-5 evaluation every epoch, and atomic, resumable
 //! checkpoints.
 
+#[cfg(feature = "cli")]
+mod args;
 mod eval;
 mod fit;
 mod optim;
 mod ptq;
 mod request;
 
+#[cfg(feature = "cli")]
+pub use args::{FinetuneArgs, QuantizeArgs, TrainArgs};
 pub use eval::{
     evaluate, evaluate_by, evaluate_shared, evaluate_with_predictions, input_mismatch, EvalMetrics,
 };

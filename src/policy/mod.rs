@@ -1,12 +1,45 @@
 //! Mixed-precision policies (a `(w_bits, a_bits)` per quantized layer), their validation
 //! against a model, and their cost: BOPs, model size and compression, as METHOD.md defines.
 
+#[cfg(feature = "cli")]
+mod args;
+#[cfg(feature = "cli")]
+pub use args::{bit_width, parse_numerics, ChoiceError, PolicyChoice};
+
 use crate::model::{ConvSpec, LinearSpec, ModelConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_CANDIDATES: [u32; 4] = [2, 3, 4, 6];
+
+/// The bit candidates of a supernet search (or a HAWQ allocation).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+pub struct BitCandidateArgs {
+    /// Weight bit candidates, comma-separated.
+    #[cfg_attr(feature = "cli", arg(long, value_delimiter = ',', value_parser = args::bit_width(), default_values_t = DEFAULT_CANDIDATES))]
+    pub w_bits: Vec<u32>,
+    /// Activation bit candidates, comma-separated.
+    #[cfg_attr(feature = "cli", arg(long, value_delimiter = ',', value_parser = args::bit_width(), default_values_t = DEFAULT_CANDIDATES))]
+    pub a_bits: Vec<u32>,
+}
+
+impl BitCandidateArgs {
+    /// The candidate sets, sorted and without repeats.
+    pub fn candidates(&self) -> Result<Candidates, PolicyError> {
+        Candidates::new(&self.w_bits, &self.a_bits)
+    }
+}
+
+impl Default for BitCandidateArgs {
+    fn default() -> Self {
+        Self {
+            w_bits: DEFAULT_CANDIDATES.to_vec(),
+            a_bits: DEFAULT_CANDIDATES.to_vec(),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {

@@ -2,6 +2,11 @@
 //! that scripts/setup.sh installs (its path is compiled in by build.rs; `ORT_DYLIB_PATH`
 //! overrides it).
 
+#[cfg(feature = "cli")]
+mod args;
+#[cfg(feature = "cli")]
+pub use args::{EvalArgs, SplitArg};
+
 use crate::data::{
     stratified_subset, DatasetSpec, ImageSource, Normalize, Pipeline, Split, SubsetSpec,
 };

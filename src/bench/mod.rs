@@ -3,6 +3,11 @@
 //! full GMPQ search step, on synthetic data, so the engine can be compared with PyTorch
 //! (`bench/pytorch_train.py`, `bench/pytorch_qat.py`).
 
+#[cfg(feature = "cli")]
+mod args;
+#[cfg(feature = "cli")]
+pub use args::{BenchInferArgs, BenchSearchStepArgs, BenchTrainArgs};
+
 use crate::model::ModelConfig;
 use crate::quant::{self, Precision};
 use crate::search::{AlphaOpt, ComplexityTerm, SearchConfig, SearchStep};

@@ -1,6 +1,11 @@
 //! `gmpq predict`: the classes a shipped model gives a few image files — a gmpq checkpoint,
 //! a packed file or an ONNX model, each read with the preprocessing its metadata records.
 
+#[cfg(feature = "cli")]
+mod args;
+#[cfg(feature = "cli")]
+pub use args::PredictArgs;
+
 use crate::data::{ImageU8, Pipeline};
 use crate::engine::{EngineError, OnnxModel, SessionOptions};
 use crate::model::ModelConfig;

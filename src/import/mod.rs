@@ -1,6 +1,11 @@
 //! Importing pretrained weights from a `.safetensors` state dict: torchvision ResNet-18/50 and
 //! MobileNetV2, and EfficientNet-Lite0 in efficientnet_pytorch's names.
 
+#[cfg(feature = "cli")]
+mod args;
+#[cfg(feature = "cli")]
+pub use args::ImportArgs;
+
 use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta};
 use crate::data::{Normalize, Pipeline, Transform};
 use crate::model::{Arch, ModelConfig};
@@ -45,12 +50,25 @@ fn pretrained_pipeline(config: &ModelConfig) -> Pipeline {
 /// EfficientNet-Lite0. Missing, unexpected or mis-shaped tensors are all reported by name;
 /// `num_batches_tracked` counters are ignored.
 pub fn import_pretrained(weights: &Path, config: &ModelConfig) -> Result<Checkpoint, TrainError> {
-    if !matches!(
-        config.arch,
-        Arch::ResNet18 | Arch::ResNet50 | Arch::MobileNetV2 | Arch::EfficientNetLite0
-    ) {
+    let entry = config.arch.entry();
+    if !entry.importable {
+        let importable: Vec<&str> = crate::model::ARCHS
+            .iter()
+            .filter(|e| e.importable)
+            .map(|e| e.name)
+            .collect();
         return Err(TrainError::Invalid(format!(
-            "import supports resnet18, resnet50, mobilenetv2 and efficientnet-lite0, not {}",
+            "import supports {}, not {}",
+            importable.join(", "),
+            config.arch
+        )));
+    }
+    // Weights laid out for one geometry (TF "SAME" padding at 224 px) fix input and stem.
+    if entry.fixed_geometry
+        && (config.input_size != 224 || config.stem != crate::model::Stem::Imagenet)
+    {
+        return Err(TrainError::Invalid(format!(
+            "{}'s weights fix its input size (224 px) and its stem (imagenet): --input-size and --stem do not apply",
             config.arch
         )));
     }

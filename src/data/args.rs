@@ -1,0 +1,62 @@
+//! The command-line form of a subset draw.
+
+use super::SubsetSpec;
+use crate::flags::positive;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct SubsetArgs {
+    /// Use a stratified subset of this many images (proportional per class).
+    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
+    pub limit: Option<usize>,
+    /// Use at most this many images per class.
+    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
+    pub per_class: Option<usize>,
+    /// Seed of the subset draw.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub subset_seed: u64,
+}
+
+impl SubsetArgs {
+    /// The subset these flags describe (nothing held out).
+    pub fn spec(&self) -> SubsetSpec {
+        SubsetSpec {
+            limit: self.limit,
+            per_class: self.per_class,
+            seed: self.subset_seed,
+            holdout: 0,
+        }
+    }
+}
+
+/// `gmpq subset`: a stratified, seeded subset of an IDX dataset, both splits.
+#[derive(Debug, Args)]
+pub struct SubsetCmdArgs {
+    /// An IDX dataset, e.g. idx:../shared/datasets/mnist.
+    #[arg(long)]
+    pub data: String,
+    /// Training images to keep (stratified).
+    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
+    pub train: usize,
+    /// Test images to keep (stratified).
+    #[arg(long, value_parser = positive(), allow_negative_numbers = true)]
+    pub test: usize,
+    /// Seed of the draw.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub seed: u64,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// The KIND:PATH given to `flag`, the flag named in the error.
+pub fn parse_spec_flag(flag: &str, s: &str) -> Result<super::DatasetSpec, super::DataError> {
+    s.parse().map_err(|e| match e {
+        super::DataError::BadSpec { spec, reason } => super::DataError::BadSpec {
+            spec: format!("{flag} {spec}"),
+            reason,
+        },
+        e => e,
+    })
+}

@@ -1,0 +1,133 @@
+//! The command-line form of `gmpq export`, and the export it states.
+
+use super::{ExportError, Format};
+use crate::policy::Policy;
+use crate::quant::{Network, Numerics, Precision};
+use clap::Args;
+use std::path::PathBuf;
+
+/// Export formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// ONNX (opset 21): the integer graph, or QDQ for a fake-quant checkpoint.
+    Onnx,
+    /// safetensors with bit-packed kernels (`gmpq eval` and `gmpq export` read it).
+    Packed,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The fine-tuned (fixed-policy) checkpoint, or a packed one.
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// What to write.
+    #[arg(long, value_enum, default_value = "onnx")]
+    pub format: ExportFormat,
+    /// With --format onnx: the float network, quantizers left out (for comparison).
+    #[arg(long)]
+    pub fp: bool,
+    /// Output file (.onnx or .safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Exported {
+    /// An ONNX graph: `kind` is integer, QDQ or float.
+    Onnx { kind: &'static str, bytes: usize },
+    /// A packed file; `policy_bytes` is the policy's model size (METHOD.md's count) and
+    /// `float_bytes` the other float tensors' (batch norm, clips, thresholds, biases).
+    Packed {
+        bytes: usize,
+        policy_bytes: f64,
+        float_bytes: f64,
+        integer: bool,
+    },
+}
+
+impl ExportArgs {
+    /// Reads the checkpoint (on the CPU, whatever the device), writes the format atomically.
+    pub fn run(&self) -> Result<Exported, ExportError> {
+        let format = match (self.format, self.fp) {
+            (ExportFormat::Onnx, false) => Format::Onnx,
+            (ExportFormat::Onnx, true) => Format::OnnxFloat,
+            (ExportFormat::Packed, false) => Format::Packed,
+            (ExportFormat::Packed, true) => {
+                return Err(ExportError::Unsupported(
+                    "--fp applies to --format onnx only".into(),
+                ))
+            }
+        };
+        let (ck, network) = super::load(&self.checkpoint, tch::Device::Cpu)?;
+        let io = |source| ExportError::Io {
+            path: self.out.clone(),
+            source,
+        };
+        if let Some(dir) = self.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let bytes = format.write(&ck, &network)?;
+        crate::files::write_atomic(&self.out, &bytes).map_err(io)?;
+        let fixed = match &ck.meta.precision {
+            Some(Precision::Fixed {
+                policy, numerics, ..
+            }) => Some((policy, *numerics)),
+            _ => None,
+        };
+        Ok(match (format, fixed) {
+            (Format::Packed, Some((policy, _))) => {
+                let (policy_bytes, float_bytes) = policy_size_bytes(&network, policy);
+                Exported::Packed {
+                    bytes: bytes.len(),
+                    policy_bytes,
+                    float_bytes,
+                    integer: network.integer.is_some(),
+                }
+            }
+            (Format::Packed, None) => {
+                return Err(ExportError::Unsupported(
+                    "not a fixed-policy checkpoint".into(),
+                ))
+            }
+            (Format::Onnx, Some((_, Numerics::Integer))) => Exported::Onnx {
+                kind: "integer",
+                bytes: bytes.len(),
+            },
+            (Format::Onnx, Some(_)) => Exported::Onnx {
+                kind: "QDQ",
+                bytes: bytes.len(),
+            },
+            _ => Exported::Onnx {
+                kind: "float",
+                bytes: bytes.len(),
+            },
+        })
+    }
+}
+
+/// The policy's model size in bytes (quantized kernels at their bits, the FP stem and head at
+/// 32 bits, as METHOD.md counts it) and the other float tensors' bytes (batch norm, clips,
+/// thresholds, biases).
+fn policy_size_bytes(network: &Network, policy: &Policy) -> (f64, f64) {
+    let size = policy
+        .cost(network.net.convs(), network.net.fc_spec())
+        .1
+        .size_mb
+        * 1e6;
+    let counted: std::collections::HashSet<String> = network
+        .net
+        .convs()
+        .iter()
+        .map(|c| format!("{}.weight", c.name))
+        .chain(["fc.weight".to_string(), "fc.bias".to_string()])
+        .collect();
+    let other: usize = network
+        .vs
+        .variables()
+        .iter()
+        .filter(|(n, _)| !counted.contains(*n))
+        .map(|(_, t)| t.numel() * 4)
+        .sum();
+    (size, other as f64)
+}
