@@ -235,8 +235,7 @@ impl Writer<'_> {
                     }
                 };
                 let x = self.float(slot.general);
-                let (kernel, bias) =
-                    self.integer_kernel(&u.layer, folded, None, s_x, STEM_BITS)?;
+                let (kernel, bias) = self.integer_kernel(&u.layer, folded, None, s_x, STEM_BITS)?;
                 (x, kernel, bias)
             }
             None => {

@@ -51,10 +51,10 @@ fn pretrained_pipeline(config: &ModelConfig) -> Pipeline {
 /// `num_batches_tracked` counters are ignored.
 pub fn import_pretrained(weights: &Path, config: &ModelConfig) -> Result<Checkpoint, TrainError> {
     let entry = config.arch.entry();
-    if !entry.importable {
+    if !entry.traits.importable {
         let importable: Vec<&str> = crate::model::ARCHS
             .iter()
-            .filter(|e| e.importable)
+            .filter(|e| e.traits.importable)
             .map(|e| e.name)
             .collect();
         return Err(TrainError::Invalid(format!(
@@ -64,7 +64,7 @@ pub fn import_pretrained(weights: &Path, config: &ModelConfig) -> Result<Checkpo
         )));
     }
     // Weights laid out for one geometry (TF "SAME" padding at 224 px) fix input and stem.
-    if entry.fixed_geometry
+    if entry.traits.fixed_geometry
         && (config.input_size != 224 || config.stem != crate::model::Stem::Imagenet)
     {
         return Err(TrainError::Invalid(format!(

@@ -51,12 +51,18 @@ pub enum Arch {
     EfficientNetLite0,
 }
 
-/// One registered network: its name on the command line and in checkpoints, and how its
-/// family lays it out.
+/// One registered network: its name on the command line and in checkpoints, how its
+/// family lays it out, and which shaping flags apply to it.
 pub struct ArchEntry {
     pub arch: Arch,
     pub name: &'static str,
     build: Build,
+    pub traits: ArchTraits,
+}
+
+/// What a network allows beyond its family's layout.
+#[derive(Debug, Clone, Copy)]
+pub struct ArchTraits {
     /// `--stem` chooses between the CIFAR and ImageNet stems.
     pub stem_choice: bool,
     /// `--width` scales its channels.
@@ -66,6 +72,39 @@ pub struct ArchEntry {
     /// Its pretrained weights fix the input size and the stem (TF "SAME" padding laid out
     /// for 224 px).
     pub fixed_geometry: bool,
+}
+
+/// The CIFAR ResNets: one stem, no width multiplier, trained here only.
+const CIFAR_RESNET: ArchTraits = ArchTraits {
+    stem_choice: false,
+    width_multiplier: false,
+    importable: false,
+    fixed_geometry: false,
+};
+const IMAGENET_RESNET: ArchTraits = ArchTraits {
+    stem_choice: true,
+    importable: true,
+    ..CIFAR_RESNET
+};
+const MOBILENET_V2: ArchTraits = ArchTraits {
+    width_multiplier: true,
+    ..IMAGENET_RESNET
+};
+const EFFICIENTNET_LITE: ArchTraits = ArchTraits {
+    stem_choice: false,
+    fixed_geometry: true,
+    ..IMAGENET_RESNET
+};
+
+impl ArchEntry {
+    const fn new(arch: Arch, name: &'static str, build: Build, traits: ArchTraits) -> Self {
+        Self {
+            arch,
+            name,
+            build,
+            traits,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -106,69 +145,18 @@ fn mobile(
 
 /// Every network gmpq knows, in the order help texts list them.
 pub const ARCHS: [ArchEntry; 7] = [
-    ArchEntry {
-        arch: Arch::ResNet20,
-        name: "resnet20",
-        build: resnet,
-        stem_choice: false,
-        width_multiplier: false,
-        importable: false,
-        fixed_geometry: false,
-    },
-    ArchEntry {
-        arch: Arch::ResNet32,
-        name: "resnet32",
-        build: resnet,
-        stem_choice: false,
-        width_multiplier: false,
-        importable: false,
-        fixed_geometry: false,
-    },
-    ArchEntry {
-        arch: Arch::ResNet56,
-        name: "resnet56",
-        build: resnet,
-        stem_choice: false,
-        width_multiplier: false,
-        importable: false,
-        fixed_geometry: false,
-    },
-    ArchEntry {
-        arch: Arch::ResNet18,
-        name: "resnet18",
-        build: resnet,
-        stem_choice: true,
-        width_multiplier: false,
-        importable: true,
-        fixed_geometry: false,
-    },
-    ArchEntry {
-        arch: Arch::ResNet50,
-        name: "resnet50",
-        build: resnet,
-        stem_choice: true,
-        width_multiplier: false,
-        importable: true,
-        fixed_geometry: false,
-    },
-    ArchEntry {
-        arch: Arch::MobileNetV2,
-        name: "mobilenetv2",
-        build: mobile,
-        stem_choice: true,
-        width_multiplier: true,
-        importable: true,
-        fixed_geometry: false,
-    },
-    ArchEntry {
-        arch: Arch::EfficientNetLite0,
-        name: "efficientnet-lite0",
-        build: mobile,
-        stem_choice: false,
-        width_multiplier: false,
-        importable: true,
-        fixed_geometry: true,
-    },
+    ArchEntry::new(Arch::ResNet20, "resnet20", resnet, CIFAR_RESNET),
+    ArchEntry::new(Arch::ResNet32, "resnet32", resnet, CIFAR_RESNET),
+    ArchEntry::new(Arch::ResNet56, "resnet56", resnet, CIFAR_RESNET),
+    ArchEntry::new(Arch::ResNet18, "resnet18", resnet, IMAGENET_RESNET),
+    ArchEntry::new(Arch::ResNet50, "resnet50", resnet, IMAGENET_RESNET),
+    ArchEntry::new(Arch::MobileNetV2, "mobilenetv2", mobile, MOBILENET_V2),
+    ArchEntry::new(
+        Arch::EfficientNetLite0,
+        "efficientnet-lite0",
+        mobile,
+        EFFICIENTNET_LITE,
+    ),
 ];
 
 impl Arch {

@@ -33,8 +33,8 @@ impl ModelOption {
     /// and EfficientNet-Lite0 have one stem; only MobileNetV2 has a width multiplier).
     pub fn applies_to(self, arch: Arch) -> bool {
         match self {
-            ModelOption::Stem => arch.entry().stem_choice,
-            ModelOption::Width => arch.entry().width_multiplier,
+            ModelOption::Stem => arch.entry().traits.stem_choice,
+            ModelOption::Width => arch.entry().traits.width_multiplier,
             ModelOption::Model
             | ModelOption::InputSize
             | ModelOption::Channels
