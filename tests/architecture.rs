@@ -186,3 +186,80 @@ fn no_import_circle_between_the_cli_files() {
         }
     }
 }
+
+/// Each function's length in lines (signature to closing brace), from its file's text.
+fn function_lengths(text: &str) -> Vec<(String, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let line = lines[i];
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        let head = ["pub fn ", "fn ", "pub(crate) fn ", "pub(super) fn ", "const fn "]
+            .iter()
+            .find_map(|p| trimmed.strip_prefix(p));
+        let Some(rest) = head else {
+            i += 1;
+            continue;
+        };
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
+        // The body opens on the signature's last line; a declaration without one is skipped.
+        let Some(open) = (i..lines.len()).find(|&j| {
+            let l = lines[j].trim_end();
+            l.ends_with('{') || l.ends_with(';')
+        }) else {
+            break;
+        };
+        if lines[open].trim_end().ends_with(';') {
+            i = open + 1;
+            continue;
+        }
+        let close = (open + 1..lines.len())
+            .find(|&j| {
+                let l = lines[j];
+                l.len() > indent && l[..indent].trim().is_empty() && l[indent..].starts_with('}')
+            })
+            .unwrap_or(lines.len() - 1);
+        out.push((name, close - i + 1));
+        i = close + 1;
+    }
+    out
+}
+
+/// The sizes the layout keeps: no function over 120 lines, no file over 800, the CLI
+/// under 1,200 lines in all.
+#[test]
+fn functions_files_and_the_cli_stay_small() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut cli_lines = 0;
+    let mut problems = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        let lines = text.lines().count();
+        let rel = f.strip_prefix(&src).unwrap().display().to_string();
+        if rel.starts_with("cli") {
+            cli_lines += lines;
+        }
+        if lines > 800 {
+            problems.push(format!("{rel}: {lines} lines"));
+        }
+        for (name, n) in function_lengths(&text) {
+            if n > 120 {
+                problems.push(format!("{rel}: fn {name} is {n} lines"));
+            }
+        }
+    }
+    if cli_lines >= 1200 {
+        problems.push(format!("src/cli: {cli_lines} lines"));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // The scanner measures what it is given.
+    let long = format!("fn f() {{\n{}}}\n", "    x();\n".repeat(130));
+    assert_eq!(function_lengths(&long), vec![("f".to_string(), 132)]);
+}
