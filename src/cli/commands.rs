@@ -4,9 +4,7 @@ use super::args::{BenchCommand, Cli, Command};
 use super::progress::TrainBars;
 use anyhow::{bail, Context, Result};
 use gmpq::bops::BopsArgs;
-use gmpq::data::{
-    parse_spec_flag, stratified_subset, ImageSource, Split, SubsetCmdArgs, SubsetSpec,
-};
+use gmpq::data::SubsetCmdArgs;
 use gmpq::engine::EvalArgs;
 use gmpq::import::ImportArgs;
 use gmpq::policy::{LayerCost, PolicyTotals};
@@ -266,13 +264,9 @@ fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
 }
 
 fn import_cmd(a: ImportArgs) -> Result<()> {
-    let cfg = a.config()?;
-    let ck = gmpq::import::import_pretrained(&a.weights, &cfg)
+    let ck = a
+        .run()
         .with_context(|| format!("importing {}", a.weights.display()))?;
-    if let Some(dir) = a.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    ck.save(&a.out)?;
     println!(
         "wrote {} ({} tensors) and its metadata {}",
         a.out.display(),
@@ -283,24 +277,12 @@ fn import_cmd(a: ImportArgs) -> Result<()> {
 }
 
 fn subset_cmd(a: SubsetCmdArgs) -> Result<()> {
-    let spec = parse_spec_flag("--data", &a.data)?;
-    // Both splits are drawn before either is written: a bad --test leaves no half subset.
-    let mut drawn = Vec::new();
-    for (split, n, flag, prefix) in [
-        (Split::Train, a.train, "--train", "train"),
-        (Split::Test, a.test, "--test", "t10k"),
-    ] {
-        let data = spec.load_idx(split)?;
-        let idx = stratified_subset(&data, &SubsetSpec::limited(Some(n), a.seed))
-            .with_context(|| format!("{flag} {n}"))?;
-        drawn.push((data, idx, prefix));
-    }
-    for (data, idx, prefix) in drawn {
-        gmpq::data::write_idx_split(&data, &idx, &a.out, prefix)?;
+    for s in a.write()? {
         println!(
-            "{prefix}: {} of {} images → {}",
-            idx.len(),
-            data.len(),
+            "{}: {} of {} images → {}",
+            s.prefix,
+            s.kept,
+            s.of,
             a.out.display()
         );
     }

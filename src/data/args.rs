@@ -1,6 +1,6 @@
 //! The command-line form of a subset draw.
 
-use super::SubsetSpec;
+use super::{ImageSource as _, SubsetSpec};
 use crate::flags::positive;
 use clap::Args;
 use std::path::PathBuf;
@@ -59,4 +59,45 @@ pub fn parse_spec_flag(flag: &str, s: &str) -> Result<super::DatasetSpec, super:
         },
         e => e,
     })
+}
+
+/// One split `gmpq subset` wrote: its file prefix, the images kept and the images it had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WrittenSplit {
+    pub prefix: &'static str,
+    pub kept: usize,
+    pub of: usize,
+}
+
+impl SubsetCmdArgs {
+    /// Draws both splits, then writes them (gzipped IDX) into `out`: a bad `--test` leaves
+    /// no half subset.
+    pub fn write(&self) -> Result<Vec<WrittenSplit>, super::DataError> {
+        let spec = parse_spec_flag("--data", &self.data)?;
+        let mut drawn = Vec::new();
+        for (split, n, flag, prefix) in [
+            (super::Split::Train, self.train, "--train", "train"),
+            (super::Split::Test, self.test, "--test", "t10k"),
+        ] {
+            let data = spec.load_idx(split)?;
+            let idx = super::stratified_subset(&data, &SubsetSpec::limited(Some(n), self.seed))
+                .map_err(|e| match e {
+                    super::DataError::BadSubset(why) => {
+                        super::DataError::BadSubset(format!("{flag} {n}: {why}"))
+                    }
+                    e => e,
+                })?;
+            drawn.push((data, idx, prefix));
+        }
+        let mut written = Vec::new();
+        for (data, idx, prefix) in drawn {
+            super::write_idx_split(&data, &idx, &self.out, prefix)?;
+            written.push(WrittenSplit {
+                prefix,
+                kept: idx.len(),
+                of: data.len(),
+            });
+        }
+        Ok(written)
+    }
 }

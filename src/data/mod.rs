@@ -13,7 +13,7 @@ mod subset;
 mod transform;
 
 #[cfg(feature = "cli")]
-pub use args::{parse_spec_flag, SubsetArgs, SubsetCmdArgs};
+pub use args::{parse_spec_flag, SubsetArgs, SubsetCmdArgs, WrittenSplit};
 pub use cifar::{read_cifar, CifarLayout};
 pub use folder::{ClassIndex, ImageFolder};
 pub use idx::{read_idx, write_idx, IdxArray, IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC};

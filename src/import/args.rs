@@ -1,7 +1,9 @@
 //! The command-line form of `gmpq import`.
 
+use crate::checkpoint::Checkpoint;
 use crate::flags::positive;
 use crate::model::{ModelConfig, ModelError};
+use crate::train::TrainError;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -39,5 +41,18 @@ impl ImportArgs {
         );
         cfg.stem = self.stem.as_deref().unwrap_or("imagenet").parse()?;
         Ok(cfg)
+    }
+
+    /// Reads the weights into a checkpoint and saves it (and its metadata) at `out`.
+    pub fn run(&self) -> Result<Checkpoint, TrainError> {
+        let ck = super::import_pretrained(&self.weights, &self.config()?)?;
+        if let Some(dir) = self.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| TrainError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        ck.save(&self.out)?;
+        Ok(ck)
     }
 }
