@@ -196,9 +196,15 @@ fn function_lengths(text: &str) -> Vec<(String, usize)> {
         let line = lines[i];
         let trimmed = line.trim_start();
         let indent = line.len() - trimmed.len();
-        let head = ["pub fn ", "fn ", "pub(crate) fn ", "pub(super) fn ", "const fn "]
-            .iter()
-            .find_map(|p| trimmed.strip_prefix(p));
+        let head = [
+            "pub fn ",
+            "fn ",
+            "pub(crate) fn ",
+            "pub(super) fn ",
+            "const fn ",
+        ]
+        .iter()
+        .find_map(|p| trimmed.strip_prefix(p));
         let Some(rest) = head else {
             i += 1;
             continue;
