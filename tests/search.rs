@@ -750,6 +750,45 @@ fn hawq_search_meets_the_budget_and_records_its_sensitivities() {
     }
 }
 
+/// The sensitivity analysis draws its Hutchinson probes from a fixed seed: two runs of the
+/// same HAWQ search measure the same sensitivities and write the same policy.
+#[test]
+fn hawq_search_is_reproducible() {
+    let (dir, t) = mnist_teacher(1);
+    let policies: Vec<Policy> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let o = dir.path().join(name);
+            let out = run(&[
+                "--threads",
+                "2",
+                "search",
+                "--method",
+                "hawq",
+                "--teacher",
+                t.to_str().unwrap(),
+                "--data",
+                "bundled:mnist",
+                "--limit",
+                "256",
+                "--hawq-images",
+                "64",
+                "--hawq-samples",
+                "2",
+                "--target-compression",
+                "100",
+                "--out",
+                o.to_str().unwrap(),
+            ]);
+            assert!(out.status.success(), "{}", stderr(&out));
+            Policy::load(&o.join("policy.json")).unwrap()
+        })
+        .collect();
+    let sens = |p: &Policy| p.meta.as_ref().unwrap()["hawq"]["sensitivities"].clone();
+    assert_eq!(sens(&policies[0]), sens(&policies[1]));
+    assert_eq!(policies[0].layers, policies[1].layers);
+}
+
 /// `gmpq search --method uniform|random` is the pipeline's own path for those arms: given the
 /// low-bit study's proxy teacher, it writes the study's committed policies byte for byte (so
 /// a study still copies their fine-tunings between runs).

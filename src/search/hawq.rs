@@ -77,6 +77,9 @@ impl Sensitivities {
     }
 }
 
+/// The seed of the sensitivity analysis's random draws (the Hutchinson probes).
+pub const HAWQ_SEED: i64 = 0;
+
 /// Settings of the analysis.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HawqConfig {
@@ -119,6 +122,10 @@ pub fn sensitivities(
             "HAWQ needs at least one proxy batch".into(),
         ));
     }
+    // The Hutchinson probes (and the networks' throwaway initial weights) come from
+    // libtorch's generator: a fixed seed makes the analysis a function of its inputs, so a
+    // rerun (or a resumed study) measures the same sensitivities.
+    tch::manual_seed(HAWQ_SEED);
     let device = batches[0].0.device();
     let fp = quant::build(&teacher.meta.model, Precision::Full, device)?;
     fp.load_fp_weights(teacher, teacher_path)?;
