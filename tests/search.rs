@@ -704,19 +704,22 @@ fn hutchinson_trace_of_a_quadratic_is_within_5_percent() {
     }
 }
 
-/// `--method hawq`: sensitivities measured on the proxy, the knapsack under the budget.
-#[test]
-fn hawq_search_meets_the_budget_and_records_its_sensitivities() {
-    let (dir, t) = mnist_teacher(1);
-    let o = dir.path().join("o");
-    let out = run(&[
+/// `gmpq --threads 2 search --method hawq` on 256 MNIST images (64 analysed, 2 probes) under
+/// `compression`, into `out`, with any `extra` flags.
+fn hawq_search(
+    teacher: &std::path::Path,
+    out: &std::path::Path,
+    compression: &str,
+    extra: &[&str],
+) -> std::process::Output {
+    let mut args = vec![
         "--threads",
         "2",
         "search",
         "--method",
         "hawq",
         "--teacher",
-        t.to_str().unwrap(),
+        teacher.to_str().unwrap(),
         "--data",
         "bundled:mnist",
         "--limit",
@@ -726,11 +729,20 @@ fn hawq_search_meets_the_budget_and_records_its_sensitivities() {
         "--hawq-samples",
         "2",
         "--target-compression",
-        "128",
+        compression,
         "--out",
-        o.to_str().unwrap(),
-        "--json",
-    ]);
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    run(&args)
+}
+
+/// `--method hawq`: sensitivities measured on the proxy, the knapsack under the budget.
+#[test]
+fn hawq_search_meets_the_budget_and_records_its_sensitivities() {
+    let (dir, t) = mnist_teacher(1);
+    let o = dir.path().join("o");
+    let out = hawq_search(&t, &o, "128", &["--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json is JSON");
     assert_eq!(v["written"][0]["target"]["compression"], 128.0);
@@ -759,27 +771,7 @@ fn hawq_search_is_reproducible() {
         .iter()
         .map(|name| {
             let o = dir.path().join(name);
-            let out = run(&[
-                "--threads",
-                "2",
-                "search",
-                "--method",
-                "hawq",
-                "--teacher",
-                t.to_str().unwrap(),
-                "--data",
-                "bundled:mnist",
-                "--limit",
-                "256",
-                "--hawq-images",
-                "64",
-                "--hawq-samples",
-                "2",
-                "--target-compression",
-                "100",
-                "--out",
-                o.to_str().unwrap(),
-            ]);
+            let out = hawq_search(&t, &o, "100", &[]);
             assert!(out.status.success(), "{}", stderr(&out));
             Policy::load(&o.join("policy.json")).unwrap()
         })
