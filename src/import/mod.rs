@@ -52,14 +52,9 @@ fn pretrained_pipeline(config: &ModelConfig) -> Pipeline {
 pub fn import_pretrained(weights: &Path, config: &ModelConfig) -> Result<Checkpoint, TrainError> {
     let entry = config.arch.entry();
     if !entry.traits.importable {
-        let importable: Vec<&str> = crate::model::ARCHS
-            .iter()
-            .filter(|e| e.traits.importable)
-            .map(|e| e.name)
-            .collect();
         return Err(TrainError::Invalid(format!(
             "import supports {}, not {}",
-            importable.join(", "),
+            crate::model::arch_names_where(|e| e.traits.importable),
             config.arch
         )));
     }

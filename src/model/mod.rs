@@ -175,7 +175,13 @@ impl Arch {
 
 /// Every network's name, comma-separated (for help and errors).
 pub fn arch_names() -> String {
-    ARCHS.map(|e| e.name).join(", ")
+    arch_names_where(|_| true)
+}
+
+/// The names of the networks whose row passes `keep`, comma-separated.
+pub fn arch_names_where(keep: impl Fn(&ArchEntry) -> bool) -> String {
+    let names: Vec<&str> = ARCHS.iter().filter(|e| keep(e)).map(|e| e.name).collect();
+    names.join(", ")
 }
 
 impl std::str::FromStr for Arch {

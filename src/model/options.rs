@@ -58,15 +58,10 @@ pub fn check_options(source: ModelSource, given: &[ModelOption]) -> Result<(), M
     for &option in given {
         match source {
             ModelSource::Named(arch) if !option.applies_to(arch) => {
-                let to: Vec<&str> = super::ARCHS
-                    .iter()
-                    .filter(|e| option.applies_to(e.arch))
-                    .map(|e| e.name)
-                    .collect();
                 return Err(ModelError::Invalid(format!(
                     "{} applies to {} only, not {arch}",
                     option.flag(),
-                    to.join(", ")
+                    super::arch_names_where(|e| option.applies_to(e.arch))
                 )));
             }
             ModelSource::File { flag, path } => {

@@ -1,7 +1,7 @@
 //! A pipeline run's settings: one typed value, recorded in `pipeline.json` (a resumed run must
 //! have the same), from which every stage is built.
 
-use super::{Arm, PipelineError, Result};
+use super::{Arm, Result};
 use crate::policy::{BitCandidateArgs, Candidates};
 use crate::quant::Numerics;
 use crate::search::{BudgetArgs, Recipe, SearchConfig, Target};
@@ -220,13 +220,7 @@ impl PipelineSettings {
 
     /// The budget (64× compression when none is given).
     pub fn budget(&self) -> Result<Target> {
-        Ok(Target::from_parts(
-            self.budget.target_bops.as_deref(),
-            self.budget.target_compression,
-            self.budget.target_size_mb,
-        )
-        .map_err(PipelineError::Invalid)?
-        .unwrap_or(DEFAULT_BUDGET))
+        Ok(self.budget.target()?.unwrap_or(DEFAULT_BUDGET))
     }
 
     /// The bit candidates, checked.
