@@ -191,6 +191,12 @@ impl Arm {
     }
 }
 
+impl std::fmt::Display for Arm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for Arm {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {

@@ -55,12 +55,15 @@ pub struct PipelineSettings {
     /// An FP network to fine-tune from (instead of training one on the target).
     #[cfg_attr(feature = "cli", arg(long))]
     pub target_teacher: Option<PathBuf>,
-    /// Comparison arms under the same budget and recipe, comma-separated: edmips (the search
-    /// without the attribution term), uniform (the best uniform policy within the budget),
-    /// edmips-target (EdMIPS searched on the target data), random (random bits within 2 %
-    /// under the budget, drawn with --seed), hawq (Hessian-trace and activation
-    /// sensitivities of the proxy teacher on 512 proxy images, minimised by the knapsack).
-    #[cfg_attr(feature = "cli", arg(long, value_delimiter = ',', value_parser = baseline_arm()))]
+    /// Comparison arms under the same budget and recipe, comma-separated (the list replaces
+    /// the default): uniform (the best uniform policy within the budget), uniform-fill (it,
+    /// with the rest of the budget spent where HAWQ's sensitivities fall most), edmips (the
+    /// search without the attribution term), edmips-target (EdMIPS searched on the target
+    /// data), random (random bits within 2 % under the budget, drawn with --seed), hawq
+    /// (Hessian-trace and activation sensitivities of the proxy teacher on 512 proxy images,
+    /// minimised by the knapsack), gmpq-ranked (GMPQ's best candidates ranked on held-out
+    /// proxy images). The model chosen on validation is the best of GMPQ and these.
+    #[cfg_attr(feature = "cli", arg(long, value_delimiter = ',', value_parser = baseline_arm(), default_values_t = DEFAULT_BASELINES))]
     #[serde(skip)]
     pub baseline: Vec<Arm>,
     /// Epochs of the proxy teacher.
@@ -153,6 +156,10 @@ fn no_holdout(h: &usize) -> bool {
     *h == 0
 }
 
+/// The arms `gmpq pipeline` runs beside GMPQ without `--baseline`: with them the model chosen
+/// on validation is never one the best uniform policy beats clearly (at a grid budget), nor
+/// one that a uniform policy spending the whole budget beats (between grid budgets).
+pub const DEFAULT_BASELINES: [Arm; 2] = [Arm::Uniform, Arm::UniformFill];
 /// Teacher epochs of `gmpq pipeline` (proxy and target).
 pub const TEACHER_EPOCHS: usize = 30;
 /// Target training images `gmpq pipeline` holds out for validation.
@@ -163,7 +170,7 @@ pub const FINETUNE_EPOCHS: usize = 10;
 pub const DEFAULT_BUDGET: Target = Target::Compression(64.0);
 
 impl PipelineSettings {
-    /// GMPQ alone from `proxy` to `target` with every default, into `out`.
+    /// GMPQ and [`DEFAULT_BASELINES`] from `proxy` to `target` with every default, into `out`.
     pub fn new(proxy: impl Into<String>, target: impl Into<String>, out: PathBuf) -> Self {
         let search = SearchConfig::default();
         Self {
@@ -177,7 +184,7 @@ impl PipelineSettings {
             budget: BudgetArgs::default(),
             teacher: None,
             target_teacher: None,
-            baseline: Vec::new(),
+            baseline: DEFAULT_BASELINES.to_vec(),
             teacher_epochs: TEACHER_EPOCHS,
             target_teacher_epochs: TEACHER_EPOCHS,
             search_epochs: search.epochs,
@@ -376,6 +383,11 @@ mod flag_tests {
             ..PipelineSettings::new("bundled:mnist:500", "bundled:fashion-mnist", out)
         };
         assert_eq!(settings, library);
+        // Without --baseline: the library's default arms.
+        let Ok(Cli { settings }) = Cli::try_parse_from(argv[..5].to_vec()) else {
+            panic!("pipeline arguments did not parse");
+        };
+        assert_eq!(settings.baseline, DEFAULT_BASELINES.to_vec());
         // GMPQ always runs: it is not a baseline; bits outside 2..=16 are refused.
         for bad in [["--baseline", "gmpq"], ["--w-bits", "1,4"]] {
             let mut v = argv[..5].to_vec();
