@@ -422,3 +422,23 @@ fn edmips_refuses_an_attribution_weight() {
     let e = stderr(&o);
     assert!(e.contains("'hawk'") && e.contains("uniform-fill"), "{e}");
 }
+
+#[test]
+fn a_zero_batch_size_blames_the_batch_sizes_alone() {
+    // clap's own message (its usage lines follow).
+    let o = run(&["bench", "infer", "--batch-sizes", "0"]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("'0' for '--batch-sizes"), "{e}");
+    assert!(!e.contains("--steps"), "{e}");
+}
+
+/// List defaults show as the flags take them: comma-separated.
+#[test]
+fn help_shows_list_defaults_comma_separated() {
+    let o = run(&["pipeline", "--help"]);
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(help.contains("[default: 2,3,4,6]"), "{help}");
+    assert!(help.contains("[default: uniform,uniform-fill]"), "{help}");
+    assert!(!help.contains("[default: 2 3 4 6]"), "{help}");
+}

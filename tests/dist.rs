@@ -242,13 +242,29 @@ fn two_ranks_follow_one_rank_in_finetuning_and_resume_after_a_kill() {
         String::from_utf8_lossy(&outputs[1].stdout)
     );
     assert!(!outputs[0].stdout.is_empty());
+    // What is exact: the parameters after the step, up to the order of float sums (the
+    // gradient of 64 images summed as 2 × 32), far below 1e-6 relative on any CPU.
     let (p1, p2) = (parameters(&ck(&one)), parameters(&ck(&two)));
     let rel = distance(&p1, &p2) / p1.norm().double_value(&[]);
     assert!(rel < 1e-6, "parameters differ by {rel} (relative)");
+    // What is not: the losses pass through re-quantizations, where a float sum in another
+    // order (batches of 32 pick other conv kernels than 64, and another CPU others again)
+    // can land a value on the other side of a rounding tie and move it one level. One such
+    // flip moves one image's loss by a few hundredths, the mean over 200 test images (or 64
+    // training images) by under 1e-3 relative; ranks that computed different images or
+    // parameters differ by several per cent. (Equal to 1e-5 on an Intel Xeon with VNNI;
+    // over 1e-5 on an AMD EPYC without it.)
     let h1 = Checkpoint::load(&ck(&one)).unwrap().meta.history;
     let h2 = Checkpoint::load(&ck(&two)).unwrap().meta.history;
-    assert!((h1[0].train_loss - h2[0].train_loss).abs() < 1e-5 * h1[0].train_loss);
-    assert!((h1[0].test_loss - h2[0].test_loss).abs() < 1e-5 * h1[0].test_loss);
+    for (what, a, b) in [
+        ("train loss", h1[0].train_loss, h2[0].train_loss),
+        ("test loss", h1[0].test_loss, h2[0].test_loss),
+    ] {
+        assert!(
+            (a - b).abs() < 2e-3 * a,
+            "{what}: {a} (1 rank) against {b} (2 ranks)"
+        );
+    }
 
     // Two epochs of fake-quant fine-tuning (float batch norm throughout): each rank's batch
     // statistics come from 32 images instead of 64, so the curves differ by that noise only.
@@ -519,4 +535,43 @@ fn a_stop_signal_ends_a_run_cleanly_and_it_resumes() {
             .epoch,
         3
     );
+}
+
+/// Ranks started with different settings stop at once, each with one line naming the setting,
+/// instead of a collective mismatch deep in Gloo (SIGABRT) or an epoch trained apart.
+#[test]
+fn ranks_started_with_different_settings_name_the_difference() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = common::fmnist_teacher(&dir.path().join("fp"), 600);
+    let out = dir.path().join("ft");
+    let port = free_port();
+    let children: Vec<Child> = [64usize, 128]
+        .iter()
+        .enumerate()
+        .map(|(r, &limit)| {
+            rank(r, 2, port, &finetune_args(&teacher, &out, limit, 1))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for (r, c) in children.into_iter().enumerate() {
+        let o = c.wait_with_output().unwrap();
+        let err = common::stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "rank {r}: {err}");
+        let limit = if r == 0 {
+            "--limit 64 here"
+        } else {
+            "--limit 128 here"
+        };
+        assert!(
+            err.contains("different settings") && err.contains(limit),
+            "rank {r}: {err}"
+        );
+        assert!(
+            err.trim().lines().count() <= 2,
+            "rank {r}: more than one line: {err}"
+        );
+    }
 }

@@ -99,6 +99,7 @@ fn both(ck: &Checkpoint, net: &Network, full_precision: bool, n: i64) -> (Tensor
         &SessionOptions {
             threads: 1,
             optimized_model: None,
+            unoptimized: false,
         },
     )
     .unwrap();

@@ -158,3 +158,86 @@ fn predict_reads_png_and_jpeg_through_every_model_format() {
         &["bare.onnx", "metadata"],
     );
 }
+
+/// Bad inputs found as a new user would: a truncated JPEG among good images (each good one is
+/// printed, then one line for the bad one, exit 1), a checkpoint given as `--onnx`, an
+/// export whose extension contradicts its format, `--test-limit` on eval.
+#[test]
+fn bad_inputs_among_good_ones_and_formats_that_contradict_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |n: &str| dir.path().join(n).display().to_string();
+    let cfg = gmpq::model::ModelConfig::new(gmpq::model::Arch::ResNet20, 1, 10, 28);
+    common::fp_checkpoint(&cfg, &dir.path().join("fp.safetensors"));
+    let ck = d("fp.safetensors");
+    let (png, _) = image_file(dir.path(), 0, "a.png");
+    let (jpg, _) = image_file(dir.path(), 1, "b.jpg");
+    let bytes = std::fs::read(&jpg).unwrap();
+    std::fs::write(d("cut.jpg"), &bytes[..bytes.len() / 3]).unwrap();
+    let o = run(&[
+        "predict",
+        "--model",
+        &ck,
+        png.to_str().unwrap(),
+        &d("cut.jpg"),
+        jpg.to_str().unwrap(),
+        "--top",
+        "1",
+    ]);
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), stderr(&o));
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(out.contains("a.png") && out.contains("b.jpg"), "{out}");
+    assert!(!out.contains("cut.jpg"), "{out}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cut.jpg") && err.contains("not a readable"),
+        "{err}"
+    );
+
+    // A checkpoint as --onnx: named as what it is.
+    refused(
+        &["eval", "--onnx", &ck, "--data", "bundled:fashion-mnist"],
+        &["fp.safetensors", "safetensors", "--checkpoint"],
+    );
+    // --out's extension picks the format; a contradicting --format is refused.
+    refused(
+        &[
+            "export",
+            "--checkpoint",
+            &ck,
+            "--format",
+            "onnx",
+            "--out",
+            &d("o.safetensors"),
+        ],
+        &["--format onnx", "o.safetensors"],
+    );
+    assert!(!dir.path().join("o.safetensors").exists());
+    ok(&["export", "--checkpoint", &ck, "--fp", "--out", &d("o.onnx")]);
+    let o = ok(&[
+        "eval",
+        "--checkpoint",
+        &ck,
+        "--onnx",
+        &d("o.onnx"),
+        "--data",
+        "bundled:fashion-mnist",
+        "--test-limit",
+        "50",
+    ]);
+    assert!(o.contains("50 images"), "{o}");
+    assert!(o.contains("integer kernels"), "{o}");
+    let o = ok(&[
+        "eval",
+        "--onnx",
+        &d("o.onnx"),
+        "--unoptimized",
+        "--data",
+        "bundled:fashion-mnist",
+        "--test-limit",
+        "50",
+    ]);
+    assert!(
+        o.contains("optimized (integer kernels) vs unoptimized"),
+        "{o}"
+    );
+}

@@ -183,5 +183,10 @@ fn efficientnet_lite0_on_imagenet_samples() {
     ]);
     assert!(o.status.success(), "{}", common::stderr(&o));
     let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(r["top1_agreement"].as_u64().unwrap() >= 18, "{r}");
+    // Calibration only, no fine-tuning: the top-1 class agrees with the FP network on 16 of
+    // the 20 images (2026-12-07). The stem holds 7-bit weights against the 8-bit image (the
+    // rule that keeps int16 pair sums from saturating on CPUs without VNNI, docs/DEPLOY.md);
+    // with its old 8-bit weights the agreement was 18 of 20. A broken quantizer or export
+    // agrees on a handful at most.
+    assert!(r["top1_agreement"].as_u64().unwrap() >= 16, "{r}");
 }

@@ -164,7 +164,7 @@ pub struct BenchInferArgs {
     #[arg(long)]
     pub stem: Option<String>,
     /// Batch sizes to time.
-    #[arg(long, value_delimiter = ',', default_value = "1,64")]
+    #[arg(long, value_delimiter = ',', default_value = "1,64", value_parser = positive())]
     pub batch_sizes: Vec<usize>,
     /// The quantized models' policy (uniform).
     #[arg(long, default_value = "w4a4")]

@@ -8,6 +8,7 @@ mod args;
 #[cfg(feature = "cli")]
 pub use args::{BenchInferArgs, BenchSearchStepArgs, BenchTrainArgs};
 
+pub use crate::engine::CpuInfo;
 use crate::model::ModelConfig;
 use crate::quant::{self, Precision};
 use crate::search::{AlphaOpt, ComplexityTerm, SearchConfig, SearchStep};
@@ -149,10 +150,10 @@ pub fn bench_search_step(
 
 /// Refuses empty runs, then seeds libtorch so every benchmark starts from the same weights.
 fn begin(steps: usize, batch_size: usize) -> Result<(), TrainError> {
-    if steps == 0 || batch_size == 0 {
-        return Err(TrainError::Invalid(
-            "steps and batch size must be positive".into(),
-        ));
+    for (what, n) in [("--steps", steps), ("the batch size", batch_size)] {
+        if n == 0 {
+            return Err(TrainError::Invalid(format!("{what} must be at least 1")));
+        }
     }
     tch::manual_seed(0);
     Ok(())
@@ -245,48 +246,6 @@ pub struct InferReport {
     pub cpu: CpuInfo,
 }
 
-/// The CPU model and which of the instruction sets ONNX Runtime's and oneDNN's kernels use it
-/// has (the integer/float ratios depend on them: VNNI and AMX speed up int8 dot products).
-#[derive(Debug, Clone, Serialize)]
-pub struct CpuInfo {
-    pub model: String,
-    pub cores: usize,
-    /// Of `avx2`, `avx512f`, `avx512_vnni`, `avx_vnni`, `amx_int8`, `amx_bf16`: those present.
-    pub features: Vec<String>,
-}
-
-impl CpuInfo {
-    /// From `/proc/cpuinfo` (Linux); elsewhere the model is "unknown" and no feature is listed.
-    pub fn detect() -> Self {
-        const WANTED: [&str; 6] = [
-            "avx2",
-            "avx512f",
-            "avx512_vnni",
-            "avx_vnni",
-            "amx_int8",
-            "amx_bf16",
-        ];
-        let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let field = |key: &str| {
-            text.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        };
-        let flags = field("flags").unwrap_or_default();
-        let flags: std::collections::HashSet<&str> = flags.split_whitespace().collect();
-        Self {
-            model: field("model name").unwrap_or_else(|| "unknown".into()),
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            features: WANTED
-                .iter()
-                .filter(|f| flags.contains(*f))
-                .map(|f| f.to_string())
-                .collect(),
-        }
-    }
-}
-
 /// A checkpoint of `net` as the exporter reads it (identity normalisation: the benchmark
 /// feeds the network's input directly).
 fn bench_checkpoint(config: &ModelConfig, net: &quant::Network) -> crate::checkpoint::Checkpoint {
@@ -329,6 +288,7 @@ fn optimized_session(
         &bytes,
         &crate::engine::SessionOptions {
             optimized_model: Some(dump.clone()),
+            unoptimized: false,
             ..opts.clone()
         },
     )
@@ -383,6 +343,7 @@ pub fn bench_infer(
     let opts = SessionOptions {
         threads,
         optimized_model: None,
+        unoptimized: false,
     };
     let mut fp_session = OnnxModel::from_bytes(&fp_onnx, &opts).map_err(|e| invalid(&e))?;
     let (mut qdq_session, qdq_optimized_ops) = optimized_session(config, &fixed, "qdq", &opts)?;

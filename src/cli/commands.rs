@@ -66,6 +66,8 @@ fn join_process_group(command: &Command, device: tch::Device) -> Result<tch::Dev
     };
     let g = gmpq::dist::init_from_env(device.is_cuda())?;
     if let Some(g) = g {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        g.check_same_settings(&gmpq::dist::settings_of(&args))?;
         tracing::info!(
             "rank {} of {} ({:?}, local rank {}, device {device:?})",
             g.rank,
@@ -225,40 +227,19 @@ fn run_training(request: TrainRequest, json: bool, device: tch::Device) -> Resul
 
 fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
     let request = a.request()?;
-    let spec = request.data.clone();
     let outcome = request.run(device)?;
-    match outcome {
-        gmpq::engine::EvalOutcome::Both {
-            checkpoint,
-            onnx,
-            agreement: r,
-        } => {
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                println!(
-                    "{} vs {} (ONNX Runtime) on {spec}, {} images: top-1 {:.2}% vs {:.2}%, \
-                     same top-1 class on {:.2}%, largest logit difference {:.3e}",
-                    checkpoint.display(),
-                    onnx.display(),
-                    r.images,
-                    r.libtorch.top1,
-                    r.onnx.top1,
-                    r.top1_agreement,
-                    r.max_logit_difference
-                );
-            }
+    if a.json {
+        println!("{}", outcome.json()?);
+    } else {
+        if request.onnx.is_some() {
+            let cpu = gmpq::engine::CpuInfo::detect();
+            println!(
+                "CPU: {}; ONNX Runtime's integer kernels: {}",
+                cpu.model,
+                cpu.integer_kernel_path()
+            );
         }
-        gmpq::engine::EvalOutcome::One { label, metrics: m } => {
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&m)?);
-            } else {
-                println!(
-                    "{label} on {spec}: top-1 {:.2}%, top-5 {:.2}%, loss {:.4} ({} images)",
-                    m.top1, m.top5, m.loss, m.images
-                );
-            }
-        }
+        println!("{}", outcome.line(&request.data));
     }
     Ok(())
 }

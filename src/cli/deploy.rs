@@ -10,11 +10,21 @@ pub(super) fn export_cmd(a: ExportArgs) -> Result<()> {
     let out = a.out.display();
     let mb = |b: f64| b / 1e6;
     match exported {
-        Exported::Onnx { kind, bytes } => println!(
-            "wrote {out} ({kind} ONNX, opset {}, {:.3} MB)",
-            gmpq::export::onnx::OPSET,
-            mb(bytes as f64)
-        ),
+        Exported::Onnx { kind, bytes, risks } => {
+            println!(
+                "wrote {out} ({kind} ONNX, opset {}, {:.3} MB)",
+                gmpq::export::onnx::OPSET,
+                mb(bytes as f64)
+            );
+            // A fake-quant graph keeps the policy's 8-bit weights as trained; say where
+            // ONNX Runtime's int8 kernels may answer differently on CPUs without VNNI.
+            for r in &risks {
+                eprintln!(
+                    "warning: {r}; fine-tune with --numerics integer for a graph that computes \
+                     the same on every CPU"
+                );
+            }
+        }
         Exported::Packed {
             bytes,
             policy_bytes,
@@ -49,12 +59,28 @@ pub(super) fn predict_cmd(a: gmpq::predict::PredictArgs) -> Result<()> {
     let threads = tch::get_num_threads().max(1) as usize;
     let mut predictor = gmpq::predict::Predictor::open(&a.model, threads)
         .with_context(|| format!("loading {}", a.model.display()))?;
-    let predictions = predictor.predict(&a.images, a.top)?;
+    let results = predictor.predict_each(&a.images, a.top)?;
+    let (predictions, failures): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
+    let predictions: Vec<_> = predictions.into_iter().filter_map(Result::ok).collect();
+    let failures: Vec<_> = failures.into_iter().filter_map(Result::err).collect();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&predictions)?);
-        return Ok(());
+    } else {
+        print_predictions(&predictions);
     }
-    for p in &predictions {
+    // Every good image is printed first; then one line per bad one, and the exit status
+    // says so.
+    if let Some((last, rest)) = failures.split_last() {
+        for e in rest {
+            eprintln!("error: {e}");
+        }
+        anyhow::bail!("{last}");
+    }
+    Ok(())
+}
+
+fn print_predictions(predictions: &[gmpq::predict::Prediction]) {
+    for p in predictions {
         println!("{}", p.image.display());
         for c in &p.top {
             let name = c
@@ -64,7 +90,6 @@ pub(super) fn predict_cmd(a: gmpq::predict::PredictArgs) -> Result<()> {
             println!("  {:>6.2}%  class {}{name}", 100.0 * c.probability, c.class);
         }
     }
-    Ok(())
 }
 
 pub(super) fn bench_infer_cmd(a: gmpq::bench::BenchInferArgs) -> Result<()> {
@@ -83,6 +108,7 @@ pub(super) fn bench_infer_cmd(a: gmpq::bench::BenchInferArgs) -> Result<()> {
             report.cpu.features.join(", ")
         }
     );
+    println!("integer kernels: {}", report.cpu.integer_kernel_path());
     for r in &report.results {
         println!(
             "{} {:?} {:<19} batch {:>3} threads {}: {:>8.1} img/s (median batch {:.5} s)",

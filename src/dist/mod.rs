@@ -61,6 +61,50 @@ pub enum DistError {
     },
     #[error("the process group was already created")]
     AlreadyInitialized,
+    #[error(
+        "rank {rank}: the ranks were started with different settings ({differing}): start \
+         every rank with the same command line"
+    )]
+    Mismatch { rank: usize, differing: String },
+}
+
+/// Buckets of the settings digest: a differing setting is found by its bucket.
+const SETTING_BUCKETS: usize = 128;
+
+/// A 46-bit digest of `s` (sums of a few stay exact in f64); the same in every process of
+/// one build (SipHash with fixed keys).
+fn digest46(s: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    s.hash(&mut h);
+    h.finish() >> 18
+}
+
+/// A command line as `(setting, value)` pairs: `--flag value` or `--flag=value` by flag
+/// name, a lone `--flag` with an empty value, and each positional word by its position
+/// (`argument N`).
+pub fn settings_of(args: &[String]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    let mut position = 0;
+    while i < args.len() {
+        let a = &args[i];
+        if let Some(flag) = a.strip_prefix("--") {
+            match flag.split_once('=') {
+                Some((k, v)) => out.push((format!("--{k}"), v.to_string())),
+                None => {
+                    let value = args.get(i + 1).filter(|v| !v.starts_with("--"));
+                    out.push((a.clone(), value.cloned().unwrap_or_default()));
+                    i += usize::from(value.is_some());
+                }
+            }
+        } else {
+            position += 1;
+            out.push((format!("argument {position}"), a.clone()));
+        }
+        i += 1;
+    }
+    out
 }
 
 /// Where and as whom a process joins its group, read from the launcher's variables.
@@ -358,19 +402,9 @@ impl Group {
                 })
                 .collect()
         });
-        let hi = Tensor::from_slice(&sums);
-        let lo = -Tensor::from_slice(&sums);
-        self.all_reduce_max(&hi)?;
-        self.all_reduce_max(&lo)?;
-        let hi = Vec::<f64>::try_from(&hi).unwrap_or_default();
-        let lo = Vec::<f64>::try_from(&lo).unwrap_or_default();
-        let differs = hi
-            .iter()
-            .zip(&lo)
-            .position(|(h, l)| h.to_bits() != (-l).to_bits());
-        match differs {
+        match self.differing(&sums)?.first() {
             None => Ok(()),
-            Some(i) => Err(DistError::Collective {
+            Some(&i) => Err(DistError::Collective {
                 rank: self.rank,
                 what: "the ranks' agreement check",
                 message: format!(
@@ -379,6 +413,58 @@ impl Group {
                 ),
             }),
         }
+    }
+
+    /// The positions at which `values` differ between ranks (bit for bit), by two max
+    /// all-reduces (of the values and of their negatives).
+    fn differing(&self, values: &[f64]) -> Result<Vec<usize>, DistError> {
+        let hi = Tensor::from_slice(values);
+        let lo = -Tensor::from_slice(values);
+        self.all_reduce_max(&hi)?;
+        self.all_reduce_max(&lo)?;
+        let hi = Vec::<f64>::try_from(&hi).unwrap_or_default();
+        let lo = Vec::<f64>::try_from(&lo).unwrap_or_default();
+        Ok(hi
+            .iter()
+            .zip(&lo)
+            .enumerate()
+            .filter(|(_, (h, l))| h.to_bits() != (-*l).to_bits())
+            .map(|(i, _)| i)
+            .collect())
+    }
+
+    /// Checks that every rank was started with the same `settings` (`(name, value)` pairs, see
+    /// [`settings_of`]), before any work: ranks that differ (a `--limit`, an `--lr`) would
+    /// otherwise pair up mismatched collectives or train different models. One all-reduce of
+    /// bucketed digests; the error names the settings in the buckets that differ.
+    pub fn check_same_settings(&self, settings: &[(String, String)]) -> Result<(), DistError> {
+        let mut buckets = vec![0f64; SETTING_BUCKETS];
+        for (name, value) in settings {
+            let b = digest46(name) as usize % SETTING_BUCKETS;
+            buckets[b] += digest46(&format!("{name}\u{0}{value}")) as f64;
+        }
+        let differs = self.differing(&buckets)?;
+        if differs.is_empty() {
+            return Ok(());
+        }
+        let mut named: Vec<String> = settings
+            .iter()
+            .filter(|(n, _)| differs.contains(&(digest46(n) as usize % SETTING_BUCKETS)))
+            .map(|(n, v)| {
+                if v.is_empty() {
+                    n.clone()
+                } else {
+                    format!("{n} {v} here")
+                }
+            })
+            .collect();
+        if named.len() < differs.len() {
+            named.push("a setting this rank does not give".into());
+        }
+        Err(DistError::Mismatch {
+            rank: self.rank,
+            differing: named.join(", "),
+        })
     }
 
     /// Rank 0's values of every variable in `vs` (parameters, batch-norm statistics,
@@ -482,6 +568,37 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |n| m.get(n).cloned()
+    }
+
+    #[test]
+    fn command_lines_read_as_settings() {
+        let args: Vec<String> = [
+            "finetune",
+            "--lr",
+            "0.1",
+            "--fp",
+            "--limit=64",
+            "--out",
+            "o",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            settings_of(&args),
+            pairs(&[
+                ("argument 1", "finetune"),
+                ("--lr", "0.1"),
+                ("--fp", ""),
+                ("--limit", "64"),
+                ("--out", "o"),
+            ])
+        );
     }
 
     #[test]

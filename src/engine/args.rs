@@ -1,7 +1,7 @@
 //! The command-line form of `gmpq eval`, and the evaluation it states.
 
 use super::{EngineError, EvalRequest};
-use crate::data::{parse_spec_flag, DatasetKind, Split, SubsetArgs};
+use crate::data::{parse_spec_flag, DatasetKind, Split, SubsetArgs, SubsetSpec};
 use crate::flags::positive;
 use clap::Args;
 use std::path::PathBuf;
@@ -33,6 +33,15 @@ pub struct EvalArgs {
     pub split: SplitArg,
     #[command(flatten)]
     pub subset: SubsetArgs,
+    /// The same as --limit, by the name train, finetune and pipeline give the number of test
+    /// images they score: `--test-limit 200` here scores the images they scored.
+    #[arg(long, value_parser = positive(), allow_negative_numbers = true, conflicts_with = "limit")]
+    pub test_limit: Option<usize>,
+    /// With --onnx alone: run the model twice, in ONNX Runtime's optimized session (its
+    /// integer kernels) and as written with graph optimizations disabled (every QDQ unit in
+    /// float, the same on every CPU), and report how closely the first follows the second.
+    #[arg(long, requires = "onnx", conflicts_with = "checkpoint")]
+    pub unoptimized: bool,
     /// Images per forward pass.
     #[arg(long, default_value_t = 256, value_parser = positive(), allow_negative_numbers = true)]
     pub batch_size: usize,
@@ -59,9 +68,13 @@ impl EvalArgs {
         Ok(EvalRequest {
             data,
             split,
-            subset: self.subset.spec(),
+            subset: SubsetSpec {
+                limit: self.subset.limit.or(self.test_limit),
+                ..self.subset.spec()
+            },
             checkpoint: self.checkpoint.clone(),
             onnx: self.onnx.clone(),
+            unoptimized: self.unoptimized,
             batch_size: self.batch_size,
         })
     }

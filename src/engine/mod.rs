@@ -4,8 +4,10 @@
 
 #[cfg(feature = "cli")]
 mod args;
+mod cpu;
 #[cfg(feature = "cli")]
 pub use args::{EvalArgs, SplitArg};
+pub use cpu::CpuInfo;
 
 use crate::data::{
     stratified_subset, DatasetSpec, ImageSource, Normalize, Pipeline, Split, SubsetSpec,
@@ -103,6 +105,11 @@ pub struct SessionOptions {
     /// Write the optimized graph ONNX Runtime runs to this file (to see which kernels it
     /// chose, e.g. QLinearConv).
     pub optimized_model: Option<PathBuf>,
+    /// Run the graph as written, without graph optimizations: every QDQ unit then computes
+    /// `DequantizeLinear → float op → QuantizeLinear`, the integer arithmetic emulated in
+    /// float with no integer kernel, the same on every CPU (the reference the optimized
+    /// session must match).
+    pub unoptimized: bool,
 }
 
 /// An ONNX model exported by gmpq, in an ONNX Runtime session.
@@ -135,6 +142,16 @@ impl OnnxModel {
         // A packed integer model: its int8 kernels are unpacked here, in memory.
         let bytes = match crate::export::packed::integer_onnx(path, &bytes) {
             Ok(Some(onnx)) => onnx,
+            // A checkpoint handed over as a model: protobuf's own message would not say so.
+            Ok(None) if safetensors::SafeTensors::read_metadata(&bytes).is_ok() => {
+                return Err(EngineError::Model {
+                    path: path.to_path_buf(),
+                    reason: "a safetensors file (a gmpq checkpoint or fake-quant packed file), \
+                             not an ONNX model: give it as --checkpoint, or export it with \
+                             gmpq export --out MODEL.onnx"
+                        .into(),
+                })
+            }
             Ok(None) => bytes,
             Err(e) => {
                 return Err(EngineError::Model {
@@ -159,7 +176,11 @@ impl OnnxModel {
             |e: ort::Error<ort::session::builder::SessionBuilder>| EngineError::Run(e.to_string());
         let mut builder = Session::builder(env)
             .map_err(run)?
-            .with_optimization_level(GraphOptimizationLevel::Level3)
+            .with_optimization_level(if opts.unoptimized {
+                GraphOptimizationLevel::Disable
+            } else {
+                GraphOptimizationLevel::Level3
+            })
             .map_err(built)?;
         if opts.threads > 0 {
             builder = builder.with_intra_threads(opts.threads).map_err(built)?;
@@ -246,6 +267,8 @@ pub struct Agreement {
     /// The libtorch network's metrics and the exported model's.
     pub libtorch: EvalMetrics,
     pub onnx: EvalMetrics,
+    /// The integer kernel path ONNX Runtime took ([`CpuInfo::integer_kernel_path`]).
+    pub integer_kernels: String,
 }
 
 /// Runs `onnx` and `net` on the same preprocessed batches of `indices` (`pipeline`: the
@@ -264,26 +287,77 @@ pub fn compare(
     let std = Tensor::from_slice(&norm.std).reshape([1, c, 1, 1]);
     let mut raw = pipeline.clone();
     raw.normalize = Normalize::identity(norm.mean.len());
-    let mut torch_logits: Vec<Tensor> = Vec::new();
-    let mut max_diff = 0f64;
-    let (onnx_metrics, onnx_pred) = train::evaluate_by(
+    compare_by(
+        |x| Ok(tch::no_grad(|| net.forward_t(&((x - &mean) / &std), false))),
+        |x| onnx.run(x).map_err(|e| TrainError::Invalid(e.to_string())),
+        &raw,
+        source,
+        indices,
+        batch_size,
+    )
+}
+
+/// The same ONNX model in ONNX Runtime's optimized session (its integer kernels; `reference`'s
+/// place in the [`Agreement`] is `libtorch`) against `unoptimized`, the graph as written (each
+/// QDQ unit in float: the same on every CPU).
+pub fn compare_unoptimized(
+    optimized: &mut OnnxModel,
+    unoptimized: &mut OnnxModel,
+    source: Arc<dyn ImageSource>,
+    indices: &[usize],
+    batch_size: usize,
+) -> Result<Agreement, EngineError> {
+    let mut pipeline = optimized
+        .preprocessing
+        .clone()
+        .ok_or_else(|| EngineError::Run("the model has no gmpq.preprocessing metadata".into()))?;
+    pipeline.normalize = Normalize::identity(pipeline.normalize.mean.len());
+    compare_by(
         |x| {
-            let ours = tch::no_grad(|| net.forward_t(&((x - &mean) / &std), false));
-            let theirs = onnx
+            unoptimized
                 .run(x)
-                .map_err(|e| TrainError::Invalid(e.to_string()))?;
+                .map_err(|e| TrainError::Invalid(e.to_string()))
+        },
+        |x| {
+            optimized
+                .run(x)
+                .map_err(|e| TrainError::Invalid(e.to_string()))
+        },
+        &pipeline,
+        source,
+        indices,
+        batch_size,
+    )
+}
+
+/// Runs `reference` and `other` on the same batches of `indices` (read through `raw`, without
+/// normalisation) and measures how closely `other` follows `reference`.
+fn compare_by(
+    mut reference: impl FnMut(&Tensor) -> Result<Tensor, TrainError>,
+    mut other: impl FnMut(&Tensor) -> Result<Tensor, TrainError>,
+    raw: &Pipeline,
+    source: Arc<dyn ImageSource>,
+    indices: &[usize],
+    batch_size: usize,
+) -> Result<Agreement, EngineError> {
+    let mut reference_logits: Vec<Tensor> = Vec::new();
+    let mut max_diff = 0f64;
+    let (other_metrics, other_pred) = train::evaluate_by(
+        |x| {
+            let ours = reference(x)?;
+            let theirs = other(x)?;
             max_diff = max_diff.max((&ours - &theirs).abs().max().double_value(&[]));
-            torch_logits.push(ours);
+            reference_logits.push(ours);
             Ok(theirs)
         },
         source.clone(),
         indices,
-        &raw,
+        raw,
         batch_size,
     )?;
-    // The libtorch side's metrics from the logits it produced in the same pass.
-    let mut batches = torch_logits.into_iter();
-    let (torch_metrics, torch_pred) = train::evaluate_by(
+    // The reference's metrics from the logits it produced in the same pass.
+    let mut batches = reference_logits.into_iter();
+    let (reference_metrics, reference_pred) = train::evaluate_by(
         |_| {
             batches
                 .next()
@@ -291,20 +365,21 @@ pub fn compare(
         },
         source,
         indices,
-        &raw,
+        raw,
         batch_size,
     )?;
-    let same = onnx_pred
+    let same = other_pred
         .iter()
-        .zip(&torch_pred)
+        .zip(&reference_pred)
         .filter(|(a, b)| a == b)
         .count();
     Ok(Agreement {
-        images: onnx_pred.len(),
-        top1_agreement: 100.0 * same as f64 / onnx_pred.len().max(1) as f64,
+        images: other_pred.len(),
+        top1_agreement: 100.0 * same as f64 / other_pred.len().max(1) as f64,
         max_logit_difference: max_diff,
-        libtorch: torch_metrics,
-        onnx: onnx_metrics,
+        libtorch: reference_metrics,
+        onnx: other_metrics,
+        integer_kernels: CpuInfo::detect().integer_kernel_path().into(),
     })
 }
 
@@ -335,6 +410,9 @@ pub struct EvalRequest {
     pub subset: SubsetSpec,
     pub checkpoint: Option<PathBuf>,
     pub onnx: Option<PathBuf>,
+    /// With `onnx` alone: compare ONNX Runtime's optimized session with the graph run as
+    /// written ([`compare_unoptimized`]).
+    pub unoptimized: bool,
     pub batch_size: usize,
 }
 
@@ -349,6 +427,54 @@ pub enum EvalOutcome {
         onnx: PathBuf,
         agreement: Agreement,
     },
+    /// An ONNX model's optimized session (`agreement.onnx`) against its unoptimized one
+    /// (`agreement.libtorch`) on the same batches.
+    Unoptimized { onnx: PathBuf, agreement: Agreement },
+}
+
+impl EvalOutcome {
+    /// The measured numbers as one JSON document.
+    pub fn json(&self) -> Result<String, serde_json::Error> {
+        match self {
+            EvalOutcome::One { metrics, .. } => serde_json::to_string_pretty(metrics),
+            EvalOutcome::Both { agreement, .. } | EvalOutcome::Unoptimized { agreement, .. } => {
+                serde_json::to_string_pretty(agreement)
+            }
+        }
+    }
+
+    /// One line for a person: what ran on `data`, and what it measured.
+    pub fn line(&self, data: &DatasetSpec) -> String {
+        let compared = |r: &Agreement, a: f64, b: f64| {
+            format!(
+                "{} images: top-1 {a:.2}% vs {b:.2}%, same top-1 class on {:.2}%, largest logit \
+                 difference {:.3e}",
+                r.images, r.top1_agreement, r.max_logit_difference
+            )
+        };
+        match self {
+            EvalOutcome::One { label, metrics: m } => format!(
+                "{label} on {data}: top-1 {:.2}%, top-5 {:.2}%, loss {:.4} ({} images)",
+                m.top1, m.top5, m.loss, m.images
+            ),
+            EvalOutcome::Both {
+                checkpoint,
+                onnx,
+                agreement: r,
+            } => format!(
+                "{} vs {} (ONNX Runtime) on {data}, {}",
+                checkpoint.display(),
+                onnx.display(),
+                compared(r, r.libtorch.top1, r.onnx.top1)
+            ),
+            EvalOutcome::Unoptimized { onnx, agreement: r } => format!(
+                "{} in ONNX Runtime, optimized (integer kernels) vs unoptimized (float \
+                 emulation) on {data}, {}",
+                onnx.display(),
+                compared(r, r.onnx.top1, r.libtorch.top1)
+            ),
+        }
+    }
 }
 
 /// A data set whose label space is not the model's gives a meaningless accuracy, and images
@@ -401,6 +527,7 @@ impl EvalRequest {
                 let opts = SessionOptions {
                     threads: tch::get_num_threads().max(1) as usize,
                     optimized_model: None,
+                    unoptimized: false,
                 };
                 let model = OnnxModel::open(path, &opts)?;
                 if let (Some(cfg), Some(pre)) = (&model.model, &model.preprocessing) {
@@ -452,6 +579,24 @@ impl EvalRequest {
                     device,
                 )?,
             }),
+            (None, Some((path, mut model))) if self.unoptimized => {
+                let opts = SessionOptions {
+                    threads: tch::get_num_threads().max(1) as usize,
+                    optimized_model: None,
+                    unoptimized: true,
+                };
+                let mut plain = OnnxModel::open(path, &opts)?;
+                Ok(EvalOutcome::Unoptimized {
+                    onnx: path.clone(),
+                    agreement: compare_unoptimized(
+                        &mut model,
+                        &mut plain,
+                        data,
+                        &indices,
+                        self.batch_size,
+                    )?,
+                })
+            }
             (None, Some((path, mut model))) => Ok(EvalOutcome::One {
                 label: format!("{} (ONNX Runtime)", path.display()),
                 metrics: model.evaluate(data, &indices, self.batch_size)?.0,

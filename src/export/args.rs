@@ -11,18 +11,42 @@ use std::path::PathBuf;
 pub enum ExportFormat {
     /// ONNX (opset 21): the integer graph, or QDQ for a fake-quant checkpoint.
     Onnx,
-    /// safetensors with bit-packed kernels (`gmpq eval` and `gmpq export` read it).
+    /// safetensors with bit-packed kernels: of an integer checkpoint, the integer ONNX graph
+    /// with its kernels packed (ONNX Runtime runs it: `gmpq eval --onnx`, `gmpq predict`); of
+    /// a fake-quant checkpoint, the checkpoint with its kernels packed (libtorch runs it:
+    /// `gmpq eval --checkpoint`, `gmpq predict`, `gmpq export`).
     Packed,
+}
+
+impl ExportFormat {
+    /// The format a file name asks for: `.onnx` ONNX, `.safetensors` packed.
+    pub fn of_path(path: &std::path::Path) -> Option<Self> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "onnx" => Some(Self::Onnx),
+            "safetensors" => Some(Self::Packed),
+            _ => None,
+        }
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            Self::Onnx => "onnx",
+            Self::Packed => "packed",
+        }
+    }
 }
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// The fine-tuned (fixed-policy) checkpoint, or a packed one.
+    /// The fine-tuned (fixed-policy) checkpoint, or a fake-quant packed file (an integer
+    /// packed file already is the export: run it with gmpq eval --onnx or gmpq predict).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// What to write.
-    #[arg(long, value_enum, default_value = "onnx")]
-    pub format: ExportFormat,
+    /// What to write [default: from --out's extension, .onnx or .safetensors; else onnx].
+    /// A format that contradicts the extension is refused.
+    #[arg(long, value_enum)]
+    pub format: Option<ExportFormat>,
     /// With --format onnx: the float network, quantizers left out (for comparison).
     #[arg(long)]
     pub fp: bool,
@@ -34,8 +58,14 @@ pub struct ExportArgs {
 /// What an export wrote.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Exported {
-    /// An ONNX graph: `kind` is integer, QDQ or float.
-    Onnx { kind: &'static str, bytes: usize },
+    /// An ONNX graph: `kind` is integer, QDQ or float; `risks`, the QDQ convs whose int16
+    /// pair sums can saturate on CPUs without VNNI ([`super::saturation`]; never in an
+    /// integer graph, which is built without them).
+    Onnx {
+        kind: &'static str,
+        bytes: usize,
+        risks: Vec<super::saturation::PairSumRisk>,
+    },
     /// A packed file; `policy_bytes` is the policy's model size (METHOD.md's count) and
     /// `float_bytes` the other float tensors' (batch norm, clips, thresholds, biases).
     Packed {
@@ -48,8 +78,37 @@ pub enum Exported {
 
 impl ExportArgs {
     /// Reads the checkpoint (on the CPU, whatever the device), writes the format atomically.
+    /// The format written: `--format`, else the one `--out`'s extension names, else ONNX; a
+    /// `--format` the extension contradicts is an error (a reader would pick the wrong one).
+    pub fn format(&self) -> Result<ExportFormat, ExportError> {
+        let named = ExportFormat::of_path(&self.out);
+        match (self.format, named) {
+            (Some(f), Some(n)) if f != n => Err(ExportError::Unsupported(format!(
+                "--format {} writes {}, but --out {} names a {} file: name it .{} or give \
+                 --format {}",
+                f.flag(),
+                match f {
+                    ExportFormat::Onnx => "an ONNX model",
+                    ExportFormat::Packed => "a packed safetensors file",
+                },
+                self.out.display(),
+                match n {
+                    ExportFormat::Onnx => "ONNX",
+                    ExportFormat::Packed => "safetensors",
+                },
+                match f {
+                    ExportFormat::Onnx => "onnx",
+                    ExportFormat::Packed => "safetensors",
+                },
+                n.flag()
+            ))),
+            (Some(f), _) => Ok(f),
+            (None, n) => Ok(n.unwrap_or(ExportFormat::Onnx)),
+        }
+    }
+
     pub fn run(&self) -> Result<Exported, ExportError> {
-        let format = match (self.format, self.fp) {
+        let format = match (self.format()?, self.fp) {
             (ExportFormat::Onnx, false) => Format::Onnx,
             (ExportFormat::Onnx, true) => Format::OnnxFloat,
             (ExportFormat::Packed, false) => Format::Packed,
@@ -93,14 +152,17 @@ impl ExportArgs {
             (Format::Onnx, Some((_, Numerics::Integer))) => Exported::Onnx {
                 kind: "integer",
                 bytes: bytes.len(),
+                risks: Vec::new(),
             },
             (Format::Onnx, Some(_)) => Exported::Onnx {
                 kind: "QDQ",
                 bytes: bytes.len(),
+                risks: super::saturation::pair_sum_risks(&bytes)?,
             },
             _ => Exported::Onnx {
                 kind: "float",
                 bytes: bytes.len(),
+                risks: Vec::new(),
             },
         })
     }

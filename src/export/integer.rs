@@ -21,7 +21,7 @@ use super::ExportError;
 use crate::model::graph::{Graph, Op, Value};
 use crate::model::ConvSpec;
 use crate::quant::integer::{
-    bias_integers, eight_scale, fold, input_scale, ConvUnit, Folded, Plan, Step, RANGES, STEM_BITS,
+    bias_integers, eight_scale, fold, input_scale, ConvUnit, Folded, Plan, Step, RANGES,
 };
 use crate::quant::{weight_scale, Network};
 use onnx_protobuf::tensor_proto::DataType;
@@ -204,8 +204,9 @@ impl Writer<'_> {
         weight: &Tensor,
         threshold: Option<&Tensor>,
     ) -> Result<(String, String, String), ExportError> {
-        Ok(match self.plan.bits.get(&u.layer) {
-            Some(&(w_bits, a_bits, signed)) => {
+        let kernel_bits = self.plan.kernel_bits(&u.layer);
+        Ok(match (self.plan.bits.get(&u.layer), kernel_bits) {
+            (Some(&(_, a_bits, signed)), Some(w_bits)) => {
                 let x = match slot.direct.get(&u.layer) {
                     Some(q) => self.float(q.clone()),
                     None => {
@@ -224,7 +225,7 @@ impl Writer<'_> {
                 )?;
                 (x, kernel, bias)
             }
-            None if self.plan.stem.contains(&u.layer) => {
+            (None, Some(w_bits)) => {
                 let s_x = match &slot.general {
                     Emitted::Quant { scale, .. } => *scale,
                     Emitted::Float(_) => {
@@ -235,10 +236,10 @@ impl Writer<'_> {
                     }
                 };
                 let x = self.float(slot.general);
-                let (kernel, bias) = self.integer_kernel(&u.layer, folded, None, s_x, STEM_BITS)?;
+                let (kernel, bias) = self.integer_kernel(&u.layer, folded, None, s_x, w_bits)?;
                 (x, kernel, bias)
             }
-            None => {
+            _ => {
                 let f = self.float(slot.general);
                 let kernel = self
                     .b

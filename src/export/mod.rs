@@ -7,6 +7,7 @@ mod args;
 mod integer;
 pub mod onnx;
 pub mod packed;
+pub mod saturation;
 
 #[cfg(feature = "cli")]
 pub use args::{ExportArgs, ExportFormat, Exported};

@@ -139,7 +139,17 @@ pub fn export(ck: &Checkpoint, net: &Network, opts: OnnxOptions) -> Result<Vec<u
         last.output = vec![OUTPUT.to_string()];
     }
 
-    encode(b, ck, net, policy.as_ref(), integer)
+    let bytes = encode(b, ck, net, policy.as_ref(), integer)?;
+    // The integer graph is built to compute the same on every CPU; a kernel that could
+    // saturate on one without VNNI is a bug here, not a property of the checkpoint.
+    if integer {
+        if let Some(risk) = super::saturation::pair_sum_risks(&bytes)?.first() {
+            return Err(ExportError::Unsupported(format!(
+                "the integer graph would compute differently on CPUs without VNNI: {risk}"
+            )));
+        }
+    }
+    Ok(bytes)
 }
 
 /// The policy an export carries and its bits by layer (none for a float export); a supernet

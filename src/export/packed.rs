@@ -189,7 +189,8 @@ fn kernel_layer(initializer: &str) -> Option<&str> {
         .and_then(|(stem, _)| stem.strip_suffix(KERNEL_STEM))
 }
 
-/// Weight bits of each integer-graph layer: the policy's, 8 for the stem.
+/// Weight bits of each integer-graph layer's packed kernel: the policy's, 8 for the stem (its
+/// 7-bit kernel, and a layer narrowed by the saturation rule, fit 8 bits).
 fn kernel_bits(meta: &CheckpointMeta) -> HashMap<String, u32> {
     match &meta.precision {
         Some(Precision::Fixed { policy, .. }) => policy

@@ -6,6 +6,7 @@ mod page;
 mod record;
 mod run;
 mod settings;
+mod ship;
 mod stage;
 mod summary;
 
@@ -18,11 +19,13 @@ pub use record::{
 };
 pub use run::{budget_geometry, check_data, run, target_model, RunEvents, RunOutcome};
 pub use settings::{
-    split_subset, PipelineSettings, DEFAULT_BUDGET, FINETUNE_EPOCHS, TARGET_HOLDOUT, TEACHER_EPOCHS,
+    split_subset, PipelineSettings, DEFAULT_BASELINES, DEFAULT_BASELINES_FLAG, DEFAULT_BUDGET,
+    FINETUNE_EPOCHS, TARGET_HOLDOUT, TEACHER_EPOCHS,
 };
+pub use ship::{ExportStage, Shipped, AGREEMENT_FLOOR};
 pub use stage::{
-    attribution_grid, AttributionStage, ExportStage, FinetuneOf, RankStage, SearchKind,
-    SearchStage, Stage, StageContext, TrainStage,
+    attribution_grid, AttributionStage, FinetuneOf, RankStage, SearchKind, SearchStage, Stage,
+    StageContext, TrainStage,
 };
 pub use summary::{chosen_arm, ArmSummary, RunSummary};
 
@@ -63,6 +66,8 @@ pub enum PipelineError {
     Quant(#[from] crate::quant::QuantError),
     #[error(transparent)]
     Export(#[from] crate::export::ExportError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
     #[error(transparent)]
     Report(Box<crate::report::ReportError>),
     #[error("{0}")]

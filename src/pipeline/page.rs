@@ -21,7 +21,7 @@ fn file_error(path: &Path, e: impl std::fmt::Display) -> PipelineError {
 const STYLE: &str = "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}\
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}\
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}\
-code,pre{background:#f6f6f6;font-size:90%}pre{padding:6px;white-space:pre-wrap;word-break:break-all}\
+.warn{color:#a00;font-weight:bold}code,pre{background:#f6f6f6;font-size:90%}pre{padding:6px;white-space:pre-wrap;word-break:break-all}\
 figure{margin:1em 0}figcaption{color:#555;font-size:90%}svg{max-width:100%;height:auto}\
 .missing{color:#a00}";
 
@@ -171,6 +171,14 @@ fn results_table(page: &mut String, summary: &RunSummary) {
         );
     }
     page.push_str("</table>\n<p>BOPs count the quantized layers (MACs·b<sub>w</sub>·b<sub>a</sub>); compression is full-precision BOPs (all layers at 32×32 bits) over policy BOPs; size counts quantized weights at their bits and the full-precision stem and head at 32 bits (MB = 10<sup>6</sup> bytes). Search time is wall time on this machine, including the per-epoch evaluation of the argmax policy.</p>\n");
+    if let Some(shipped) = &summary.shipped {
+        let class = if shipped.disagrees() {
+            " class=\"warn\""
+        } else {
+            ""
+        };
+        let _ = writeln!(page, "<p{class}>{}</p>", esc(&shipped.line()));
+    }
 }
 
 /// Accuracy against BOPs, one point per arm.
@@ -221,7 +229,7 @@ fn bits_section(
             page.push_str(&figure(
                 &inline_svg(&path)?,
                 &format!(
-                    "{}: weight (dark) and activation (light) bits of every quantized layer. The stem and the classifier stay in full precision.",
+                    "{}: weight (dark) and activation (light) bits of every quantized layer. The stem and the classifier are outside the policy and counted at 32 bits: with fake-quant numerics both compute in float; with integer numerics (the fine-tuned checkpoints and chosen.onnx by default) the stem is an integer conv with 7-bit weights on the 8-bit image and the classifier reads the dequantized features in float.",
                     arm.label()
                 ),
             ));

@@ -3,9 +3,10 @@
 //! command and skipped when its output exists, so an interrupted run resumes.
 
 use super::settings::split_subset;
+use super::ship::ExportStage;
 use super::stage::{
-    AttributionStage, ExportStage, FinetuneOf, RankStage, SearchKind, SearchStage, Stage,
-    StageContext, TrainStage,
+    AttributionStage, FinetuneOf, RankStage, SearchKind, SearchStage, Stage, StageContext,
+    TrainStage,
 };
 use super::{
     context, copy_stage_output, reusable_stage, reusable_training, same_policy_training, Arm,
@@ -562,8 +563,12 @@ impl Runner<'_> {
                 arm,
                 checkpoint: crate::train::last_checkpoint(&layout.finetune(arm)),
                 layout_dir: layout.dir.clone(),
+                data: s.target.clone(),
+                test_limit: s.target_test_limit,
             })?;
         }
+        // With the shipped file's own scores.
+        let summary = RunSummary::collect(&layout, &self.record.arms)?;
         let bytes = serde_json::to_vec_pretty(&summary)
             .map_err(|e| PipelineError::Invalid(format!("summary: {e}")))?;
         crate::files::write_atomic(&layout.summary(), &bytes).map_err(|source| {

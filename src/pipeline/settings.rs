@@ -63,7 +63,7 @@ pub struct PipelineSettings {
     /// (Hessian-trace and activation sensitivities of the proxy teacher on 512 proxy images,
     /// minimised by the knapsack), gmpq-ranked (GMPQ's best candidates ranked on held-out
     /// proxy images). The model chosen on validation is the best of GMPQ and these.
-    #[cfg_attr(feature = "cli", arg(long, value_delimiter = ',', value_parser = baseline_arm(), default_values_t = DEFAULT_BASELINES))]
+    #[cfg_attr(feature = "cli", arg(long, value_delimiter = ',', value_parser = baseline_arm(), default_value = DEFAULT_BASELINES_FLAG))]
     #[serde(skip)]
     pub baseline: Vec<Arm>,
     /// Epochs of the proxy teacher.
@@ -160,6 +160,9 @@ fn no_holdout(h: &usize) -> bool {
 /// on validation is never one the best uniform policy beats clearly (at a grid budget), nor
 /// one that a uniform policy spending the whole budget beats (between grid budgets).
 pub const DEFAULT_BASELINES: [Arm; 2] = [Arm::Uniform, Arm::UniformFill];
+/// [`DEFAULT_BASELINES`] as `--baseline` takes and `--help` shows them (comma-separated);
+/// `recorded_settings_are_typed_values` parses it back.
+pub const DEFAULT_BASELINES_FLAG: &str = "uniform,uniform-fill";
 /// Teacher epochs of `gmpq pipeline` (proxy and target).
 pub const TEACHER_EPOCHS: usize = 30;
 /// Target training images `gmpq pipeline` holds out for validation.

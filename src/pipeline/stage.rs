@@ -1,7 +1,7 @@
 //! The stages of a run as typed values. Each runs itself and states the `gmpq` command line
 //! that does the same (recorded in `pipeline.json`); none goes through flag strings.
 
-use super::{context, training_done, Arm, PipelineError, Result, RunEvents};
+use super::{context, training_done, PipelineError, Result, RunEvents};
 use crate::data::{stratified_subset, DataLoader, DatasetSpec, LoaderConfig, Split, SubsetSpec};
 use crate::policy::Candidates;
 use crate::quant::Numerics;
@@ -438,80 +438,6 @@ impl Stage for RankStage {
             kept.val_top1,
             record.val_images,
             kept.compression
-        ))
-    }
-}
-
-/// The chosen model exported for deployment: `chosen.onnx` (the QDQ graph of `gmpq export`)
-/// and `chosen.packed.safetensors` (kernels at their policy bitwidths), with `chosen.json`
-/// naming the arm. Done when `chosen.json` names the arm chosen now (an added arm that wins
-/// on validation is exported again).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ExportStage {
-    pub arm: Arm,
-    pub checkpoint: PathBuf,
-    pub layout_dir: PathBuf,
-}
-
-impl Stage for ExportStage {
-    fn identity(&self) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
-    }
-
-    fn name(&self) -> String {
-        "export-chosen".into()
-    }
-
-    fn command(&self) -> String {
-        let l = super::RunLayout::new(&self.layout_dir);
-        format!(
-            "(in gmpq) the chosen model ({}) as gmpq export writes it: {} and --format packed {}",
-            self.arm.name(),
-            l.chosen_onnx().display(),
-            l.chosen_packed().display()
-        )
-    }
-
-    fn done(&self) -> Result<bool> {
-        let l = super::RunLayout::new(&self.layout_dir);
-        let recorded = std::fs::read(l.chosen_record())
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-        Ok(recorded.is_some_and(|r| r["arm"] == self.arm.name())
-            && l.chosen_onnx().is_file()
-            && l.chosen_packed().is_file())
-    }
-
-    fn run(&self, _ctx: &StageContext) -> Result<String> {
-        let l = super::RunLayout::new(&self.layout_dir);
-        let (ck, network) = crate::quant::load(&self.checkpoint, tch::Device::Cpu)?;
-        let onnx = crate::export::onnx::export(
-            &ck,
-            &network,
-            crate::export::onnx::OnnxOptions {
-                full_precision: false,
-            },
-        )?;
-        let write = |path: &Path, bytes: &[u8]| {
-            crate::files::write_atomic(path, bytes).map_err(|source| PipelineError::Write {
-                path: path.into(),
-                source,
-            })
-        };
-        write(&l.chosen_onnx(), &onnx)?;
-        let packed = crate::export::packed::save(&ck, &l.chosen_packed())?;
-        let record = serde_json::json!({
-            "arm": self.arm.name(), "checkpoint": self.checkpoint,
-            "onnx": l.chosen_onnx(), "packed": l.chosen_packed(),
-        });
-        write(&l.chosen_record(), record.to_string().as_bytes())?;
-        Ok(format!(
-            "{} ({:.3} MB) and {} ({:.3} MB): the {} model",
-            l.chosen_onnx().display(),
-            onnx.len() as f64 / 1e6,
-            l.chosen_packed().display(),
-            packed as f64 / 1e6,
-            self.arm.label()
         ))
     }
 }

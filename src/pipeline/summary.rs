@@ -78,6 +78,10 @@ pub struct RunSummary {
     /// The arm best on the validation split ([`chosen_arm`]); chosen without the test set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chosen: Option<Arm>,
+    /// The chosen model's exported file and its own scores in ONNX Runtime (`chosen.json`),
+    /// once exported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shipped: Option<super::Shipped>,
 }
 
 impl RunSummary {
@@ -95,6 +99,7 @@ impl RunSummary {
             fp_size_mb: None,
             arms: Vec::new(),
             chosen: None,
+            shipped: None,
         };
         for &arm in arms {
             let path = layout.policy(arm);
@@ -132,6 +137,8 @@ impl RunSummary {
             });
         }
         summary.chosen = chosen_arm(&summary.arms);
+        summary.shipped =
+            super::Shipped::read(&layout.chosen_record()).filter(|r| Some(r.arm) == summary.chosen);
         Ok(summary)
     }
 }
@@ -193,6 +200,9 @@ impl RunSummary {
                 val_column(a.val_top1)
             )
             .ok();
+        }
+        if let Some(shipped) = &s.shipped {
+            writeln!(out, "{}", shipped.line()).ok();
         }
         out
     }

@@ -12,16 +12,19 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 pub const DEFAULT_CANDIDATES: [u32; 4] = [2, 3, 4, 6];
+/// [`DEFAULT_CANDIDATES`] as the flags take and `--help` shows them (comma-separated; clap
+/// would print a typed default list space-separated); parsed back in the settings tests.
+pub const DEFAULT_CANDIDATES_FLAG: &str = "2,3,4,6";
 
 /// The bit candidates of a supernet search (or a HAWQ allocation).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct BitCandidateArgs {
     /// Weight bit candidates, comma-separated.
-    #[cfg_attr(feature = "cli", arg(long, value_delimiter = ',', value_parser = args::bit_width(), default_values_t = DEFAULT_CANDIDATES))]
+    #[cfg_attr(feature = "cli", arg(long, value_delimiter = ',', value_parser = args::bit_width(), default_value = DEFAULT_CANDIDATES_FLAG))]
     pub w_bits: Vec<u32>,
     /// Activation bit candidates, comma-separated.
-    #[cfg_attr(feature = "cli", arg(long, value_delimiter = ',', value_parser = args::bit_width(), default_values_t = DEFAULT_CANDIDATES))]
+    #[cfg_attr(feature = "cli", arg(long, value_delimiter = ',', value_parser = args::bit_width(), default_value = DEFAULT_CANDIDATES_FLAG))]
     pub a_bits: Vec<u32>,
 }
 

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 
 #[derive(Debug, Args)]
 pub struct PredictArgs {
-    /// The model: a checkpoint or packed file (.safetensors, runs in libtorch) or an ONNX
-    /// model exported by gmpq export (.onnx, runs in ONNX Runtime).
+    /// The model: an ONNX model exported by gmpq export (.onnx) or an integer packed file
+    /// (.safetensors of gmpq export --format packed from an integer checkpoint), both run in
+    /// ONNX Runtime; or a checkpoint or fake-quant packed file (.safetensors), run in libtorch.
     #[arg(long)]
     pub model: PathBuf,
     /// Image files (PNG or JPEG).

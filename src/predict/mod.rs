@@ -65,8 +65,8 @@ pub struct Predictor {
 }
 
 impl Predictor {
-    /// An ONNX model (`.onnx`) runs in ONNX Runtime; anything else is read as a gmpq
-    /// checkpoint or packed file and runs in libtorch.
+    /// An ONNX model (`.onnx`) or an integer packed file runs in ONNX Runtime; anything else
+    /// is read as a gmpq checkpoint or fake-quant packed file and runs in libtorch.
     pub fn open(path: &Path, threads: usize) -> Result<Self> {
         let bytes = std::fs::read(path)
             .map_err(|e| PredictError::Model(format!("{}: {e}", path.display())))?;
@@ -81,6 +81,7 @@ impl Predictor {
                 &SessionOptions {
                     threads,
                     optimized_model: None,
+                    unoptimized: false,
                 },
             )?;
             let missing = |what: &str| {
@@ -128,7 +129,15 @@ impl Predictor {
             .with_guessed_format()
             .map_err(|e| bad(e.to_string()))?
             .decode()
-            .map_err(|e| bad(format!("not a readable PNG or JPEG image ({e})")))?;
+            // The decoder's message can span lines; the error stays one.
+            .map_err(|e| {
+                let reason = e
+                    .to_string()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                bad(format!("not a readable PNG or JPEG image ({reason})"))
+            })?;
         let grey = !img.color().has_color();
         let (w, h) = (img.width() as usize, img.height() as usize);
         let decoded = if grey {
@@ -176,16 +185,54 @@ impl Predictor {
 
     /// The `top` most probable classes of each image, in the order given.
     pub fn predict(&mut self, images: &[PathBuf], top: usize) -> Result<Vec<Prediction>> {
-        let inputs = images
+        self.predict_each(images, top)?.into_iter().collect()
+    }
+
+    /// [`Self::predict`] of every readable image, in order, with an error in place of each
+    /// image that cannot be read (the others are still predicted); the outer error is the
+    /// model's.
+    pub fn predict_each(
+        &mut self,
+        images: &[PathBuf],
+        top: usize,
+    ) -> Result<Vec<Result<Prediction>>> {
+        let inputs: Vec<Result<Tensor>> = images.iter().map(|p| self.input(p)).collect();
+        let readable: Vec<(&PathBuf, &Tensor)> = images
             .iter()
-            .map(|p| self.input(p))
-            .collect::<Result<Vec<_>>>()?;
-        let batch = Tensor::cat(&inputs, 0);
+            .zip(&inputs)
+            .filter_map(|(p, t)| t.as_ref().ok().map(|t| (p, t)))
+            .collect();
+        let mut predicted = if readable.is_empty() {
+            Vec::new()
+        } else {
+            let paths: Vec<PathBuf> = readable.iter().map(|(p, _)| (*p).clone()).collect();
+            let batch: Vec<&Tensor> = readable.iter().map(|(_, t)| *t).collect();
+            self.predict_batch(&paths, &Tensor::cat(&batch, 0), top)?
+        }
+        .into_iter();
+        Ok(inputs
+            .into_iter()
+            .map(|input| match input {
+                Ok(_) => predicted
+                    .next()
+                    .ok_or_else(|| PredictError::Model("a prediction went missing".into())),
+                Err(e) => Err(e),
+            })
+            .collect())
+    }
+
+    /// The top classes of each image of `batch` (preprocessed), named by `images`.
+    fn predict_batch(
+        &mut self,
+        images: &[PathBuf],
+        batch: &Tensor,
+        top: usize,
+    ) -> Result<Vec<Prediction>> {
         let logits = match &mut self.engine {
             Engine::Libtorch(net) => {
-                tch::no_grad(|| tch::nn::ModuleT::forward_t(&**net, &batch, false))
+                tch::no_grad(|| tch::nn::ModuleT::forward_t(&**net, batch, false))
             }
-            Engine::Onnx(m) => m.run(&batch)?,
+            Engine::Onnx(m) => m.run(batch)?,
         };
         let probs = logits.to_kind(Kind::Double).softmax(-1, Kind::Double);
         let classes = probs.size()[1] as usize;

@@ -280,6 +280,36 @@ impl Plan {
         })
     }
 
+    /// The weight bits `layer`'s integer kernel holds ([`kernel_weight_bits`]): a quantized
+    /// layer's policy bits or the stem's [`STEM_BITS`], lowered where its input codes could
+    /// saturate a pair sum. `None` for a float conv.
+    pub fn kernel_bits(&self, layer: &str) -> Option<u32> {
+        match self.bits.get(layer) {
+            Some(&(w_bits, a_bits, signed)) => {
+                Some(kernel_weight_bits(w_bits, input_code_max(a_bits, signed)))
+            }
+            None if self.stem.iter().any(|s| s == layer) => {
+                Some(kernel_weight_bits(STEM_BITS, input_code_max(8, true)))
+            }
+            None => None,
+        }
+    }
+
+    /// The quantized layers whose integer kernel holds fewer weight bits than their policy
+    /// gives them: `(layer, policy bits, kernel bits)`, sorted by name.
+    pub fn narrowed(&self) -> Vec<(String, u32, u32)> {
+        let mut out: Vec<(String, u32, u32)> = self
+            .bits
+            .iter()
+            .filter_map(|(l, &(w, ..))| {
+                let k = self.kernel_bits(l)?;
+                (k < w).then(|| (l.clone(), w, k))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// Whether a unit's post ops end in a ReLU6 (its quantization must not pass 6).
     pub fn has_relu6(graph: &Graph, post: &[usize]) -> bool {
         post.iter()
@@ -293,8 +323,39 @@ pub fn input_scale(clip: f64, bits: u32, signed: bool) -> f32 {
     (clip / activation_levels(bits, signed) as f64) as f32
 }
 
-/// The stem's weight bits (see [`Plan::stem`]).
+/// The stem's weight bits before the saturation rule ([`kernel_weight_bits`]) lowers them to
+/// 7 against its 8-bit image (see [`Plan::stem`]).
 pub const STEM_BITS: u32 = 8;
+
+/// The largest sum an x86 integer kernel without VNNI (AVX2, AVX-512BW) can hold where it adds
+/// two u8×s8 products: `vpmaddubsw` sums each pair in int16 and saturates there, so ONNX
+/// Runtime's QLinearConv would return another answer than the arithmetic gmpq computes.
+/// VNNI (`vpdpbusd`), AMX and ARM's dot products sum in int32 and never saturate.
+pub const PAIR_SUM_LIMIT: i64 = i16::MAX as i64;
+
+/// The largest uint8 code a conv's input takes: `2^a − 1` unsigned, `128 + 2^(a−1) − 1`
+/// signed around zero point 128 (an 8-bit value: 255 either way).
+pub fn input_code_max(a_bits: u32, signed: bool) -> i64 {
+    let levels = activation_levels(a_bits, signed);
+    if signed {
+        (128 + levels).min(255)
+    } else {
+        levels.min(255)
+    }
+}
+
+/// The weight bits a conv computes with in integer numerics: its own `w_bits`, lowered while two
+/// products of its largest input code and its largest weight `2^(w−1) − 1` would pass
+/// [`PAIR_SUM_LIMIT`]. Every CPU then computes the same integers: 8-bit weights against an
+/// 8-bit input become 7-bit (2·255·63 = 32130); 2–6-bit weights are never lowered
+/// (2·255·31 = 15810), nor 8-bit weights against inputs of at most 7 unsigned bits.
+pub fn kernel_weight_bits(w_bits: u32, input_max: i64) -> u32 {
+    let mut bits = w_bits;
+    while bits > 2 && 2 * input_max * weight_levels(bits) > PAIR_SUM_LIMIT {
+        bits -= 1;
+    }
+    bits
+}
 
 /// The 8-bit scale of a range `R`: `R/255` unsigned, `R/127` signed.
 pub fn eight_scale(range: f32, signed: bool) -> f32 {
@@ -539,8 +600,9 @@ impl Executor {
                         continue;
                     };
                     let folded = fold(&lv.weight, params);
-                    let integer = match self.plan.bits.get(&u.layer) {
-                        Some(&(w_bits, a_bits, signed)) => {
+                    let kernel_bits = self.plan.kernel_bits(&u.layer);
+                    let integer = match (self.plan.bits.get(&u.layer), kernel_bits) {
+                        (Some(&(_, a_bits, signed)), Some(w_bits)) => {
                             if !quantized {
                                 x = self.quantize_input(&x, &u.layer, vars);
                             }
@@ -548,12 +610,12 @@ impl Executor {
                             let own = lv.weight_threshold.as_ref().map(|t| (&lv.weight, t));
                             Some((input_scale(clip, a_bits, signed), w_bits, own))
                         }
-                        None if self.plan.stem.contains(&u.layer) => Some((
+                        (None, Some(w_bits)) => Some((
                             eight_scale(self.range(&ranges, u.input), true),
-                            STEM_BITS,
+                            w_bits,
                             None,
                         )),
-                        None => None,
+                        _ => None,
                     };
                     let (w, b) = match integer {
                         Some((s_x, w_bits, own)) => {
