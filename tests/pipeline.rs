@@ -148,8 +148,9 @@ fn pipeline_killed_in_each_stage_resumes_without_redoing_finished_stages() {
             "{arm}"
         );
     }
-    // Every arm is scored on the held-out validation images (1,000 by default), and the
-    // chosen model is the one best there (ties to uniform), whatever the test set says.
+    // Every arm is scored on the held-out validation images (1,000 here), each arm's answer
+    // on each recorded; the chosen model is the best there if it leads the simplest policy
+    // beyond the noise, else that policy, whatever the test set says; the record says why.
     let arms = summary["arms"].as_array().unwrap();
     let val = |a: &serde_json::Value| a["val_top1"].as_f64().expect("a validation top-1");
     let best = arms.iter().map(val).fold(f64::MIN, f64::max);
@@ -157,17 +158,39 @@ fn pipeline_killed_in_each_stage_resumes_without_redoing_finished_stages() {
         .iter()
         .find(|a| a["arm"] == summary["chosen"])
         .unwrap_or_else(|| panic!("no chosen arm: {summary}"));
-    assert_eq!(val(chosen), best, "{summary}");
+    let choice = &summary["choice"];
+    assert!(choice["reason"].is_string(), "{summary}");
+    let validation: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("validation.json")).unwrap()).unwrap();
+    assert_eq!(validation["labels"].as_array().unwrap().len(), 1000);
+    match choice["lead"].as_object() {
+        Some(lead) if lead["p_value"].as_f64() < lead["level"].as_f64() => {
+            assert_eq!(chosen["arm"], lead["challenger"], "{summary}")
+        }
+        Some(lead) => assert_eq!(chosen["arm"], lead["reference"], "{summary}"),
+        None => assert_eq!(val(chosen), best, "{summary}"),
+    }
     // ... and it is exported: the QDQ graph, the packed file and which arm they are.
     assert!(out.join("chosen.onnx").is_file() && out.join("chosen.packed.safetensors").is_file());
     let exported: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("chosen.json")).unwrap()).unwrap();
     assert_eq!(exported["arm"], summary["chosen"]);
+    // The shipped file itself was run by ONNX Runtime on the test images: its top-1 beside
+    // the checkpoint's, and their agreement (the integer graph computes what gmpq does).
+    let shipped = &summary["shipped"];
+    assert_eq!(shipped["arm"], summary["chosen"], "{summary}");
+    assert!(shipped["onnx_top1"].as_f64().is_some(), "{summary}");
+    assert!(
+        shipped["top1_agreement"].as_f64().unwrap() >= 99.0,
+        "{summary}"
+    );
     let o = run(&pipeline_args(&out)
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>());
-    assert!(String::from_utf8_lossy(&o.stdout).contains("(chosen)"));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("(chosen)"), "{stdout}");
+    assert!(stdout.contains("shipped: chosen.onnx scores"), "{stdout}");
 
     // The report embeds its charts and heatmaps.
     let o = run(&["report", out.to_str().unwrap()]);
@@ -180,6 +203,8 @@ fn pipeline_killed_in_each_stage_resumes_without_redoing_finished_stages() {
         "uniform",
         "gmpq search --teacher",
         "gmpq finetune --init",
+        "shipped: chosen.onnx scores",
+        "the stem is an integer conv with 7-bit weights",
     ] {
         assert!(html.contains(needle), "report lacks {needle}");
     }

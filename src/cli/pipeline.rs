@@ -92,7 +92,8 @@ fn print_summary(
     print!("\n{}", s.table());
     if let Some(arm) = s.chosen {
         println!(
-            "\nchosen: {} (best top-1 on the held-out validation images; test top-1 is not used to choose)",
+            "\nchosen: {} (on the held-out validation images: the simplest policy unless \
+             another leads it beyond the noise; test top-1 is not used to choose)",
             arm.label()
         );
         if layout.chosen_onnx().is_file() {

@@ -2,6 +2,7 @@
 //! each stage writes, and the record of what ran, so an interrupted pipeline resumes stage by
 //! stage and the report can show the exact commands.
 
+mod choice;
 mod page;
 mod record;
 mod run;
@@ -12,6 +13,9 @@ mod summary;
 
 use record::RecordedTeachers;
 
+pub use choice::{
+    choose, reference_arm, Choice, Lead, ValidateStage, ValidationPredictions, CHOICE_LEVEL,
+};
 pub use page::write_run_report;
 pub use record::{
     copy_stage_output, reusable_stage, reusable_training, same_policy_training, training_done,
@@ -19,8 +23,8 @@ pub use record::{
 };
 pub use run::{budget_geometry, check_data, run, target_model, RunEvents, RunOutcome};
 pub use settings::{
-    split_subset, PipelineSettings, DEFAULT_BASELINES, DEFAULT_BASELINES_FLAG, DEFAULT_BUDGET,
-    FINETUNE_EPOCHS, TARGET_HOLDOUT, TEACHER_EPOCHS,
+    split_subset, target_holdout_for, PipelineSettings, DEFAULT_BASELINES, DEFAULT_BASELINES_FLAG,
+    DEFAULT_BUDGET, FINETUNE_EPOCHS, TARGET_HOLDOUT, TARGET_HOLDOUT_MAX, TEACHER_EPOCHS,
 };
 pub use ship::{ExportStage, Shipped, AGREEMENT_FLOOR};
 pub use stage::{
@@ -263,6 +267,10 @@ impl RunLayout {
         self.dir.join("summary.json")
     }
     /// The chosen model, exported: ONNX, the packed file, and which arm it is.
+    /// Every fine-tuned arm's predictions on the validation images (the choice's evidence).
+    pub fn validation(&self) -> PathBuf {
+        self.dir.join("validation.json")
+    }
     pub fn chosen_onnx(&self) -> PathBuf {
         self.dir.join("chosen.onnx")
     }

@@ -2,6 +2,7 @@
 //! input checked before anything is created, each stage recorded in `pipeline.json` with its
 //! command and skipped when its output exists, so an interrupted run resumes.
 
+use super::choice::ValidateStage;
 use super::settings::split_subset;
 use super::ship::ExportStage;
 use super::stage::{
@@ -197,7 +198,7 @@ pub fn run(
 ) -> Result<RunOutcome> {
     let started = Instant::now();
     let layout = RunLayout::new(&settings.out);
-    let s = &with_numerics(settings, &layout)?;
+    let s = &settled(settings, &layout)?;
     let plan = Plan::check(s)?;
     std::fs::create_dir_all(&s.out).map_err(|source| PipelineError::Write {
         path: s.out.clone(),
@@ -220,21 +221,43 @@ pub fn run(
     Ok(outcome)
 }
 
-/// `settings` with their numerics settled: as given, as the run recorded them (runs from
-/// before integer numerics are fake-quant), or integer for a new run.
-fn with_numerics(settings: &PipelineSettings, layout: &RunLayout) -> Result<PipelineSettings> {
+/// `settings` with their numerics and validation split settled: as given, as the run
+/// recorded them (runs from before integer numerics are fake-quant; runs from before the
+/// validation split hold none out), or for a new run integer numerics and
+/// [`super::target_holdout_for`] the target's training images.
+fn settled(settings: &PipelineSettings, layout: &RunLayout) -> Result<PipelineSettings> {
+    let recorded = RunRecord::load(&layout.record())?;
+    let recorded_value = |key: &str| {
+        recorded
+            .as_ref()
+            .map(|r| r.settings.get(key).cloned().unwrap_or_default())
+    };
+    let numerics = match settings.numerics {
+        Some(n) => n,
+        None => match recorded_value("numerics") {
+            Some(v) => serde_json::from_value(v).unwrap_or(Numerics::FakeQuant),
+            None => Numerics::Integer,
+        },
+    };
+    let target_holdout = match settings.target_holdout {
+        Some(n) => n,
+        None => match recorded_value("target_holdout") {
+            Some(v) => serde_json::from_value(v).unwrap_or(0),
+            None => {
+                let spec: DatasetSpec = settings
+                    .target
+                    .parse()
+                    .map_err(context(format!("--target {}", settings.target)))?;
+                let train = spec
+                    .load(Split::Train)
+                    .map_err(context(format!("--target {}", settings.target)))?;
+                super::target_holdout_for(train.len())
+            }
+        },
+    };
     Ok(PipelineSettings {
-        numerics: Some(match settings.numerics {
-            Some(n) => n,
-            None => match RunRecord::load(&layout.record())? {
-                Some(r) => r
-                    .settings
-                    .get("numerics")
-                    .and_then(|v| serde_json::from_value(v.clone()).ok())
-                    .unwrap_or(Numerics::FakeQuant),
-                None => Numerics::Integer,
-            },
-        }),
+        numerics: Some(numerics),
+        target_holdout: Some(target_holdout),
         ..settings.clone()
     })
 }
@@ -431,7 +454,7 @@ impl Runner<'_> {
             data: s.target.clone(),
             limit: s.target_limit,
             subset_seed: 0,
-            holdout: s.target_holdout,
+            holdout: s.target_holdout.unwrap_or(0),
             test_limit: s.target_test_limit,
             epochs: s.target_teacher_epochs,
             hflip: s.hflip,
@@ -494,7 +517,7 @@ impl Runner<'_> {
             data: s.target.clone(),
             limit: s.target_limit,
             subset_seed: 0,
-            holdout: s.target_holdout,
+            holdout: s.target_holdout.unwrap_or(0),
             test_limit: s.target_test_limit,
             epochs: s.finetune_epochs,
             hflip: s.hflip,
@@ -555,8 +578,28 @@ impl Runner<'_> {
             count: 6,
             out: layout.target_attribution(),
         })?;
+        // Every arm's predictions on the validation images: the choice weighs the best arm
+        // against the simplest policy on the same images.
+        if s.target_holdout.unwrap_or(0) > 0 {
+            let arms: Vec<(Arm, PathBuf)> = self
+                .record
+                .arms
+                .iter()
+                .map(|&a| (a, crate::train::last_checkpoint(&layout.finetune(a))))
+                .filter(|(_, ck)| ck.is_file())
+                .collect();
+            self.stage(&ValidateStage {
+                arms,
+                data: s.target.clone(),
+                holdout: s.target_holdout.unwrap_or(0),
+                out: layout.validation(),
+            })?;
+        }
         let summary = RunSummary::collect(&layout, &self.record.arms)?;
         warn_at_chance(&summary);
+        if let Some(w) = summary.choice.as_ref().and_then(|c| c.warning.as_ref()) {
+            tracing::warn!("{w}");
+        }
         // The chosen model is what a user ships: export it.
         if let Some(arm) = summary.chosen {
             self.stage(&ExportStage {

@@ -37,20 +37,12 @@ fn summary_units() -> String {
         .into()
 }
 
-/// The arm whose fine-tuned model scores best on validation: the model a user should take.
-/// Ties go to the uniform policy, then uniform-fill (the simpler policies), then the arms'
-/// order. `None` when no arm has a validation score.
+/// The arm whose fine-tuned model scores best on validation, without a noise band (the rule
+/// of runs that recorded no per-image predictions, [`super::choice::choose`]). Ties go to the
+/// uniform policy, then uniform-fill (the simpler policies), then the arms' order. `None` when
+/// no arm has a validation score.
 pub fn chosen_arm(arms: &[ArmSummary]) -> Option<Arm> {
-    let rank = |a: Arm| match a {
-        Arm::Uniform => 0,
-        Arm::UniformFill => 1,
-        _ => 2,
-    };
-    arms.iter()
-        .enumerate()
-        .filter_map(|(i, a)| a.val_top1.map(|v| (v, rank(a.arm), i, a.arm)))
-        .max_by(|x, y| x.0.total_cmp(&y.0).then(y.1.cmp(&x.1)).then(y.2.cmp(&x.2)))
-        .map(|(.., arm)| arm)
+    super::choice::choose(arms, None, true).map(|c| c.chosen)
 }
 
 /// An absolute form of `p` (as given when it cannot be resolved).
@@ -78,6 +70,10 @@ pub struct RunSummary {
     /// The arm best on the validation split ([`chosen_arm`]); chosen without the test set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chosen: Option<Arm>,
+    /// Why the chosen arm was chosen: the best arm's lead over the simplest policy on the
+    /// validation images, its noise band and the verdict ([`super::Choice`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub choice: Option<super::Choice>,
     /// The chosen model's exported file and its own scores in ONNX Runtime (`chosen.json`),
     /// once exported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -99,6 +95,7 @@ impl RunSummary {
             fp_size_mb: None,
             arms: Vec::new(),
             chosen: None,
+            choice: None,
             shipped: None,
         };
         for &arm in arms {
@@ -136,7 +133,17 @@ impl RunSummary {
                 val_top1: ft_last.and_then(|m| m.val_top1),
             });
         }
-        summary.chosen = chosen_arm(&summary.arms);
+        let predictions = super::ValidationPredictions::read(&layout.validation());
+        let fill_is_uniform = match (
+            Policy::load(&layout.policy(Arm::Uniform)),
+            Policy::load(&layout.policy(Arm::UniformFill)),
+        ) {
+            (Ok(u), Ok(f)) => u.same_allocation(&f),
+            _ => false,
+        };
+        summary.choice =
+            super::choice::choose(&summary.arms, predictions.as_ref(), fill_is_uniform);
+        summary.chosen = summary.choice.as_ref().map(|c| c.chosen);
         summary.shipped =
             super::Shipped::read(&layout.chosen_record()).filter(|r| Some(r.arm) == summary.chosen);
         Ok(summary)
@@ -200,6 +207,12 @@ impl RunSummary {
                 val_column(a.val_top1)
             )
             .ok();
+        }
+        if let Some(c) = &s.choice {
+            writeln!(out, "choice: {}", c.reason).ok();
+            if let Some(w) = &c.warning {
+                writeln!(out, "warning: {w}").ok();
+            }
         }
         if let Some(shipped) = &s.shipped {
             writeln!(out, "{}", shipped.line()).ok();

@@ -139,7 +139,7 @@ fn run_settings(
             target_compression: Some(run.compression),
             ..Default::default()
         },
-        target_holdout: config.holdout.unwrap_or(0),
+        target_holdout: Some(config.holdout.unwrap_or(0)),
         numerics: Some(config.numerics),
         teacher: Some(proxy_teacher),
         target_teacher: Some(target_teacher),
