@@ -371,18 +371,8 @@ mod tests {
 
     fn summary(arm: Arm, val: f64) -> ArmSummary {
         ArmSummary {
-            arm,
-            policy: None,
-            checkpoint: None,
-            bops: None,
-            compression: None,
-            size_mb: None,
-            search_seconds: None,
-            search_images: None,
-            finetune_epochs: 1,
-            top1: None,
-            top5: None,
             val_top1: Some(val),
+            ..ArmSummary::new(arm)
         }
     }
 
@@ -477,5 +467,11 @@ mod tests {
         assert_eq!(c.chosen, Arm::Gmpq);
         assert!(c.reason.contains("no noise band"), "{}", c.reason);
         assert!(choose(&[], None, true).is_none());
+        // Two searches tied (GMPQ and EdMIPS at 86.90 % in a demo): the arms' order, GMPQ
+        // first.
+        let tie = [summary(Arm::Gmpq, 86.9), summary(Arm::Edmips, 86.9)];
+        assert_eq!(choose(&tie, None, true).unwrap().chosen, Arm::Gmpq);
+        let tie = [summary(Arm::Edmips, 86.9), summary(Arm::Gmpq, 86.9)];
+        assert_eq!(choose(&tie, None, true).unwrap().chosen, Arm::Edmips);
     }
 }

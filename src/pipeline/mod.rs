@@ -339,18 +339,9 @@ mod tests {
     #[test]
     fn the_chosen_arm_is_the_best_on_validation_ties_to_uniform() {
         let arm = |arm, val: Option<f64>, top1| ArmSummary {
-            arm,
-            policy: None,
-            checkpoint: None,
-            bops: None,
-            compression: None,
-            size_mb: None,
-            search_seconds: None,
-            search_images: None,
-            finetune_epochs: 1,
             top1: Some(top1),
-            top5: None,
             val_top1: val,
+            ..ArmSummary::new(arm)
         };
         // The test set would pick GMPQ; validation picks EdMIPS.
         let arms = vec![

@@ -30,6 +30,26 @@ pub struct ArmSummary {
     pub val_top1: Option<f64>,
 }
 
+impl ArmSummary {
+    /// An arm with nothing recorded yet.
+    pub fn new(arm: Arm) -> Self {
+        ArmSummary {
+            arm,
+            policy: None,
+            checkpoint: None,
+            bops: None,
+            compression: None,
+            size_mb: None,
+            search_seconds: None,
+            search_images: None,
+            finetune_epochs: 0,
+            top1: None,
+            top5: None,
+            val_top1: None,
+        }
+    }
+}
+
 fn summary_units() -> String {
     "top1/top5: % of the target test images; val_top1: % of the held-out validation images of \
      the target's train split; bops: bit operations of the quantized layers; size_mb: 10^6 \
