@@ -441,4 +441,12 @@ fn help_shows_list_defaults_comma_separated() {
     assert!(help.contains("[default: 2,3,4,6]"), "{help}");
     assert!(help.contains("[default: uniform,uniform-fill]"), "{help}");
     assert!(!help.contains("[default: 2 3 4 6]"), "{help}");
+    // Which engine runs which file, as the commands do it: an integer packed file runs in
+    // ONNX Runtime, and export does not read one.
+    let predict = String::from_utf8_lossy(&run(&["predict", "--help"]).stdout).into_owned();
+    assert!(predict.contains("integer packed file"), "{predict}");
+    assert!(!predict.contains("packed file (.safetensors, runs in libtorch)"), "{predict}");
+    let export = String::from_utf8_lossy(&run(&["export", "--help"]).stdout).into_owned();
+    assert!(!export.contains("`gmpq eval` and `gmpq export` read it"), "{export}");
+    assert!(export.contains("fake-quant packed file"), "{export}");
 }

@@ -69,6 +69,7 @@ fn outputs(out: &Path) -> Vec<(&'static str, PathBuf)> {
             "finetune-uniform",
             out.join("finetune-uniform/last.safetensors"),
         ),
+        ("validate", out.join("validation.json")),
     ]
 }
 
