@@ -445,8 +445,14 @@ fn help_shows_list_defaults_comma_separated() {
     // ONNX Runtime, and export does not read one.
     let predict = String::from_utf8_lossy(&run(&["predict", "--help"]).stdout).into_owned();
     assert!(predict.contains("integer packed file"), "{predict}");
-    assert!(!predict.contains("packed file (.safetensors, runs in libtorch)"), "{predict}");
+    assert!(
+        !predict.contains("packed file (.safetensors, runs in libtorch)"),
+        "{predict}"
+    );
     let export = String::from_utf8_lossy(&run(&["export", "--help"]).stdout).into_owned();
-    assert!(!export.contains("`gmpq eval` and `gmpq export` read it"), "{export}");
+    assert!(
+        !export.contains("`gmpq eval` and `gmpq export` read it"),
+        "{export}"
+    );
     assert!(export.contains("fake-quant packed file"), "{export}");
 }

@@ -384,3 +384,42 @@ fn corrupt_exports_get_errors_not_panics() {
         }
     }
 }
+
+/// A fake-quant network keeps its 8-bit weights as trained, so its QDQ graph can saturate the
+/// int16 pair sums of CPUs without VNNI where an 8-bit input meets them: `gmpq export` warns,
+/// naming the conv; a 4-bit policy gives no warning.
+#[test]
+fn qdq_exports_of_8_bit_layers_warn_of_int16_pair_sums() {
+    let cfg = ModelConfig::new(Arch::ResNet20, 1, 10, 28);
+    let dir = tempfile::tempdir().unwrap();
+    let g = quant::build(&cfg, Precision::Full, Device::Cpu).unwrap();
+    for (bits, warned) in [(8, true), (4, false)] {
+        let policy = Policy::uniform(&cfg, g.net.convs(), bits, bits)
+            .with_totals(g.net.convs(), g.net.fc_spec());
+        let (ck, _) = network(
+            &cfg,
+            Precision::Fixed {
+                policy,
+                per_channel: false,
+                numerics: gmpq::quant::Numerics::FakeQuant,
+            },
+        );
+        let path = dir.path().join(format!("w{bits}.safetensors"));
+        ck.save(&path).unwrap();
+        let out = dir.path().join(format!("w{bits}.onnx"));
+        let o = common::gmpq()
+            .args(["export", "--checkpoint"])
+            .arg(&path)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = common::stderr(&o);
+        assert!(o.status.success(), "{err}");
+        assert_eq!(
+            err.contains("warning: conv") && err.contains("int16 pair sums"),
+            warned,
+            "w{bits}a{bits}: {err}"
+        );
+    }
+}
