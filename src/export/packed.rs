@@ -204,7 +204,7 @@ fn kernel_bits(meta: &CheckpointMeta) -> HashMap<String, u32> {
 
 /// An integer-numerics checkpoint packed as what ONNX Runtime runs: its integer ONNX graph
 /// with every int8 kernel taken out and stored bit-packed at its layer's bits (`kernels`,
-/// in initializer order; the 8-bit stem at 8), the rest of the graph as bytes (`onnx`).
+/// in initializer order; the 7-bit stem at 8), the rest of the graph as bytes (`onnx`).
 /// [`integer_onnx`] puts the kernels back in memory.
 pub fn pack_integer(ck: &Checkpoint) -> Result<Vec<u8>, ExportError> {
     let net = crate::quant::network_of(ck, Path::new("(checkpoint)"), tch::Device::Cpu)?;

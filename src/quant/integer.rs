@@ -13,8 +13,11 @@
 //!   learned clip, in an 8-bit container), or, where several ops read it, to 8 bits with a
 //!   calibrated range (unsigned after a ReLU, else signed with zero point 128); each conv
 //!   then re-quantizes that to its own input bits;
-//! - the full-precision stem computes in float (folded) and the classifier (global average
-//!   pool + linear) reads the dequantized features in float, as in training.
+//! - the stem (full precision in the policy) runs as an integer conv on the image quantized
+//!   to 8 bits, and the classifier (global average pool + linear) reads the dequantized
+//!   features in float, as in training;
+//! - no integer conv's pair of u8×s8 products can leave int16 ([`kernel_weight_bits`]: the
+//!   stem's kernels hold 7 bits), so every CPU computes the same integers.
 //!
 //! [`Executor::forward`] computes this in libtorch with straight-through gradients (to the
 //! kernels, the batch norm's scale and shift, and the activation clips); the ONNX exporter
@@ -90,9 +93,10 @@ pub struct Plan {
     pub held: Vec<Holding>,
     /// Quantized layers by name: `(w_bits, a_bits, signed input)`.
     pub bits: HashMap<String, (u32, u32, bool)>,
-    /// Full-precision convs (the stem) that read the image: they run as 8-bit integer convs
-    /// on the image quantized to 8 bits (signed, calibrated range), so that every conv of the
-    /// deployed graph is an integer kernel and its layout stays channels-last end to end.
+    /// Full-precision convs (the stem) that read the image: they run as integer convs
+    /// ([`Plan::kernel_bits`]: 7-bit kernels) on the image quantized to 8 bits (signed,
+    /// calibrated range), so that every conv of the deployed graph is an integer kernel and
+    /// its layout stays channels-last end to end.
     pub stem: Vec<String>,
 }
 
@@ -390,7 +394,7 @@ impl Folded {
     /// if not yet set) is carried through the fold as `T·|g|`: since
     /// `Q(w·g; T·|g|) = g·Q(w; T)`, the folded kernel keeps the grid the layer was trained on
     /// (a per-channel `max|w·g|` grid moved every 2-bit weight at the batch-norm freeze).
-    /// Without one (the 8-bit stem) `max|w·g|`. Raised where needed so the bias
+    /// Without one (the stem) `max|w·g|`. Raised where needed so the bias
     /// `b/(s_x·s_w[c])` fits in ±2^30 (an all-zero channel would otherwise have a scale near
     /// zero and an unrepresentable bias).
     pub fn threshold(&self, layer: Option<(&Tensor, &Tensor)>, s_x: f32, w_bits: u32) -> Tensor {
