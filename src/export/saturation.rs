@@ -232,3 +232,98 @@ fn int8_values(t: &TensorProto) -> Box<dyn Iterator<Item = i8> + '_> {
         Box::new(t.int32_data.iter().map(|&v| v as i8))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use onnx_protobuf::{AttributeProto, GraphProto};
+
+    fn init(name: &str, kind: DataType, dims: &[i64], raw: Vec<u8>) -> TensorProto {
+        TensorProto {
+            name: name.into(),
+            data_type: kind as i32,
+            dims: dims.to_vec(),
+            raw_data: raw,
+            ..Default::default()
+        }
+    }
+
+    fn node(op: &str, inputs: &[&str], output: &str, group: Option<i64>) -> NodeProto {
+        NodeProto {
+            op_type: op.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            attribute: group
+                .map(|g| AttributeProto {
+                    name: "group".into(),
+                    i: g,
+                    ..Default::default()
+                })
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// `Clip(x, 0, hi) → QuantizeLinear(scale 1/levels, zero) → DequantizeLinear → Conv` with
+    /// `channels` output channels of `in_per_group` inputs, every weight at `w`.
+    fn qdq_conv(zero_kind: DataType, hi: f32, levels: f32, w: i8, group: i64) -> ModelProto {
+        let channels = 4;
+        let in_per_group = if group > 1 { 1 } else { 4 };
+        let f32s = |v: f32| v.to_le_bytes().to_vec();
+        let graph = GraphProto {
+            node: vec![
+                node("Clip", &["x", "lo", "hi"], "c", None),
+                node("QuantizeLinear", &["c", "s", "z"], "q", None),
+                node("DequantizeLinear", &["q", "s", "z"], "dq", None),
+                node("DequantizeLinear", &["w", "ws", "wz"], "wdq", None),
+                node("Conv", &["dq", "wdq"], "y", Some(group)),
+            ],
+            initializer: vec![
+                init("lo", DataType::FLOAT, &[], f32s(0.0)),
+                init("hi", DataType::FLOAT, &[], f32s(hi)),
+                init("s", DataType::FLOAT, &[], f32s(hi / levels)),
+                init("z", zero_kind, &[], vec![0]),
+                init(
+                    "w",
+                    DataType::INT8,
+                    &[channels, in_per_group, 1, 1],
+                    vec![w as u8; (channels * in_per_group) as usize],
+                ),
+                init("ws", DataType::FLOAT, &[], f32s(0.1)),
+                init("wz", DataType::INT8, &[], vec![0]),
+            ],
+            ..Default::default()
+        };
+        ModelProto {
+            graph: Some(graph).into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn input_codes_come_from_the_clip_a_quantizer_reads() {
+        // 8-bit unsigned input (codes to 255) against ±127: flagged.
+        let r = risks_of(&qdq_conv(DataType::UINT8, 6.0, 255.0, 127, 1));
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!((r[0].input_max, r[0].weight_max), (255, 127));
+        // 7-bit unsigned input (codes to 127) against ±127: 2·127·127 fits.
+        assert!(risks_of(&qdq_conv(DataType::UINT8, 6.0, 127.0, 127, 1)).is_empty());
+        // Signed int8 codes to 63 read as 63 + 128 = 191: 2·191·127 does not fit.
+        let r = risks_of(&qdq_conv(DataType::INT8, 6.0, 63.0, 127, 1));
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].input_max, 191);
+        // 7-bit weights against 8-bit inputs fit (the stem's rule).
+        assert!(risks_of(&qdq_conv(DataType::UINT8, 6.0, 255.0, 63, 1)).is_empty());
+    }
+
+    #[test]
+    fn depthwise_convs_are_exempt() {
+        assert!(risks_of(&qdq_conv(DataType::UINT8, 6.0, 255.0, 127, 4)).is_empty());
+    }
+
+    #[test]
+    fn a_non_onnx_file_is_an_error() {
+        assert!(pair_sum_risks(b"not a model\xff\xff").is_err());
+    }
+}
