@@ -205,6 +205,7 @@ fn pipeline_killed_in_each_stage_resumes_without_redoing_finished_stages() {
         "gmpq search --teacher",
         "gmpq finetune --init",
         "shipped: chosen.onnx scores",
+        "choice: ",
         "the stem is an integer conv with 7-bit weights",
     ] {
         assert!(html.contains(needle), "report lacks {needle}");

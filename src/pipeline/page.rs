@@ -171,6 +171,12 @@ fn results_table(page: &mut String, summary: &RunSummary) {
         );
     }
     page.push_str("</table>\n<p>BOPs count the quantized layers (MACs·b<sub>w</sub>·b<sub>a</sub>); compression is full-precision BOPs (all layers at 32×32 bits) over policy BOPs; size counts quantized weights at their bits and the full-precision stem and head at 32 bits (MB = 10<sup>6</sup> bytes). Search time is wall time on this machine, including the per-epoch evaluation of the argmax policy.</p>\n");
+    if let Some(choice) = &summary.choice {
+        let _ = writeln!(page, "<p>choice: {}</p>", esc(&choice.reason));
+        if let Some(w) = &choice.warning {
+            let _ = writeln!(page, "<p class=\"warn\">{}</p>", esc(w));
+        }
+    }
     if let Some(shipped) = &summary.shipped {
         let class = if shipped.disagrees() {
             " class=\"warn\""
