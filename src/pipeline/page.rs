@@ -164,9 +164,10 @@ fn results_table(page: &mut String, summary: &RunSummary) {
     if let Some(arm) = summary.chosen {
         let _ = writeln!(
             page,
-            "<p>Chosen model: <b>{}</b>, the arm with the best top-1 on the target training \
-             images held out for validation (never trained on). Test top-1 is reported for every \
-             arm and never used to choose.</p>",
+            "<p>Chosen model: <b>{}</b>, chosen on the target training images held out for \
+             validation (never trained on): the simplest policy for the budget unless the arm \
+             best there leads it beyond the noise (the choice line below). Test top-1 is \
+             reported for every arm and never used to choose.</p>",
             arm.label()
         );
     }
