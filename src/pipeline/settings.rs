@@ -64,7 +64,8 @@ pub struct PipelineSettings {
     /// data), random (random bits within 2 % under the budget, drawn with --seed), hawq
     /// (Hessian-trace and activation sensitivities of the proxy teacher on 512 proxy images,
     /// minimised by the knapsack), gmpq-ranked (GMPQ's best candidates ranked on held-out
-    /// proxy images). The model chosen on validation is the best of GMPQ and these.
+    /// proxy images). The model chosen on validation is one of GMPQ and these: the simplest
+    /// policy unless another leads it beyond the noise (docs/PIPELINE.md).
     #[cfg_attr(feature = "cli", arg(long, value_delimiter = ',', value_parser = baseline_arm(), default_value = DEFAULT_BASELINES_FLAG))]
     #[serde(skip)]
     pub baseline: Vec<Arm>,
