@@ -434,3 +434,33 @@ fn finetune_reports_what_the_saved_checkpoint_evaluates_to() {
     assert_eq!(eval["top1"].as_f64(), Some(last.test_top1), "{eval}");
     assert_eq!(eval["loss"].as_f64(), Some(last.test_loss), "{eval}");
 }
+
+/// The saturation rule per conv: at w8a8 every conv of an integer MobileNetV2 (the stem,
+/// depthwise and pointwise alike) holds a 7-bit kernel against its 8-bit input; at w4a4 the
+/// policy's 4 bits stay and only the stem is lowered.
+#[test]
+fn kernel_bits_follow_the_pair_sum_rule() {
+    let mut cfg = ModelConfig::new(Arch::MobileNetV2, 3, 10, 32);
+    cfg.width = 0.35;
+    let g = quant::build(&cfg, Precision::Full, Device::Cpu).unwrap();
+    for (bits, kernel) in [(8, 7), (4, 4)] {
+        let policy = Policy::uniform(&cfg, g.net.convs(), bits, bits)
+            .with_totals(g.net.convs(), g.net.fc_spec());
+        let precision = Precision::Fixed {
+            policy,
+            per_channel: false,
+            numerics: Numerics::Integer,
+        };
+        let net = quant::build(&cfg, precision, Device::Cpu).unwrap();
+        let plan = &net.integer.as_ref().unwrap().plan;
+        for c in net.net.convs() {
+            let expected = if c.quantizable { kernel } else { 7 };
+            assert_eq!(
+                plan.kernel_bits(&c.name),
+                Some(expected),
+                "w{bits}: {}",
+                c.name
+            );
+        }
+    }
+}
