@@ -59,10 +59,13 @@ pub(super) fn predict_cmd(a: gmpq::predict::PredictArgs) -> Result<()> {
     let threads = tch::get_num_threads().max(1) as usize;
     let mut predictor = gmpq::predict::Predictor::open(&a.model, threads)
         .with_context(|| format!("loading {}", a.model.display()))?;
-    let results = predictor.predict_each(&a.images, a.top)?;
-    let (predictions, failures): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
-    let predictions: Vec<_> = predictions.into_iter().filter_map(Result::ok).collect();
-    let failures: Vec<_> = failures.into_iter().filter_map(Result::err).collect();
+    let (mut predictions, mut failures) = (Vec::new(), Vec::new());
+    for result in predictor.predict_each(&a.images, a.top)? {
+        match result {
+            Ok(p) => predictions.push(p),
+            Err(e) => failures.push(e),
+        }
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&predictions)?);
     } else {

@@ -29,10 +29,11 @@ impl ExportFormat {
         }
     }
 
-    fn flag(self) -> &'static str {
+    /// Its `--format` value, what it writes, and the file extension that names it.
+    fn names(self) -> (&'static str, &'static str, &'static str) {
         match self {
-            Self::Onnx => "onnx",
-            Self::Packed => "packed",
+            Self::Onnx => ("onnx", "an ONNX model", "onnx"),
+            Self::Packed => ("packed", "a packed safetensors file", "safetensors"),
         }
     }
 }
@@ -83,25 +84,14 @@ impl ExportArgs {
     pub fn format(&self) -> Result<ExportFormat, ExportError> {
         let named = ExportFormat::of_path(&self.out);
         match (self.format, named) {
-            (Some(f), Some(n)) if f != n => Err(ExportError::Unsupported(format!(
-                "--format {} writes {}, but --out {} names a {} file: name it .{} or give \
-                 --format {}",
-                f.flag(),
-                match f {
-                    ExportFormat::Onnx => "an ONNX model",
-                    ExportFormat::Packed => "a packed safetensors file",
-                },
-                self.out.display(),
-                match n {
-                    ExportFormat::Onnx => "ONNX",
-                    ExportFormat::Packed => "safetensors",
-                },
-                match f {
-                    ExportFormat::Onnx => "onnx",
-                    ExportFormat::Packed => "safetensors",
-                },
-                n.flag()
-            ))),
+            (Some(f), Some(n)) if f != n => {
+                let ((flag, writes, ext), (named_flag, _, named_ext)) = (f.names(), n.names());
+                Err(ExportError::Unsupported(format!(
+                    "--format {flag} writes {writes}, but --out {} names a .{named_ext} file: \
+                     name it .{ext} or give --format {named_flag}",
+                    self.out.display()
+                )))
+            }
             (Some(f), _) => Ok(f),
             (None, n) => Ok(n.unwrap_or(ExportFormat::Onnx)),
         }
