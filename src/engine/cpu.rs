@@ -43,9 +43,7 @@ impl CpuInfo {
                 .collect(),
         }
     }
-}
 
-impl CpuInfo {
     /// Whether the CPU has int8 dot products that sum in int32 (VNNI, AMX).
     pub fn has_vnni(&self) -> bool {
         self.features

@@ -232,40 +232,27 @@ pub fn choose(
         .arm;
     let names: Vec<Arm> = scored.iter().map(|(_, a, _)| a.arm).collect();
     let reference = reference_arm(&names, fill_is_uniform);
-    let (Some(reference), Some(p)) = (reference, predictions) else {
-        return Some(Choice {
-            chosen: best,
-            reference: reference.unwrap_or(best),
-            lead: None,
-            reason: format!(
-                "{} best on validation (no per-image validation predictions recorded: no noise \
-                 band)",
-                best.label()
-            ),
-            warning: None,
-        });
-    };
-    if best == reference {
-        return Some(Choice {
-            chosen: reference,
+    // A choice made without weighing a lead: `chosen` is the best on validation.
+    let unweighed = |chosen: Arm, reference: Arm, why: &str| {
+        Some(Choice {
+            chosen,
             reference,
             lead: None,
-            reason: format!("{} best on validation", reference.label()),
+            reason: format!("{} best on validation{why}", chosen.label()),
             warning: None,
-        });
+        })
+    };
+    let (Some(reference), Some(p)) = (reference, predictions) else {
+        let why = " (no per-image validation predictions recorded: no noise band)";
+        return unweighed(best, reference.unwrap_or(best), why);
+    };
+    if best == reference {
+        return unweighed(reference, reference, "");
     }
     let rivals = names.len().saturating_sub(1);
     let Some(l) = lead(p, best, reference, rivals) else {
-        return Some(Choice {
-            chosen: best,
-            reference,
-            lead: None,
-            reason: format!(
-                "{} best on validation (its per-image predictions are missing: no noise band)",
-                best.label()
-            ),
-            warning: None,
-        });
+        let why = " (its per-image predictions are missing: no noise band)";
+        return unweighed(best, reference, why);
     };
     let chosen = if l.significant() { best } else { reference };
     let verdict = if l.significant() {

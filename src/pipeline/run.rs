@@ -595,7 +595,7 @@ impl Runner<'_> {
                 out: layout.validation(),
             })?;
         }
-        let summary = RunSummary::collect(&layout, &self.record.arms)?;
+        let mut summary = RunSummary::collect(&layout, &self.record.arms)?;
         warn_at_chance(&summary);
         if let Some(w) = summary.choice.as_ref().and_then(|c| c.warning.as_ref()) {
             tracing::warn!("{w}");
@@ -611,7 +611,7 @@ impl Runner<'_> {
             })?;
         }
         // With the shipped file's own scores.
-        let summary = RunSummary::collect(&layout, &self.record.arms)?;
+        summary.read_shipped(&layout);
         let bytes = serde_json::to_vec_pretty(&summary)
             .map_err(|e| PipelineError::Invalid(format!("summary: {e}")))?;
         crate::files::write_atomic(&layout.summary(), &bytes).map_err(|source| {

@@ -164,9 +164,14 @@ impl RunSummary {
         summary.choice =
             super::choice::choose(&summary.arms, predictions.as_ref(), fill_is_uniform);
         summary.chosen = summary.choice.as_ref().map(|c| c.chosen);
-        summary.shipped =
-            super::Shipped::read(&layout.chosen_record()).filter(|r| Some(r.arm) == summary.chosen);
+        summary.read_shipped(layout);
         Ok(summary)
+    }
+
+    /// Reads `chosen.json` into [`Self::shipped`] when it is the chosen arm's export.
+    pub fn read_shipped(&mut self, layout: &RunLayout) {
+        self.shipped =
+            super::Shipped::read(&layout.chosen_record()).filter(|r| Some(r.arm) == self.chosen);
     }
 }
 
