@@ -128,6 +128,16 @@ fn normalize(channels: usize) -> Normalize {
     }
 }
 
+/// Pixel values in [0, 1] as the network reads them: `(x − mean)/std` of [`normalize`] (an
+/// exported graph does this itself).
+fn normalised(cfg: &ModelConfig, x: &Tensor) -> Tensor {
+    let c = cfg.in_channels as i64;
+    let norm = normalize(cfg.in_channels);
+    let mean = Tensor::from_slice(&norm.mean).reshape([1, c, 1, 1]);
+    let std = Tensor::from_slice(&norm.std).reshape([1, c, 1, 1]);
+    (x - mean) / std
+}
+
 /// An integer network with non-trivial state: batch-norm statistics from training-mode
 /// passes, clips spread over [1, 4], ranges calibrated.
 fn integer_network(cfg: &ModelConfig) -> (Checkpoint, Network, Tensor) {
@@ -148,11 +158,7 @@ fn integer_network(cfg: &ModelConfig) -> (Checkpoint, Network, Tensor) {
         [64, cfg.in_channels as i64, s, s],
         (Kind::Float, Device::Cpu),
     ) / 255.0;
-    let c = cfg.in_channels as i64;
-    let norm = normalize(cfg.in_channels);
-    let mean = Tensor::from_slice(&norm.mean).reshape([1, c, 1, 1]);
-    let std = Tensor::from_slice(&norm.std).reshape([1, c, 1, 1]);
-    let normalised = (&x - mean) / std;
+    let normalised = normalised(cfg, &x);
     tch::no_grad(|| {
         for (name, mut v) in net.vs.variables() {
             if name.ends_with(".act_clip") {
@@ -196,11 +202,7 @@ fn exported_integer_graph_agrees(cfg: ModelConfig, residual_adds: usize) {
         },
     )
     .unwrap();
-    let norm = normalize(cfg.in_channels);
-    let c = cfg.in_channels as i64;
-    let mean = Tensor::from_slice(&norm.mean).reshape([1, c, 1, 1]);
-    let std = Tensor::from_slice(&norm.std).reshape([1, c, 1, 1]);
-    let ours = tch::no_grad(|| net.forward_t(&((&x - mean) / std), false));
+    let ours = tch::no_grad(|| net.forward_t(&normalised(&cfg, &x), false));
     let theirs = model.run(&x).unwrap();
     let same = ours
         .argmax(1, false)
@@ -282,11 +284,7 @@ fn integer_kernels_match_their_float_emulation(cfg: ModelConfig) {
     };
     let kernels = session(false).run(&images).unwrap();
     let emulated = session(true).run(&images).unwrap();
-    let norm = normalize(cfg.in_channels);
-    let c = cfg.in_channels as i64;
-    let mean = Tensor::from_slice(&norm.mean).reshape([1, c, 1, 1]);
-    let std = Tensor::from_slice(&norm.std).reshape([1, c, 1, 1]);
-    let ours = tch::no_grad(|| net.forward_t(&((&images - mean) / std), false));
+    let ours = tch::no_grad(|| net.forward_t(&normalised(&cfg, &images), false));
     let scale = emulated.abs().max().double_value(&[]);
     for (name, other) in [("the integer kernels", &kernels), ("gmpq", &ours)] {
         let same = other
