@@ -2,13 +2,17 @@
 # Installs what gmpq builds against, once: a virtualenv (.venv) holding the PyPI wheels
 # torch==2.13.0, whose libtorch tch 0.26 links to, and onnxruntime==1.31.0, whose
 # libonnxruntime.so the `ort` crate loads at run time (`gmpq eval --onnx`, `gmpq bench
-# infer`). Idempotent: a second run does nothing.
+# infer`), and the exporters `gmpq import --onnx` is tested against: torchvision==0.28.0 (the
+# release built for torch 2.13) and onnxscript==0.7.2 (torch.onnx.export's default dynamo
+# exporter needs it), which scripts/onnx_zoo.py runs. Idempotent: a second run does nothing.
 # Override the location with GMPQ_VENV, the interpreter with GMPQ_PYTHON.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${GMPQ_VENV:-$root/.venv}"
 torch_version="2.13.0"
 ort_version="1.31.0"
+torchvision_version="0.28.0"
+onnxscript_version="0.7.2"
 
 have_torch() {
   compgen -G "$venv/lib/python3*/site-packages/torch-${torch_version}.dist-info" >/dev/null
@@ -17,7 +21,12 @@ have_ort() {
   compgen -G "$venv/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime.so.${ort_version}" >/dev/null
 }
 
-if have_torch && have_ort; then
+have_zoo() {
+  compgen -G "$venv/lib/python3*/site-packages/torchvision-${torchvision_version}.dist-info" >/dev/null &&
+    compgen -G "$venv/lib/python3*/site-packages/onnxscript-${onnxscript_version}.dist-info" >/dev/null
+}
+
+if have_torch && have_ort && have_zoo; then
   exit 0
 fi
 
@@ -51,6 +60,14 @@ if ! have_ort; then
   echo "gmpq setup: installing onnxruntime==${ort_version} (libonnxruntime.so for ONNX inference)" >&2
   "$venv/bin/python" -m pip install --disable-pip-version-check --quiet --no-deps "onnxruntime==${ort_version}"
   have_ort || { echo "gmpq setup: onnxruntime ${ort_version} did not install into $venv" >&2; exit 1; }
+fi
+if ! have_zoo; then
+  # --no-deps for torchvision: its torch requirement is met, and pip must not replace it.
+  echo "gmpq setup: installing torchvision==${torchvision_version} and onnxscript==${onnxscript_version} (to export CNNs to ONNX for gmpq import)" >&2
+  "$venv/bin/python" -m pip install --disable-pip-version-check --quiet --no-deps "torchvision==${torchvision_version}"
+  "$venv/bin/python" -m pip install --disable-pip-version-check --quiet \
+    "onnxscript==${onnxscript_version}" "onnx==1.23.2" "numpy==2.4.6" "pillow==13.0.0"
+  have_zoo || { echo "gmpq setup: torchvision/onnxscript did not install into $venv" >&2; exit 1; }
 fi
 # The NCCL process group (`cargo build --features nccl`, docs/SCALE.md) compiles against the CUDA
 # headers the torch wheel leaves out: the compiler-runtime and CCCL headers of torch's CUDA 13.0.

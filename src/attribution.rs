@@ -30,6 +30,27 @@ pub fn grad_cam(features: &Tensor, logits: &Tensor, classes: &Tensor) -> Tensor 
     Tensor::einsum("nc,nchw->nhw", &[&g, features], None::<&[i64]>).relu()
 }
 
+/// The map of `net` for its own top-1 classes, with no gradient kept (a teacher's, a
+/// report's): CAM where the head makes it exact, else Grad-CAM by one backward pass.
+pub fn network_map(net: &dyn crate::model::Network, x: &Tensor) -> Tensor {
+    if net.cam_exact() {
+        return tch::no_grad(|| {
+            let f = net.features(x, false);
+            cam(&f, net.fc_weight(), &top1(&net.head(&f)))
+        });
+    }
+    let f = tch::no_grad(|| net.features(x, false))
+        .detach()
+        .set_requires_grad(true);
+    let logits = net.head(&f);
+    let y = logits
+        .gather(1, &top1(&logits).unsqueeze(1), false)
+        .sum(Kind::Float);
+    let grads = Tensor::run_backward(&[&y], &[&f], false, false);
+    let g = grads[0].sum_dim_intlist([2i64, 3].as_slice(), false, Kind::Float);
+    tch::no_grad(|| Tensor::einsum("nc,nchw->nhw", &[&g, &f.detach()], None::<&[i64]>).relu())
+}
+
 /// Flattens each sample's map and divides it by its L2 norm (clamped at 1e-12, as PyTorch's
 /// `F.normalize`).
 pub fn normalize(maps: &Tensor) -> Tensor {

@@ -147,8 +147,9 @@ pub enum Command {
     Finetune(FinetuneArgs),
     /// Evaluate a checkpoint on a dataset (top-1/top-5).
     Eval(EvalArgs),
-    /// Convert pretrained weights (.safetensors state dict) to a gmpq checkpoint: torchvision
-    /// ResNet-18/50 or MobileNetV2, efficientnet_pytorch EfficientNet-Lite0.
+    /// Bring a network in: your own CNN from ONNX (--onnx), or pretrained weights (a
+    /// .safetensors state dict) for torchvision ResNet-18/50 or MobileNetV2, or
+    /// efficientnet_pytorch EfficientNet-Lite0 (--model, --weights).
     Import(ImportArgs),
     /// Benchmarks.
     #[command(subcommand)]

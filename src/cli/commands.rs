@@ -194,7 +194,7 @@ fn train_cmd(a: TrainArgs, device: tch::Device) -> Result<()> {
 
 fn finetune_cmd(a: FinetuneArgs, device: tch::Device) -> Result<()> {
     let json = a.train.json;
-    let init = a.init.clone();
+    let init = a.init()?.to_path_buf();
     let request = a
         .request()
         .with_context(|| format!("fine-tuning from {}", init.display()))?;
@@ -247,7 +247,7 @@ fn eval_cmd(a: EvalArgs, device: tch::Device) -> Result<()> {
 fn import_cmd(a: ImportArgs) -> Result<()> {
     let ck = a
         .run()
-        .with_context(|| format!("importing {}", a.weights.display()))?;
+        .with_context(|| format!("importing {}", a.source().display()))?;
     println!(
         "wrote {} ({} tensors) and its metadata {}",
         a.out.display(),

@@ -152,7 +152,9 @@ impl OnnxModel {
                         .into(),
                 })
             }
-            Ok(None) => bytes,
+            // A plain ONNX file: from the file, so that its external data (`MODEL.onnx.data`,
+            // which torch's dynamo exporter writes) is found beside it.
+            Ok(None) => return Self::from_file(path, opts),
             Err(e) => {
                 return Err(EngineError::Model {
                     path: path.to_path_buf(),
@@ -170,6 +172,24 @@ impl OnnxModel {
     }
 
     pub fn from_bytes(bytes: &[u8], opts: &SessionOptions) -> Result<Self, EngineError> {
+        Self::with_session(opts, |mut b| b.commit_from_memory(bytes))
+    }
+
+    /// An ONNX file, its external data beside it.
+    fn from_file(path: &Path, opts: &SessionOptions) -> Result<Self, EngineError> {
+        Self::with_session(opts, |mut b| b.commit_from_file(path)).map_err(|e| match e {
+            EngineError::Run(reason) => EngineError::Model {
+                path: path.to_path_buf(),
+                reason,
+            },
+            other => other,
+        })
+    }
+
+    fn with_session(
+        opts: &SessionOptions,
+        commit: impl FnOnce(ort::session::builder::SessionBuilder) -> ort::Result<Session>,
+    ) -> Result<Self, EngineError> {
         let env = environment()?;
         let run = |e: ort::Error| EngineError::Run(e.to_string());
         let built =
@@ -188,7 +208,7 @@ impl OnnxModel {
         if let Some(p) = &opts.optimized_model {
             builder = builder.with_optimized_model_path(p).map_err(built)?;
         }
-        let session = builder.commit_from_memory(bytes).map_err(run)?;
+        let session = commit(builder).map_err(run)?;
         let (preprocessing, model, weights, class_names) = {
             let meta = session.metadata().map_err(run)?;
             let pre = meta

@@ -21,7 +21,8 @@ use super::ExportError;
 use crate::model::graph::{Graph, Op, Value};
 use crate::model::ConvSpec;
 use crate::quant::integer::{
-    bias_integers, eight_scale, fold, input_scale, ConvUnit, Folded, Plan, Step, RANGES,
+    batch_norm_affine, bias_integers, eight_scale, fold_unit, input_scale, ConvUnit, Folded, Plan,
+    Step, RANGES,
 };
 use crate::quant::{weight_scale, Network};
 use onnx_protobuf::tensor_proto::DataType;
@@ -122,14 +123,11 @@ pub(super) fn emit(b: &mut Builder, net: &Network, input: String) -> Result<Stri
     for step in &plan.steps {
         match step {
             Step::Conv(u) => {
-                let Op::BatchNorm { params, .. } = &graph.ops[u.bn] else {
-                    continue;
-                };
                 let spec = specs.get(u.layer.as_str()).ok_or_else(|| {
                     ExportError::Unsupported(format!("the network has no conv layer '{}'", u.layer))
                 })?;
                 let weight = var(&format!("{}.weight", u.layer))?;
-                let folded = tch::no_grad(|| fold(&weight, params));
+                let folded = tch::no_grad(|| fold_unit(&weight, &graph, u));
                 let threshold = vars
                     .get(&crate::quant::QuantizerTensor::WeightThreshold.of(&u.layer))
                     .map(|t| t.detach().to_device(tch::Device::Cpu));
@@ -176,7 +174,16 @@ pub(super) fn emit(b: &mut Builder, net: &Network, input: String) -> Result<Stri
                     .into_iter()
                     .map(|v| get(&values, v).map(|x| w.float(x.general)))
                     .collect::<Result<_, _>>()?;
-                let y = w.b.float_op(op, &inputs)?;
+                let y = match op {
+                    Op::BatchNorm { params, .. } => {
+                        let (scale, shift) = tch::no_grad(|| batch_norm_affine(params));
+                        let scale = w.b.tensor_f32("bn.scale", &scale.view([1, -1, 1, 1]))?;
+                        let shift = w.b.tensor_f32("bn.shift", &shift.view([1, -1, 1, 1]))?;
+                        let scaled = w.b.node("Mul", &[&inputs[0], &scale], vec![]);
+                        w.b.node("Add", &[&scaled, &shift], vec![])
+                    }
+                    _ => w.b.float_op(op, &inputs)?,
+                };
                 values[i + 1] = Some(Slot::float(Emitted::Float(y)));
             }
         }

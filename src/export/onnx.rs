@@ -399,6 +399,9 @@ impl Builder {
 
     /// An op other than a conv, on float inputs (the graph's values it reads, in order).
     pub(super) fn float_op(&mut self, op: &Op, inputs: &[String]) -> Result<String, ExportError> {
+        if let Some(out) = self.layout_op(op, inputs) {
+            return Ok(out);
+        }
         let x = inputs.first().cloned().unwrap_or_default();
         Ok(match op {
             Op::Relu { .. } => self.node("Relu", &[&x], vec![]),
@@ -407,24 +410,6 @@ impl Builder {
                 self.node("Clip", &[&x, &lo, &hi], vec![])
             }
             Op::Add { .. } => self.node("Add", &[&x, &inputs[1]], vec![]),
-            Op::MaxPool {
-                kernel,
-                stride,
-                padding,
-                ..
-            } => self.node(
-                "MaxPool",
-                &[&x],
-                vec![
-                    attr_ints("kernel_shape", &[*kernel, *kernel]),
-                    attr_ints("strides", &[*stride, *stride]),
-                    attr_ints("pads", &[*padding; 4]),
-                ],
-            ),
-            Op::GlobalAvgPool { .. } => {
-                let pooled = self.node("GlobalAveragePool", &[&x], vec![]);
-                self.node("Flatten", &[&pooled], vec![attr_int("axis", 1)])
-            }
             Op::Linear { weight, bias, .. } => {
                 let w = self.tensor_f32("fc.weight", weight)?;
                 let bias = self.tensor_f32("fc.bias", bias)?;
@@ -446,11 +431,120 @@ impl Builder {
                     vec![attr_float("epsilon", params.eps as f32)],
                 )
             }
+            Op::Bias { bias, .. } => {
+                let b = self.tensor_f32("bias", &bias.view([1, -1, 1, 1]))?;
+                self.node("Add", &[&x, &b], vec![])
+            }
+            Op::Clip { min, max, .. } => {
+                let lo = self.scalar_f32("clip.min", *min as f32);
+                let hi = self.scalar_f32("clip.max", *max as f32);
+                self.node("Clip", &[&x, &lo, &hi], vec![])
+            }
+            Op::Sigmoid { .. } => self.node("Sigmoid", &[&x], vec![]),
+            Op::HardSwish { .. } => self.node("HardSwish", &[&x], vec![]),
+            Op::HardSigmoid { alpha, beta, .. } => self.node(
+                "HardSigmoid",
+                &[&x],
+                vec![
+                    attr_float("alpha", *alpha as f32),
+                    attr_float("beta", *beta as f32),
+                ],
+            ),
+            Op::Sub { .. } => self.node("Sub", &[&x, &inputs[1]], vec![]),
+            Op::Mul { .. } => self.node("Mul", &[&x, &inputs[1]], vec![]),
+            Op::Div { .. } => self.node("Div", &[&x, &inputs[1]], vec![]),
+            Op::Constant { tensor } => self.tensor_f32("constant", tensor)?,
             Op::Conv { layer, .. } => {
                 return Err(ExportError::Unsupported(format!(
                     "conv '{layer}' is written with its quantizers, not as a float op"
                 )))
             }
+            // Written by layout_op above.
+            Op::MaxPool { .. }
+            | Op::AvgPool { .. }
+            | Op::GlobalAvgPool { .. }
+            | Op::ReduceMean { .. }
+            | Op::Concat { .. }
+            | Op::Slice { .. }
+            | Op::Transpose { .. }
+            | Op::Reshape { .. } => {
+                return Err(ExportError::Unsupported(format!(
+                    "{} is a layout op",
+                    op.kind()
+                )))
+            }
+        })
+    }
+
+    /// Pooling and layout ops (none for any other op).
+    fn layout_op(&mut self, op: &Op, inputs: &[String]) -> Option<String> {
+        let x = inputs.first().cloned().unwrap_or_default();
+        Some(match op {
+            Op::MaxPool {
+                kernel,
+                stride,
+                padding,
+                ceil,
+                ..
+            } => self.node(
+                "MaxPool",
+                &[&x],
+                vec![
+                    attr_ints("kernel_shape", &[*kernel, *kernel]),
+                    attr_ints("strides", &[*stride, *stride]),
+                    attr_ints("pads", &[*padding; 4]),
+                    attr_int("ceil_mode", *ceil as i64),
+                ],
+            ),
+            Op::GlobalAvgPool { .. } => {
+                let pooled = self.node("GlobalAveragePool", &[&x], vec![]);
+                self.node("Flatten", &[&pooled], vec![attr_int("axis", 1)])
+            }
+            Op::AvgPool {
+                window, count_pad, ..
+            } => self.node(
+                "AveragePool",
+                &[&x],
+                vec![
+                    attr_ints("kernel_shape", &[window.kernel; 2]),
+                    attr_ints("strides", &[window.stride; 2]),
+                    attr_ints("pads", &[window.padding; 4]),
+                    attr_int("ceil_mode", window.ceil as i64),
+                    attr_int("count_include_pad", *count_pad as i64),
+                ],
+            ),
+            Op::ReduceMean {
+                axes, keep_dims, ..
+            } => {
+                let axes = self.constant_i64("axes", &[axes.len() as i64], axes);
+                self.node(
+                    "ReduceMean",
+                    &[&x, &axes],
+                    vec![attr_int("keepdims", *keep_dims as i64)],
+                )
+            }
+            Op::Concat { axis, .. } => {
+                let all: Vec<&str> = inputs.iter().map(String::as_str).collect();
+                self.node("Concat", &all, vec![attr_int("axis", *axis)])
+            }
+            Op::Slice {
+                axis, start, end, ..
+            } => {
+                let starts = self.constant_i64("starts", &[1], &[*start]);
+                let ends = self.constant_i64("ends", &[1], &[*end]);
+                let axes = self.constant_i64("axes", &[1], &[*axis]);
+                self.node("Slice", &[&x, &starts, &ends, &axes], vec![])
+            }
+            Op::Transpose { perm, .. } => {
+                self.node("Transpose", &[&x], vec![attr_ints("perm", perm)])
+            }
+            Op::Reshape { shape, .. } => {
+                // 0 copies the batch size from the input.
+                let full: Vec<i64> = std::iter::once(0).chain(shape.iter().copied()).collect();
+                let shape = self.constant_i64("shape", &[full.len() as i64], &full);
+                self.node("Reshape", &[&x, &shape], vec![])
+            }
+            _ => return None,
         })
     }
 

@@ -1,10 +1,20 @@
-//! Importing pretrained weights from a `.safetensors` state dict: torchvision ResNet-18/50 and
-//! MobileNetV2, and EfficientNet-Lite0 in efficientnet_pytorch's names.
+//! Bringing networks in: any CNN from an ONNX file ([`import_onnx`], the user's own network),
+//! and pretrained weights from a `.safetensors` state dict for the built-in torchvision
+//! ResNet-18/50 and MobileNetV2, and EfficientNet-Lite0 in efficientnet_pytorch's names.
 
 #[cfg(feature = "cli")]
 mod args;
+mod fold;
+mod head;
+mod layout;
+mod names;
+mod onnx;
+mod ops;
+mod walk;
 #[cfg(feature = "cli")]
 pub use args::ImportArgs;
+pub use onnx::{parse as parse_onnx, read as read_onnx, OnnxImportError, OnnxNetwork, OnnxOptions};
+pub use walk::SUPPORTED as SUPPORTED_ONNX_OPS;
 
 use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta};
 use crate::data::{Normalize, Pipeline, Transform};
@@ -82,6 +92,48 @@ pub fn import_pretrained(weights: &Path, config: &ModelConfig) -> Result<Checkpo
     if config.num_classes == 1000 {
         meta.class_names = Some(crate::data::imagenet_classes());
     }
+    Ok(Checkpoint {
+        meta,
+        tensors: checkpoint::var_store_tensors(&vs),
+    })
+}
+
+/// Reads the ONNX model at `path` into a full-precision checkpoint of its own network
+/// ([`crate::model::Arch::Onnx`]). `normalize` is the preprocessing where the graph does not
+/// begin with its own (`Sub` mean, `Div` std, which is taken out of the graph instead);
+/// neither: none (mean 0, std 1).
+pub fn import_onnx(
+    path: &Path,
+    opts: &OnnxOptions,
+    normalize: Option<Normalize>,
+) -> Result<Checkpoint, TrainError> {
+    let net = read_onnx(path, opts).map_err(|e| TrainError::Invalid(e.to_string()))?;
+    let normalize = match (net.normalize, normalize) {
+        (Some(inside), Some(_)) => {
+            return Err(TrainError::Invalid(format!(
+                "the graph normalises its input itself (mean {:?}, std {:?}): --mean and --std do not apply",
+                inside.mean, inside.std
+            )))
+        }
+        (Some(n), None) | (None, Some(n)) => n,
+        (None, None) => Normalize::identity(net.in_channels),
+    };
+    if normalize.mean.len() != net.in_channels || normalize.std.len() != net.in_channels {
+        return Err(TrainError::Invalid(format!(
+            "--mean and --std need {} values each (one per input channel)",
+            net.in_channels
+        )));
+    }
+    let mut config = ModelConfig::new(Arch::Onnx, net.in_channels, net.num_classes, net.input_size);
+    config.graph = Some(std::sync::Arc::new(net.graph));
+    let (vs, _) = build_fp(&config, tch::Device::Cpu)?;
+    checkpoint::load_into_var_store(&vs, net.tensors.iter(), path, |_| false, |_| false)?;
+    let pipeline = Pipeline {
+        transforms: Vec::new(),
+        normalize,
+    };
+    let mut meta = CheckpointMeta::new(config, pipeline);
+    meta.source = Some(format!("ONNX model {}", path.display()));
     Ok(Checkpoint {
         meta,
         tensors: checkpoint::var_store_tensors(&vs),

@@ -38,17 +38,32 @@ impl ConvSpec {
     }
 }
 
-/// The final fully connected layer (always full precision).
+/// The classifier after global pooling (always full precision): one linear layer, or an
+/// MLP (an imported network's `Linear → HardSwish → Linear`) with `hidden` widths between.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LinearSpec {
     pub name: String,
     pub in_features: usize,
     pub out_features: usize,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hidden: Vec<usize>,
 }
 
 impl LinearSpec {
+    /// Each linear layer's `(in, out)`, in order.
+    fn layers(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let widths: Vec<usize> = std::iter::once(self.in_features)
+            .chain(self.hidden.iter().copied())
+            .chain(std::iter::once(self.out_features))
+            .collect();
+        (0..widths.len() - 1).map(move |i| (widths[i], widths[i + 1]))
+    }
     pub fn macs(&self) -> u64 {
-        (self.in_features * self.out_features) as u64
+        self.layers().map(|(i, o)| (i * o) as u64).sum()
+    }
+    /// Weights and biases.
+    pub fn params(&self) -> u64 {
+        self.layers().map(|(i, o)| (i * o + o) as u64).sum()
     }
 }
 

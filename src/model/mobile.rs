@@ -400,6 +400,7 @@ fn head(
         name: fc_name.into(),
         in_features: last,
         out_features: config.num_classes,
+        hidden: Vec::new(),
     };
     // torchvision's classifier init: N(0, 0.01), zero bias.
     let fc = nn::linear(

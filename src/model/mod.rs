@@ -5,6 +5,7 @@
 #[cfg(feature = "cli")]
 mod args;
 pub mod graph;
+mod imported;
 mod layers;
 mod mobile;
 pub mod options;
@@ -12,6 +13,7 @@ mod resnet;
 
 #[cfg(feature = "cli")]
 pub use args::ModelArgs;
+pub use imported::{Cam, Head, Imported, ImportedGraph, TensorSpec};
 pub use layers::{
     fp_conv, path_for, ConvLayer, ConvSpec, FullPrecisionConvs, LayerFactory, LinearSpec,
 };
@@ -49,6 +51,8 @@ pub enum Arch {
     MobileNetV2,
     #[serde(rename = "efficientnet-lite0")]
     EfficientNetLite0,
+    /// A network imported from ONNX: its graph is in [`ModelConfig::graph`].
+    Onnx,
 }
 
 /// One registered network: its name on the command line and in checkpoints, how its
@@ -143,8 +147,22 @@ fn mobile(
     Ok(Box::new(MobileNet::new(r, c, f)?))
 }
 
+/// What `gmpq import --onnx` writes: the graph fixes everything.
+const IMPORTED: ArchTraits = ArchTraits {
+    importable: false,
+    ..CIFAR_RESNET
+};
+
+fn imported(
+    r: &nn::Path,
+    c: &ModelConfig,
+    f: &dyn LayerFactory,
+) -> Result<Box<dyn Network>, ModelError> {
+    Ok(Box::new(Imported::new(r, c, f)?))
+}
+
 /// Every network gmpq knows, in the order help texts list them.
-pub const ARCHS: [ArchEntry; 7] = [
+pub const ARCHS: [ArchEntry; 8] = [
     ArchEntry::new(Arch::ResNet20, "resnet20", resnet, CIFAR_RESNET),
     ArchEntry::new(Arch::ResNet32, "resnet32", resnet, CIFAR_RESNET),
     ArchEntry::new(Arch::ResNet56, "resnet56", resnet, CIFAR_RESNET),
@@ -157,6 +175,7 @@ pub const ARCHS: [ArchEntry; 7] = [
         mobile,
         EFFICIENTNET_LITE,
     ),
+    ArchEntry::new(Arch::Onnx, "onnx", imported, IMPORTED),
 ];
 
 impl Arch {
@@ -236,6 +255,9 @@ pub struct ModelConfig {
     /// Channel width multiplier (MobileNetV2; 1 elsewhere).
     #[serde(default = "unit_width", skip_serializing_if = "is_unit_width")]
     pub width: f64,
+    /// An imported network's graph (`arch` onnx); none for the built-in networks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub graph: Option<std::sync::Arc<ImportedGraph>>,
 }
 
 fn unit_width() -> f64 {
@@ -261,6 +283,7 @@ impl ModelConfig {
             input_size,
             stem,
             width: 1.0,
+            graph: None,
         }
     }
 }
@@ -280,6 +303,11 @@ pub trait Network: std::fmt::Debug + Send {
     fn head(&self, features: &Tensor) -> Tensor;
     /// The head's weight matrix (num_classes × C): the CAM weights.
     fn fc_weight(&self) -> &Tensor;
+    /// Whether CAM with [`Self::fc_weight`] is Grad-CAM exactly (a GAP → linear head); where
+    /// not (an imported MLP head), attribution takes the gradient.
+    fn cam_exact(&self) -> bool {
+        true
+    }
     /// The inference forward pass as graph operations, for exporters.
     fn graph(&self) -> graph::Graph;
 }

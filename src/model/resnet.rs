@@ -326,7 +326,7 @@ impl ResNet {
             Arch::ResNet56 => (vec![9; 3], vec![16, 32, 64], false),
             Arch::ResNet18 => (vec![2; 4], vec![64, 128, 256, 512], false),
             Arch::ResNet50 => (vec![3, 4, 6, 3], vec![64, 128, 256, 512], true),
-            Arch::MobileNetV2 | Arch::EfficientNetLite0 => {
+            Arch::MobileNetV2 | Arch::EfficientNetLite0 | Arch::Onnx => {
                 return Err(ModelError::Invalid(format!(
                     "{} is not a ResNet",
                     config.arch
@@ -352,6 +352,7 @@ impl ResNet {
             name: "fc".into(),
             in_features: c_in,
             out_features: config.num_classes,
+            hidden: Vec::new(),
         };
         let fc = nn::linear(
             path_for(root, "fc"),
@@ -409,6 +410,7 @@ impl Network for ResNet {
                 kernel: 3,
                 stride: 2,
                 padding: 1,
+                ceil: false,
             });
         }
         for block in &self.blocks {

@@ -588,13 +588,7 @@ pub fn attribution_grid(
         .to_device(device);
     let maps: Vec<tch::Tensor> = nets
         .iter()
-        .map(|(_, n)| {
-            tch::no_grad(|| {
-                let f = n.net.features(&x, false);
-                let logits = n.net.head(&f);
-                crate::attribution::cam(&f, n.net.fc_weight(), &crate::attribution::top1(&logits))
-            })
-        })
+        .map(|(_, n)| crate::attribution::network_map(&*n.net, &x))
         .collect();
     let refs: Vec<&tch::Tensor> = maps.iter().collect();
     // Each column named by its checkpoint: the run folder (`finetune-gmpq`) of a

@@ -484,7 +484,7 @@ impl LayerCost {
     }
 
     fn linear(fc: &LinearSpec) -> Self {
-        let params = (fc.in_features * fc.out_features + fc.out_features) as u64;
+        let params = fc.params();
         LayerCost {
             name: fc.name.clone(),
             shape: format!("{}x{}", fc.out_features, fc.in_features),

@@ -51,11 +51,12 @@ pub struct Holding {
     pub direct: Vec<String>,
 }
 
-/// A conv fused with its batch norm and the ops that follow it before quantization.
+/// A conv fused with its batch norm (or bias) and the ops that follow it before quantization.
 #[derive(Debug, Clone)]
 pub struct ConvUnit {
-    /// The op index of its batch norm.
-    pub bn: usize,
+    /// The op index of its batch norm, or of its bias (an imported network's conv, whose
+    /// batch norm the exporter folded in); none: a conv without either.
+    pub bn: Option<usize>,
     pub layer: String,
     /// The value the conv reads (after a padding op, if any: see `pads`).
     pub input: Value,
@@ -165,20 +166,17 @@ impl<'a> Reads<'a> {
             }
             match op {
                 Op::Conv { input, layer } => {
-                    let bn = self
-                        .sole(i + 1)
-                        .filter(|&j| matches!(self.graph.ops[j], Op::BatchNorm { .. }))
-                        .ok_or_else(|| {
-                            QuantError::Invalid(format!(
-                                "integer numerics: conv '{layer}' is not followed by a batch norm"
-                            ))
-                        })?;
+                    let bn = self.sole(i + 1).filter(|&j| {
+                        matches!(self.graph.ops[j], Op::BatchNorm { .. } | Op::Bias { .. })
+                    });
                     let (input, pads) = match self.graph.ops.get(input.wrapping_sub(1)) {
                         Some(Op::Pad { input: src, pads }) if *input > 0 => (*src, Some(*pads)),
                         _ => (*input, None),
                     };
-                    let (post, output) = self.post_of(bn + 1);
-                    fused[bn] = true;
+                    let (post, output) = self.post_of(bn.map_or(i, |j| j) + 1);
+                    if let Some(j) = bn {
+                        fused[j] = true;
+                    }
                     post.iter().for_each(|&p| fused[p] = true);
                     steps.push(Step::Conv(ConvUnit {
                         bn,
@@ -377,6 +375,36 @@ pub fn fold(weight: &Tensor, bn: &BatchNormParams) -> Folded {
         weight: weight * &gain,
         bias: &bn.bias - bn.mean.detach() * &g,
         gain,
+    }
+}
+
+/// A batch norm that no conv precedes (DenseNet's, after a `Concat`) as `x·scale + shift`: the
+/// exporter writes it as the same `Mul` and `Add` of these float32 constants, so that ONNX
+/// Runtime rounds as gmpq does (its BatchNormalization kernel rounds otherwise, and a value
+/// one ulp off can land on the other side of the next quantizer's rounding step).
+pub fn batch_norm_affine(bn: &BatchNormParams) -> (Tensor, Tensor) {
+    let scale = &bn.weight / (bn.var.detach() + bn.eps).sqrt();
+    let shift = &bn.bias - bn.mean.detach() * &scale;
+    (scale, shift)
+}
+
+/// A unit's conv with what follows it folded in: its batch norm ([`fold`]), its bias as it
+/// is, or no bias.
+pub fn fold_unit(weight: &Tensor, graph: &Graph, unit: &ConvUnit) -> Folded {
+    let channels = weight.size()[0];
+    let ones = || Tensor::ones([channels, 1, 1, 1], (weight.kind(), weight.device()));
+    match unit.bn.map(|j| &graph.ops[j]) {
+        Some(Op::BatchNorm { params, .. }) => fold(weight, params),
+        Some(Op::Bias { bias, .. }) => Folded {
+            weight: weight.shallow_clone(),
+            bias: bias.shallow_clone(),
+            gain: ones(),
+        },
+        _ => Folded {
+            weight: weight.shallow_clone(),
+            bias: Tensor::zeros([channels], (weight.kind(), weight.device())),
+            gain: ones(),
+        },
     }
 }
 
@@ -590,15 +618,12 @@ impl Executor {
             match step {
                 Step::Conv(u) => {
                     let (mut x, quantized) = get(&values, u.input, Some(&u.layer));
-                    let Op::BatchNorm { params, .. } = &graph.ops[u.bn] else {
-                        continue;
-                    };
                     let (Some(spec), Some(lv)) =
                         (spec_of.get(u.layer.as_str()), vars.get(&u.layer))
                     else {
                         continue;
                     };
-                    let folded = fold(&lv.weight, params);
+                    let folded = fold_unit(&lv.weight, graph, u);
                     let kernel_bits = self.plan.kernel_bits(&u.layer);
                     let integer = match (self.plan.bits.get(&u.layer), kernel_bits) {
                         (Some(&(_, a_bits, signed)), Some(w_bits)) => {
@@ -633,14 +658,14 @@ impl Executor {
                     let p = spec.padding as i64;
                     let mut y = x.conv2d(&w, Some(&b), [s, s], [p, p], [1, 1], spec.groups as i64);
                     for &op in &u.post {
-                        y = float_op(&graph.ops[op], &[y]);
+                        y = graph.ops[op].eval(&[y], false);
                     }
                     values[u.output] = Some(self.hold(y, u.output, &ranges, vars));
                 }
                 Step::Add(u) => {
                     let mut y = get(&values, u.a, None).0 + get(&values, u.b, None).0;
                     for &op in &u.post {
-                        y = float_op(&graph.ops[op], &[y]);
+                        y = graph.ops[op].eval(&[y], false);
                     }
                     values[u.output] = Some(self.hold(y, u.output, &ranges, vars));
                 }
@@ -650,8 +675,15 @@ impl Executor {
                         .into_iter()
                         .map(|v| get(&values, v, None).0)
                         .collect();
+                    let general = match &graph.ops[*i] {
+                        Op::BatchNorm { params, .. } => {
+                            let (scale, shift) = batch_norm_affine(params);
+                            &inputs[0] * scale.view([1, -1, 1, 1]) + shift.view([1, -1, 1, 1])
+                        }
+                        op => op.eval(&inputs, false),
+                    };
                     values[i + 1] = Some(Slot {
-                        general: float_op(&graph.ops[*i], &inputs),
+                        general,
                         direct: HashMap::new(),
                     });
                 }
@@ -665,37 +697,4 @@ impl Executor {
 struct Slot {
     general: Tensor,
     direct: HashMap<String, Tensor>,
-}
-
-/// An op other than a conv, in float.
-fn float_op(op: &Op, inputs: &[Tensor]) -> Tensor {
-    let x = &inputs[0];
-    match op {
-        Op::Relu { .. } => x.relu(),
-        Op::Relu6 { .. } => x.clamp(0.0, 6.0),
-        Op::MaxPool {
-            kernel,
-            stride,
-            padding,
-            ..
-        } => x.max_pool2d(
-            [*kernel, *kernel],
-            [*stride, *stride],
-            [*padding, *padding],
-            [1, 1],
-            false,
-        ),
-        Op::GlobalAvgPool { .. } => x.mean_dim([2i64, 3].as_slice(), false, x.kind()),
-        Op::Linear { weight, bias, .. } => x.linear(weight, Some(bias)),
-        Op::Pad { pads, .. } => x.constant_pad_nd(pads.as_slice()),
-        Op::Add { .. } => x + &inputs[1],
-        Op::BatchNorm { params, .. } => {
-            let shape = [1, -1, 1, 1];
-            (x - params.mean.view(shape)) / (params.var.view(shape) + params.eps).sqrt()
-                * params.weight.view(shape)
-                + params.bias.view(shape)
-        }
-        // Convs are units; never reached.
-        Op::Conv { .. } => x.shallow_clone(),
-    }
 }

@@ -121,6 +121,7 @@ mod tests {
             name: "fc".into(),
             in_features: 64,
             out_features: 10,
+            hidden: Vec::new(),
         };
         let cfg = ModelConfig::new(Arch::ResNet20, 1, 10, 32);
         (cfg, convs, fc)

@@ -323,6 +323,7 @@ mod tests {
             name: "fc".into(),
             in_features: 16,
             out_features: 10,
+            hidden: Vec::new(),
         };
         let cfg = ModelConfig::new(Arch::ResNet20, 1, 10, 8);
         let mut template = Policy::uniform(&cfg, &convs, 2, 2);

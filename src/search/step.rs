@@ -20,17 +20,16 @@ pub(super) fn attribution_maps(
     x: &Tensor,
     train: bool,
 ) -> (Tensor, Tensor, Tensor) {
-    let a_t = tch::no_grad(|| {
-        let f = teacher.features(x, false);
-        let logits = teacher.head(&f);
-        attribution::cam(&f, teacher.fc_weight(), &attribution::top1(&logits))
-    });
+    let a_t = attribution::network_map(&**teacher, x);
     let f_s = sn.net.features(x, train);
     let logits = sn.net.head(&f_s);
     let classes = attribution::top1(&logits);
+    // CAM is Grad-CAM only for a GAP → linear head; any other head takes the gradient.
     let a_s = match method {
-        AttributionMethod::Cam => attribution::cam(&f_s, sn.net.fc_weight(), &classes),
-        AttributionMethod::GradCam => attribution::grad_cam(&f_s, &logits, &classes),
+        AttributionMethod::Cam if sn.net.cam_exact() => {
+            attribution::cam(&f_s, sn.net.fc_weight(), &classes)
+        }
+        _ => attribution::grad_cam(&f_s, &logits, &classes),
     };
     (a_t, a_s, logits)
 }

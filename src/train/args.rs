@@ -19,6 +19,10 @@ fn defaults() -> TrainConfig {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
+    /// A full-precision checkpoint to start from. train: its network and weights (an
+    /// imported network: `gmpq import --onnx`); finetune (required): the network to quantize.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     /// train: resnet20 (default), resnet32, resnet56, resnet18, resnet50, mobilenetv2 or
     /// efficientnet-lite0. finetune takes the model from --init and refuses this flag.
     #[arg(long)]
@@ -113,9 +117,14 @@ impl TrainArgs {
             self.out.clone().unwrap_or_else(|| "runs/train".into()),
         );
         r.arch = self.model.as_deref().unwrap_or("resnet20").parse()?;
-        if finetune.is_none() {
-            check_options(ModelSource::Named(r.arch), &self.given())?;
-        }
+        let finetune = match (finetune, &self.init) {
+            (Some(f), _) => Some(f),
+            (None, Some(init)) => Some(self.continued(init)?),
+            (None, None) => {
+                check_options(ModelSource::Named(r.arch), &self.given())?;
+                None
+            }
+        };
         r.test_data = self
             .test_data
             .as_deref()
@@ -145,13 +154,35 @@ impl TrainArgs {
         r.finetune = finetune;
         Ok(r)
     }
+
+    /// Full-precision training that starts from `init`'s network and weights.
+    fn continued(&self, init: &std::path::Path) -> Result<Finetune, TrainError> {
+        let flag = ModelSource::File {
+            flag: "--init",
+            path: init,
+        };
+        // The data's channels and size are adapted to the network (gray to RGB, resize).
+        let given: Vec<ModelOption> = self
+            .given()
+            .into_iter()
+            .filter(|o| *o != ModelOption::Rgb)
+            .collect();
+        check_options(flag, &given)?;
+        let ck = Checkpoint::load(init)?;
+        Ok(Finetune {
+            init: InitFrom {
+                checkpoint: init.to_path_buf(),
+                calibration: super::request::CALIBRATION,
+                calibration_images: super::CALIBRATION_IMAGES,
+            },
+            model: ck.meta.model,
+            precision: Precision::Full,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {
-    /// Full-precision checkpoint to start from (from `gmpq train` or `gmpq import`).
-    #[arg(long)]
-    pub init: PathBuf,
     #[command(flatten)]
     pub policy: PolicyChoice,
     /// How the activation clips are calibrated.
@@ -173,18 +204,28 @@ pub struct FinetuneArgs {
 }
 
 impl FinetuneArgs {
+    /// The full-precision checkpoint to quantize (`--init`, required).
+    pub fn init(&self) -> Result<&std::path::Path, TrainError> {
+        self.train.init.as_deref().ok_or_else(|| {
+            TrainError::Invalid(
+                "give --init: the full-precision checkpoint to fine-tune (from gmpq train or gmpq import)".into(),
+            )
+        })
+    }
+
     /// The fine-tuning these flags state: the model from `--init`, the policy checked
     /// against it.
     pub fn request(mut self) -> Result<TrainRequest, TrainError> {
+        let init = self.init()?.to_path_buf();
         check_options(
             ModelSource::File {
                 flag: "--init",
-                path: &self.init,
+                path: &init,
             },
             &self.train.given(),
         )?;
         self.train.out.get_or_insert_with(|| "runs/finetune".into());
-        let ck = Checkpoint::load(&self.init)?;
+        let ck = Checkpoint::load(&init)?;
         let (_, geometry) = super::build_fp(&ck.meta.model, tch::Device::Cpu)?;
         let policy = self
             .policy
@@ -195,7 +236,7 @@ impl FinetuneArgs {
         // load and network build through Finetune::new.
         let finetune = Finetune {
             init: InitFrom {
-                checkpoint: self.init.clone(),
+                checkpoint: init,
                 calibration: self.calibration,
                 calibration_images: self.calib_images,
             },
