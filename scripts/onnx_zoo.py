@@ -4,6 +4,9 @@ mode), for `gmpq import --onnx`: the import tests and scripts/zoo.sh read these 
     .venv/bin/python scripts/onnx_zoo.py --out DIR [--models resnet18,densenet121]
         [--exporters torchscript,dynamo] [--size 32] [--classes 10]
 
+`resnet18_cifar` is ResNet-18 with the CIFAR stem (a 3×3 stride-1 first conv, no max-pool),
+the shapes of gmpq's built-in `resnet18` at 32 px (for `gmpq bench`).
+
 Weights are random (seeded) with batch-norm statistics and affine parameters drawn at random
 too, so the exporters' batch-norm folding leaves real biases in the convs. Inputs are named
 `image` and outputs `logits` (gmpq's names). One line per file: its name and its op counts.
@@ -43,7 +46,10 @@ def main():
         kwargs = {"num_classes": args.classes}
         if name == "googlenet":
             kwargs.update(aux_logits=False, init_weights=True)
-        model = getattr(torchvision.models, name)(**kwargs)
+        model = getattr(torchvision.models, name.removesuffix("_cifar"))(**kwargs)
+        if name == "resnet18_cifar":
+            model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+            model.maxpool = torch.nn.Identity()
         with torch.no_grad():
             for m in model.modules():
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):

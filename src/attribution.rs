@@ -42,12 +42,15 @@ pub fn network_map(net: &dyn crate::model::Network, x: &Tensor) -> Tensor {
     let f = tch::no_grad(|| net.features(x, false))
         .detach()
         .set_requires_grad(true);
-    let logits = net.head(&f);
-    let y = logits
-        .gather(1, &top1(&logits).unsqueeze(1), false)
-        .sum(Kind::Float);
-    let grads = Tensor::run_backward(&[&y], &[&f], false, false);
-    let g = grads[0].sum_dim_intlist([2i64, 3].as_slice(), false, Kind::Float);
+    // The gradient needs autograd on, also where the caller turned it off (evaluation).
+    let g = tch::with_grad(|| {
+        let logits = net.head(&f);
+        let y = logits
+            .gather(1, &top1(&logits).unsqueeze(1), false)
+            .sum(Kind::Float);
+        let grads = Tensor::run_backward(&[&y], &[&f], false, false);
+        grads[0].sum_dim_intlist([2i64, 3].as_slice(), false, Kind::Float)
+    });
     tch::no_grad(|| Tensor::einsum("nc,nchw->nhw", &[&g, &f.detach()], None::<&[i64]>).relu())
 }
 

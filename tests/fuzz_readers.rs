@@ -1,6 +1,7 @@
 //! Every reader gmpq has, fed randomly truncated and bit-flipped inputs: IDX (plain and
-//! gzipped), CIFAR binaries, image folders, policy JSON, checkpoints, packed checkpoints and
-//! ONNX models. Each must answer with a value or an error: never a panic, never a hang.
+//! gzipped), CIFAR binaries, image folders, policy JSON, checkpoints, packed checkpoints,
+//! ONNX models in ONNX Runtime, and ONNX models through `gmpq import --onnx`. Each must answer
+//! with a value or an error: never a panic, never a hang.
 
 mod common;
 
@@ -126,6 +127,21 @@ fn checkpoints() -> &'static (Vec<u8>, Vec<u8>, String) {
     })
 }
 
+/// ResNet-20 as a float ONNX model (gmpq's export): what `gmpq import --onnx` reads.
+fn float_onnx() -> &'static [u8] {
+    static ONNX: OnceLock<Vec<u8>> = OnceLock::new();
+    ONNX.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.safetensors");
+        std::fs::write(&path, &checkpoints().0).unwrap();
+        let (ck, net) = quant::load(&path, Device::Cpu).unwrap();
+        let opts = gmpq::export::onnx::OnnxOptions {
+            full_precision: true,
+        };
+        gmpq::export::onnx::export(&ck, &net, opts).unwrap()
+    })
+}
+
 /// A packed integer-numerics ResNet-20 (ranges calibrated on random images).
 fn integer_packed() -> &'static [u8] {
     static P: OnceLock<Vec<u8>> = OnceLock::new();
@@ -235,6 +251,12 @@ proptest! {
         let bytes = std::fs::read(&path).unwrap();
         let _ = gmpq::export::packed::integer_onnx(&path, &bytes);
         let _ = gmpq::export::load(&path, Device::Cpu);
+    }
+
+    #[test]
+    fn onnx_importer(d in damage()) {
+        let bytes = apply(float_onnx(), &d);
+        let _ = gmpq::import::parse_onnx(&bytes, None, &gmpq::import::OnnxOptions::default());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use super::{BenchResult, InferReport};
 use crate::flags::positive;
 use crate::model::options::{check_options, ModelOption, ModelSource};
-use crate::model::{Arch, ModelConfig, Stem};
+use crate::model::{ModelConfig, Stem};
 use crate::policy::{parse_uniform, BitCandidateArgs, Policy};
 use crate::quant::{Numerics, Precision};
 use crate::train::TrainError;
@@ -16,6 +16,10 @@ pub struct BenchTrainArgs {
     /// Network to time (resnet20, resnet32, resnet56, resnet18, resnet50, mobilenetv2).
     #[arg(long, default_value = "resnet20")]
     pub model: String,
+    /// Time this checkpoint's network instead of --model (e.g. an imported one, from
+    /// `gmpq import --onnx`); its weights are not read (speed does not depend on them).
+    #[arg(long, conflicts_with_all = ["model", "channels", "classes", "input_size"])]
+    pub checkpoint: Option<PathBuf>,
     /// Images per step.
     #[arg(long, default_value_t = 64, value_parser = positive(), allow_negative_numbers = true)]
     pub batch_size: usize,
@@ -55,6 +59,25 @@ pub struct BenchTrainArgs {
     pub json: bool,
 }
 
+/// The network a benchmark times: `checkpoint`'s, else `model` at the given shape.
+fn network(
+    model: &str,
+    checkpoint: Option<&std::path::Path>,
+    channels: usize,
+    classes: usize,
+    input_size: usize,
+) -> Result<ModelConfig, TrainError> {
+    match checkpoint {
+        Some(path) => Ok(crate::checkpoint::Checkpoint::load(path)?.meta.model),
+        None => Ok(ModelConfig::new(
+            model.parse()?,
+            channels,
+            classes,
+            input_size,
+        )),
+    }
+}
+
 /// The uniform policy `name` (`w4a4`, …) of `cfg`'s quantized layers.
 fn uniform(cfg: &ModelConfig, name: &str) -> Result<Policy, TrainError> {
     let (w, a) = parse_uniform(name)?;
@@ -65,12 +88,13 @@ fn uniform(cfg: &ModelConfig, name: &str) -> Result<Policy, TrainError> {
 impl BenchTrainArgs {
     /// Images per second of the full training step.
     pub fn run(&self, device: Device) -> Result<BenchResult, TrainError> {
-        let cfg = ModelConfig::new(
-            self.model.parse()?,
+        let cfg = network(
+            &self.model,
+            self.checkpoint.as_deref(),
             self.channels,
             self.classes,
             self.input_size,
-        );
+        )?;
         let policy = match (&self.policy, &self.uniform) {
             (Some(path), _) => Some(Policy::load(path)?),
             (None, Some(u)) => Some(uniform(&cfg, u)?),
@@ -105,6 +129,10 @@ pub struct BenchSearchStepArgs {
     /// Network to time (resnet20, resnet32, resnet56, resnet18, resnet50, mobilenetv2).
     #[arg(long, default_value = "resnet18")]
     pub model: String,
+    /// Time this checkpoint's network instead of --model (e.g. an imported one, from
+    /// `gmpq import --onnx`); its weights are not read (speed does not depend on them).
+    #[arg(long, conflicts_with_all = ["model", "channels", "classes", "input_size"])]
+    pub checkpoint: Option<PathBuf>,
     /// Images per step.
     #[arg(long, default_value_t = 32, value_parser = positive(), allow_negative_numbers = true)]
     pub batch_size: usize,
@@ -133,8 +161,13 @@ pub struct BenchSearchStepArgs {
 impl BenchSearchStepArgs {
     /// Seconds of one full GMPQ search step.
     pub fn run(&self, device: Device) -> Result<BenchResult, TrainError> {
-        let arch: Arch = self.model.parse()?;
-        let cfg = ModelConfig::new(arch, self.channels, self.classes, self.input_size);
+        let cfg = network(
+            &self.model,
+            self.checkpoint.as_deref(),
+            self.channels,
+            self.classes,
+            self.input_size,
+        )?;
         super::bench_search_step(
             &cfg,
             self.bits.candidates()?,
@@ -151,6 +184,10 @@ pub struct BenchInferArgs {
     /// Network to time (resnet20, resnet32, resnet56, resnet18, resnet50, mobilenetv2).
     #[arg(long, default_value = "resnet20")]
     pub model: String,
+    /// Time this checkpoint's network instead of --model (e.g. an imported one, from
+    /// `gmpq import --onnx`); its weights are not read (speed does not depend on them).
+    #[arg(long, conflicts_with_all = ["model", "channels", "classes", "input_size"])]
+    pub checkpoint: Option<PathBuf>,
     /// Input height and width in pixels.
     #[arg(long, default_value_t = 28, value_parser = positive(), allow_negative_numbers = true)]
     pub input_size: usize,
@@ -187,10 +224,15 @@ pub struct BenchInferArgs {
 impl BenchInferArgs {
     /// Inference images/s of the libtorch network and its ONNX exports, on `threads`.
     pub fn run(&self, threads: usize) -> Result<InferReport, TrainError> {
-        let arch: Arch = self.model.parse()?;
-        let mut cfg = ModelConfig::new(arch, self.channels, self.classes, self.input_size);
+        let mut cfg = network(
+            &self.model,
+            self.checkpoint.as_deref(),
+            self.channels,
+            self.classes,
+            self.input_size,
+        )?;
         if let Some(stem) = &self.stem {
-            check_options(ModelSource::Named(arch), &[ModelOption::Stem])?;
+            check_options(ModelSource::Named(cfg.arch), &[ModelOption::Stem])?;
             cfg.stem = stem.parse::<Stem>()?;
         }
         let policy = if self.mixed {

@@ -254,6 +254,11 @@ fn import_cmd(a: ImportArgs) -> Result<()> {
         ck.tensors.len(),
         gmpq::checkpoint::sidecar_path(&a.out).display()
     );
+    match a.check_against_runtime(&ck) {
+        Ok(Some(line)) => println!("{line}"),
+        Ok(None) => {}
+        Err(e) => println!("not checked against ONNX Runtime: {e}"),
+    }
     Ok(())
 }
 

@@ -12,9 +12,7 @@ pub use cpu::CpuInfo;
 use crate::data::{
     stratified_subset, DatasetSpec, ImageSource, Normalize, Pipeline, Split, SubsetSpec,
 };
-use crate::export::onnx::{
-    INPUT, META_CLASS_NAMES, META_MODEL, META_PREPROCESSING, META_WEIGHTS, OUTPUT,
-};
+use crate::export::onnx::{META_CLASS_NAMES, META_MODEL, META_PREPROCESSING, META_WEIGHTS};
 use crate::model::ModelConfig;
 use crate::train::{self, EvalMetrics, TrainError};
 use ort::session::{builder::GraphOptimizationLevel, Session};
@@ -115,6 +113,9 @@ pub struct SessionOptions {
 /// An ONNX model exported by gmpq, in an ONNX Runtime session.
 pub struct OnnxModel {
     session: Session,
+    /// The graph's input and output names.
+    input: String,
+    output: String,
     /// The evaluation pipeline before normalisation (which is in the graph).
     pub preprocessing: Option<Pipeline>,
     pub model: Option<ModelConfig>,
@@ -222,13 +223,21 @@ impl OnnxModel {
                 .and_then(|s| serde_json::from_str::<Vec<String>>(&s).ok());
             (pre, model, meta.custom(META_WEIGHTS), names)
         };
-        if session.inputs().first().map(|i| i.name()) != Some(INPUT) {
-            return Err(EngineError::Run(format!(
-                "the model's input is not '{INPUT}' (not exported by gmpq export?)"
-            )));
-        }
+        // gmpq's exports name them `image` and `logits`; any classifier with one input and
+        // one output runs (an imported network's own file, checked against gmpq).
+        let (input, output) = match (session.inputs(), session.outputs()) {
+            ([input], [output, ..]) => (input.name().to_string(), output.name().to_string()),
+            (inputs, _) => {
+                return Err(EngineError::Run(format!(
+                    "the model has {} inputs; gmpq runs models with one image input",
+                    inputs.len()
+                )))
+            }
+        };
         Ok(Self {
             session,
+            input,
+            output,
             preprocessing,
             model,
             weights,
@@ -246,9 +255,11 @@ impl OnnxModel {
         let input = ort::value::Tensor::from_array((shape.clone(), data)).map_err(run)?;
         let outputs = self
             .session
-            .run(ort::inputs![INPUT => input])
+            .run(ort::inputs![self.input.as_str() => input])
             .map_err(run)?;
-        let (out_shape, logits) = outputs[OUTPUT].try_extract_tensor::<f32>().map_err(run)?;
+        let (out_shape, logits) = outputs[self.output.as_str()]
+            .try_extract_tensor::<f32>()
+            .map_err(run)?;
         let dims: Vec<i64> = out_shape.iter().copied().collect();
         Ok(Tensor::from_slice(logits).reshape(dims))
     }

@@ -129,4 +129,56 @@ impl ImportArgs {
         }
         Ok(ck)
     }
+
+    /// For `--onnx`: the imported network and ONNX Runtime on the same file, on a few random
+    /// images: one line with the largest logit difference relative to the largest logit
+    /// (float sums in another order: about 1e-6; 1e-3 or more: not the same function).
+    pub fn check_against_runtime(&self, ck: &Checkpoint) -> Result<Option<String>, TrainError> {
+        use tch::{Kind, Tensor};
+        let Some(onnx) = &self.onnx else {
+            return Ok(None);
+        };
+        let invalid = |e: String| TrainError::Invalid(e);
+        crate::engine::runtime_available().map_err(|e| invalid(e.to_string()))?;
+        let opts = crate::engine::SessionOptions {
+            threads: 1,
+            ..Default::default()
+        };
+        let mut session =
+            crate::engine::OnnxModel::open(onnx, &opts).map_err(|e| invalid(e.to_string()))?;
+        let net = crate::quant::network_of(ck, &self.out, tch::Device::Cpu)?;
+        let m = &ck.meta.model;
+        let (c, s) = (m.in_channels as i64, m.input_size as i64);
+        let norm = &ck.meta.eval_pipeline.normalize;
+        let mean = Tensor::from_slice(&norm.mean).reshape([1, c, 1, 1]);
+        let std = Tensor::from_slice(&norm.std).reshape([1, c, 1, 1]);
+        let (mut worst, mut largest) = (0f64, 0f64);
+        let images = 4;
+        for i in 0..images {
+            let x = (Tensor::arange(c * s * s, (Kind::Float, tch::Device::Cpu))
+                * (0.61 + i as f64))
+                .sin()
+                .abs()
+                .reshape([1, c, s, s]);
+            let normalised = (&x - &mean) / &std;
+            // The graph normalises itself unless --mean/--std said how.
+            let given = self.mean.is_some() || self.std.is_some();
+            let theirs = session
+                .run(if given { &normalised } else { &x })
+                .map_err(|e| invalid(e.to_string()))?;
+            let ours = tch::no_grad(|| tch::nn::ModuleT::forward_t(&net, &normalised, false));
+            worst = worst.max((&ours - &theirs).abs().max().double_value(&[]));
+            largest = largest.max(theirs.abs().max().double_value(&[]));
+        }
+        let relative = worst / largest.max(1e-12);
+        let verdict = if relative < 1e-3 {
+            "the same function"
+        } else {
+            "NOT the same function: please report the model"
+        };
+        Ok(Some(format!(
+            "checked against ONNX Runtime on {images} images: largest logit difference {relative:.1e} \
+             of the largest logit ({verdict})"
+        )))
+    }
 }

@@ -14,7 +14,8 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct PipelineSettings {
-    /// resnet20, resnet32, resnet56, resnet18, resnet50 or mobilenetv2.
+    /// resnet20, resnet32, resnet56, resnet18, resnet50 or mobilenetv2; onnx: a network from
+    /// `gmpq import --onnx`, given as --teacher and --target-teacher.
     #[cfg_attr(feature = "cli", arg(long, default_value = "resnet20"))]
     pub model: String,
     /// Width multiplier of mobilenetv2 (its teachers' channels; recorded only where it is

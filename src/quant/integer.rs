@@ -388,6 +388,27 @@ pub fn batch_norm_affine(bn: &BatchNormParams) -> (Tensor, Tensor) {
     (scale, shift)
 }
 
+/// An integer conv as ONNX Runtime's QLinearConv computes it: the input and kernel as their
+/// integer codes (exact in float32), their products summed exactly (the sums stay below 2^24
+/// for the layers' bits), the int32 bias added, then one scaling `s_x·s_w`. A float conv of the
+/// dequantized values instead rounds every product and partial sum: a conv output near a
+/// rounding boundary of the next quantizer then lands on the other side in about one
+/// element in ten thousand, and a deep network (DenseNet-121) drifts from the exported one.
+fn exact_conv(
+    x: &Tensor,
+    w: &Tensor,
+    s_x: f32,
+    s_w: &Tensor,
+    bias_codes: &Tensor,
+    scale: &Tensor,
+    conv: impl Fn(&Tensor, &Tensor, Option<&Tensor>) -> Tensor,
+) -> Tensor {
+    let x_codes = (x / s_x as f64).round();
+    let w_codes = (w / s_w.view([-1, 1, 1, 1])).round();
+    let acc = conv(&x_codes, &w_codes, None);
+    (acc + bias_codes.view([1, -1, 1, 1])) * scale.view([1, -1, 1, 1])
+}
+
 /// A unit's conv with what follows it folded in: its batch norm ([`fold`]), its bias as it
 /// is, or no bias.
 pub fn fold_unit(weight: &Tensor, graph: &Graph, unit: &ConvUnit) -> Folded {
@@ -641,13 +662,16 @@ impl Executor {
                         )),
                         _ => None,
                     };
+                    let mut codes = None;
                     let (w, b) = match integer {
                         Some((s_x, w_bits, own)) => {
                             let t = folded.threshold(own, s_x, w_bits);
                             let w = quantize_weight_mix(&folded.weight, &t, None, &[w_bits]);
                             let s_w = super::weight_scale(&t, w_bits);
                             let (q, scale) = bias_integers(&folded.bias, s_x, &s_w);
-                            (w, straight_through(&(q * scale), &folded.bias))
+                            let b = straight_through(&(&q * &scale), &folded.bias);
+                            codes = Some((s_x, s_w, q, scale));
+                            (w, b)
                         }
                         None => (folded.weight, folded.bias),
                     };
@@ -656,7 +680,16 @@ impl Executor {
                     }
                     let s = spec.stride as i64;
                     let p = spec.padding as i64;
-                    let mut y = x.conv2d(&w, Some(&b), [s, s], [p, p], [1, 1], spec.groups as i64);
+                    let conv = |x: &Tensor, w: &Tensor, b: Option<&Tensor>| {
+                        x.conv2d(w, b, [s, s], [p, p], [1, 1], spec.groups as i64)
+                    };
+                    let mut y = match codes {
+                        // Evaluation: the integer kernel's own arithmetic (see `exact_conv`).
+                        Some((s_x, s_w, q, scale)) if !x.requires_grad() && !w.requires_grad() => {
+                            exact_conv(&x, &w, s_x, &s_w, &q, &scale, conv)
+                        }
+                        _ => conv(&x, &w, Some(&b)),
+                    };
                     for &op in &u.post {
                         y = graph.ops[op].eval(&[y], false);
                     }

@@ -24,11 +24,13 @@ pub(super) fn attribution_maps(
     let f_s = sn.net.features(x, train);
     let logits = sn.net.head(&f_s);
     let classes = attribution::top1(&logits);
-    // CAM is Grad-CAM only for a GAP → linear head; any other head takes the gradient.
+    // CAM is Grad-CAM only for a GAP → linear head; any other head takes the gradient
+    // (without autograd, in evaluation, by a backward pass of its own).
     let a_s = match method {
         AttributionMethod::Cam if sn.net.cam_exact() => {
             attribution::cam(&f_s, sn.net.fc_weight(), &classes)
         }
+        _ if !logits.requires_grad() => attribution::network_map(&*sn.net, x),
         _ => attribution::grad_cam(&f_s, &logits, &classes),
     };
     (a_t, a_s, logits)

@@ -73,6 +73,9 @@ pub struct Sgd {
     layout: ParamLayout,
 }
 
+/// The smallest activation clip a step leaves (see [`Sgd::step`]).
+pub const MIN_CLIP: f64 = 1e-3;
+
 impl Sgd {
     /// `params`: the trainable tensors, by name (all of one kind and device), convolution
     /// weights laid out channels-last.
@@ -189,7 +192,20 @@ impl Sgd {
                 }
             }
             let _ = self.flat.g_sub_(&(d_p * lr));
+            self.keep_clips_positive();
         })
+    }
+
+    /// PACT's activation clip `r` is a bound: a step that would take it to zero or below
+    /// (seen on a random-weight imported MnasNet in its first fine-tuning epoch) would make
+    /// its quantizer's output a constant, so it stops at [`MIN_CLIP`].
+    fn keep_clips_positive(&self) {
+        let suffix = format!(".{}", crate::quant::QuantizerTensor::ActClip.suffix());
+        for ((name, _), &(off, n)) in self.params.iter().zip(&self.offsets) {
+            if name.ends_with(&suffix) {
+                let _ = self.flat.narrow(0, off, n).clamp_min_(MIN_CLIP);
+            }
+        }
     }
 
     /// Momentum buffers by parameter name (for checkpoints; empty before the first step).
