@@ -487,7 +487,16 @@ impl LayerCost {
         let params = fc.params();
         LayerCost {
             name: fc.name.clone(),
-            shape: format!("{}x{}", fc.out_features, fc.in_features),
+            // An MLP head (an imported network's) shows its widths, input first.
+            shape: match fc.hidden.as_slice() {
+                [] => format!("{}x{}", fc.out_features, fc.in_features),
+                hidden => std::iter::once(fc.in_features)
+                    .chain(hidden.iter().copied())
+                    .chain(std::iter::once(fc.out_features))
+                    .map(|w| w.to_string())
+                    .collect::<Vec<_>>()
+                    .join("→"),
+            },
             macs: fc.macs(),
             params,
             w_bits: None,
