@@ -412,6 +412,7 @@ fn proxy_pipeline(
             teacher_val.top1
         );
     }
+    step::warn_if_point_map(&teacher.network.net, model, cfg, job.device);
     Ok((train_pipe, teacher_val.top1))
 }
 

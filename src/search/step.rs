@@ -162,3 +162,26 @@ impl SearchStep<'_> {
         })
     }
 }
+
+/// A 1×1 last feature map (an ImageNet stem at 32 px) makes every attribution map a constant:
+/// the attribution term then does nothing, and GMPQ is EdMIPS. Said once, before the search.
+pub(super) fn warn_if_point_map(
+    teacher: &crate::model::Model,
+    model: &crate::model::ModelConfig,
+    cfg: &SearchConfig,
+    device: tch::Device,
+) {
+    if cfg.attribution_weight == 0.0 {
+        return;
+    }
+    let s = model.input_size as i64;
+    let probe = Tensor::zeros([1, model.in_channels as i64, s, s], (Kind::Float, device));
+    let map = tch::no_grad(|| teacher.features(&probe, false)).size();
+    if map.get(2..) == Some(&[1, 1][..]) {
+        tracing::warn!(
+            "the network's last feature map is 1×1 at {s} px: its attribution maps are \
+             constant, so the attribution term does nothing (this search is EdMIPS); a larger \
+             input, or a stem that downsamples less, keeps the map's extent"
+        );
+    }
+}
