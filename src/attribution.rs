@@ -22,10 +22,15 @@ pub fn cam(features: &Tensor, fc_weight: &Tensor, classes: &Tensor) -> Tensor {
 /// General Grad-CAM: `g_k = Σ_{h,w} ∂y_c/∂F_k(h,w)` by autograd with `create_graph`, so the
 /// map stays differentiable (double backward). `logits` must depend on `features`.
 pub fn grad_cam(features: &Tensor, logits: &Tensor, classes: &Tensor) -> Tensor {
+    grad_cam_of(features, logits, classes, true)
+}
+
+/// Grad-CAM's map; `create_graph`: keep the gradient's own graph (a loss on the map).
+fn grad_cam_of(features: &Tensor, logits: &Tensor, classes: &Tensor, create_graph: bool) -> Tensor {
     let y = logits
         .gather(1, &classes.unsqueeze(1), false)
         .sum(Kind::Float);
-    let grads = Tensor::run_backward(&[&y], &[features], true, true);
+    let grads = Tensor::run_backward(&[&y], &[features], create_graph, create_graph);
     let g = grads[0].sum_dim_intlist([2i64, 3].as_slice(), false, Kind::Float); // [N, C]
     Tensor::einsum("nc,nchw->nhw", &[&g, features], None::<&[i64]>).relu()
 }
@@ -43,15 +48,11 @@ pub fn network_map(net: &dyn crate::model::Network, x: &Tensor) -> Tensor {
         .detach()
         .set_requires_grad(true);
     // The gradient needs autograd on, also where the caller turned it off (evaluation).
-    let g = tch::with_grad(|| {
+    tch::with_grad(|| {
         let logits = net.head(&f);
-        let y = logits
-            .gather(1, &top1(&logits).unsqueeze(1), false)
-            .sum(Kind::Float);
-        let grads = Tensor::run_backward(&[&y], &[&f], false, false);
-        grads[0].sum_dim_intlist([2i64, 3].as_slice(), false, Kind::Float)
-    });
-    tch::no_grad(|| Tensor::einsum("nc,nchw->nhw", &[&g, &f.detach()], None::<&[i64]>).relu())
+        grad_cam_of(&f, &logits, &top1(&logits), false)
+    })
+    .detach()
 }
 
 /// Flattens each sample's map and divides it by its L2 norm (clamped at 1e-12, as PyTorch's

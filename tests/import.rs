@@ -61,6 +61,11 @@ fn zoo(test: &str) -> Option<&'static Path> {
     dir.as_ref().map(|d| d.path())
 }
 
+/// [`zoo`], where ONNX Runtime is there too (else None, said by `cannot_run`).
+fn zoo_and_runtime(test: &str) -> Option<&'static Path> {
+    zoo(test).filter(|_| common::onnx_runtime(test))
+}
+
 /// A plain ResNet, an MLP head with squeeze-excite and HardSwish, a channel shuffle (shape
 /// arithmetic to fold, or `Split`), and un-folded batch norm after `Concat`.
 const ZOO_MODELS: [&str; 4] = [
@@ -109,12 +114,9 @@ fn one_thread() -> SessionOptions {
 #[test]
 fn torchvision_cnns_compute_what_onnx_runtime_computes() {
     let test = "torchvision_cnns_compute_what_onnx_runtime_computes";
-    let Some(zoo) = zoo(test) else {
+    let Some(zoo) = zoo_and_runtime(test) else {
         return;
     };
-    if !common::onnx_runtime(test) {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let x = images(4, 32);
     for model in ZOO_MODELS {
@@ -172,12 +174,9 @@ fn colour_folder(dir: &Path, per_class: usize) {
 #[test]
 fn imported_cnns_search_finetune_and_ship_integer_models() {
     let test = "imported_cnns_search_finetune_and_ship_integer_models";
-    let Some(zoo) = zoo(test) else {
+    let Some(zoo) = zoo_and_runtime(test) else {
         return;
     };
-    if !common::onnx_runtime(test) {
-        return;
-    }
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     colour_folder(&data, 8);

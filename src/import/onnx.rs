@@ -92,12 +92,6 @@ pub fn parse(
     if graph.node.is_empty() {
         return Err(OnnxImportError::Corrupt("the graph has no nodes".into()));
     }
-    for op in &model.opset_import {
-        if !(op.domain.is_empty() || op.domain == "ai.onnx") && op.domain != "ai.onnx.ml" {
-            // Custom domains are refused node by node (their ops are not in the table).
-            continue;
-        }
-    }
     let mut external = External::new(dir);
     let mut consts: HashMap<String, Tensor> = HashMap::new();
     for t in &graph.initializer {
@@ -105,8 +99,7 @@ pub fn parse(
     }
     let input = graph_input(&model, &consts, opts)?;
     let mut walk = Walk::new(input.channels, input.size, input.batch, &graph.node);
-    walk.vals
-        .insert(input.name.clone(), Val::input(&walk.traced[0]));
+    walk.vals.insert(input.name.clone(), Val::INPUT);
     for (name, t) in consts {
         walk.vals.insert(name, Val::Const(t));
     }

@@ -76,7 +76,6 @@ impl Walk {
         };
         self.convs.push(spec);
         self.kernels.insert(layer.clone(), float(&w));
-        self.kernel_order.push(layer.clone());
         let conv = Op::Conv {
             input,
             layer: layer.clone(),
@@ -309,10 +308,7 @@ impl Walk {
         let (a, b) = (self.get(node, 0)?, self.get(node, 1)?);
         if matches!(op, "Sub" | "Div") {
             if self.lifted(node, op, &b) {
-                return Ok(Val::Dyn {
-                    value: 0,
-                    nonneg: false,
-                });
+                return Ok(Val::INPUT);
             }
             self.close_lift();
         }

@@ -59,12 +59,11 @@ pub(super) enum Val {
 }
 
 impl Val {
-    pub(super) fn input(_traced: &Tensor) -> Self {
-        Val::Dyn {
-            value: 0,
-            nonneg: false,
-        }
-    }
+    /// The graph's (normalised) image: value 0, signed.
+    pub(super) const INPUT: Val = Val::Dyn {
+        value: 0,
+        nonneg: false,
+    };
     fn copy(&self) -> Self {
         match self {
             Val::Const(t) => Val::Const(t.shallow_clone()),
@@ -93,7 +92,6 @@ pub(super) struct Walk {
     pub(super) tensors: Vec<(TensorSpec, Tensor)>,
     pub(super) by_name: HashMap<String, Tensor>,
     pub(super) kernels: HashMap<String, Tensor>,
-    pub(super) kernel_order: Vec<String>,
     pub(super) names: Names,
     pub(super) readers: HashMap<String, usize>,
     pub(super) lift: Lift,
@@ -154,7 +152,6 @@ impl Walk {
             tensors: Vec::new(),
             by_name: HashMap::new(),
             kernels: HashMap::new(),
-            kernel_order: Vec::new(),
             names: Names::default(),
             readers,
             lift: Lift::Open,
@@ -439,11 +436,8 @@ impl Walk {
             ))
         })?;
         let mut tensors = BTreeMap::new();
-        for layer in &self.kernel_order {
-            tensors.insert(
-                format!("{layer}.weight"),
-                self.kernels[layer].shallow_clone(),
-            );
+        for (layer, kernel) in &self.kernels {
+            tensors.insert(format!("{layer}.weight"), kernel.shallow_clone());
         }
         for (s, t) in &self.tensors {
             tensors.insert(s.name.clone(), t.shallow_clone());

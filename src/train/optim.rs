@@ -71,6 +71,8 @@ pub struct Sgd {
     flat_grad: Tensor,
     momentum_buf: Option<Tensor>,
     layout: ParamLayout,
+    /// The activation clips' places in the flat buffer (see [`Sgd::step`]).
+    clips: Vec<(i64, i64)>,
 }
 
 /// The smallest activation clip a step leaves (see [`Sgd::step`]).
@@ -111,11 +113,19 @@ impl Sgd {
                 p.shallow_clone().set_data(&view);
             }
         });
+        let suffix = format!(".{}", crate::quant::QuantizerTensor::ActClip.suffix());
+        let clips = params
+            .iter()
+            .zip(&offsets)
+            .filter(|((name, _), _)| name.ends_with(&suffix))
+            .map(|(_, &at)| at)
+            .collect();
         Self {
             momentum,
             weight_decay,
             params,
             offsets,
+            clips,
             flat,
             flat_grad,
             momentum_buf: None,
@@ -200,11 +210,8 @@ impl Sgd {
     /// (seen on a random-weight imported MnasNet in its first fine-tuning epoch) would make
     /// its quantizer's output a constant, so it stops at [`MIN_CLIP`].
     fn keep_clips_positive(&self) {
-        let suffix = format!(".{}", crate::quant::QuantizerTensor::ActClip.suffix());
-        for ((name, _), &(off, n)) in self.params.iter().zip(&self.offsets) {
-            if name.ends_with(&suffix) {
-                let _ = self.flat.narrow(0, off, n).clamp_min_(MIN_CLIP);
-            }
+        for &(off, n) in &self.clips {
+            let _ = self.flat.narrow(0, off, n).clamp_min_(MIN_CLIP);
         }
     }
 
