@@ -256,11 +256,14 @@ fn imported_cnns_search_finetune_and_ship_integer_models() {
             .and_then(|r| r.split('%').next())
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("{model}: no agreement in {compared}"));
-        // Random weights after one epoch on 48 images: near-tied logits, where one activation
-        // rounded to the other side of a step (a float conv here, an integer one there)
-        // can flip the class. Measured: 100 % for all four on 80 images (Xeon, VNNI).
+        // gmpq computes the integer kernels' own arithmetic (`quant::integer`'s `Exact`), so
+        // only float ops may round differently: the classifier, and DenseNet's average
+        // pools, whose sums ONNX Runtime may order otherwise (a code one step off). Measured
+        // 2026-12-08 (Intel Xeon, 2 cores, VNNI): 100 % for all four, largest logit
+        // difference ≤ 1.2e-7 over 1,000 images (the zoo, `scripts/zoo.sh`); one image of
+        // the 80 here may still flip on a near-tie elsewhere.
         assert!(
-            agreement >= 95.0,
+            agreement >= 98.0,
             "{model}: gmpq and ONNX Runtime agree on {agreement} %"
         );
     }

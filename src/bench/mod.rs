@@ -240,6 +240,8 @@ pub struct InferReport {
     pub qdq_optimized_ops: std::collections::BTreeMap<String, usize>,
     /// The op types of ONNX Runtime's optimized integer graph (QLinearConv, QLinearAdd, …).
     pub integer_optimized_ops: std::collections::BTreeMap<String, usize>,
+    /// Those of its ops that compute in float ([`crate::engine::float_op_counts`]).
+    pub integer_float_ops: std::collections::BTreeMap<String, usize>,
     /// The policy's layers (convs whose QDQ units ONNX Runtime could fuse).
     pub quantized_convs: usize,
     /// The CPU and the features the integer and float kernels' speed depends on.
@@ -266,18 +268,18 @@ fn bench_checkpoint(config: &ModelConfig, net: &quant::Network) -> crate::checkp
 
 /// An ONNX Runtime session of `net`'s export, and the op types of the graph ONNX Runtime
 /// optimized it to (`what` names the dump file).
+/// An optimized graph's op types: all of them, and those that compute in float.
+type OpCounts = (
+    std::collections::BTreeMap<String, usize>,
+    std::collections::BTreeMap<String, usize>,
+);
+
 fn optimized_session(
     config: &ModelConfig,
     net: &quant::Network,
     what: &str,
     opts: &crate::engine::SessionOptions,
-) -> Result<
-    (
-        crate::engine::OnnxModel,
-        std::collections::BTreeMap<String, usize>,
-    ),
-    TrainError,
-> {
+) -> Result<(crate::engine::OnnxModel, OpCounts), TrainError> {
     use crate::export::onnx::{self, OnnxOptions};
     let invalid = |e: &dyn std::fmt::Display| TrainError::Invalid(e.to_string());
     let bytes = onnx::export(&bench_checkpoint(config, net), net, OnnxOptions::default())
@@ -293,7 +295,9 @@ fn optimized_session(
         },
     )
     .map_err(|e| invalid(&e))?;
-    let ops = crate::engine::op_counts(&dump).map_err(|e| invalid(&e));
+    let ops = crate::engine::op_counts(&dump)
+        .and_then(|all| Ok((all, crate::engine::float_op_counts(&dump)?)))
+        .map_err(|e| invalid(&e));
     let _ = std::fs::remove_file(&dump);
     Ok((session, ops?))
 }
@@ -346,8 +350,9 @@ pub fn bench_infer(
         unoptimized: false,
     };
     let mut fp_session = OnnxModel::from_bytes(&fp_onnx, &opts).map_err(|e| invalid(&e))?;
-    let (mut qdq_session, qdq_optimized_ops) = optimized_session(config, &fixed, "qdq", &opts)?;
-    let (mut integer_session, integer_optimized_ops) =
+    let (mut qdq_session, (qdq_optimized_ops, _)) =
+        optimized_session(config, &fixed, "qdq", &opts)?;
+    let (mut integer_session, (integer_optimized_ops, integer_float_ops)) =
         optimized_session(config, &integer, "integer", &opts)?;
     let mut results = Vec::new();
     for &batch in batch_sizes {
@@ -388,6 +393,7 @@ pub fn bench_infer(
         results,
         qdq_optimized_ops,
         integer_optimized_ops,
+        integer_float_ops,
         quantized_convs,
         cpu: CpuInfo::detect(),
     })

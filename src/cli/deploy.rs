@@ -136,6 +136,10 @@ pub(super) fn bench_infer_cmd(a: gmpq::bench::BenchInferArgs) -> Result<()> {
         list(&report.integer_optimized_ops)
     );
     println!(
+        "  of which compute in float: {}",
+        list(&report.integer_float_ops)
+    );
+    println!(
         "ONNX Runtime's optimized QDQ graph: {}",
         list(&report.qdq_optimized_ops)
     );

@@ -15,8 +15,8 @@
 //! - The float stem (its batch norm folded) and the classifier (global average pool, Gemm)
 //!   stay float; a `Pad` before a conv becomes the conv's padding.
 
+use super::builder::{attr_int, attr_ints, Builder};
 use super::floats;
-use super::onnx::{attr_int, attr_ints, Builder};
 use super::ExportError;
 use crate::model::graph::{Graph, Op, Value};
 use crate::model::ConvSpec;
@@ -169,6 +169,10 @@ pub(super) fn emit(b: &mut Builder, net: &Network, input: String) -> Result<Stri
             }
             Step::Float(i) => {
                 let op = &graph.ops[*i];
+                if let Some(q) = w.pass_through(op, &values)? {
+                    values[i + 1] = Some(Slot::float(q));
+                    continue;
+                }
                 let inputs: Vec<String> = op
                     .inputs()
                     .into_iter()
@@ -257,6 +261,50 @@ impl Writer<'_> {
                 (f, kernel, bias)
             }
         })
+    }
+
+    /// An op that only moves codes (slice, transpose, reshape, max-pool, concat) on uint8
+    /// inputs of one scale and zero point: written on the codes, its output at the same
+    /// quantization (ONNX Runtime runs these ops on uint8). Exact: gmpq computes them on the
+    /// dequantized values, which are the codes times the one scale. None for any other op
+    /// or where the inputs are float or differ in scale ([`Plan::shared`] makes a concat's
+    /// parts share one).
+    fn pass_through(
+        &mut self,
+        op: &Op,
+        values: &[Option<Slot>],
+    ) -> Result<Option<Emitted>, ExportError> {
+        if !matches!(
+            op,
+            Op::Slice { .. }
+                | Op::Transpose { .. }
+                | Op::Reshape { .. }
+                | Op::MaxPool { .. }
+                | Op::Concat { .. }
+        ) {
+            return Ok(None);
+        }
+        let mut names = Vec::new();
+        let mut quant: Option<(f32, u8)> = None;
+        for v in op.inputs() {
+            let Some(Slot {
+                general: Emitted::Quant { name, scale, zero },
+                ..
+            }) = values.get(v).and_then(|s| s.as_ref())
+            else {
+                return Ok(None);
+            };
+            if quant.is_some_and(|(s, z)| s.to_bits() != scale.to_bits() || z != *zero) {
+                return Ok(None);
+            }
+            quant = Some((*scale, *zero));
+            names.push(name.clone());
+        }
+        let Some((scale, zero)) = quant else {
+            return Ok(None);
+        };
+        let name = self.b.float_op(op, &names)?;
+        Ok(Some(Emitted::Quant { name, scale, zero }))
     }
 
     fn clip(&self, layer: &str) -> Result<f64, ExportError> {

@@ -4,6 +4,7 @@
 
 #[cfg(feature = "cli")]
 mod args;
+mod builder;
 mod integer;
 pub mod onnx;
 pub mod packed;

@@ -2,8 +2,7 @@
 //! ShuffleNet's `Shape → Gather → Div → Mul → Slice`) is computed at import, in libtorch, and
 //! becomes a constant. Integer arithmetic stays int64 with ONNX's truncating division.
 
-use super::onnx::{float, Attrs, OnnxImportError};
-use super::walk::{guarded, ints, refuse};
+use super::proto::{float, guarded, ints, refuse, Attrs, OnnxImportError};
 use onnx_protobuf::NodeProto;
 use tch::{Kind, Tensor};
 

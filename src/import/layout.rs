@@ -2,8 +2,8 @@
 //! `Reshape`, `Flatten`, `MaxPool`, `AveragePool`, `GlobalAveragePool`, `ReduceMean`. None may
 //! touch the batch axis: gmpq runs any batch size through the graph.
 
-use super::onnx::{Attrs, OnnxImportError};
-use super::walk::{ints, refuse, Val, Walk};
+use super::proto::{ints, refuse, Attrs, OnnxImportError};
+use super::walk::{Val, Walk};
 use crate::model::graph::{Op, Window};
 use onnx_protobuf::NodeProto;
 

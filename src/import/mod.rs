@@ -10,10 +10,12 @@ mod layout;
 mod names;
 mod onnx;
 mod ops;
+mod proto;
 mod walk;
 #[cfg(feature = "cli")]
 pub use args::ImportArgs;
-pub use onnx::{parse as parse_onnx, read as read_onnx, OnnxImportError, OnnxNetwork, OnnxOptions};
+pub use onnx::{parse as parse_onnx, read as read_onnx, OnnxOptions};
+pub use proto::{OnnxImportError, OnnxNetwork};
 pub use walk::SUPPORTED as SUPPORTED_ONNX_OPS;
 
 use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta};

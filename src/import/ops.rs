@@ -2,8 +2,8 @@
 //! `BatchNormalization`, the activations, and `Add`/`Sub`/`Mul`/`Div` (with the lifting of the
 //! graph's leading normalisation into the checkpoint's preprocessing).
 
-use super::onnx::{float, Attrs, OnnxImportError};
-use super::walk::{floats, refuse, Lift, Val, Walk};
+use super::proto::{float, floats, refuse, Attrs, OnnxImportError};
+use super::walk::{Lift, Val, Walk};
 use crate::data::Normalize;
 use crate::model::graph::{BatchNormParams, Op, Value};
 use crate::model::ConvSpec;

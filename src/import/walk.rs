@@ -5,7 +5,7 @@
 
 use super::head::find_head;
 use super::names::Names;
-use super::onnx::{float, Attrs, OnnxImportError, OnnxNetwork};
+use super::proto::{float, guarded, refuse, Attrs, OnnxImportError, OnnxNetwork};
 use crate::data::Normalize;
 use crate::model::graph::{Op, Value};
 use crate::model::{ConvSpec, ImportedGraph, TensorSpec};
@@ -99,36 +99,6 @@ pub(super) struct Walk {
     pub(super) channels: usize,
     pub(super) size: usize,
     pub(super) batch: i64,
-}
-
-/// One node's refusal.
-pub(super) fn refuse(node: &NodeProto, reason: impl Into<String>) -> OnnxImportError {
-    OnnxImportError::Node {
-        node: node.name.clone(),
-        op: node.op_type.clone(),
-        reason: reason.into(),
-    }
-}
-
-/// A tensor's values as i64 (constants of shape arithmetic).
-pub(super) fn ints(t: &Tensor) -> Vec<i64> {
-    Vec::<i64>::try_from(t.to_kind(Kind::Int64).flatten(0, -1)).unwrap_or_default()
-}
-
-pub(super) fn floats(t: &Tensor) -> Vec<f32> {
-    Vec::<f32>::try_from(t.to_kind(Kind::Float).flatten(0, -1)).unwrap_or_default()
-}
-
-/// Runs `f` and turns a libtorch error (a panic in tch) into the node's refusal.
-pub(super) fn guarded<T>(node: &NodeProto, f: impl FnOnce() -> T) -> Result<T, OnnxImportError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|e| {
-        let msg = e
-            .downcast_ref::<String>()
-            .map(|s| s.lines().next().unwrap_or_default().to_string())
-            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_default();
-        refuse(node, format!("its inputs do not fit together ({msg})"))
-    })
 }
 
 impl Walk {

@@ -2,90 +2,13 @@
 //! width multiplier, CIFAR or ImageNet stem) and EfficientNet-Lite0 (efficientnet_pytorch
 //! names, TensorFlow "SAME" padding, batch-norm eps 1e-3, no squeeze-and-excitation).
 
-use super::graph::{Graph, Op, Value};
-use super::layers::{path_for, ConvLayer, ConvSpec, LayerFactory, LinearSpec};
+use super::graph::{Graph, Op};
+use super::layers::{path_for, ConvSpec, LayerFactory, LinearSpec};
+use super::mobile_blocks::{ConvBn, InvertedResidual};
 use super::resnet::{batch_norm, conv_out};
 use super::{Arch, ModelConfig, ModelError, Network, Stem};
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
-
-/// Conv + BN, with TF "SAME" zero padding `[left, right, top, bottom]` applied before the conv
-/// when it is asymmetric (EfficientNet's stride-2 layers).
-#[derive(Debug)]
-struct ConvBn {
-    /// The conv layer's name (its `ConvSpec::name`).
-    name: String,
-    conv: Box<dyn ConvLayer>,
-    bn: nn::BatchNorm,
-    bn_eps: f64,
-    same_pad: Option<[i64; 4]>,
-}
-
-impl ConvBn {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let h = match &self.same_pad {
-            Some(p) => self
-                .conv
-                .forward_t(&xs.constant_pad_nd(p.as_slice()), train),
-            None => self.conv.forward_t(xs, train),
-        };
-        self.bn.forward_t(&h, train)
-    }
-
-    fn graph(&self, g: &mut Graph, input: Value) -> Value {
-        let input = match self.same_pad {
-            Some(pads) => g.push(Op::Pad { input, pads }),
-            None => input,
-        };
-        let conv = g.push(Op::Conv {
-            input,
-            layer: self.name.clone(),
-        });
-        g.batch_norm(conv, &self.bn, self.bn_eps)
-    }
-}
-
-#[derive(Debug)]
-struct InvertedResidual {
-    expand: Option<ConvBn>,
-    depthwise: ConvBn,
-    project: ConvBn,
-    residual: bool,
-}
-
-impl InvertedResidual {
-    fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        let mut h = xs.shallow_clone();
-        if let Some(e) = &self.expand {
-            h = e.forward_t(&h, train).clamp(0.0, 6.0);
-        }
-        h = self.depthwise.forward_t(&h, train).clamp(0.0, 6.0);
-        // Linear bottleneck: no activation after the projection.
-        h = self.project.forward_t(&h, train);
-        if self.residual {
-            h + xs
-        } else {
-            h
-        }
-    }
-
-    /// [`Self::forward_t`] as graph operations (inference).
-    fn graph(&self, g: &mut Graph, input: Value) -> Value {
-        let mut h = input;
-        if let Some(e) = &self.expand {
-            let x = e.graph(g, h);
-            h = g.push(Op::Relu6 { input: x });
-        }
-        let x = self.depthwise.graph(g, h);
-        h = g.push(Op::Relu6 { input: x });
-        h = self.project.graph(g, h);
-        if self.residual {
-            g.push(Op::Add { a: h, b: input })
-        } else {
-            h
-        }
-    }
-}
 
 /// Layer names of the two weight layouts.
 #[derive(Debug, Clone, Copy, PartialEq)]

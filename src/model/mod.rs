@@ -8,6 +8,7 @@ pub mod graph;
 mod imported;
 mod layers;
 mod mobile;
+mod mobile_blocks;
 pub mod options;
 mod resnet;
 

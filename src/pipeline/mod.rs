@@ -2,292 +2,50 @@
 //! each stage writes, and the record of what ran, so an interrupted pipeline resumes stage by
 //! stage and the report can show the exact commands.
 
+mod arms;
+mod attribution_stage;
 mod choice;
+mod error;
+mod events;
+mod layout;
 mod page;
+mod prepare;
 mod record;
 mod run;
+mod search_stage;
 mod settings;
 mod ship;
 mod stage;
 mod summary;
 
-use record::RecordedTeachers;
-
+pub use attribution_stage::{attribution_grid, AttributionStage};
 pub use choice::{
     choose, reference_arm, Choice, Lead, ValidateStage, ValidationPredictions, CHOICE_LEVEL,
 };
 pub use page::write_run_report;
+pub use prepare::{budget_geometry, check_data, target_model};
 pub use record::{
-    copy_stage_output, reusable_stage, reusable_training, same_policy_training, training_done,
-    training_meta, RunRecord, StageKey, StageRecord, StageStatus, RECORD_FILE, RECORD_FORMAT,
+    copy_stage_output, reusable_stage, reusable_training, same_policy_training, RunRecord,
+    StageKey, StageRecord, StageStatus, RECORD_FORMAT,
 };
-pub use run::{budget_geometry, check_data, run, target_model, RunEvents, RunOutcome};
+pub use run::{run, RunOutcome};
+pub use search_stage::{RankStage, SearchKind, SearchStage};
 pub use settings::{
     split_subset, target_holdout_for, PipelineSettings, DEFAULT_BASELINES, DEFAULT_BASELINES_FLAG,
     DEFAULT_BUDGET, FINETUNE_EPOCHS, TARGET_HOLDOUT, TARGET_HOLDOUT_MAX, TEACHER_EPOCHS,
 };
 pub use ship::{ExportStage, Shipped, AGREEMENT_FLOOR};
-pub use stage::{
-    attribution_grid, AttributionStage, FinetuneOf, RankStage, SearchKind, SearchStage, Stage,
-    StageContext, TrainStage,
-};
-pub use summary::{chosen_arm, ArmSummary, RunSummary};
+pub use stage::{FinetuneOf, Stage, StageContext, TrainStage};
+pub use summary::{chosen_arm, RunSummary};
 
-use crate::policy::PolicyError;
-use serde::{Deserialize, Serialize};
+pub use arms::ArmSummary;
+pub(crate) use error::context;
+pub use error::{PipelineError, Result};
+pub use events::RunEvents;
+pub use layout::{training_done, training_meta, Arm, RunLayout, RECORD_FILE};
+
+#[cfg(test)]
 use std::path::{Path, PathBuf};
-
-#[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
-    #[error("{path}: {reason}")]
-    Read { path: PathBuf, reason: String },
-    #[error("{path}: {source}")]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Policy(#[from] PolicyError),
-    #[error(
-        "{dir} holds a pipeline run with different settings ({fields}); use another --out, or \
-         delete the folder to start again"
-    )]
-    SettingsChanged { dir: PathBuf, fields: String },
-    #[error(transparent)]
-    Train(#[from] crate::train::TrainError),
-    #[error(transparent)]
-    Search(#[from] crate::search::SearchError),
-    #[error(transparent)]
-    Data(#[from] crate::data::DataError),
-    #[error(transparent)]
-    Checkpoint(#[from] crate::checkpoint::CheckpointError),
-    #[error(transparent)]
-    Lock(#[from] crate::files::LockError),
-    #[error(transparent)]
-    Model(#[from] crate::model::ModelError),
-    #[error(transparent)]
-    Quant(#[from] crate::quant::QuantError),
-    #[error(transparent)]
-    Export(#[from] crate::export::ExportError),
-    #[error(transparent)]
-    Engine(#[from] crate::engine::EngineError),
-    #[error(transparent)]
-    Report(Box<crate::report::ReportError>),
-    #[error("{0}")]
-    Invalid(String),
-    /// What was being done when `source` failed (a stage, an input).
-    #[error("{what}")]
-    Context {
-        what: String,
-        #[source]
-        source: Box<PipelineError>,
-    },
-}
-
-impl From<crate::report::ReportError> for PipelineError {
-    fn from(e: crate::report::ReportError) -> Self {
-        PipelineError::Report(Box::new(e))
-    }
-}
-
-impl PipelineError {
-    /// `self` as the cause of `what`.
-    pub fn context(self, what: impl Into<String>) -> Self {
-        PipelineError::Context {
-            what: what.into(),
-            source: Box::new(self),
-        }
-    }
-
-    /// The folder whose lock another process holds, when that is what failed.
-    pub fn busy_folder(&self) -> Option<&Path> {
-        match self {
-            PipelineError::Lock(crate::files::LockError::Busy { dir, .. })
-            | PipelineError::Train(crate::train::TrainError::Lock(
-                crate::files::LockError::Busy { dir, .. },
-            ))
-            | PipelineError::Search(crate::search::SearchError::Lock(
-                crate::files::LockError::Busy { dir, .. },
-            )) => Some(dir),
-            PipelineError::Context { source, .. } => source.busy_folder(),
-            _ => None,
-        }
-    }
-}
-
-/// `.map_err(context("…"))`: wraps any error the pipeline knows with what was being done.
-pub(crate) fn context<E: Into<PipelineError>>(
-    what: impl Into<String>,
-) -> impl FnOnce(E) -> PipelineError {
-    move |e| e.into().context(what)
-}
-
-pub type Result<T> = std::result::Result<T, PipelineError>;
-
-/// One arm of a run: how its policy is found. All arms share the teachers, the budget and
-/// the fine-tuning recipe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-#[serde(rename_all = "kebab-case")]
-pub enum Arm {
-    /// GMPQ search on the proxy (attribution rank preservation).
-    Gmpq,
-    /// The same search without the attribution term.
-    Edmips,
-    /// The uniform policy with the most BOPs within the budget (no search).
-    Uniform,
-    /// The search without the attribution term, run on the target data itself: the
-    /// conventional, expensive route.
-    EdmipsTarget,
-    /// Per-layer bits drawn at random, cost within 2 % under the budget (seeded by the run).
-    Random,
-    /// HAWQ-style: the proxy teacher's Hessian-trace and measured activation sensitivities,
-    /// minimised under the budget by the knapsack (no supernet).
-    Hawq,
-    /// The best uniform policy, the rest of the budget spent by HAWQ's sensitivities.
-    UniformFill,
-    /// GMPQ's search, its policy chosen among candidates (α's best few, uniform,
-    /// uniform-fill) by their calibrated accuracy on held-out proxy images.
-    GmpqRanked,
-    /// Not a policy of its own: in a study's tables, each run's chosen model (the arm best on
-    /// the validation split). No pipeline runs it.
-    Chosen,
-}
-
-impl Arm {
-    /// Every arm but GMPQ, which a pipeline always runs: the `--baseline` values.
-    pub const BASELINES: [Arm; 7] = [
-        Arm::Edmips,
-        Arm::Uniform,
-        Arm::EdmipsTarget,
-        Arm::Random,
-        Arm::Hawq,
-        Arm::UniformFill,
-        Arm::GmpqRanked,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Arm::Gmpq => "gmpq",
-            Arm::Edmips => "edmips",
-            Arm::Uniform => "uniform",
-            Arm::EdmipsTarget => "edmips-target",
-            Arm::Random => "random",
-            Arm::Hawq => "hawq",
-            Arm::UniformFill => "uniform-fill",
-            Arm::GmpqRanked => "gmpq-ranked",
-            Arm::Chosen => "chosen",
-        }
-    }
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Arm::Gmpq => "GMPQ",
-            Arm::Edmips => "EdMIPS",
-            Arm::Uniform => "uniform",
-            Arm::EdmipsTarget => "EdMIPS on target",
-            Arm::Random => "random",
-            Arm::Hawq => "HAWQ",
-            Arm::UniformFill => "uniform-fill",
-            Arm::GmpqRanked => "GMPQ ranked",
-            Arm::Chosen => "chosen on validation",
-        }
-    }
-
-    /// Arms whose policy comes from a search (with a log and heatmaps).
-    pub fn searched(self) -> bool {
-        matches!(self, Arm::Gmpq | Arm::Edmips | Arm::EdmipsTarget)
-    }
-}
-
-impl std::fmt::Display for Arm {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl std::str::FromStr for Arm {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let all = std::iter::once(Arm::Gmpq).chain(Arm::BASELINES);
-        all.clone().find(|a| a.name() == s).ok_or_else(|| {
-            let names: Vec<&str> = all.map(Arm::name).collect();
-            format!("unknown arm '{s}' ({})", names.join(", "))
-        })
-    }
-}
-
-/// Where every stage of a run writes, relative to the run directory.
-#[derive(Debug, Clone)]
-pub struct RunLayout {
-    pub dir: PathBuf,
-}
-
-impl RunLayout {
-    pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
-    }
-    pub fn record(&self) -> PathBuf {
-        self.dir.join(RECORD_FILE)
-    }
-    /// Full-precision teacher trained on the proxy data (guides the search).
-    pub fn proxy_teacher(&self) -> PathBuf {
-        self.dir.join("teacher-proxy")
-    }
-    /// Full-precision teacher trained on the target data (initialises fine-tuning).
-    pub fn target_teacher(&self) -> PathBuf {
-        self.dir.join("teacher-target")
-    }
-
-    /// The training folder of the target teacher this run used: its own, or the folder of
-    /// the `--target-teacher` checkpoint it was given (as recorded in `pipeline.json`).
-    pub fn used_target_teacher(&self) -> PathBuf {
-        RunRecord::load(&self.record())
-            .ok()
-            .flatten()
-            .and_then(|r| serde_json::from_value::<RecordedTeachers>(r.settings).ok())
-            .and_then(|s| s.target_teacher)
-            .map(|p| p.parent().unwrap_or(Path::new(".")).to_path_buf())
-            .unwrap_or_else(|| self.target_teacher())
-    }
-    pub fn search(&self, arm: Arm) -> PathBuf {
-        self.dir.join(format!("search-{}", arm.name()))
-    }
-    pub fn policy(&self, arm: Arm) -> PathBuf {
-        self.search(arm).join("policy.json")
-    }
-    pub fn finetune(&self, arm: Arm) -> PathBuf {
-        self.dir.join(format!("finetune-{}", arm.name()))
-    }
-    /// Teacher and fine-tuned students' attribution maps on target test images.
-    pub fn target_attribution(&self) -> PathBuf {
-        self.dir.join("attribution-target.png")
-    }
-    pub fn summary(&self) -> PathBuf {
-        self.dir.join("summary.json")
-    }
-    /// The chosen model, exported: ONNX, the packed file, and which arm it is.
-    /// Every fine-tuned arm's predictions on the validation images (the choice's evidence).
-    pub fn validation(&self) -> PathBuf {
-        self.dir.join("validation.json")
-    }
-    pub fn chosen_onnx(&self) -> PathBuf {
-        self.dir.join("chosen.onnx")
-    }
-    pub fn chosen_packed(&self) -> PathBuf {
-        self.dir.join("chosen.packed.safetensors")
-    }
-    pub fn chosen_record(&self) -> PathBuf {
-        self.dir.join("chosen.json")
-    }
-    pub fn report(&self) -> PathBuf {
-        self.dir.join("report.html")
-    }
-    /// Chart files the report embeds.
-    pub fn report_assets(&self) -> PathBuf {
-        self.dir.join("report")
-    }
-}
 
 /// Writes the sidecar of a training that ran `epochs` epochs (test top-1 90 + epoch), as a
 /// finished or interrupted run leaves it, without training anything.

@@ -2,12 +2,11 @@
 //! and what it lets a run reuse: a stage finished in another run, or a fine-tuning of the
 //! same policy by another arm of this run.
 
+use super::layout::training_done;
 use super::{Arm, PipelineError, Result, RunLayout, Stage};
-use crate::checkpoint::{self, CheckpointMeta};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
-pub const RECORD_FILE: &str = "pipeline.json";
 pub const RECORD_FORMAT: u32 = 1;
 
 /// The part of a run's recorded settings the library reads back.
@@ -131,24 +130,6 @@ impl RunRecord {
             None => self.stages.push(record),
         }
     }
-}
-
-/// The metadata of a training run's last checkpoint (its JSON sidecar), if it exists.
-pub fn training_meta(run_dir: &Path) -> Result<Option<CheckpointMeta>> {
-    let path = checkpoint::sidecar_path(&crate::train::last_checkpoint(run_dir));
-    if !path.exists() {
-        return Ok(None);
-    }
-    let text = std::fs::read_to_string(&path).map_err(|e| PipelineError::Read {
-        path: path.clone(),
-        reason: e.to_string(),
-    })?;
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| PipelineError::Read {
-            path,
-            reason: format!("not a checkpoint sidecar: {e}"),
-        })
 }
 
 /// A stage finished in another run folder that is the very computation `layout` is about to
@@ -283,7 +264,16 @@ pub fn copy_stage_output(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Whether a training run has completed `epochs` epochs.
-pub fn training_done(run_dir: &Path, epochs: usize) -> Result<bool> {
-    Ok(training_meta(run_dir)?.is_some_and(|m| m.epoch >= epochs))
+impl RunLayout {
+    /// The training folder of the target teacher this run used: its own, or the folder of
+    /// the `--target-teacher` checkpoint it was given (as recorded in `pipeline.json`).
+    pub fn used_target_teacher(&self) -> PathBuf {
+        RunRecord::load(&self.record())
+            .ok()
+            .flatten()
+            .and_then(|r| serde_json::from_value::<RecordedTeachers>(r.settings).ok())
+            .and_then(|s| s.target_teacher)
+            .map(|p| p.parent().unwrap_or(Path::new(".")).to_path_buf())
+            .unwrap_or_else(|| self.target_teacher())
+    }
 }

@@ -2,6 +2,7 @@
 //! conv layers, and calibration.
 
 mod calibrate;
+mod error;
 mod fused;
 pub mod integer;
 mod layers;
@@ -13,6 +14,7 @@ pub use crate::policy::Numerics;
 /// [`crate::policy`], below both this module and [`crate::checkpoint`].
 pub use crate::policy::{LayerCalibration, Precision};
 pub use calibrate::{kl_threshold, CalibrationMethod};
+pub use error::QuantError;
 pub use fused::{
     fused_quantize_activation, fused_quantize_weight, kernels, quantize_activation_mix,
     quantize_activation_mix_with, quantize_weight_mix, quantize_weight_mix_with, set_kernels,
@@ -22,7 +24,7 @@ pub(crate) use layers::initial_threshold;
 pub use layers::{
     FixedPolicyConvs, Observe, QuantLayerHandle, QuantizerTensor, SupernetConvs, Temperature,
 };
-pub use network::{build, calibrate, load, network_of, Network, QuantError};
+pub use network::{build, calibrate, load, network_of, Network};
 pub use quantizer::{activation_levels, weight_levels, weight_scale};
 pub use quantizer::{
     expected_bits, expected_bits_from, quantize_activation, quantize_activation_signed,

@@ -7,26 +7,15 @@ use super::integer::{Executor, LayerVars, Plan, RANGES};
 use super::layers::{
     FixedPolicyConvs, Observe, QuantLayerHandle, QuantizerTensor, SupernetConvs, Temperature,
 };
+use super::QuantError;
 use super::CLIP_INIT;
-use crate::checkpoint::{self, Checkpoint, CheckpointError};
+use crate::checkpoint::{self, Checkpoint};
 use crate::model::{FullPrecisionConvs, Model, ModelConfig, ModelError};
 use crate::policy::{LayerBits, LayerCalibration, Numerics, Policy, PolicyError, Precision};
 use std::path::Path;
 use std::sync::Arc;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Tensor};
-
-#[derive(Debug, thiserror::Error)]
-pub enum QuantError {
-    #[error(transparent)]
-    Model(#[from] ModelError),
-    #[error(transparent)]
-    Policy(#[from] PolicyError),
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
-    #[error("{0}")]
-    Invalid(String),
-}
 
 /// A built network: its variables, the module, and handles on its quantized layers.
 pub struct Network {

@@ -12,7 +12,7 @@
 
 use super::budget::{Geometry, Target};
 use super::extract::{knapsack_policy, spend_budget, ExtractionError};
-use super::hawq::Sensitivities;
+use super::sensitivity::Sensitivities;
 use crate::policy::{Candidates, Policy};
 
 /// The uniform `(w, a)` with the most BOPs within `target`, both widths from the bits that

@@ -15,6 +15,7 @@
 
 use super::budget::{Geometry, Target};
 use super::extract::{check_feasible, knapsack_policy, ExtractionError};
+pub use super::sensitivity::Sensitivities;
 use super::{Result, SearchError};
 use crate::checkpoint::Checkpoint;
 use crate::policy::{Candidates, LayerBits, Policy};
@@ -51,30 +52,6 @@ pub fn hutchinson_traces(loss: &Tensor, params: &[Tensor], samples: usize) -> Ve
         }
     }
     traces.iter().map(|t| t / samples.max(1) as f64).collect()
-}
-
-/// What the sensitivity analysis measured, kept in the policy's meta.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Sensitivities {
-    /// Per layer: |Hutchinson trace| of the loss Hessian w.r.t. its kernel, over its size.
-    pub mean_trace: BTreeMap<String, f64>,
-    /// Per layer and weight candidate: `½·tr/n·‖Q_b(W) − W‖²`.
-    pub weight: BTreeMap<String, Vec<f64>>,
-    /// Per layer and activation candidate: the measured loss increase.
-    pub activation: BTreeMap<String, Vec<f64>>,
-    /// The FP loss on the analysis batches.
-    pub fp_loss: f64,
-}
-
-impl Sensitivities {
-    /// A layer's weight and activation sensitivities (per candidate).
-    pub fn layer(&self, name: &str) -> std::result::Result<(&[f64], &[f64]), ExtractionError> {
-        let missing = || ExtractionError::Invalid(format!("no sensitivity for layer {name}"));
-        Ok((
-            self.weight.get(name).ok_or_else(missing)?,
-            self.activation.get(name).ok_or_else(missing)?,
-        ))
-    }
 }
 
 /// The seed of the sensitivity analysis's random draws (the Hutchinson probes).

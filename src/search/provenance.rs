@@ -65,7 +65,7 @@ pub struct PolicyMeta {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RankingRecord {
     /// Every candidate with its calibrated top-1 on the held-out proxy images.
-    pub candidates: Vec<super::rank::RankedCandidate>,
+    pub candidates: Vec<RankedCandidate>,
     /// The index of the kept one.
     pub chosen: usize,
     /// Held-out proxy images scored, and training images calibrated on.
@@ -147,4 +147,20 @@ mod tests {
         assert!(old.cost.is_none() && old.model_config.is_none());
         assert_eq!(old.extraction_rule(), None);
     }
+}
+
+/// One ranked candidate, as the provenance records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankedCandidate {
+    /// Where it came from: `alpha` (the knapsack's best), `alpha, LAYER weights ≠ B` (the best
+    /// solution with that layer's bits changed), `uniform`, or the file it was read from.
+    pub source: String,
+    pub bops: u64,
+    pub compression: f64,
+    /// Top-1 (%) of the calibrated, untrained network on the held-out proxy images.
+    pub val_top1: f64,
+    /// Σ log softmax(α/T) of its bits: how much the search preferred it.
+    pub alpha_log_prob: f64,
+    /// Bits per layer, `w/a` in layer order.
+    pub bits: Vec<String>,
 }

@@ -19,12 +19,12 @@
 
 use super::budget::{Geometry, Preferences, Target};
 use super::extract::{knapsack_policy, log_softmax, spend_budget, ExtractionError};
+pub use super::provenance::RankedCandidate;
 use super::{Result, SearchError};
 use crate::checkpoint::Checkpoint;
 use crate::data::{DataLoader, ImageSource, LoaderConfig};
 use crate::policy::Policy;
 use crate::quant::{self, CalibrationMethod, Precision};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -33,22 +33,6 @@ use std::sync::Arc;
 pub const ALPHA_ALTERNATIVES: usize = 5;
 /// Proxy training images each candidate is calibrated on.
 pub const CALIBRATION_IMAGES: usize = 256;
-
-/// One ranked candidate, as the provenance records it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RankedCandidate {
-    /// Where it came from: `alpha` (the knapsack's best), `alpha, LAYER weights ≠ B` (the best
-    /// solution with that layer's bits changed), `uniform`, or the file it was read from.
-    pub source: String,
-    pub bops: u64,
-    pub compression: f64,
-    /// Top-1 (%) of the calibrated, untrained network on the held-out proxy images.
-    pub val_top1: f64,
-    /// Σ log softmax(α/T) of its bits: how much the search preferred it.
-    pub alpha_log_prob: f64,
-    /// Bits per layer, `w/a` in layer order.
-    pub bits: Vec<String>,
-}
 
 /// The knapsack's best policy under `target` and up to `alternatives` of the best policies
 /// that differ from it in one layer's weight or in one layer's activation bits (the second

@@ -7,8 +7,6 @@ mod run;
 mod slurm;
 mod tables;
 
-use tables::group_key;
-
 #[cfg(feature = "cli")]
 pub use args::{StudyArgs, StudyOutcome};
 pub use run::{array_index_from_env, check_inputs, run, run_selected, tables_only, write_tables};
@@ -274,6 +272,12 @@ pub fn mean_bits(runs: &[StudyRun], arms: &[Arm]) -> Result<Vec<MeanBits>, Study
             g
         })
         .collect())
+}
+
+/// The (pair, budget, arm) a row or policy is aggregated under; the budget formatted so that
+/// it sorts numerically and compares exactly.
+pub(super) fn group_key(pair: &str, compression: f64, arm: Arm) -> (String, String, Arm) {
+    (pair.to_string(), format!("{compression:012.3}"), arm)
 }
 
 #[cfg(test)]

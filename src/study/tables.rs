@@ -1,6 +1,7 @@
 //! The study's tables from its runs' records: one row per arm and run, the mean and spread
 //! per (pair, budget, arm), the paired differences, written as CSV, JSON and Markdown.
 
+use super::group_key;
 use super::{every_arm_finished, finished_top1, StudyError, StudyRun};
 use crate::pipeline::{Arm, ArmSummary, RunLayout, RunSummary};
 use serde::{Deserialize, Serialize};
@@ -89,12 +90,6 @@ pub fn collect(
         }
     }
     Ok(rows)
-}
-
-/// The (pair, budget, arm) a row or policy is aggregated under; the budget formatted so that
-/// it sorts numerically and compares exactly.
-pub(super) fn group_key(pair: &str, compression: f64, arm: Arm) -> (String, String, Arm) {
-    (pair.to_string(), format!("{compression:012.3}"), arm)
 }
 
 /// Aggregates finished rows (those with an accuracy) per (pair, budget, arm).

@@ -172,7 +172,7 @@ impl TrainArgs {
         Ok(Finetune {
             init: InitFrom {
                 checkpoint: init.to_path_buf(),
-                calibration: super::request::CALIBRATION,
+                calibration: super::CALIBRATION,
                 calibration_images: super::CALIBRATION_IMAGES,
             },
             model: ck.meta.model,

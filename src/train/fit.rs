@@ -3,8 +3,8 @@
 
 use super::{
     calibration_batches, channel_stats, check_run_size, check_same, evaluate_shared,
-    last_checkpoint, pipelines, request, EvalMetrics, Progress, Result, Sgd, Silent, TrainConfig,
-    TrainError, TrainJob, BN_FREEZE_AT,
+    last_checkpoint, pipelines, EvalMetrics, Progress, Result, Sgd, Silent, TrainConfig,
+    TrainError, TrainJob, BN_FREEZE_AT, CALIBRATION_IMAGES,
 };
 use crate::checkpoint::{self, Checkpoint, CheckpointMeta, EpochMetrics, OPTIMIZER_PREFIX};
 use crate::data::{DataLoader, LoaderConfig, Normalize, Pipeline, Shard};
@@ -67,7 +67,7 @@ pub fn train(job: TrainJob) -> Result<CheckpointMeta> {
     let calibration_images = job
         .init
         .as_ref()
-        .map_or(request::CALIBRATION_IMAGES, |i| i.calibration_images);
+        .map_or(CALIBRATION_IMAGES, |i| i.calibration_images);
     let calib_batches = if network.handles.is_empty() {
         Vec::new()
     } else {

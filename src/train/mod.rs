@@ -18,7 +18,7 @@ pub use eval::{
 pub use fit::train;
 pub use optim::{Adam, ParamLayout, Sgd};
 pub use ptq::{PtqOutcome, PtqRequest};
-pub use request::{Finetune, TrainOutcome, TrainRequest, CALIBRATION, CALIBRATION_IMAGES};
+pub use request::{Finetune, TrainOutcome, TrainRequest};
 
 use crate::checkpoint::{CheckpointError, EpochMetrics};
 use crate::data::{
@@ -161,6 +161,12 @@ pub struct Augment {
     pub crop_padding: usize,
     pub hflip: bool,
 }
+
+/// Training images used to calibrate a fine-tuning's quantizers (`--calib-limit`).
+pub const CALIBRATION_IMAGES: usize = 1024;
+/// The calibration rule of fine-tuning (`--calibration`).
+pub const CALIBRATION: crate::quant::CalibrationMethod =
+    crate::quant::CalibrationMethod::KlBelow5Bits;
 
 /// Learning rate of training from scratch.
 pub const TRAIN_LR: f64 = 0.1;

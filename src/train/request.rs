@@ -3,19 +3,15 @@
 
 use super::{
     last_checkpoint, train, Augment, InitFrom, LrSchedule, Progress, Result, TrainConfig,
-    TrainError, TrainJob, FINETUNE_LR, FINETUNE_WEIGHT_DECAY, TRAIN_LR, TRAIN_WEIGHT_DECAY,
+    TrainError, TrainJob, CALIBRATION, CALIBRATION_IMAGES, FINETUNE_LR, FINETUNE_WEIGHT_DECAY,
+    TRAIN_LR, TRAIN_WEIGHT_DECAY,
 };
 use crate::checkpoint::{Checkpoint, CheckpointMeta};
 use crate::data::{holdout_indices, stratified_subset, DatasetSpec, Split, SubsetSpec};
 use crate::model::{Arch, ModelConfig, Stem};
 use crate::policy::Policy;
-use crate::quant::{CalibrationMethod, Precision};
+use crate::quant::Precision;
 use std::path::PathBuf;
-
-/// Training images used to calibrate a fine-tuning's quantizers (`--calib-limit`).
-pub const CALIBRATION_IMAGES: usize = 1024;
-/// The calibration rule of fine-tuning (`--calibration`).
-pub const CALIBRATION: CalibrationMethod = CalibrationMethod::KlBelow5Bits;
 
 /// Fine-tuning's extras: the FP weights it starts from, their model, and the fixed policy.
 #[derive(Debug, Clone)]
