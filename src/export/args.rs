@@ -171,7 +171,7 @@ fn policy_size_bytes(network: &Network, policy: &Policy) -> (f64, f64) {
         .net
         .convs()
         .iter()
-        .map(|c| format!("{}.weight", c.name))
+        .map(|c| c.kernel_name())
         .chain(["fc.weight".to_string(), "fc.bias".to_string()])
         .collect();
     let other: usize = network

@@ -19,6 +19,7 @@ use super::builder::{attr_int, attr_ints, Builder};
 use super::floats;
 use super::ExportError;
 use crate::model::graph::{Graph, Op, Value};
+use crate::model::kernel_name;
 use crate::model::ConvSpec;
 use crate::quant::integer::{
     batch_norm_affine, bias_integers, eight_scale, fold_unit, input_scale, ConvUnit, Folded, Plan,
@@ -126,7 +127,7 @@ pub(super) fn emit(b: &mut Builder, net: &Network, input: String) -> Result<Stri
                 let spec = specs.get(u.layer.as_str()).ok_or_else(|| {
                     ExportError::Unsupported(format!("the network has no conv layer '{}'", u.layer))
                 })?;
-                let weight = var(&format!("{}.weight", u.layer))?;
+                let weight = var(&kernel_name(&u.layer))?;
                 let folded = tch::no_grad(|| fold_unit(&weight, &graph, u));
                 let threshold = vars
                     .get(&crate::quant::QuantizerTensor::WeightThreshold.of(&u.layer))

@@ -20,6 +20,7 @@ use super::builder::{attr_int, attr_ints, Builder};
 use super::ExportError;
 use crate::checkpoint::Checkpoint;
 use crate::model::graph::{Op, Value};
+use crate::model::kernel_name;
 use crate::model::ConvSpec;
 use crate::quant::{Network, Numerics, Precision, QuantizerTensor};
 use onnx_protobuf::{
@@ -101,7 +102,7 @@ pub fn export(ck: &Checkpoint, net: &Network, opts: OnnxOptions) -> Result<Vec<u
                 let spec = specs.get(layer.as_str()).ok_or_else(|| {
                     ExportError::Unsupported(format!("the network has no conv layer '{layer}'"))
                 })?;
-                let weight = var(&format!("{layer}.weight"))?;
+                let weight = var(&kernel_name(layer))?;
                 let x = name_of(*input);
                 let (x, w) = match quant.get(layer.as_str()) {
                     Some(&(w_bits, a_bits)) if spec.quantizable => {
@@ -111,7 +112,7 @@ pub fn export(ck: &Checkpoint, net: &Network, opts: OnnxOptions) -> Result<Vec<u
                         let w = b.weight_qdq(layer, &weight, &threshold, w_bits)?;
                         (x, w)
                     }
-                    _ => (x, b.tensor_f32(&format!("{layer}.weight"), &weight)?),
+                    _ => (x, b.tensor_f32(&kernel_name(layer), &weight)?),
                 };
                 let k = spec.kernel as i64;
                 let (s, p) = (spec.stride as i64, spec.padding as i64);

@@ -17,6 +17,7 @@
 use super::weight_integers;
 use super::ExportError;
 use crate::checkpoint::{self, Checkpoint, CheckpointError, CheckpointMeta};
+use crate::model::kernel_name;
 use crate::quant::{Numerics, Precision, QuantizerTensor};
 use onnx_protobuf::{Message, ModelProto};
 use serde::{Deserialize, Serialize};
@@ -132,13 +133,12 @@ pub fn pack(ck: &Checkpoint) -> Result<Vec<u8>, ExportError> {
         }
         let t_name = QuantizerTensor::WeightThreshold.of(name);
         // An unset threshold becomes max|w|, as the quantizer's first forward pass sets it.
-        let (q, _, threshold) =
-            weight_integers(get(&format!("{name}.weight"))?, get(&t_name)?, *bits);
+        let (q, _, threshold) = weight_integers(get(&kernel_name(name))?, get(&t_name)?, *bits);
         kernels.extend(pack_bits(&q, *bits));
         thresholds.insert(t_name, threshold);
     }
     let quantized: std::collections::HashSet<String> =
-        layers.iter().map(|(n, _)| format!("{n}.weight")).collect();
+        layers.iter().map(|(n, _)| kernel_name(n)).collect();
     let mut floats: Vec<f32> = Vec::new();
     for name in shapes.keys().filter(|n| !quantized.contains(*n)) {
         let t = match thresholds.get(name) {
@@ -348,7 +348,7 @@ pub fn unpack(
     let floats = blob(FLOATS, Kind::Float)?;
     let numel = |shape: &[i64]| shape.iter().product::<i64>().max(0) as usize;
     let quantized: std::collections::HashSet<String> =
-        layers.iter().map(|(n, _)| format!("{n}.weight")).collect();
+        layers.iter().map(|(n, _)| kernel_name(n)).collect();
     let mut out = BTreeMap::new();
     // Float tensors, in name order.
     let mut offset = 0i64;
@@ -372,7 +372,7 @@ pub fn unpack(
     // Kernels, in policy order.
     let mut at = 0usize;
     for (name, bits) in &layers {
-        let shape = &shapes[&format!("{name}.weight")];
+        let shape = &shapes[&kernel_name(name)];
         let count = numel(shape);
         let len = (count * *bits as usize).div_ceil(8);
         let bytes = kernels
@@ -384,7 +384,7 @@ pub fn unpack(
         let s = crate::quant::weight_scale(&out[&QuantizerTensor::WeightThreshold.of(name)], *bits);
         let qf: Vec<f32> = q.iter().map(|&v| v as f32).collect();
         out.insert(
-            format!("{name}.weight"),
+            kernel_name(name),
             Tensor::from_slice(&qf).reshape(&shape[..]) * s,
         );
     }

@@ -8,6 +8,7 @@ use super::names::Names;
 use super::proto::{float, guarded, refuse, Attrs, OnnxImportError, OnnxNetwork};
 use crate::data::Normalize;
 use crate::model::graph::{Op, Value};
+use crate::model::kernel_name;
 use crate::model::{ConvSpec, ImportedGraph, TensorSpec};
 use onnx_protobuf::NodeProto;
 use std::collections::{BTreeMap, HashMap};
@@ -407,7 +408,7 @@ impl Walk {
         })?;
         let mut tensors = BTreeMap::new();
         for (layer, kernel) in &self.kernels {
-            tensors.insert(format!("{layer}.weight"), kernel.shallow_clone());
+            tensors.insert(kernel_name(layer), kernel.shallow_clone());
         }
         for (s, t) in &self.tensors {
             tensors.insert(s.name.clone(), t.shallow_clone());

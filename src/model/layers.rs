@@ -26,7 +26,18 @@ pub struct ConvSpec {
     pub signed_input: bool,
 }
 
+/// The var-store name of conv layer `layer`'s kernel: `LAYER.weight`, as tch's conv module names
+/// it. Every reader of a kernel by name (exports, HAWQ, the integer executor) asks here.
+pub fn kernel_name(layer: &str) -> String {
+    format!("{layer}.weight")
+}
+
 impl ConvSpec {
+    /// Its kernel's var-store name ([`kernel_name`]).
+    pub fn kernel_name(&self) -> String {
+        kernel_name(&self.name)
+    }
+
     /// `C_in · C_out · k² · H_out · W_out / groups` (METHOD.md).
     pub fn macs(&self) -> u64 {
         (self.in_channels * self.out_channels * self.kernel * self.kernel) as u64

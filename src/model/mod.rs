@@ -16,7 +16,8 @@ mod resnet;
 pub use args::ModelArgs;
 pub use imported::{Cam, Head, Imported, ImportedGraph, TensorSpec};
 pub use layers::{
-    fp_conv, path_for, ConvLayer, ConvSpec, FullPrecisionConvs, LayerFactory, LinearSpec,
+    fp_conv, kernel_name, path_for, ConvLayer, ConvSpec, FullPrecisionConvs, LayerFactory,
+    LinearSpec,
 };
 pub use mobile::MobileNet;
 pub use resnet::ResNet;

@@ -97,7 +97,7 @@ pub fn build(
         integer = Some(Executor::new(plan, ranges));
         let vars = vs.variables();
         for spec in net.convs() {
-            if let Some(weight) = vars.get(&format!("{}.weight", spec.name)) {
+            if let Some(weight) = vars.get(&spec.kernel_name()) {
                 layer_vars.insert(
                     spec.name.clone(),
                     LayerVars {
@@ -333,7 +333,7 @@ pub fn calibrate(
             }
             if let (Some(t), Some(w)) = (
                 vars.get(&QuantizerTensor::WeightThreshold.of(&h.spec.name)),
-                vars.get(&format!("{}.weight", h.spec.name)),
+                vars.get(&h.spec.kernel_name()),
             ) {
                 let m = if t.dim() == 0 {
                     w.abs().max()

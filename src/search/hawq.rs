@@ -18,6 +18,7 @@ use super::extract::{check_feasible, knapsack_policy, ExtractionError};
 pub use super::sensitivity::Sensitivities;
 use super::{Result, SearchError};
 use crate::checkpoint::Checkpoint;
+use crate::model::kernel_name;
 use crate::policy::{Candidates, LayerBits, Policy};
 use crate::quant::{self, Network, Observe, Precision, QuantLayerHandle};
 use serde::{Deserialize, Serialize};
@@ -153,7 +154,7 @@ fn weight_sensitivities(
     let kernels: Vec<Tensor> = quantized
         .iter()
         .map(|n| {
-            vars.get(&format!("{n}.weight"))
+            vars.get(&kernel_name(n))
                 .map(|t| t.shallow_clone())
                 .ok_or_else(|| SearchError::Invalid(format!("no kernel {n}.weight in the teacher")))
         })
