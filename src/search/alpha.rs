@@ -100,12 +100,12 @@ pub fn expected_layer_bits(net: &Network, vars: &HashMap<String, Tensor>) -> Vec
         .collect()
 }
 
-fn alpha_table(net: &Network, suffix: &str) -> BTreeMap<String, Vec<f64>> {
+fn alpha_table(net: &Network, alpha: QuantizerTensor) -> BTreeMap<String, Vec<f64>> {
     let vars = net.vs.variables();
     net.handles
         .iter()
         .filter_map(|h| {
-            let t = vars.get(&format!("{}.{suffix}", h.spec.name))?;
+            let t = vars.get(&alpha.of(&h.spec.name))?;
             let v: Vec<f32> = Vec::try_from(&t.detach().to_device(Device::Cpu)).ok()?;
             Some((h.spec.name.clone(), v.into_iter().map(f64::from).collect()))
         })
@@ -115,8 +115,8 @@ fn alpha_table(net: &Network, suffix: &str) -> BTreeMap<String, Vec<f64>> {
 /// The supernet's current α as repair preferences.
 pub fn preferences(net: &Network) -> Preferences {
     Preferences {
-        alpha_w: alpha_table(net, "alpha_w"),
-        alpha_a: alpha_table(net, "alpha_a"),
+        alpha_w: alpha_table(net, QuantizerTensor::AlphaW),
+        alpha_a: alpha_table(net, QuantizerTensor::AlphaA),
         temperature: net.temperature.get(),
         bits: match &net.precision {
             Precision::Supernet { candidates } => Some(candidates.clone()),
