@@ -22,8 +22,8 @@ use crate::model::graph::{Graph, Op, Value};
 use crate::model::kernel_name;
 use crate::model::ConvSpec;
 use crate::quant::integer::{
-    batch_norm_affine, bias_integers, eight_scale, fold_unit, input_scale, ConvUnit, Folded, Plan,
-    Step, RANGES,
+    batch_norm_affine, bias_integers, eight_scale, eight_zero, fold_unit, input_codes, input_scale,
+    moves_codes, ConvUnit, Folded, Plan, Step, RANGES,
 };
 use crate::quant::{weight_scale, Network};
 use onnx_protobuf::tensor_proto::DataType;
@@ -275,14 +275,7 @@ impl Writer<'_> {
         op: &Op,
         values: &[Option<Slot>],
     ) -> Result<Option<Emitted>, ExportError> {
-        if !matches!(
-            op,
-            Op::Slice { .. }
-                | Op::Transpose { .. }
-                | Op::Reshape { .. }
-                | Op::MaxPool { .. }
-                | Op::Concat { .. }
-        ) {
+        if !moves_codes(op) {
             return Ok(None);
         }
         let mut names = Vec::new();
@@ -351,17 +344,10 @@ impl Writer<'_> {
                 ExportError::Unsupported(format!("layer '{layer}' is not quantized"))
             })?;
         let scale = input_scale(self.clip(layer)?, a_bits, signed);
-        let levels = crate::quant::activation_levels(a_bits, signed);
-        let (zero, lo, mut hi) = if signed {
-            (128u8, 128 - levels, 128 + levels)
-        } else {
-            (0u8, 0, levels)
-        };
-        if relu6 && !signed {
-            // round(6/s) with ties to even, as the quantizer rounds min(x, 6)/s.
-            let six = (6.0f32 / scale).round_ties_even() as i64;
-            hi = hi.min(six);
-        }
+        // The executor's code range (ReLU6's bound included), moved to the zero point.
+        let zero = eight_zero(signed);
+        let (lo, hi) = input_codes(a_bits, signed, scale, relu6);
+        let (lo, hi) = (lo as i64 + zero as i64, hi as i64 + zero as i64);
         let (s, z) = self.scale_and_zero(&format!("{layer}.input"), scale, zero);
         let q = self.b.node("QuantizeLinear", &[x, &s, &z], vec![]);
         let lo = self.b.initializer(
@@ -484,7 +470,7 @@ impl Writer<'_> {
                     ));
                 }
                 let scale = eight_scale(range, signed);
-                let zero = if signed { 128 } else { 0 };
+                let zero = eight_zero(signed);
                 let (s, z) = self.scale_and_zero("q8", scale, zero);
                 let q = self.b.node("QuantizeLinear", &[&y, &s, &z], vec![]);
                 Emitted::Quant {

@@ -175,7 +175,7 @@ pub(super) fn quantize_codes(x: &Tensor, s: f32, lo: f64, hi: f64) -> Tensor {
 
 /// The code range `[lo, hi]` (around the zero point) of a layer's input quantizer: its
 /// levels, and ReLU6's 6 rounded as the quantizer rounds `min(x, 6)/s` when `relu6`.
-pub(super) fn input_codes(a_bits: u32, signed: bool, scale: f32, relu6: bool) -> (f64, f64) {
+pub fn input_codes(a_bits: u32, signed: bool, scale: f32, relu6: bool) -> (f64, f64) {
     let levels = activation_levels(a_bits, signed) as f64;
     if signed {
         (-levels, levels)
@@ -238,7 +238,7 @@ pub(super) fn eight_codes(signed: bool) -> (f64, f64) {
 }
 
 /// The zero point of a value held signed (128) or unsigned (0) in a uint8.
-pub(super) fn eight_zero(signed: bool) -> u8 {
+pub fn eight_zero(signed: bool) -> u8 {
     if signed {
         128
     } else {

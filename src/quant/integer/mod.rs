@@ -34,10 +34,10 @@ mod plan;
 pub use crate::policy::Numerics;
 pub use executor::{Executor, LayerVars};
 pub use kernel::{
-    batch_norm_affine, bias_integers, eight_scale, fold, input_code_max, input_scale,
-    kernel_weight_bits, Folded, PAIR_SUM_LIMIT, STEM_BITS,
+    batch_norm_affine, bias_integers, eight_scale, eight_zero, fold, input_code_max, input_codes,
+    input_scale, kernel_weight_bits, Folded, PAIR_SUM_LIMIT, STEM_BITS,
 };
-pub use plan::{fold_unit, AddUnit, ConvUnit, Holding, Plan, Step};
+pub use plan::{fold_unit, moves_codes, AddUnit, ConvUnit, Holding, Plan, Step};
 
 /// The name of the var-store tensor holding the 8-bit ranges, indexed by graph value.
 pub const RANGES: &str = "integer_ranges";

@@ -274,21 +274,30 @@ impl Reads<'_> {
             return Some(vec![v]);
         }
         let i = v.checked_sub(1).filter(|&i| float[i])?;
-        match &self.graph.ops[i] {
-            Op::Slice { input, .. }
-            | Op::Transpose { input, .. }
-            | Op::Reshape { input, .. }
-            | Op::MaxPool { input, .. } => self.code_sources(*input, held, float),
-            Op::Concat { inputs, .. } => {
-                let mut all = Vec::new();
-                for &x in inputs {
-                    all.extend(self.code_sources(x, held, float)?);
-                }
-                Some(all)
-            }
-            _ => None,
+        let op = &self.graph.ops[i];
+        if !moves_codes(op) {
+            return None;
         }
+        let mut all = Vec::new();
+        for x in op.inputs() {
+            all.extend(self.code_sources(x, held, float)?);
+        }
+        Some(all)
     }
+}
+
+/// Whether `op` only moves (or picks among) its inputs' elements: a slice, transpose, reshape,
+/// max-pool or concat, which computes the same on 8-bit codes as on their values when its
+/// inputs share one scale ([`Plan::shared`]; the integer exporter writes it on uint8 codes).
+pub fn moves_codes(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Slice { .. }
+            | Op::Transpose { .. }
+            | Op::Reshape { .. }
+            | Op::MaxPool { .. }
+            | Op::Concat { .. }
+    )
 }
 
 impl Plan {
