@@ -9,6 +9,7 @@ mod args;
 pub use args::{BenchInferArgs, BenchSearchStepArgs, BenchTrainArgs};
 
 pub use crate::engine::CpuInfo;
+use crate::engine::OpCounts;
 use crate::model::ModelConfig;
 use crate::quant::{self, Precision};
 use crate::search::{AlphaOpt, ComplexityTerm, SearchConfig, SearchStep};
@@ -267,19 +268,13 @@ fn bench_checkpoint(config: &ModelConfig, net: &quant::Network) -> crate::checkp
 }
 
 /// An ONNX Runtime session of `net`'s export, and the op types of the graph ONNX Runtime
-/// optimized it to (`what` names the dump file).
-/// An optimized graph's op types: all of them, and those that compute in float.
-type OpCounts = (
-    std::collections::BTreeMap<String, usize>,
-    std::collections::BTreeMap<String, usize>,
-);
-
+/// optimized it to: all of them, and those that compute in float (`what` names the dump file).
 fn optimized_session(
     config: &ModelConfig,
     net: &quant::Network,
     what: &str,
     opts: &crate::engine::SessionOptions,
-) -> Result<(crate::engine::OnnxModel, OpCounts), TrainError> {
+) -> Result<(crate::engine::OnnxModel, (OpCounts, OpCounts)), TrainError> {
     use crate::export::onnx::{self, OnnxOptions};
     let invalid = |e: &dyn std::fmt::Display| TrainError::Invalid(e.to_string());
     let bytes = onnx::export(&bench_checkpoint(config, net), net, OnnxOptions::default())
@@ -295,9 +290,7 @@ fn optimized_session(
         },
     )
     .map_err(|e| invalid(&e))?;
-    let ops = crate::engine::op_counts(&dump)
-        .and_then(|all| Ok((all, crate::engine::float_op_counts(&dump)?)))
-        .map_err(|e| invalid(&e));
+    let ops = crate::engine::op_and_float_counts(&dump).map_err(|e| invalid(&e));
     let _ = std::fs::remove_file(&dump);
     Ok((session, ops?))
 }

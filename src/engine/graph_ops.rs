@@ -7,6 +7,9 @@ use onnx_protobuf::{Message, ModelProto};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+/// Nodes per op type.
+pub type OpCounts = BTreeMap<String, usize>;
+
 fn read(path: &Path) -> Result<ModelProto, EngineError> {
     let model_err = |reason: String| EngineError::Model {
         path: path.to_path_buf(),
@@ -18,12 +21,22 @@ fn read(path: &Path) -> Result<ModelProto, EngineError> {
 
 /// How many nodes of each op type an ONNX file holds (e.g. the optimized graph ONNX Runtime
 /// wrote with [`super::SessionOptions::optimized_model`]).
-pub fn op_counts(path: &Path) -> Result<BTreeMap<String, usize>, EngineError> {
+pub fn op_counts(path: &Path) -> Result<OpCounts, EngineError> {
+    Ok(all_ops(&read(path)?))
+}
+
+/// [`op_counts`] and [`float_op_counts`] of one file, read once.
+pub fn op_and_float_counts(path: &Path) -> Result<(OpCounts, OpCounts), EngineError> {
+    let model = read(path)?;
+    Ok((all_ops(&model), float_ops(&model)))
+}
+
+fn all_ops(model: &ModelProto) -> OpCounts {
     let mut counts = BTreeMap::new();
-    for node in &read(path)?.graph.node {
+    for node in &model.graph.node {
         *counts.entry(node.op_type.clone()).or_insert(0) += 1;
     }
-    Ok(counts)
+    counts
 }
 
 /// Ops that move their first input's elements (or pick among them) and keep its type.
@@ -48,8 +61,11 @@ const TYPE_KEEPING: &[&str] = &[
 /// graph that compute in float (types propagated from the inputs and initializers: the
 /// QLinear ops and `QuantizeLinear` write uint8, the ops in `TYPE_KEEPING` keep their
 /// input's type, every other op is taken to compute in float).
-pub fn float_op_counts(path: &Path) -> Result<BTreeMap<String, usize>, EngineError> {
-    let model = read(path)?;
+pub fn float_op_counts(path: &Path) -> Result<OpCounts, EngineError> {
+    Ok(float_ops(&read(path)?))
+}
+
+fn float_ops(model: &ModelProto) -> OpCounts {
     let graph = &model.graph;
     let float = DataType::FLOAT as i32;
     let mut types: HashMap<&str, i32> = HashMap::new();
@@ -81,5 +97,5 @@ pub fn float_op_counts(path: &Path) -> Result<BTreeMap<String, usize>, EngineErr
             types.insert(o.as_str(), out);
         }
     }
-    Ok(counts)
+    counts
 }

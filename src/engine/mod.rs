@@ -11,7 +11,7 @@ mod graph_ops;
 pub use args::{EvalArgs, SplitArg};
 pub use cpu::CpuInfo;
 pub use eval::{check_fits, EvalOutcome, EvalRequest};
-pub use graph_ops::{float_op_counts, op_counts};
+pub use graph_ops::{float_op_counts, op_and_float_counts, op_counts, OpCounts};
 
 use crate::data::{ImageSource, Normalize, Pipeline};
 use crate::export::onnx::{META_CLASS_NAMES, META_MODEL, META_PREPROCESSING, META_WEIGHTS};
